@@ -1,0 +1,1 @@
+"""jaxinfer: LLM inference on JAX and Pallas."""

@@ -1,0 +1,58 @@
+"""Kernel implementation selection by backend.
+
+Every public op in :mod:`pallas_kernels.ops` takes ``impl`` in ``{"xla", "pallas_tpu", "pallas_gpu"}``
+or ``None``; ``None`` resolves through :func:`default_impl` from the default JAX backend: the Pallas
+kernel on a TPU or GPU, the pure-jnp ``"xla"`` reference elsewhere (Pallas runs on the CPU only in
+interpret mode, which is for tests, not speed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+IMPLS = ("xla", "pallas_tpu", "pallas_gpu")
+
+
+class KernelUnavailableError(RuntimeError):
+    """The requested kernel implementation cannot run on this backend."""
+
+
+def default_impl(platform: str | None = None) -> str:
+    """Implementation used when an op gets ``impl=None``.
+
+    ``JAXINFER_KERNEL_IMPL`` overrides the choice (e.g. ``xla`` to force the reference path).
+    """
+    forced = os.environ.get("JAXINFER_KERNEL_IMPL")
+    if forced:
+        return check_impl(forced)
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+        return "pallas_tpu"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "pallas_gpu"
+    return "xla"
+
+
+def check_impl(impl: str) -> str:
+    """Validate an ``impl`` name, raising ``ValueError`` listing the valid ones."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
+    return impl
+
+
+def needs_interpret(impl: str, interpret: bool | None) -> bool:
+    """Whether a Pallas kernel must run in interpret mode.
+
+    ``interpret=None`` means: interpret exactly when the default backend cannot compile ``impl``
+    (a Pallas TPU kernel off a TPU, a Pallas GPU kernel off a GPU).
+    """
+    if interpret is not None:
+        return interpret
+    platform = jax.default_backend()
+    if impl == "pallas_tpu":
+        return platform != "tpu"
+    if impl == "pallas_gpu":
+        return platform not in ("gpu", "cuda", "rocm")
+    return False
