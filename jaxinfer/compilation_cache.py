@@ -30,7 +30,9 @@ def compilation_cache_enabled() -> bool:
     return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def enable_compilation_cache(enabled: bool | None = None, directory: str | os.PathLike | None = None) -> Path | None:
+def enable_compilation_cache(
+    enabled: bool | None = None, directory: str | os.PathLike | None = None
+) -> Path | None:
     """Point JAX's persistent compilation cache at ``directory`` (default ``<cache_root>/xla``).
 
     Args:
