@@ -1,0 +1,66 @@
+"""Resolve a model argument and load config, parameters and tokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.errors import WeightLoadError
+from jaxinfer.model_registry import ModelSource, resolve_model
+from jaxinfer.models.causal_lm import CausalLM
+from jaxinfer.sharding import make_mesh
+from jaxinfer.tokenizer import load_tokenizer
+from jaxinfer.weight_sources import GGUFCheckpoint, SafetensorsCheckpoint
+from jaxinfer.weights import gguf_sources, hf_sources, load_params
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """Everything needed to run a model: its source, definition, parameters and tokenizer."""
+
+    source: ModelSource
+    model: CausalLM
+    params: dict
+    tokenizer: object
+    mesh: Mesh
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def load_config(source: ModelSource) -> tuple[ModelConfig, object]:
+    """``(ModelConfig, opened checkpoint)`` for a resolved source."""
+    if source.kind == "gguf":
+        ckpt = GGUFCheckpoint(source.path)
+        config = ModelConfig.from_gguf_metadata(ckpt.metadata(), ckpt.keys())
+        if "rope_freqs.weight" in ckpt.keys():  # llama3 RoPE scaling, precomputed by the converter
+            factors = tuple(float(f) for f in np.asarray(ckpt.get("rope_freqs.weight")).reshape(-1))
+            config = config.with_overrides(rope_freq_factors=factors)
+        return config, ckpt
+    try:
+        raw = json.loads((source.path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightLoadError(f"{source.path}/config.json: cannot read ({e})") from e
+    return ModelConfig.from_hf(raw), SafetensorsCheckpoint(source.path)
+
+
+def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None = None,
+               load_tokenizer_too: bool = True) -> LoadedModel:
+    """Load a model by name / path / hub id (``None``: the default model) into ``mesh`` (default: 1 device)."""
+    source = resolve_model(model)
+    config, ckpt = load_config(source)
+    lm = CausalLM(config, dtype)
+    mesh = mesh or make_mesh()
+    sources = gguf_sources(config) if source.kind == "gguf" else hf_sources(config)
+    params = load_params(ckpt, sources, lm.abstract_params(), mesh, desc=f"Loading {source.name}")
+    tok = load_tokenizer(source) if load_tokenizer_too else None
+    return LoadedModel(source, lm, params, tok, mesh)

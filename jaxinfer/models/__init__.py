@@ -1,0 +1,1 @@
+"""Functional Flax models of the Llama family."""

@@ -1,0 +1,69 @@
+"""``CausalLM``: a model definition plus its pure forward function.
+
+``forward(params, tokens[T], positions[T], kv_caches, md, logits_indices=None) -> (logits, kv_caches)``
+is a pure function of its arguments (jit it with the caches donated). ``abstract_params()`` describes
+every parameter (shape, dtype, logical axis names) without allocating, so weights can be loaded straight
+into their shardings.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.attention import AttentionMetadata, init_dense_cache
+from jaxinfer.config import ModelConfig
+from jaxinfer.models.llama import CausalTransformer, LlamaAttention
+from jaxinfer.models.qwen3 import Qwen3Attention
+
+ATTENTION_CLASSES = {
+    "llama": LlamaAttention,
+    "mistral": LlamaAttention,
+    "qwen2": LlamaAttention,
+    "qwen3": Qwen3Attention,
+}
+
+
+class CausalLM:
+    """A decoder-only LM: config + Flax module + pure forward."""
+
+    def __init__(self, config: ModelConfig, dtype=jnp.float32):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.module = CausalTransformer(config, ATTENTION_CLASSES[config.architecture], self.dtype)
+
+    def forward(self, params, tokens, positions, kv_caches, md: AttentionMetadata, logits_indices=None):
+        """Run the decoder over a ragged step.
+
+        Args:
+          params: parameter pytree (plain or quantized leaves).
+          tokens, positions: ``i32[T]``.
+          kv_caches: tuple of one cache per layer.
+          md: the step's :class:`AttentionMetadata`.
+          logits_indices: ``i32[N]`` rows whose logits are wanted (``None``: all ``T``).
+        Returns:
+          ``(f32[N, vocab], kv_caches)``.
+        """
+        return self.module.apply({"params": params}, tokens, positions, kv_caches, md, logits_indices)
+
+    def _init_fn(self):
+        """``rng -> boxed params`` on a one-token dummy step (shapes only depend on the config)."""
+        c = self.config
+        caches = init_dense_cache(c.num_layers, 1, 1, c.num_kv_heads, c.head_dim, self.dtype)
+        one = jnp.ones((1,), jnp.int32)
+        md = AttentionMetadata(cu_q_lens=jnp.array([0, 1], jnp.int32), kv_lens=one, num_seqs=one,
+                               slot_mapping=one - 1)
+        return lambda rng: self.module.init(rng, one, one, caches, md)["params"]
+
+    def abstract_params(self):
+        """Boxed abstract params: ``nn.LogicallyPartitioned(ShapeDtypeStruct, names)`` leaves."""
+        return jax.eval_shape(self._init_fn(), jax.random.PRNGKey(0))
+
+    def logical_axes(self):
+        """Pytree of logical axis-name tuples, one per parameter."""
+        return nn.get_partition_spec(self.abstract_params())
+
+    def init_random_params(self, seed: int = 0):
+        """Random parameters (for tests and benchmarks of shapes without a checkpoint)."""
+        return nn.unbox(jax.jit(self._init_fn())(jax.random.PRNGKey(seed)))

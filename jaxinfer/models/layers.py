@@ -1,0 +1,98 @@
+"""Stateless building blocks shared by every architecture: norms, RoPE, linear, SwiGLU.
+
+Shapes: ``T`` tokens (flattened over sequences), ``E`` hidden size, ``H`` heads, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Quantized weights (issue: quantization) are a pytree type that ``linear`` dispatches on; plain
+# arrays take the dense path. Model code never branches on the weight format.
+_QUANTIZED_LINEAR = None
+
+
+def register_quantized_linear(fn) -> None:
+    """Install the function applied when a weight is not a plain array (set by ``quantize``)."""
+    global _QUANTIZED_LINEAR
+    _QUANTIZED_LINEAR = fn
+
+
+def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
+    """``x[..., K] @ w[K, N] (+ bias[N])`` for a plain or quantized weight ``w``."""
+    if isinstance(w, jax.Array | np.ndarray):
+        y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    else:
+        if _QUANTIZED_LINEAR is None:
+            raise TypeError(f"unsupported weight type {type(w).__name__} for linear()")
+        y = _QUANTIZED_LINEAR(x, w)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32. ``x[..., E]``, ``scale[E]``."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, half-split ("rotate_half") convention.
+
+    Args:
+      x: ``[T, H, D]``.
+      positions: ``i32[T]`` absolute positions.
+      inv_freq: ``f32[D // 2]``.
+    Returns:
+      ``[T, H, D]`` in ``x.dtype`` (rotation computed in float32).
+    """
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up``."""
+    return jax.nn.silu(gate) * up
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel (+ bias)``; ``kernel[in, out]`` carries logical axis names ``axes``."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes)
+        kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
+        bias = None
+        if self.use_bias:
+            binit = nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],))
+            bias = self.param("bias", binit, (self.features,), self.param_dtype)
+        return linear(x, kernel, bias)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned ``scale[E]`` (logical axis ``axis``)."""
+
+    eps: float
+    axis: str = "embed"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis,))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale, self.eps)

@@ -1,0 +1,107 @@
+"""Llama-architecture decoder (Llama 2/3/3.1, SmolLM2, Mistral, Qwen2) as Flax linen modules.
+
+Architecture differences are ``ModelConfig`` fields (qkv bias, sliding window, RoPE scaling, tied
+embeddings). Every parameter carries logical axis names; linear kernels are ``[in, out]`` and the
+``heads`` / ``kv_heads`` axes denote flattened ``heads * head_dim`` columns (whole heads per shard).
+
+The layers are unrolled in Python with one cache per layer, so each layer's cache is updated in place
+when the cache is donated (a scan would copy the per-layer slice).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxinfer.attention import AttentionMetadata, attention
+from jaxinfer.config import ModelConfig
+from jaxinfer.models.layers import Linear, RMSNorm, linear, rope, swiglu
+
+
+class LlamaAttention(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def qk_transform(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Hook applied to ``q[T, Hq, D]``, ``k[T, Hkv, D]`` before RoPE (Qwen3 normalises here)."""
+        return q, k
+
+    @nn.compact
+    def __call__(self, x, positions, cache, md: AttentionMetadata, inv_freq):
+        c = self.config
+        t = x.shape[0]
+        dense = dict(use_bias=c.attention_bias, param_dtype=self.dtype)
+        q = Linear(c.q_size, ("embed", "heads"), name="q_proj", **dense)(x)
+        k = Linear(c.kv_size, ("embed", "kv_heads"), name="k_proj", **dense)(x)
+        v = Linear(c.kv_size, ("embed", "kv_heads"), name="v_proj", **dense)(x)
+        q = q.reshape(t, c.num_heads, c.head_dim)
+        k = k.reshape(t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(t, c.num_kv_heads, c.head_dim)
+        q, k = self.qk_transform(q, k)
+        q = rope(q, positions, inv_freq)
+        k = rope(k, positions, inv_freq)
+        out, cache = attention(q, k, v, cache, md, sm_scale=c.sm_scale, sliding_window=c.sliding_window)
+        o = Linear(c.hidden_size, ("heads", "embed"), name="o_proj", param_dtype=self.dtype)
+        return o(out.reshape(t, c.q_size)), cache
+
+
+class LlamaMLP(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        kw = dict(use_bias=c.mlp_bias, param_dtype=self.dtype)
+        gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        return Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(swiglu(gate, up))
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    attention_cls: type = LlamaAttention
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, cache, md, inv_freq):
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="input_layernorm")(x)
+        a, cache = self.attention_cls(c, self.dtype, name="self_attn")(h, positions, cache, md, inv_freq)
+        x = x + a
+        h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="post_attention_layernorm")(x)
+        return x + LlamaMLP(c, self.dtype, name="mlp")(h), cache
+
+
+class CausalTransformer(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head.
+
+    ``__call__(tokens i32[T], positions i32[T], caches (one per layer), md, logits_indices i32[N] | None)``
+    returns ``(logits f32[N or T, vocab], new caches)``.
+    """
+
+    config: ModelConfig
+    attention_cls: type = LlamaAttention
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, positions, caches, md: AttentionMetadata, logits_indices=None):
+        c = self.config
+        emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+        embedding = self.param("embed_tokens", emb_init, (c.vocab_size, c.hidden_size), self.dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+        inv_freq = jnp.asarray(c.inv_freq())
+        new_caches = []
+        for i in range(c.num_layers):
+            layer = DecoderLayer(c, self.attention_cls, self.dtype, name=f"layers_{i}")
+            x, cache = layer(x, positions, caches[i], md, inv_freq)
+            new_caches.append(cache)
+        if logits_indices is not None:
+            x = jnp.take(x, logits_indices, axis=0)
+        x = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="norm")(x)
+        if c.tie_word_embeddings:
+            logits = linear(x, embedding.T)
+        else:
+            logits = Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", param_dtype=self.dtype)(x)
+        return logits.astype(jnp.float32), tuple(new_caches)

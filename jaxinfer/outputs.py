@@ -1,0 +1,68 @@
+"""Result types returned by ``LLM.generate`` / ``LLM.chat`` / streaming (vLLM-compatible field names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sample.
+
+    Attributes:
+      index: sample index within the request (``0 .. n-1``).
+      text: generated text (stop string excluded unless requested).
+      token_ids: generated token ids.
+      finish_reason: "stop" (EOS, stop token or stop string), "length" (max_tokens) or "abort";
+        ``None`` while running.
+      stop_reason: the stop string or stop token id that ended it (``None`` for EOS / length).
+      logprobs: log-probability of each generated token (when requested).
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """Timings in seconds (``time.perf_counter`` clock)."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_generated_tokens: int = 0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first divided by the time after the first token."""
+        if self.finish_time is None or self.first_token_time is None or self.num_generated_tokens < 2:
+            return None
+        dt = self.finish_time - self.first_token_time
+        return (self.num_generated_tokens - 1) / dt if dt > 0 else None
+
+
+@dataclass
+class RequestOutput:
+    """A request's state: its prompt and its ``n`` samples.
+
+    In streaming, ``outputs[i].text`` / ``token_ids`` hold only the delta since the previous yield.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))

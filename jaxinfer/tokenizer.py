@@ -1,0 +1,71 @@
+"""Tokenizers and chat templates via ``transformers`` (from an HF directory or GGUF metadata).
+
+Converting a GGUF vocabulary to a fast tokenizer takes seconds, so the converted tokenizer is saved in
+the cache (keyed by the GGUF file's identity) and reloaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxinfer.compilation_cache import cache_root
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.model_registry import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def load_tokenizer(source: ModelSource):
+    """A ``transformers`` fast tokenizer for the model (chat template included when the model has one)."""
+    from transformers import AutoTokenizer
+
+    if source.kind == "hf":
+        return AutoTokenizer.from_pretrained(str(source.path))
+    cached = cache_root() / "tokenizers" / _gguf_cache_key(source.path)
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    try:
+        tok.save_pretrained(str(cached))
+    except OSError as e:  # a read-only cache is not fatal
+        logger.warning("could not cache the converted tokenizer: %s", e)
+    return tok
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a plain-text prompt (special tokens such as BOS added as the tokenizer specifies)."""
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template.
+
+    Raises:
+      InvalidRequestError: empty or malformed messages, or no chat template.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidRequestError(
+                f"messages[{i}] must be an object with string 'role' and 'content'", "messages"
+            )
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("this model has no chat template; use generate() with a plain prompt",
+                                  "messages")
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
