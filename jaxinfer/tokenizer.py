@@ -59,7 +59,8 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", "messages")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        ok = isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        if not ok:
             raise InvalidRequestError(
                 f"messages[{i}] must be an object with string 'role' and 'content'", "messages"
             )

@@ -150,7 +150,8 @@ class GGUFCheckpoint:
         ttype = t.tensor_type.name
         if ttype not in self.SUPPORTED_TYPES:
             raise UnsupportedModelError(
-                f"{self.path}: tensor {name} has GGUF type {ttype}; supported: {', '.join(self.SUPPORTED_TYPES)}"
+                f"{self.path}: tensor {name} has GGUF type {ttype}; "
+                f"supported: {', '.join(self.SUPPORTED_TYPES)}"
             )
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))

@@ -32,7 +32,7 @@ def ragged_prefill(model, params, seqs, max_len=64, caches=None):
 
 
 def decode_one(model, params, caches, seq_slot_tokens, positions, max_len=64):
-    """One decode step: token ``seq_slot_tokens[i]`` at ``positions[i]`` for cache slot i. -> logits [S, V]."""
+    """One decode step: ``seq_slot_tokens[i]`` at ``positions[i]`` for cache slot i -> logits [S, V]."""
     s = len(seq_slot_tokens)
     pos = np.asarray(positions, np.int32)
     md = AttentionMetadata(np.arange(s + 1, dtype=np.int32), pos + 1, np.array([s], np.int32),

@@ -48,7 +48,8 @@ def test_incremental_decode_equals_full_forward(arch_model):
         logits, caches = decode_one(m.model, m.params, caches, [s[p] for s in seqs], [p, p])
         for i in range(2):
             scale = np.abs(full[i][p]).max()
-            np.testing.assert_allclose(logits[i], full[i][p], atol=RTOL * scale, rtol=0, err_msg=f"{arch} pos {p}")
+            np.testing.assert_allclose(logits[i], full[i][p], atol=RTOL * scale, rtol=0,
+                                       err_msg=f"{arch} pos {p}")
 
 
 def test_greedy_generation_equals_hf_generate(arch_model, tiny_model_dir):
@@ -61,8 +62,8 @@ def test_greedy_generation_equals_hf_generate(arch_model, tiny_model_dir):
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              do_sample=False, max_new_tokens=32, min_new_tokens=32, eos_token_id=None,
-                              pad_token_id=0)
+            mask = torch.ones(1, len(prompt), dtype=torch.long)
+            ref = hf.generate(torch.tensor([prompt]), attention_mask=mask, do_sample=False, max_new_tokens=32,
+                              min_new_tokens=32, eos_token_id=None, pad_token_id=0)
         assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist(), arch
         assert out.outputs[0].finish_reason == "length"
