@@ -167,6 +167,8 @@ class LLM:
     # -- generation --------------------------------------------------------------------------------
     def _run(self, reqs: list[_Request]) -> Iterator[list[_Request]]:
         rows, owners = [], []
+        if not reqs:
+            return
         for r in reqs:
             for j, row in enumerate(r.rows):
                 rows.append(row)
@@ -193,9 +195,7 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
              ) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of ``{"role", "content"}``) or a list of them."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        encoded = [(None, self._check_len(encode_chat(self.tokenizer, c))) for c in convs]
-        reqs = self._build([ids for _, ids in encoded], sampling_params, encoded)
+        reqs = self._chat_requests(messages, sampling_params)
         for _ in self._run(reqs):
             pass
         return [r.snapshot(delta=False) for r in reqs]
@@ -203,14 +203,19 @@ class LLM:
     def stream(self, prompts=None, sampling_params=None, *, messages=None) -> Iterator[RequestOutput]:
         """Yield :class:`RequestOutput` deltas as tokens are generated (pass ``prompts`` or ``messages``)."""
         if messages is not None:
-            convs = [messages] if messages and isinstance(messages[0], dict) else messages
-            encoded = [(None, self._check_len(encode_chat(self.tokenizer, c))) for c in convs]
-            reqs = self._build([ids for _, ids in encoded], sampling_params, encoded)
+            reqs = self._chat_requests(messages, sampling_params)
         else:
             reqs = self._build(prompts, sampling_params)
         for changed in self._run(reqs):
             for r in changed:
                 yield r.snapshot(delta=True)
+
+    def _chat_requests(self, messages, sampling_params) -> list[_Request]:
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InvalidRequestError("messages must be a non-empty list", "messages")
+        convs = [messages] if isinstance(messages[0], dict) else messages
+        encoded = [(None, self._check_len(encode_chat(self.tokenizer, c))) for c in convs]
+        return self._build([ids for _, ids in encoded], sampling_params, encoded)
 
     def _check_len(self, ids: list[int]) -> list[int]:
         if len(ids) >= self.max_model_len:

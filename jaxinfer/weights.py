@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.errors import WeightLoadError
+from jaxinfer.errors import JaxinferError, WeightLoadError
 from jaxinfer.sharding import param_shardings
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ def load_params(checkpoint, sources: dict[tuple[str, ...], TensorSource], abstra
         src = sources[path]
         try:
             host = src.transform(checkpoint.get(src.name))
+        except JaxinferError:
+            raise
         except (ValueError, TypeError) as e:
             raise WeightLoadError(f"tensor {src.name}: cannot read or reshape ({e})") from e
         if tuple(host.shape) != tuple(spec.shape):

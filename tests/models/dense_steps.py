@@ -8,6 +8,15 @@ import numpy as np
 
 from jaxinfer.attention import AttentionMetadata, init_dense_cache
 
+_JITTED = {}
+
+
+def jitted_forward(model):
+    """One ``jax.jit(model.forward)`` per model, so repeated steps reuse compiled executables."""
+    if id(model) not in _JITTED:
+        _JITTED[id(model)] = (model, jax.jit(model.forward))
+    return _JITTED[id(model)][1]
+
 
 def ragged_prefill(model, params, seqs, max_len=64, caches=None):
     """All ``seqs`` in one ragged step. Returns ``(per-sequence logits [len, V] list, caches)``."""
@@ -26,7 +35,7 @@ def ragged_prefill(model, params, seqs, max_len=64, caches=None):
         pos[cu[i]:cu[i + 1]] = np.arange(len(x))
         slots[cu[i]:cu[i + 1]] = i * max_len + np.arange(len(x))
     md = AttentionMetadata(cu, lens, np.array([s], np.int32), slots, max_q_len=int(lens.max()))
-    logits, caches = jax.jit(model.forward)(params, jnp.asarray(tokens), jnp.asarray(pos), caches, md)
+    logits, caches = jitted_forward(model)(params, jnp.asarray(tokens), jnp.asarray(pos), caches, md)
     logits = np.asarray(logits)
     return [logits[cu[i]:cu[i + 1]] for i in range(s)], caches
 
@@ -37,6 +46,6 @@ def decode_one(model, params, caches, seq_slot_tokens, positions, max_len=64):
     pos = np.asarray(positions, np.int32)
     md = AttentionMetadata(np.arange(s + 1, dtype=np.int32), pos + 1, np.array([s], np.int32),
                            (np.arange(s) * max_len + pos).astype(np.int32), max_q_len=1)
-    logits, caches = jax.jit(model.forward)(params, jnp.asarray(seq_slot_tokens, jnp.int32),
+    logits, caches = jitted_forward(model)(params, jnp.asarray(seq_slot_tokens, jnp.int32),
                                             jnp.asarray(pos), caches, md)
     return np.asarray(logits), caches
