@@ -38,7 +38,7 @@ def _check_against_reference(reqs: list[Req], outputs: dict, max_model_len: int)
             assert (got, reason) == (ref, ref_reason), r.rid
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
     page_size=st.sampled_from([2, 4, 8]),
