@@ -19,6 +19,7 @@ that ends first wins, then the one that starts first.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -84,7 +85,6 @@ class IncrementalDetokenizer:
     ):
         self._decode = make_decode_fn(tokenizer, skip_special_tokens)
         self._stops = tuple(s for s in stop if s)
-        self._max_stop_len = max((len(s) for s in self._stops), default=0)
         self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens
         self._ids: list[int] = []
@@ -92,7 +92,7 @@ class IncrementalDetokenizer:
         if prompt_token_ids:
             # A few prompt tokens of context; reach further back while they decode to nothing (e.g. only
             # skipped special tokens), so the first output token is not decoded as a text start.
-            self._ids = list(prompt_token_ids)
+            self._ids = [operator.index(t) for t in prompt_token_ids]  # TypeError for non-ids
             self._read = len(self._ids)
             self._prefix = max(self._read - _CONTEXT_TOKENS, 0)
             while self._prefix > 0 and not self._decode(self._ids[self._prefix : self._read]):
@@ -159,12 +159,12 @@ class IncrementalDetokenizer:
         self._text += delta
         if not self._stops or self._num_tokens <= self._min_tokens:
             return
-        # The match that ends first wins (what a character-by-character matcher would see), then the
-        # one that starts first.
-        start = max(old_len - self._max_stop_len + 1, 0)
+        # Only matches ending in the new text count (earlier text was checked, or shown before
+        # min_tokens). The match that ends first wins (what a character-by-character matcher would see),
+        # then the one that starts first.
         best: tuple[int, int, str] | None = None
         for s in self._stops:
-            i = self._text.find(s, start)
+            i = self._text.find(s, max(old_len - len(s) + 1, 0))
             if i >= 0 and (best is None or (i + len(s), i) < best[:2]):
                 best = (i + len(s), i, s)
         if best is not None:

@@ -261,6 +261,12 @@ def test_min_tokens_delays_stop_strings_and_drop_last_token():
     detok = IncrementalDetokenizer(tok, stop=["STOP"], min_tokens=n_first)
     text = "".join(detok.update([t]).text for t in ids)
     assert detok.stop_string == "STOP" and text == "ab STOP cd "
+    # A stop string shown before min_tokens was reached is not matched afterwards (a long stop string
+    # widens the search window back over it).
+    head = tok.encode("xxab", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, stop=["STOPPING", "ab"], min_tokens=len(head))
+    text = "".join(detok.update([t]).text for t in head + tok.encode("c ok", add_special_tokens=False))
+    assert text == "xxabc ok" and detok.output_text == text and detok.stop_string is None
     # The EOS that stopped the sequence is not decoded even when special tokens are shown.
     detok = IncrementalDetokenizer(tok, skip_special_tokens=False)
     u = detok.update(
