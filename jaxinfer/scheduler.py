@@ -1,0 +1,386 @@
+"""Continuous batching: which tokens of which sequences run in the next step (pure Python, no jax).
+
+Each :meth:`Scheduler.schedule` call fills one step under three budgets: tokens
+(``max_num_batched_tokens``), sequences (``max_num_seqs``) and KV pages (the block manager):
+
+1. running sequences in decode (one new token each, plus ``seq.num_lookahead`` reserved slots), oldest
+   first;
+2. running sequences part-way through a prefill (chunked prefill), oldest first;
+3. waiting sequences in FCFS order (new requests and preempted ones, which recompute prompt + outputs),
+   reusing their longest cached prefix; the last one admitted is chunked to fit the token budget. Stops at
+   the first sequence that does not fit (no overtaking). Skipped in a step that had to preempt.
+
+When a running sequence needs a page and none is left, the newest running sequence is preempted (its
+pages freed, its outputs kept, put back at the front of the waiting queue) until the page fits or the
+sequence preempted itself. Waiting sequences never cause preemption. The oldest running sequence always
+progresses: ``add`` rejects a request that could not fit in the whole cache on its own.
+
+Engine loop, each step::
+
+    out = scheduler.schedule()
+    inputs = pack_step_inputs(out, buckets)          # jaxinfer.step_inputs
+    sampled = runner.step(inputs)                    # one token id per scheduled sequence row
+    updates = scheduler.update(out, sampled[:len(out.scheduled)])
+    # detokenize updates; on a stop string: scheduler.finish(request_id, "stop", stop_string)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import deque
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+
+from jaxinfer.block_manager import BlockManager, BlockManagerStats, cdiv
+from jaxinfer.errors import InvalidRequestError, PromptTooLongError
+from jaxinfer.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Scheduler budgets. ``num_pages`` * ``page_size`` token slots make up the KV cache."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int = 2048
+    num_pages: int = 1024
+    page_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "num_pages", "page_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_num_seqs so every running decode fits in a step "
+                f"({self.max_num_batched_tokens} < {self.max_num_seqs})"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "without chunked prefill max_num_batched_tokens must be >= max_model_len "
+                f"({self.max_num_batched_tokens} < {self.max_model_len})"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a step.
+
+    Attributes:
+      seq: the sequence.
+      start: ``seq.num_computed_tokens`` when scheduled: the position of the first scheduled token.
+      num_new_tokens: query tokens this step (``q_len``): ``seq.all_token_ids[start : start + q_len]``.
+      samples: True when the chunk reaches the end of the known tokens, so the step samples a token for
+        it (False for a prefill chunk that does not complete the prompt).
+    """
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+    samples: bool
+
+    @property
+    def kv_len(self) -> int:
+        """K/V length after this step (cached + new tokens)."""
+        return self.start + self.num_new_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step runs: ``scheduled`` has the decode rows first (``num_decode_seqs`` of them, one token
+    each), then the prefill rows (running chunked prefills, then newly admitted sequences)."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    num_decode_seqs: int = 0
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class SeqUpdate:
+    """What :meth:`Scheduler.update` did to one sequence.
+
+    Attributes:
+      seq: the sequence.
+      new_token_ids: tokens appended this step (the stop token included, if one stopped it).
+      finished: the sequence finished this step (its pages are already freed).
+      stopped_by_token: finished on EOS or a stop token id; the detokenizer must not show that token.
+    """
+
+    seq: Sequence
+    new_token_ids: list[int]
+    finished: bool
+    stopped_by_token: bool = False
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """Queue and cache figures for metrics."""
+
+    num_waiting: int
+    num_running: int
+    num_preemptions: int  # since construction
+    block_manager: BlockManagerStats
+
+
+def _token_list(value) -> list[int]:
+    """One sampled token (an int or numpy integer) or several (a sequence of them) -> list of ints."""
+    try:
+        return [operator.index(value)]
+    except TypeError:
+        return [operator.index(v) for v in value]
+
+
+class Scheduler:
+    """Continuous-batching scheduler over a :class:`BlockManager` (see the module docstring).
+
+    Args:
+      config: budgets.
+      eos_token_ids: token ids that end generation unless ``SamplingParams.ignore_eos``.
+    """
+
+    def __init__(self, config: SchedulerConfig, eos_token_ids: Iterable[int] = ()):
+        self.config = config
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.block_manager = BlockManager(config.num_pages, config.page_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # FCFS rank order: oldest first
+        self._requests: dict[str, Sequence] = {}
+        self._next_order = 0
+        self._num_preemptions = 0
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence. Raises ``PromptTooLongError`` when the prompt exceeds ``max_model_len``
+        or the sequence could never fit in the KV cache, ``InvalidRequestError`` for a duplicate id."""
+        cfg = self.config
+        if not isinstance(seq, Sequence):
+            raise InvalidRequestError("expected a Sequence")
+        if seq.request_id in self._requests:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use", "request_id")
+        if seq.status is not SequenceStatus.WAITING or seq.output_token_ids or seq.block_table:
+            raise InvalidRequestError(f"sequence {seq.request_id!r} is not a new request")
+        n = seq.num_prompt_tokens
+        if n > cfg.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {n} tokens but the model's context window (max_model_len) is "
+                f"{cfg.max_model_len} tokens"
+            )
+        # K/V slots at the longest: every token but the last sampled one (plus lookahead), capped by the
+        # context window. A request that fits alone always progresses (older sequences come first).
+        kv_max = min(n + seq.sampling_params.max_tokens - 1 + seq.num_lookahead, cfg.max_model_len)
+        pages = cdiv(kv_max, cfg.page_size)
+        if pages > cfg.num_pages:
+            raise PromptTooLongError(
+                f"the request needs up to {pages} KV-cache pages ({kv_max} tokens) "
+                f"but the cache holds only {cfg.num_pages} pages of {cfg.page_size} tokens; "
+                "shorten the prompt or max_tokens"
+            )
+        seq.order = self._next_order
+        self._next_order += 1
+        self._requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def get(self, request_id: str) -> Sequence | None:
+        """The unfinished sequence with this id, or None."""
+        return self._requests.get(request_id)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish a waiting or running sequence with reason ``"abort"`` and free its pages at once.
+        Returns it, or None when the id is unknown or already finished."""
+        return self.finish(request_id, "abort")
+
+    def finish(self, request_id: str, reason: str, stop_reason: int | str | None = None) -> Sequence | None:
+        """Finish a sequence from outside the step (stop string found by the detokenizer: ``"stop"`` with
+        the string as ``stop_reason``; client gone: ``"abort"``). Frees its pages; returns it, or None when
+        the id is unknown or already finished."""
+        seq = self._requests.get(request_id)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.set_finished(reason, stop_reason)
+        self._release(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_waiting=len(self.waiting),
+            num_running=len(self.running),
+            num_preemptions=self._num_preemptions,
+            block_manager=self.block_manager.stats(),
+        )
+
+    # ---- scheduling --------------------------------------------------------------------------------
+    def _lookahead(self, seq: Sequence, kv_len: int) -> int:
+        return max(min(seq.num_lookahead, self.config.max_model_len - kv_len), 0)
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        del self._requests[seq.request_id]
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Victims are the newest running sequences and admission is FCFS, so every waiting sequence is newer
+        # than every running one: a preempted sequence goes to the front of the queue.
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick the next step's work (see the module docstring). Never raises for a queued request."""
+        cfg = self.config
+        bm = self.block_manager
+        budget = cfg.max_num_batched_tokens
+        chosen: dict[str, ScheduledSeq] = {}  # insertion order = output order within a phase
+        preempted: list[Sequence] = []
+
+        def grow(seq: Sequence, n: int) -> bool:
+            """Pages for ``n`` new tokens of a running sequence, preempting newest-first. False: seq went."""
+            nonlocal budget
+            la = self._lookahead(seq, seq.num_computed_tokens + n)
+            while not bm.allocate_slots(seq, n, num_lookahead=la):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                gone = chosen.pop(victim.request_id, None)
+                if gone is not None:
+                    budget += gone.num_new_tokens
+                if victim is seq:
+                    return False
+            return True
+
+        # 1. decodes
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+                continue
+            if grow(seq, 1):
+                chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, 1, True)
+                budget -= 1
+        decode_ids = list(chosen)
+        # 2. running sequences with several tokens to compute: the chunked prefill admitted last, or one
+        #    rolled back (BlockManager.truncate). Pages for an older one may preempt decodes chosen above.
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.request_id in chosen:
+                continue
+            remaining = seq.num_uncomputed_tokens
+            n = min(remaining, budget)
+            if grow(seq, n):
+                chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, n, n == remaining)
+                budget -= n
+        # 3. waiting, FCFS, only when nothing had to be preempted
+        while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            hits = bm.find_cached_prefix(seq)
+            remaining = seq.num_tokens - len(hits) * cfg.page_size
+            if remaining > budget and not cfg.enable_chunked_prefill:
+                break
+            n = min(remaining, budget)
+            la = self._lookahead(seq, len(hits) * cfg.page_size + n)
+            if not bm.allocate_slots(seq, n, cached_pages=hits, num_lookahead=la):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)  # the oldest waiting is newer than every running sequence
+            chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, n, n == remaining)
+            budget -= n
+
+        decode_set = set(decode_ids)
+        decodes = [chosen[r] for r in decode_ids if r in chosen]
+        prefills = [s for r, s in chosen.items() if r not in decode_set]
+        return SchedulerOutput(
+            scheduled=decodes + prefills, num_decode_seqs=len(decodes), preempted=preempted
+        )
+
+    # ---- results -----------------------------------------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled_token_ids: SequenceABC) -> list[SeqUpdate]:
+        """Apply a step's results.
+
+        Args:
+          output: the :class:`SchedulerOutput` the step ran.
+          sampled_token_ids: one entry per ``output.scheduled`` row, in order: the sampled token id (int or
+            numpy integer), or a sequence of accepted token ids; ignored for rows with ``samples=False``.
+
+        Advances ``num_computed_tokens``, appends sampled tokens, registers newly full pages in the prefix
+        cache, checks stop conditions (stop token ids and EOS once more than ``min_tokens`` tokens were
+        generated; ``max_tokens``; ``max_model_len``) and frees finished sequences' pages. Rows whose
+        sequence was finished meanwhile (aborted) are skipped. Returns an update for each sequence that got
+        tokens or finished, in row order.
+        """
+        if len(sampled_token_ids) < len(output.scheduled):
+            raise ValueError(
+                f"got {len(sampled_token_ids)} sampled entries for {len(output.scheduled)} scheduled rows"
+            )
+        bm = self.block_manager
+        updates: list[SeqUpdate] = []
+        any_finished = False
+        for row, sampled in zip(output.scheduled, sampled_token_ids):
+            seq = row.seq
+            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != row.start:
+                continue  # finished (aborted / stop string) or preempted since it was scheduled
+            seq.num_computed_tokens += row.num_new_tokens
+            new: list[int] = []
+            by_token = False
+            if row.samples:
+                for token in _token_list(sampled):
+                    seq.append_token(token)
+                    new.append(token)
+                    by_token = self._check_stop(seq)
+                    if seq.is_finished:
+                        break
+            bm.cache_full_pages(seq)
+            if seq.is_finished:
+                any_finished = True
+                self._release(seq)
+            if new or seq.is_finished:
+                updates.append(SeqUpdate(seq, new, seq.is_finished, by_token))
+        if any_finished:
+            self.running = [s for s in self.running if not s.is_finished]
+        return updates
+
+    def _check_stop(self, seq: Sequence) -> bool:
+        """Finish ``seq`` if its last token ends it; True when it stopped on a token (EOS / stop id)."""
+        params = seq.sampling_params
+        token = seq.last_token_id
+        if seq.num_output_tokens > params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                seq.set_finished("stop", None)
+                return True
+            if token in params.stop_token_ids:
+                seq.set_finished("stop", token)
+                return True
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            seq.set_finished("length")
+        return False
