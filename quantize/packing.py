@@ -16,9 +16,13 @@ independently of the kernel's K tile. Symmetric values are stored as signed two'
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 
+@functools.partial(jax.jit, static_argnames=("group_size",))
 def pack_int4(q: jnp.ndarray, group_size: int) -> jnp.ndarray:
     """Pack 4-bit values ``q[..., K, N]`` (any integer dtype, values in [-8, 7] or [0, 15]).
 
@@ -44,6 +48,7 @@ def unpack_int4_halves(packed: jnp.ndarray, signed: bool) -> tuple[jnp.ndarray, 
     return p & 0xF, (p >> 4) & 0xF
 
 
+@functools.partial(jax.jit, static_argnames=("group_size", "signed"))
 def unpack_int4(packed: jnp.ndarray, group_size: int, signed: bool) -> jnp.ndarray:
     """Inverse of :func:`pack_int4`: ``int8[..., K/2, N]`` -> ``int32[..., K, N]``."""
     *lead, k2, n = packed.shape

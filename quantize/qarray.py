@@ -16,6 +16,7 @@ Dequantized weight: ``scale[k // g, n] * q[k, n] (+ offset[k // g, n])``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,8 +85,7 @@ class QArray:
         w = jnp.asarray(w)
         _check_float(w, "w")
         config.validate_shape(*w.shape[-2:])
-        scale, offset = compute_qparams(w, config, clip)
-        q = quantize_values(w, scale, offset, config)
+        q, scale, offset = _rtn_levels(w, clip, cfg=config)
         return cls.from_quantized(q, scale, offset, config, dtype=dtype or w.dtype)
 
     @classmethod
@@ -163,8 +163,7 @@ class QArray:
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """Float weight ``[..., K, N]`` in ``dtype`` (default ``self.dtype``), computed in float32."""
-        w = dequantize_values(self.levels(), self.scale, self.offset)
-        return w.astype(dtype or self.dtype)
+        return _dequantize(self, jnp.dtype(dtype or self.dtype))
 
     def take_columns(self, index) -> QArray:
         """Select / permute output columns (``N`` axis): ``w[:, index]`` for any format."""
@@ -195,6 +194,17 @@ class QArray:
         return QArray.tree_unflatten(
             (self.config, self.dtype), (axes, scale_axes, None if self.offset is None else scale_axes)
         )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _rtn_levels(w, clip, *, cfg: QuantConfig):
+    scale, offset = compute_qparams(w, cfg, clip)
+    return quantize_values(w, scale, offset, cfg), scale, offset
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(w: QArray, dtype) -> jax.Array:
+    return dequantize_values(w.levels(), w.scale, w.offset).astype(dtype)
 
 
 def _check_float(x, name: str) -> None:
