@@ -11,6 +11,8 @@ GGUF stores a linear weight as ``N`` rows (output features), each contiguous alo
 These map onto QArray formats ``int8-g32``, ``int4-g32`` (symmetric: nibble ``q - 8`` as a signed
 nibble, i.e. ``byte ^ 0x88``) and ``int4-g32-asym`` (``scale = d``, ``offset = m``) with float16 scales,
 and the nibble order is this project's split-half-per-group packing, so import is a byte transpose.
+Dequantization is bit-exact: a float16 scale times a 4- or 8-bit level has at most 19 significant
+bits, so the float32 product is exact whether or not the compiler fuses the Q4_1 add into an FMA.
 """
 
 from __future__ import annotations

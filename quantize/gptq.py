@@ -89,8 +89,13 @@ def gptq_quantize(
     dynamic = config.group_size is not None and not static_groups
     bsize = _block_size(k, blocksize, config.group_size if dynamic else 1)
     q, scale, offset, ok = _gptq(
-        w.astype(jnp.float32), h.astype(jnp.float32), jnp.float32(percdamp),
-        cfg=config, bsize=bsize, act_order=act_order, dynamic=dynamic,
+        w.astype(jnp.float32),
+        h.astype(jnp.float32),
+        jnp.float32(percdamp),
+        cfg=config,
+        bsize=bsize,
+        act_order=act_order,
+        dynamic=dynamic,
     )
     if not bool(ok):
         raise ValueError("GPTQ Cholesky factorisation failed (Hessian not positive definite); raise percdamp")

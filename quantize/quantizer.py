@@ -99,9 +99,7 @@ def quantize_values(
     return from_groups(q.astype(jnp.int32))
 
 
-def dequantize_values(
-    q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None
-) -> jnp.ndarray:
+def dequantize_values(q: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray | None) -> jnp.ndarray:
     """float32 ``scale * q (+ offset)`` for levels ``q[..., K, N]`` and params ``[..., G, N]``."""
     k = q.shape[-2]
     g = k // scale.shape[-2]
@@ -111,9 +109,7 @@ def dequantize_values(
     return from_groups(w)
 
 
-def fake_quantize(
-    w: jnp.ndarray, cfg: QuantConfig, clip: jnp.ndarray | float | None = None
-) -> jnp.ndarray:
+def fake_quantize(w: jnp.ndarray, cfg: QuantConfig, clip: jnp.ndarray | float | None = None) -> jnp.ndarray:
     """Quantize then dequantize ``w[..., K, N]`` with min/max (optionally clipped) params; float32."""
     scale, offset = compute_qparams(w, cfg, clip)
     return dequantize_values(quantize_values(w, scale, offset, cfg), scale, offset)

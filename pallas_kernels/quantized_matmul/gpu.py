@@ -125,8 +125,11 @@ def _kernel(*refs, spec: _Spec):
         out = out * _load(xs_ref, (pl.ds(m0, bm), pl.ds(0, 1)), row_ok[:, None])
     if not g:
         out = out * _load(s_ref, (pl.ds(0, 1), pl.ds(n0, bn)), col_ok[None, :]).astype(jnp.float32)
-    plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], out.astype(o_ref.dtype),
-                mask=row_ok[:, None] & col_ok[None, :])
+    plgpu.store(
+        o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)],
+        out.astype(o_ref.dtype),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "blocks"))

@@ -13,8 +13,16 @@ from quantize.config import QuantConfig, as_config
 from quantize.qarray import QArray
 from quantize.quantizer import quantize_activations
 
-FORMATS = ["int8", "int8-g32", "int4-g32", "int4", QuantConfig("int4", group_size=64, symmetric=False),
-           "fp8", "fp8-w8a8", "int8-w8a8"]
+FORMATS = [
+    "int8",
+    "int8-g32",
+    "int4-g32",
+    "int4",
+    QuantConfig("int4", group_size=64, symmetric=False),
+    "fp8",
+    "fp8-w8a8",
+    "int8-w8a8",
+]
 IDS = [as_config(f).name for f in FORMATS]
 BF16_ULP = 2.0**-7  # one bf16 ulp relative to the largest output
 
@@ -135,8 +143,10 @@ def test_kernels_lower_for_tpu_and_gpu(fmt):
     x = jax.ShapeDtypeStruct((8, 4096), jnp.bfloat16)
     w = jax.eval_shape(lambda: QArray.quantize(jnp.zeros((4096, 1024), jnp.bfloat16), fmt))
     for platform, fn in (("tpu", quantized_matmul_tpu), ("cuda", quantized_matmul_gpu)):
-        lowered = jax.jit(lambda x, w, fn=fn: fn(x, w, out_dtype=jnp.bfloat16)).trace(x, w).lower(
-            lowering_platforms=(platform,)
+        lowered = (
+            jax.jit(lambda x, w, fn=fn: fn(x, w, out_dtype=jnp.bfloat16))
+            .trace(x, w)
+            .lower(lowering_platforms=(platform,))
         )
         text = lowered.as_text()
         assert ("tpu_custom_call" if platform == "tpu" else "triton") in text

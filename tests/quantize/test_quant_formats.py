@@ -12,8 +12,15 @@ from quantize.packing import pack_int4, unpack_int4
 from quantize.qarray import QArray, abstract_qarray, concat_columns, dequantize, logical_axes
 from quantize.quantizer import quantize_activations
 
-INT_FORMATS = ["int8", "int8-g32", "int4-g32", "int4-g64", "int4", "int4-asym",
-               QuantConfig("int4", group_size=32, symmetric=False)]
+INT_FORMATS = [
+    "int8",
+    "int8-g32",
+    "int4-g32",
+    "int4-g64",
+    "int4",
+    "int4-asym",
+    QuantConfig("int4", group_size=32, symmetric=False),
+]
 ALL_FORMATS = INT_FORMATS + ["fp8", "fp8-w8a8", "int8-w8a8"]
 
 
@@ -102,8 +109,15 @@ def test_activation_quantization_per_token_error():
 
 @pytest.mark.parametrize(
     "fmt, expected",
-    [("int8", 1 + 4 / 4096), ("int8-g32", 1 + 4 / 32), ("int4", 0.5 + 4 / 128), ("int4-g32", 0.5 + 4 / 32),
-     ("int4-asym", 0.5 + 8 / 128), ("fp8", 1 + 4 / 4096), ("int8-w8a8", 1 + 4 / 4096)],
+    [
+        ("int8", 1 + 4 / 4096),
+        ("int8-g32", 1 + 4 / 32),
+        ("int4", 0.5 + 4 / 128),
+        ("int4-g32", 0.5 + 4 / 32),
+        ("int4-asym", 0.5 + 8 / 128),
+        ("fp8", 1 + 4 / 4096),
+        ("int8-w8a8", 1 + 4 / 4096),
+    ],
 )
 def test_bytes_per_param(fmt, expected):
     abstract = abstract_qarray(4096, 4096, fmt)
