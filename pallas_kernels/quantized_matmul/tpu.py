@@ -59,13 +59,12 @@ def _dequant_tile(q_ref, s_ref, m_ref, w_ref, spec: _Spec) -> None:
     """Write the dequantized weight tile ``(bk, bn)`` into ``w_ref``, one group at a time."""
     g = spec.cfg.group_size
     ng = spec.blocks.bk // g
-    scales = s_ref[...].astype(jnp.float32)  # (ng, bn)
-    offsets = None if m_ref is None else m_ref[...].astype(jnp.float32)
 
     def finish(levels, i):
-        w = levels.astype(jnp.float32) * scales[i : i + 1, :]
-        if offsets is not None:
-            w = w + offsets[i : i + 1, :]
+        # one (1, bn) row of scales/offsets, read from the ref and broadcast over the group's rows
+        w = levels.astype(jnp.float32) * s_ref[i : i + 1, :].astype(jnp.float32)
+        if m_ref is not None:
+            w = w + m_ref[i : i + 1, :].astype(jnp.float32)
         return w.astype(w_ref.dtype)
 
     if spec.cfg.weight == "int4":
@@ -166,14 +165,13 @@ def quantized_matmul_tpu(
     return pl.pallas_call(
         functools.partial(_kernel, spec=spec),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0,
-            grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), pl.cdiv(k, bk)),
-            in_specs=in_specs,
-            out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-            scratch_shapes=scratch,
+        grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), pl.cdiv(k, bk)),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
+        scratch_shapes=scratch,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)
         ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name=f"qmm_{cfg.name.replace('-', '_')}",
     )(*operands)
