@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+from tqdm.auto import tqdm
 
 from quantize.calibration import HessianState
 from quantize.config import QuantConfig, as_config
@@ -30,6 +31,7 @@ from quantize.qarray import QArray
 from quantize.quantizer import compute_qparams, dequantize_values, group_size_of, quantize_values
 
 _HI = jax.lax.Precision.HIGHEST
+_PROGRESS_MIN_BLOCKS = 32  # show a progress bar for layers with at least this many row blocks
 
 
 def _block_size(k: int, blocksize: int, unit: int) -> int:
@@ -88,22 +90,24 @@ def gptq_quantize(
         raise ValueError("act_order with group-wise scales needs static_groups=True (natural group layout)")
     dynamic = config.group_size is not None and not static_groups
     bsize = _block_size(k, blocksize, config.group_size if dynamic else 1)
-    q, scale, offset, ok = _gptq(
-        w.astype(jnp.float32),
-        h.astype(jnp.float32),
-        jnp.float32(percdamp),
-        cfg=config,
-        bsize=bsize,
-        act_order=act_order,
-        dynamic=dynamic,
+    w32, u, scale, offset, perm, ok = _prepare(
+        w.astype(jnp.float32), h.astype(jnp.float32), jnp.float32(percdamp), cfg=config, act_order=act_order
     )
     if not bool(ok):
         raise ValueError("GPTQ Cholesky factorisation failed (Hessian not positive definite); raise percdamp")
-    if config.weight == "fp8":
-        q = q.astype(jnp.float8_e4m3fn)
-    else:
-        q = q.astype(jnp.int32)
-    return QArray.from_quantized(q, scale, offset, config, dtype=dtype or w.dtype)
+    group_of = perm // (config.group_size or k)
+    qs = jnp.zeros(w32.shape, jnp.float32)
+    n_blocks = k // bsize
+    for b in tqdm(range(n_blocks), desc="GPTQ", leave=False, disable=n_blocks < _PROGRESS_MIN_BLOCKS):
+        w32, qs, scale, offset = _quantize_block(
+            w32, qs, scale, offset, u, group_of, jnp.int32(b), cfg=config, bsize=bsize, dynamic=dynamic
+        )
+    if act_order:
+        qs = qs[jnp.argsort(perm)]
+    q = qs.astype(jnp.float8_e4m3fn if config.weight == "fp8" else jnp.int32)
+    return QArray.from_quantized(
+        q, scale, offset if not config.symmetric else None, config, dtype=dtype or w.dtype
+    )
 
 
 def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
@@ -113,29 +117,34 @@ def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
     return jnp.linalg.cholesky(hinv).T
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "bsize", "act_order", "dynamic"))
-def _gptq(w, h, percdamp, *, cfg: QuantConfig, bsize: int, act_order: bool, dynamic: bool):
-    k, n = w.shape
-    g = group_size_of(cfg, k)
-    asym = not cfg.symmetric
-
+@functools.partial(jax.jit, static_argnames=("cfg", "act_order"))
+def _prepare(w, h, percdamp, *, cfg: QuantConfig, act_order: bool):
+    """Dead inputs, initial (natural-group) params, permutation, dampening, ``U = chol(H^-1)^T``."""
+    k = w.shape[0]
     dead = jnp.diag(h) == 0
     h = h + jnp.diag(dead.astype(h.dtype))
     w = jnp.where(dead[:, None], 0.0, w)
     scale, offset = compute_qparams(w, cfg)  # natural groups; replaced group by group when dynamic
     if offset is None:
         offset = jnp.zeros_like(scale)
-    if act_order:
-        perm = jnp.argsort(-jnp.diag(h))
-        w = w[perm]
-        h = h[perm][:, perm]
-    else:
-        perm = jnp.arange(k)
+    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
+    w = w[perm]
+    h = h[perm][:, perm]
     h = h + percdamp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=h.dtype)
     u = _upper_cholesky_of_inverse(h)
-    group_of = perm // g
+    return w, u, scale, offset, perm, jnp.all(jnp.isfinite(u))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "bsize", "dynamic"))
+def _quantize_block(w, qs, scale, offset, u, group_of, b, *, cfg: QuantConfig, bsize: int, dynamic: bool):
+    """Quantize rows ``[b*bsize, (b+1)*bsize)`` of the (permuted) weight and update the rows below."""
+    k, n = w.shape
+    g = group_size_of(cfg, k)
+    asym = not cfg.symmetric
     rows_b = jnp.arange(bsize)
-    rows_k = jnp.arange(k)
+    i1 = b * bsize
+    w1 = jax.lax.dynamic_slice(w, (i1, 0), (bsize, n))
+    u1 = jax.lax.dynamic_slice(u, (i1, i1), (bsize, bsize))
 
     def quant_row(row, gi, scale, offset):
         s = scale[gi][None]
@@ -143,43 +152,32 @@ def _gptq(w, h, percdamp, *, cfg: QuantConfig, bsize: int, act_order: bool, dyna
         q = quantize_values(row[None], s, m, cfg)
         return q[0].astype(jnp.float32), dequantize_values(q, s, m)[0]
 
-    def block_body(b, carry):
-        w, qs, scale, offset = carry
-        i1 = b * bsize
-        w1 = jax.lax.dynamic_slice(w, (i1, 0), (bsize, n))
-        u1 = jax.lax.dynamic_slice(u, (i1, i1), (bsize, bsize))
+    def new_params(i, gi, operand):
+        w1, sc, off = operand
+        s_new, m_new = compute_qparams(jax.lax.dynamic_slice(w1, (i, 0), (g, n)), cfg)
+        sc = jax.lax.dynamic_update_slice(sc, s_new, (gi, 0))
+        if m_new is not None:
+            off = jax.lax.dynamic_update_slice(off, m_new, (gi, 0))
+        return sc, off
 
-        def row_body(i, c):
-            w1, q1, e1, scale, offset = c
-            r = i1 + i
-            gi = group_of[r]
-            if dynamic:
+    def row_body(i, c):
+        w1, q1, e1, scale, offset = c
+        r = i1 + i
+        gi = group_of[r]
+        if dynamic:  # a group starts: its params come from its rows as updated so far
+            scale, offset = jax.lax.cond(
+                r % g == 0, lambda o: new_params(i, gi, o), lambda o: o[1:], (w1, scale, offset)
+            )
+        row = w1[i]
+        q, dq = quant_row(row, gi, scale, offset)
+        err = (row - dq) / u1[i, i]
+        w1 = w1 - jnp.where((rows_b > i)[:, None], u1[i][:, None] * err[None, :], 0.0)
+        return w1, q1.at[i].set(q), e1.at[i].set(err), scale, offset
 
-                def new_params(params):
-                    sc, off = params
-                    s_new, m_new = compute_qparams(jax.lax.dynamic_slice(w1, (i, 0), (g, n)), cfg)
-                    sc = jax.lax.dynamic_update_slice(sc, s_new, (gi, 0))
-                    if m_new is not None:
-                        off = jax.lax.dynamic_update_slice(off, m_new, (gi, 0))
-                    return sc, off
-
-                scale, offset = jax.lax.cond(r % g == 0, new_params, lambda p: p, (scale, offset))
-            row = w1[i]
-            q, dq = quant_row(row, gi, scale, offset)
-            err = (row - dq) / u1[i, i]
-            w1 = w1 - jnp.where((rows_b > i)[:, None], u1[i][:, None] * err[None, :], 0.0)
-            return w1, q1.at[i].set(q), e1.at[i].set(err), scale, offset
-
-        zeros = jnp.zeros((bsize, n), jnp.float32)
-        _, q1, e1, scale, offset = jax.lax.fori_loop(0, bsize, row_body, (w1, zeros, zeros, scale, offset))
-        qs = jax.lax.dynamic_update_slice(qs, q1, (i1, 0))
-        u_rows = jax.lax.dynamic_slice(u, (i1, 0), (bsize, k))
-        update = jnp.dot(u_rows.T, e1, precision=_HI)
-        w = w - jnp.where((rows_k >= i1 + bsize)[:, None], update, 0.0)
-        return w, qs, scale, offset
-
-    init = (w, jnp.zeros((k, n), jnp.float32), scale, offset)
-    _, qs, scale, offset = jax.lax.fori_loop(0, k // bsize, block_body, init)
-    if act_order:
-        qs = qs[jnp.argsort(perm)]
-    return qs, scale, (offset if asym else None), jnp.all(jnp.isfinite(u))
+    zeros = jnp.zeros((bsize, n), jnp.float32)
+    _, q1, e1, scale, offset = jax.lax.fori_loop(0, bsize, row_body, (w1, zeros, zeros, scale, offset))
+    qs = jax.lax.dynamic_update_slice(qs, q1, (i1, 0))
+    # lazy batch update of every row below the block
+    update = jnp.dot(jax.lax.dynamic_slice(u, (i1, 0), (bsize, k)).T, e1, precision=_HI)
+    w = w - jnp.where((jnp.arange(k) >= i1 + bsize)[:, None], update, 0.0)
+    return w, qs, scale, offset
