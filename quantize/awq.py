@@ -72,6 +72,7 @@ def awq_search(
     clip_grid: int = 20,
     max_shrink: float = 0.5,
     clip_tokens: int = 512,
+    search_tokens: int = 8192,
     dtype=None,
 ) -> AWQResult:
     """Search AWQ scales for linears ``W_i[K, N_i]`` that share the input ``x[..., K]``.
@@ -85,6 +86,7 @@ def awq_search(
       clip: search clipping ranges (one flag for all weights, or one per weight; e.g. off for q/k).
       clip_grid, max_shrink: clipping ratios ``1 - j * max_shrink / clip_grid`` for ``j < clip_grid``.
       clip_tokens: tokens (evenly subsampled) used for the clipping search.
+      search_tokens: tokens (evenly subsampled) used for the ``alpha`` search.
       dtype: logical dtype of the QArrays (default the weights' dtype).
     """
     config = as_config(config)
@@ -95,11 +97,13 @@ def awq_search(
         config.validate_shape(*w.shape)
     if n_grid < 1 or clip_grid < 1 or not 0.0 <= max_shrink < 1.0:
         raise ValueError("need n_grid >= 1, clip_grid >= 1 and 0 <= max_shrink < 1")
+    if clip_tokens < 1 or search_tokens < 1:
+        raise ValueError("clip_tokens and search_tokens must be positive")
     clips = [clip] * len(weights) if isinstance(clip, bool) else list(clip)
     if len(clips) != len(weights):
         raise ValueError("clip flags must match the number of weights")
 
-    xt = x.reshape(-1, k).astype(jnp.float32)
+    xt = _subsample(x.reshape(-1, k).astype(jnp.float32), search_tokens)
     wcat = jnp.concatenate([w.astype(jnp.float32) for w in weights], axis=1)
     x_mean = jnp.mean(jnp.abs(xt), axis=0)
     w_mean = _weight_importance(wcat, group_size_of(config, k)) if duo_scaling else None
@@ -110,13 +114,17 @@ def awq_search(
     scales = _scales_for(alpha, x_mean, w_mean)
 
     qarrays = []
-    xs = xt / scales
-    sub = xs[:: max(1, xs.shape[0] // clip_tokens)][:clip_tokens]
+    sub = _subsample(xt, clip_tokens) / scales
     for w, do_clip in zip(weights, clips):
         ws = w.astype(jnp.float32) * scales[:, None]
         ratio = _search_clip(sub, ws, cfg=config, grid=clip_grid, max_shrink=max_shrink) if do_clip else None
         qarrays.append(QArray.quantize(ws, config, dtype=dtype or w.dtype, clip=ratio))
     return AWQResult(scales, alpha, qarrays, float(losses[best]), float(losses[0]))
+
+
+def _subsample(x: jax.Array, max_rows: int) -> jax.Array:
+    """At most ``max_rows`` rows of ``x``, evenly strided."""
+    return x[:: max(1, -(-x.shape[0] // max_rows))][:max_rows]
 
 
 def _weight_importance(w: jax.Array, g: int) -> jax.Array:

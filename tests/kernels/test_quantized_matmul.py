@@ -8,7 +8,14 @@ import pytest
 from pallas_kernels.quantized_matmul.api import quantized_matmul
 from pallas_kernels.quantized_matmul.gpu import quantized_matmul_gpu
 from pallas_kernels.quantized_matmul.tpu import quantized_matmul_tpu
-from pallas_kernels.quantized_matmul.tuning import Blocks, tpu_k_unit
+from pallas_kernels.quantized_matmul.tuning import (
+    Blocks,
+    check_gpu_blocks,
+    check_tpu_blocks,
+    gpu_blocks,
+    tpu_blocks,
+    tpu_k_unit,
+)
 from quantize.config import QuantConfig, as_config
 from quantize.qarray import QArray
 from quantize.quantizer import quantize_activations
@@ -169,3 +176,22 @@ def test_bad_arguments():
         quantized_matmul(x, w, impl="pallas_tpu", interpret=True, blocks=Blocks(2, 100, 64))
     with pytest.raises(ValueError, match="power of two"):
         quantized_matmul(x, w, impl="pallas_gpu", interpret=True, blocks=Blocks(16, 48, 64))
+
+
+def test_default_blocks_satisfy_tiling_rules_on_model_shapes():
+    """Default tiles obey Mosaic / Triton constraints for Llama-3-8B and SmolLM2 projection shapes."""
+    shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576), (576, 49152)]
+    checked = 0
+    for fmt in FORMATS:
+        cfg = as_config(fmt)
+        lhs = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(cfg.act, jnp.bfloat16)
+        for k, n in shapes:
+            if cfg.group_size and k % cfg.group_size:
+                continue
+            for m in (1, 7, 256, 1000):
+                tb = tpu_blocks(m, k, n, cfg)
+                check_tpu_blocks(tb, m, k, n, cfg, lhs)
+                assert tb.bk <= k and (cfg.group_size is None or tb.bk % cfg.group_size == 0)
+                check_gpu_blocks(gpu_blocks(m, k, n, cfg), cfg)
+                checked += 1
+    assert checked > 150
