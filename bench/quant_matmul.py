@@ -1,0 +1,209 @@
+"""Decode-shaped quantized matmul benchmark: int8 / int4 / fp8 weights vs bf16, against HBM bandwidth.
+
+For each weight shape ``[K, N]`` (default: Llama-3-8B projections) and batch ``M`` (default 1..256),
+times ``x[M, K] @ w`` for a bf16 weight (plain XLA dot, the peer) and for each quantized format with
+each implementation (``xla`` = the jnp reference, which dequantizes in XLA; the Pallas kernel for the
+backend). Reports time, bytes moved (weights + activations + output), achieved GB/s, the fraction of
+the device's peak HBM bandwidth, speed-up over bf16, and the error against the bf16 product.
+
+Usage::
+
+    python bench/quant_matmul.py                 # on a GPU / TPU
+    python bench/quant_matmul.py --quick         # tiny shapes; runs anywhere (kernels interpreted on CPU)
+
+Writes ``bench/results/quant_matmul_<device>_<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import pathlib
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from pallas_kernels.backend import default_impl  # noqa: E402
+from pallas_kernels.quantized_matmul.api import quantized_matmul  # noqa: E402
+from quantize.config import as_config  # noqa: E402
+from quantize.qarray import QArray  # noqa: E402
+
+LLAMA3_8B_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+QUICK_SHAPES = [(256, 512), (512, 256)]
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+QUICK_BATCHES = [1, 8]
+FORMATS = ["int8", "int4", "int4-asym", "fp8", "int8-w8a8", "fp8-w8a8"]
+
+# Peak memory bandwidth in GB/s by device-kind substring (vendor figures).
+PEAK_GBPS = {
+    "H200": 4800.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100": 1555.0,
+    "L4": 300.0,
+    "TPU v6": 1640.0,
+    "TPU v5p": 2765.0,
+    "TPU v5 lite": 819.0,
+    "TPU v5e": 819.0,
+    "TPU v4": 1228.0,
+}
+
+
+def peak_gbps(device_kind: str) -> float | None:
+    for key, value in PEAK_GBPS.items():
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
+def time_fn(fn, *args, reps: int) -> float:
+    """Median wall time in seconds of ``fn(*args)`` (compiled and warmed up first)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def nbytes(*arrays) -> int:
+    return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(arrays)))
+
+
+def run(args) -> dict:
+    device = jax.devices()[0]
+    kind = device.device_kind
+    platform = device.platform
+    peak = args.peak_gbps or peak_gbps(kind)
+    shapes = QUICK_SHAPES if args.quick else LLAMA3_8B_SHAPES
+    batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
+    kernel = default_impl(platform)
+    impls = args.impls or (["xla", kernel] if kernel != "xla" else ["xla"])
+    if args.quick and kernel == "xla" and not args.impls:
+        impls = ["xla", "pallas_tpu", "pallas_gpu"]  # interpreted: checks they run, not their speed
+    reps = 3 if args.quick else args.reps
+    dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16  # bf16 dots are slow on XLA:CPU
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for k, n in shapes:
+        w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+        qws = {fmt: QArray.quantize(w, fmt) for fmt in args.formats}
+        for m in batches:
+            x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+            dense = jax.jit(lambda x, w: x @ w)
+            ref = dense(x, w)
+            t_dense = time_fn(dense, x, w, reps=reps)
+            moved = nbytes(x, w, ref)
+            rows.append(
+                _row(
+                    k,
+                    n,
+                    m,
+                    "bf16" if dtype == jnp.bfloat16 else "f32",
+                    "xla",
+                    t_dense,
+                    moved,
+                    peak,
+                    t_dense,
+                    0.0,
+                )
+            )
+            for fmt, qw in qws.items():
+                for impl in impls:
+                    fn = jax.jit(lambda x, w, impl=impl: quantized_matmul(x, w, impl=impl))
+                    try:
+                        y = fn(x, qw)
+                        t = time_fn(fn, x, qw, reps=reps)
+                    except Exception as e:  # a kernel/format the device cannot run: record, go on
+                        rows.append(
+                            {
+                                "k": k,
+                                "n": n,
+                                "m": m,
+                                "format": fmt,
+                                "impl": impl,
+                                "error": f"{type(e).__name__}: {str(e)[:200]}",
+                            }
+                        )
+                        continue
+                    err = float(
+                        jnp.linalg.norm((y - ref).astype(jnp.float32))
+                        / jnp.linalg.norm(ref.astype(jnp.float32))
+                    )
+                    rows.append(
+                        _row(k, n, m, as_config(fmt).name, impl, t, nbytes(x, qw, y), peak, t_dense, err)
+                    )
+            print(f"[{k}x{n}] M={m} done", file=sys.stderr)
+    return {
+        "benchmark": "quant_matmul",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device_kind": kind,
+        "platform": platform,
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "quick": bool(args.quick),
+        "activation_dtype": jnp.dtype(dtype).name,
+        "peak_hbm_gbps": peak,
+        "interpreted_kernels": platform == "cpu",
+        "results": rows,
+    }
+
+
+def _row(k, n, m, fmt, impl, t, moved, peak, t_dense, err) -> dict:
+    gbps = moved / t / 1e9
+    return {
+        "k": k,
+        "n": n,
+        "m": m,
+        "format": fmt,
+        "impl": impl,
+        "time_us": round(t * 1e6, 2),
+        "bytes": moved,
+        "gbps": round(gbps, 2),
+        "frac_of_peak_bw": None if peak is None else round(gbps / peak, 4),
+        "speedup_vs_dense": round(t_dense / t, 3),
+        "rel_err_vs_dense": err,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes and batches (CPU smoke run)")
+    p.add_argument("--formats", nargs="+", default=FORMATS)
+    p.add_argument("--impls", nargs="+", choices=["xla", "pallas_tpu", "pallas_gpu"])
+    p.add_argument("--batches", nargs="+", type=int)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--peak-gbps", type=float, help="override the device's peak memory bandwidth")
+    p.add_argument("--out-dir", default=str(pathlib.Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    result = run(args)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device_kind"]).strip("-").lower()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = pathlib.Path(args.out_dir) / f"quant_matmul_{slug}_{stamp}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    for r in result["results"]:
+        if "error" in r:
+            print(f"{r['k']}x{r['n']} M={r['m']:<4} {r['format']:<14} {r['impl']:<11} ERROR {r['error']}")
+        else:
+            print(
+                f"{r['k']}x{r['n']} M={r['m']:<4} {r['format']:<14} {r['impl']:<11} {r['time_us']:>10.1f} us "
+                f"{r['gbps']:>8.1f} GB/s  x{r['speedup_vs_dense']:<6} err {r['rel_err_vs_dense']:.2e}"
+            )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Quantized matmul, Pallas GPU (Triton dialect) kernel with dequantization fused in the kernel.
+
+Grid ``(M/bm, N/bn)``; each program loops over ``K/bk`` tiles (Triton programs run concurrently, so the
+K reduction is a loop carrying the accumulator rather than a grid axis), accumulating in float32
+(int32 for int8 x int8). Per K tile:
+
+* per-channel W8A16 (int8 / fp8): ``acc += x @ q.astype(x.dtype)``; epilogue ``acc * scale``;
+* group-wise int8: the tile ``(bk, bn)`` is viewed as ``(bk/g, g, bn)``, scaled per group in f32,
+  cast to ``x.dtype``, then one dot;
+* int4 (split-half per group, :mod:`quantize.packing`): the packed tile ``(bk/2, bn)`` gives low and
+  high nibble tiles by two shifts; ``x`` is read through a ``[M, K/g, g]`` view as its first-half and
+  second-half columns of each group, so ``acc += x_lo @ w_lo + x_hi @ w_hi`` (two dots, no shuffles);
+* W8A8: ``acc += xq @ q`` (int8 -> int32 or fp8 -> f32); epilogue ``acc * xs * scale``.
+
+All M / N / K tails are masked loads (``other=0``) and masked stores. Only the generic interpreter and
+the Triton lowering were exercised here (no GPU available), not Triton's compilation; fp8 x fp8 dots
+need Hopper (sm_90) or newer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.quantized_matmul.tuning import Blocks, check_gpu_blocks, gpu_blocks, gpu_num_warps
+from quantize.config import QuantConfig
+from quantize.packing import unpack_int4_halves
+from quantize.qarray import QArray
+from quantize.quantizer import quantize_activations
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    cfg: QuantConfig
+    m: int
+    k: int
+    n: int
+    blocks: Blocks
+    cdt: jnp.dtype
+
+    @property
+    def acc_dtype(self):
+        return jnp.int32 if self.cfg.act == "int8" else jnp.float32
+
+
+def _load(ref, idx, mask):
+    """Masked load; masked-off elements read as zero (a typed zero: Triton cannot cast int to fp8)."""
+    return plgpu.load(ref.at[idx], mask=mask, other=jnp.zeros((), ref.dtype))
+
+
+def _group_scale(levels, scales, offsets, cdt):
+    """``levels (ng*r, bn)`` scaled per group of ``r`` rows by ``scales (ng, bn)``; cast to ``cdt``."""
+    ng, bn = scales.shape
+    rows = levels.shape[0]
+    w = levels.astype(jnp.float32).reshape(ng, rows // ng, bn) * scales[:, None, :]
+    if offsets is not None:
+        w = w + offsets[:, None, :]
+    return w.reshape(rows, bn).astype(cdt)
+
+
+def _kernel(*refs, spec: _Spec):
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    xs_ref = refs.pop(0) if spec.cfg.act is not None else None
+    q_ref = refs.pop(0)
+    s_ref = refs.pop(0)
+    m_ref = refs.pop(0) if not spec.cfg.symmetric else None
+    (o_ref,) = refs
+
+    cfg, (bm, bn, bk) = spec.cfg, (spec.blocks.bm, spec.blocks.bn, spec.blocks.bk)
+    m0 = pl.program_id(0) * bm
+    n0 = pl.program_id(1) * bn
+    row_ok = (m0 + jnp.arange(bm)) < spec.m
+    col_ok = (n0 + jnp.arange(bn)) < spec.n
+    g = cfg.group_size
+    ng = bk // g if g else 0
+
+    def load_params(kk):
+        gidx = kk * ng
+        grp_ok = (gidx + jnp.arange(ng)) < spec.k // g
+        mask = grp_ok[:, None] & col_ok[None, :]
+        idx = (pl.ds(gidx, ng), pl.ds(n0, bn))
+        scales = _load(s_ref, idx, mask).astype(jnp.float32)
+        offsets = None if m_ref is None else _load(m_ref, idx, mask).astype(jnp.float32)
+        return scales, offsets, grp_ok
+
+    def int4_step(kk, acc):
+        h = g // 2
+        scales, offsets, grp_ok = load_params(kk)
+        xmask = row_ok[:, None, None] & grp_ok[None, :, None]
+        xmask = jnp.broadcast_to(xmask, (bm, ng, h))
+        x_lo = _load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(0, h)), xmask).reshape(bm, bk // 2)
+        x_hi = _load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(h, h)), xmask).reshape(bm, bk // 2)
+        prow_ok = (kk * (bk // 2) + jnp.arange(bk // 2)) < spec.k // 2
+        pidx = (pl.ds(kk * (bk // 2), bk // 2), pl.ds(n0, bn))
+        packed = _load(q_ref, pidx, prow_ok[:, None] & col_ok[None, :])
+        lo, hi = unpack_int4_halves(packed, signed=cfg.symmetric)
+        w_lo = _group_scale(lo, scales, offsets, spec.cdt)
+        w_hi = _group_scale(hi, scales, offsets, spec.cdt)
+        acc = acc + jnp.dot(x_lo, w_lo, preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x_hi, w_hi, preferred_element_type=jnp.float32)
+
+    def dense_step(kk, acc):
+        k_ok = (kk * bk + jnp.arange(bk)) < spec.k
+        x = _load(x_ref, (pl.ds(m0, bm), pl.ds(kk * bk, bk)), row_ok[:, None] & k_ok[None, :])
+        q = _load(q_ref, (pl.ds(kk * bk, bk), pl.ds(n0, bn)), k_ok[:, None] & col_ok[None, :])
+        if g:
+            scales, offsets, _ = load_params(kk)
+            w = _group_scale(q, scales, offsets, spec.cdt)
+        elif cfg.act is not None:
+            w = q
+        else:
+            w = q.astype(spec.cdt)
+        return acc + jnp.dot(x, w, preferred_element_type=spec.acc_dtype)
+
+    step = int4_step if cfg.weight == "int4" else dense_step
+    acc = jax.lax.fori_loop(0, pl.cdiv(spec.k, bk), step, jnp.zeros((bm, bn), spec.acc_dtype))
+    out = acc.astype(jnp.float32)
+    if xs_ref is not None:
+        out = out * _load(xs_ref, (pl.ds(m0, bm), pl.ds(0, 1)), row_ok[:, None])
+    if not g:
+        out = out * _load(s_ref, (pl.ds(0, 1), pl.ds(n0, bn)), col_ok[None, :]).astype(jnp.float32)
+    plgpu.store(
+        o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)],
+        out.astype(o_ref.dtype),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "blocks"))
+def quantized_matmul_gpu(
+    x: jax.Array, w: QArray, *, out_dtype, interpret: bool = False, blocks: Blocks | None = None
+) -> jax.Array:
+    """``x[M, K] @ w[K, N] -> [M, N]`` (``out_dtype``) with the Triton kernel."""
+    cfg = w.config
+    m, k = x.shape
+    n = w.shape[-1]
+    if cfg.act is not None:
+        lhs, xs = quantize_activations(x, cfg.act)
+    else:
+        lhs, xs = x, None
+    blocks = blocks or gpu_blocks(m, k, n, cfg)
+    check_gpu_blocks(blocks, cfg)
+    spec = _Spec(cfg, m, k, n, blocks, jnp.dtype(lhs.dtype))
+    if cfg.weight == "int4":
+        lhs = lhs.reshape(m, k // cfg.group_size, cfg.group_size)  # free view: halves of each group
+    operands = [lhs] + ([xs] if xs is not None else []) + [w.value, w.scale]
+    if w.offset is not None:
+        operands.append(w.offset)
+    return pl.pallas_call(
+        functools.partial(_kernel, spec=spec),
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(pl.cdiv(m, blocks.bm), pl.cdiv(n, blocks.bn)),
+        compiler_params=plgpu.CompilerParams(num_warps=gpu_num_warps(blocks), num_stages=3),
+        interpret=interpret,
+        name=f"qmm_{cfg.name.replace('-', '_')}",
+    )(*operands)

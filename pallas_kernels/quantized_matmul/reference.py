@@ -1,0 +1,42 @@
+"""Pure-jnp quantized matmul: the oracle for the Pallas kernels and the CPU path.
+
+Math, per format (``x[M, K]`` float, ``cdt`` = ``x.dtype``, accumulation in float32 or int32):
+
+* per-channel W8A16 (int8, fp8): ``y = (x @ q.astype(cdt)) * scale``  (scale in the epilogue);
+* group-wise W8A16 / W4A16:      ``y = x @ (scale * q (+ offset)).astype(cdt)`` (dequantized in f32);
+* W8A8 (int8, fp8):              ``xq, xs = quantize_activations(x)``;  ``y = (xq @ q) * xs * scale``.
+
+The kernels compute exactly these expressions tile by tile, so they agree with this function up to
+the order of float additions in the accumulator.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from quantize.qarray import QArray
+from quantize.quantizer import quantize_activations
+
+
+def compute_precision(dtype) -> jax.lax.Precision | None:
+    """Full-precision dots for float32 operands; the default (native MXU/tensor-core type) otherwise."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def quantized_matmul_reference(x: jax.Array, w: QArray, out_dtype) -> jax.Array:
+    """``x[M, K] @ w[K, N] -> [M, N]`` in ``out_dtype``."""
+    cfg = w.config
+    if cfg.act is not None:
+        xq, xs = quantize_activations(x, cfg.act)
+        acc_dtype = jnp.int32 if cfg.act == "int8" else jnp.float32
+        acc = jnp.dot(xq, w.value, preferred_element_type=acc_dtype)
+        y = acc.astype(jnp.float32) * xs * w.scale.astype(jnp.float32)
+        return y.astype(out_dtype)
+    cdt = x.dtype
+    prec = compute_precision(cdt)
+    if cfg.group_size is None:
+        acc = jnp.dot(x, w.value.astype(cdt), preferred_element_type=jnp.float32, precision=prec)
+        return (acc * w.scale.astype(jnp.float32)).astype(out_dtype)
+    wd = w.dequantize(jnp.float32).astype(cdt)
+    return jnp.dot(x, wd, preferred_element_type=jnp.float32, precision=prec).astype(out_dtype)
