@@ -5,33 +5,15 @@ Shapes: ``T`` tokens (flattened over sequences), ``E`` hidden size, ``H`` heads,
 
 from __future__ import annotations
 
+__all__ = ["Linear", "RMSNorm", "linear", "rms_norm", "rope", "swiglu"]
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-# Quantized weights (issue: quantization) are a pytree type that ``linear`` dispatches on; plain
-# arrays take the dense path. Model code never branches on the weight format.
-_QUANTIZED_LINEAR = None
-
-
-def register_quantized_linear(fn) -> None:
-    """Install the function applied when a weight is not a plain array (set by ``quantize``)."""
-    global _QUANTIZED_LINEAR
-    _QUANTIZED_LINEAR = fn
-
-
-def linear(x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
-    """``x[..., K] @ w[K, N] (+ bias[N])`` for a plain or quantized weight ``w``."""
-    if isinstance(w, jax.Array | np.ndarray):
-        y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-    else:
-        if _QUANTIZED_LINEAR is None:
-            raise TypeError(f"unsupported weight type {type(w).__name__} for linear()")
-        y = _QUANTIZED_LINEAR(x, w)
-    if bias is not None:
-        y = y + bias.astype(y.dtype)
-    return y
+# ``linear(x, w)`` dispatches on the weight's type (plain array or ``quantize.QArray``): model code never
+# branches on a quantization format.
+from quantize.dispatch import linear
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
