@@ -144,7 +144,7 @@ def _kernel(
 
     def compute(s, j, slot):
         q_start, q_end, kv_len, off = seq_info(s)
-        tok = blk_start + lax.broadcasted_iota(jnp.int32, (rows, bkv), 0) // group
+        tok = blk_start + lax.div(lax.broadcasted_iota(jnp.int32, (rows, bkv), 0), group)
         in_seq = (tok >= q_start) & (tok < q_end)
         row_pos = jnp.where(in_seq, tok + off, -1)
         key_pos = j * bkv + lax.broadcasted_iota(jnp.int32, (rows, bkv), 1)
