@@ -54,7 +54,7 @@ def work_items(table: SeqTable, counts: jax.Array, block_q: int, num_items: int)
     ends = jnp.cumsum(counts)
     n_items = ends[-1] if counts.shape[0] else jnp.int32(0)
     idx = jnp.arange(num_items, dtype=jnp.int32)
-    seq = jnp.searchsorted(ends, idx, side="right").astype(jnp.int32)
+    seq = jnp.searchsorted(ends, idx, side="right", method="compare_all").astype(jnp.int32)
     seq = jnp.minimum(seq, counts.shape[0] - 1)
     within = idx - (ends[seq] - counts[seq])
     valid = idx < n_items

@@ -62,6 +62,8 @@ def draw_lengths(rng: np.random.Generator, geo: Geometry, kind: str) -> list[tup
         q_len = min(q_len, tokens_left, max_kv)
         if q_len <= 0:
             break
+        if kind == "mixed" and i == n_target - 1 and i > 0 and rng.random() < 0.3:
+            q_len = 0  # a sequence with no query rows this step
         if kind == "boundary":
             # End exactly on a page boundary or one past it.
             n_full = int(rng.integers(1, geo.pages_per_seq + (0 if i % 2 else 1)))
@@ -70,7 +72,7 @@ def draw_lengths(rng: np.random.Generator, geo: Geometry, kind: str) -> list[tup
         elif kind == "prefill":
             kv_len = int(rng.integers(q_len, max_kv + 1)) if rng.random() < 0.5 else q_len
         else:
-            kv_len = int(rng.integers(q_len, max_kv + 1))
+            kv_len = int(rng.integers(max(q_len, 1), max_kv + 1))
         need = -(-kv_len // ps)
         if need > pages_left:
             break
@@ -145,3 +147,41 @@ def to_head_major(pages: np.ndarray, padded_dim: int) -> np.ndarray:
     hm = np.swapaxes(pages, 1, 2)
     pad = padded_dim - hm.shape[-1]
     return np.pad(hm, ((0, 0), (0, 0), (0, 0), (0, pad))) if pad else hm
+
+
+# Static configurations used across the kernel tests (each compiles once per implementation).
+GEO_A = Geometry(num_tokens=32, max_seqs=6, num_q_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
+                 pages_per_seq=8, num_pages=40)  # SmolLM2-135M heads, GQA 3
+GEO_B = Geometry(num_tokens=24, max_seqs=4, num_q_heads=8, num_kv_heads=2, head_dim=128, page_size=8,
+                 pages_per_seq=8, num_pages=24)  # GQA 4, head_dim 128, page 8
+GEO_C = Geometry(num_tokens=16, max_seqs=4, num_q_heads=4, num_kv_heads=4, head_dim=64, page_size=16,
+                 pages_per_seq=4, num_pages=16)  # MHA
+
+
+def device_args(batch: Batch, dtype, layout: str = "token_major"):
+    """(q, KVPages, kv_lens, page_indices, cu_q_lens, num_seqs) as jax arrays for the library."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
+
+    k, v = batch.k_pages, batch.v_pages
+    if layout == "head_major":
+        dp = -(-k.shape[-1] // 128) * 128
+        k, v = to_head_major(k, dp), to_head_major(v, dp)
+    kv = KVPages(jnp.asarray(k, dtype), jnp.asarray(v, dtype), layout=KVLayout(layout))
+    return (jnp.asarray(batch.q, dtype), kv, jnp.asarray(batch.kv_lens), jnp.asarray(batch.page_indices),
+            jnp.asarray(batch.cu_q_lens), jnp.asarray(batch.num_seqs))
+
+
+def rounded(batch: Batch, dtype) -> Batch:
+    """The batch with q / pages rounded through ``dtype`` (so a float64 oracle sees what a kernel sees)."""
+    import jax.numpy as jnp
+
+    def r(x):
+        return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+
+    return dataclasses.replace(batch, q=r(batch.q), k_pages=r(batch.k_pages), v_pages=r(batch.v_pages))
+
+
+def num_real_rows(batch: Batch) -> int:
+    return int(batch.cu_q_lens[int(batch.num_seqs[0])])
