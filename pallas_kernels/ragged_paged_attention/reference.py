@@ -70,6 +70,7 @@ def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, 
         row_ok = valid[:, None] & (tok < tok_end[:, None])
         pos = jnp.where(row_ok, tok + pos_off[:, None], -1)
         qg = q[jnp.clip(tok, 0, t - 1)].astype(jnp.float32).reshape(group, block_q, hkv, g_heads, d)
+        qg = qg * sm_scale  # scores are q.k * sm_scale; scaling q once is cheaper than every block
 
         def kv_body(r, carry):
             m, denom, acc = carry
@@ -78,9 +79,11 @@ def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, 
             pages = page_indices[seq[:, None], page_slot]
             kpos = blk[:, None] * bkv + jnp.arange(bkv, dtype=jnp.int32)  # [n, bkv]
             key_ok = (kpos < kv_len[:, None])[:, :, None, None]
-            k = jnp.where(key_ok, gather_kv_block(kv.k, pages, kv.layout, d).astype(jnp.float32), 0.0)
+            # Scores of keys past kv_len are masked below; values are zeroed so that garbage (even NaN)
+            # in unused page slots cannot leak through 0 * v.
+            k = gather_kv_block(kv.k, pages, kv.layout, d).astype(jnp.float32)
             v = jnp.where(key_ok, gather_kv_block(kv.v, pages, kv.layout, d).astype(jnp.float32), 0.0)
-            s = jnp.einsum("nqhgd,nkhd->nhgqk", qg, k, precision=_HIGHEST) * sm_scale
+            s = jnp.einsum("nqhgd,nkhd->nhgqk", qg, k, precision=_HIGHEST)
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
             kp = kpos[:, None, None, None, :]
