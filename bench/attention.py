@@ -15,7 +15,8 @@ Results go to ``bench/results/attention_<device>_<UTC date>.json`` with the devi
 mode, which measures the interpreter, not a kernel); its JSON is labelled with the CPU device and is
 not a GPU result.
 
-Usage: ``python bench/attention.py [--quick] [--impls pallas_gpu,xla,dense] [--max-cache-gb 24]``
+Usage: ``python bench/attention.py [--quick] [--impls pallas_gpu,xla,dense] [--kv-quant int8]
+[--max-cache-gb 24]``
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from pallas_kernels.ragged_paged_attention import kv_quant  # noqa: E402
 from pallas_kernels.ragged_paged_attention.api import (  # noqa: E402
     KVLayout,
     KVPages,
@@ -65,7 +67,7 @@ def copy_bandwidth(nbytes: int, iters: int) -> float:
     return 2 * x.nbytes / time_fn(f, x, iters=iters)
 
 
-def make_inputs(key, lengths: list[tuple[int, int]], heads, dtype):
+def make_inputs(key, lengths: list[tuple[int, int]], heads, dtype, kv_quant_dtype=None):
     """Paged inputs for sequences given as (q_len, kv_len); pages are shuffled."""
     hq, hkv, d = heads
     n = len(lengths)
@@ -75,6 +77,9 @@ def make_inputs(key, lengths: list[tuple[int, int]], heads, dtype):
     shape = (num_pages, PAGE_SIZE, hkv, d)
     cache = KVPages(jax.random.normal(kk, shape, dtype), jax.random.normal(kv_, shape, dtype),
                     layout=KVLayout.TOKEN_MAJOR)
+    if kv_quant_dtype is not None:
+        (k, ks), (v, vs) = (kv_quant.quantize(x, kv_quant_dtype) for x in (cache.k, cache.v))
+        cache = KVPages(k, v, ks, vs, layout=KVLayout.TOKEN_MAJOR)
     page_indices = jax.random.permutation(kp, num_pages).reshape(n, pages_per_seq).astype(jnp.int32)
     q_lens = np.array([q for q, _ in lengths], np.int32)
     t = int(q_lens.sum())
@@ -89,7 +94,8 @@ def to_head_major(cache: KVPages) -> KVPages:
     d = cache.k.shape[-1]
     pad = ((0, 0), (0, 0), (0, 0), (0, -d % 128))
     k, v = (jnp.pad(jnp.swapaxes(x, 1, 2), pad) for x in (cache.k, cache.v))
-    return KVPages(k, v, layout=KVLayout.HEAD_MAJOR)
+    scales = [None if s is None else jnp.swapaxes(s, 1, 2) for s in (cache.k_scale, cache.v_scale)]
+    return KVPages(k, v, *scales, layout=KVLayout.HEAD_MAJOR)
 
 
 def dense_peer(q, cache, kv_lens, page_indices, lengths, causal: bool):
@@ -101,6 +107,9 @@ def dense_peer(q, cache, kv_lens, page_indices, lengths, causal: bool):
     hkv = cache.k.shape[2]
     k = cache.k[page_indices].reshape(n, kv_max, hkv, d)
     v = cache.v[page_indices].reshape(n, kv_max, hkv, d)
+    if cache.k_scale is not None:  # the dense peer reads a dequantized copy
+        k = kv_quant.dequantize(k, cache.k_scale[page_indices].reshape(n, kv_max, hkv)).astype(q.dtype)
+        v = kv_quant.dequantize(v, cache.v_scale[page_indices].reshape(n, kv_max, hkv)).astype(q.dtype)
     qd = q.reshape(n, q_max, hq, d)  # benchmark batches are uniform
     q_lens = jnp.full((n,), q_max, jnp.int32)
     impl = "cudnn" if jax.default_backend() == "gpu" else None
@@ -113,12 +122,15 @@ def dense_peer(q, cache, kv_lens, page_indices, lengths, causal: bool):
     return fn, (qd, k, v, kv_lens)
 
 
-def run_case(kind, lengths, heads, dtype, impls, iters, interpret):
-    q, cache, kv_lens, page_indices, cu, num_seqs = make_inputs(jax.random.key(0), lengths, heads, dtype)
+def run_case(kind, lengths, heads, dtype, impls, iters, interpret, kv_quant_dtype=None):
+    q, cache, kv_lens, page_indices, cu, num_seqs = make_inputs(jax.random.key(0), lengths, heads, dtype,
+                                                                kv_quant_dtype)
     hq, hkv, d = heads
     itemsize = jnp.dtype(dtype).itemsize
+    kv_itemsize = cache.k.dtype.itemsize
     kv_tokens = sum(kv for _, kv in lengths)
-    bytes_moved = 2 * kv_tokens * hkv * d * itemsize + 2 * q.size * itemsize
+    scale_bytes = 2 * kv_tokens * hkv * 4 if cache.k_scale is not None else 0
+    bytes_moved = 2 * kv_tokens * hkv * d * kv_itemsize + scale_bytes + 2 * q.size * itemsize
     flops = sum(4 * hq * d * (ql * (2 * kv - ql + 1) // 2) for ql, kv in lengths)
     sm_scale = d ** -0.5
     rows = []
@@ -153,6 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=sorted(MODELS), default=None)
     p.add_argument("--impls", default=None, help="comma list of pallas_gpu, pallas_tpu, xla, dense")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    p.add_argument("--kv-quant", choices=["int8", "float8_e4m3fn"], default=None,
+                   help="quantized KV cache (per-token-per-head scales)")
     p.add_argument("--max-cache-gb", type=float, default=24.0, help="skip decode cases with a larger cache")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out-dir", default=str(pathlib.Path(__file__).parent / "results"))
@@ -166,6 +180,7 @@ def main(argv=None) -> int:
     impls = (a.impls or default_impls).split(",")
     iters = a.iters or (3 if a.quick else 20)
     interpret = on_cpu or None
+    kvq = None if a.kv_quant is None else jnp.dtype(a.kv_quant)
     if a.quick:
         decode = [(8, 256)]
         prefill = [(1, 256)]
@@ -183,25 +198,25 @@ def main(argv=None) -> int:
         cache_gb = 2 * batch * ctx * heads[1] * heads[2] * dtype.itemsize / 2**30
         if cache_gb > a.max_cache_gb:
             continue
-        results += run_case("decode", [(1, ctx)] * batch, heads, dtype, impls, iters, interpret)
+        results += run_case("decode", [(1, ctx)] * batch, heads, dtype, impls, iters, interpret, kvq)
     for n, length in prefill:
-        results += run_case("prefill", [(length, length)] * n, heads, dtype, impls, iters, interpret)
+        results += run_case("prefill", [(length, length)] * n, heads, dtype, impls, iters, interpret, kvq)
     for lengths in mixed:
         results += run_case("mixed", lengths, heads, dtype, [i for i in impls if i != "dense"], iters,
-                            interpret)
+                            interpret, kvq)
     for r in results:
         if "bytes_per_s" in r:
             r["fraction_of_copy_bw"] = r["bytes_per_s"] / bw
 
     now = datetime.datetime.now(datetime.UTC)
-    label = device.device_kind.replace(" ", "_").lower()
+    label = device.device_kind.replace(" ", "_").lower() + (f"_kv{a.kv_quant}" if a.kv_quant else "")
     out = pathlib.Path(a.out_dir) / f"attention_{label}_{now:%Y%m%d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
         benchmark="ragged_paged_attention", date=now.isoformat(timespec="seconds"),
         device=device.device_kind, backend=jax.default_backend(), jax_version=jax.__version__,
         model=model, heads=dict(zip(("num_q_heads", "num_kv_heads", "head_dim"), heads, strict=True)),
-        page_size=PAGE_SIZE, dtype=str(dtype), quick=a.quick, interpret=bool(interpret),
+        page_size=PAGE_SIZE, dtype=str(dtype), kv_quant=a.kv_quant, quick=a.quick, interpret=bool(interpret),
         copy_bandwidth_bytes_per_s=bw, results=results), indent=1))
     print(f"wrote {out}")
     return 0

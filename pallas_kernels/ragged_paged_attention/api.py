@@ -23,9 +23,11 @@ The layout is a static part of the pytree (it never becomes a traced leaf). Code
 :func:`init_kv_pages`, :func:`write_kv` and :func:`ragged_paged_attention` never needs to look at it.
 The XLA path reads both layouts; the GPU kernel reads token-major only.
 
-Quantized KV is reserved: ``k_scale`` / ``v_scale`` keep the page and head axes of ``k`` / ``v`` minus
-``head_dim`` (token-major ``[num_pages, page_size, num_kv_heads]``, head-major
-``[num_pages, num_kv_heads, page_size]``).
+Quantized KV (``init_kv_pages(..., quant_dtype=jnp.int8 | jnp.float8_e4m3fn | jnp.float8_e5m2)``):
+``k`` / ``v`` hold the quantized values and ``k_scale`` / ``v_scale`` one float32 absmax scale per
+(token, KV head), shaped like ``k.shape[:3]`` in either layout (token-major
+``[num_pages, page_size, num_kv_heads]``, head-major ``[num_pages, num_kv_heads, page_size]``).
+:func:`write_kv` quantizes; every implementation applies the scales inside (see :mod:`.kv_quant`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.backend import check_impl, default_impl, needs_interpret
+from pallas_kernels.ragged_paged_attention import kv_quant
 
 TPU_LANES = 128
 
@@ -56,7 +59,7 @@ class KVPages(NamedTuple):
     Attributes:
       k, v: token-major ``[num_pages, page_size, num_kv_heads, head_dim]`` or head-major
         ``[num_pages, num_kv_heads, page_size, padded_head_dim]``.
-      k_scale, v_scale: reserved for quantized KV (``None`` for a float cache).
+      k_scale, v_scale: ``f32[k.shape[:3]]`` per-(token, head) scales of a quantized cache, else ``None``.
       layout: :class:`KVLayout`.
     """
 
@@ -77,6 +80,10 @@ class KVPages(NamedTuple):
     @property
     def num_kv_heads(self) -> int:
         return self.k.shape[1] if self.layout is KVLayout.HEAD_MAJOR else self.k.shape[2]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
 
 def default_layout(impl: str | None = None) -> KVLayout:
@@ -110,13 +117,16 @@ def init_kv_pages(
     dtype=jnp.float32,
     *,
     layout: KVLayout | str | None = None,
+    quant_dtype=None,
 ) -> KVPages:
     """A zero-filled cache.
 
     Args:
       num_pages, page_size, num_kv_heads, head_dim: cache geometry; ``page_size`` a power of two.
-      dtype: storage dtype of K and V (e.g. ``jnp.float32``, ``jnp.bfloat16``).
+      dtype: storage dtype of K and V (e.g. ``jnp.float32``, ``jnp.bfloat16``) for a float cache.
       layout: a :class:`KVLayout` or its value; ``None`` means :func:`default_layout`.
+      quant_dtype: ``jnp.int8``, ``jnp.float8_e4m3fn`` or ``jnp.float8_e5m2`` for a quantized cache
+        (K / V stored in it, with f32 scales); ``dtype`` is then unused.
 
     Returns:
       ``KVPages`` with ``k, v`` of shape ``[num_pages, page_size, num_kv_heads, head_dim]``
@@ -134,8 +144,12 @@ def init_kv_pages(
         shape = (num_pages, num_kv_heads, page_size, dp)
     else:
         shape = (num_pages, page_size, num_kv_heads, dp)
-    zeros = jnp.zeros(shape, dtype)
-    return KVPages(k=zeros, v=jnp.zeros(shape, dtype), layout=layout)
+    if quant_dtype is not None:
+        qdt = kv_quant.check_quant_dtype(quant_dtype)
+        scale = jnp.zeros(shape[:3], jnp.float32)
+        return KVPages(jnp.zeros(shape, qdt), jnp.zeros(shape, qdt), scale, jnp.zeros(shape[:3], jnp.float32),
+                       layout=layout)
+    return KVPages(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), layout=layout)
 
 
 def _check_cache(kv: KVPages) -> None:
@@ -148,7 +162,11 @@ def _check_cache(kv: KVPages) -> None:
     if (kv.k_scale is None) != (kv.v_scale is None):
         raise ValueError("k_scale and v_scale must both be set or both be None")
     if kv.k_scale is not None:
-        raise NotImplementedError("quantized KV pages (k_scale / v_scale) are not supported yet")
+        kv_quant.check_quant_dtype(kv.k.dtype)
+        for name, sc in (("k_scale", kv.k_scale), ("v_scale", kv.v_scale)):
+            if sc.shape != kv.k.shape[:3] or sc.dtype != jnp.float32:
+                raise ValueError(
+                    f"{name} must be float32 of shape {kv.k.shape[:3]}, got {sc.dtype}{list(sc.shape)}")
     if kv.page_size & (kv.page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {kv.page_size}")
 
@@ -159,7 +177,8 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
 
     Args:
       kv: the cache; donate it (``jax.jit(..., donate_argnums=...)``) so XLA updates it in place.
-      k_new, v_new: ``[T, num_kv_heads, head_dim]``; cast to the cache dtype.
+      k_new, v_new: ``[T, num_kv_heads, head_dim]``; cast to the cache dtype, or quantized (absmax
+        per token and head) for a quantized cache.
       slot_mapping: ``i32[T]``; token ``t`` goes to page ``slot // page_size``, offset
         ``slot % page_size``. A negative slot marks a padding token: nothing is written for it.
         Slots must be unique among non-negative entries.
@@ -186,18 +205,26 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
     # Padding tokens get an out-of-range page index and are dropped by the scatter.
     page = jnp.where(slots >= 0, slots // ps, kv.num_pages)
     offset = jnp.where(slots >= 0, slots % ps, 0)
+    scales = None
+    if kv.quantized:
+        k_new, k_sc = kv_quant.quantize(k_new, kv.k.dtype)
+        v_new, v_sc = kv_quant.quantize(v_new, kv.v.dtype)
+        scales = (k_sc, v_sc)
     if dp != d:
         pad = ((0, 0), (0, 0), (0, dp - d))
         k_new, v_new = jnp.pad(k_new, pad), jnp.pad(v_new, pad)
     k_new, v_new = k_new.astype(kv.k.dtype), v_new.astype(kv.v.dtype)
-    if kv.layout is KVLayout.HEAD_MAJOR:
-        # Advanced indices separated by a slice: the token axis comes first, [T, Hkv, Dp].
-        k = kv.k.at[page, :, offset].set(k_new, mode="drop", unique_indices=True)
-        v = kv.v.at[page, :, offset].set(v_new, mode="drop", unique_indices=True)
-    else:
-        k = kv.k.at[page, offset].set(k_new, mode="drop", unique_indices=True)
-        v = kv.v.at[page, offset].set(v_new, mode="drop", unique_indices=True)
-    return kv._replace(k=k, v=v)
+
+    def scatter(cache, new):
+        if kv.layout is KVLayout.HEAD_MAJOR:
+            # Advanced indices separated by a slice: the token axis comes first ([T, Hkv, ...]).
+            return cache.at[page, :, offset].set(new, mode="drop", unique_indices=True)
+        return cache.at[page, offset].set(new, mode="drop", unique_indices=True)
+
+    out = kv._replace(k=scatter(kv.k, k_new), v=scatter(kv.v, v_new))
+    if scales is not None:
+        out = out._replace(k_scale=scatter(kv.k_scale, scales[0]), v_scale=scatter(kv.v_scale, scales[1]))
+    return out
 
 
 def _check_attention_args(q, kv, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, sliding_window,

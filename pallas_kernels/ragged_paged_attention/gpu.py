@@ -13,6 +13,9 @@ with an online softmax; each step gathers ``block_kv`` key / value rows through 
 (masked loads skip positions past ``kv_len``). With ``num_splits > 1`` (flash-decoding) the KV range
 is cut into splits whose partial results (``o``, ``m``, ``l``) are merged by the wrapper.
 
+Quantized caches (int8 / fp8, f32 scales ``[num_pages, page_size, Hkv]``): tiles are converted to the
+query dtype for ``tl.dot``; key scales multiply score columns and value scales probability columns.
+
 Triton needs power-of-two tile sizes: ``head_dim`` must be a power of two (>= 16).
 """
 
@@ -42,8 +45,8 @@ def _kernel(
     q_ref,  # [Hkv, T' * Gp, D]
     k_ref,  # [num_pages * page_size, Hkv, D]
     v_ref,
-    o_ref,  # [Hkv, T' * Gp, D] (one split) or f32[splits, Hkv, T' * Gp, D]
-    *stat_refs,  # (m, l): f32[splits, Hkv, T' * Gp] when splitting
+    *refs,  # (k_scale, v_scale f32[num_pages * page_size, Hkv] if quantized), out, (m, l if split)
+    quantized: bool,
     block_q: int,
     group_p2: int,
     block_kv: int,
@@ -54,6 +57,9 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
 ):
+    if quantized:
+        ks_ref, vs_ref, *refs = refs
+    o_ref, *stat_refs = refs  # o: [Hkv, T' * Gp, D] (one split) or f32[splits, Hkv, T' * Gp, D]
     i, h = pl.program_id(0), pl.program_id(1)
     sp = pl.program_id(2) if num_splits > 1 else 0
     seq = item_seq_ref[i]
@@ -84,9 +90,20 @@ def _kernel(
             # Index every axis with (broadcasting) arrays: a pure gather, which both the Triton
             # lowering and the interpreter accept.
             gather = (key_rows[:, None], h, dims[None, :])
-            k = plgpu.load(k_ref.at[gather], mask=key_ok[:, None], other=0.0)
-            v = plgpu.load(v_ref.at[gather], mask=key_ok[:, None], other=0.0)
+            if quantized:  # tiles go to tl.dot in the query dtype; scales hit score / prob columns
+                # (no `other`: Triton cannot splat a fill value into fp8; zero after converting).
+                k = plgpu.load(k_ref.at[gather], mask=key_ok[:, None])
+                v = plgpu.load(v_ref.at[gather], mask=key_ok[:, None])
+                k = jnp.where(key_ok[:, None], k.astype(q.dtype), 0.0)
+                v = jnp.where(key_ok[:, None], v.astype(q.dtype), 0.0)
+                k_sc = plgpu.load(ks_ref.at[key_rows, h], mask=key_ok, other=0.0)
+                v_sc = plgpu.load(vs_ref.at[key_rows, h], mask=key_ok, other=0.0)
+            else:
+                k = plgpu.load(k_ref.at[gather], mask=key_ok[:, None], other=0.0)
+                v = plgpu.load(v_ref.at[gather], mask=key_ok[:, None], other=0.0)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            if quantized:
+                s = s * k_sc[None, :]
             s = s * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -99,6 +116,8 @@ def _kernel(
             p = jnp.exp(s - m_safe[:, None])
             alpha = jnp.exp(m - m_safe)
             denom = alpha * denom + jnp.sum(p, axis=1)
+            if quantized:
+                p = p * v_sc[None, :]
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)
             return alpha[:, None] * acc + pv, m_new, denom
@@ -176,6 +195,9 @@ def ragged_paged_attention_gpu(
     item_args = (jnp.where(items.valid, items.seq, -1), items.tok_start, items.tok_end, items.pos_offset,
                  table.kv_len[items.seq], blk_lo, blk_hi)
 
+    caches = [kv.k.reshape(num_pages * ps, hkv, d), kv.v.reshape(num_pages * ps, hkv, d)]
+    if kv.quantized:
+        caches += [kv.k_scale.reshape(num_pages * ps, hkv), kv.v_scale.reshape(num_pages * ps, hkv)]
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((hkv, tq * gp, d), q.dtype)
     else:
@@ -183,8 +205,9 @@ def ragged_paged_attention_gpu(
                      jax.ShapeDtypeStruct((splits, hkv, tq * gp), jnp.float32),
                      jax.ShapeDtypeStruct((splits, hkv, tq * gp), jnp.float32))
     kernel = functools.partial(
-        _kernel, block_q=bq, group_p2=gp, block_kv=bkv, page_size=ps, pages_per_seq=pps,
-        num_splits=splits, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        _kernel, quantized=kv.quantized, block_q=bq, group_p2=gp, block_kv=bkv, page_size=ps,
+        pages_per_seq=pps, num_splits=splits, sm_scale=sm_scale, sliding_window=sliding_window,
+        soft_cap=soft_cap)
     res = pl.pallas_call(
         kernel,
         grid=(n_items, hkv, splits) if splits > 1 else (n_items, hkv),
@@ -192,8 +215,7 @@ def ragged_paged_attention_gpu(
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name="ragged_paged_attention_gpu",
-    )(*item_args, page_indices.astype(jnp.int32), qp, kv.k.reshape(num_pages * ps, hkv, d),
-      kv.v.reshape(num_pages * ps, hkv, d))
+    )(*item_args, page_indices.astype(jnp.int32), qp, *caches)
     out = res if splits == 1 else _merge_splits(*res)
     out = out.reshape(hkv, tq, gp, d).transpose(1, 0, 2, 3)[:t, :, :group].reshape(t, hq, d)
     row_valid = jnp.arange(t) < cu_q_lens[jnp.clip(num_seqs[0], 0, s_max)]

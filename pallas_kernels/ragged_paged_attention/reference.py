@@ -23,23 +23,31 @@ from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def gather_kv_block(cache: jax.Array, pages: jax.Array, layout: KVLayout, head_dim: int) -> jax.Array:
-    """Gather pages into key rows.
+def gather_kv_block(kv: KVPages, which: str, pages: jax.Array, head_dim: int) -> jax.Array:
+    """Gather pages of K or V into float32 key rows (dequantized for a quantized cache).
 
     Args:
-      cache: ``kv.k`` or ``kv.v`` in ``layout``.
+      kv: the cache (either layout).
+      which: ``"k"`` or ``"v"``.
       pages: ``i32[N, nb]`` page ids.
-      layout: the cache layout.
       head_dim: logical head dim (head-major caches are lane-padded).
 
     Returns:
-      ``[N, nb * page_size, num_kv_heads, head_dim]``.
+      f32 ``[N, nb * page_size, num_kv_heads, head_dim]``.
     """
-    blk = cache[pages]
     n, nb = pages.shape
-    if layout is KVLayout.HEAD_MAJOR:
-        blk = jnp.swapaxes(blk, 2, 3)[..., :head_dim]  # [N, nb, ps, Hkv, D]
-    return blk.reshape(n, nb * blk.shape[2], blk.shape[3], head_dim)
+    blk = getattr(kv, which)[pages]
+    scale = getattr(kv, which + "_scale")
+    scale = None if scale is None else scale[pages]
+    if kv.layout is KVLayout.HEAD_MAJOR:
+        # [N, nb, Hkv, ps, Dp] -> [N, nb, ps, Hkv, D]; scales [N, nb, Hkv, ps] -> [N, nb, ps, Hkv].
+        blk = jnp.swapaxes(blk, 2, 3)[..., :head_dim]
+        scale = None if scale is None else jnp.swapaxes(scale, 2, 3)
+    rows = nb * blk.shape[2]
+    blk = blk.reshape(n, rows, blk.shape[3], head_dim).astype(jnp.float32)
+    if scale is not None:
+        blk = blk * scale.reshape(n, rows, blk.shape[2], 1)
+    return blk
 
 
 def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, num_items, group,
@@ -81,8 +89,8 @@ def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, 
             key_ok = (kpos < kv_len[:, None])[:, :, None, None]
             # Scores of keys past kv_len are masked below; values are zeroed so that garbage (even NaN)
             # in unused page slots cannot leak through 0 * v.
-            k = gather_kv_block(kv.k, pages, kv.layout, d).astype(jnp.float32)
-            v = jnp.where(key_ok, gather_kv_block(kv.v, pages, kv.layout, d).astype(jnp.float32), 0.0)
+            k = gather_kv_block(kv, "k", pages, d)
+            v = jnp.where(key_ok, gather_kv_block(kv, "v", pages, d), 0.0)
             s = jnp.einsum("nqhgd,nkhd->nhgqk", qg, k, precision=_HIGHEST)
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)

@@ -21,6 +21,10 @@ to 128, ``acc`` in f32) lives in VMEM scratch for all KV heads; the output block
 grid step. Grid steps are independent (all DMAs are waited within a step), so the grid dimension is
 ``PARALLEL`` (megacore-shardable).
 
+Quantized caches (int8 / fp8 with f32 scales ``[P, Hkv, ps]``): scale pages are DMA'd next to the
+value pages; tiles go to the MXU in the query dtype and the scales multiply score / probability
+columns.
+
 Metadata in SMEM: ``kv_lens [S]``, ``page_indices`` flattened to ``[S * pages_per_seq]``, ``cu_q_lens``
 cleaned past ``num_seqs``, ``seq_lo / seq_hi [num_q_blocks]``. Very large ``S * pages_per_seq`` may
 exceed SMEM; chunk the batch in that case.
@@ -60,18 +64,8 @@ def _kernel(
     seq_hi_ref,  # i32[num_q_blocks]
     # Inputs.
     q_ref,  # [Hkv, R, Dp] VMEM block, R = block_q * G
-    k_hbm,  # [P, Hkv, ps, Dp] in HBM
-    v_hbm,
-    # Output.
-    o_ref,  # [Hkv, R, Dp]
-    # Scratch.
-    k_buf,  # [2, Hkv, bkv, Dp]
-    v_buf,
-    sems,  # DMA semaphores [2 (k, v), 2 (slot)]
-    m_ref,  # f32[Hkv, R, 128]
-    l_ref,  # f32[Hkv, R, 128]
-    acc_ref,  # f32[Hkv, R, Dp]
-    *,
+    *refs,
+    quantized: bool,
     block_q: int,
     group: int,
     pages_per_block: int,
@@ -82,6 +76,14 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
 ):
+    # refs: k_hbm, v_hbm [P, Hkv, ps, Dp] (HBM); (ks_hbm, vs_hbm f32[P, Hkv, ps] if quantized);
+    # o_ref [Hkv, R, Dp]; scratch: k_buf, v_buf [2, Hkv, bkv, Dp]; (ks_buf, vs_buf f32[2, Hkv, bkv]);
+    # sems DMA[2 or 4, 2 slots]; m_ref, l_ref f32[Hkv, R, 128]; acc_ref f32[Hkv, R, Dp].
+    if quantized:
+        (k_hbm, v_hbm, ks_hbm, vs_hbm, o_ref, k_buf, v_buf, ks_buf, vs_buf, sems, m_ref, l_ref,
+         acc_ref) = refs
+    else:
+        k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, m_ref, l_ref, acc_ref = refs
     hkv, rows, dp = q_ref.shape
     nb, ps = pages_per_block, page_size
     bkv = nb * ps
@@ -121,26 +123,31 @@ def _kernel(
             p = j * nb + i
             page = pages_ref[s * pages_per_seq + jnp.minimum(p, pages_per_seq - 1)]
             dst = pl.ds(i * ps, ps)
-            out.append((
-                p < n_pages,
+            copies = [
                 pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, :, dst, :], sems.at[0, slot]),
                 pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, :, dst, :], sems.at[1, slot]),
-            ))
+            ]
+            if quantized:
+                copies += [
+                    pltpu.make_async_copy(ks_hbm.at[page], ks_buf.at[slot, :, dst], sems.at[2, slot]),
+                    pltpu.make_async_copy(vs_hbm.at[page], vs_buf.at[slot, :, dst], sems.at[3, slot]),
+                ]
+            out.append((p < n_pages, copies))
         return out
 
     def start_fetch(s, j, slot):
-        for needed, ck, cv in page_copies(s, j, slot):
+        for needed, copies in page_copies(s, j, slot):
             @pl.when(needed)
-            def _(ck=ck, cv=cv):
-                ck.start()
-                cv.start()
+            def _(copies=copies):
+                for c in copies:
+                    c.start()
 
     def wait_fetch(s, j, slot):
-        for needed, ck, cv in page_copies(s, j, slot):
+        for needed, copies in page_copies(s, j, slot):
             @pl.when(needed)
-            def _(ck=ck, cv=cv):
-                ck.wait()
-                cv.wait()
+            def _(copies=copies):
+                for c in copies:
+                    c.wait()
 
     def compute(s, j, slot):
         q_start, q_end, kv_len, off = seq_info(s)
@@ -152,11 +159,17 @@ def _kernel(
         if sliding_window is not None:
             mask = mask & (key_pos > row_pos - sliding_window)
         key_ok = (j * bkv + lax.broadcasted_iota(jnp.int32, (bkv, dp), 0)) < kv_len
+        key_ok_row = (j * bkv + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)) < kv_len
+        # Quantized tiles are converted to the query dtype for the MXU; their scales multiply the
+        # score columns (K) and the probability columns (V) instead of the tiles.
+        mxu_dtype = q_ref.dtype if quantized else v_buf.dtype
         for h in range(hkv):
             q = q_ref[h]
-            k = k_buf[slot, h]
-            v = jnp.where(key_ok, v_buf[slot, h].astype(jnp.float32), 0.0).astype(v_buf.dtype)
+            k = k_buf[slot, h].astype(q.dtype) if quantized else k_buf[slot, h]
+            v = jnp.where(key_ok, v_buf[slot, h].astype(jnp.float32), 0.0).astype(mxu_dtype)
             sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            if quantized:
+                sc = sc * ks_buf[slot, pl.ds(h, 1), :]
             sc = sc * sm_scale
             if soft_cap is not None:
                 sc = soft_cap * jnp.tanh(sc / soft_cap)
@@ -168,6 +181,8 @@ def _kernel(
             alpha = jnp.exp(m_prev - m_safe)
             l_ref[h] = alpha * l_ref[h] + jnp.sum(p, axis=1, keepdims=True)
             m_ref[h] = m_new
+            if quantized:
+                p = p * jnp.where(key_ok_row, vs_buf[slot, pl.ds(h, 1), :], 0.0)
             pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
             acc_ref[h] = _lanes(alpha, dp) * acc_ref[h] + pv
 
@@ -264,19 +279,24 @@ def ragged_paged_attention_tpu(
     cu, seq_lo, seq_hi = _block_metadata(cu_q_lens, num_seqs, bq, num_blocks)
     prefetch = (kv_lens.astype(jnp.int32), page_indices.astype(jnp.int32).reshape(-1), cu, seq_lo, seq_hi)
 
+    quantized = kv.quantized
     kernel = functools.partial(
-        _kernel, block_q=bq, group=group, pages_per_block=nb, page_size=ps, pages_per_seq=pps,
-        max_seqs=s_max, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        _kernel, quantized=quantized, block_q=bq, group=group, pages_per_block=nb, page_size=ps,
+        pages_per_seq=pps, max_seqs=s_max, sm_scale=sm_scale, sliding_window=sliding_window,
+        soft_cap=soft_cap)
     q_spec = pl.BlockSpec((hkv, rows, dp), lambda b, *_: (0, b, 0))
     kv_buf = pltpu.VMEM((2, hkv, nb * ps, dp), kv.k.dtype)
+    scale_buf = [pltpu.VMEM((2, hkv, nb * ps), jnp.float32)] * 2 if quantized else []
     scratch = [
         kv_buf,
         kv_buf,
-        pltpu.SemaphoreType.DMA((2, 2)),
+        *scale_buf,
+        pltpu.SemaphoreType.DMA((4 if quantized else 2, 2)),
         pltpu.VMEM((hkv, rows, LANES), jnp.float32),
         pltpu.VMEM((hkv, rows, LANES), jnp.float32),
         pltpu.VMEM((hkv, rows, dp), jnp.float32),
     ]
+    caches = (kv.k, kv.v, kv.k_scale, kv.v_scale) if quantized else (kv.k, kv.v)
     itemsize = jnp.dtype(kv.k.dtype).itemsize
     vmem_bytes = (4 * hkv * nb * ps * dp * itemsize  # K/V double buffers
                   + 4 * hkv * rows * dp * q.dtype.itemsize  # q / out blocks, double-buffered
@@ -290,7 +310,7 @@ def ragged_paged_attention_tpu(
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
             grid=(num_blocks,),
-            in_specs=[q_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[q_spec] + [pl.BlockSpec(memory_space=pl.ANY)] * len(caches),
             out_specs=q_spec,
             scratch_shapes=scratch,
         ),
@@ -298,6 +318,6 @@ def ragged_paged_attention_tpu(
         compiler_params=params,
         interpret=interpret,
         name="ragged_paged_attention_tpu",
-    )(*prefetch, qp, kv.k, kv.v)
+    )(*prefetch, qp, *caches)
     out = out.reshape(hkv, tp, group, dp).transpose(1, 0, 2, 3).reshape(tp, hq, dp)
     return out[:t, :, :d]

@@ -64,27 +64,31 @@ def test_race_detector_catches_a_missing_wait(tpu_interpreter):
     assert mosaic_interpret.races.races_found
 
 
-def _lower(fn, platform, hq, hkv, d, dtype, layout, t=48, s=8, pps=16):
-    kv = init_kv_pages(64, 16, hkv, d, dtype, layout=layout)
+def _lower(fn, platform, hq, hkv, d, dtype, layout, quant=None, t=48, s=8, pps=16):
+    kv = init_kv_pages(64, 16, hkv, d, dtype, layout=layout, quant_dtype=quant)
     args = (jnp.zeros((t, hq, d), dtype), kv, jnp.zeros((s,), jnp.int32), jnp.zeros((s, pps), jnp.int32),
             jnp.zeros((s + 1,), jnp.int32), jnp.ones((1,), jnp.int32))
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-@pytest.mark.parametrize("hq,hkv,d,dtype,opts", [
-    (9, 3, 64, jnp.float32, {}),
-    (32, 8, 128, jnp.bfloat16, dict(sliding_window=64, soft_cap=30.0)),
-], ids=["smollm2_f32", "llama8b_bf16_window_cap"])
-def test_tpu_kernel_lowers_to_mosaic(hq, hkv, d, dtype, opts):
+@pytest.mark.parametrize("hq,hkv,d,dtype,quant,opts", [
+    (9, 3, 64, jnp.float32, None, {}),
+    (32, 8, 128, jnp.bfloat16, None, dict(sliding_window=64, soft_cap=30.0)),
+    (32, 8, 128, jnp.bfloat16, jnp.int8, {}),
+], ids=["smollm2_f32", "llama8b_bf16_window_cap", "llama8b_int8_kv"])
+def test_tpu_kernel_lowers_to_mosaic(hq, hkv, d, dtype, quant, opts):
     fn = functools.partial(tpu.ragged_paged_attention_tpu, sm_scale=0.1, interpret=False, **opts)
-    assert "tpu_custom_call" in _lower(fn, "tpu", hq, hkv, d, dtype, "head_major")
+    assert "tpu_custom_call" in _lower(fn, "tpu", hq, hkv, d, dtype, "head_major", quant)
 
 
-@pytest.mark.parametrize("hq,hkv,d,dtype,splits", [(9, 3, 64, jnp.float32, 1), (32, 8, 128, jnp.bfloat16, 4)],
-                         ids=["smollm2_f32", "llama8b_bf16_split4"])
-def test_gpu_kernel_lowers_to_triton(hq, hkv, d, dtype, splits):
+@pytest.mark.parametrize("hq,hkv,d,dtype,quant,splits", [
+    (9, 3, 64, jnp.float32, None, 1),
+    (32, 8, 128, jnp.bfloat16, None, 4),
+    (32, 8, 128, jnp.bfloat16, jnp.float8_e4m3fn, 2),
+], ids=["smollm2_f32", "llama8b_bf16_split4", "llama8b_fp8_kv"])
+def test_gpu_kernel_lowers_to_triton(hq, hkv, d, dtype, quant, splits):
     gp = 1 << (hq // hkv - 1).bit_length()
     bs = GpuBlockSizes(block_q=max(1, 16 // gp), block_kv=64, num_splits=splits, num_warps=4, num_stages=2)
     fn = functools.partial(gpu.ragged_paged_attention_gpu, sm_scale=0.1, interpret=False, block_sizes=bs,
                            soft_cap=30.0)
-    assert "xla.gpu.triton" in _lower(fn, "cuda", hq, hkv, d, dtype, "token_major")
+    assert "xla.gpu.triton" in _lower(fn, "cuda", hq, hkv, d, dtype, "token_major", quant)
