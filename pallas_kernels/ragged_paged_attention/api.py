@@ -33,6 +33,7 @@ Quantized KV (``init_kv_pages(..., quant_dtype=jnp.int8 | jnp.float8_e4m3fn | jn
 from __future__ import annotations
 
 import enum
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -250,11 +251,12 @@ def _check_attention_args(q, kv, kv_lens, page_indices, cu_q_lens, num_seqs, sm_
         if name in expected and arr.shape != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]} (S={s} from page_indices), "
                              f"got {arr.shape}")
-    if not isinstance(sm_scale, float | int) or isinstance(sm_scale, bool):
-        raise TypeError(f"sm_scale must be a Python float, got {type(sm_scale).__name__}")
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window <= 0):
+    if not isinstance(sm_scale, numbers.Real) or isinstance(sm_scale, bool):
+        raise TypeError(f"sm_scale must be a static real number, got {type(sm_scale).__name__}")
+    window_ok = isinstance(sliding_window, numbers.Integral) and sliding_window > 0
+    if sliding_window is not None and not window_ok:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
-    if soft_cap is not None and (not isinstance(soft_cap, float | int) or soft_cap <= 0):
+    if soft_cap is not None and (not isinstance(soft_cap, numbers.Real) or soft_cap <= 0):
         raise ValueError(f"soft_cap must be a positive float or None, got {soft_cap!r}")
 
 
@@ -300,7 +302,8 @@ def ragged_paged_attention(
                           soft_cap)
     meta = (kv_lens.astype(jnp.int32), page_indices.astype(jnp.int32), cu_q_lens.astype(jnp.int32),
             num_seqs.astype(jnp.int32))
-    opts = dict(sm_scale=float(sm_scale), sliding_window=sliding_window,
+    opts = dict(sm_scale=float(sm_scale),
+                sliding_window=None if sliding_window is None else int(sliding_window),
                 soft_cap=None if soft_cap is None else float(soft_cap))
     if impl == "xla":
         from pallas_kernels.ragged_paged_attention import reference

@@ -25,6 +25,12 @@ Quantized caches (int8 / fp8 with f32 scales ``[P, Hkv, ps]``): scale pages are 
 value pages; tiles go to the MXU in the query dtype and the scales multiply score / probability
 columns.
 
+Mosaic constraints as far as they can be checked off-TPU (the jax-side lowering to the Mosaic dialect
+is tested; Mosaic's own layout passes only run on a TPU): ``block_q * G`` rows are a multiple of 16
+(bf16 sublane tile), ``Dp`` a multiple of 128, page windows in the KV buffers start at multiples of
+``page_size`` sublanes, so ``page_size >= 16`` keeps bf16 page DMAs tile-aligned (8 is enough for
+f32). Quantized scale pages land at lane offsets that are multiples of ``page_size``.
+
 Metadata in SMEM: ``kv_lens [S]``, ``page_indices`` flattened to ``[S * pages_per_seq]``, ``cu_q_lens``
 cleaned past ``num_seqs``, ``seq_lo / seq_hi [num_q_blocks]``. Very large ``S * pages_per_seq`` may
 exceed SMEM; chunk the batch in that case.
