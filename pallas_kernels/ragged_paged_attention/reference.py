@@ -1,0 +1,157 @@
+"""Ragged paged attention in pure jnp: the oracle for the kernels and the CPU production path.
+
+Work is split into *work items* (a sequence and up to ``block_q`` of its query rows). Decode sequences
+(one query row) get one-row items, multi-token sequences (prefill chunks, speculative verify) get
+``block_q``-row items, so decode does no padded query work. Items are processed a group at a time in
+an outer ``while`` loop that stops after the last real item, and each group runs a flash-style
+online-softmax loop over KV blocks gathered from the pages, up to the longest key range in the group.
+All shapes are static; lengths, ``num_seqs`` and trip counts are traced. Everything is computed in
+float32 at ``HIGHEST`` matmul precision and cast to ``q.dtype`` at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.ragged_paged_attention import metadata, tuning
+from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def gather_kv_block(kv: KVPages, which: str, pages: jax.Array, head_dim: int) -> jax.Array:
+    """Gather pages of K or V into float32 key rows (dequantized for a quantized cache).
+
+    Args:
+      kv: the cache (either layout).
+      which: ``"k"`` or ``"v"``.
+      pages: ``i32[N, nb]`` page ids.
+      head_dim: logical head dim (head-major caches are lane-padded).
+
+    Returns:
+      f32 ``[N, nb * page_size, num_kv_heads, head_dim]``.
+    """
+    n, nb = pages.shape
+    blk = getattr(kv, which)[pages]
+    scale = getattr(kv, which + "_scale")
+    scale = None if scale is None else scale[pages]
+    if kv.layout is KVLayout.HEAD_MAJOR:
+        # [N, nb, Hkv, ps, Dp] -> [N, nb, ps, Hkv, D]; scales [N, nb, Hkv, ps] -> [N, nb, ps, Hkv].
+        blk = jnp.swapaxes(blk, 2, 3)[..., :head_dim]
+        scale = None if scale is None else jnp.swapaxes(scale, 2, 3)
+    rows = nb * blk.shape[2]
+    blk = blk.reshape(n, rows, blk.shape[3], head_dim).astype(jnp.float32)
+    if scale is not None:
+        blk = blk * scale.reshape(n, rows, blk.shape[2], 1)
+    return blk
+
+
+def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, num_items, group,
+                  kv_pages_per_block, sm_scale, sliding_window, soft_cap):
+    """Attention for one class of work items; writes their rows into ``out`` (f32 ``[T, Hq, D]``)."""
+    t, hq, d = q.shape
+    hkv = kv.num_kv_heads
+    g_heads = hq // hkv
+    _, pps = page_indices.shape
+    ps = kv.page_size
+    nb = kv_pages_per_block
+    bkv = nb * ps
+    n_static = tuning.round_up(max(num_items, 1), group)
+    items = metadata.work_items(table, counts, block_q, n_static)
+    lo, hi = metadata.item_key_range(items, block_q, sliding_window)
+    blk_lo = lo // bkv
+    n_blocks = jnp.where(items.valid, -(-hi // bkv) - blk_lo, 0)
+
+    def group_body(gi, out):
+        def take(a):
+            return lax.dynamic_slice_in_dim(a, gi * group, group)
+
+        seq, tok0, tok_end, pos_off = take(items.seq), take(items.tok_start), take(items.tok_end), take(
+            items.pos_offset)
+        valid, first_blk, nblk = take(items.valid), take(blk_lo), take(n_blocks)
+        kv_len = table.kv_len[seq]
+        tok = tok0[:, None] + jnp.arange(block_q, dtype=jnp.int32)  # [n, bq]
+        row_ok = valid[:, None] & (tok < tok_end[:, None])
+        pos = jnp.where(row_ok, tok + pos_off[:, None], -1)
+        qg = q[jnp.clip(tok, 0, t - 1)].astype(jnp.float32).reshape(group, block_q, hkv, g_heads, d)
+        qg = qg * sm_scale  # scores are q.k * sm_scale; scaling q once is cheaper than every block
+
+        def kv_body(r, carry):
+            m, denom, acc = carry
+            blk = first_blk + r
+            page_slot = jnp.minimum(blk[:, None] * nb + jnp.arange(nb, dtype=jnp.int32), pps - 1)
+            pages = page_indices[seq[:, None], page_slot]
+            kpos = blk[:, None] * bkv + jnp.arange(bkv, dtype=jnp.int32)  # [n, bkv]
+            key_ok = (kpos < kv_len[:, None])[:, :, None, None]
+            # Scores of keys past kv_len are masked below; values are zeroed so that garbage (even NaN)
+            # in unused page slots cannot leak through 0 * v.
+            k = gather_kv_block(kv, "k", pages, d)
+            v = jnp.where(key_ok, gather_kv_block(kv, "v", pages, d), 0.0)
+            s = jnp.einsum("nqhgd,nkhd->nhgqk", qg, k, precision=_HIGHEST)
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            kp = kpos[:, None, None, None, :]
+            rp = pos[:, None, None, :, None]
+            mask = kp <= rp
+            if sliding_window is not None:
+                mask &= kp > rp - sliding_window
+            s = jnp.where(mask, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(s - m_safe[..., None])
+            alpha = jnp.exp(m - m_safe)
+            denom = alpha * denom + p.sum(axis=-1)
+            acc = alpha[..., None] * acc + jnp.einsum("nhgqk,nkhd->nhgqd", p, v, precision=_HIGHEST)
+            return m_new, denom, acc
+
+        shape = (group, hkv, g_heads, block_q)
+        init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros((*shape, d), jnp.float32))
+        _, denom, acc = lax.fori_loop(0, jnp.max(nblk), kv_body, init)
+        o = jnp.where(denom[..., None] > 0, acc / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
+        o = o.transpose(0, 3, 1, 2, 4).reshape(group, block_q, hq, d)
+        rows = jnp.where(row_ok, tok, t)
+        return out.at[rows].set(o, mode="drop")
+
+    return lax.fori_loop(0, -(-items.n_items // group), group_body, out)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes"))
+def ragged_paged_attention_xla(
+    q: jax.Array,
+    kv: KVPages,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    cu_q_lens: jax.Array,
+    num_seqs: jax.Array,
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    block_sizes: tuning.XlaBlockSizes | None = None,
+) -> jax.Array:
+    """Pure-jnp ragged paged attention (arguments as in :func:`api.ragged_paged_attention`).
+
+    ``q [T, Hq, D]``, ``kv`` in either layout, ``kv_lens i32[S]``, ``page_indices i32[S, P]``,
+    ``cu_q_lens i32[S+1]``, ``num_seqs i32[1]`` -> ``[T, Hq, D]`` in ``q.dtype``.
+    """
+    t, hq, d = q.shape
+    s_max, pps = page_indices.shape
+    bs = block_sizes or tuning.xla_block_sizes(t, s_max, kv.page_size, pps)
+    table = metadata.seq_table(kv_lens, cu_q_lens, num_seqs)
+    out = jnp.zeros((t, hq, d), jnp.float32)
+    common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  kv_pages_per_block=min(bs.kv_pages_per_block, pps))
+    decode_counts = (table.q_len == 1).astype(jnp.int32)
+    out = _attend_items(out, q, kv, page_indices, table, decode_counts, block_q=1,
+                        num_items=min(s_max, t), group=min(bs.decode_group, s_max, t), **common)
+    if t >= 2:
+        bq = bs.block_q
+        multi_counts = jnp.where(table.q_len >= 2, -(-table.q_len // bq), 0)
+        out = _attend_items(out, q, kv, page_indices, table, multi_counts, block_q=bq,
+                            num_items=-(-t // bq) + min(s_max, t // 2), group=bs.prefill_group, **common)
+    return out.astype(q.dtype)

@@ -1,0 +1,187 @@
+"""Test helpers for ragged paged attention: random ragged batches and an independent float64 oracle.
+
+The oracle loops over sequences and query rows with explicit positions and reads keys straight from
+the numpy page arrays; it shares no code with the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+KINDS = ("decode", "prefill", "mixed", "verify", "single", "boundary")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static shapes of one test configuration (each one compiles once per implementation)."""
+
+    num_tokens: int  # T
+    max_seqs: int  # S
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    pages_per_seq: int
+    num_pages: int
+
+
+@dataclasses.dataclass
+class Batch:
+    """A ragged batch with its float64 token-major cache contents (numpy)."""
+
+    q: np.ndarray  # [T, Hq, D] float64 (padding rows are NaN)
+    k_pages: np.ndarray  # [P, ps, Hkv, D] float64 (unused slots hold NaN)
+    v_pages: np.ndarray
+    kv_lens: np.ndarray  # int32[S]
+    page_indices: np.ndarray  # int32[S, pages_per_seq]
+    cu_q_lens: np.ndarray  # int32[S + 1]
+    num_seqs: np.ndarray  # int32[1]
+
+
+def draw_lengths(rng: np.random.Generator, geo: Geometry, kind: str) -> list[tuple[int, int]]:
+    """(q_len, kv_len) per real sequence for a batch kind; fits the token, sequence and page budgets."""
+    max_kv = geo.pages_per_seq * geo.page_size
+    ps = geo.page_size
+    out: list[tuple[int, int]] = []
+    tokens_left = geo.num_tokens
+    pages_left = geo.num_pages
+    n_target = int(rng.integers(1, geo.max_seqs + 1))
+    if kind == "single":
+        n_target = 1
+    for i in range(n_target):
+        if kind == "decode" or (kind == "mixed" and i < n_target // 2) or kind == "single":
+            q_len = 1
+        elif kind == "verify":
+            q_len = int(rng.integers(2, 9))
+        elif kind == "boundary":
+            q_len = int(rng.integers(1, 4))
+        else:
+            q_len = int(rng.integers(2, max(3, geo.num_tokens // 2)))
+        q_len = min(q_len, tokens_left, max_kv)
+        if q_len <= 0:
+            break
+        if kind == "mixed" and i == n_target - 1 and i > 0 and rng.random() < 0.3:
+            q_len = 0  # a sequence with no query rows this step
+        if kind == "boundary":
+            # End exactly on a page boundary or one past it.
+            n_full = int(rng.integers(1, geo.pages_per_seq + (0 if i % 2 else 1)))
+            kv_len = n_full * ps + (i % 2)
+            kv_len = max(min(kv_len, max_kv), q_len)
+        elif kind == "prefill":
+            kv_len = int(rng.integers(q_len, max_kv + 1)) if rng.random() < 0.5 else q_len
+        else:
+            kv_len = int(rng.integers(max(q_len, 1), max_kv + 1))
+        need = -(-kv_len // ps)
+        if need > pages_left:
+            break
+        pages_left -= need
+        tokens_left -= q_len
+        out.append((q_len, kv_len))
+    if not out:
+        out = [(1, 1)]
+    return out
+
+
+def make_batch(rng: np.random.Generator, geo: Geometry, lengths: list[tuple[int, int]],
+               nan_padding: bool = True) -> Batch:
+    """Random q / pages for the given lengths; pages are shuffled, unused entries are garbage."""
+    t, s, ps = geo.num_tokens, geo.max_seqs, geo.page_size
+    d, hq, hkv = geo.head_dim, geo.num_q_heads, geo.num_kv_heads
+    n = len(lengths)
+    fill = np.nan if nan_padding else 0.0
+    k_pages = np.full((geo.num_pages, ps, hkv, d), fill)
+    v_pages = np.full((geo.num_pages, ps, hkv, d), fill)
+    perm = rng.permutation(geo.num_pages)
+    page_indices = rng.integers(0, geo.num_pages, size=(s, geo.pages_per_seq)).astype(np.int32)
+    kv_lens = rng.integers(0, 10_000, size=s).astype(np.int32)  # garbage beyond num_seqs
+    cu = np.zeros(s + 1, np.int32)
+    cu[1:] = rng.integers(0, 10_000, size=s)  # garbage beyond num_seqs
+    cursor = 0
+    next_page = 0
+    for i, (q_len, kv_len) in enumerate(lengths):
+        cu[i + 1] = cu[i] + q_len
+        kv_lens[i] = kv_len
+        need = -(-kv_len // ps)
+        page_indices[i, :need] = perm[next_page:next_page + need]
+        next_page += need
+        for j in range(kv_len):
+            page, off = page_indices[i, j // ps], j % ps
+            k_pages[page, off] = rng.standard_normal((hkv, d))
+            v_pages[page, off] = rng.standard_normal((hkv, d))
+        cursor += q_len
+    q = rng.standard_normal((t, hq, d))
+    q[cursor:] = fill
+    return Batch(q, k_pages, v_pages, kv_lens, page_indices, cu, np.array([n], np.int32))
+
+
+def oracle(batch: Batch, sm_scale: float, sliding_window: int | None = None,
+           soft_cap: float | None = None) -> np.ndarray:
+    """float64 attention, one sequence and one query row at a time. Padding rows are 0."""
+    t, hq, d = batch.q.shape
+    ps = batch.k_pages.shape[1]
+    hkv = batch.k_pages.shape[2]
+    group = hq // hkv
+    out = np.zeros((t, hq, d))
+    for s in range(int(batch.num_seqs[0])):
+        q0, q1 = int(batch.cu_q_lens[s]), int(batch.cu_q_lens[s + 1])
+        kv_len = int(batch.kv_lens[s])
+        keys = np.stack([batch.k_pages[batch.page_indices[s, j // ps], j % ps] for j in range(kv_len)])
+        vals = np.stack([batch.v_pages[batch.page_indices[s, j // ps], j % ps] for j in range(kv_len)])
+        for i in range(q1 - q0):
+            pos = kv_len - (q1 - q0) + i
+            lo = 0 if sliding_window is None else max(0, pos - sliding_window + 1)
+            for h in range(hq):
+                kh = keys[lo:pos + 1, h // group]  # [n, D]
+                logits = kh @ batch.q[q0 + i, h] * sm_scale
+                if soft_cap is not None:
+                    logits = soft_cap * np.tanh(logits / soft_cap)
+                w = np.exp(logits - logits.max())
+                out[q0 + i, h] = (w / w.sum()) @ vals[lo:pos + 1, h // group]
+    return out
+
+
+def to_head_major(pages: np.ndarray, padded_dim: int) -> np.ndarray:
+    """[P, ps, Hkv, D] -> [P, Hkv, ps, padded_dim] (zero pad lanes), in numpy."""
+    hm = np.swapaxes(pages, 1, 2)
+    pad = padded_dim - hm.shape[-1]
+    return np.pad(hm, ((0, 0), (0, 0), (0, 0), (0, pad))) if pad else hm
+
+
+# Static configurations used across the kernel tests (each compiles once per implementation).
+GEO_A = Geometry(num_tokens=32, max_seqs=6, num_q_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
+                 pages_per_seq=8, num_pages=40)  # SmolLM2-135M heads, GQA 3
+GEO_B = Geometry(num_tokens=24, max_seqs=4, num_q_heads=8, num_kv_heads=2, head_dim=128, page_size=8,
+                 pages_per_seq=8, num_pages=24)  # GQA 4, head_dim 128, page 8
+GEO_C = Geometry(num_tokens=16, max_seqs=4, num_q_heads=4, num_kv_heads=4, head_dim=64, page_size=16,
+                 pages_per_seq=4, num_pages=16)  # MHA
+
+
+def device_args(batch: Batch, dtype, layout: str = "token_major"):
+    """(q, KVPages, kv_lens, page_indices, cu_q_lens, num_seqs) as jax arrays for the library."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
+
+    k, v = batch.k_pages, batch.v_pages
+    if layout == "head_major":
+        dp = -(-k.shape[-1] // 128) * 128
+        k, v = to_head_major(k, dp), to_head_major(v, dp)
+    kv = KVPages(jnp.asarray(k, dtype), jnp.asarray(v, dtype), layout=KVLayout(layout))
+    return (jnp.asarray(batch.q, dtype), kv, jnp.asarray(batch.kv_lens), jnp.asarray(batch.page_indices),
+            jnp.asarray(batch.cu_q_lens), jnp.asarray(batch.num_seqs))
+
+
+def rounded(batch: Batch, dtype) -> Batch:
+    """The batch with q / pages rounded through ``dtype`` (so a float64 oracle sees what a kernel sees)."""
+    import jax.numpy as jnp
+
+    def r(x):
+        return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+
+    return dataclasses.replace(batch, q=r(batch.q), k_pages=r(batch.k_pages), v_pages=r(batch.v_pages))
+
+
+def num_real_rows(batch: Batch) -> int:
+    return int(batch.cu_q_lens[int(batch.num_seqs[0])])

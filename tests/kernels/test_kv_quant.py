@@ -1,0 +1,99 @@
+"""Quantized (int8 / fp8) KV pages: write_kv quantization and attention through every implementation.
+
+Two checks per implementation: against the float64 oracle on the *dequantized* cache (tight: the
+kernels must apply the scales exactly), and against the oracle on the original float K/V with a
+tolerance derived from the quantization step (what quantization may cost at most).
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from rpa_testlib import GEO_A, draw_lengths, make_batch, num_real_rows, oracle
+
+from pallas_kernels.ragged_paged_attention import kv_quant
+from pallas_kernels.ragged_paged_attention.api import init_kv_pages, ragged_paged_attention, write_kv
+
+SM_SCALE = 0.125
+# Half a quantization step relative to the per-(token, head) absmax: int8 steps are absmax / 127;
+# e4m3 keeps 3 mantissa bits (half an ulp <= 2^-4 of the value, values <= absmax).
+HALF_STEP = {jnp.dtype(jnp.int8): 1 / 254, jnp.dtype(jnp.float8_e4m3fn): 2.0**-4}
+
+
+def _dequantized_token_major(kv, head_dim):
+    k = np.asarray(kv_quant.dequantize(kv.k, kv.k_scale), np.float64)
+    v = np.asarray(kv_quant.dequantize(kv.v, kv.v_scale), np.float64)
+    if kv.layout.value == "head_major":
+        k, v = np.swapaxes(k, 1, 2)[..., :head_dim], np.swapaxes(v, 1, 2)[..., :head_dim]
+    return k, v
+
+
+@pytest.mark.parametrize("layout", ["token_major", "head_major"])
+@pytest.mark.parametrize("qdtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_write_kv_quantizes_per_token_and_head(layout, qdtype):
+    rng = np.random.default_rng(0)
+    num_pages, ps, hkv, d, t = 4, 8, 2, 64, 12
+    kv = init_kv_pages(num_pages, ps, hkv, d, layout=layout, quant_dtype=qdtype)
+    assert kv.k.dtype == qdtype and kv.k_scale.shape == kv.k.shape[:3] and kv.k_scale.dtype == jnp.float32
+    x = rng.standard_normal((t, hkv, d)).astype(np.float32) * rng.uniform(0.1, 10, size=(t, hkv, 1))
+    x[3] = 0.0  # an all-zero token decodes to exactly zero
+    slots = rng.choice(num_pages * ps, size=t, replace=False).astype(np.int32)
+    slots[5] = -1
+    out = write_kv(kv, jnp.asarray(x), jnp.asarray(-x), jnp.asarray(slots))
+    k, v = _dequantized_token_major(out, d)
+    k, v = k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)
+    keep = slots >= 0
+    absmax = np.abs(x).max(-1, keepdims=True)
+    bound = absmax * HALF_STEP[jnp.dtype(qdtype)] * (1 + 1e-5)
+    assert np.all(np.abs(k[slots[keep]] - x[keep]) <= bound[keep])
+    assert np.all(np.abs(v[slots[keep]] + x[keep]) <= bound[keep])
+    assert np.all(k[slots[3]] == 0)
+    untouched = np.setdiff1d(np.arange(num_pages * ps), slots[keep])
+    assert not np.any(k[untouched]) and not np.any(v[untouched])
+    scales = np.asarray(out.k_scale if layout == "token_major" else np.swapaxes(out.k_scale, 1, 2))
+    np.testing.assert_allclose(scales.reshape(-1, hkv)[slots[keep]],
+                               absmax[keep, :, 0] / kv_quant.qmax(qdtype), rtol=1e-6)
+
+
+@pytest.mark.parametrize("qdtype", [jnp.int8, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("impl,layout", [("xla", "token_major"), ("pallas_tpu", "head_major"),
+                                         ("pallas_gpu", "token_major")])
+def test_attention_on_quantized_cache(impl, layout, qdtype):
+    geo = GEO_A
+    rng = np.random.default_rng(9)
+    batch = make_batch(rng, geo, draw_lengths(rng, geo, "mixed"))
+    ps, n = geo.page_size, int(batch.num_seqs[0])
+    slots = [batch.page_indices[s, j // ps] * ps + j % ps for s in range(n) for j in range(batch.kv_lens[s])]
+    slots = np.asarray(slots, np.int32)
+    kv = init_kv_pages(geo.num_pages, ps, geo.num_kv_heads, geo.head_dim, layout=layout, quant_dtype=qdtype)
+    k_tok = batch.k_pages.reshape(-1, geo.num_kv_heads, geo.head_dim)[slots]
+    v_tok = batch.v_pages.reshape(-1, geo.num_kv_heads, geo.head_dim)[slots]
+    kv = write_kv(kv, jnp.asarray(k_tok, jnp.float32), jnp.asarray(v_tok, jnp.float32), jnp.asarray(slots))
+    out = ragged_paged_attention(jnp.asarray(batch.q, jnp.float32), kv, jnp.asarray(batch.kv_lens),
+                                 jnp.asarray(batch.page_indices), jnp.asarray(batch.cu_q_lens),
+                                 jnp.asarray(batch.num_seqs), sm_scale=SM_SCALE, impl=impl)
+    got = np.asarray(out, np.float64)
+    assert np.all(got[num_real_rows(batch):] == 0)
+
+    # 1) Exact use of the stored values and scales.
+    k_deq, v_deq = _dequantized_token_major(kv, geo.head_dim)
+    deq_batch = dataclasses.replace(batch, k_pages=k_deq, v_pages=v_deq)
+    np.testing.assert_allclose(got, oracle(deq_batch, SM_SCALE), atol=2e-5, rtol=2e-5)
+
+    # 2) Against float K/V: scores move by at most eps = sm_scale * sum|q| * max half-step of K, so
+    #    softmax weights by a factor within exp(+-2 eps); values move by at most their half-step.
+    half = HALF_STEP[jnp.dtype(qdtype)]
+    eps = SM_SCALE * np.abs(batch.q[:num_real_rows(batch)]).sum(-1).max() * half * np.abs(k_tok).max()
+    tol = (np.exp(2 * eps) - 1) * np.abs(v_tok).max() + half * np.abs(v_tok).max()
+    err = np.abs(got - oracle(batch, SM_SCALE)).max()
+    assert err <= tol, (err, tol)
+
+
+def test_quantized_cache_argument_errors():
+    with pytest.raises(ValueError, match="unsupported KV quantization dtype"):
+        init_kv_pages(4, 8, 2, 64, quant_dtype=jnp.float16)
+    kv = init_kv_pages(4, 8, 2, 64, quant_dtype=jnp.int8)
+    bad = kv._replace(k_scale=jnp.zeros((4, 8), jnp.float32))
+    with pytest.raises(ValueError, match="k_scale must be float32 of shape"):
+        write_kv(bad, jnp.zeros((1, 2, 64)), jnp.zeros((1, 2, 64)), jnp.zeros((1,), jnp.int32))
