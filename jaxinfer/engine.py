@@ -311,9 +311,16 @@ class Engine:
             self._owner.pop(seq.request_id, None)
 
     # ---- warm-up and stats -------------------------------------------------------------------------
-    def warmup(self) -> float:
-        """Compile every step shape now (seconds spent); afterwards no request mix compiles."""
-        return self.runner.compile_all(self.buckets.shapes(), self.buckets.pages_per_seq)
+    def warmup(self, token_counts: list[int] | None = None) -> float:
+        """Compile step shapes now (returns the seconds spent).
+
+        With no argument every shape is compiled and afterwards no request mix compiles; ``token_counts``
+        compiles only the buckets of steps with those token counts (e.g. ``[1]``: single-sequence decode).
+        """
+        shapes = self.buckets.shapes()
+        if token_counts is not None:
+            shapes = sorted({self.buckets.bucket(n, 1) for n in token_counts})
+        return self.runner.compile_all(shapes, self.buckets.pages_per_seq)
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()
