@@ -78,8 +78,9 @@ class ModelRunner:
         self.penalty_state = jax.device_put(PenaltyState.zeros(num_slots, model.config.vocab_size), plan.replicated())
         kv_shardings = jax.tree.map(lambda x: x.sharding, self.kv_cache)
         ps_shardings = jax.tree.map(lambda x: x.sharding, self.penalty_state)
+        # Sampler outputs replicated: every process (multi-host) can read them from a local device.
         self._step = jax.jit(self._step_fn, donate_argnums=(1, 2),
-                             out_shardings=(None, kv_shardings, ps_shardings))
+                             out_shardings=(plan.replicated(), kv_shardings, ps_shardings))
         self.num_steps = 0
 
     def _step_fn(self, params, kv_cache, penalty_state, batch: StepBatch):
