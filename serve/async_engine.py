@@ -28,6 +28,8 @@ from serve.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
+UNHEALTHY_AFTER = 3  # consecutive failed engine steps before /health reports unhealthy
+
 
 class AsyncEngine:
     """Owns the engine thread; every method is called on the asyncio loop.
@@ -71,9 +73,9 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        """The engine thread runs and its last step did not fail."""
+        """The engine thread runs and its last ``UNHEALTHY_AFTER`` steps did not all fail."""
         t = self._loop_thread
-        return t is not None and t.alive and t.step_failures == 0
+        return t is not None and t.alive and t.step_failures < UNHEALTHY_AFTER
 
     @property
     def stats(self):

@@ -117,6 +117,7 @@ class FakeEngine:
         self.num_pages = num_pages
         self.fail_next_steps = 0
         self.step_calls = 0
+        self.added = 0
         self._waiting: list[_Req] = []
         self._running: list[_Req] = []
         self._ids: set[str] = set()
@@ -149,6 +150,7 @@ class FakeEngine:
                    [_Sample(i) for i in range(sampling_params.n)], seed, int(m.group(1)) if m else None)
         self._ids.add(request_id)
         self._waiting.append(req)
+        self.added += 1
 
     def abort_request(self, request_id: str) -> bool:
         for queue in (self._waiting, self._running):
