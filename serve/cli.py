@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import logging
 import os
 import signal
@@ -34,8 +33,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     e.add_argument("--max-num-seqs", type=int, default=None,
-                   help=f"requests running at once (default: the engine's, else {DEFAULT_MAX_NUM_SEQS})")
-    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one engine step")
+                   help="sequences running at once (default: the engine's)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one engine step (default: the engine's)")
+    e.add_argument("--kv-cache-memory", default=None,
+                   help="KV-cache budget, bytes or e.g. '2GiB' (default: 90%% of free device memory, 1 GiB on CPU)")
+    e.add_argument("--no-warmup", action="store_true", help="do not compile every step shape at start-up")
     e.add_argument("--max-waiting-requests", type=int, default=256,
                    help="requests admitted beyond --max-num-seqs before answering 429 (default 256)")
     e.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -52,19 +55,23 @@ def _positive(args, name: str) -> None:
 
 
 def build_engine(args):
-    """The ``jaxinfer.engine.Engine`` for the command-line options (options the engine does not take
-    are left out)."""
+    """Load ``--model`` into a ``jaxinfer.engine.Engine`` configured from the options; compile every step
+    shape now unless ``--no-warmup`` (so no request waits for a compilation)."""
+    import time
+
+    from jaxinfer.config import EngineConfig
     from jaxinfer.engine import Engine
 
-    wanted = {"dtype": args.dtype, "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-              "max_num_batched_tokens": args.max_num_batched_tokens}
-    params = inspect.signature(Engine).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kw = {k: v for k, v in wanted.items() if v is not None and (takes_any or k in params)}
-    for k in sorted(set(wanted) - set(kw)):
-        if wanted[k] not in (None, "auto"):
-            logger.warning("the engine takes no %s option; ignoring --%s", k, k.replace("_", "-"))
-    return Engine(args.model, **kw)
+    kw = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+          "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_memory": args.kv_cache_memory}
+    config = EngineConfig(dtype=args.dtype, **{k: v for k, v in kw.items() if v is not None})
+    engine = Engine(args.model, config)
+    if not args.no_warmup:
+        t = time.perf_counter()
+        logger.info("compiling the engine's step shapes (--no-warmup skips this)")
+        engine.warmup()
+        logger.info("warm-up done in %.1f s", time.perf_counter() - t)
+    return engine
 
 
 def engine_max_num_seqs(engine, requested: int | None) -> int:
@@ -94,7 +101,10 @@ def run(args, engine=None, on_ready=None) -> int:
                          max_body_bytes=int(args.max_body_mb * 2**20), shutdown_grace_s=args.shutdown_timeout)
     if engine is None:
         logger.info("loading %s", args.model or "the default model")
-        engine = build_engine(args)
+        try:
+            engine = build_engine(args)
+        except ValueError as e:  # EngineConfig rejects the combination of options
+            raise SystemExit(f"jaxinfer serve: {e}") from None
     async_engine = AsyncEngine(engine, max_num_seqs=engine_max_num_seqs(engine, args.max_num_seqs),
                                max_waiting_requests=args.max_waiting_requests,
                                served_model_name=args.served_model_name)
