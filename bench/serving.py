@@ -48,7 +48,7 @@ def _free_port() -> int:
 def start_server(args) -> tuple[subprocess.Popen, str]:
     """``jaxinfer serve`` in a subprocess on a free loopback port; waits until /health answers 200."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "jaxinfer.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "jaxinfer.cli", "-v", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-waiting-requests", "4096"]
     if args.model:
