@@ -111,6 +111,9 @@ class AsyncEngine:
         if self.draining or self._loop_thread is None:
             self.metrics.request_rejected.labels(reason="shutting_down").inc(count)
             raise ShuttingDown()
+        if not self._loop_thread.alive:
+            self.metrics.request_rejected.labels(reason="engine_stopped").inc(count)
+            raise ShuttingDown("The engine thread stopped; the server cannot take requests.")
         if self.in_flight + count > self.capacity:
             self.metrics.request_rejected.labels(reason="queue_full").inc(count)
             raise Overloaded()

@@ -107,17 +107,21 @@ class EngineLoop:
 
     def _post(self, cmd) -> None:
         with self._cond:
+            if not self.alive:  # nobody will read it: fail an add at once instead of hanging
+                if isinstance(cmd, _Add):
+                    self._dispatch([(cmd.stream, EngineFailure("The engine is not running."))])
+                return
             self._inbox.append(cmd)
             self._cond.notify()
 
     # -- engine thread -------------------------------------------------------------------------------
     def _run(self) -> None:
+        events: list = []
         try:
             while True:
                 cmds = self._take_commands()
                 if cmds is None:
                     break
-                events: list = []
                 for cmd in cmds:
                     if isinstance(cmd, _Add):
                         self._do_add(cmd, events)
@@ -127,15 +131,20 @@ class EngineLoop:
                     self._do_step(events)
                 self._publish_stats()
                 self._dispatch(events)
+                events = []
         except BaseException:  # never expected: keep clients from hanging, then let the thread end
             logger.exception("engine thread crashed")
             raise
         finally:
-            events = []
+            with self._cond:
+                self.alive = False
+                leftover = list(self._inbox)
+                self._inbox.clear()
+            events += [(cmd.stream, EngineFailure("The engine stopped.")) for cmd in leftover
+                       if isinstance(cmd, _Add)]
             for rid in list(self._active):
                 self._do_abort(rid, events)
             self._dispatch(events)
-            self.alive = False
 
     def _take_commands(self) -> list | None:
         """Wait (without spinning) until there is a command or engine work; None when stopping."""

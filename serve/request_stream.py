@@ -26,7 +26,8 @@ class RequestStream:
         self.n = n
         self._abort = abort
         self._on_done = on_done
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue: asyncio.Queue = asyncio.Queue()  # outputs, then possibly an APIError
+        self._answered = asyncio.Event()  # the engine accepted or rejected the request
         self.accepted = False
         self.done = False  # the engine side has ended this request
         self._abort_sent = False
@@ -36,9 +37,12 @@ class RequestStream:
         """asyncio thread only (the engine thread calls it through the loop)."""
         if self.done:
             return
+        if not self.accepted:  # an output (or an error) also answers "was it accepted?"
+            self.accepted = event is self.ACCEPTED or isinstance(event, RequestOutput)
+            self._answered.set()
         if event is self.ACCEPTED:
-            self.accepted = True
-        terminal = isinstance(event, APIError) or (isinstance(event, RequestOutput) and event.finished)
+            return
+        terminal = isinstance(event, APIError) or event.finished
         if terminal:
             self.done = True
         self._queue.put_nowait(event)
@@ -47,12 +51,9 @@ class RequestStream:
 
     async def wait_accepted(self) -> None:
         """Return once the engine holds the request; raise its ``APIError`` if it was rejected."""
-        while not self.accepted:
-            event = await self._queue.get()
-            if isinstance(event, APIError):
-                raise event
-            if event is not self.ACCEPTED:  # an output before the ack cannot happen; keep it anyway
-                self._queue.put_nowait(event)
+        await self._answered.wait()
+        if not self.accepted:
+            raise self._queue.get_nowait()
 
     def __aiter__(self):
         return self
@@ -63,8 +64,6 @@ class RequestStream:
             raise StopAsyncIteration
         while True:
             event = await self._queue.get()
-            if event is self.ACCEPTED:
-                continue
             if isinstance(event, APIError):
                 self._read_final = True
                 raise event

@@ -116,6 +116,7 @@ class FakeEngine:
         self.page_size = page_size
         self.num_pages = num_pages
         self.fail_next_steps = 0
+        self.crash = False
         self.step_calls = 0
         self.added = 0
         self._waiting: list[_Req] = []
@@ -181,6 +182,8 @@ class FakeEngine:
             r = self._waiting.pop(0)
             self._running.append(r)
             self._prompt_total += len(r.ids)
+        if self.crash:  # not an Exception: ends the engine thread
+            raise SystemExit("injected engine thread crash")
         if self.fail_next_steps > 0 or any(b"[fail]" in bytes(t for t in r.ids if t < 256) for r in self._running):
             self.fail_next_steps = max(0, self.fail_next_steps - 1)
             raise RuntimeError("injected engine failure")

@@ -97,6 +97,21 @@ def test_engine_step_failure_fails_requests_and_keeps_serving(make_server):
     assert scrape(srv.http_url)["jaxinfer:request_errors_total{status=500}"] == 3
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected crash
+def test_engine_thread_death_fails_fast(make_server):
+    srv = make_server({"step_delay": 0.01})
+    result: dict = {}
+    t = threading.Thread(target=_collect_stream, args=(srv.http_url, LONG, result))
+    t.start()
+    wait_for(lambda: srv.async_engine.in_flight == 1)
+    srv.fake.crash = True
+    t.join(30)
+    assert json.loads(result["events"][-2])["choices"][0]["finish_reason"] == "abort"
+    r = httpx.post(srv.http_url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10)
+    assert r.status_code == 503
+    assert httpx.get(srv.http_url + "/health").json()["status"] == "unhealthy"
+
+
 def _collect_stream(url: str, body: dict, out: dict) -> None:
     with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
         out["status"] = r.status_code
