@@ -8,7 +8,9 @@ every step shape before listening, so no compilation lands in a timed window) un
 at a running one. A short warm-up precedes the timed runs.
 
 Writes ``bench/results/serving-<date>-<machine>.json`` and a ``.png`` plot beside it, and prints a
-markdown table.
+markdown table. The peer, measured in the same run: the requests of the all-at-once cells listed in
+``--peer-concurrency`` go through the engine in-process (no HTTP, same concurrency limit), and the
+served / offline output-token throughput ratio is reported.
 
 Usage::
 
@@ -94,12 +96,34 @@ def run_matrix(args, url: str) -> list[dict]:
             for rep in range(args.repeats):
                 data = random_dataset(n, args.seed + 100 * cell + rep, tuple(args.input_len), args.output_len, vocab)
                 results, duration = asyncio.run(run_load(url, model, data, rate, conc, args.seed + cell))
-                reps.append(summarize(results, duration))
-            best = sorted(reps, key=lambda s: s["output_token_throughput"])[len(reps) // 2]  # median run
-            row = {"rate": rate if math.isfinite(rate) else "inf", "concurrency": conc, "num_prompts": n, **best}
+                reps.append((summarize(results, duration), args.seed + 100 * cell + rep))
+            best, data_seed = sorted(reps, key=lambda s: s[0]["output_token_throughput"])[len(reps) // 2]  # median
+            row = {"rate": rate if math.isfinite(rate) else "inf", "concurrency": conc, "num_prompts": n,
+                   "dataset_seed": data_seed, **best}
             rows.append(row)
             sys.stderr.write(_table_line(row) + "\n")
     return rows
+
+
+def run_peer(args, rows: list[dict]) -> list[dict]:
+    """The same requests as the all-at-once cells, through the engine in-process (see serving_offline)."""
+    from serving_offline import run_offline
+
+    peers = []
+    for conc in args.peer_concurrency:
+        row = next((r for r in rows if r["rate"] == "inf" and r["concurrency"] == conc), None)
+        if row is None:
+            continue
+        data = random_dataset(row["num_prompts"], row["dataset_seed"], tuple(args.input_len), args.output_len,
+                              (1000, 30000))
+        opts = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+                "max_num_batched_tokens": args.max_num_batched_tokens}
+        results, duration = run_offline(data, conc, opts, args.model)
+        peer = {"rate": "inf", "concurrency": conc, "num_prompts": row["num_prompts"], **summarize(results, duration)}
+        peer["served_over_offline_output_tok_s"] = row["output_token_throughput"] / peer["output_token_throughput"]
+        peers.append(peer)
+        sys.stderr.write("offline " + _table_line(peer) + "\n")
+    return peers
 
 
 def _fmt(x) -> str:
@@ -162,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--startup-timeout", type=float, default=1800.0)
+    p.add_argument("--peer-concurrency", type=int, nargs="*", default=[8],
+                   help="all-at-once cells to repeat through the engine in-process (the peer; none: skip)")
     p.add_argument("--name", default="serving", help="result file prefix")
     args = p.parse_args(argv)
 
@@ -169,6 +195,7 @@ def main(argv=None) -> int:
     url = args.url
     if url is None:
         proc, url = start_server(args)
+    load_before = os.getloadavg()
     try:
         t = time.perf_counter()
         rows = run_matrix(args, url)
@@ -177,17 +204,25 @@ def main(argv=None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(60)
+    peers = run_peer(args, rows) if proc is not None else []
     info = machine_info()
     out = result_path(args.name)
     record = {"benchmark": "serving", "machine": info, "url": url if args.url else "started here",
               "config": {k: (v if not isinstance(v, float) or math.isfinite(v) else "inf")
                          for k, v in vars(args).items() if k != "rates"},
-              "rates": [r if math.isfinite(r) else "inf" for r in args.rates], "wall_s": elapsed, "results": rows}
+              "rates": [r if math.isfinite(r) else "inf" for r in args.rates], "wall_s": elapsed, "results": rows,
+              "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
+              "offline_peer": peers}
     out.write_text(json.dumps(record, indent=2))
     title = (f"jaxinfer serve, {info['device']} ({info['cpu']}, {info['cores']} cores), {info['date']}: "
              f"{args.input_len[0]}-{args.input_len[1]} in / {args.output_len} out")
     plot(rows, out.with_suffix(".png"), title)
     sys.stdout.write(TABLE_HEAD + "\n" + "\n".join(_table_line(r) for r in rows) + "\n")
+    sys.stdout.write(f"load average before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} "
+                     f"on {os.cpu_count()} cores (other work on the machine inflates latencies)\n")
+    for peer in peers:
+        sys.stdout.write(f"offline engine, same requests: {_table_line(peer)}  served / offline output tok/s = "
+                         f"{peer['served_over_offline_output_tok_s']:.2f}\n")
     sys.stdout.write(f"wrote {out} and {out.with_suffix('.png').name} ({elapsed:.0f} s)\n")
     return 0
 
