@@ -73,6 +73,21 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise TimeoutError("the server did not become healthy in time")
 
 
+def _step_time(url: str) -> tuple[float, float]:
+    """(sum of seconds, count) of the server's engine steps so far, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    total = count = 0.0
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "jaxinfer:engine_step_duration_seconds_sum":
+                total = smp.value
+            elif smp.name == "jaxinfer:engine_step_duration_seconds_count":
+                count = smp.value
+    return total, count
+
+
 def _model_name(url: str) -> str:
     return httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
 
@@ -93,13 +108,17 @@ def run_matrix(args, url: str) -> list[dict]:
             cell += 1
             n = args.num_prompts or max(4, args.waves * conc)
             reps = []
+            step0 = _step_time(url)
             for rep in range(args.repeats):
                 data = random_dataset(n, args.seed + 100 * cell + rep, tuple(args.input_len), args.output_len, vocab)
                 results, duration = asyncio.run(run_load(url, model, data, rate, conc, args.seed + cell))
                 reps.append((summarize(results, duration), args.seed + 100 * cell + rep))
             best, data_seed = sorted(reps, key=lambda s: s[0]["output_token_throughput"])[len(reps) // 2]  # median
+            step1 = _step_time(url)
+            steps = step1[1] - step0[1]
             row = {"rate": rate if math.isfinite(rate) else "inf", "concurrency": conc, "num_prompts": n,
-                   "dataset_seed": data_seed, **best}
+                   "dataset_seed": data_seed, **best,
+                   "server_engine_step_ms_mean": 1000 * (step1[0] - step0[0]) / steps if steps else None}
             rows.append(row)
             sys.stderr.write(_table_line(row) + "\n")
     return rows

@@ -68,7 +68,8 @@ class AsyncEngine:
     async def start(self) -> None:
         """Start the engine thread on the running loop."""
         if self._loop_thread is None:
-            self._loop_thread = EngineLoop(self.engine, asyncio.get_running_loop())
+            self._loop_thread = EngineLoop(self.engine, asyncio.get_running_loop(),
+                                           on_step=self.metrics.engine_step.observe)
             self._loop_thread.start()
 
     @property

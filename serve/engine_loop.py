@@ -68,11 +68,13 @@ class EngineLoop:
       engine: an object with the ``Engine`` interface (``add_request``, ``abort_request``, ``step``,
         ``has_unfinished_requests``, ``stats``).
       loop: the asyncio loop that owns the ``RequestStream`` objects.
+      on_step: optional callback with each successful ``step()``'s duration in seconds (engine thread).
     """
 
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop, on_step=None):
         self.engine = engine
         self._loop = loop
+        self._on_step = on_step  # called with each successful step's duration in seconds (engine thread)
         self._cond = threading.Condition()
         self._inbox: deque = deque()
         self._stopping = False
@@ -196,6 +198,7 @@ class EngineLoop:
         events.append((act.stream, RequestOutput(rid, None, act.prompt, outs, True, metrics)))
 
     def _do_step(self, events: list) -> None:
+        t = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception:
@@ -205,6 +208,8 @@ class EngineLoop:
             self._fail_all(EngineFailure(), events)
             return
         self.step_failures = 0
+        if self._on_step is not None:
+            self._on_step(time.perf_counter() - t)
         for out in outputs:
             act = self._active.get(out.request_id)
             if act is None:

@@ -78,6 +78,9 @@ class ServerMetrics:
                               buckets=_TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("jaxinfer:e2e_request_latency_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.engine_step = Histogram("jaxinfer:engine_step_duration_seconds",
+                                     "Duration of one engine step (schedule, device step, detokenize)",
+                                     buckets=_TPOT_BUCKETS, registry=r)
         self.prompt_len = Histogram("jaxinfer:request_prompt_tokens", "Prompt length of finished requests",
                                     buckets=(16, 64, 256, 1024, 4096, 16384), registry=r)
         self.generation_len = Histogram("jaxinfer:request_generation_tokens",

@@ -41,6 +41,7 @@ def test_metrics_move(make_server):
         assert delta(f"jaxinfer:{hist}_count") == 3
         assert delta(f"jaxinfer:{hist}_sum") > 0
     assert delta("jaxinfer:request_generation_tokens_sum") == 15
+    assert delta("jaxinfer:engine_step_duration_seconds_count") >= 5
     assert after["jaxinfer:num_requests_running"] == 0 and after["jaxinfer:num_requests_waiting"] == 0
     assert after["jaxinfer:kv_cache_pages_used"] == 0
     assert after["jaxinfer:kv_cache_pages_free"] == after["jaxinfer:kv_cache_pages_total"] == 1024
