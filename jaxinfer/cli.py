@@ -88,6 +88,7 @@ def main(argv=None) -> int:
 
         sp = _sampling(args)
         llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+        llm.engine.warmup(token_counts=[1])  # decode step compiled before timing (cached across runs)
         if args.command == "generate":
             use_chat = not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None)
             if use_chat:

@@ -296,6 +296,9 @@ class EngineConfig:
       dtype: "auto" | "float32" | "bfloat16" | "float16".
       seed: seed for requests that do not set one.
       min_token_bucket: smallest padded token count of a step.
+      tensor_parallel_size: devices each model replica is split over (mesh axis "model").
+      data_parallel_size: engine replicas, each on its own ``tensor_parallel_size`` devices (mesh axis
+        "data"); requests go to the least loaded replica.
     """
 
     max_model_len: int | None = None
@@ -311,12 +314,15 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     min_token_bucket: int = 2
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"EngineConfig.{name} {why}, got {getattr(self, name)!r}")
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "min_token_bucket"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "min_token_bucket",
+                     "tensor_parallel_size", "data_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "must be a positive integer")

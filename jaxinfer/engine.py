@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 from jaxinfer.attention import AttentionMetadata
@@ -33,6 +34,7 @@ from jaxinfer.sampling import TOKEN_OUTPUT, TOKEN_PROMPT, SamplingTensors
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.sequence import Sequence
+from jaxinfer.sharding import make_mesh
 from jaxinfer.step_inputs import StepBuckets, pack_step_inputs
 from jaxinfer.tokenizer import encode_prompt
 
@@ -91,7 +93,7 @@ class Engine:
         enable_compilation_cache(compilation_cache)
         self.config = config = config or EngineConfig()
         dtype = resolve_dtype(config.dtype)
-        self.loaded = loaded or load_model(model, dtype=dtype)
+        self.loaded = loaded or load_model(model, dtype=dtype, mesh=make_mesh(config.tensor_parallel_size))
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.model_name = str(model) if model is not None else self.loaded.source.name
@@ -121,7 +123,7 @@ class Engine:
                                                          coupled=True)
         self._trash_slot = config.max_num_seqs
         self.runner = ModelRunner(self.loaded.model, self.loaded.params, spec, config.max_num_seqs + 1,
-                                  config.attention_impl, self.loaded.mesh)
+                                  config.attention_impl, self.loaded.plan)
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self._slot: dict[str, int] = {}
         self._fresh: set[str] = set()  # sequences whose slot must be cleared at their next step
@@ -210,15 +212,26 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the deltas of every request that changed."""
+        return self.finish_step(self.start_step())
+
+    def start_step(self):
+        """Schedule and launch a step on the device without waiting for it (see :meth:`finish_step`)."""
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
             self._release_slot(seq.request_id)
         if sched.is_empty:
-            return outputs
+            return outputs, None
         x = pack_step_inputs(sched, self.buckets)
-        batch = self._device_batch(x)
-        res = self.runner.run(batch)
+        return outputs, (sched, x, self.runner.dispatch(self._device_batch(x)))
+
+    def finish_step(self, started) -> list[RequestOutput]:
+        """Wait for a step launched by :meth:`start_step` and turn its samples into output deltas."""
+        outputs, launched = started
+        if launched is None:
+            return outputs
+        sched, x, device_out = launched
+        res = jax.device_get(device_out)
         now = time.perf_counter()
         n = len(x.rows)
         row_of = {r.seq.request_id: i for i, r in enumerate(x.rows)}
@@ -311,9 +324,16 @@ class Engine:
             self._owner.pop(seq.request_id, None)
 
     # ---- warm-up and stats -------------------------------------------------------------------------
-    def warmup(self) -> float:
-        """Compile every step shape now (seconds spent); afterwards no request mix compiles."""
-        return self.runner.compile_all(self.buckets.shapes(), self.buckets.pages_per_seq)
+    def warmup(self, token_counts: list[int] | None = None) -> float:
+        """Compile step shapes now (returns the seconds spent).
+
+        With no argument every shape is compiled and afterwards no request mix compiles; ``token_counts``
+        compiles only the buckets of steps with those token counts (e.g. ``[1]``: single-sequence decode).
+        """
+        shapes = self.buckets.shapes()
+        if token_counts is not None:
+            shapes = sorted({self.buckets.bucket(n, 1) for n in token_counts})
+        return self.runner.compile_all(shapes, self.buckets.pages_per_seq)
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()

@@ -198,7 +198,7 @@ def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState |
     Returns:
       :class:`SamplerOutput`. Log-probabilities are those of the raw model distribution.
     """
-    logits = logits.astype(jnp.float32)
+    logits = jnp.asarray(logits, jnp.float32)
     s, v = logits.shape
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     rows = jnp.arange(s)[:, None]
@@ -222,9 +222,12 @@ def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState |
     tokens = jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, random_path)
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
 
+    k = min(MAX_LOGPROBS, v)
+
     def top():
-        vals, ids = jax.lax.top_k(raw_logprobs, MAX_LOGPROBS)
-        return ids.astype(jnp.int32), vals
+        vals, ids = jax.lax.top_k(raw_logprobs, k)
+        pad = ((0, 0), (0, MAX_LOGPROBS - k))
+        return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(vals, pad, constant_values=-jnp.inf)
 
     def none():
         return jnp.zeros((s, MAX_LOGPROBS), jnp.int32), jnp.zeros((s, MAX_LOGPROBS), jnp.float32)

@@ -1,0 +1,134 @@
+"""Offline throughput on the default model: jaxinfer vs HF transformers vs llama.cpp, one run, same prompts.
+
+Workload (fixed seed): ``--num-prompts`` prompts of random token ids with random lengths in
+[``--min-input``, ``--max-input``], ``--output-len`` output tokens each (greedy, EOS ignored).
+
+* jaxinfer: all prompts submitted at once to the continuous-batching engine (after warm-up).
+* HF transformers: ``generate`` on batches of ``--hf-batch`` left-padded prompts, in arrival order.
+* llama.cpp (``llama-cpp-python``, the same GGUF file): one prompt at a time (its Python API has no
+  batched generation), ``n_threads`` = all cores.
+
+Prints output tokens/s and requests/s per system and the ratios; writes JSON to ``bench/results/``.
+Usage: ``python bench/throughput.py [--num-prompts 256] [--skip-hf] [--skip-llamacpp]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+from machine import machine_info, result_path
+
+
+def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    # avoid special tokens (ids < 100 in SmolLM2's vocabulary hold <|im_start|> etc.)
+    return [rng.integers(100, vocab, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
+
+
+def run_jaxinfer(prompts, output_len: int, args) -> dict:
+    from jaxinfer import LLM, SamplingParams
+
+    llm = LLM(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_input + output_len + 16)
+    t = time.perf_counter()
+    llm.engine.warmup()
+    warm = time.perf_counter() - t
+    sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    elapsed = time.perf_counter() - t
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    stats = llm.engine.stats()
+    return {"elapsed_s": elapsed, "output_tokens": n, "warmup_s": warm, "preemptions": stats.num_preemptions,
+            "config": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}}
+
+
+def run_hf(prompts, output_len: int, batch: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxinfer.model_registry import resolve_model
+
+    src = resolve_model(None)
+    model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
+                                                 dtype=torch.float32).eval()
+    pad = 2
+    t = time.perf_counter()
+    n = 0
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, p in enumerate(chunk):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=output_len,
+                                 min_new_tokens=output_len, pad_token_id=pad)
+        n += (out.shape[1] - width) * len(chunk)
+    return {"elapsed_s": time.perf_counter() - t, "output_tokens": n, "batch": batch}
+
+
+def run_llamacpp(prompts, output_len: int) -> dict:
+    from llama_cpp import Llama
+
+    from jaxinfer.model_registry import resolve_model
+
+    src = resolve_model(None)
+    llm = Llama(model_path=str(src.path), n_ctx=max(len(p) for p in prompts) + output_len + 8,
+                n_threads=os.cpu_count(), n_batch=512, verbose=False)
+    t = time.perf_counter()
+    n = 0
+    for p in prompts:
+        llm.reset()
+        for k, _tok in enumerate(llm.generate(p, top_k=1, temp=0.0, reset=True)):
+            if k + 1 >= output_len:
+                break
+        n += output_len
+    return {"elapsed_s": time.perf_counter() - t, "output_tokens": n, "n_threads": os.cpu_count()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--min-input", type=int, default=64)
+    ap.add_argument("--max-input", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    args = ap.parse_args()
+
+    prompts = make_prompts(args.num_prompts, args.min_input, args.max_input, vocab=49152)
+    results = {"jaxinfer": run_jaxinfer(prompts, args.output_len, args)}
+    if not args.skip_hf:
+        results["hf_transformers"] = run_hf(prompts, args.output_len, args.hf_batch)
+    if not args.skip_llamacpp:
+        results["llama_cpp"] = run_llamacpp(prompts, args.output_len)
+    for name, r in results.items():
+        r["output_tok_s"] = r["output_tokens"] / r["elapsed_s"]
+        r["requests_s"] = args.num_prompts / r["elapsed_s"]
+        print(f"{name:16s} {r['output_tok_s']:8.1f} output tok/s  {r['requests_s']:6.3f} req/s  "
+              f"({r['elapsed_s']:.1f} s)")
+    ours = results["jaxinfer"]["output_tok_s"]
+    ratios = {f"vs_{k}": ours / v["output_tok_s"] for k, v in results.items() if k != "jaxinfer"}
+    for k, v in ratios.items():
+        print(f"jaxinfer {k}: {v:.2f}x")
+    record = {"benchmark": "throughput", "model": "smollm2-135m-instruct",
+              "workload": {"num_prompts": args.num_prompts, "input_len": [args.min_input, args.max_input],
+                           "output_len": args.output_len, "seed": 0, "greedy": True, "ignore_eos": True},
+              "machine": machine_info(), "results": results, "ratios": ratios}
+    path = result_path("throughput")
+    path.write_text(json.dumps(record, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
