@@ -38,6 +38,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="token budget of one engine step (default: the engine's)")
     e.add_argument("--kv-cache-memory", default=None,
                    help="KV-cache budget, bytes or e.g. '2GiB' (default: 90%% of free device memory, 1 GiB on CPU)")
+    e.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the model is split over")
+    e.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas (requests balanced)")
     e.add_argument("--no-warmup", action="store_true", help="do not compile every step shape at start-up")
     e.add_argument("--max-waiting-requests", type=int, default=256,
                    help="requests admitted beyond --max-num-seqs before answering 429 (default 256)")
@@ -60,12 +62,14 @@ def build_engine(args):
     import time
 
     from jaxinfer.config import EngineConfig
-    from jaxinfer.engine import Engine
+    from jaxinfer.dp_engine import create_engine
 
     kw = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-          "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_memory": args.kv_cache_memory}
+          "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_memory": args.kv_cache_memory,
+          "tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
+          "data_parallel_size": getattr(args, "data_parallel_size", None)}
     config = EngineConfig(dtype=args.dtype, **{k: v for k, v in kw.items() if v is not None})
-    engine = Engine(args.model, config)
+    engine = create_engine(args.model, config)
     if not args.no_warmup:
         t = time.perf_counter()
         logger.info("compiling the engine's step shapes (--no-warmup skips this)")
@@ -76,12 +80,13 @@ def build_engine(args):
 
 def engine_max_num_seqs(engine, requested: int | None) -> int:
     """The engine's running-request limit (for admission), from the option or the engine's config."""
+    replicas = max(1, getattr(getattr(engine, "config", None), "data_parallel_size", 1) or 1)
     if requested is not None:
-        return requested
+        return requested * replicas
     for holder in (engine, getattr(engine, "config", None), getattr(engine, "engine_config", None)):
         value = getattr(holder, "max_num_seqs", None) if holder is not None else None
         if isinstance(value, int) and value > 0:
-            return value
+            return value * replicas
     return DEFAULT_MAX_NUM_SEQS
 
 
