@@ -99,12 +99,15 @@ class LLM:
       seed: seed for requests that do not set one.
       compilation_cache: persistent XLA compilation cache (``None``: on unless
         ``JAXINFER_COMPILATION_CACHE=0``).
+      quantization: ``"gguf"`` keeps a GGUF model's Q8_0 / Q4_0 / Q4_1 weights quantized (default
+        ``None``: dequantized to float, the fastest path on the CPU). A quantized checkpoint directory
+        (``jaxinfer quantize``) passed as ``model`` always loads quantized.
     """
 
     def __init__(self, model: str | None = None, *, dtype="auto", max_model_len: int | None = None,
-                 seed: int = 0, compilation_cache: bool | None = None):
+                 seed: int = 0, compilation_cache: bool | None = None, quantization: str | None = None):
         enable_compilation_cache(compilation_cache)
-        self.loaded = load_model(model, dtype=resolve_dtype(dtype))
+        self.loaded = load_model(model, dtype=resolve_dtype(dtype), quantization=quantization)
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         limit = self.config.max_position_embeddings

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.errors import WeightLoadError
+from jaxinfer.errors import QuantizationError, WeightLoadError
 from jaxinfer.model_registry import ModelSource, resolve_model
 from jaxinfer.models.causal_lm import CausalLM
 from jaxinfer.sharding import make_mesh
@@ -53,17 +53,44 @@ def load_config(source: ModelSource) -> tuple[ModelConfig, object]:
     return ModelConfig.from_hf(raw), SafetensorsCheckpoint(source.path)
 
 
+QUANTIZATION_OPTIONS = (None, "gguf")
+
+
 def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None = None,
-               load_tokenizer_too: bool = True) -> LoadedModel:
+               load_tokenizer_too: bool = True, quantization: str | None = None) -> LoadedModel:
     """Load a model by name / path / hub id (``None``: the default model) into ``mesh``.
 
-    ``mesh`` defaults to a single device.
+    Args:
+      model: registered name, HF directory, GGUF file, hub id, or a quantized-checkpoint directory
+        (written by ``jaxinfer quantize``; loaded with its quantized weights).
+      dtype: float dtype of unquantized parameters and of computation.
+      mesh: device mesh (default: one device).
+      quantization: ``None`` loads GGUF files dequantized to float (the fastest path on the CPU);
+        ``"gguf"`` keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors quantized (lossless, see
+        ``quantize.gguf_model``).
+
+    Raises:
+      QuantizationError: an unknown ``quantization``, or ``"gguf"`` for a non-GGUF model.
     """
+    if quantization not in QUANTIZATION_OPTIONS:
+        raise QuantizationError(f"unknown quantization {quantization!r}; expected None or 'gguf'")
     source = resolve_model(model)
-    config, ckpt = load_config(source)
-    lm = CausalLM(config, dtype)
+    if quantization == "gguf" and source.kind != "gguf":
+        raise QuantizationError(f"quantization='gguf' needs a GGUF model; {source.name} is {source.kind!r}")
     mesh = mesh or make_mesh()
-    sources = gguf_sources(config) if source.kind == "gguf" else hf_sources(config)
-    params = load_params(ckpt, sources, lm.abstract_params(), mesh, desc=f"Loading {source.name}")
+    if source.kind == "quantized":
+        from quantize.checkpoint import load_quantized
+
+        lm, params, _ = load_quantized(source.path, dtype=dtype, mesh=mesh)
+    else:
+        config, ckpt = load_config(source)
+        lm = CausalLM(config, dtype)
+        if quantization == "gguf":
+            from quantize.gguf_model import load_gguf_native
+
+            params = load_gguf_native(ckpt, lm, mesh, desc=f"Loading {source.name} (native GGUF)")
+        else:
+            sources = gguf_sources(config) if source.kind == "gguf" else hf_sources(config)
+            params = load_params(ckpt, sources, lm.abstract_params(), mesh, desc=f"Loading {source.name}")
     tok = load_tokenizer(source) if load_tokenizer_too else None
     return LoadedModel(source, lm, params, tok, mesh)
