@@ -8,6 +8,7 @@ import sys
 import time
 
 from jaxinfer.errors import JaxinferError
+from quantize.cli import register as register_quantize_commands
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -15,6 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="registered name, HF directory, GGUF file or hub id (default: smollm2-135m-instruct)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--quantization", default=None, choices=["gguf"],
+                   help="gguf: keep a GGUF model's Q8_0/Q4_0/Q4_1 weights quantized (default: dequantize)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     _add_model_args(c)
     _add_sampling_args(c)
+    register_quantize_commands(sub)  # quantize, eval-ppl
     return parser
 
 
@@ -80,10 +84,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "handler"):  # subcommands registered with their own handler
+            return args.handler(args)
         from jaxinfer.llm import LLM
 
         sp = _sampling(args)
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, quantization=args.quantization)
         if args.command == "generate":
             use_chat = not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None)
             if use_chat:
