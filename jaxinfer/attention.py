@@ -6,7 +6,9 @@ the cache and attends. The cache type picks the path:
 
 * :class:`DenseKVCache`: one contiguous ``[max_len]`` buffer per sequence slot, plain jnp attention.
   Simple and independent of the paged machinery: the reference the paged path is tested against.
-* paged caches (``pallas_kernels`` ``KVPages``): ragged paged attention kernels.
+* :class:`~pallas_kernels.ragged_paged_attention.api.KVPages`: the paged cache, written with ``write_kv``
+  and read by ``ragged_paged_attention`` (XLA reference, Pallas TPU or Pallas GPU kernel, chosen by
+  ``AttentionMetadata.impl``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention.api import KVPages, ragged_paged_attention, write_kv
 
 
 @flax.struct.dataclass
@@ -30,6 +34,8 @@ class AttentionMetadata:
         Paged: ``page_id * page_size + offset``. Dense: ``seq_slot * max_len + position``.
       page_indices: ``i32[S, pages_per_seq]`` page table (paged caches only).
       max_q_len: static bound on any sequence's query count in this step (dense path only).
+      impl: static kernel choice for the paged path ("xla", "pallas_tpu", "pallas_gpu"; None = backend
+        default).
     """
 
     cu_q_lens: jax.Array
@@ -38,6 +44,7 @@ class AttentionMetadata:
     slot_mapping: jax.Array
     page_indices: jax.Array | None = None
     max_q_len: int = flax.struct.field(pytree_node=False, default=1)
+    impl: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class DenseKVCache(NamedTuple):
@@ -104,6 +111,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, md: AttentionMeta
     Returns:
       ``(out[T, Hq, D], new_cache)``.
     """
+    if isinstance(cache, KVPages):
+        cache = write_kv(cache, k, v, md.slot_mapping)
+        out = ragged_paged_attention(q, cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
+                                     sm_scale=sm_scale, sliding_window=sliding_window, impl=md.impl)
+        return out, cache
     if isinstance(cache, DenseKVCache):
         cache = _write_dense(cache, k, v, md.slot_mapping)
         return dense_attention(q, cache, md, sm_scale=sm_scale, sliding_window=sliding_window), cache

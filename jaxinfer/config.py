@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.errors import UnsupportedModelError
@@ -275,3 +277,68 @@ def _hf_rope(c: dict) -> tuple[float, RopeScaling]:
             spec.get("original_max_position_embeddings", c.get("max_position_embeddings", 8192))
         ),
     )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Serving settings (one frozen object, validated on construction).
+
+    Attributes:
+      max_model_len: context window (prompt + output); ``None`` = the model's.
+      max_num_seqs: sequences running at once.
+      max_num_batched_tokens: tokens per step (prefill chunks + decodes).
+      page_size: tokens per KV page (power of two).
+      kv_cache_memory: KV cache budget (bytes or "2GiB"); ``None`` = ``kv_cache_memory_fraction`` of free
+        device memory, or 1 GiB on the CPU.
+      kv_cache_dtype: "auto" (model dtype), "int8" or "fp8".
+      enable_prefix_caching / enable_chunked_prefill: scheduler switches.
+      attention_impl: "xla" | "pallas_tpu" | "pallas_gpu" | None (backend default).
+      dtype: "auto" | "float32" | "bfloat16" | "float16".
+      seed: seed for requests that do not set one.
+      min_token_bucket: smallest padded token count of a step.
+    """
+
+    max_model_len: int | None = None
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    page_size: int = 16
+    kv_cache_memory: int | str | None = None
+    kv_cache_memory_fraction: float = 0.9
+    kv_cache_dtype: str = "auto"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    attention_impl: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    min_token_bucket: int = 2
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"EngineConfig.{name} {why}, got {getattr(self, name)!r}")
+
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "min_token_bucket"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive integer")
+        if self.page_size & (self.page_size - 1):
+            bad("page_size", "must be a power of two")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            bad("max_num_batched_tokens", f"must be >= max_num_seqs ({self.max_num_seqs})")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            bad("max_model_len", "must be an integer >= 2 or None")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            bad("kv_cache_memory_fraction", "must be in (0, 1]")
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """``"auto"``: float32 on the CPU (XLA:CPU bf16 is ~10x slower), bfloat16 on accelerators."""
+    if dtype in (None, "auto"):
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(_DTYPES)}")
+        return jnp.dtype(_DTYPES[dtype])
+    return jnp.dtype(dtype)

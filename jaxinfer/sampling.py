@@ -1,9 +1,14 @@
 """Batched on-device sampling with per-row parameters as arrays (never static jit arguments).
 
-Order of operations per row (as in vLLM): temperature -> min-p -> top-k -> top-p (each on the
-distribution left by the previous filter), then a Gumbel-max draw with a key derived only from the
-row's ``(seed, step)``: a request samples the same tokens whatever batch it runs in. Rows with
-temperature 0 take the argmax. The sorting needed by the filters runs only when some row uses one.
+Per row, in order (as in vLLM): ``min_tokens`` suppression of stop ids -> penalties (repetition over
+prompt + output tokens; presence / frequency over output tokens) -> temperature -> min-p -> top-k ->
+top-p (each filter on the distribution the previous one left) -> a Gumbel-max draw keyed only by the
+row's ``(seed, step)``, so a request samples the same tokens whatever batch it runs in. Temperature 0
+takes the argmax. The expensive parts (sorting for the filters, gathering penalty counts, top-n
+log-probabilities) run only when some row in the batch needs them.
+
+Penalty counts live on the device in :class:`PenaltyState`, one row per engine *slot* (a running
+sequence owns a slot); each step folds its input tokens in before sampling.
 """
 
 from __future__ import annotations
@@ -15,58 +20,131 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_SUPPRESSED_IDS = 8  # EOS + stop token ids held back until min_tokens (per row)
+TOKEN_PAD, TOKEN_PROMPT, TOKEN_OUTPUT = 0, 1, 2
 
 
 @flax.struct.dataclass
 class SamplingTensors:
-    """Per-row sampling parameters, ``[S]`` each.
+    """Per-row sampling parameters, ``[S]`` each unless noted.
 
     Attributes:
-      temperature: f32; 0 = greedy.
-      top_k: i32; 0 = disabled.
-      top_p: f32; 1 = disabled.
-      min_p: f32; 0 = disabled.
-      seed: u32 per-request seed.
-      step: i32 number of tokens the request has sampled before this one (part of the key).
+      temperature: f32; 0 = greedy.  top_k: i32; 0 = disabled.  top_p: f32.  min_p: f32.
+      repetition_penalty, presence_penalty, frequency_penalty: f32 (1, 0, 0 = disabled).
+      seed: u32 per-request seed.  step: i32 tokens the sequence sampled before this one.
+      suppress_ids: i32 ``[S, MAX_SUPPRESSED_IDS]`` ids masked while ``suppress`` (padding -1).
+      suppress: bool, True while the sequence has fewer than ``min_tokens`` outputs.
+      num_logprobs: i32 top log-probabilities wanted (0 = none).
+      slot: i32 penalty-state row of the sequence.  reset: bool, clear that row before this step.
     """
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
+    repetition_penalty: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
     seed: jax.Array
     step: jax.Array
+    suppress_ids: jax.Array
+    suppress: jax.Array
+    num_logprobs: jax.Array
+    slot: jax.Array
+    reset: jax.Array
+
+    @staticmethod
+    def build(params: Sequence[SamplingParams | None], *, seeds: Sequence[int], steps: Sequence[int],
+              num_rows: int, slots: Sequence[int] | None = None, resets: Sequence[bool] | None = None,
+              eos_token_ids: Sequence[int] = (), trash_slot: int = 0) -> SamplingTensors:
+        """Pack per-row settings into numpy arrays of length ``num_rows``; padding rows are greedy and
+        point at ``trash_slot``."""
+        n = num_rows
+        f = lambda v: np.full(n, v, np.float32)  # noqa: E731
+        t = SamplingTensors(
+            temperature=f(0.0), top_k=np.zeros(n, np.int32), top_p=f(1.0), min_p=f(0.0),
+            repetition_penalty=f(1.0), presence_penalty=f(0.0), frequency_penalty=f(0.0),
+            seed=np.zeros(n, np.uint32), step=np.zeros(n, np.int32),
+            suppress_ids=np.full((n, MAX_SUPPRESSED_IDS), -1, np.int32), suppress=np.zeros(n, np.bool_),
+            num_logprobs=np.zeros(n, np.int32), slot=np.full(n, trash_slot, np.int32),
+            reset=np.zeros(n, np.bool_),
+        )
+        for i, sp in enumerate(params):
+            if sp is None:
+                continue
+            t.temperature[i] = sp.temperature
+            t.top_k[i] = sp.effective_top_k
+            t.top_p[i] = sp.top_p
+            t.min_p[i] = sp.min_p
+            t.repetition_penalty[i] = sp.repetition_penalty
+            t.presence_penalty[i] = sp.presence_penalty
+            t.frequency_penalty[i] = sp.frequency_penalty
+            t.seed[i] = seeds[i] & 0xFFFFFFFF
+            t.step[i] = steps[i]
+            t.num_logprobs[i] = sp.logprobs or 0
+            if sp.min_tokens and steps[i] < sp.min_tokens:
+                ids = [*(() if sp.ignore_eos else eos_token_ids), *sp.stop_token_ids][:MAX_SUPPRESSED_IDS]
+                t.suppress_ids[i, : len(ids)] = ids
+                t.suppress[i] = True
+            if slots is not None:
+                t.slot[i] = slots[i]
+            if resets is not None:
+                t.reset[i] = resets[i]
+        return t
 
     @staticmethod
     def from_params(params: Sequence[SamplingParams | None], seeds: Sequence[int], steps: Sequence[int],
                     num_rows: int | None = None) -> SamplingTensors:
-        """Pack per-row settings into numpy arrays of length ``num_rows`` (padding rows greedy)."""
-        n = num_rows if num_rows is not None else len(params)
-        temp = np.zeros(n, np.float32)
-        top_k = np.zeros(n, np.int32)
-        top_p = np.ones(n, np.float32)
-        min_p = np.zeros(n, np.float32)
-        seed = np.zeros(n, np.uint32)
-        step = np.zeros(n, np.int32)
-        for i, sp in enumerate(params):
-            if sp is None:
-                continue
-            temp[i] = sp.temperature
-            top_k[i] = sp.effective_top_k
-            top_p[i] = sp.top_p
-            min_p[i] = sp.min_p
-            seed[i] = seeds[i] & 0xFFFFFFFF
-            step[i] = steps[i]
-        return SamplingTensors(temp, top_k, top_p, min_p, seed, step)
+        """Rows without penalty state (slot 0, no reset): for callers that never use penalties."""
+        n = len(params) if num_rows is None else num_rows
+        return SamplingTensors.build(params, seeds=seeds, steps=steps, num_rows=n)
 
 
 @flax.struct.dataclass
-class SamplerOutput:
-    """``tokens i32[S]`` and the chosen tokens' log-probabilities ``f32[S]`` under the raw logits."""
+class PenaltyState:
+    """Token statistics per slot: ``output_counts i32[slots, V]``, ``prompt_mask bool[slots, V]``."""
 
-    tokens: jax.Array
-    logprobs: jax.Array
+    output_counts: jax.Array
+    prompt_mask: jax.Array
+
+    @staticmethod
+    def zeros(num_slots: int, vocab_size: int) -> PenaltyState:
+        return PenaltyState(jnp.zeros((num_slots, vocab_size), jnp.int32),
+                            jnp.zeros((num_slots, vocab_size), jnp.bool_))
+
+
+def update_penalty_state(state: PenaltyState, st: SamplingTensors, tokens: jax.Array, token_slot: jax.Array,
+                         token_kind: jax.Array) -> PenaltyState:
+    """Clear the rows of sequences with ``reset`` and fold this step's input tokens in.
+
+    Args:
+      tokens, token_slot, token_kind: ``i32[T]``: each input token, its sequence's slot and whether it
+        is a prompt token (``TOKEN_PROMPT``), an already generated token fed back (``TOKEN_OUTPUT``) or
+        padding (``TOKEN_PAD``).
+    """
+    num_slots = state.output_counts.shape[0]
+
+    def clear(s):
+        rows = jnp.where(st.reset, st.slot, num_slots)  # out of range -> dropped
+        return PenaltyState(s.output_counts.at[rows].set(0, mode="drop"),
+                            s.prompt_mask.at[rows].set(False, mode="drop"))
+
+    state = jax.lax.cond(jnp.any(st.reset), clear, lambda s: s, state)
+    out_rows = jnp.where(token_kind == TOKEN_OUTPUT, token_slot, num_slots)
+    prm_rows = jnp.where(token_kind == TOKEN_PROMPT, token_slot, num_slots)
+    return PenaltyState(state.output_counts.at[out_rows, tokens].add(1, mode="drop"),
+                        state.prompt_mask.at[prm_rows, tokens].set(True, mode="drop"))
+
+
+def _apply_penalties(logits: jax.Array, st: SamplingTensors, state: PenaltyState) -> jax.Array:
+    counts = state.output_counts[st.slot]  # [S, V]
+    seen = state.prompt_mask[st.slot] | (counts > 0)
+    rep = st.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - st.frequency_penalty[:, None] * counts
+    return logits - st.presence_penalty[:, None] * (counts > 0)
 
 
 def _filter(x: jax.Array, st: SamplingTensors) -> jax.Array:
@@ -97,29 +175,59 @@ def _row_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
     return jax.random.gumbel(key, (vocab,), jnp.float32)
 
 
-def sample(logits: jax.Array, st: SamplingTensors) -> SamplerOutput:
+@flax.struct.dataclass
+class SamplerOutput:
+    """``tokens i32[S]``, their ``logprobs f32[S]`` under the raw logits, and the top-``MAX_LOGPROBS``
+    raw log-probabilities ``top_ids i32[S, K]`` / ``top_logprobs f32[S, K]`` (zeros unless some row
+    asked for them)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None = None) -> SamplerOutput:
     """Sample one token per row.
 
     Args:
       logits: ``f32[S, V]`` raw model logits.
       st: per-row :class:`SamplingTensors`.
+      penalty_state: token statistics (already updated with this step's inputs); ``None`` disables
+        penalties.
     Returns:
-      :class:`SamplerOutput` with ``tokens i32[S]`` and ``logprobs f32[S]`` (log-softmax of the raw
-      logits at the chosen token).
+      :class:`SamplerOutput`. Log-probabilities are those of the raw model distribution.
     """
     logits = logits.astype(jnp.float32)
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    s, v = logits.shape
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    rows = jnp.arange(s)[:, None]
+    sup = jnp.where(st.suppress[:, None] & (st.suppress_ids >= 0), st.suppress_ids, v)
+    x = logits.at[rows, sup].set(-jnp.inf, mode="drop")
+    if penalty_state is not None:
+        active = (st.repetition_penalty != 1) | (st.presence_penalty != 0) | (st.frequency_penalty != 0)
+        x = jax.lax.cond(jnp.any(active), lambda y: _apply_penalties(y, st, penalty_state), lambda y: y, x)
+    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
     is_greedy = st.temperature <= 0
 
     def random_path():
         temp = jnp.where(is_greedy, 1.0, st.temperature)
-        x = logits / temp[:, None]
+        y = x / temp[:, None]
         needs_filter = jnp.any(((st.top_k > 0) | (st.top_p < 1) | (st.min_p > 0)) & ~is_greedy)
-        x = jax.lax.cond(needs_filter, lambda y: _filter(y, st), lambda y: y, x)
-        noise = jax.vmap(_row_noise, in_axes=(0, 0, None))(st.seed, st.step, logits.shape[-1])
-        drawn = jnp.argmax(x + noise, axis=-1).astype(jnp.int32)
+        y = jax.lax.cond(needs_filter, lambda z: _filter(z, st), lambda z: z, y)
+        noise = jax.vmap(_row_noise, in_axes=(0, 0, None))(st.seed, st.step, v)
+        drawn = jnp.argmax(y + noise, axis=-1).astype(jnp.int32)
         return jnp.where(is_greedy, greedy_tokens, drawn)
 
     tokens = jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, random_path)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return SamplerOutput(tokens, logprobs)
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+
+    def top():
+        vals, ids = jax.lax.top_k(raw_logprobs, MAX_LOGPROBS)
+        return ids.astype(jnp.int32), vals
+
+    def none():
+        return jnp.zeros((s, MAX_LOGPROBS), jnp.int32), jnp.zeros((s, MAX_LOGPROBS), jnp.float32)
+
+    top_ids, top_lps = jax.lax.cond(jnp.any(st.num_logprobs > 0), top, none)
+    return SamplerOutput(tokens, chosen, top_ids, top_lps)

@@ -303,7 +303,7 @@ class Scheduler:
         # 3. waiting, FCFS, only when nothing had to be preempted
         while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
-            hits = bm.find_cached_prefix(seq)
+            hits = bm.find_cached_prefix(seq) if seq.use_cached_prefix else []
             remaining = seq.num_tokens - len(hits) * cfg.page_size
             if remaining > budget and not cfg.enable_chunked_prefill:
                 break

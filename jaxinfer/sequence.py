@@ -71,6 +71,9 @@ class Sequence:
       num_lookahead: extra KV slots reserved beyond the scheduled tokens (speculative decoding); 0 by default.
       cache_salt: optional string mixed into the prefix-cache hashes: only sequences with the same salt share
         cached pages (e.g. per tenant or per adapter).
+      use_cached_prefix: False makes admission ignore prefix-cache hits (its pages are still registered
+        for others). The engine sets it for requests with penalties, whose on-device token counts are
+        built from the tokens each step feeds through the model.
       page_hashes / num_registered_pages: prefix-cache bookkeeping owned by the block manager.
     """
 
@@ -90,6 +93,7 @@ class Sequence:
         "num_preemptions",
         "num_lookahead",
         "cache_salt",
+        "use_cached_prefix",
         "page_hashes",
         "num_registered_pages",
         "order",
@@ -104,6 +108,7 @@ class Sequence:
         arrival_time: float | None = None,
         num_lookahead: int = 0,
         cache_salt: str | None = None,
+        use_cached_prefix: bool = True,
     ):
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(
@@ -137,6 +142,7 @@ class Sequence:
         self.num_preemptions = 0
         self.num_lookahead = num_lookahead
         self.cache_salt = cache_salt
+        self.use_cached_prefix = bool(use_cached_prefix)
         self.page_hashes: list[bytes] = []
         self.num_registered_pages = 0
         self.order = -1  # FCFS rank, set by the scheduler on ``add``

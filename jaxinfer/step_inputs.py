@@ -51,12 +51,16 @@ class StepBuckets:
       seq_buckets: allowed ``S`` (padded sequence count), ascending; the last is ``max_num_seqs``.
       pages_per_seq: ``P``, columns of ``page_indices``.
       page_size: tokens per KV page.
+      coupled: ``S`` follows ``T`` (``S = seq_bucket(min(T, max_num_seqs))``): one shape per token bucket,
+        so warm-up compiles ``len(token_buckets)`` programs instead of every ``(T, S)`` pair, at the cost of
+        a few padded logit rows in prefill-heavy steps.
     """
 
     token_buckets: tuple[int, ...]
     seq_buckets: tuple[int, ...]
     pages_per_seq: int
     page_size: int
+    coupled: bool = False
 
     @classmethod
     def from_limits(
@@ -68,6 +72,7 @@ class StepBuckets:
         page_size: int,
         min_token_bucket: int = 16,
         min_seq_bucket: int = 1,
+        coupled: bool = False,
     ) -> StepBuckets:
         """Powers of two from ``min_token_bucket`` / ``min_seq_bucket`` up to the scheduler's limits."""
         return cls(
@@ -75,6 +80,7 @@ class StepBuckets:
             seq_buckets=_bucket_list(min(min_seq_bucket, max_num_seqs), max_num_seqs),
             pages_per_seq=-(-max_model_len // page_size),
             page_size=page_size,
+            coupled=coupled,
         )
 
     @classmethod
@@ -94,9 +100,18 @@ class StepBuckets:
     def seq_bucket(self, num_seqs: int) -> int:
         return _pick(self.seq_buckets, num_seqs, "sequences")
 
+    def bucket(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        """The ``(T, S)`` a step of ``num_tokens`` tokens over ``num_seqs`` sequences is padded to."""
+        t = self.token_bucket(num_tokens)
+        if self.coupled:
+            return t, self.seq_bucket(max(num_seqs, min(t, self.seq_buckets[-1])))
+        return t, self.seq_bucket(num_seqs)
+
     def shapes(self) -> list[tuple[int, int]]:
         """Every ``(T, S)`` :func:`pack_step_inputs` can return (a step has ``1 <= num_seqs <= num_tokens``):
         compile each one at warm-up."""
+        if self.coupled:
+            return [self.bucket(t, 1) for t in self.token_buckets]
         out = []
         for t in self.token_buckets:
             top = self.seq_bucket(min(t, self.seq_buckets[-1]))
@@ -168,8 +183,7 @@ def pack_step_inputs(output: SchedulerOutput, buckets: StepBuckets) -> StepInput
     if not rows:
         raise ValueError("nothing scheduled: skip the step instead of packing it")
     num_tokens = sum(r.num_new_tokens for r in rows)
-    T = buckets.token_bucket(num_tokens)
-    S = buckets.seq_bucket(len(rows))
+    T, S = buckets.bucket(num_tokens, len(rows))
     P = buckets.pages_per_seq
     ps = buckets.page_size
     shift = ps.bit_length() - 1

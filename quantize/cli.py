@@ -57,7 +57,7 @@ def _read_text(path: str) -> str:
 
 def run_quantize(args: argparse.Namespace) -> int:
     """Load, calibrate, quantize and save; a summary goes to stderr."""
-    from jaxinfer.llm import resolve_dtype
+    from jaxinfer.config import resolve_dtype
     from jaxinfer.loader import load_model
     from quantize.checkpoint import save_quantized
     from quantize.model_formats import method_config

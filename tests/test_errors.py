@@ -116,7 +116,7 @@ def tiny_llm(tiny_model_dir):
 
 def test_prompt_longer_than_context(tiny_llm):
     with pytest.raises(PromptTooLongError, match="64"):
-        tiny_llm.generate([[5] * 64])
+        tiny_llm.generate([[5] * 65])
     with pytest.raises(PromptTooLongError):
         tiny_llm.chat([{"role": "user", "content": "hello " * 100}])
 

@@ -1,0 +1,339 @@
+"""The engine: requests in, token deltas out, one scheduled batch per ``step()``.
+
+Single-threaded and free of I/O (servers run it in a thread of their own). Each step:
+schedule (continuous batching, chunked prefill, prefix cache, preemption) -> pack the ragged batch at
+a fixed bucket -> one jitted device step (paged attention, sampling on device) -> one device-to-host
+copy -> scheduler update (stop conditions, page bookkeeping) -> incremental detokenization and stop
+strings -> :class:`RequestOutput` deltas.
+
+A request with ``n > 1`` runs as ``n`` sequences over the same prompt. Every running sequence owns a
+*slot*: a row of the on-device penalty state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxinfer.attention import AttentionMetadata
+from jaxinfer.block_manager import BlockManagerStats
+from jaxinfer.compilation_cache import enable_compilation_cache
+from jaxinfer.config import EngineConfig, resolve_dtype
+from jaxinfer.detokenizer import IncrementalDetokenizer
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.kv_cache import plan_kv_cache
+from jaxinfer.loader import LoadedModel, load_model
+from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxinfer.runner import ModelRunner, StepBatch, params_bytes
+from jaxinfer.sampling import TOKEN_OUTPUT, TOKEN_PROMPT, SamplingTensors
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.sequence import Sequence
+from jaxinfer.step_inputs import StepBuckets, pack_step_inputs
+from jaxinfer.tokenizer import encode_prompt
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics endpoints."""
+
+    num_running: int
+    num_waiting: int
+    num_pages_total: int
+    num_pages_used: int
+    prefix_cache_hit_rate: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    kv_cache_capacity_tokens: int
+    num_steps: int
+
+
+class _Request:
+    """One user request: its ``n`` sequences, their detokenizers and what was already reported."""
+
+    def __init__(self, request_id, prompt, prompt_ids, params, seqs, detoks, seeds, arrival):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.seqs = seqs
+        self.detoks = detoks
+        self.seeds = seeds
+        self.metrics = RequestMetrics(arrival_time=arrival)
+        self.done = [False] * len(seqs)
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+
+class Engine:
+    """Continuous-batching inference over a paged KV cache.
+
+    Args:
+      model: registered name, HF directory, GGUF file or hub id (``None``: the default model).
+      config: :class:`EngineConfig`.
+      loaded: an already loaded model (skips loading ``model``).
+      compilation_cache: persistent XLA cache switch (``None``: environment default, on).
+    """
+
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, *,
+                 loaded: LoadedModel | None = None, compilation_cache: bool | None = None):
+        enable_compilation_cache(compilation_cache)
+        self.config = config = config or EngineConfig()
+        dtype = resolve_dtype(config.dtype)
+        self.loaded = loaded or load_model(model, dtype=dtype)
+        self.model_config = mc = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.model_name = str(model) if model is not None else self.loaded.source.name
+        limit = mc.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {limit}")
+        self.max_model_len = config.max_model_len or limit
+        eos = set(mc.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids = tuple(sorted(eos))
+        spec = plan_kv_cache(mc, page_size=config.page_size, dtype=self.loaded.model.dtype,
+                             kv_cache_dtype=config.kv_cache_dtype, memory=config.kv_cache_memory,
+                             memory_fraction=config.kv_cache_memory_fraction,
+                             params_bytes=params_bytes(self.loaded.params), impl=config.attention_impl,
+                             min_tokens=min(self.max_model_len, config.max_num_batched_tokens),
+                             max_useful_tokens=2 * config.max_num_seqs * self.max_model_len)
+        self.kv_spec = spec
+        sched_cfg = SchedulerConfig(
+            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len, num_pages=spec.num_pages, page_size=config.page_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.scheduler = Scheduler(sched_cfg, self.eos_token_ids)
+        self.buckets = StepBuckets.from_scheduler_config(sched_cfg, min_token_bucket=config.min_token_bucket,
+                                                         coupled=True)
+        self._trash_slot = config.max_num_seqs
+        self.runner = ModelRunner(self.loaded.model, self.loaded.params, spec, config.max_num_seqs + 1,
+                                  config.attention_impl, self.loaded.mesh)
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self._slot: dict[str, int] = {}
+        self._fresh: set[str] = set()  # sequences whose slot must be cleared at their next step
+        self._requests: dict[str, _Request] = {}
+        self._owner: dict[str, tuple[_Request, int]] = {}
+        self._pending: list[RequestOutput] = []
+        self._rng = np.random.default_rng(config.seed)
+        self._prompt_tokens = 0
+        self._generated_tokens = 0
+        self._ids = itertools.count()
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                    *, arrival_time: float | None = None) -> None:
+        """Queue a request (``prompt``: text, tokenized as is, or token ids).
+
+        Raises:
+          InvalidRequestError / PromptTooLongError: nothing is queued then.
+        """
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", "request_id")
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        params = SamplingParams() if sampling_params is None else sampling_params
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params must be a SamplingParams", "sampling_params")
+        text, ids = self._encode(prompt)
+        penalties = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
+        base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        seeds = [(base + 1_000_003 * i) & 0x7FFFFFFF for i in range(params.n)]
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        seqs = [Sequence(f"{i}:{request_id}", ids, params, use_cached_prefix=not penalties)
+                for i in range(params.n)]
+        added = []
+        try:
+            for seq in seqs:
+                self.scheduler.add(seq)
+                added.append(seq)
+        except Exception:
+            for seq in added:
+                self.scheduler.abort(seq.request_id)
+            raise
+        detoks = [IncrementalDetokenizer.from_sampling_params(self.tokenizer, params, ids) for _ in seqs]
+        req = _Request(request_id, text, ids, params, seqs, detoks, seeds, arrival)
+        self._requests[request_id] = req
+        for i, seq in enumerate(seqs):
+            self._owner[seq.request_id] = (req, i)
+        self._prompt_tokens += len(ids)
+
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            ids, text = encode_prompt(self.tokenizer, prompt), prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int | np.integer) and not isinstance(t, bool)
+                                                       for t in prompt):
+            ids, text = [int(t) for t in prompt], None
+        else:
+            raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
+        if not ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        return text, ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a request: its pages are freed now; its final output (reason "abort") comes from the next
+        ``step()``. Returns False when the id is unknown or already finished."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        outs = []
+        for i, seq in enumerate(req.seqs):
+            if req.done[i]:
+                continue
+            self.scheduler.abort(seq.request_id)
+            self._release_slot(seq.request_id)
+            req.done[i] = True
+            outs.append(CompletionOutput(i, "", [], "abort", None, [] if req.params.logprobs is not None else None))
+        self._pending.append(self._output(req, outs))
+        self._forget(req)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending)
+
+    # ---- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the deltas of every request that changed."""
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        for seq in sched.preempted:
+            self._release_slot(seq.request_id)
+        if sched.is_empty:
+            return outputs
+        x = pack_step_inputs(sched, self.buckets)
+        batch = self._device_batch(x)
+        res = self.runner.run(batch)
+        now = time.perf_counter()
+        n = len(x.rows)
+        row_of = {r.seq.request_id: i for i, r in enumerate(x.rows)}
+        updates = self.scheduler.update(sched, [int(t) for t in res.tokens[:n]])
+        changed: dict[str, list[CompletionOutput]] = {}
+        for u in updates:
+            req, i = self._owner[u.seq.request_id]
+            d = req.detoks[i].update(u.new_token_ids, final=u.finished, drop_last_token=u.stopped_by_token)
+            seq = u.seq
+            if d.stop_string is not None and not u.finished:
+                self.scheduler.finish(seq.request_id, "stop", d.stop_string)
+            finished = seq.is_finished
+            if u.new_token_ids and req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            self._generated_tokens += len(u.new_token_ids)
+            lps = None
+            if req.params.logprobs is not None and u.new_token_ids:
+                lps = [self._logprob_entry(res, row_of[seq.request_id], req.params.logprobs)]
+            elif req.params.logprobs is not None:
+                lps = []
+            changed.setdefault(req.request_id, []).append(CompletionOutput(
+                i, d.text, list(u.new_token_ids), seq.finish_reason if finished else None,
+                seq.stop_reason if finished else None, lps))
+            if finished:
+                req.done[i] = True
+                self._release_slot(seq.request_id)
+        for rid, outs in changed.items():
+            req = self._requests[rid]
+            if req.finished:
+                req.metrics.finish_time = now
+            outputs.append(self._output(req, outs))
+            if req.finished:
+                self._forget(req)
+        return outputs
+
+    def _device_batch(self, x) -> StepBatch:
+        t, s = x.bucket
+        token_slot = np.full(t, self._trash_slot, np.int32)
+        token_kind = np.zeros(t, np.int32)
+        params, seeds, steps, slots, resets = [], [], [], [], []
+        off = 0
+        for r in x.rows:
+            seq = r.seq
+            sid = seq.request_id
+            if sid not in self._slot:
+                self._slot[sid] = self._free_slots.pop()
+                self._fresh.add(sid)
+            slot = self._slot[sid]
+            q = r.num_new_tokens
+            token_slot[off : off + q] = slot
+            pos = np.arange(r.start, r.start + q)
+            token_kind[off : off + q] = np.where(pos < seq.num_prompt_tokens, TOKEN_PROMPT, TOKEN_OUTPUT)
+            off += q
+            req, i = self._owner[sid]
+            params.append(seq.sampling_params)
+            seeds.append(req.seeds[i])
+            steps.append(seq.num_output_tokens)
+            slots.append(slot)
+            resets.append(sid in self._fresh)
+            self._fresh.discard(sid)
+        st = SamplingTensors.build(params, seeds=seeds, steps=steps, num_rows=s, slots=slots, resets=resets,
+                                   eos_token_ids=self.eos_token_ids, trash_slot=self._trash_slot)
+        md = AttentionMetadata(x.cu_q_lens, x.kv_lens, x.num_seqs, x.slot_mapping, x.page_indices,
+                               impl=self.config.attention_impl)
+        return StepBatch(x.tokens, x.positions, token_slot, token_kind, md, x.logits_indices, st)
+
+    @staticmethod
+    def _logprob_entry(res, row: int, k: int) -> dict[int, float]:
+        entry = {int(res.tokens[row]): float(res.logprobs[row])}
+        for j in range(k):
+            entry.setdefault(int(res.top_ids[row, j]), float(res.top_logprobs[row, j]))
+        return entry
+
+    def _release_slot(self, seq_id: str) -> None:
+        slot = self._slot.pop(seq_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+        self._fresh.discard(seq_id)
+
+    def _output(self, req: _Request, outs: list[CompletionOutput]) -> RequestOutput:
+        m = req.metrics
+        m.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
+        if req.finished and m.finish_time is None:
+            m.finish_time = time.perf_counter()
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished, m)
+
+    def _forget(self, req: _Request) -> None:
+        self._requests.pop(req.request_id, None)
+        for seq in req.seqs:
+            self._owner.pop(seq.request_id, None)
+
+    # ---- warm-up and stats -------------------------------------------------------------------------
+    def warmup(self) -> float:
+        """Compile every step shape now (seconds spent); afterwards no request mix compiles."""
+        return self.runner.compile_all(self.buckets.shapes(), self.buckets.pages_per_seq)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        bm: BlockManagerStats = s.block_manager
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, num_pages_total=bm.num_pages,
+            num_pages_used=bm.num_used_pages, prefix_cache_hit_rate=bm.hit_rate,
+            prefix_cache_queries=bm.num_query_tokens, prefix_cache_hits=bm.num_hit_tokens,
+            num_preemptions=s.num_preemptions, prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generated_tokens, kv_cache_capacity_tokens=self.kv_spec.capacity_tokens,
+            num_steps=self.runner.num_steps,
+        )
+
+    def flush_prefix_cache(self) -> int:
+        """Drop every cached page no running request uses; returns how many."""
+        return self.scheduler.block_manager.flush()
+
+    def new_request_id(self) -> str:
+        """A fresh request id (for front ends that do not bring their own)."""
+        while True:
+            rid = f"req-{next(self._ids)}"
+            if rid not in self._requests:
+                return rid

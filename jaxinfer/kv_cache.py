@@ -1,0 +1,142 @@
+"""The paged KV cache for all layers, sized from a memory budget.
+
+``plan_kv_cache`` turns a budget (bytes, or a fraction of free device memory) into a page count and
+reports how many tokens fit; ``init_kv_cache`` allocates one ``KVPages`` per layer (layout chosen by the
+attention implementation, optional int8 / fp8 storage with per-token-per-head scales).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages, default_layout, init_kv_pages
+
+logger = logging.getLogger(__name__)
+
+KV_CACHE_DTYPES = {"auto": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
+                   "fp8_e5m2": jnp.float8_e5m2}
+CPU_DEFAULT_BUDGET = 1 << 30  # 1 GiB when the device cannot report its memory (the CPU)
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"2GiB"``, ``"512MB"``, ``"1e9"`` or an int -> bytes."""
+    if isinstance(text, int | np.integer):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?|B)?\s*", str(text))
+    if not m:
+        raise ValueError(f"cannot parse a byte size from {text!r} (e.g. '2GiB', '512MB', 1073741824)")
+    unit = (m.group(2) or "B").upper().rstrip("B")
+    powers = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(float(m.group(1)) * powers[unit])
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Geometry of the paged cache.
+
+    Attributes:
+      num_pages, page_size: pages per layer and tokens per page.
+      dtype: storage dtype of a float cache; quant_dtype: int8 / fp8 storage (then dtype is unused).
+      layout: physical page layout (token-major on CPU/GPU, head-major for the TPU kernel).
+    """
+
+    num_layers: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: jnp.dtype
+    quant_dtype: jnp.dtype | None
+    layout: KVLayout
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies over all layers (K and V, scales included)."""
+        d = -(-self.head_dim // 128) * 128 if self.layout is KVLayout.HEAD_MAJOR else self.head_dim
+        if self.quant_dtype is not None:
+            per_head = d * jnp.dtype(self.quant_dtype).itemsize + 4  # + f32 scale
+        else:
+            per_head = d * jnp.dtype(self.dtype).itemsize
+        return 2 * self.num_layers * self.num_kv_heads * per_head
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.capacity_tokens * self.bytes_per_token
+
+
+def available_device_memory(params_bytes: int) -> int | None:
+    """Free bytes on the first device after the parameters, or None when the backend cannot tell."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # backends without memory stats
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    used = stats.get("bytes_in_use", params_bytes)
+    return max(0, int(stats["bytes_limit"]) - int(used))
+
+
+def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype: str = "auto",
+                  memory: int | str | None = None, memory_fraction: float = 0.9, params_bytes: int = 0,
+                  impl: str | None = None, min_tokens: int = 0, max_useful_tokens: int | None = None
+                  ) -> KVCacheSpec:
+    """Size the cache.
+
+    Args:
+      memory: explicit budget (bytes or a string like "2GiB"); ``None`` uses ``memory_fraction`` of the
+        device's free memory, or 1 GiB on backends that cannot report memory (the CPU).
+      kv_cache_dtype: "auto" (the model dtype), "int8" or "fp8" (e4m3).
+      min_tokens: the budget must hold at least this many tokens (one full-length sequence).
+      max_useful_tokens: never allocate more than this (e.g. twice what the running sequences can use:
+        the rest is headroom for the prefix cache), so small models do not take the whole budget.
+    Raises:
+      ValueError: the budget holds fewer than ``min_tokens`` tokens (message says how much is needed).
+    """
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    layout = default_layout(impl)
+    probe = KVCacheSpec(config.num_layers, 1, page_size, config.num_kv_heads, config.head_dim,
+                        jnp.dtype(dtype), KV_CACHE_DTYPES[kv_cache_dtype], layout)
+    if memory is not None:
+        budget = parse_bytes(memory)
+    else:
+        free = available_device_memory(params_bytes)
+        budget = CPU_DEFAULT_BUDGET if free is None else int(free * memory_fraction)
+    per_page = probe.bytes_per_token * page_size
+    num_pages = budget // per_page
+    if max_useful_tokens is not None:
+        num_pages = min(num_pages, -(-max_useful_tokens // page_size))
+    if num_pages * page_size < max(min_tokens, page_size):
+        need = -(-max(min_tokens, page_size) // page_size) * per_page
+        raise ValueError(
+            f"KV cache budget of {budget / 2**20:.1f} MiB holds {num_pages * page_size} tokens; at least "
+            f"{max(min_tokens, page_size)} are needed ({need / 2**20:.1f} MiB): raise the KV cache memory or "
+            "lower max_model_len"
+        )
+    spec = KVCacheSpec(config.num_layers, int(num_pages), page_size, config.num_kv_heads, config.head_dim,
+                       jnp.dtype(dtype), probe.quant_dtype, layout)
+    logger.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %s)", spec.num_pages, page_size,
+                spec.capacity_tokens, spec.total_bytes / 2**20, kv_cache_dtype)
+    return spec
+
+
+def init_kv_cache(spec: KVCacheSpec, sharding=None) -> tuple[KVPages, ...]:
+    """One zero-filled ``KVPages`` per layer (placed with ``sharding`` when given)."""
+
+    def one():
+        return init_kv_pages(spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim, spec.dtype,
+                             layout=spec.layout, quant_dtype=spec.quant_dtype)
+
+    make = jax.jit(one, out_shardings=sharding) if sharding is not None else jax.jit(one)
+    return tuple(make() for _ in range(spec.num_layers))
