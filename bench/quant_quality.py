@@ -86,7 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--skip-llama-cpp", action="store_true")
-    ap.add_argument("--only", action="append", default=None, help="variant names to run (repeatable)")
+    ap.add_argument("--only", action="append", default=None,
+                    help="variant names to run (repeatable; also gguf-native, kv-int8, kv-fp8)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args(argv)
 
     import jax
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
     from jaxinfer.compilation_cache import enable_compilation_cache
     from jaxinfer.loader import load_model
-    from quantize.evaluate import evaluate, token_windows
+    from quantize.evaluate import Variant, evaluate, token_windows
     from quantize.model_formats import param_bytes
     from quantize.model_quant import calibration_tokens, quantize_model
 
@@ -111,12 +113,19 @@ def main(argv=None) -> int:
 
     variants, info = {}, {}
     info["float"] = dict(method="none", format="float32 (dequantized GGUF)", bytes=param_bytes(ref.params))
+    want = lambda name: not args.only or name in args.only
     native = load_model(None, quantization="gguf", load_tokenizer_too=False).params
-    variants["gguf-native (Q4_1/Q8_0)"] = native
-    info["gguf-native (Q4_1/Q8_0)"] = dict(method="gguf import", format="Q4_1 linears, Q8_0 embedding",
-                                           bytes=param_bytes(native))
+    if want("gguf-native"):
+        variants["gguf-native (Q4_1/Q8_0)"] = native
+        info["gguf-native (Q4_1/Q8_0)"] = dict(method="gguf import", format="Q4_1 linears, Q8_0 embedding",
+                                               bytes=param_bytes(native))
+    for kv in ("int8", "fp8"):
+        if want(f"kv-{kv}"):  # float weights, paged KV cache quantized per token and head
+            variants[f"kv-{kv}"] = Variant(ref.params, kv)
+            info[f"kv-{kv}"] = dict(method="kv cache", format=f"{kv} KV pages (absmax per token x head)",
+                                    bytes=param_bytes(ref.params))
     for name, method, preset in VARIANTS:
-        if args.only and name not in args.only:
+        if not want(name):
             continue
         q = quantize_model(ref.model, ref.params, method, preset, calib_tokens=calib)
         variants[name] = q.params
@@ -154,7 +163,7 @@ def main(argv=None) -> int:
         calibration=dict(samples=args.calib_samples, seq_len=args.calib_seq_len, source=calib_source),
         results=table, llama_cpp_cross_check=cross,
     )
-    path = result_path("quant_quality")
+    path = result_path("quant_quality" + (f"-{args.tag}" if args.tag else ""))
     path.write_text(json.dumps(out, indent=1))
     print(f"{'format':<26} {'ppl':>9} {'KL':>8} {'top-1':>7} {'MiB':>7} {'B/param':>8}")
     for n, r in table.items():

@@ -38,6 +38,8 @@ def register(sub) -> None:
     e.add_argument("--quantized", action="append", default=[],
                    help="quantized checkpoint directory, or 'gguf' for the model's native GGUF weights "
                         "(repeatable)")
+    e.add_argument("--kv-cache-dtype", action="append", default=[], choices=["auto", "int8", "fp8"],
+                   help="also score the float weights over a paged KV cache of this dtype (repeatable)")
     e.add_argument("--text", required=True, help="UTF-8 text file to score (e.g. WikiText-2 test)")
     e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     e.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
@@ -89,7 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Score the reference and every ``--quantized`` variant on the same windows; table on stdout."""
     from jaxinfer.loader import load_model
     from quantize.checkpoint import load_quantized
-    from quantize.evaluate import evaluate, token_windows
+    from quantize.evaluate import Variant, evaluate, token_windows
     from quantize.model_formats import param_bytes
 
     ref = load_model(args.model)
@@ -103,6 +105,9 @@ def run_eval(args: argparse.Namespace) -> int:
                 raise QuantizationError(f"{q} was quantized from a different model than {ref.source.name}")
         variants[q] = params
         sizes[q] = param_bytes(params)["total_bytes"]
+    for kv in args.kv_cache_dtype:
+        variants[f"kv-{kv}"] = Variant(ref.params, kv)
+        sizes[f"kv-{kv}"] = sizes["float"]
     ids = ref.tokenizer(_read_text(args.text))["input_ids"]
     windows = token_windows(ids, args.seq_len, args.max_tokens)
     start = args.seq_len // 2 if args.second_half else 0

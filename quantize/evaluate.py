@@ -13,6 +13,11 @@ least half a window of context). For the same scored tokens:
 * top-1 agreement ``mean_t [argmax p_q = argmax p_ref]``.
 
 Log-softmax runs in float32 on the device; per-token values are summed in float64 on the host.
+
+The reference always runs over the dense float KV cache. A :class:`Variant` may instead run over the
+paged KV cache (``kv_cache_dtype``: ``"auto"`` float pages, ``"int8"`` or ``"fp8"`` pages with per-token,
+per-head absmax scales, see ``jaxinfer.kv_cache``): each window is one prefill whose keys and values are
+written into the pages and attended from there, so KV quantization affects every scored token.
 """
 
 from __future__ import annotations
@@ -64,23 +69,59 @@ def token_windows(ids, seq_len: int, max_tokens: int | None = None) -> np.ndarra
     return ids[: w * seq_len].reshape(w, seq_len)
 
 
-class _Scorer:
-    """Jitted forward over ``B`` windows of ``L`` tokens (one dense-cache slot each) -> per-token stats."""
+@dataclass
+class Variant:
+    """A parameter tree to score, optionally over a paged KV cache of ``kv_cache_dtype``
+    (``"auto"``, ``"int8"``, ``"fp8"``; ``None``: the dense float cache)."""
 
-    def __init__(self, model, batch: int, seq_len: int):
+    params: dict
+    kv_cache_dtype: str | None = None
+
+
+PAGE_SIZE = 16
+
+
+class _Scorer:
+    """Jitted forward over ``B`` windows of ``L`` tokens (one cache slot / page run each) -> per-token stats."""
+
+    def __init__(self, model, batch: int, seq_len: int, kv_cache_dtype: str | None = None):
         c = model.config
         self.model = model
         b, length = batch, seq_len
         self.positions = jnp.asarray(np.tile(np.arange(length, dtype=np.int32), b))
         cu = (np.arange(b + 1) * length).astype(np.int32)
-        self.md = AttentionMetadata(cu, np.full(b, length, np.int32), np.array([b], np.int32),
-                                    np.arange(b * length, dtype=np.int32), max_q_len=length)
+        lens, n, slots = np.full(b, length, np.int32), np.array([b], np.int32), np.arange(b * length, dtype=np.int32)
+        self.kv_spec = None
+        if kv_cache_dtype is None:
+            self.md = AttentionMetadata(cu, lens, n, slots, max_q_len=length)
+        else:
+            from jaxinfer.kv_cache import KV_CACHE_DTYPES, KVCacheSpec
+            from pallas_kernels.ragged_paged_attention.api import default_layout
+
+            if kv_cache_dtype not in KV_CACHE_DTYPES:
+                raise QuantizationError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}")
+            per_window = -(-length // PAGE_SIZE)
+            table = np.arange(b * per_window, dtype=np.int32).reshape(b, per_window)
+            slots = (table[:, :, None] * PAGE_SIZE + np.arange(PAGE_SIZE)).reshape(b, -1)[:, :length].reshape(-1)
+            self.md = AttentionMetadata(cu, lens, n, slots.astype(np.int32), table, max_q_len=length)
+            self.kv_spec = KVCacheSpec(c.num_layers, b * per_window, PAGE_SIZE, c.num_kv_heads, c.head_dim,
+                                       jnp.dtype(model.dtype), KV_CACHE_DTYPES[kv_cache_dtype], default_layout())
         self.cache_shape = (c.num_layers, b, length, c.num_kv_heads, c.head_dim)
         self.ref = jax.jit(self._ref)
         self.variant = jax.jit(self._variant)
 
+    def _caches(self):
+        if self.kv_spec is None:
+            return init_dense_cache(*self.cache_shape, self.model.dtype)
+        from pallas_kernels.ragged_paged_attention.api import init_kv_pages
+
+        sp = self.kv_spec
+        one = lambda: init_kv_pages(sp.num_pages, sp.page_size, sp.num_kv_heads, sp.head_dim, sp.dtype,
+                                    layout=sp.layout, quant_dtype=sp.quant_dtype)
+        return tuple(one() for _ in range(sp.num_layers))
+
     def _logp(self, params, tokens):
-        caches = init_dense_cache(*self.cache_shape, self.model.dtype)
+        caches = self._caches()
         logits, _ = self.model.forward(params, tokens, self.positions, caches, self.md)
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
@@ -96,14 +137,14 @@ class _Scorer:
         return nll, kl, jnp.argmax(logq, axis=-1) == ref_top
 
 
-def evaluate(model, ref_params, variants: Mapping[str, dict], windows: np.ndarray, *, score_start: int = 0,
+def evaluate(model, ref_params, variants: Mapping[str, dict | Variant], windows: np.ndarray, *, score_start: int = 0,
              batch: int = 1, ref_name: str = "float", progress: bool = True) -> dict[str, EvalResult]:
     """Score ``ref_params`` and every variant on identical token windows.
 
     Args:
       model: the :class:`~jaxinfer.models.causal_lm.CausalLM` (all parameter sets share it).
       ref_params: the reference (unquantized) parameters.
-      variants: name -> parameter tree (quantized or not).
+      variants: name -> parameter tree (quantized or not), or a :class:`Variant` (KV cache choice).
       windows: ``i32[W, L]`` token windows (:func:`token_windows`).
       score_start: first scored position in a window (see the module docstring).
       batch: windows per forward call (a ragged step of ``batch`` sequences).
@@ -117,7 +158,9 @@ def evaluate(model, ref_params, variants: Mapping[str, dict], windows: np.ndarra
     if not 0 <= score_start < length - 1:
         raise QuantizationError(f"score_start must be in [0, {length - 1}), got {score_start}")
     batch = max(1, min(batch, w))
-    scorer = _Scorer(model, batch, length)
+    variants = {n: v if isinstance(v, Variant) else Variant(v) for n, v in variants.items()}
+    scorers = {kv: _Scorer(model, batch, length, kv) for kv in {None} | {v.kv_cache_dtype for v in variants.values()}}
+    scorer = scorers[None]
     names = [ref_name, *variants]
     sums = {n: np.zeros(3, np.float64) for n in names}  # nll, kl, top1 matches
     secs = dict.fromkeys(names, 0.0)
@@ -138,9 +181,9 @@ def evaluate(model, ref_params, variants: Mapping[str, dict], windows: np.ndarra
         ref_logp, ref_nll, ref_top = scorer.ref(ref_params, tokens, tgt)
         sums[ref_name][0] += np.asarray(ref_nll, np.float64)[mask].sum()
         secs[ref_name] += time.perf_counter() - t0
-        for name, params in variants.items():
+        for name, v in variants.items():
             t0 = time.perf_counter()
-            nll, kl, top = jax.device_get(scorer.variant(params, tokens, tgt, ref_logp, ref_top))
+            nll, kl, top = jax.device_get(scorers[v.kv_cache_dtype].variant(v.params, tokens, tgt, ref_logp, ref_top))
             sums[name] += [np.asarray(nll, np.float64)[mask].sum(), np.asarray(kl, np.float64)[mask].sum(),
                            np.asarray(top)[mask].sum()]
             secs[name] += time.perf_counter() - t0

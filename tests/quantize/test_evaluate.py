@@ -41,3 +41,19 @@ def test_metrics_match_float64_reference(tiny_model_dir, score_start):
     assert res["int4"].kl == pytest.approx(np.mean(kl), abs=1e-4, rel=1e-3)
     assert res["int4"].top1 == pytest.approx(np.mean(top), abs=1.5 / n)  # at most one near-tie flips
     assert res["float"].kl == 0.0 and res["float"].top1 == 1.0 and res["int4"].kl > 0
+
+
+def test_kv_cache_variants_over_paged_cache(tiny_model_dir):
+    """Float weights over paged KV pages: float pages equal the dense path (KL <= 1e-6, same argmax);
+    int8 / fp8 pages perturb the distribution (KL > 0) but stay close (KL < 0.1 nats)."""
+    from quantize.evaluate import Variant
+
+    path, _ = tiny_model_dir("qwen3")
+    m = load_model(str(path), load_tokenizer_too=False)
+    windows = token_windows(np.random.default_rng(1).integers(3, 320, 3 * 40), 40)
+    res = evaluate(m.model, m.params, {kv: Variant(m.params, kv) for kv in ("auto", "int8", "fp8")}, windows,
+                   batch=3, progress=False)
+    assert abs(res["auto"].kl) <= 1e-6 and res["auto"].top1 == 1.0
+    assert res["auto"].perplexity == pytest.approx(res["float"].perplexity, rel=1e-5)
+    for kv in ("int8", "fp8"):
+        assert 0.0 < res[kv].kl < 0.1
