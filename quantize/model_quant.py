@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import jax
@@ -45,7 +46,7 @@ from quantize.embedding import QEmbedding
 from quantize.folding import fold_into_linear_output, fold_into_norm, scale_rows
 from quantize.gptq import gptq_quantize
 from quantize.layer_runner import INPUT_OF, LINEARS, LayerRunner
-from quantize.model_formats import METHODS, leaf_config, param_bytes
+from quantize.model_formats import METHODS, leaf_config, method_config, param_bytes
 from quantize.qarray import QArray
 from quantize.rtn import rtn_quantize
 from quantize.smoothquant import smoothquant
@@ -79,7 +80,8 @@ class MethodOptions:
 
 
 def _copy_tree(tree):
-    return {k: _copy_tree(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+    """Fresh nested dicts (a FrozenDict becomes a dict); array / QArray leaves are shared."""
+    return {k: _copy_tree(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
 
 def _get(lp, name):
@@ -141,8 +143,6 @@ def quantize_model(
     Raises:
       QuantizationError: unknown method, missing calibration data, an unusable format.
     """
-    from quantize.model_formats import method_config
-
     if method not in METHODS:
         raise QuantizationError(f"unknown quantization method {method!r}; expected one of {METHODS}")
     try:
