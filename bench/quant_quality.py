@@ -89,6 +89,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", default=None,
                     help="variant names to run (repeatable; also gguf-native, kv-int8, kv-fp8)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--with-native", action="store_true",
+                    help="also score the native GGUF weights in the main table (identical to float)")
+    ap.add_argument("--cross-check-only", action="store_true", help="only the llama.cpp cross-check")
+    ap.add_argument("--cross-check-windows", type=int, default=None, help="llama.cpp windows to score")
     args = ap.parse_args(argv)
 
     import jax
@@ -113,9 +117,10 @@ def main(argv=None) -> int:
 
     variants, info = {}, {}
     info["float"] = dict(method="none", format="float32 (dequantized GGUF)", bytes=param_bytes(ref.params))
-    want = lambda name: not args.only or name in args.only
+    want = lambda name: not args.cross_check_only and (not args.only or name in args.only)
     native = load_model(None, quantization="gguf", load_tokenizer_too=False).params
-    if want("gguf-native"):
+    info["gguf-native (Q4_1/Q8_0)"] = dict(bytes=param_bytes(native))
+    if args.with_native and want("gguf-native"):
         variants["gguf-native (Q4_1/Q8_0)"] = native
         info["gguf-native (Q4_1/Q8_0)"] = dict(method="gguf import", format="Q4_1 linears, Q8_0 embedding",
                                                bytes=param_bytes(native))
@@ -133,8 +138,11 @@ def main(argv=None) -> int:
                           group_size_fallbacks=sorted(set(q.info["group_size_fallbacks"].values())),
                           seconds_to_quantize=q.info["seconds"])
         sys.stderr.write(f"{name}: quantized in {q.info['seconds']} s\n")
-    results = evaluate(ref.model, ref.params, variants, windows, batch=args.batch)
-    table = {n: {**r.to_dict(), **info[n]} for n, r in results.items()}
+    table = {}
+    if not args.cross_check_only:
+        results = evaluate(ref.model, ref.params, variants, windows, batch=args.batch)
+        table = {n: {**r.to_dict(), **info[n]} for n, r in results.items()}
+    sizes = {n: v["bytes"] for n, v in info.items()}
 
     cross = None
     try:
@@ -142,7 +150,9 @@ def main(argv=None) -> int:
     except ImportError as e:
         cross = dict(error=f"llama-cpp-python unavailable: {e}")
     if not args.skip_llama_cpp and cross is None:
-        n_chunks = None if args.max_tokens is None else args.max_tokens // args.seq_len
+        n_chunks = args.cross_check_windows
+        if n_chunks is None and args.max_tokens is not None:
+            n_chunks = args.max_tokens // args.seq_len
         lc, lc_ids = llama_cpp_perplexity(ref.source.path, text, args.seq_len, n_chunks, os.cpu_count() or 1)
         lc_windows = lc_ids.reshape(-1, args.seq_len)
         ours = evaluate(ref.model, ref.params, {"gguf-native": native}, lc_windows, score_start=args.seq_len // 2,
@@ -161,7 +171,7 @@ def main(argv=None) -> int:
                   f"from the start of the text; every position but the last scored "
                   f"({args.seq_len - 1} tokens per window)"),
         calibration=dict(samples=args.calib_samples, seq_len=args.calib_seq_len, source=calib_source),
-        results=table, llama_cpp_cross_check=cross,
+        results=table, bytes=sizes, llama_cpp_cross_check=cross,
     )
     path = result_path("quant_quality" + (f"-{args.tag}" if args.tag else ""))
     path.write_text(json.dumps(out, indent=1))
