@@ -37,6 +37,18 @@ _EXPORTS = {
     "fold_into_linear_output": "quantize.folding",
     "qarray_from_gguf": "quantize.gguf_import",
     "gguf_tensor_to_weight": "quantize.gguf_import",
+    "quantize_model": "quantize.model_quant",
+    "QuantizedModel": "quantize.model_quant",
+    "MethodOptions": "quantize.model_quant",
+    "calibration_tokens": "quantize.model_quant",
+    "method_config": "quantize.model_formats",
+    "param_bytes": "quantize.model_formats",
+    "save_quantized": "quantize.checkpoint",
+    "load_quantized": "quantize.checkpoint",
+    "load_gguf_native": "quantize.gguf_model",
+    "evaluate": "quantize.evaluate",
+    "token_windows": "quantize.evaluate",
+    "Variant": "quantize.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)
