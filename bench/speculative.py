@@ -118,8 +118,8 @@ def main() -> None:
             if method is None:
                 off_tokens[b] = runs[0]["tokens"]
             r["same_as_off"] = runs[0]["tokens"] == off_tokens[b]
-            r["decode_speedup"] = r["decode_tok_s"] / results["off"]["batches"][b]["decode_tok_s"]
             results[name]["batches"][b] = r
+            r["decode_speedup"] = r["decode_tok_s"] / results["off"]["batches"][b]["decode_tok_s"]
             acc = "-" if r["acceptance_length"] is None else f"{r['acceptance_length']:.2f}"
             print(f"{name:16s} batch {b:3d}: decode {r['decode_tok_s']:7.1f} tok/s  e2e {r['e2e_tok_s']:7.1f} tok/s"
                   f"  speed-up {r['decode_speedup']:.2f}x  acceptance length {acc}  same as off: {r['same_as_off']}",
