@@ -45,8 +45,8 @@ def early_exit_draft(loaded, num_layers: int):
     config = loaded.config.with_overrides(num_layers=num_layers)
     keep = {f"layers_{i}" for i in range(num_layers)}
     params = {k: v for k, v in loaded.params.items() if not k.startswith("layers_") or k in keep}
-    return LoadedModel(loaded.source, CausalLM(config, loaded.model.dtype), params, loaded.tokenizer,
-                       loaded.mesh)
+    return LoadedModel(loaded.source, CausalLM(config, loaded.model.dtype, loaded.plan), params, loaded.tokenizer,
+                       loaded.mesh, loaded.plan)
 
 
 def run_once(engine, prompts, new_tokens: int):

@@ -13,13 +13,15 @@ the cache and attends. The cache type picks the path:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.ragged_paged_attention.api import KVPages, ragged_paged_attention, write_kv
+from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages, ragged_paged_attention, write_kv
 
 
 @flax.struct.dataclass
@@ -101,21 +103,45 @@ def dense_attention(q: jax.Array, cache: DenseKVCache, md: AttentionMetadata, *,
     return res.astype(q.dtype)
 
 
+def _paged(q, k, v, cache: KVPages, md: AttentionMetadata, *, sm_scale, sliding_window):
+    cache = write_kv(cache, k, v, md.slot_mapping)
+    out = ragged_paged_attention(q, cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
+                                 sm_scale=sm_scale, sliding_window=sliding_window, impl=md.impl)
+    return out, cache
+
+
+def kv_pages_specs(cache: KVPages, axis: str | None = "model") -> KVPages:
+    """``PartitionSpec`` of each ``KVPages`` leaf with the KV-head dimension split over ``axis``."""
+    if cache.layout is KVLayout.HEAD_MAJOR:
+        values, scales = P(None, axis, None, None), P(None, axis, None)
+    else:
+        values, scales = P(None, None, axis, None), P(None, None, axis)
+    return KVPages(values, values, scales if cache.quantized else None, scales if cache.quantized else None,
+                   layout=cache.layout)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, md: AttentionMetadata, *, sm_scale: float,
-              sliding_window: int | None = None):
+              sliding_window: int | None = None, mesh=None):
     """Write this step's K/V and attend.
 
     Args:
       q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]`` (RoPE already applied).
       cache: one layer's cache (``DenseKVCache`` or paged ``KVPages``).
+      mesh: when given, the heads (of q, k, v and the paged cache) are split over its "model" axis and
+        the paged attention kernel runs once per shard (``shard_map``) on its local heads.
     Returns:
       ``(out[T, Hq, D], new_cache)``.
     """
     if isinstance(cache, KVPages):
-        cache = write_kv(cache, k, v, md.slot_mapping)
-        out = ragged_paged_attention(q, cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
-                                     sm_scale=sm_scale, sliding_window=sliding_window, impl=md.impl)
-        return out, cache
+        fn = functools.partial(_paged, sm_scale=sm_scale, sliding_window=sliding_window)
+        if mesh is None:
+            return fn(q, k, v, cache, md)
+        heads = P(None, "model", None)
+        cache_spec = kv_pages_specs(cache)
+        md_spec = jax.tree.map(lambda _: P(), md)
+        sharded = jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, cache_spec, md_spec),
+                                out_specs=(heads, cache_spec), check_vma=False)
+        return sharded(q, k, v, cache, md)
     if isinstance(cache, DenseKVCache):
         cache = _write_dense(cache, k, v, md.slot_mapping)
         return dense_attention(q, cache, md, sm_scale=sm_scale, sliding_window=sliding_window), cache

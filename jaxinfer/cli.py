@@ -15,6 +15,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="registered name, HF directory, GGUF file or hub id (default: smollm2-135m-instruct)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the model is split over")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas")
+    p.add_argument("--kv-cache-memory", default=None, help='KV cache budget, e.g. "2GiB" (default: 90%% of free '
+                   "device memory, 1 GiB on the CPU)")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-host JAX runtime first (jax.distributed.initialize)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +89,13 @@ def main(argv=None) -> int:
         from jaxinfer.llm import LLM
 
         sp = _sampling(args)
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+        if args.distributed:
+            from jaxinfer.distributed import initialize
+
+            initialize()
+        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                  tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                  kv_cache_memory=args.kv_cache_memory)
         llm.engine.warmup(token_counts=[1])  # decode step compiled before timing (cached across runs)
         if args.command == "generate":
             use_chat = not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None)
@@ -94,7 +106,7 @@ def main(argv=None) -> int:
             _report(*res[1:])
             return 0
         return _chat_loop(llm, sp, args.system)
-    except JaxinferError as e:
+    except (JaxinferError, ValueError) as e:
         sys.stderr.write(f"jaxinfer: error: {e}\n")
         return 2
 

@@ -302,6 +302,9 @@ class EngineConfig:
       num_speculative_tokens: ``K``, the most draft tokens verified per sequence and step, and the
         default per request (``Engine.add_request(..., num_speculative_tokens=k)`` picks ``0 <= k <= K``).
       ngram_min / ngram_max: n-gram lengths the prompt-lookup proposer matches (longest first).
+      tensor_parallel_size: devices each model replica is split over (mesh axis "model").
+      data_parallel_size: engine replicas, each on its own ``tensor_parallel_size`` devices (mesh axis
+        "data"); requests go to the least loaded replica.
     """
 
     max_model_len: int | None = None
@@ -322,12 +325,15 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     ngram_min: int = 1
     ngram_max: int = 4
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"EngineConfig.{name} {why}, got {getattr(self, name)!r}")
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "min_token_bucket"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "min_token_bucket",
+                     "tensor_parallel_size", "data_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "must be a positive integer")

@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 from jaxinfer.attention import AttentionMetadata
@@ -33,6 +34,7 @@ from jaxinfer.sampling import SamplingTensors
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.sequence import Sequence
+from jaxinfer.sharding import make_mesh
 from jaxinfer.speculative.params import resolve_num_speculative_tokens
 from jaxinfer.speculative.verify import RowInfo, token_slots_kinds
 from jaxinfer.step_inputs import StepBuckets, pack_step_inputs
@@ -104,7 +106,7 @@ class Engine:
         enable_compilation_cache(compilation_cache)
         self.config = config = config or EngineConfig()
         dtype = resolve_dtype(config.dtype)
-        self.loaded = loaded or load_model(model, dtype=dtype)
+        self.loaded = loaded or load_model(model, dtype=dtype, mesh=make_mesh(config.tensor_parallel_size))
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.model_name = str(model) if model is not None else self.loaded.source.name
@@ -136,7 +138,7 @@ class Engine:
                                                          coupled=True)
         self._trash_slot = config.max_num_seqs
         self.runner = ModelRunner(self.loaded.model, self.loaded.params, spec, config.max_num_seqs + 1,
-                                  config.attention_impl, self.loaded.mesh)
+                                  config.attention_impl, self.loaded.plan)
         self.spec = self._build_speculative()
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self._slot: dict[str, int] = {}
@@ -270,22 +272,37 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the deltas of every request that changed."""
+        return self.finish_step(self.start_step())
+
+    def start_step(self):
+        """Schedule and launch a step on the device without waiting for it (see :meth:`finish_step`)."""
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
             self._release_slot(seq.request_id)
         if sched.is_empty:
-            return outputs
+            return outputs, None
         rows = sched.scheduled
         infos = self._row_infos(rows)
         drafts = self.spec.propose(rows, infos) if self.spec is not None else None
-        spec_res = None
         if drafts is not None and any(drafts):
-            spec_res = self.spec.verify(rows, drafts, infos)
+            return outputs, (sched, infos, self.spec.dispatch_verify(rows, drafts, infos))
+        x = pack_step_inputs(sched, self.buckets)
+        return outputs, (sched, infos, self.runner.dispatch(self._device_batch(x, infos)))
+
+    def finish_step(self, started) -> list[RequestOutput]:
+        """Wait for a step launched by :meth:`start_step` and turn its samples into output deltas."""
+        outputs, launched = started
+        if launched is None:
+            return outputs
+        sched, infos, device_out = launched
+        rows = sched.scheduled
+        spec_res = None
+        if self.spec is not None and self.spec.is_verify(device_out):
+            spec_res = self.spec.collect(device_out)
             sampled, logprobs = spec_res.tokens, spec_res.logprobs
         else:
-            x = pack_step_inputs(sched, self.buckets)
-            res = self.runner.run(self._device_batch(x, infos))
+            res = jax.device_get(device_out)
             sampled = [[int(t)] for t in res.tokens[: len(rows)]]
             logprobs = [None if info.params.logprobs is None else [self._logprob_entry(res, i, info.params.logprobs)]
                         for i, info in enumerate(infos)]

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxinfer.attention import kv_pages_specs
 from jaxinfer.config import ModelConfig
+from jaxinfer.sharding import ShardingPlan, make_mesh
 from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages, default_layout, init_kv_pages
 
 logger = logging.getLogger(__name__)
@@ -133,12 +136,22 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
     return spec
 
 
-def init_kv_cache(spec: KVCacheSpec, sharding=None) -> tuple[KVPages, ...]:
-    """One zero-filled ``KVPages`` per layer (placed with ``sharding`` when given)."""
+def init_kv_cache(spec: KVCacheSpec, plan: ShardingPlan | None = None) -> tuple[KVPages, ...]:
+    """One zero-filled ``KVPages`` per layer, placed on ``plan``'s mesh: split over KV heads when the
+    plan splits attention over "model", replicated otherwise (default: one device)."""
 
     def one():
         return init_kv_pages(spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim, spec.dtype,
                              layout=spec.layout, quant_dtype=spec.quant_dtype)
 
-    make = jax.jit(one, out_shardings=sharding) if sharding is not None else jax.jit(one)
+    plan = plan or plan_sharding_for_one_device()
+    axis = "model" if plan.shard_attention else None
+    specs = kv_pages_specs(jax.eval_shape(one), axis)
+    shardings = jax.tree.map(lambda p: NamedSharding(plan.mesh, p), specs,
+                             is_leaf=lambda x: isinstance(x, PartitionSpec))
+    make = jax.jit(one, out_shardings=shardings)
     return tuple(make() for _ in range(spec.num_layers))
+
+
+def plan_sharding_for_one_device() -> ShardingPlan:
+    return ShardingPlan(make_mesh())

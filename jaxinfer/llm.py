@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.engine import Engine
+from jaxinfer.dp_engine import create_engine
 from jaxinfer.errors import InvalidRequestError, PromptTooLongError
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling_params import SamplingParams
@@ -30,8 +30,9 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype="auto", max_model_len: int | None = None,
                  seed: int = 0, compilation_cache: bool | None = None, **engine_options):
         config = EngineConfig(max_model_len=max_model_len, dtype=dtype, seed=seed, **engine_options)
-        self.engine = Engine(model, config, compilation_cache=compilation_cache)
-        self.loaded = self.engine.loaded
+        self.engine = create_engine(model, config, compilation_cache=compilation_cache)
+        first = getattr(self.engine, "replicas", [self.engine])[0]
+        self.loaded = first.loaded
         self.config = self.engine.model_config
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len

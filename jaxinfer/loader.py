@@ -14,10 +14,10 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.errors import WeightLoadError
 from jaxinfer.model_registry import ModelSource, resolve_model
 from jaxinfer.models.causal_lm import CausalLM
-from jaxinfer.sharding import make_mesh
+from jaxinfer.sharding import ShardingPlan, make_mesh, plan_sharding
 from jaxinfer.tokenizer import load_tokenizer
 from jaxinfer.weight_sources import GGUFCheckpoint, SafetensorsCheckpoint
-from jaxinfer.weights import gguf_sources, hf_sources, load_params
+from jaxinfer.weights import expand_kv_heads, gguf_sources, hf_sources, load_params
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class LoadedModel:
     params: dict
     tokenizer: object
     mesh: Mesh
+    plan: ShardingPlan | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -61,9 +62,13 @@ def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None
     """
     source = resolve_model(model)
     config, ckpt = load_config(source)
-    lm = CausalLM(config, dtype)
     mesh = mesh or make_mesh()
+    plan = plan_sharding(config, mesh)
     sources = gguf_sources(config) if source.kind == "gguf" else hf_sources(config)
-    params = load_params(ckpt, sources, lm.abstract_params(), mesh, desc=f"Loading {source.name}")
+    if plan.kv_head_replicas > 1:
+        sources = expand_kv_heads(sources, config.head_dim, plan.kv_head_replicas)
+        config = config.with_overrides(num_kv_heads=config.num_kv_heads * plan.kv_head_replicas)
+    lm = CausalLM(config, dtype, plan)
+    params = load_params(ckpt, sources, lm.abstract_params(), mesh, rules=plan.rules, desc=f"Loading {source.name}")
     tok = load_tokenizer(source) if load_tokenizer_too else None
-    return LoadedModel(source, lm, params, tok, mesh)
+    return LoadedModel(source, lm, params, tok, mesh, plan)

@@ -16,7 +16,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer.attention import AttentionMetadata
 from jaxinfer.kv_cache import KVCacheSpec, init_kv_cache
@@ -28,7 +27,7 @@ from jaxinfer.sampling import (
     sample,
     update_penalty_state,
 )
-from jaxinfer.sharding import make_mesh
+from jaxinfer.sharding import ShardingPlan, make_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -62,25 +61,26 @@ class ModelRunner:
       kv_spec: paged cache geometry.
       num_slots: penalty-state rows (max running sequences + one trash row for padding).
       impl: attention kernel ("xla", "pallas_tpu", "pallas_gpu"; None = backend default).
-      mesh: device mesh of the parameters; the cache and penalty state are placed on it (replicated) and
-        every step returns them with the same sharding, so compiled steps are reused.
+      plan: the model's sharding plan; the cache is placed by it (KV heads split over "model" when
+        attention is), the penalty state replicated, and every step returns both with the same
+        shardings, so compiled steps are reused.
     """
 
     def __init__(self, model: CausalLM, params, kv_spec: KVCacheSpec, num_slots: int, impl: str | None = None,
-                 mesh: Mesh | None = None):
+                 plan: ShardingPlan | None = None):
         self.model = model
         self.params = params
         self.kv_spec = kv_spec
         self.impl = impl
         self.num_slots = num_slots
-        mesh = mesh or make_mesh()
-        state_sharding = NamedSharding(mesh, PartitionSpec())
-        self.kv_cache = init_kv_cache(kv_spec, state_sharding)
-        self.penalty_state = jax.device_put(PenaltyState.zeros(num_slots, model.config.vocab_size), state_sharding)
+        plan = plan or model.plan or ShardingPlan(make_mesh())
+        self.kv_cache = init_kv_cache(kv_spec, plan)
+        self.penalty_state = jax.device_put(PenaltyState.zeros(num_slots, model.config.vocab_size), plan.replicated())
         kv_shardings = jax.tree.map(lambda x: x.sharding, self.kv_cache)
         ps_shardings = jax.tree.map(lambda x: x.sharding, self.penalty_state)
+        # Sampler outputs replicated: every process (multi-host) can read them from a local device.
         self._step = jax.jit(self._step_fn, donate_argnums=(1, 2),
-                             out_shardings=(None, kv_shardings, ps_shardings))
+                             out_shardings=(plan.replicated(), kv_shardings, ps_shardings))
         self.num_steps = 0
 
     def _step_fn(self, params, kv_cache, penalty_state, batch: StepBatch):
@@ -90,11 +90,15 @@ class ModelRunner:
                                              batch.token_kind)
         return sample(logits, batch.sampling, penalty_state), kv_cache, penalty_state
 
-    def run(self, batch: StepBatch) -> SamplerOutput:
-        """Execute one step; returns the sampler output on the host (one device-to-host copy)."""
+    def dispatch(self, batch: StepBatch) -> SamplerOutput:
+        """Launch one step (asynchronously); returns the sampler output still on the device."""
         out, self.kv_cache, self.penalty_state = self._step(self.params, self.kv_cache, self.penalty_state, batch)
         self.num_steps += 1
-        return jax.device_get(out)
+        return out
+
+    def run(self, batch: StepBatch) -> SamplerOutput:
+        """Execute one step; returns the sampler output on the host (one device-to-host copy)."""
+        return jax.device_get(self.dispatch(batch))
 
     def dummy_batch(self, num_tokens: int, num_seqs: int, pages_per_seq: int) -> StepBatch:
         """An all-padding batch of the given bucket (used to compile it)."""

@@ -1,12 +1,22 @@
-"""Device meshes and the ONE table mapping logical axis names to mesh axes.
+"""Device meshes, the ONE table mapping logical axis names to mesh axes, and per-model sharding plans.
 
 Parameters and caches name their dimensions logically ("vocab", "embed", "heads", "kv_heads",
 "head_dim", "mlp", "batch"); :data:`LOGICAL_AXIS_RULES` says which mesh axis ("data", "model") each one
 is split over. ``heads`` / ``kv_heads`` on projection weights are flattened ``heads * head_dim``
 columns, so a split over "model" hands whole heads to each shard.
+
+:func:`plan_sharding` adapts the table to a model and a mesh (tensor parallelism over "model"):
+
+* query heads not divisible by the model-axis size: attention stays replicated (MLP and vocabulary are
+  still split);
+* fewer KV heads than the model axis (GQA): each KV head is repeated ``tp / num_kv_heads`` times at load
+  time, so every shard holds exactly the KV heads its query heads read (the KV cache too);
+* an MLP width or vocabulary not divisible by the model axis: that dimension stays replicated.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import flax.linen as nn
 import jax
@@ -44,6 +54,60 @@ def logical_to_mesh_spec(names, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
     return PartitionSpec(*(table.get(n) if n is not None else None for n in names))
 
 
+@dataclass(frozen=True)
+class ShardingPlan:
+    """How one model is laid out on one mesh.
+
+    Attributes:
+      mesh: the device mesh (axes "data", "model").
+      rules: logical axis -> mesh axis table for this model (a restriction of ``LOGICAL_AXIS_RULES``).
+      kv_head_replicas: each checkpoint KV head is stored this many times (1: none).
+    """
+
+    mesh: Mesh
+    rules: tuple[tuple[str, str | None], ...] = LOGICAL_AXIS_RULES
+    kv_head_replicas: int = 1
+
+    @property
+    def tp(self) -> int:
+        return int(self.mesh.shape["model"])
+
+    @property
+    def shard_attention(self) -> bool:
+        """Attention runs per shard (heads split over "model")."""
+        return self.tp > 1 and dict(self.rules).get("heads") == "model"
+
+    def spec(self, names) -> PartitionSpec:
+        return logical_to_mesh_spec(names, self.rules)
+
+    def sharding(self, names) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+def plan_sharding(config, mesh: Mesh | None = None) -> ShardingPlan:
+    """The :class:`ShardingPlan` of ``config`` (a ``ModelConfig``) on ``mesh`` (default: one device)."""
+    mesh = mesh or make_mesh()
+    tp = int(mesh.shape["model"])
+    rules = dict(LOGICAL_AXIS_RULES)
+    replicas = 1
+    if tp > 1:
+        if config.num_heads % tp:
+            rules["heads"] = rules["kv_heads"] = None
+        elif config.num_kv_heads % tp:
+            if tp % config.num_kv_heads:
+                rules["heads"] = rules["kv_heads"] = None
+            else:
+                replicas = tp // config.num_kv_heads
+        if config.intermediate_size % tp:
+            rules["mlp"] = None
+        if config.vocab_size % tp:
+            rules["vocab"] = None
+    return ShardingPlan(mesh, tuple(rules.items()), replicas)
+
+
 def param_shardings(logical_axes, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """Pytree of ``NamedSharding`` for a pytree of logical ``PartitionSpec`` / name tuples."""
     return nn.logical_to_mesh_sharding(logical_axes, mesh, list(rules))
@@ -51,3 +115,21 @@ def param_shardings(logical_axes, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def place_params(params, logical_axes, plan: ShardingPlan):
+    """Put every parameter (plain array or ``quantize.QArray``) into its sharding under ``plan``.
+
+    ``logical_axes``: the model's per-parameter logical names (``CausalLM.logical_axes()``); a QArray's
+    scales are split with their weight's columns / row groups (``QArray.logical_axes``).
+    """
+    from quantize.qarray import QArray
+
+    def place(w, names):
+        if isinstance(w, QArray):
+            axes = w.logical_axes(tuple(names))
+            return jax.tree.map(lambda leaf, ax: jax.device_put(leaf, plan.sharding(ax)), w, axes,
+                                is_leaf=lambda x: isinstance(x, tuple))
+        return jax.device_put(w, plan.sharding(tuple(names)))
+
+    return jax.tree.map(place, params, logical_axes, is_leaf=lambda x: isinstance(x, QArray))

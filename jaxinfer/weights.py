@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError, WeightLoadError
-from jaxinfer.sharding import param_shardings
+from jaxinfer.sharding import LOGICAL_AXIS_RULES, param_shardings
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,30 @@ def gguf_sources(config: ModelConfig) -> dict[tuple[str, ...], TensorSource]:
     return src
 
 
+def expand_kv_heads(sources: dict[tuple[str, ...], TensorSource], head_dim: int, replicas: int
+                    ) -> dict[tuple[str, ...], TensorSource]:
+    """Repeat every KV head of the k/v projections ``replicas`` times (columns ``[.., kv * D]`` ->
+    ``[.., kv * replicas * D]``; expanded head ``j`` is checkpoint head ``j // replicas``), so tensor
+    parallelism wider than the KV-head count gives each shard whole heads."""
+    if replicas == 1:
+        return sources
+
+    def repeat(transform):
+        def f(a):
+            t = transform(a)
+            heads = t.reshape(*t.shape[:-1], t.shape[-1] // head_dim, head_dim)
+            return np.repeat(heads, replicas, axis=-2).reshape(*t.shape[:-1], -1)
+        return f
+
+    out = dict(sources)
+    for path, src in sources.items():
+        if len(path) >= 2 and path[-2] in ("k_proj", "v_proj"):
+            out[path] = TensorSource(src.name, repeat(src.transform))
+    return out
+
+
 def load_params(checkpoint, sources: dict[tuple[str, ...], TensorSource], abstract_params, mesh: Mesh,
-                *, desc: str = "Loading weights"):
+                *, rules=LOGICAL_AXIS_RULES, desc: str = "Loading weights"):
     """Load every parameter of ``abstract_params`` (boxed, from ``CausalLM.abstract_params``).
 
     Args:
@@ -111,12 +133,13 @@ def load_params(checkpoint, sources: dict[tuple[str, ...], TensorSource], abstra
       sources: parameter path -> :class:`TensorSource`.
       abstract_params: boxed abstract parameter pytree (carries shapes, dtypes and logical axes).
       mesh: device mesh; each leaf gets the sharding its logical axes map to.
+      rules: logical axis -> mesh axis table (a model's ``ShardingPlan.rules``).
     Returns:
       The parameter pytree of ``jax.Array`` leaves.
     Raises:
       WeightLoadError: missing tensors or shape mismatches (all named).
     """
-    shardings = flatten_dict(param_shardings(nn.get_partition_spec(abstract_params), mesh))
+    shardings = flatten_dict(param_shardings(nn.get_partition_spec(abstract_params), mesh, rules))
     leaves = flatten_dict(nn.unbox(abstract_params))
     available = checkpoint.keys()
     missing = [s.name for p, s in sources.items() if p in leaves and s.name not in available]

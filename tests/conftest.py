@@ -2,10 +2,14 @@
 
 import os
 
-import jax
-import pytest
+# Eight virtual CPU devices for the sharding tests (single-device code is unaffected); must precede jax.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-from jaxinfer.compilation_cache import enable_compilation_cache
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxinfer.compilation_cache import enable_compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 enable_compilation_cache()

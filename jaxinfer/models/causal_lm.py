@@ -16,6 +16,7 @@ from jaxinfer.attention import AttentionMetadata, init_dense_cache
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import CausalTransformer, LlamaAttention
 from jaxinfer.models.qwen3 import Qwen3Attention
+from jaxinfer.sharding import ShardingPlan
 
 ATTENTION_CLASSES = {
     "llama": LlamaAttention,
@@ -28,10 +29,12 @@ ATTENTION_CLASSES = {
 class CausalLM:
     """A decoder-only LM: config + Flax module + pure forward."""
 
-    def __init__(self, config: ModelConfig, dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, dtype=jnp.float32, plan: ShardingPlan | None = None):
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        self.module = CausalTransformer(config, ATTENTION_CLASSES[config.architecture], self.dtype)
+        self.plan = plan
+        mesh = plan.mesh if plan is not None and plan.shard_attention else None
+        self.module = CausalTransformer(config, ATTENTION_CLASSES[config.architecture], self.dtype, mesh)
 
     def forward(self, params, tokens, positions, kv_caches, md: AttentionMetadata, logits_indices=None):
         """Run the decoder over a ragged step.
@@ -63,6 +66,13 @@ class CausalLM:
     def logical_axes(self):
         """Pytree of logical axis-name tuples, one per parameter."""
         return nn.get_partition_spec(self.abstract_params())
+
+    def param_shardings(self):
+        """Pytree of ``NamedSharding``, one per parameter, under this model's sharding plan."""
+        from jaxinfer.sharding import param_shardings, plan_sharding
+
+        plan = self.plan or plan_sharding(self.config)
+        return param_shardings(self.logical_axes(), plan.mesh, plan.rules)
 
     def init_random_params(self, seed: int = 0):
         """Random parameters (for tests and benchmarks of shapes without a checkpoint)."""

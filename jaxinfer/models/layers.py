@@ -57,8 +57,13 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes)
-        kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
+        if self.has_variable("params", "kernel"):
+            # An existing kernel may be a quantized pytree whose leaves (e.g. packed int4) do not have the
+            # float shape; flax's init-shape check would reject it, so read it directly.
+            kernel = self.get_variable("params", "kernel")
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes)
+            kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
         bias = None
         if self.use_bias:
             binit = nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxinfer.attention import AttentionMetadata, attention
 from jaxinfer.config import ModelConfig
@@ -22,6 +23,7 @@ from jaxinfer.models.layers import Linear, RMSNorm, linear, rope, swiglu
 class LlamaAttention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    mesh: Mesh | None = None  # set when attention heads are split over the mesh's "model" axis
 
     def qk_transform(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Hook applied to ``q[T, Hq, D]``, ``k[T, Hkv, D]`` before RoPE (Qwen3 normalises here)."""
@@ -41,7 +43,8 @@ class LlamaAttention(nn.Module):
         q, k = self.qk_transform(q, k)
         q = rope(q, positions, inv_freq)
         k = rope(k, positions, inv_freq)
-        out, cache = attention(q, k, v, cache, md, sm_scale=c.sm_scale, sliding_window=c.sliding_window)
+        out, cache = attention(q, k, v, cache, md, sm_scale=c.sm_scale, sliding_window=c.sliding_window,
+                               mesh=self.mesh)
         o = Linear(c.hidden_size, ("heads", "embed"), name="o_proj", param_dtype=self.dtype)
         return o(out.reshape(t, c.q_size)), cache
 
@@ -63,12 +66,13 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     attention_cls: type = LlamaAttention
     dtype: jnp.dtype = jnp.float32
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, positions, cache, md, inv_freq):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="input_layernorm")(x)
-        a, cache = self.attention_cls(c, self.dtype, name="self_attn")(h, positions, cache, md, inv_freq)
+        a, cache = self.attention_cls(c, self.dtype, self.mesh, name="self_attn")(h, positions, cache, md, inv_freq)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="post_attention_layernorm")(x)
         return x + LlamaMLP(c, self.dtype, name="mlp")(h), cache
@@ -84,6 +88,7 @@ class CausalTransformer(nn.Module):
     config: ModelConfig
     attention_cls: type = LlamaAttention
     dtype: jnp.dtype = jnp.float32
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, tokens, positions, caches, md: AttentionMetadata, logits_indices=None):
@@ -94,7 +99,7 @@ class CausalTransformer(nn.Module):
         inv_freq = jnp.asarray(c.inv_freq())
         new_caches = []
         for i in range(c.num_layers):
-            layer = DecoderLayer(c, self.attention_cls, self.dtype, name=f"layers_{i}")
+            layer = DecoderLayer(c, self.attention_cls, self.dtype, self.mesh, name=f"layers_{i}")
             x, cache = layer(x, positions, caches[i], md, inv_freq)
             new_caches.append(cache)
         if logits_indices is not None:

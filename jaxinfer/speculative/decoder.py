@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 from jaxinfer.attention import AttentionMetadata
@@ -28,7 +29,7 @@ from jaxinfer.sampling import SamplingTensors
 from jaxinfer.scheduler import ScheduledSeq
 from jaxinfer.speculative.draft import DraftRunner
 from jaxinfer.speculative.ngram import NgramProposer
-from jaxinfer.speculative.verify import RowInfo, Verifier, pack_verify
+from jaxinfer.speculative.verify import RowInfo, Verifier, VerifyBatch, pack_verify
 from jaxinfer.step_inputs import StepBuckets, pack_rows
 
 
@@ -42,6 +43,17 @@ class SpecStepResult:
     logprobs: list[list[dict[int, float]] | None]
     num_drafts: list[int]
     num_accepted: list[int]
+
+
+@dataclass
+class PendingVerify:
+    """A launched verify step: its rows, drafts, row infos, packed batch and on-device output."""
+
+    rows: list[ScheduledSeq]
+    drafts: list[list[int]]
+    infos: list[RowInfo]
+    batch: VerifyBatch
+    output: object
 
 
 @dataclass
@@ -205,10 +217,24 @@ class SpeculativeDecoder:
 
     def verify(self, rows: list[ScheduledSeq], drafts: list[list[int]], infos: list[RowInfo]) -> SpecStepResult:
         """Run the verify step for ``rows`` with ``drafts``; updates :attr:`stats`."""
+        return self.collect(self.dispatch_verify(rows, drafts, infos))
+
+    def dispatch_verify(self, rows: list[ScheduledSeq], drafts: list[list[int]], infos: list[RowInfo]
+                        ) -> PendingVerify:
+        """Launch the verify step without waiting for it (:meth:`collect` finishes it)."""
         vb = pack_verify(rows, drafts, infos, self.buckets, self.k, trash_slot=self.trash_slot,
                          eos_token_ids=self.eos_token_ids, impl=self.impl)
         probs = self.draft.probs if self.draft is not None else None
-        out = self.verifier.run(vb, probs)
+        return PendingVerify(rows, drafts, infos, vb, self.verifier.dispatch(vb, probs))
+
+    @staticmethod
+    def is_verify(launched) -> bool:
+        return isinstance(launched, PendingVerify)
+
+    def collect(self, pending: PendingVerify) -> SpecStepResult:
+        """Wait for a verify step; per-row accepted tokens and log-probabilities; updates :attr:`stats`."""
+        rows, drafts, infos, vb = pending.rows, pending.drafts, pending.infos, pending.batch
+        out = jax.device_get(pending.output)
         res = SpecStepResult([], [], [], [])
         for i, (r, d, info) in enumerate(zip(rows, drafts, infos)):
             if not r.samples:

@@ -20,14 +20,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer.attention import AttentionMetadata
 from jaxinfer.kv_cache import KV_CACHE_DTYPES, KVCacheSpec, init_kv_cache
 from jaxinfer.loader import LoadedModel
 from jaxinfer.runner import StepBatch
 from jaxinfer.sampling import SamplingTensors, process_logits, warp_logits
-from jaxinfer.sharding import make_mesh
+from jaxinfer.sharding import ShardingPlan, make_mesh
 from jaxinfer.speculative.rejection import DRAFT_STREAM, stream_gumbel
 from pallas_kernels.ragged_paged_attention.api import default_layout
 
@@ -103,12 +102,12 @@ class DraftRunner:
         self.vocab_size = vocab_size
         self.num_slots = num_slots
         self.k = num_speculative_tokens
-        sharding = NamedSharding(loaded.mesh or make_mesh(), PartitionSpec())
-        self.kv_cache = init_kv_cache(kv_spec, sharding)
-        self.probs = jax.device_put(jnp.zeros((num_slots * num_speculative_tokens, vocab_size), jnp.float32),
-                                    sharding)
+        plan = loaded.plan or loaded.model.plan or ShardingPlan(loaded.mesh or make_mesh())
+        self.kv_cache = init_kv_cache(kv_spec, plan)  # placed like the draft's own attention
+        rep = plan.replicated()
+        self.probs = jax.device_put(jnp.zeros((num_slots * num_speculative_tokens, vocab_size), jnp.float32), rep)
         kv_sh = jax.tree.map(lambda a: a.sharding, self.kv_cache)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), out_shardings=(None, kv_sh, sharding))
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, rep))
 
     def _step_fn(self, params, kv_cache, probs, batch: StepBatch, q_rows):
         logits, kv_cache = self.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md,

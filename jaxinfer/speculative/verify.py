@@ -148,7 +148,8 @@ class Verifier:
         self.use_draft_probs = use_draft_probs
         kv_sh = jax.tree.map(lambda a: a.sharding, runner.kv_cache)
         ps_sh = jax.tree.map(lambda a: a.sharding, runner.penalty_state)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), out_shardings=(None, kv_sh, ps_sh))
+        rep = ps_sh.output_counts  # replicated on the runner's mesh: every process can read the output
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, ps_sh))
 
     def _step_fn(self, params, kv_cache, penalty_state, batch: StepBatch, vin: VerifyInputs, draft_probs):
         logits, kv_cache = self.runner.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md,
@@ -158,14 +159,18 @@ class Verifier:
         out = rejection_sample(logits, batch.sampling, penalty_state, vin, draft_probs)
         return out, kv_cache, penalty_state
 
-    def run(self, vb: VerifyBatch, draft_probs=None) -> VerifyOutput:
-        """One verify step; the output comes back to the host in one copy."""
+    def dispatch(self, vb: VerifyBatch, draft_probs=None) -> VerifyOutput:
+        """Launch one verify step (asynchronously); the output stays on the device."""
         r = self.runner
         probs = draft_probs if self.use_draft_probs else None
         out, r.kv_cache, r.penalty_state = self._step(r.params, r.kv_cache, r.penalty_state, vb.batch, vb.vin,
                                                       probs)
         r.num_steps += 1
-        return jax.device_get(out)
+        return out
+
+    def run(self, vb: VerifyBatch, draft_probs=None) -> VerifyOutput:
+        """One verify step; the output comes back to the host in one copy."""
+        return jax.device_get(self.dispatch(vb, draft_probs))
 
     def dummy(self, num_tokens: int, num_seqs: int, pages_per_seq: int) -> VerifyBatch:
         """An all-padding verify batch of bucket ``(T, S)``."""
