@@ -301,7 +301,9 @@ class EngineConfig:
         share the target's tokenizer.
       num_speculative_tokens: ``K``, the most draft tokens verified per sequence and step, and the
         default per request (``Engine.add_request(..., num_speculative_tokens=k)`` picks ``0 <= k <= K``).
-      ngram_min / ngram_max: n-gram lengths the prompt-lookup proposer matches (longest first).
+        Default 3: a batch-1 verify step (``k + 1 = 4`` tokens) then fills a power-of-two bucket.
+      ngram_min / ngram_max: n-gram lengths the prompt-lookup proposer matches (longest first); single
+        tokens (``ngram_min=1``) match too often to be worth verifying.
       tensor_parallel_size: devices each model replica is split over (mesh axis "model").
       data_parallel_size: engine replicas, each on its own ``tensor_parallel_size`` devices (mesh axis
         "data"); requests go to the least loaded replica.
@@ -322,8 +324,8 @@ class EngineConfig:
     min_token_bucket: int = 2
     speculative_method: str | None = None
     speculative_model: str | None = None
-    num_speculative_tokens: int = 4
-    ngram_min: int = 1
+    num_speculative_tokens: int = 3
+    ngram_min: int = 2
     ngram_max: int = 4
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1

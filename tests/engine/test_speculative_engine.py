@@ -15,7 +15,8 @@ from tests.tiny_models import make_tiny_model
 
 # One bucket set and one page count for every engine here, so compiled steps are shared (the persistent
 # compilation cache) and the workloads also preempt: 24 pages of 8 tokens, 512 B per token per model.
-CFG = dict(max_model_len=160, max_num_seqs=4, max_num_batched_tokens=32, page_size=8, min_token_bucket=8)
+CFG = dict(max_model_len=160, max_num_seqs=4, max_num_batched_tokens=32, page_size=8, min_token_bucket=8,
+           num_speculative_tokens=4, ngram_min=1)
 PAGES = 24
 
 
