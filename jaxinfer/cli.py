@@ -8,6 +8,7 @@ import sys
 import time
 
 from jaxinfer.errors import JaxinferError
+from serve.cli import register as register_serve
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     _add_model_args(c)
     _add_sampling_args(c)
+    register_serve(sub)
     return parser
 
 
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "run"):  # sub-commands that bring their own runner (serve)
+            return args.run(args)
         from jaxinfer.llm import LLM
 
         sp = _sampling(args)

@@ -1,0 +1,145 @@
+"""``jaxinfer serve``: the OpenAI-compatible HTTP server and/or the gRPC server for one model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NUM_SEQS = 64
+_DESCRIPTION = ("Serve one model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                "/v1/models, /health, /metrics) and/or gRPC. SIGINT/SIGTERM shut down gracefully: new requests "
+                "get 503, in-flight ones may finish for --shutdown-timeout seconds, then are aborted; a second "
+                "signal exits at once.")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``serve`` sub-command to the ``jaxinfer`` parser; it runs ``run(args)``."""
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and gRPC)",
+                              description=_DESCRIPTION)
+    p.add_argument("--model", default=None,
+                   help="registered name, HF directory, GGUF file or hub id (default: smollm2-135m-instruct)")
+    p.add_argument("--served-model-name", default=None, help="name clients pass as 'model' (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one; default 8000)")
+    p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC on this port (0 picks a free one)")
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only (needs --grpc-port)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    e.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences running at once (default: the engine's)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one engine step (default: the engine's)")
+    e.add_argument("--kv-cache-memory", default=None,
+                   help="KV-cache budget, bytes or e.g. '2GiB' (default: 90%% of free device memory, 1 GiB on CPU)")
+    e.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the model is split over")
+    e.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas (requests balanced)")
+    e.add_argument("--no-warmup", action="store_true", help="do not compile every step shape at start-up")
+    e.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="requests admitted beyond --max-num-seqs before answering 429 (default 256)")
+    e.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may finish after SIGINT/SIGTERM (default 30)")
+    e.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
+    p.set_defaults(run=run)
+    return p
+
+
+def _positive(args, name: str) -> None:
+    value = getattr(args, name)
+    if value is not None and value < 1:
+        raise SystemExit(f"jaxinfer serve: --{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def build_engine(args):
+    """Load ``--model`` into a ``jaxinfer.engine.Engine`` configured from the options; compile every step
+    shape now unless ``--no-warmup`` (so no request waits for a compilation)."""
+    import time
+
+    from jaxinfer.config import EngineConfig
+    from jaxinfer.dp_engine import create_engine
+
+    kw = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+          "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_memory": args.kv_cache_memory,
+          "tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
+          "data_parallel_size": getattr(args, "data_parallel_size", None)}
+    config = EngineConfig(dtype=args.dtype, **{k: v for k, v in kw.items() if v is not None})
+    engine = create_engine(args.model, config)
+    if not args.no_warmup:
+        t = time.perf_counter()
+        logger.info("compiling the engine's step shapes (--no-warmup skips this)")
+        engine.warmup()
+        logger.info("warm-up done in %.1f s", time.perf_counter() - t)
+    return engine
+
+
+def engine_max_num_seqs(engine, requested: int | None) -> int:
+    """The engine's running-request limit (for admission), from the option or the engine's config."""
+    replicas = max(1, getattr(getattr(engine, "config", None), "data_parallel_size", 1) or 1)
+    if requested is not None:
+        return requested * replicas
+    for holder in (engine, getattr(engine, "config", None), getattr(engine, "engine_config", None)):
+        value = getattr(holder, "max_num_seqs", None) if holder is not None else None
+        if isinstance(value, int) and value > 0:
+            return value * replicas
+    return DEFAULT_MAX_NUM_SEQS
+
+
+def run(args, engine=None, on_ready=None) -> int:
+    """Run the servers until SIGINT / SIGTERM. ``engine``: use this one instead of loading ``--model``;
+    ``on_ready(addresses)``: called once listening."""
+    from serve.async_engine import AsyncEngine
+    from serve.server import ServerOptions, run_server
+
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        _positive(args, name)
+    if args.no_http and args.grpc_port is None:
+        raise SystemExit("jaxinfer serve: --no-http needs --grpc-port")
+    if args.max_waiting_requests < 0:
+        raise SystemExit("jaxinfer serve: --max-waiting-requests must be >= 0")
+    opts = ServerOptions(host=args.host, port=None if args.no_http else args.port, grpc_port=args.grpc_port,
+                         max_body_bytes=int(args.max_body_mb * 2**20), shutdown_grace_s=args.shutdown_timeout)
+    if engine is None:
+        logger.info("loading %s", args.model or "the default model")
+        try:
+            engine = build_engine(args)
+        except ValueError as e:  # EngineConfig rejects the combination of options
+            raise SystemExit(f"jaxinfer serve: {e}") from None
+    async_engine = AsyncEngine(engine, max_num_seqs=engine_max_num_seqs(engine, args.max_num_seqs),
+                               max_waiting_requests=args.max_waiting_requests,
+                               served_model_name=args.served_model_name)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            if stop.is_set():
+                logger.warning("second %s: exiting now", signal.Signals(sig).name)
+                os._exit(1)
+            logger.info("%s: shutting down gracefully (again to force)", signal.Signals(sig).name)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            await run_server(async_engine, opts, stop, on_ready or _announce)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    asyncio.run(main())
+    return 0
+
+
+def _announce(addresses) -> None:
+    if addresses.http_url:
+        sys.stderr.write(f"[jaxinfer] OpenAI-compatible API on {addresses.http_url}/v1\n")
+    if addresses.grpc_target:
+        sys.stderr.write(f"[jaxinfer] gRPC on {addresses.grpc_target}\n")
+    sys.stderr.flush()

@@ -1,0 +1,131 @@
+"""The gRPC server (``serve/protos/jaxinfer.proto``): streaming ``Generate`` and unary ``Health``.
+
+It shares the ``AsyncEngine`` (admission, abort, metrics) with the HTTP server and runs on the same
+asyncio loop. A cancelled call (client cancel, deadline, lost connection) cancels the handler; its
+``finally`` aborts the engine request, which frees its pages before the engine's next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.sampling_params import SamplingParams
+from serve.async_engine import AsyncEngine
+from serve.errors import APIError, BadRequest, ModelNotFound, from_exception
+from serve.openai_protocol import MAX_N
+from serve.prompts import check_token_ids, resolve_max_tokens, tokenize_text
+from serve.protos import jaxinfer_pb2 as pb
+from serve.protos import jaxinfer_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+           429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+
+_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+             "repetition_penalty", "seed", "logprobs")
+
+
+def status_code(err: APIError) -> grpc.StatusCode:
+    """The gRPC status for an API error."""
+    return _STATUS.get(err.status, grpc.StatusCode.INTERNAL)
+
+
+def sampling_kwargs(sp: pb.SamplingParameters) -> dict:
+    """``SamplingParams`` keyword arguments (without max_tokens) from the message; unset = default."""
+    kw = {name: getattr(sp, name) for name in _OPTIONAL if sp.HasField(name)}
+    kw.setdefault("temperature", 0.0)
+    if sp.n > MAX_N:
+        raise BadRequest(f"n must be at most {MAX_N}", param="n")
+    kw.update(n=sp.n or 1, stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+              min_tokens=sp.min_tokens, include_stop_str_in_output=sp.include_stop_str_in_output)
+    if "seed" in kw:
+        kw["seed"] &= 2**63 - 1
+    return kw
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """``Inference`` service bound to one ``AsyncEngine``."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    async def Health(self, request, context):  # noqa: N802 (gRPC method name)
+        e = self.engine
+        ok = e.healthy and not e.draining
+        status = "ok" if ok else ("shutting_down" if e.draining else "unhealthy")
+        return pb.HealthResponse(ok=ok, status=status, model=e.model_name, requests_in_flight=e.in_flight)
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
+        arrival = time.perf_counter()
+        stream = None
+        try:
+            stream, prompt_len = await self._submit(request, arrival)
+            await stream.wait_accepted()
+            completion_tokens = 0
+            async for out in stream:
+                for j, c in enumerate(out.outputs):
+                    completion_tokens += len(c.token_ids)
+                    msg = pb.GenerateResponse(
+                        request_id=out.request_id, index=c.index, token_ids=c.token_ids, text=c.text,
+                        finish_reason=c.finish_reason or "",
+                        stop_reason="" if c.stop_reason is None else str(c.stop_reason),
+                        logprobs=[_token_logprob(t, lp, request.sampling.logprobs)
+                                  for t, lp in zip(c.token_ids, c.logprobs or [])])
+                    if out.finished and j == len(out.outputs) - 1:
+                        msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
+                                                    total_tokens=prompt_len + completion_tokens))
+                    yield msg
+        except Exception as e:
+            err = from_exception(e)
+            if err.status >= 500 and not isinstance(e, APIError):
+                logger.error("unexpected error in Generate", exc_info=e)
+            self.engine.metrics.request_errors.labels(status=str(err.status)).inc()
+            await context.abort(status_code(err), err.message)
+        finally:
+            if stream is not None:
+                stream.abort()
+
+    async def _submit(self, request, arrival: float):
+        e = self.engine
+        if request.model and request.model not in e.model_aliases:
+            raise ModelNotFound(request.model)
+        e.check_admission()
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            ids = await tokenize_text(e, request.text)
+        elif kind == "token_ids":
+            ids = check_token_ids(list(request.token_ids.ids), "prompt")
+        else:
+            raise BadRequest("a prompt (text or token_ids) is required", param="prompt")
+        sp = request.sampling
+        requested = sp.max_tokens if sp.HasField("max_tokens") else None
+        if requested == 0:
+            raise BadRequest("max_tokens must be at least 1", param="max_tokens")
+        max_tokens = resolve_max_tokens(e.max_model_len, len(ids), requested, None, prompt_param="prompt",
+                                        max_tokens_param="max_tokens")
+        try:
+            params = SamplingParams(max_tokens=max_tokens, **sampling_kwargs(sp))
+        except InvalidRequestError as exc:
+            raise from_exception(exc) from None
+        return e.submit(ids, params, arrival_time=arrival), len(ids)
+
+
+def _token_logprob(tid: int, entry: dict, k: int) -> pb.TokenLogprob:
+    top = sorted(entry.items(), key=lambda kv: -kv[1])[:k] if k else []
+    return pb.TokenLogprob(token_id=tid, logprob=max(float(entry.get(tid, -9999.0)), -9999.0),
+                           top=[pb.TopLogprob(token_id=t, logprob=max(float(lp), -9999.0)) for t, lp in top])
+
+
+def build_grpc_server(engine: AsyncEngine, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """An (unstarted) ``grpc.aio`` server bound to ``host:port``; returns it and the bound port."""
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind the gRPC server to {host}:{port}")
+    return server, bound

@@ -1,0 +1,222 @@
+"""The OpenAI-compatible HTTP server (Starlette app).
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics``. Errors are OpenAI-style bodies
+``{"error": {"message", "type", "param", "code"}}``: 400 bad input, 404 unknown model (as OpenAI
+answers; a request without ``model`` uses the served model), 413 body too large, 429 waiting queue
+full, 503 shutting down, 500 engine failure. Streams are server-sent events ending with
+``data: [DONE]``; an error after the stream started is sent as a ``data: {"error": ...}`` event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from serve.asgi_io import ClientGone, EventStreamResponse, read_body, until_disconnect
+from serve.async_engine import AsyncEngine
+from serve.errors import APIError, MethodNotAllowed, ModelNotFound, NotFound, from_exception
+from serve.generation import Generation
+from serve.openai_protocol import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_body
+from serve.openai_responses import (
+    SSE_DONE,
+    ResponseBuilder,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    merge_logprobs,
+    sse,
+)
+from serve.prompts import check_token_ids, resolve_max_tokens, tokenize_chat, tokenize_text
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+
+
+class OpenAIServer:
+    """Request handlers bound to one ``AsyncEngine``."""
+
+    def __init__(self, engine: AsyncEngine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.engine = engine
+        self.max_body_bytes = max_body_bytes
+        self.token_text = TokenText(engine.tokenizer)
+
+    def error(self, exc: BaseException) -> JSONResponse:
+        err = from_exception(exc)
+        if err.status >= 500 and not isinstance(exc, APIError):
+            logger.error("unexpected error handling a request", exc_info=exc)
+        self.engine.metrics.request_errors.labels(status=str(err.status)).inc()
+        return JSONResponse(err.body(), status_code=err.status)
+
+    # -- info routes ---------------------------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name not in self.engine.model_aliases:
+            return self.error(ModelNotFound(name))
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict:
+        e = self.engine
+        return {"id": e.model_name, "object": "model", "created": e.created, "owned_by": "jaxinfer",
+                "max_model_len": e.max_model_len}
+
+    async def health(self, request: Request) -> Response:
+        e = self.engine
+        ok = e.healthy and not e.draining
+        status = "ok" if ok else ("shutting_down" if e.draining else "unhealthy")
+        return JSONResponse({"status": status, "requests_in_flight": e.in_flight}, status_code=200 if ok else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        from serve.metrics import CONTENT_TYPE
+
+        return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- generation routes ---------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_completion_request)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, parse_chat_request)
+
+    async def _generate(self, request: Request, parse) -> Response:
+        arrival = time.perf_counter()
+        gen = None
+        try:
+            body = parse_json_body(await read_body(request, self.max_body_bytes))
+            req: GenerationRequest = parse(body)
+            if req.model is not None and req.model not in self.engine.model_aliases:
+                raise ModelNotFound(req.model)
+            self.engine.check_admission(len(req.prompts))  # cheap early 429 / 503, before tokenizing
+            prompts = await until_disconnect(request, self._tokenize(req))
+            params = [req.sampling_params(resolve_max_tokens(
+                self.engine.max_model_len, len(ids), req.max_tokens, req.default_max_tokens,
+                prompt_param=req.prompt_param, max_tokens_param=req.max_tokens_param)) for ids in prompts]
+            gen = Generation(self.engine, prompts, params, prefix="chatcmpl" if req.kind == "chat" else "cmpl",
+                             arrival_time=arrival)
+            await until_disconnect(request, gen.wait_accepted())
+            builder = ResponseBuilder(req.kind, gen.id, self.engine.model_name)
+            echo = [self._echo_text(req, i, ids) for i, ids in enumerate(prompts)] if req.echo else None
+            if req.stream:
+                stream_gen, gen = gen, None  # the response owns it from here
+                return EventStreamResponse(self._stream(req, stream_gen, builder, echo), on_close=stream_gen.abort)
+            return JSONResponse(await until_disconnect(request, self._collect(req, gen, builder, echo)))
+        except ClientGone:
+            logger.info("client disconnected before the response; aborted")
+            return Response(status_code=499)
+        except Exception as e:
+            return self.error(e)
+        finally:
+            if gen is not None:
+                gen.abort()
+
+    async def _tokenize(self, req: GenerationRequest) -> list[list[int]]:
+        if req.kind == "chat":
+            return [await tokenize_chat(self.engine, req.prompts[0], req.add_generation_prompt)]
+        out = []
+        for p in req.prompts:
+            out.append(await tokenize_text(self.engine, p) if isinstance(p, str) else check_token_ids(p, "prompt"))
+        return out
+
+    def _echo_text(self, req: GenerationRequest, i: int, ids: list[int]) -> str:
+        p = req.prompts[i]
+        return p if isinstance(p, str) else self.engine.tokenizer.decode(ids)
+
+    def _logprobs(self, req: GenerationRequest, c, offset: int):
+        if req.logprobs is None or c.logprobs is None:
+            return None
+        if req.kind == "chat":
+            return chat_logprobs(c, req.logprobs, self.token_text)
+        return completion_logprobs(c, req.logprobs, self.token_text, offset)
+
+    async def _collect(self, req: GenerationRequest, gen: Generation, b: ResponseBuilder, echo) -> dict:
+        n = gen.n
+        total = len(gen.streams) * n
+        texts = [[echo[i // n]] if echo else [] for i in range(total)]
+        offsets = [len(t[0]) if t else 0 for t in texts]
+        lps = [None] * total
+        reasons = [(None, None)] * total
+        async with contextlib.aclosing(gen.events()) as events:
+            async for pi, out in events:
+                for c in out.outputs:
+                    i = pi * n + c.index
+                    texts[i].append(c.text)
+                    lp = self._logprobs(req, c, offsets[i])
+                    if lp is not None:
+                        lps[i] = merge_logprobs(lps[i], lp)
+                    offsets[i] += len(c.text)
+                    if c.finish_reason is not None:
+                        reasons[i] = (c.finish_reason, c.stop_reason)
+        choices = [b.choice(i, "".join(texts[i]), lps[i] if req.logprobs is not None else None, *reasons[i])
+                   for i in range(total)]
+        return b.response(choices, gen.usage())
+
+    async def _stream(self, req: GenerationRequest, gen: Generation, b: ResponseBuilder, echo):
+        n, chat, usage_on = gen.n, req.kind == "chat", req.include_usage
+        total = len(gen.streams) * n
+        offsets = [0] * total
+        try:
+            if chat:
+                for i in range(total):
+                    yield sse(b.chunk([b.choice(i, "", None, None, delta=True, role="assistant")],
+                                      include_usage=usage_on))
+            elif echo:
+                for i in range(total):
+                    yield sse(b.chunk([b.choice(i, echo[i // n], None, None)], include_usage=usage_on))
+                    offsets[i] = len(echo[i // n])
+            async with contextlib.aclosing(gen.events()) as events:
+                async for pi, out in events:
+                    choices = []
+                    for c in out.outputs:
+                        i = pi * n + c.index
+                        lp = self._logprobs(req, c, offsets[i])
+                        offsets[i] += len(c.text)
+                        if not c.text and c.finish_reason is None and not (lp and c.token_ids):
+                            continue  # nothing to show yet (text held back for a stop string or a partial char)
+                        choices.append(b.choice(i, c.text if (c.text or not chat) else None, lp, c.finish_reason,
+                                                c.stop_reason, delta=True))
+                    if choices:
+                        yield sse(b.chunk(choices, include_usage=usage_on))
+            if usage_on:
+                yield sse(b.chunk([], include_usage=True, usage=gen.usage()))
+        except APIError as e:
+            self.engine.metrics.request_errors.labels(status=str(e.status)).inc()
+            yield sse(e.body())
+        yield SSE_DONE
+
+
+def build_app(engine: AsyncEngine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+    """The Starlette app serving ``engine`` (start the engine with ``await engine.start()`` first)."""
+    s = OpenAIServer(engine, max_body_bytes)
+    routes = [
+        Route("/v1/completions", s.completions, methods=["POST"]),
+        Route("/v1/chat/completions", s.chat_completions, methods=["POST"]),
+        Route("/v1/models", s.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", s.model, methods=["GET"]),
+        Route("/health", s.health, methods=["GET"]),
+        Route("/metrics", s.metrics, methods=["GET"]),
+    ]
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return s.error(NotFound(f"No route {request.method} {request.url.path}.", code="not_found"))
+        if exc.status_code == 405:
+            return s.error(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.",
+                                            code="method_not_allowed"))
+        return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                                       "param": None, "code": None}}, status_code=exc.status_code)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        return s.error(exc)
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: unexpected})

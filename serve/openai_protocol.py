@@ -1,0 +1,258 @@
+"""Parse and validate OpenAI ``/v1/completions`` and ``/v1/chat/completions`` request bodies.
+
+Every problem becomes a ``BadRequest`` naming the field. Supported fields (OpenAI, plus vLLM's
+extensions): model, prompt / messages, max_tokens (chat: max_completion_tokens wins), temperature,
+top_p, top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, seed, stop,
+stop_token_ids, n, logprobs (completions: int; chat: bool + top_logprobs), stream,
+stream_options.include_usage, ignore_eos, min_tokens, skip_special_tokens,
+include_stop_str_in_output, echo (completions, without logprobs), add_generation_prompt (chat).
+Refused with 400 (not silently ignored): suffix, logit_bias, best_of != n, tools / functions,
+response_format other than text, non-text message content. Other unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from serve.errors import BadRequest, bad_param
+from serve.prompts import is_token_ids, normalize_messages
+
+MAX_N = 128
+MAX_STOP = 64
+MAX_BATCH_PROMPTS = 256
+MAX_SEED = 2**63 - 1
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object; 400 for invalid UTF-8, malformed JSON or a non-object."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"The request body is not valid UTF-8 (byte {e.start}).", code="invalid_utf8") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise BadRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest("The request body is nested too deeply.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    for key, value in body.items():  # lone surrogates ("\ud800") decode fine but are not text
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_param(f"'{key}' contains invalid Unicode (a lone surrogate).", key, "invalid_utf8") from None
+        except (ValueError, RecursionError):
+            raise bad_param(f"'{key}' is nested too deeply.", key) from None
+    return body
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# -- typed field readers ----------------------------------------------------------------------------
+def _type_error(name: str, what: str, value) -> BadRequest:
+    return bad_param(f"'{name}' must be {what}, got {json.dumps(value)[:80]}", name, "invalid_type")
+
+
+def get_int(body: dict, name: str, default=None, *, lo: int | None = None, hi: int | None = None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _type_error(name, "an integer", v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise bad_param(f"'{name}' must be in {rng}, got {v}", name)
+    return v
+
+
+def get_number(body: dict, name: str, default=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise _type_error(name, "a finite number", v)
+    return float(v)
+
+
+def get_bool(body: dict, name: str, default=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _type_error(name, "a boolean", v)
+    return v
+
+
+def get_str(body: dict, name: str, default=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise _type_error(name, "a string", v)
+    return v
+
+
+@dataclass
+class GenerationRequest:
+    """A validated completions or chat request, before tokenization.
+
+    ``prompts`` holds strings or token-id lists (completions) or one normalized message list (chat).
+    ``sampling`` holds the ``SamplingParams`` keyword arguments except ``max_tokens``.
+    """
+
+    kind: str  # "completion" | "chat"
+    model: str | None
+    prompts: list
+    sampling: dict
+    max_tokens: int | None
+    max_tokens_param: str
+    default_max_tokens: int | None
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    add_generation_prompt: bool = True
+    logprobs: int | None = None  # top alternatives per token; None = no logprobs
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.sampling.get("n", 1)
+
+    @property
+    def prompt_param(self) -> str:
+        return "messages" if self.kind == "chat" else "prompt"
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """Build (and validate) the ``SamplingParams``; errors name the request field."""
+        try:
+            return SamplingParams(max_tokens=max_tokens, **self.sampling)
+        except InvalidRequestError as e:
+            param = {"max_tokens": self.max_tokens_param,
+                     "logprobs": "top_logprobs" if self.kind == "chat" else "logprobs"}.get(e.param, e.param)
+            raise bad_param(str(e), param) from None
+
+
+def _common(body: dict, kind: str) -> dict:
+    """The sampling fields shared by both endpoints (type-checked; ranges checked by SamplingParams)."""
+    if body.get("logit_bias"):
+        raise bad_param("'logit_bias' is not supported", "logit_bias", "unsupported")
+    n = get_int(body, "n", 1, lo=1, hi=MAX_N)
+    best_of = get_int(body, "best_of")
+    if best_of is not None and best_of != n:
+        raise bad_param("'best_of' different from 'n' is not supported", "best_of", "unsupported")
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise _type_error("stop", "a string or an array of strings", stop)
+        if len(stop) > MAX_STOP:
+            raise bad_param(f"'stop' may hold at most {MAX_STOP} strings", "stop")
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None and not (isinstance(stop_ids, list) and (not stop_ids or is_token_ids(stop_ids))):
+        raise _type_error("stop_token_ids", "an array of integers", stop_ids)
+    kw = {
+        "n": n,
+        "temperature": get_number(body, "temperature", 1.0),
+        "top_p": get_number(body, "top_p", 1.0),
+        "top_k": get_int(body, "top_k", 0),
+        "min_p": get_number(body, "min_p", 0.0),
+        "presence_penalty": get_number(body, "presence_penalty", 0.0),
+        "frequency_penalty": get_number(body, "frequency_penalty", 0.0),
+        "repetition_penalty": get_number(body, "repetition_penalty", 1.0),
+        "seed": get_int(body, "seed", None, lo=-(2**63), hi=MAX_SEED),
+        "stop": tuple(stop or ()),
+        "stop_token_ids": tuple(stop_ids or ()),
+        "ignore_eos": get_bool(body, "ignore_eos", False),
+        "min_tokens": get_int(body, "min_tokens", 0, lo=0),
+        "skip_special_tokens": get_bool(body, "skip_special_tokens", True),
+        "include_stop_str_in_output": get_bool(body, "include_stop_str_in_output", False),
+    }
+    if kw["seed"] is not None and kw["seed"] < 0:  # keep the int64 bit pattern, as a non-negative seed
+        kw["seed"] += 2**64
+        kw["seed"] &= MAX_SEED
+    return kw
+
+
+def _stream_fields(body: dict) -> tuple[bool, bool]:
+    stream = get_bool(body, "stream", False)
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not stream:
+            raise bad_param("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(opts, dict):
+            raise _type_error("stream_options", "an object", opts)
+        include_usage = get_bool(opts, "include_usage", False)
+    return stream, include_usage
+
+
+def _max_tokens(body: dict, name: str) -> int | None:
+    v = get_int(body, name)
+    if v is not None and v < 1:
+        raise bad_param(f"'{name}' must be at least 1, got {v}", name)
+    return v
+
+
+def parse_completion_request(body: dict) -> GenerationRequest:
+    """Validate a ``/v1/completions`` body."""
+    model = get_str(body, "model")
+    if body.get("suffix") is not None:
+        raise bad_param("'suffix' is not supported", "suffix", "unsupported")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or is_token_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_token_ids(p) for p in prompt):
+        prompts = list(prompt)
+    elif prompt is None:
+        raise bad_param("'prompt' is required", "prompt", "missing_required_parameter")
+    else:
+        raise _type_error("prompt", "a string, an array of strings, an array of token ids or an array of those",
+                          prompt)
+    if len(prompts) > MAX_BATCH_PROMPTS:
+        raise bad_param(f"at most {MAX_BATCH_PROMPTS} prompts per request", "prompt")
+    kw = _common(body, "completion")
+    logprobs = get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    kw["logprobs"] = logprobs
+    echo = get_bool(body, "echo", False)
+    if echo and logprobs is not None:
+        raise bad_param("'echo' together with 'logprobs' is not supported", "echo", "unsupported")
+    stream, include_usage = _stream_fields(body)
+    return GenerationRequest("completion", model, prompts, kw, _max_tokens(body, "max_tokens"), "max_tokens",
+                             16, stream, include_usage, echo, True, logprobs)
+
+
+def parse_chat_request(body: dict) -> GenerationRequest:
+    """Validate a ``/v1/chat/completions`` body."""
+    model = get_str(body, "model")
+    if "messages" not in body:
+        raise bad_param("'messages' is required", "messages", "missing_required_parameter")
+    messages = normalize_messages(body.get("messages"))
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise bad_param(f"'{name}' is not supported", name, "unsupported")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad_param("only response_format {'type': 'text'} is supported", "response_format", "unsupported")
+    kw = _common(body, "chat")
+    want = get_bool(body, "logprobs", False)
+    top = get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if top is not None and not want:
+        raise bad_param("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    logprobs = (top or 0) if want else None
+    kw["logprobs"] = logprobs
+    mct = _max_tokens(body, "max_completion_tokens")
+    mt = _max_tokens(body, "max_tokens")
+    stream, include_usage = _stream_fields(body)
+    return GenerationRequest("chat", model, [messages], kw, mct if mct is not None else mt,
+                             "max_completion_tokens" if mct is not None else "max_tokens", None, stream,
+                             include_usage, False, get_bool(body, "add_generation_prompt", True), logprobs)

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for ``jaxinfer.proto`` (regenerate with ``regenerate.sh``)."""
