@@ -8,6 +8,7 @@ import sys
 import time
 
 from jaxinfer.errors import JaxinferError
+from quantize.cli import register as register_quantize_commands
 from serve.cli import register as register_serve
 
 
@@ -22,6 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "device memory, 1 GiB on the CPU)")
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-host JAX runtime first (jax.distributed.initialize)")
+    p.add_argument("--quantization", default=None, choices=["gguf"],
+                   help="gguf: keep a GGUF model's Q8_0/Q4_0/Q4_1 weights quantized (default: dequantize)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
     register_serve(sub)
+    register_quantize_commands(sub)  # quantize, eval-ppl
     return parser
 
 
@@ -90,6 +94,8 @@ def main(argv=None) -> int:
     try:
         if hasattr(args, "run"):  # sub-commands that bring their own runner (serve)
             return args.run(args)
+        if hasattr(args, "handler"):  # sub-commands registered with their own handler (quantize, eval-ppl)
+            return args.handler(args)
         from jaxinfer.llm import LLM
 
         sp = _sampling(args)
@@ -99,7 +105,7 @@ def main(argv=None) -> int:
             initialize()
         llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                   tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
-                  kv_cache_memory=args.kv_cache_memory)
+                  kv_cache_memory=args.kv_cache_memory, quantization=args.quantization)
         llm.engine.warmup(token_counts=[1])  # decode step compiled before timing (cached across runs)
         if args.command == "generate":
             use_chat = not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None)

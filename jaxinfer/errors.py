@@ -32,3 +32,7 @@ class UnsupportedModelError(JaxinferError, ValueError):
 
 class WeightLoadError(JaxinferError, ValueError):
     """A weight file is corrupted, truncated, or its tensors do not match the configuration."""
+
+
+class QuantizationError(JaxinferError, ValueError):
+    """A quantization request is invalid (method / format / calibration data) or cannot be carried out."""

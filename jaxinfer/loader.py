@@ -11,10 +11,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.errors import WeightLoadError
+from jaxinfer.errors import QuantizationError, WeightLoadError
 from jaxinfer.model_registry import ModelSource, resolve_model
 from jaxinfer.models.causal_lm import CausalLM
-from jaxinfer.sharding import ShardingPlan, make_mesh, plan_sharding
+from jaxinfer.sharding import ShardingPlan, make_mesh, place_params, plan_sharding
 from jaxinfer.tokenizer import load_tokenizer
 from jaxinfer.weight_sources import GGUFCheckpoint, SafetensorsCheckpoint
 from jaxinfer.weights import expand_kv_heads, gguf_sources, hf_sources, load_params
@@ -54,21 +54,65 @@ def load_config(source: ModelSource) -> tuple[ModelConfig, object]:
     return ModelConfig.from_hf(raw), SafetensorsCheckpoint(source.path)
 
 
+QUANTIZATION_OPTIONS = (None, "gguf")
+
+
+def _plan_without_kv_expansion(config: ModelConfig, mesh: Mesh, what: str) -> ShardingPlan:
+    """The sharding plan for weights that cannot be rewritten at load (quantized storage)."""
+    plan = plan_sharding(config, mesh)
+    if plan.kv_head_replicas > 1:
+        raise QuantizationError(
+            f"tensor_parallel_size {plan.tp} exceeds the model's {config.num_kv_heads} KV heads: repeating KV "
+            f"heads is not supported for {what}; use tensor_parallel_size <= {config.num_kv_heads}")
+    return plan
+
+
 def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None = None,
-               load_tokenizer_too: bool = True) -> LoadedModel:
+               load_tokenizer_too: bool = True, quantization: str | None = None) -> LoadedModel:
     """Load a model by name / path / hub id (``None``: the default model) into ``mesh``.
 
-    ``mesh`` defaults to a single device.
+    Args:
+      model: registered name, HF directory, GGUF file, hub id, or a quantized-checkpoint directory
+        (written by ``jaxinfer quantize``; loaded with its quantized weights).
+      dtype: float dtype of unquantized parameters and of computation.
+      mesh: device mesh (default: one device).
+      quantization: ``None`` loads GGUF files dequantized to float (the fastest path on the CPU);
+        ``"gguf"`` keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors quantized (lossless, see
+        ``quantize.gguf_model``).
+
+    Raises:
+      QuantizationError: an unknown ``quantization``, or ``"gguf"`` for a non-GGUF model.
     """
+    if quantization not in QUANTIZATION_OPTIONS:
+        raise QuantizationError(f"unknown quantization {quantization!r}; expected None or 'gguf'")
     source = resolve_model(model)
-    config, ckpt = load_config(source)
+    if quantization == "gguf" and source.kind != "gguf":
+        raise QuantizationError(f"quantization='gguf' needs a GGUF model; {source.name} is {source.kind!r}")
     mesh = mesh or make_mesh()
-    plan = plan_sharding(config, mesh)
-    sources = gguf_sources(config) if source.kind == "gguf" else hf_sources(config)
-    if plan.kv_head_replicas > 1:
-        sources = expand_kv_heads(sources, config.head_dim, plan.kv_head_replicas)
-        config = config.with_overrides(num_kv_heads=config.num_kv_heads * plan.kv_head_replicas)
-    lm = CausalLM(config, dtype, plan)
-    params = load_params(ckpt, sources, lm.abstract_params(), mesh, rules=plan.rules, desc=f"Loading {source.name}")
+    if source.kind == "quantized":
+        from quantize.checkpoint import load_quantized
+
+        lm, params, _ = load_quantized(source.path, dtype=dtype, mesh=mesh)
+        plan = _plan_without_kv_expansion(lm.config, mesh, "a quantized checkpoint")
+        lm = CausalLM(lm.config, lm.dtype, plan)
+        params = place_params(params, lm.logical_axes(), plan)
+    else:
+        config, ckpt = load_config(source)
+        if quantization == "gguf":
+            from quantize.gguf_model import load_gguf_native
+
+            plan = _plan_without_kv_expansion(config, mesh, "native GGUF weights")
+            lm = CausalLM(config, dtype, plan)
+            params = load_gguf_native(ckpt, lm, mesh, desc=f"Loading {source.name} (native GGUF)")
+            params = place_params(params, lm.logical_axes(), plan)
+        else:
+            plan = plan_sharding(config, mesh)
+            sources = gguf_sources(config) if source.kind == "gguf" else hf_sources(config)
+            if plan.kv_head_replicas > 1:
+                sources = expand_kv_heads(sources, config.head_dim, plan.kv_head_replicas)
+                config = config.with_overrides(num_kv_heads=config.num_kv_heads * plan.kv_head_replicas)
+            lm = CausalLM(config, dtype, plan)
+            params = load_params(ckpt, sources, lm.abstract_params(), mesh, rules=plan.rules,
+                                 desc=f"Loading {source.name}")
     tok = load_tokenizer(source) if load_tokenizer_too else None
     return LoadedModel(source, lm, params, tok, mesh, plan)

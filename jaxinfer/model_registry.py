@@ -27,6 +27,7 @@ from jaxinfer.weight_sources import is_gguf
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+QUANTIZED_MANIFEST = "jaxinfer_quant.json"  # quantize.checkpoint.MANIFEST (kept jax-free here)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ KNOWN_MODELS: dict[str, EmbeddedWheelModel] = {
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's files are. ``kind`` is "hf" (directory with config.json) or "gguf" (file)."""
+    """Where a model's files are. ``kind`` is "hf" (directory with config.json), "gguf" (file) or
+    "quantized" (directory written by ``quantize.checkpoint.save_quantized``)."""
 
     kind: str
     path: Path
@@ -65,6 +67,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 def resolve_model(model: str | os.PathLike | None = None) -> ModelSource:
     """Resolve a model argument; ``None`` means the default model.
+
+    A directory holding a quantized checkpoint (``jaxinfer_quant.json``) resolves to kind "quantized".
 
     Raises:
       ModelNotFoundError: nothing matches (the message lists the registered names), or a hub id
@@ -79,6 +83,8 @@ def resolve_model(model: str | os.PathLike | None = None) -> ModelSource:
             return ModelSource("gguf", path, path.name)
         raise ModelNotFoundError(f"{path} is not a GGUF file (expected a GGUF file or an HF model directory)")
     if path.is_dir():
+        if (path / QUANTIZED_MANIFEST).is_file():
+            return ModelSource("quantized", path, path.name)
         if (path / "config.json").is_file():
             return ModelSource("hf", path, path.name)
         ggufs = sorted(p for p in path.glob("*.gguf") if is_gguf(p))

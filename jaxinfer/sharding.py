@@ -118,18 +118,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def place_params(params, logical_axes, plan: ShardingPlan):
-    """Put every parameter (plain array or ``quantize.QArray``) into its sharding under ``plan``.
+    """Put every parameter (plain array or quantized pytree) into its sharding under ``plan``.
 
-    ``logical_axes``: the model's per-parameter logical names (``CausalLM.logical_axes()``); a QArray's
-    scales are split with their weight's columns / row groups (``QArray.logical_axes``).
+    ``logical_axes``: the model's per-parameter logical names (``CausalLM.logical_axes()``); a quantized
+    weight (``QArray``, ``QEmbedding``) names its own leaves' axes (``.logical_axes(names)``), so scales
+    are split with their weight's columns / row groups.
     """
-    from quantize.qarray import QArray
+
+    def quantized(x) -> bool:
+        return hasattr(x, "logical_axes") and not isinstance(x, jax.Array | np.ndarray)
 
     def place(w, names):
-        if isinstance(w, QArray):
+        if quantized(w):
             axes = w.logical_axes(tuple(names))
             return jax.tree.map(lambda leaf, ax: jax.device_put(leaf, plan.sharding(ax)), w, axes,
                                 is_leaf=lambda x: isinstance(x, tuple))
         return jax.device_put(w, plan.sharding(tuple(names)))
 
-    return jax.tree.map(place, params, logical_axes, is_leaf=lambda x: isinstance(x, QArray))
+    return jax.tree.map(place, params, logical_axes, is_leaf=quantized)

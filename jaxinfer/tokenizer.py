@@ -28,7 +28,7 @@ def load_tokenizer(source: ModelSource):
     """A ``transformers`` fast tokenizer for the model (chat template included when the model has one)."""
     from transformers import AutoTokenizer
 
-    if source.kind == "hf":
+    if source.kind in ("hf", "quantized"):  # a quantized checkpoint stores its tokenizer beside it
         return AutoTokenizer.from_pretrained(str(source.path))
     cached = cache_root() / "tokenizers" / _gguf_cache_key(source.path)
     if (cached / "tokenizer_config.json").is_file():

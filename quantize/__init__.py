@@ -19,6 +19,9 @@ _EXPORTS = {
     "concat_columns": "quantize.qarray",
     "abstract_qarray": "quantize.qarray",
     "linear": "quantize.dispatch",
+    "embed": "quantize.dispatch",
+    "unembed": "quantize.dispatch",
+    "QEmbedding": "quantize.embedding",
     "rtn_quantize": "quantize.rtn",
     "gptq_quantize": "quantize.gptq",
     "awq_search": "quantize.awq",
@@ -34,6 +37,18 @@ _EXPORTS = {
     "fold_into_linear_output": "quantize.folding",
     "qarray_from_gguf": "quantize.gguf_import",
     "gguf_tensor_to_weight": "quantize.gguf_import",
+    "quantize_model": "quantize.model_quant",
+    "QuantizedModel": "quantize.model_quant",
+    "MethodOptions": "quantize.model_quant",
+    "calibration_tokens": "quantize.model_quant",
+    "method_config": "quantize.model_formats",
+    "param_bytes": "quantize.model_formats",
+    "save_quantized": "quantize.checkpoint",
+    "load_quantized": "quantize.checkpoint",
+    "load_gguf_native": "quantize.gguf_model",
+    "evaluate": "quantize.evaluate",
+    "token_windows": "quantize.evaluate",
+    "Variant": "quantize.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,5 @@
-"""``linear(x, w)``: the one call model code makes for every projection, quantized or not."""
+"""``linear(x, w)``, ``embed(table, tokens)`` and ``unembed(x, table)``: the calls model code makes for
+every projection and for the token embedding / tied LM head, quantized or not (dispatch on the type)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.quantized_matmul.api import quantized_matmul
+from quantize.embedding import QEmbedding
 from quantize.qarray import QArray
 
 
@@ -30,3 +32,18 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
+
+
+def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None) -> jax.Array:
+    """Token embeddings ``[T, E]`` for ``tokens i32[T]`` from a float ``table[V, E]`` or a QEmbedding."""
+    if isinstance(table, QEmbedding):
+        return table.lookup(tokens, dtype)
+    out = jnp.take(table, tokens, axis=0)
+    return out if dtype is None else out.astype(dtype)
+
+
+def unembed(x: jax.Array, table: jax.Array | QEmbedding, *, impl: str | None = None) -> jax.Array:
+    """Tied LM head ``x[..., E] @ table.T -> [..., V]`` (a QEmbedding's QArray is already ``[E, V]``)."""
+    if isinstance(table, QEmbedding):
+        return linear(x, table.table, impl=impl)
+    return linear(x, table.T, impl=impl)

@@ -5,15 +5,17 @@ Shapes: ``T`` tokens (flattened over sequences), ``E`` hidden size, ``H`` heads,
 
 from __future__ import annotations
 
-__all__ = ["Linear", "RMSNorm", "linear", "rms_norm", "rope", "swiglu"]
+__all__ = ["Linear", "RMSNorm", "embed", "weight_param", "linear", "rms_norm", "rope", "swiglu", "unembed"]
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-# ``linear(x, w)`` dispatches on the weight's type (plain array or ``quantize.QArray``): model code never
-# branches on a quantization format.
-from quantize.dispatch import linear
+# ``linear(x, w)`` dispatches on the weight's type (plain array or ``quantize.QArray``), and ``embed`` /
+# ``unembed`` on the embedding table's (plain array or ``quantize.QEmbedding``): model code never branches
+# on a quantization format.
+from quantize.dispatch import embed, linear, unembed
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -47,6 +49,23 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
+def weight_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype):
+    """``module.param(name, init, shape, dtype)`` that also accepts a stored weight pytree.
+
+    Flax checks a stored parameter against ``shape`` leaf by leaf, which rejects a quantized weight whose
+    leaves have a physical layout (packed int4 values, a transposed quantized embedding). A stored value
+    that is not a plain array is returned as is once its logical ``.shape`` equals ``shape``.
+    """
+    if module.has_variable("params", name):
+        stored = module.get_variable("params", name)
+        if not isinstance(stored, (jax.Array, np.ndarray, nn.meta.AxisMetadata)):
+            if tuple(getattr(stored, "shape", ())) != tuple(shape):
+                raise ValueError(f"parameter {name!r} of {module.name}: stored weight has logical shape "
+                                 f"{getattr(stored, 'shape', None)}, the module expects {tuple(shape)}")
+            return stored
+    return module.param(name, init, shape, dtype)
+
+
 class Linear(nn.Module):
     """``y = x @ kernel (+ bias)``; ``kernel[in, out]`` carries logical axis names ``axes``."""
 
@@ -57,13 +76,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.has_variable("params", "kernel"):
-            # An existing kernel may be a quantized pytree whose leaves (e.g. packed int4) do not have the
-            # float shape; flax's init-shape check would reject it, so read it directly.
-            kernel = self.get_variable("params", "kernel")
-        else:
-            init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes)
-            kernel = self.param("kernel", init, (x.shape[-1], self.features), self.param_dtype)
+        init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes)
+        kernel = weight_param(self, "kernel", init, (x.shape[-1], self.features), self.param_dtype)
         bias = None
         if self.use_bias:
             binit = nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],))

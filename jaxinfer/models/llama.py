@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from jaxinfer.attention import AttentionMetadata, attention
 from jaxinfer.config import ModelConfig
-from jaxinfer.models.layers import Linear, RMSNorm, linear, rope, swiglu
+from jaxinfer.models.layers import Linear, RMSNorm, embed, rope, swiglu, unembed, weight_param
 
 
 class LlamaAttention(nn.Module):
@@ -94,8 +94,8 @@ class CausalTransformer(nn.Module):
     def __call__(self, tokens, positions, caches, md: AttentionMetadata, logits_indices=None):
         c = self.config
         emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
-        embedding = self.param("embed_tokens", emb_init, (c.vocab_size, c.hidden_size), self.dtype)
-        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+        embedding = weight_param(self, "embed_tokens", emb_init, (c.vocab_size, c.hidden_size), self.dtype)
+        x = embed(embedding, tokens, self.dtype)
         inv_freq = jnp.asarray(c.inv_freq())
         new_caches = []
         for i in range(c.num_layers):
@@ -106,7 +106,7 @@ class CausalTransformer(nn.Module):
             x = jnp.take(x, logits_indices, axis=0)
         x = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="norm")(x)
         if c.tie_word_embeddings:
-            logits = linear(x, embedding.T)
+            logits = unembed(x, embedding)
         else:
             logits = Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", param_dtype=self.dtype)(x)
         return logits.astype(jnp.float32), tuple(new_caches)

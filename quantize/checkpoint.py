@@ -1,0 +1,215 @@
+"""Quantized checkpoints: orbax-saved parameter leaves plus a JSON manifest, loaded straight into shardings.
+
+Directory layout::
+
+    <dir>/jaxinfer_quant.json   manifest (format, method, group size, calibration, source model,
+                                jaxinfer version, ModelConfig, the format of every quantized leaf)
+    <dir>/params/               orbax checkpoint of the storage tree
+    <dir>/tokenizer*.json ...   the model's tokenizer (``save_pretrained``)
+
+The storage tree is the parameter tree with every :class:`~quantize.qarray.QArray` /
+:class:`~quantize.embedding.QEmbedding` leaf replaced by a dict of its arrays (``value``, ``scale`` and,
+when asymmetric, ``offset``), so the checkpoint holds plain arrays only; the manifest says how to
+rebuild each quantized leaf. Loading builds the abstract target (``jax.ShapeDtypeStruct`` with the
+``NamedSharding`` that each leaf's logical axes map to) from the manifest and the model definition and
+lets orbax restore every array directly into its sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh, NamedSharding
+
+from jaxinfer.config import ModelConfig, RopeScaling
+from jaxinfer.errors import WeightLoadError
+from jaxinfer.sharding import logical_to_mesh_spec, make_mesh
+from quantize.config import QuantConfig
+from quantize.embedding import QEmbedding
+from quantize.qarray import QArray, abstract_qarray
+
+MANIFEST = "jaxinfer_quant.json"
+FORMAT_VERSION = 1
+_FIELDS = ("value", "scale", "offset")
+
+
+def is_quantized_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by :func:`save_quantized`."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of :func:`config_to_dict`."""
+    d = dict(d)
+    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+    if d.get("rope_freq_factors") is not None:
+        d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
+    return ModelConfig(**d)
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, (QArray, QEmbedding))
+
+
+def _storage(params) -> tuple[dict, dict]:
+    """``(flat storage {path tuple: array}, leaves {"a/b/c": meta})`` of a parameter tree."""
+    flat = flatten_dict(params)
+    storage, leaves = {}, {}
+    for path, leaf in flat.items():
+        if not _is_q(leaf):
+            storage[path] = leaf
+            continue
+        qa = leaf.table if isinstance(leaf, QEmbedding) else leaf
+        leaves["/".join(path)] = dict(kind="qembedding" if isinstance(leaf, QEmbedding) else "qarray",
+                                      config=dataclasses.asdict(qa.config), dtype=qa.dtype.name)
+        for f in _FIELDS:
+            if getattr(qa, f) is not None:
+                storage[(*path, f)] = getattr(qa, f)
+    return storage, leaves
+
+
+def save_quantized(out_dir: str | Path, model, params, *, info: dict | None = None,
+                   source_model: str | None = None, tokenizer=None) -> Path:
+    """Write a quantized (or float) parameter tree of ``model`` to ``out_dir``.
+
+    Args:
+      out_dir: target directory (created; must not already hold a checkpoint).
+      model: the :class:`~jaxinfer.models.causal_lm.CausalLM`.
+      params: parameter tree (QArray / QEmbedding / float leaves).
+      info: the quantizer's description (``QuantizedModel.info``), stored in the manifest.
+      source_model: name or path of the model that was quantized.
+      tokenizer: saved alongside with ``save_pretrained`` when given.
+
+    Returns:
+      ``out_dir`` as a ``Path``.
+    """
+    import orbax.checkpoint as ocp
+
+    import jaxinfer
+
+    out = Path(out_dir).resolve()
+    if (out / "params").exists():
+        raise WeightLoadError(f"{out} already holds a checkpoint; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    storage, leaves = _storage(params)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(out / "params", unflatten_dict(storage))
+    ckptr.wait_until_finished()
+    info = dict(info or {})
+    cfg = info.get("config") or {}
+    manifest = dict(
+        format_version=FORMAT_VERSION, jaxinfer_version=jaxinfer.__version__,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        source_model=source_model, method=info.get("method"), format=info.get("format"),
+        group_size=cfg.get("group_size"), calibration=info.get("calibration"),
+        dtype=jnp.dtype(model.dtype).name, model_config=config_to_dict(model.config),
+        leaves=leaves, quantization=info,
+    )
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def read_manifest(path: str | Path) -> dict:
+    p = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightLoadError(f"{p}: cannot read the quantized-checkpoint manifest ({e})") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise WeightLoadError(f"{p}: unsupported manifest format_version {manifest.get('format_version')!r}")
+    return manifest
+
+
+def abstract_quantized_params(model, leaves: dict, mesh: Mesh, dtype=None):
+    """Abstract parameter tree for ``model`` with the quantized ``leaves`` (manifest entries).
+
+    Returns:
+      ``(abstract params, abstract storage)``: the first has ``QArray`` / ``QEmbedding`` /
+      ``jax.ShapeDtypeStruct`` leaves, the second is the flat storage layout; every
+      ``ShapeDtypeStruct`` carries the ``NamedSharding`` its logical axes map to in ``mesh``.
+    """
+    boxed = model.abstract_params()
+    specs = flatten_dict(nn.unbox(boxed))
+    names = flatten_dict(nn.get_partition_spec(boxed))
+    dtype = jnp.dtype(dtype or model.dtype)
+
+    def sds(shape, dt, axes):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, logical_to_mesh_spec(axes)))
+
+    tree, storage = {}, {}
+    for path, spec in specs.items():
+        axes = tuple(names[path])
+        meta = leaves.get("/".join(path))
+        if meta is None:
+            tree[path] = storage[path] = sds(spec.shape, dtype, axes)
+            continue
+        cfg = QuantConfig(**meta["config"])
+        emb = meta["kind"] == "qembedding"
+        k, n = (spec.shape[1], spec.shape[0]) if emb else spec.shape
+        ab = abstract_qarray(k, n, cfg, dtype)
+        ax = ab.logical_axes((axes[1], axes[0]) if emb else axes)
+        fields = {}
+        for f in _FIELDS:
+            a = getattr(ab, f)
+            if a is not None:
+                fields[f] = storage[(*path, f)] = sds(a.shape, a.dtype, getattr(ax, f))
+        qa = QArray(fields["value"], fields["scale"], fields.get("offset"), cfg, dtype)
+        tree[path] = QEmbedding(qa) if emb else qa
+    return unflatten_dict(tree), storage
+
+
+def load_quantized(path: str | Path, *, dtype=None, mesh: Mesh | None = None):
+    """Load a checkpoint written by :func:`save_quantized` into ``mesh`` (default: one device).
+
+    Args:
+      dtype: float dtype of unquantized leaves and of computation (default: the saved one).
+
+    Returns:
+      ``(CausalLM, params, manifest)``.
+    """
+    import orbax.checkpoint as ocp
+
+    from jaxinfer.models.causal_lm import CausalLM
+
+    path = Path(path).resolve()
+    manifest = read_manifest(path)
+    config = config_from_dict(manifest["model_config"])
+    model = CausalLM(config, dtype or manifest["dtype"])
+    mesh = mesh or make_mesh()
+    abstract, storage = abstract_quantized_params(model, manifest["leaves"], mesh)
+    try:
+        restored = ocp.StandardCheckpointer().restore(path / "params", unflatten_dict(storage))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise WeightLoadError(f"{path}: cannot restore the quantized parameters ({e})") from e
+    flat = flatten_dict(restored)
+    out = {}
+    for p, leaf in flatten_dict(abstract).items():
+        if _is_q(leaf):
+            qa = leaf.table if isinstance(leaf, QEmbedding) else leaf
+            fields = [flat.get((*p, f)) if getattr(qa, f) is not None else None for f in _FIELDS]
+            new = QArray(*fields, qa.config, qa.dtype)
+            out[p] = QEmbedding(new) if isinstance(leaf, QEmbedding) else new
+        else:
+            out[p] = flat[p]
+    return model, unflatten_dict(out), manifest

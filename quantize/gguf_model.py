@@ -1,0 +1,102 @@
+"""Load a GGUF model keeping its Q8_0 / Q4_0 / Q4_1 tensors quantized (lossless import).
+
+Every linear weight stored as Q8_0 / Q4_0 / Q4_1 becomes a :class:`~quantize.qarray.QArray`
+(``int8-g32`` / ``int4-g32`` / ``int4-g32-asym`` with float16 scales: a byte transpose of the GGUF
+blocks, see :mod:`quantize.gguf_import`); llama.cpp's q/k row permutation is undone by permuting the
+QArray's output columns. A token embedding in one of those types becomes a
+:class:`~quantize.embedding.QEmbedding` (GGUF already stores it as ``[E, V]`` blocks along ``E``): lookups
+dequantize only the gathered rows, and a tied LM head multiplies by it directly. Every other tensor
+(norms, F32 / F16 / K-quant weights) is loaded as float exactly as the float loader does. Each leaf is
+placed in the ``NamedSharding`` its logical axes map to.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from gguf import GGMLQuantizationType as GGMLType
+from jax.sharding import Mesh, NamedSharding
+from tqdm.auto import tqdm
+
+from jaxinfer.errors import WeightLoadError
+from jaxinfer.sharding import logical_to_mesh_spec
+from jaxinfer.weights import gguf_sources, unpermute_gguf_rows
+from quantize.embedding import QEmbedding
+from quantize.gguf_import import qarray_from_gguf
+
+LOSSLESS_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)
+
+
+def _q_permutation(path: tuple[str, ...], config) -> np.ndarray | None:
+    """Column permutation undoing llama.cpp's row order for q_proj / k_proj, else ``None``."""
+    if path[-2:] == ("q_proj", "kernel"):
+        return unpermute_gguf_rows(np.arange(config.q_size), config.num_heads)
+    if path[-2:] == ("k_proj", "kernel"):
+        return unpermute_gguf_rows(np.arange(config.kv_size), config.num_kv_heads)
+    return None
+
+
+def _place(tree, axes, mesh: Mesh):
+    """``device_put`` every array leaf of ``tree`` (a QArray / QEmbedding) with its logical axes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    axes_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    placed = [jax.device_put(np.asarray(x), NamedSharding(mesh, logical_to_mesh_spec(a)))
+              for x, a in zip(leaves, axes_leaves)]
+    return jax.tree.unflatten(treedef, placed)
+
+
+def load_gguf_native(ckpt, model, mesh: Mesh, *, desc: str = "Loading GGUF (native)"):
+    """Parameters of ``model`` from a :class:`~jaxinfer.weight_sources.GGUFCheckpoint`, lossless types kept
+    quantized.
+
+    Returns:
+      the parameter tree (QArray / QEmbedding / ``jax.Array`` leaves).
+
+    Raises:
+      WeightLoadError: a tensor is missing or its shape does not match the configuration.
+    """
+    from jaxinfer.weights import load_params
+
+    config = model.config
+    boxed = model.abstract_params()
+    sources = gguf_sources(config)
+    specs = flatten_dict(nn.unbox(boxed))
+    names = flatten_dict(nn.get_partition_spec(boxed))
+    native, rest = {}, {}
+    for path, src in sources.items():
+        t = ckpt.tensors.get(src.name)
+        quantizable = path[-1] == "kernel" or path == ("embed_tokens",)
+        if t is not None and quantizable and GGMLType(int(t.tensor_type)) in LOSSLESS_TYPES:
+            native[path] = t
+        else:
+            rest[path] = src
+    float_params = flatten_dict(load_params(ckpt, rest, _subset(boxed, set(rest)), mesh, desc=desc)) if rest else {}
+    out = dict(float_params)
+    for path, t in tqdm(native.items(), desc=desc, unit="tensor", leave=False):
+        spec = specs[path]
+        emb = path == ("embed_tokens",)
+        k, n = (spec.shape[1], spec.shape[0]) if emb else spec.shape
+        try:
+            qa = qarray_from_gguf(t.data, t.tensor_type, t.shape, dtype=spec.dtype)
+        except ValueError as e:
+            raise WeightLoadError(f"tensor {t.name}: {e}") from e
+        if qa.shape != (k, n):
+            raise WeightLoadError(f"tensor {t.name} has shape {qa.shape} (K, N) but the configuration implies "
+                                  f"{(k, n)} for parameter {'/'.join(path)}")
+        perm = _q_permutation(path, config)
+        if perm is not None:
+            qa = qa.take_columns(perm)
+        axes = tuple(names[path])
+        if emb:
+            leaf = QEmbedding(qa)
+            out[path] = _place(leaf, leaf.logical_axes(axes), mesh)
+        else:
+            out[path] = _place(qa, qa.logical_axes(axes), mesh)
+    return unflatten_dict(out)
+
+
+def _subset(boxed, paths: set):
+    flat = flatten_dict(boxed, is_leaf=lambda _, x: isinstance(x, nn.LogicallyPartitioned))
+    return unflatten_dict({p: v for p, v in flat.items() if p in paths})

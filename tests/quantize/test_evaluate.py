@@ -1,0 +1,59 @@
+"""quantize.evaluate against a float64 numpy computation of the same metrics from the models' logits."""
+
+import numpy as np
+import pytest
+
+from jaxinfer.loader import load_model
+from quantize.evaluate import evaluate, token_windows
+from quantize.model_quant import quantize_model
+from tests.models.dense_steps import ragged_prefill
+
+
+def _log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("score_start", [0, 16])
+def test_metrics_match_float64_reference(tiny_model_dir, score_start):
+    path, _ = tiny_model_dir("llama")
+    m = load_model(str(path), load_tokenizer_too=False)
+    q = quantize_model(m.model, m.params, "rtn", "int4-g32", progress=False).params
+    ids = np.random.default_rng(0).integers(3, 320, 5 * 32 + 7)
+    windows = token_windows(ids, 32)
+    assert windows.shape == (5, 32)  # the partial tail is dropped
+    res = evaluate(m.model, m.params, {"int4": q}, windows, score_start=score_start, batch=2, progress=False)
+    nll_r, nll_q, kl, top = [], [], [], []
+    for w in windows:
+        lr = _log_softmax64(ragged_prefill(m.model, m.params, [list(w)])[0][0])
+        lq = _log_softmax64(ragged_prefill(m.model, q, [list(w)])[0][0])
+        for j in range(score_start, 31):
+            nll_r.append(-lr[j, w[j + 1]])
+            nll_q.append(-lq[j, w[j + 1]])
+            kl.append(np.sum(np.exp(lr[j]) * (lr[j] - lq[j])))
+            top.append(lr[j].argmax() == lq[j].argmax())
+    n = len(nll_r)
+    assert res["float"].num_tokens == res["int4"].num_tokens == n == 5 * (31 - score_start)
+    # float32 log-softmax on device vs float64 here: 1e-5 relative on perplexity, 1e-4 absolute on KL
+    assert res["float"].perplexity == pytest.approx(np.exp(np.mean(nll_r)), rel=1e-5)
+    assert res["int4"].perplexity == pytest.approx(np.exp(np.mean(nll_q)), rel=1e-5)
+    assert res["int4"].kl == pytest.approx(np.mean(kl), abs=1e-4, rel=1e-3)
+    assert res["int4"].top1 == pytest.approx(np.mean(top), abs=1.5 / n)  # at most one near-tie flips
+    assert res["float"].kl == 0.0 and res["float"].top1 == 1.0 and res["int4"].kl > 0
+
+
+def test_kv_cache_variants_over_paged_cache(tiny_model_dir):
+    """Float weights over paged KV pages: float pages equal the dense path (KL <= 1e-6, same argmax);
+    int8 / fp8 pages perturb the distribution (KL > 0) but stay close (KL < 0.1 nats)."""
+    from quantize.evaluate import Variant
+
+    path, _ = tiny_model_dir("qwen3")
+    m = load_model(str(path), load_tokenizer_too=False)
+    windows = token_windows(np.random.default_rng(1).integers(3, 320, 3 * 40), 40)
+    res = evaluate(m.model, m.params, {kv: Variant(m.params, kv) for kv in ("auto", "int8", "fp8")}, windows,
+                   batch=3, progress=False)
+    assert abs(res["auto"].kl) <= 1e-6 and res["auto"].top1 == 1.0
+    assert res["auto"].perplexity == pytest.approx(res["float"].perplexity, rel=1e-5)
+    for kv in ("int8", "fp8"):
+        assert 0.0 < res[kv].kl < 0.1
