@@ -296,6 +296,14 @@ class EngineConfig:
       dtype: "auto" | "float32" | "bfloat16" | "float16".
       seed: seed for requests that do not set one.
       min_token_bucket: smallest padded token count of a step.
+      speculative_method: ``None`` (off), ``"ngram"`` (prompt lookup) or ``"draft"`` (a draft model).
+      speculative_model: the draft model (name, directory, GGUF file or hub id) for ``"draft"``; it must
+        share the target's tokenizer.
+      num_speculative_tokens: ``K``, the most draft tokens verified per sequence and step, and the
+        default per request (``Engine.add_request(..., num_speculative_tokens=k)`` picks ``0 <= k <= K``).
+        Default 3: a batch-1 verify step (``k + 1 = 4`` tokens) then fills a power-of-two bucket.
+      ngram_min / ngram_max: n-gram lengths the prompt-lookup proposer matches (longest first); single
+        tokens (``ngram_min=1``) match too often to be worth verifying.
       tensor_parallel_size: devices each model replica is split over (mesh axis "model").
       data_parallel_size: engine replicas, each on its own ``tensor_parallel_size`` devices (mesh axis
         "data"); requests go to the least loaded replica.
@@ -314,6 +322,11 @@ class EngineConfig:
     dtype: str = "auto"
     seed: int = 0
     min_token_bucket: int = 2
+    speculative_method: str | None = None
+    speculative_model: str | None = None
+    num_speculative_tokens: int = 3
+    ngram_min: int = 2
+    ngram_max: int = 4
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
 
@@ -334,6 +347,16 @@ class EngineConfig:
             bad("max_model_len", "must be an integer >= 2 or None")
         if not 0 < self.kv_cache_memory_fraction <= 1:
             bad("kv_cache_memory_fraction", "must be in (0, 1]")
+        if self.speculative_method not in (None, "ngram", "draft"):
+            bad("speculative_method", "must be None, 'ngram' or 'draft'")
+        for name in ("num_speculative_tokens", "ngram_min", "ngram_max"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive integer")
+        if self.ngram_max < self.ngram_min:
+            bad("ngram_max", f"must be >= ngram_min ({self.ngram_min})")
+        if self.speculative_model is not None and self.speculative_method != "draft":
+            bad("speculative_model", "needs speculative_method='draft'")
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -25,16 +25,18 @@ from jaxinfer.block_manager import BlockManagerStats
 from jaxinfer.compilation_cache import enable_compilation_cache
 from jaxinfer.config import EngineConfig, resolve_dtype
 from jaxinfer.detokenizer import IncrementalDetokenizer
-from jaxinfer.errors import InvalidRequestError
+from jaxinfer.errors import InvalidRequestError, UnsupportedModelError
 from jaxinfer.kv_cache import plan_kv_cache
 from jaxinfer.loader import LoadedModel, load_model
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxinfer.runner import ModelRunner, StepBatch, params_bytes
-from jaxinfer.sampling import TOKEN_OUTPUT, TOKEN_PROMPT, SamplingTensors
+from jaxinfer.sampling import SamplingTensors
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.sequence import Sequence
 from jaxinfer.sharding import make_mesh
+from jaxinfer.speculative.params import resolve_num_speculative_tokens
+from jaxinfer.speculative.verify import RowInfo, token_slots_kinds
 from jaxinfer.step_inputs import StepBuckets, pack_step_inputs
 from jaxinfer.tokenizer import encode_prompt
 
@@ -57,6 +59,14 @@ class EngineStats:
     generation_tokens_total: int
     kv_cache_capacity_tokens: int
     num_steps: int
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verified: int = 0
+
+    @property
+    def spec_mean_acceptance_length(self) -> float:
+        """Tokens per speculating sequence-step (accepted drafts + 1); 0 before any verify."""
+        return 1 + self.spec_accepted_tokens / self.spec_verified if self.spec_verified else 0.0
 
 
 class _Request:
@@ -85,11 +95,14 @@ class Engine:
       model: registered name, HF directory, GGUF file or hub id (``None``: the default model).
       config: :class:`EngineConfig`.
       loaded: an already loaded model (skips loading ``model``).
+      draft: an already loaded draft model for ``speculative_method="draft"`` (skips loading
+        ``config.speculative_model``).
       compilation_cache: persistent XLA cache switch (``None``: environment default, on).
     """
 
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, *,
-                 loaded: LoadedModel | None = None, compilation_cache: bool | None = None):
+                 loaded: LoadedModel | None = None, draft: LoadedModel | None = None,
+                 compilation_cache: bool | None = None):
         enable_compilation_cache(compilation_cache)
         self.config = config = config or EngineConfig()
         dtype = resolve_dtype(config.dtype)
@@ -105,12 +118,14 @@ class Engine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
+        self.draft_loaded = self._load_draft(draft, dtype)
         spec = plan_kv_cache(mc, page_size=config.page_size, dtype=self.loaded.model.dtype,
                              kv_cache_dtype=config.kv_cache_dtype, memory=config.kv_cache_memory,
                              memory_fraction=config.kv_cache_memory_fraction,
                              params_bytes=params_bytes(self.loaded.params), impl=config.attention_impl,
                              min_tokens=min(self.max_model_len, config.max_num_batched_tokens),
-                             max_useful_tokens=2 * config.max_num_seqs * self.max_model_len)
+                             max_useful_tokens=2 * config.max_num_seqs * self.max_model_len,
+                             extra_bytes_per_token=self._draft_bytes_per_token(config.page_size))
         self.kv_spec = spec
         sched_cfg = SchedulerConfig(
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
@@ -124,6 +139,7 @@ class Engine:
         self._trash_slot = config.max_num_seqs
         self.runner = ModelRunner(self.loaded.model, self.loaded.params, spec, config.max_num_seqs + 1,
                                   config.attention_impl, self.loaded.plan)
+        self.spec = self._build_speculative()
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self._slot: dict[str, int] = {}
         self._fresh: set[str] = set()  # sequences whose slot must be cleared at their next step
@@ -135,10 +151,52 @@ class Engine:
         self._generated_tokens = 0
         self._ids = itertools.count()
 
+    # ---- speculative decoding ----------------------------------------------------------------------
+    def _load_draft(self, draft: LoadedModel | None, dtype) -> LoadedModel | None:
+        cfg = self.config
+        if cfg.speculative_method != "draft":
+            return None
+        if draft is None:
+            if cfg.speculative_model is None:
+                raise ValueError("speculative_method='draft' needs speculative_model (or a loaded draft)")
+            draft = load_model(cfg.speculative_model, dtype=dtype, mesh=self.loaded.mesh, load_tokenizer_too=False)
+        tv, dv = self.model_config.vocab_size, draft.config.vocab_size
+        if abs(tv - dv) > 1024:  # padded vocabularies of one family differ by a little
+            raise UnsupportedModelError(f"the draft model's vocabulary ({dv}) does not match the target's ({tv})")
+        return draft
+
+    def _draft_bytes_per_token(self, page_size: int) -> int:
+        if self.draft_loaded is None:
+            return 0
+        from jaxinfer.speculative.draft import draft_bytes_per_token
+
+        return draft_bytes_per_token(self.draft_loaded.config, page_size, self.loaded.model.dtype,
+                                     self.config.kv_cache_dtype, self.config.attention_impl)
+
+    def _build_speculative(self):
+        cfg = self.config
+        if cfg.speculative_method is None:
+            return None
+        from jaxinfer.speculative.decoder import SpeculativeDecoder
+        from jaxinfer.speculative.draft import DraftRunner, draft_kv_spec
+
+        runner = None
+        if self.draft_loaded is not None:
+            runner = DraftRunner(self.draft_loaded, draft_kv_spec(self.draft_loaded.config, self.kv_spec),
+                                 self.model_config.vocab_size, cfg.max_num_seqs + 1, cfg.num_speculative_tokens,
+                                 cfg.attention_impl)
+        return SpeculativeDecoder(cfg.speculative_method, cfg.num_speculative_tokens, self.buckets, self.runner,
+                                  draft=runner, ngram_min=cfg.ngram_min, ngram_max=cfg.ngram_max,
+                                  max_num_seqs=cfg.max_num_seqs, trash_slot=self._trash_slot,
+                                  eos_token_ids=self.eos_token_ids, impl=cfg.attention_impl)
+
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                    *, arrival_time: float | None = None) -> None:
+                    *, arrival_time: float | None = None, num_speculative_tokens: int | None = None) -> None:
         """Queue a request (``prompt``: text, tokenized as is, or token ids).
+
+        ``num_speculative_tokens``: draft tokens verified per step for this request (``None``: the engine's
+        ``num_speculative_tokens``, or 0 with penalties; 0: no speculation; at most the engine's).
 
         Raises:
           InvalidRequestError / PromptTooLongError: nothing is queued then.
@@ -150,12 +208,14 @@ class Engine:
         params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params must be a SamplingParams", "sampling_params")
+        k = resolve_num_speculative_tokens(num_speculative_tokens, params, self.config.speculative_method,
+                                           self.config.num_speculative_tokens)
         text, ids = self._encode(prompt)
         penalties = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
         base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         seeds = [(base + 1_000_003 * i) & 0x7FFFFFFF for i in range(params.n)]
         arrival = time.perf_counter() if arrival_time is None else arrival_time
-        seqs = [Sequence(f"{i}:{request_id}", ids, params, use_cached_prefix=not penalties)
+        seqs = [Sequence(f"{i}:{request_id}", ids, params, use_cached_prefix=not penalties, num_lookahead=k)
                 for i in range(params.n)]
         added = []
         try:
@@ -222,38 +282,52 @@ class Engine:
             self._release_slot(seq.request_id)
         if sched.is_empty:
             return outputs, None
+        rows = sched.scheduled
+        infos = self._row_infos(rows)
+        drafts = self.spec.propose(rows, infos) if self.spec is not None else None
+        if drafts is not None and any(drafts):
+            return outputs, (sched, infos, self.spec.dispatch_verify(rows, drafts, infos))
         x = pack_step_inputs(sched, self.buckets)
-        return outputs, (sched, x, self.runner.dispatch(self._device_batch(x)))
+        return outputs, (sched, infos, self.runner.dispatch(self._device_batch(x, infos)))
 
     def finish_step(self, started) -> list[RequestOutput]:
         """Wait for a step launched by :meth:`start_step` and turn its samples into output deltas."""
         outputs, launched = started
         if launched is None:
             return outputs
-        sched, x, device_out = launched
-        res = jax.device_get(device_out)
+        sched, infos, device_out = launched
+        rows = sched.scheduled
+        spec_res = None
+        if self.spec is not None and self.spec.is_verify(device_out):
+            spec_res = self.spec.collect(device_out)
+            sampled, logprobs = spec_res.tokens, spec_res.logprobs
+        else:
+            res = jax.device_get(device_out)
+            sampled = [[int(t)] for t in res.tokens[: len(rows)]]
+            logprobs = [None if info.params.logprobs is None else [self._logprob_entry(res, i, info.params.logprobs)]
+                        for i, info in enumerate(infos)]
         now = time.perf_counter()
-        n = len(x.rows)
-        row_of = {r.seq.request_id: i for i, r in enumerate(x.rows)}
-        updates = self.scheduler.update(sched, [int(t) for t in res.tokens[:n]])
+        row_of = {r.seq.request_id: i for i, r in enumerate(rows)}
+        updates = self.scheduler.update(sched, sampled)
         changed: dict[str, list[CompletionOutput]] = {}
         for u in updates:
             req, i = self._owner[u.seq.request_id]
-            d = req.detoks[i].update(u.new_token_ids, final=u.finished, drop_last_token=u.stopped_by_token)
+            row = row_of[u.seq.request_id]
+            if spec_res is not None and spec_res.num_drafts[row]:
+                req.metrics.num_draft_tokens += spec_res.num_drafts[row]
+                req.metrics.num_accepted_tokens += spec_res.num_accepted[row]
+                req.metrics.num_spec_steps += 1
+            new_ids, text = self._detokenize(req, i, u)
             seq = u.seq
-            if d.stop_string is not None and not u.finished:
-                self.scheduler.finish(seq.request_id, "stop", d.stop_string)
             finished = seq.is_finished
-            if u.new_token_ids and req.metrics.first_token_time is None:
+            if new_ids and req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            self._generated_tokens += len(u.new_token_ids)
+            self._generated_tokens += len(new_ids)
             lps = None
-            if req.params.logprobs is not None and u.new_token_ids:
-                lps = [self._logprob_entry(res, row_of[seq.request_id], req.params.logprobs)]
-            elif req.params.logprobs is not None:
-                lps = []
+            if req.params.logprobs is not None:
+                lps = (logprobs[row] or [])[: len(new_ids)]
             changed.setdefault(req.request_id, []).append(CompletionOutput(
-                i, d.text, list(u.new_token_ids), seq.finish_reason if finished else None,
+                i, text, new_ids, seq.finish_reason if finished else None,
                 seq.stop_reason if finished else None, lps))
             if finished:
                 req.done[i] = True
@@ -267,33 +341,54 @@ class Engine:
                 self._forget(req)
         return outputs
 
-    def _device_batch(self, x) -> StepBatch:
-        t, s = x.bucket
-        token_slot = np.full(t, self._trash_slot, np.int32)
-        token_kind = np.zeros(t, np.int32)
-        params, seeds, steps, slots, resets = [], [], [], [], []
-        off = 0
-        for r in x.rows:
+    def _detokenize(self, req: _Request, i: int, u) -> tuple[list[int], str]:
+        """Feed an update's tokens to the detokenizer; a stop string ends the sequence at the token that
+        completes it (later tokens of an accepted speculative run are dropped). Returns the tokens kept and
+        the new text."""
+        detok, seq, ids = req.detoks[i], u.seq, list(u.new_token_ids)
+        if len(ids) <= 1:
+            d = detok.update(ids, final=u.finished, drop_last_token=u.stopped_by_token)
+            if d.stop_string is not None and not u.finished:
+                self.scheduler.finish(seq.request_id, "stop", d.stop_string)
+            return ids, d.text
+        text = ""
+        for j, token in enumerate(ids):
+            last = j == len(ids) - 1
+            d = detok.update([token], final=u.finished and last, drop_last_token=u.stopped_by_token and last)
+            text += d.text
+            if d.stop_string is None:
+                continue
+            if not seq.is_finished:
+                self.scheduler.finish(seq.request_id, "stop", d.stop_string)
+            elif not last:  # finished by a later token: the stop string came first
+                seq.set_finished("stop", d.stop_string)
+            if not last:
+                seq.truncate_tokens(seq.num_tokens - (len(ids) - j - 1))
+            return ids[: j + 1], text
+        return ids, text
+
+    def _row_infos(self, rows) -> list[RowInfo]:
+        """Slot, seed, step and parameters of each scheduled row (a sequence gets a slot at its first step)."""
+        infos = []
+        for r in rows:
             seq = r.seq
             sid = seq.request_id
             if sid not in self._slot:
                 self._slot[sid] = self._free_slots.pop()
                 self._fresh.add(sid)
-            slot = self._slot[sid]
-            q = r.num_new_tokens
-            token_slot[off : off + q] = slot
-            pos = np.arange(r.start, r.start + q)
-            token_kind[off : off + q] = np.where(pos < seq.num_prompt_tokens, TOKEN_PROMPT, TOKEN_OUTPUT)
-            off += q
             req, i = self._owner[sid]
-            params.append(seq.sampling_params)
-            seeds.append(req.seeds[i])
-            steps.append(seq.num_output_tokens)
-            slots.append(slot)
-            resets.append(sid in self._fresh)
+            infos.append(RowInfo(self._slot[sid], req.seeds[i], seq.num_output_tokens, seq.sampling_params,
+                                 sid in self._fresh))
             self._fresh.discard(sid)
-        st = SamplingTensors.build(params, seeds=seeds, steps=steps, num_rows=s, slots=slots, resets=resets,
-                                   eos_token_ids=self.eos_token_ids, trash_slot=self._trash_slot)
+        return infos
+
+    def _device_batch(self, x, infos: list[RowInfo]) -> StepBatch:
+        _, s = x.bucket
+        token_slot, token_kind = token_slots_kinds(x, infos, [r.num_new_tokens for r in x.rows], self._trash_slot)
+        st = SamplingTensors.build([i.params for i in infos], seeds=[i.seed for i in infos],
+                                   steps=[i.step for i in infos], num_rows=s, slots=[i.slot for i in infos],
+                                   resets=[i.reset for i in infos], eos_token_ids=self.eos_token_ids,
+                                   trash_slot=self._trash_slot)
         md = AttentionMetadata(x.cu_q_lens, x.kv_lens, x.num_seqs, x.slot_mapping, x.page_indices,
                                impl=self.config.attention_impl)
         return StepBatch(x.tokens, x.positions, token_slot, token_kind, md, x.logits_indices, st)
@@ -306,6 +401,8 @@ class Engine:
         return entry
 
     def _release_slot(self, seq_id: str) -> None:
+        if self.spec is not None:
+            self.spec.forget(seq_id)
         slot = self._slot.pop(seq_id, None)
         if slot is not None:
             self._free_slots.append(slot)
@@ -333,7 +430,10 @@ class Engine:
         shapes = self.buckets.shapes()
         if token_counts is not None:
             shapes = sorted({self.buckets.bucket(n, 1) for n in token_counts})
-        return self.runner.compile_all(shapes, self.buckets.pages_per_seq)
+        seconds = self.runner.compile_all(shapes, self.buckets.pages_per_seq)
+        if self.spec is not None:
+            seconds += self.spec.warmup(token_counts)
+        return seconds
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()
@@ -345,6 +445,9 @@ class Engine:
             num_preemptions=s.num_preemptions, prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generated_tokens, kv_cache_capacity_tokens=self.kv_spec.capacity_tokens,
             num_steps=self.runner.num_steps,
+            **({} if self.spec is None else dict(spec_draft_tokens=self.spec.stats.num_draft_tokens,
+                                                 spec_accepted_tokens=self.spec.stats.num_accepted_tokens,
+                                                 spec_verified=self.spec.stats.num_verified)),
         )
 
     def flush_prefix_cache(self) -> int:

@@ -92,8 +92,8 @@ def available_device_memory(params_bytes: int) -> int | None:
 
 def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype: str = "auto",
                   memory: int | str | None = None, memory_fraction: float = 0.9, params_bytes: int = 0,
-                  impl: str | None = None, min_tokens: int = 0, max_useful_tokens: int | None = None
-                  ) -> KVCacheSpec:
+                  impl: str | None = None, min_tokens: int = 0, max_useful_tokens: int | None = None,
+                  extra_bytes_per_token: int = 0) -> KVCacheSpec:
     """Size the cache.
 
     Args:
@@ -103,6 +103,8 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
       min_tokens: the budget must hold at least this many tokens (one full-length sequence).
       max_useful_tokens: never allocate more than this (e.g. twice what the running sequences can use:
         the rest is headroom for the prefix cache), so small models do not take the whole budget.
+      extra_bytes_per_token: bytes another cache over the same pages needs per token (a speculative
+        draft model's); the budget is shared.
     Raises:
       ValueError: the budget holds fewer than ``min_tokens`` tokens (message says how much is needed).
     """
@@ -116,7 +118,7 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
     else:
         free = available_device_memory(params_bytes)
         budget = CPU_DEFAULT_BUDGET if free is None else int(free * memory_fraction)
-    per_page = probe.bytes_per_token * page_size
+    per_page = (probe.bytes_per_token + extra_bytes_per_token) * page_size
     num_pages = budget // per_page
     if max_useful_tokens is not None:
         num_pages = min(num_pages, -(-max_useful_tokens // page_size))

@@ -33,12 +33,22 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    """Timings in seconds (``time.perf_counter`` clock)."""
+    """Timings in seconds (``time.perf_counter`` clock) and speculative-decoding counts (over the request's
+    samples): ``num_draft_tokens`` proposed and verified, ``num_accepted_tokens`` of them accepted,
+    ``num_spec_steps`` sequence-steps that verified drafts."""
 
     arrival_time: float
     first_token_time: float | None = None
     finish_time: float | None = None
     num_generated_tokens: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_spec_steps: int = 0
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """Tokens per speculating step (accepted drafts + 1); ``None`` when the request never speculated."""
+        return 1 + self.num_accepted_tokens / self.num_spec_steps if self.num_spec_steps else None
 
     @property
     def time_to_first_token(self) -> float | None:

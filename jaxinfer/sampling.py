@@ -175,6 +175,48 @@ def _row_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
     return jax.random.gumbel(key, (vocab,), jnp.float32)
 
 
+def process_logits(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None = None) -> jax.Array:
+    """``min_tokens`` suppression, then penalties (when ``penalty_state`` is given): ``f32[S, V]`` ->
+    ``f32[S, V]``. Greedy rows take the argmax of this."""
+    logits = jnp.asarray(logits, jnp.float32)
+    s, v = logits.shape
+    rows = jnp.arange(s)[:, None]
+    sup = jnp.where(st.suppress[:, None] & (st.suppress_ids >= 0), st.suppress_ids, v)
+    x = logits.at[rows, sup].set(-jnp.inf, mode="drop")
+    if penalty_state is not None:
+        active = (st.repetition_penalty != 1) | (st.presence_penalty != 0) | (st.frequency_penalty != 0)
+        x = jax.lax.cond(jnp.any(active), lambda y: _apply_penalties(y, st, penalty_state), lambda y: y, x)
+    return x
+
+
+def warp_logits(x: jax.Array, st: SamplingTensors) -> jax.Array:
+    """Temperature, then min-p / top-k / top-p (only traced work when some sampled row needs a filter):
+    ``f32[S, V]`` -> ``f32[S, V]`` whose softmax is each sampled row's distribution (greedy rows get
+    temperature 1)."""
+    is_greedy = st.temperature <= 0
+    temp = jnp.where(is_greedy, 1.0, st.temperature)
+    y = x / temp[:, None]
+    needs_filter = jnp.any(((st.top_k > 0) | (st.top_p < 1) | (st.min_p > 0)) & ~is_greedy)
+    return jax.lax.cond(needs_filter, lambda z: _filter(z, st), lambda z: z, y)
+
+
+def top_logprobs(raw_logprobs: jax.Array, num_logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(top_ids i32[S, MAX_LOGPROBS], top_logprobs f32[S, MAX_LOGPROBS])`` when some row wants them
+    (``num_logprobs i32[S] > 0``), zeros otherwise."""
+    s, v = raw_logprobs.shape
+    k = min(MAX_LOGPROBS, v)
+
+    def top():
+        vals, ids = jax.lax.top_k(raw_logprobs, k)
+        pad = ((0, 0), (0, MAX_LOGPROBS - k))
+        return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(vals, pad, constant_values=-jnp.inf)
+
+    def none():
+        return jnp.zeros((s, MAX_LOGPROBS), jnp.int32), jnp.zeros((s, MAX_LOGPROBS), jnp.float32)
+
+    return jax.lax.cond(jnp.any(num_logprobs > 0), top, none)
+
+
 @flax.struct.dataclass
 class SamplerOutput:
     """``tokens i32[S]``, their ``logprobs f32[S]`` under the raw logits, and the top-``MAX_LOGPROBS``
@@ -199,38 +241,19 @@ def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState |
       :class:`SamplerOutput`. Log-probabilities are those of the raw model distribution.
     """
     logits = jnp.asarray(logits, jnp.float32)
-    s, v = logits.shape
+    v = logits.shape[-1]
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    rows = jnp.arange(s)[:, None]
-    sup = jnp.where(st.suppress[:, None] & (st.suppress_ids >= 0), st.suppress_ids, v)
-    x = logits.at[rows, sup].set(-jnp.inf, mode="drop")
-    if penalty_state is not None:
-        active = (st.repetition_penalty != 1) | (st.presence_penalty != 0) | (st.frequency_penalty != 0)
-        x = jax.lax.cond(jnp.any(active), lambda y: _apply_penalties(y, st, penalty_state), lambda y: y, x)
+    x = process_logits(logits, st, penalty_state)
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
     is_greedy = st.temperature <= 0
 
     def random_path():
-        temp = jnp.where(is_greedy, 1.0, st.temperature)
-        y = x / temp[:, None]
-        needs_filter = jnp.any(((st.top_k > 0) | (st.top_p < 1) | (st.min_p > 0)) & ~is_greedy)
-        y = jax.lax.cond(needs_filter, lambda z: _filter(z, st), lambda z: z, y)
+        y = warp_logits(x, st)
         noise = jax.vmap(_row_noise, in_axes=(0, 0, None))(st.seed, st.step, v)
         drawn = jnp.argmax(y + noise, axis=-1).astype(jnp.int32)
         return jnp.where(is_greedy, greedy_tokens, drawn)
 
     tokens = jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, random_path)
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-
-    k = min(MAX_LOGPROBS, v)
-
-    def top():
-        vals, ids = jax.lax.top_k(raw_logprobs, k)
-        pad = ((0, 0), (0, MAX_LOGPROBS - k))
-        return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(vals, pad, constant_values=-jnp.inf)
-
-    def none():
-        return jnp.zeros((s, MAX_LOGPROBS), jnp.int32), jnp.zeros((s, MAX_LOGPROBS), jnp.float32)
-
-    top_ids, top_lps = jax.lax.cond(jnp.any(st.num_logprobs > 0), top, none)
+    top_ids, top_lps = top_logprobs(raw_logprobs, st.num_logprobs)
     return SamplerOutput(tokens, chosen, top_ids, top_lps)

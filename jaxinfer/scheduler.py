@@ -78,12 +78,15 @@ class ScheduledSeq:
       num_new_tokens: query tokens this step (``q_len``): ``seq.all_token_ids[start : start + q_len]``.
       samples: True when the chunk reaches the end of the known tokens, so the step samples a token for
         it (False for a prefill chunk that does not complete the prompt).
+      num_lookahead: speculative slots granted to a decode row this step (KV pages reserved and the token
+        budget charged): the step may verify up to this many draft tokens after the row's token.
     """
 
     seq: Sequence
     start: int
     num_new_tokens: int
     samples: bool
+    num_lookahead: int = 0
 
     @property
     def kv_len(self) -> int:
@@ -239,7 +242,10 @@ class Scheduler:
 
     # ---- scheduling --------------------------------------------------------------------------------
     def _lookahead(self, seq: Sequence, kv_len: int) -> int:
-        return max(min(seq.num_lookahead, self.config.max_model_len - kv_len), 0)
+        # a verify step yields at most lookahead + 1 tokens: never reserve more than the sequence may still
+        # generate, nor past the context window
+        left = seq.sampling_params.max_tokens - seq.num_output_tokens - 1
+        return max(min(seq.num_lookahead, self.config.max_model_len - kv_len, left), 0)
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -273,7 +279,7 @@ class Scheduler:
                 preempted.append(victim)
                 gone = chosen.pop(victim.request_id, None)
                 if gone is not None:
-                    budget += gone.num_new_tokens
+                    budget += gone.num_new_tokens + gone.num_lookahead
                 if victim is seq:
                     return False
             return True
@@ -288,6 +294,15 @@ class Scheduler:
                 chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, 1, True)
                 budget -= 1
         decode_ids = list(chosen)
+        # speculative slots of the decodes come before prefill tokens (their pages are already reserved)
+        for rid in decode_ids:
+            if budget == 0:
+                break
+            row = chosen[rid]
+            la = min(self._lookahead(row.seq, row.kv_len), budget)
+            if la:
+                chosen[rid] = ScheduledSeq(row.seq, row.start, 1, True, la)
+                budget -= la
         # 2. running sequences with several tokens to compute: the chunked prefill admitted last, or one
         #    rolled back (BlockManager.truncate). Pages for an older one may preempt decodes chosen above.
         for seq in list(self.running):
@@ -332,6 +347,10 @@ class Scheduler:
           output: the :class:`SchedulerOutput` the step ran.
           sampled_token_ids: one entry per ``output.scheduled`` row, in order: the sampled token id (int or
             numpy integer), or a sequence of accepted token ids; ignored for rows with ``samples=False``.
+            For a verify row (``num_lookahead > 0``) an entry of ``m`` tokens means the step computed the
+            K/V of the row's token and of the ``m - 1`` accepted draft tokens (the last token is new):
+            ``num_computed_tokens`` counts them, the rejected drafts' slots are dropped and pages past the
+            sequence's known tokens are released (``BlockManager.truncate``).
 
         Advances ``num_computed_tokens``, appends sampled tokens, registers newly full pages in the prefix
         cache, checks stop conditions (stop token ids and EOS once more than ``min_tokens`` tokens were
@@ -354,12 +373,19 @@ class Scheduler:
             new: list[int] = []
             by_token = False
             if row.samples:
-                for token in _token_list(sampled):
+                tokens = _token_list(sampled)
+                if row.num_lookahead:
+                    if len(tokens) > row.num_lookahead + 1:
+                        raise ValueError(f"{len(tokens)} tokens for a row with {row.num_lookahead} lookahead slots")
+                    seq.num_computed_tokens += len(tokens) - 1
+                for token in tokens:
                     seq.append_token(token)
                     new.append(token)
                     by_token = self._check_stop(seq)
                     if seq.is_finished:
                         break
+                if row.num_lookahead and not seq.is_finished:
+                    bm.truncate(seq, seq.num_tokens)
             bm.cache_full_pages(seq)
             if seq.is_finished:
                 any_finished = True

@@ -14,6 +14,7 @@ written to ``slot_mapping`` before attention, and sequence ``s`` attends causall
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,7 +180,15 @@ class StepInputs:
 def pack_step_inputs(output: SchedulerOutput, buckets: StepBuckets) -> StepInputs:
     """Build the padded step arrays for ``output`` (call before ``Scheduler.update``, which moves the
     sequences on). Raises ``ValueError`` for an empty output or one beyond the largest bucket."""
-    rows = output.scheduled
+    return pack_rows(output.scheduled, buckets)
+
+
+def pack_rows(rows: list[ScheduledSeq], buckets: StepBuckets,
+              token_ids: list[SequenceABC[int] | None] | None = None) -> StepInputs:
+    """Pack arbitrary rows: row ``i`` feeds ``rows[i].num_new_tokens`` tokens at positions
+    ``rows[i].start ...``, taken from ``seq.all_token_ids`` or, when ``token_ids[i]`` is given, from it
+    (tokens the sequence does not hold yet, e.g. speculative drafts; their slots must already be in the
+    block table)."""
     if not rows:
         raise ValueError("nothing scheduled: skip the step instead of packing it")
     num_tokens = sum(r.num_new_tokens for r in rows)
@@ -200,21 +209,22 @@ def pack_step_inputs(output: SchedulerOutput, buckets: StepBuckets) -> StepInput
     off = 0
     for i, r in enumerate(rows):
         seq, start, q = r.seq, r.start, r.num_new_tokens
+        given = None if token_ids is None else token_ids[i]
         table = seq.block_table
         kv_len = start + q
-        if q < 1 or kv_len > seq.num_tokens:
+        if q < 1 or (given is None and kv_len > seq.num_tokens) or (given is not None and len(given) != q):
             raise ValueError(f"row {i}: bad chunk start={start} q_len={q} for {seq!r}")
         if len(table) > P or len(table) * ps < kv_len:
             raise ValueError(
                 f"row {i}: block table of {len(table)} pages cannot hold {kv_len} tokens (P={P})"
             )
         if q == 1:  # decode: plain ints are faster than numpy for one token
-            tokens[off] = seq.all_token_ids[start]
+            tokens[off] = seq.all_token_ids[start] if given is None else given[0]
             positions[off] = start
             slot_mapping[off] = (table[start >> shift] << shift) | (start & (ps - 1))
         else:
             pos = np.arange(start, kv_len, dtype=np.int32)
-            tokens[off : off + q] = seq.all_token_ids[start:kv_len]
+            tokens[off : off + q] = seq.all_token_ids[start:kv_len] if given is None else given
             positions[off : off + q] = pos
             pages = np.asarray(table, np.int32)[pos >> shift]
             slot_mapping[off : off + q] = (pages << shift) | (pos & (ps - 1))

@@ -58,18 +58,28 @@ def train_tokenizer(path: Path):
     return fast
 
 
-def make_tiny_model(arch: str, path: Path, seed: int = 0):
-    """Create, save (safetensors + tokenizer) and return the torch model of ``arch``."""
+def make_tiny_model(arch: str, path: Path, seed: int = 0, *, perturb: float = 0.0, perturb_seed: int = 1,
+                    **overrides):
+    """Create, save (safetensors + tokenizer) and return the torch model of ``arch``.
+
+    ``perturb`` adds Gaussian noise of that relative scale to every weight (drawn with ``perturb_seed``):
+    a model close to the unperturbed one (e.g. a speculative draft that agrees only partly);
+    ``overrides`` replace config fields (e.g. ``vocab_size``).
+    """
     import transformers
 
     cfg_name, model_name, extra = ARCHS[arch]
-    cfg = getattr(transformers, cfg_name)(**{**BASE, **extra})
+    cfg = getattr(transformers, cfg_name)(**{**BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).to(torch.float32).eval()
     with torch.no_grad():  # biases / norms are zero / one at init: randomise so they matter
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+        if perturb:
+            gen = torch.Generator().manual_seed(perturb_seed)
+            for p in model.parameters():
+                p.add_(perturb * p.std() * torch.randn(p.shape, generator=gen))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
     train_tokenizer(path)

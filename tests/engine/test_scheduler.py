@@ -231,9 +231,15 @@ def test_lookahead_reserves_pages_within_max_model_len():
     _step(sched)
     assert len(seq.block_table) == 3  # 3 prompt tokens + 6 slots -> 9 slots
     while sched.has_unfinished():
-        _step(sched)
-        if not seq.is_finished:
-            assert len(seq.block_table) == min(-(-(seq.num_computed_tokens + 6) // 4), 4)
+        out = sched.schedule()
+        # reserved at schedule time: the token, 6 slots (capped by max_model_len and by what max_tokens
+        # still allows), granted to the decode row within the token budget
+        la = min(6, 16 - seq.num_tokens, seq.sampling_params.max_tokens - seq.num_output_tokens - 1)
+        assert len(seq.block_table) == -(-(seq.num_computed_tokens + 1 + la) // 4)
+        assert out.scheduled[0].num_lookahead == la
+        sched.update(out, [5])
+        if not seq.is_finished:  # a verify row that accepted nothing: pages past the known tokens released
+            assert len(seq.block_table) == -(-seq.num_tokens // 4)
 
 
 def test_without_chunked_prefill_prompts_run_whole():

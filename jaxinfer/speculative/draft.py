@@ -1,0 +1,141 @@
+"""The draft model: its own paged KV cache over the target's page ids, and a jitted draft step.
+
+The draft cache has the target's page count, page size, layout and storage dtype, with the draft model's
+layers and heads, so the one block manager (and every block table) serves both caches: a page id names
+the same token slots in each. Rolling the target back (``num_computed_tokens`` / ``BlockManager.truncate``)
+rolls the draft back too; the decoder tracks how far the draft's K/V is valid per sequence.
+
+A draft step runs the draft model over a ragged batch (prefill chunks mirrored from the target, catch-up
+tokens, one draft token per speculating sequence), samples one token per row with the row's sampling
+settings from the draft's own noise stream, and stores the warped draft distribution ``q`` of each
+proposed token in a device buffer ``f32[num_slots * K, V]`` (row ``slot * K + j`` for draft ``j``) that the
+verify step reads; the buffer never leaves the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.attention import AttentionMetadata
+from jaxinfer.kv_cache import KV_CACHE_DTYPES, KVCacheSpec, init_kv_cache
+from jaxinfer.loader import LoadedModel
+from jaxinfer.runner import StepBatch
+from jaxinfer.sampling import SamplingTensors, process_logits, warp_logits
+from jaxinfer.sharding import ShardingPlan, make_mesh
+from jaxinfer.speculative.rejection import DRAFT_STREAM, stream_gumbel
+from pallas_kernels.ragged_paged_attention.api import default_layout
+
+logger = logging.getLogger(__name__)
+
+
+def draft_kv_spec(draft_config, target_spec: KVCacheSpec) -> KVCacheSpec:
+    """The draft cache geometry: the target's pages with the draft model's layers and heads."""
+    return KVCacheSpec(draft_config.num_layers, target_spec.num_pages, target_spec.page_size,
+                       draft_config.num_kv_heads, draft_config.head_dim, target_spec.dtype,
+                       target_spec.quant_dtype, target_spec.layout)
+
+
+def draft_bytes_per_token(draft_config, page_size: int, dtype, kv_cache_dtype: str, impl: str | None) -> int:
+    """Cache bytes per token of the draft model (to share the KV memory budget with the target)."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    spec = KVCacheSpec(draft_config.num_layers, 1, page_size, draft_config.num_kv_heads, draft_config.head_dim,
+                       jnp.dtype(dtype), KV_CACHE_DTYPES[kv_cache_dtype], default_layout(impl))
+    return spec.bytes_per_token
+
+
+def fit_vocab(logits: jax.Array, vocab: int) -> jax.Array:
+    """Draft logits ``[S, Vd]`` on the target's vocabulary ``[S, vocab]`` (extra ids dropped, missing
+    ids impossible)."""
+    vd = logits.shape[-1]
+    if vd >= vocab:
+        return logits[:, :vocab]
+    return jnp.pad(logits, ((0, 0), (0, vocab - vd)), constant_values=-jnp.inf)
+
+
+def draft_sample(logits: jax.Array, st: SamplingTensors) -> tuple[jax.Array, jax.Array]:
+    """One draft token per row and the distribution it was drawn from.
+
+    Args:
+      logits: ``f32[S, V]`` draft logits on the target vocabulary.
+      st: the rows' sampling settings (``step`` = output index being drafted); penalties never apply
+        (requests with penalties do not speculate).
+    Returns:
+      ``(tokens i32[S], q f32[S, V])``: greedy rows take the argmax (``q`` unused, zeros); sampled rows
+      draw from ``q = softmax(warp(logits))`` with the draft noise stream.
+    """
+    x = process_logits(logits, st, None)
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    is_greedy = st.temperature <= 0
+    v = logits.shape[-1]
+
+    def sampled():
+        y = warp_logits(x, st)
+        drawn = jnp.argmax(y + stream_gumbel(st, DRAFT_STREAM, v), axis=-1).astype(jnp.int32)
+        return jnp.where(is_greedy, greedy, drawn), jax.nn.softmax(y, axis=-1)
+
+    return jax.lax.cond(jnp.all(is_greedy), lambda: (greedy, jnp.zeros_like(x)), sampled)
+
+
+class DraftRunner:
+    """Holds the draft model's parameters, KV cache and the draft-probability buffer; runs draft steps.
+
+    Args:
+      loaded: the draft model.
+      kv_spec: its cache geometry (:func:`draft_kv_spec`).
+      vocab_size: the target's vocabulary size.
+      num_slots: engine slots (running sequences + one trash slot).
+      num_speculative_tokens: ``K``.
+      impl: attention implementation.
+    """
+
+    def __init__(self, loaded: LoadedModel, kv_spec: KVCacheSpec, vocab_size: int, num_slots: int,
+                 num_speculative_tokens: int, impl: str | None = None):
+        self.model = loaded.model
+        self.params = loaded.params
+        self.impl = impl
+        self.vocab_size = vocab_size
+        self.num_slots = num_slots
+        self.k = num_speculative_tokens
+        plan = loaded.plan or loaded.model.plan or ShardingPlan(loaded.mesh or make_mesh())
+        self.kv_cache = init_kv_cache(kv_spec, plan)  # placed like the draft's own attention
+        rep = plan.replicated()
+        self.probs = jax.device_put(jnp.zeros((num_slots * num_speculative_tokens, vocab_size), jnp.float32), rep)
+        kv_sh = jax.tree.map(lambda a: a.sharding, self.kv_cache)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, rep))
+
+    def _step_fn(self, params, kv_cache, probs, batch: StepBatch, q_rows):
+        logits, kv_cache = self.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md,
+                                              batch.logits_indices)
+        tokens, q = draft_sample(fit_vocab(logits, self.vocab_size), batch.sampling)
+        probs = probs.at[q_rows].set(q, mode="drop")
+        return tokens, kv_cache, probs
+
+    def run(self, batch: StepBatch, q_rows: np.ndarray) -> np.ndarray:
+        """One draft step; ``q_rows i32[S]``: buffer row for each row's ``q`` (out of range: not kept).
+        Returns the drafted tokens ``i32[S]`` on the host."""
+        tokens, self.kv_cache, self.probs = self._step(self.params, self.kv_cache, self.probs, batch, q_rows)
+        return np.asarray(jax.device_get(tokens))
+
+    def dummy_batch(self, num_tokens: int, num_seqs: int, pages_per_seq: int) -> StepBatch:
+        z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
+        md = AttentionMetadata(cu_q_lens=z(num_seqs + 1), kv_lens=z(num_seqs), num_seqs=z(1),
+                               slot_mapping=np.full(num_tokens, -1, np.int32),
+                               page_indices=z(num_seqs, pages_per_seq), impl=self.impl)
+        st = SamplingTensors.build([], seeds=[], steps=[], num_rows=num_seqs)
+        return StepBatch(z(num_tokens), z(num_tokens), z(num_tokens), z(num_tokens), md, z(num_seqs), st)
+
+    def compile_all(self, shapes, pages_per_seq: int) -> float:
+        """Compile the draft step for every ``(T, S)`` bucket."""
+        start = time.perf_counter()
+        drop = self.num_slots * self.k
+        for t, s in shapes:
+            self.run(self.dummy_batch(t, s, pages_per_seq), np.full(s, drop, np.int32))
+        elapsed = time.perf_counter() - start
+        logger.info("compiled %d draft step shapes in %.1f s", len(shapes), elapsed)
+        return elapsed
