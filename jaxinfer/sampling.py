@@ -175,6 +175,16 @@ def _row_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
     return jax.random.gumbel(key, (vocab,), jnp.float32)
 
 
+def gumbel_draw(y: jax.Array, st: SamplingTensors) -> jax.Array:
+    """``i32[S]``: one draw per row from ``softmax(y[S, V])`` (Gumbel-max keyed by ``(seed, step)`` only).
+
+    The plain sampler and the speculative verifier both draw through here, so a point-mass draft is
+    accepted exactly when the plain sampler would have drawn it.
+    """
+    noise = jax.vmap(_row_noise, in_axes=(0, 0, None))(st.seed, st.step, y.shape[-1])
+    return jnp.argmax(y + noise, axis=-1).astype(jnp.int32)
+
+
 def process_logits(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None = None) -> jax.Array:
     """``min_tokens`` suppression, then penalties (when ``penalty_state`` is given): ``f32[S, V]`` ->
     ``f32[S, V]``. Greedy rows take the argmax of this."""
@@ -241,17 +251,13 @@ def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState |
       :class:`SamplerOutput`. Log-probabilities are those of the raw model distribution.
     """
     logits = jnp.asarray(logits, jnp.float32)
-    v = logits.shape[-1]
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = process_logits(logits, st, penalty_state)
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
     is_greedy = st.temperature <= 0
 
     def random_path():
-        y = warp_logits(x, st)
-        noise = jax.vmap(_row_noise, in_axes=(0, 0, None))(st.seed, st.step, v)
-        drawn = jnp.argmax(y + noise, axis=-1).astype(jnp.int32)
-        return jnp.where(is_greedy, greedy_tokens, drawn)
+        return jnp.where(is_greedy, greedy_tokens, gumbel_draw(warp_logits(x, st), st))
 
     tokens = jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, random_path)
     chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxinfer.sampling import (
     PenaltyState,
     SamplingTensors,
-    _row_noise,
+    gumbel_draw,
     process_logits,
     top_logprobs,
     warp_logits,
@@ -109,18 +109,14 @@ def rejection_sample(logits: jax.Array, st: SamplingTensors, penalty_state: Pena
     is_greedy = st.temperature <= 0
     d = vin.draft_tokens
 
-    def plain_draw(y):
-        noise = jax.vmap(_row_noise, in_axes=(0, 0, None))(st.seed, st.step, v)
-        return jnp.argmax(y + noise, axis=-1).astype(jnp.int32)
-
     if draft_probs is None:
         def sampled():
-            t = jnp.where(is_greedy, greedy, plain_draw(warp_logits(x, st)))
+            t = jnp.where(is_greedy, greedy, gumbel_draw(warp_logits(x, st), st))
             return t, t == d
     else:
         def sampled():
             y = warp_logits(x, st)
-            t = plain_draw(y)
+            t = gumbel_draw(y, st)
             p = jax.nn.softmax(y, axis=-1)
             q = draft_probs[vin.q_index]
             p_d = jnp.take_along_axis(p, d[:, None], axis=-1)[:, 0]
