@@ -1,8 +1,9 @@
 """Ragged paged attention in pure jnp: the oracle for the kernels and the CPU production path.
 
 Work is split into *work items* (a sequence and up to ``block_q`` of its query rows). Decode sequences
-(one query row) get one-row items, multi-token sequences (prefill chunks, speculative verify) get
-``block_q``-row items, so decode does no padded query work. Items are processed a group at a time in
+(one query row) get one-row items, short multi-token sequences (speculative verify rows, up to
+``short_q`` tokens) one ``short_q``-row item each, and longer ones (prefill chunks) ``block_q``-row items,
+so neither decode nor verify rows do much padded query work. Items are processed a group at a time in
 an outer ``while`` loop that stops after the last real item, and each group runs a flash-style
 online-softmax loop over KV blocks gathered from the pages, up to the longest key range in the group.
 All shapes are static; lengths, ``num_seqs`` and trip counts are traced. Everything is computed in
@@ -150,8 +151,17 @@ def ragged_paged_attention_xla(
     out = _attend_items(out, q, kv, page_indices, table, decode_counts, block_q=1,
                         num_items=min(s_max, t), group=min(bs.decode_group, s_max, t), **common)
     if t >= 2:
-        bq = bs.block_q
-        multi_counts = jnp.where(table.q_len >= 2, -(-table.q_len // bq), 0)
-        out = _attend_items(out, q, kv, page_indices, table, multi_counts, block_q=bq,
-                            num_items=-(-t // bq) + min(s_max, t // 2), group=bs.prefill_group, **common)
+        # multi-token sequences: short ones (verify rows) one short_q-row item each, long ones
+        # (prefill chunks) in block_q-row items
+        sq = max(2, min(bs.short_q, t))
+        short = (table.q_len >= 2) & (table.q_len <= sq)
+        n_short = min(s_max, t // 2)
+        out = _attend_items(out, q, kv, page_indices, table, short.astype(jnp.int32), block_q=sq,
+                            num_items=n_short, group=min(bs.short_group, n_short), **common)
+        if t > sq:
+            bq = bs.block_q
+            long_counts = jnp.where(table.q_len > sq, -(-table.q_len // bq), 0)
+            n_long = -(-t // bq) + min(s_max, t // (sq + 1))
+            out = _attend_items(out, q, kv, page_indices, table, long_counts, block_q=bq, num_items=n_long,
+                                group=min(bs.prefill_group, n_long), **common)
     return out.astype(q.dtype)
