@@ -28,7 +28,7 @@ from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.errors import InvalidRequestError, UnsupportedModelError
 from jaxinfer.kv_cache import plan_kv_cache
 from jaxinfer.loader import LoadedModel, load_model
-from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput, acceptance_length
 from jaxinfer.runner import ModelRunner, StepBatch, params_bytes
 from jaxinfer.sampling import SamplingTensors
 from jaxinfer.sampling_params import SamplingParams
@@ -66,7 +66,7 @@ class EngineStats:
     @property
     def spec_mean_acceptance_length(self) -> float:
         """Tokens per speculating sequence-step (accepted drafts + 1); 0 before any verify."""
-        return 1 + self.spec_accepted_tokens / self.spec_verified if self.spec_verified else 0.0
+        return acceptance_length(self.spec_accepted_tokens, self.spec_verified) or 0.0
 
 
 class _Request:

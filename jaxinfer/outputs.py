@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def acceptance_length(num_accepted: int, num_steps: int) -> float | None:
+    """Tokens per speculating sequence-step (accepted drafts + 1); ``None`` before any such step."""
+    return 1 + num_accepted / num_steps if num_steps else None
+
+
 @dataclass
 class CompletionOutput:
     """One generated sample.
@@ -48,7 +53,7 @@ class RequestMetrics:
     @property
     def mean_acceptance_length(self) -> float | None:
         """Tokens per speculating step (accepted drafts + 1); ``None`` when the request never speculated."""
-        return 1 + self.num_accepted_tokens / self.num_spec_steps if self.num_spec_steps else None
+        return acceptance_length(self.num_accepted_tokens, self.num_spec_steps)
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -102,13 +102,7 @@ class ModelRunner:
 
     def dummy_batch(self, num_tokens: int, num_seqs: int, pages_per_seq: int) -> StepBatch:
         """An all-padding batch of the given bucket (used to compile it)."""
-        z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
-        md = AttentionMetadata(cu_q_lens=z(num_seqs + 1), kv_lens=z(num_seqs), num_seqs=z(1),
-                               slot_mapping=np.full(num_tokens, -1, np.int32),
-                               page_indices=z(num_seqs, pages_per_seq), impl=self.impl)
-        st = SamplingTensors.build([], seeds=[], steps=[], num_rows=num_seqs, trash_slot=self.num_slots - 1)
-        return StepBatch(z(num_tokens), z(num_tokens), np.full(num_tokens, self.num_slots - 1, np.int32),
-                         z(num_tokens), md, z(num_seqs), st)
+        return padding_batch(num_tokens, num_seqs, pages_per_seq, self.impl, trash_slot=self.num_slots - 1)
 
     def compile_all(self, shapes, pages_per_seq: int) -> float:
         """Compile the step for every ``(T, S)`` in ``shapes`` by running an all-padding batch."""
@@ -119,6 +113,19 @@ class ModelRunner:
         elapsed = time.perf_counter() - start
         logger.info("compiled %d step shapes in %.1f s", len(shapes), elapsed)
         return elapsed
+
+
+def padding_batch(num_tokens: int, num_seqs: int, pages_per_seq: int, impl: str | None,
+                  trash_slot: int = 0) -> StepBatch:
+    """An all-padding :class:`StepBatch` of bucket ``(T, S)`` (nothing written, nothing attended; penalty
+    rows point at ``trash_slot``): what warm-up runs to compile a bucket."""
+    z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
+    md = AttentionMetadata(cu_q_lens=z(num_seqs + 1), kv_lens=z(num_seqs), num_seqs=z(1),
+                           slot_mapping=np.full(num_tokens, -1, np.int32),
+                           page_indices=z(num_seqs, pages_per_seq), impl=impl)
+    st = SamplingTensors.build([], seeds=[], steps=[], num_rows=num_seqs, trash_slot=trash_slot)
+    return StepBatch(z(num_tokens), z(num_tokens), np.full(num_tokens, trash_slot, np.int32), z(num_tokens), md,
+                     z(num_seqs), st)
 
 
 def params_bytes(params) -> int:

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxinfer.attention import AttentionMetadata
+from jaxinfer.outputs import acceptance_length
 from jaxinfer.runner import ModelRunner, StepBatch
 from jaxinfer.sampling import SamplingTensors
 from jaxinfer.scheduler import ScheduledSeq
@@ -68,7 +69,7 @@ class SpecStats:
     @property
     def mean_acceptance_length(self) -> float:
         """Tokens per speculating sequence-step (accepted drafts + 1); 0 before any."""
-        return 1 + self.num_accepted_tokens / self.num_verified if self.num_verified else 0.0
+        return acceptance_length(self.num_accepted_tokens, self.num_verified) or 0.0
 
 
 class SpeculativeDecoder:

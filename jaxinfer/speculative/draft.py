@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.attention import AttentionMetadata
 from jaxinfer.kv_cache import KV_CACHE_DTYPES, KVCacheSpec, init_kv_cache
 from jaxinfer.loader import LoadedModel
-from jaxinfer.runner import StepBatch
+from jaxinfer.runner import StepBatch, padding_batch
 from jaxinfer.sampling import SamplingTensors, process_logits, warp_logits
 from jaxinfer.sharding import ShardingPlan, make_mesh
 from jaxinfer.speculative.rejection import DRAFT_STREAM, stream_gumbel
@@ -122,20 +121,12 @@ class DraftRunner:
         tokens, self.kv_cache, self.probs = self._step(self.params, self.kv_cache, self.probs, batch, q_rows)
         return np.asarray(jax.device_get(tokens))
 
-    def dummy_batch(self, num_tokens: int, num_seqs: int, pages_per_seq: int) -> StepBatch:
-        z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
-        md = AttentionMetadata(cu_q_lens=z(num_seqs + 1), kv_lens=z(num_seqs), num_seqs=z(1),
-                               slot_mapping=np.full(num_tokens, -1, np.int32),
-                               page_indices=z(num_seqs, pages_per_seq), impl=self.impl)
-        st = SamplingTensors.build([], seeds=[], steps=[], num_rows=num_seqs)
-        return StepBatch(z(num_tokens), z(num_tokens), z(num_tokens), z(num_tokens), md, z(num_seqs), st)
-
     def compile_all(self, shapes, pages_per_seq: int) -> float:
         """Compile the draft step for every ``(T, S)`` bucket."""
         start = time.perf_counter()
         drop = self.num_slots * self.k
         for t, s in shapes:
-            self.run(self.dummy_batch(t, s, pages_per_seq), np.full(s, drop, np.int32))
+            self.run(padding_batch(t, s, pages_per_seq, self.impl), np.full(s, drop, np.int32))
         elapsed = time.perf_counter() - start
         logger.info("compiled %d draft step shapes in %.1f s", len(shapes), elapsed)
         return elapsed
