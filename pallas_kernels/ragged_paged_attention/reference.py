@@ -3,9 +3,10 @@
 Work is split into *work items* (a sequence and up to ``block_q`` of its query rows). Decode sequences
 (one query row) get one-row items, short multi-token sequences (speculative verify rows, up to
 ``short_q`` tokens) one ``short_q``-row item each, and longer ones (prefill chunks) ``block_q``-row items,
-so neither decode nor verify rows do much padded query work. Items are processed a group at a time in
-an outer ``while`` loop that stops after the last real item, and each group runs a flash-style
-online-softmax loop over KV blocks gathered from the pages, up to the longest key range in the group.
+so neither decode nor verify rows do much padded query work. Items are sorted by key range (longest
+first) and processed a group at a time in an outer ``while`` loop that stops after the last real item;
+each group runs a flash-style online-softmax loop over KV blocks gathered from the pages, up to the
+longest key range in the group, so sorting keeps short sequences out of long sequences' groups.
 All shapes are static; lengths, ``num_seqs`` and trip counts are traced. Everything is computed in
 float32 at ``HIGHEST`` matmul precision and cast to ``q.dtype`` at the end.
 """
@@ -66,6 +67,11 @@ def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, 
     lo, hi = metadata.item_key_range(items, block_q, sliding_window)
     blk_lo = lo // bkv
     n_blocks = jnp.where(items.valid, -(-hi // bkv) - blk_lo, 0)
+    # Longest key ranges first: a group loops to its longest item, so grouping items of similar length
+    # keeps short sequences from paying for long ones (invalid items, with no blocks, sort last).
+    order = jnp.argsort(jnp.where(items.valid, -n_blocks, 1), stable=True)
+    items = jax.tree.map(lambda a: a if a.ndim == 0 else a[order], items)
+    blk_lo, n_blocks = blk_lo[order], n_blocks[order]
 
     def group_body(gi, out):
         def take(a):

@@ -13,6 +13,7 @@ from rpa_testlib import (
     GEO_B,
     GEO_C,
     KINDS,
+    Geometry,
     device_args,
     draw_lengths,
     make_batch,
@@ -23,6 +24,7 @@ from rpa_testlib import (
 
 from pallas_kernels.ragged_paged_attention import reference
 from pallas_kernels.ragged_paged_attention.api import KVPages, init_kv_pages, ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.tuning import XlaBlockSizes
 
 SM_SCALE = 0.125
 F32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -78,6 +80,26 @@ def test_xla_head_major_layout(kind):
     rng = np.random.default_rng(11)
     batch = make_batch(rng, GEO_A, draw_lengths(rng, GEO_A, kind))
     _check(batch, _run_xla(batch, layout="head_major"), F32_TOL)
+
+
+GEO_MANY = Geometry(num_tokens=48, max_seqs=24, num_q_heads=9, num_kv_heads=3, head_dim=64, page_size=8,
+                    pages_per_seq=8, num_pages=200)  # many sequences: several groups per class
+
+
+@pytest.mark.parametrize("window", [None, 12], ids=["full", "window"])
+@pytest.mark.parametrize("kind", ["decode", "mixed", "verify", "prefill"])
+def test_xla_small_groups_sorted_by_length(kind, window):
+    """Items are sorted by key range and processed a few at a time: many ragged sequences spread over
+    several groups of every class (decode, short, long), each group looping to its own longest item."""
+    seed = zlib.crc32(kind.encode())
+    while len(lengths := draw_lengths(rng := np.random.default_rng(seed), GEO_MANY, kind)) < 5:
+        seed += 1  # deterministic: the first seed from here that draws enough sequences
+    batch = make_batch(rng, GEO_MANY, lengths)
+    bs = XlaBlockSizes(block_q=8, decode_group=3, prefill_group=2, kv_pages_per_block=2, short_q=4,
+                       short_group=2)
+    got = reference.ragged_paged_attention_xla(*device_args(batch, jnp.float32), sm_scale=SM_SCALE,
+                                               sliding_window=window, block_sizes=bs)
+    _check(batch, np.asarray(got, np.float64), F32_TOL, sliding_window=window)
 
 
 def test_xla_ignores_garbage_metadata():
