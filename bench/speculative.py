@@ -1,5 +1,6 @@
 """Speculative decoding on the default model: speculation off vs n-gram (prompt lookup) vs a draft model,
-at several batch sizes, in one run, greedy (outputs checked identical to speculation off). Batch 1 runs
+at several batch sizes, in one run, greedy (outputs checked identical to speculation off); n-gram once
+per ``--ngram-min`` value (single-token matches on or off). Batch 1 runs
 four prompts one after another and reports their totals.
 
 Workload: raw-text prompts that continue repetitive text (counting, lists, tables, code), a different
@@ -7,15 +8,17 @@ prompt per sequence, ``--new-tokens`` greedy tokens each (EOS ignored). Per conf
 decode tokens/s (all tokens after each sequence's first, over the time after the first token), end-to-end
 output tokens/s, mean acceptance length (tokens per speculating sequence-step), draft acceptance rate,
 speed-up over speculation off, and whether the greedy outputs equal speculation off's. Median of
-``--reps`` timed runs after a warm-up that compiles every bucket (no compilation in the timed window).
+``--reps`` timed runs after a warm-up that compiles every bucket (no compilation in the timed window);
+the reps of all configurations are interleaved (off, n-gram, draft, off, ...) so that a drift in
+machine speed does not favour one of them.
 
 Draft model: the default model is the smallest of its family here, so the draft is the target's first
 ``--draft-layers`` layers with its embedding, final norm and LM head (an early-exit draft of the same
 model, no extra training); ``--draft-self`` also runs the whole target as its own draft (every draft
 accepted: the acceptance ceiling, never faster).
 
-Usage: ``python bench/speculative.py [--batches 1 4 16] [--new-tokens 64] [--k 3] [--draft-layers 12]
-[--draft-self]``
+Usage: ``python bench/speculative.py [--batches 1 4 16] [--new-tokens 64] [--k 3] [--ngram-min 1 2]
+[--draft-layers 12] [--draft-self] [--reps 3]``
 """
 
 from __future__ import annotations
@@ -96,7 +99,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--draft-layers", type=int, default=12)
     ap.add_argument("--draft-self", action="store_true")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ngram-min", type=int, nargs="+", default=[1, 2],
+                    help="one n-gram configuration per value of the proposer's ngram_min")
     args = ap.parse_args()
 
     from jaxinfer.config import EngineConfig
@@ -108,38 +113,44 @@ def main() -> None:
     prompts_all = [encode_prompt(target.tokenizer, p) for p in PROMPTS]
     max_b = max(args.batches)
     base = dict(max_model_len=256, max_num_seqs=max_b, max_num_batched_tokens=max(128, 8 * max_b), page_size=16)
-    configs = {"off": (None, None), "ngram": ("ngram", None),
-               f"draft_{args.draft_layers}_layers": ("draft", early_exit_draft(target, args.draft_layers))}
+    configs = {"off": (None, None, None), **{f"ngram_min{n}": ("ngram", None, n) for n in args.ngram_min},
+               f"draft_{args.draft_layers}_layers": ("draft", early_exit_draft(target, args.draft_layers), None)}
     if args.draft_self:
-        configs["draft_self"] = ("draft", target)
-    results, off_tokens = {}, {}
-    for name, (method, draft) in configs.items():
-        cfg = EngineConfig(**base, speculative_method=method, num_speculative_tokens=args.k)
-        engine = Engine(None, cfg, loaded=target, draft=draft)
+        configs["draft_self"] = ("draft", target, None)
+    engines, results = {}, {}
+    for name, (method, draft, ngram_min) in configs.items():
+        cfg = EngineConfig(**base, speculative_method=method, num_speculative_tokens=args.k,
+                           **({"ngram_min": ngram_min} if ngram_min else {}))
+        engines[name] = Engine(None, cfg, loaded=target, draft=draft)
         t = time.perf_counter()
-        engine.warmup()
-        warm = time.perf_counter() - t
-        results[name] = {"warmup_s": warm, "batches": {}}
-        for b in args.batches:
-            # batch 1: four prompts one after another (one prompt alone is too particular); else one batch
-            groups = [[p] for p in prompts_all[:4]] if b == 1 else [
-                [prompts_all[i % len(prompts_all)] for i in range(b)]]
+        engines[name].warmup()
+        results[name] = {"warmup_s": time.perf_counter() - t, "batches": {}}
+    for b in args.batches:
+        # batch 1: four prompts one after another (one prompt alone is too particular); else one batch
+        groups = [[p] for p in prompts_all[:4]] if b == 1 else [
+            [prompts_all[i % len(prompts_all)] for i in range(b)]]
+        for engine in engines.values():
             run_batch(engine, groups[:1], args.new_tokens)  # untimed: first touch of this batch's buckets
-            runs = [run_batch(engine, groups, args.new_tokens) for _ in range(args.reps)]
-            r = {k: statistics.median(x[k] for x in runs) if runs[0][k] is not None else None
+        # reps interleaved across configurations, so a drift in machine speed hits all of them alike
+        runs = {name: [] for name in engines}
+        for _ in range(args.reps):
+            for name, engine in engines.items():
+                runs[name].append(run_batch(engine, groups, args.new_tokens))
+        for name in engines:
+            rs = runs[name]
+            r = {k: statistics.median(x[k] for x in rs) if rs[0][k] is not None else None
                  for k in ("decode_tok_s", "e2e_tok_s", "acceptance_length", "draft_acceptance_rate")}
-            if method is None:
-                off_tokens[b] = runs[0]["tokens"]
-            r["same_as_off"] = runs[0]["tokens"] == off_tokens[b]
+            r["same_as_off"] = all(x["tokens"] == runs["off"][0]["tokens"] for x in rs)
+            r["decode_speedup"] = r["decode_tok_s"] / statistics.median(x["decode_tok_s"] for x in runs["off"])
             results[name]["batches"][b] = r
-            r["decode_speedup"] = r["decode_tok_s"] / results["off"]["batches"][b]["decode_tok_s"]
             acc = "-" if r["acceptance_length"] is None else f"{r['acceptance_length']:.2f}"
             print(f"{name:16s} batch {b:3d}: decode {r['decode_tok_s']:7.1f} tok/s  e2e {r['e2e_tok_s']:7.1f} tok/s"
                   f"  speed-up {r['decode_speedup']:.2f}x  acceptance length {acc}  same as off: {r['same_as_off']}",
                   flush=True)
     record = {"benchmark": "speculative", "model": "smollm2-135m-instruct", "machine": machine_info(),
               "workload": {"prompts": PROMPTS, "new_tokens": args.new_tokens, "greedy": True, "ignore_eos": True,
-                           "num_speculative_tokens": args.k, "reps": args.reps, "engine": base},
+                           "num_speculative_tokens": args.k, "ngram_min": args.ngram_min,
+                           "reps": args.reps, "reps_interleaved": True, "engine": base},
               "results": results}
     path = result_path("speculative")
     path.write_text(json.dumps(record, indent=2))
