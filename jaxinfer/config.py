@@ -302,8 +302,10 @@ class EngineConfig:
       num_speculative_tokens: ``K``, the most draft tokens verified per sequence and step, and the
         default per request (``Engine.add_request(..., num_speculative_tokens=k)`` picks ``0 <= k <= K``).
         Default 3: a batch-1 verify step (``k + 1 = 4`` tokens) then fills a power-of-two bucket.
-      ngram_min / ngram_max: n-gram lengths the prompt-lookup proposer matches (longest first); single
-        tokens (``ngram_min=1``) match too often to be worth verifying.
+      ngram_min / ngram_max: n-gram lengths the prompt-lookup proposer matches (longest first). With
+        ``ngram_min=1`` a single-token match is the fallback when no longer n-gram matches: on repetitive
+        text it proposes in more steps for a slightly lower acceptance (bench/speculative.py, batch 1:
+        1.96x over no speculation against 1.73x with ``ngram_min=2``).
       tensor_parallel_size: devices each model replica is split over (mesh axis "model").
       data_parallel_size: engine replicas, each on its own ``tensor_parallel_size`` devices (mesh axis
         "data"); requests go to the least loaded replica.
@@ -325,7 +327,7 @@ class EngineConfig:
     speculative_method: str | None = None
     speculative_model: str | None = None
     num_speculative_tokens: int = 3
-    ngram_min: int = 2
+    ngram_min: int = 1
     ngram_max: int = 4
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
