@@ -47,9 +47,9 @@ def test_serve_runs_until_sigint():
         def probe():
             try:
                 r = httpx.post(addresses.http_url + "/v1/completions", json={"model": "mine", "prompt": "hi",
-                                                                             "max_tokens": 3})
+                                                                             "max_tokens": 3}, timeout=300)
                 seen["http"] = r.status_code
-                seen["models"] = httpx.get(addresses.http_url + "/v1/models").json()["data"][0]["id"]
+                seen["models"] = httpx.get(addresses.http_url + "/v1/models", timeout=300).json()["data"][0]["id"]
                 with grpc.insecure_channel(addresses.grpc_target) as ch:
                     seen["grpc"] = pb_grpc.InferenceStub(ch).Health(pb.HealthRequest(), timeout=10).ok
             finally:
