@@ -14,13 +14,20 @@ Usage::
 
     nice -n 10 python bench/quant_quality.py [--max-tokens N] [--seq-len 512] [--skip-llama-cpp]
 
-Calibration (GPTQ / AWQ / SmoothQuant) uses windows taken after the evaluated tokens when
-``--max-tokens`` leaves text over, otherwise the start of the text (then stated in the JSON).
+The run is resumable (``bench/quality_work.py``): calibration tokens, quantized models and running sums
+live in a work directory and are saved every minute, so an interrupted run started again with the same
+arguments continues where it stopped (the full text takes several CPU-hours).
+
+Calibration (GPTQ / AWQ / SmoothQuant), never overlapping the evaluated tokens: ``--calib-text FILE``
+when given; else windows after the evaluated tokens when ``--max-tokens`` leaves enough text over; else
+(the full text is evaluated) sequences sampled from the float model itself (temperature 1, each started
+from the document-boundary token), so no evaluated token is seen by the calibration.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -33,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import machine_info, result_path  # noqa: E402
+from quality_work import WorkDir, sha256_text  # noqa: E402
 
 _REPO = Path(__file__).resolve().parents[1]
 _CANDIDATES = [p / "shared" / "data" / "wikitext-2-raw-test.txt" for p in (_REPO.parent, _REPO.parent.parent)]
@@ -49,32 +57,81 @@ VARIANTS = [  # name, method, preset
 ]
 
 
-def llama_cpp_perplexity(gguf_path: Path, text: str, n_ctx: int, max_chunks: int | None, threads: int):
-    """llama.cpp's perplexity protocol through llama-cpp-python: returns (ppl, tokens, chunk ids)."""
+def llama_cpp_tokens(gguf_path: Path, text: str) -> np.ndarray:
+    """llama.cpp's tokenization of the whole text (no BOS: the GGUF sets add_bos_token=false)."""
     from llama_cpp import Llama
 
+    llm = Llama(model_path=str(gguf_path), n_ctx=64, vocab_only=True, verbose=False)
+    return np.asarray(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False), np.int32)
+
+
+def llama_cpp_perplexity(gguf_path: Path, windows: np.ndarray, threads: int, work: WorkDir) -> dict:
+    """llama.cpp's perplexity protocol through llama-cpp-python on ``windows`` (i32[W, n_ctx]): each window
+    from an empty cache, the second half scored. Resumable: sums are saved in ``work`` every minute."""
+    from llama_cpp import Llama
+
+    n_chunks, n_ctx = windows.shape
     llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
                 verbose=False)
-    ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    n_chunks = len(ids) // n_ctx
-    if max_chunks is not None:
-        n_chunks = min(n_chunks, max_chunks)
+    st = work.progress("llama-cpp") or dict(windows_done=0, nll=0.0, count=0, seconds=0.0)
     first = n_ctx // 2
-    nll, count = 0.0, 0
-    t0 = time.perf_counter()
-    for c in range(n_chunks):
-        toks = ids[c * n_ctx:(c + 1) * n_ctx]
+    last_save = time.monotonic()
+    for c in range(st["windows_done"], n_chunks):
+        t0 = time.perf_counter()
+        toks = windows[c].tolist()
         llm.reset()
         llm.eval(toks)
-        logits = np.asarray(llm.scores[:n_ctx], np.float64)
-        for j in range(first, n_ctx - 1):
-            row = logits[j]
-            m = row.max()
-            lse = m + math.log(np.exp(row - m).sum())
-            nll += lse - row[toks[j + 1]]
-            count += 1
-    return dict(perplexity=math.exp(nll / count), num_tokens=count, chunks=n_chunks,
-                seconds=round(time.perf_counter() - t0, 1)), np.asarray(ids[: n_chunks * n_ctx], np.int32)
+        logits = np.asarray(llm.scores[first:n_ctx - 1], np.float64)
+        m = logits.max(axis=1)
+        lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+        st["nll"] += float((lse - logits[np.arange(len(logits)), windows[c, first + 1:]]).sum())
+        st["count"] += len(logits)
+        st["windows_done"] = c + 1
+        st["seconds"] += time.perf_counter() - t0
+        if c + 1 == n_chunks or time.monotonic() - last_save >= 60:
+            work.save_progress("llama-cpp", st)
+            last_save = time.monotonic()
+    return dict(perplexity=math.exp(st["nll"] / st["count"]), num_tokens=st["count"], chunks=n_chunks,
+                seconds=round(st["seconds"], 1))
+
+
+def sampled_calibration(n_samples: int, seq_len: int) -> np.ndarray:
+    """``i32[n_samples, seq_len]`` sampled from the float default model (temperature 1, seed i), each
+    started from the document-boundary token (the first sampled token is the window's first token)."""
+    from jaxinfer import LLM, SamplingParams
+
+    llm = LLM(max_num_seqs=min(n_samples, 32))
+    tok = llm.tokenizer
+    start = tok.convert_tokens_to_ids("<|endoftext|>")
+    if start is None or start == tok.unk_token_id:
+        start = tok.bos_token_id
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=seq_len, ignore_eos=True) for i in range(n_samples)]
+    outs = llm.generate([[start]] * n_samples, params)
+    return np.asarray([o.outputs[0].token_ids[:seq_len] for o in outs], np.int32)
+
+
+def resumable_evaluate(work: WorkDir, part: str, model, ref_params, variants, windows, **kw):
+    """``quantize.evaluate.evaluate`` continuing from, and saving to, ``work``'s progress of ``part``."""
+    from quantize.evaluate import EvalProgress, evaluate
+
+    saved = work.progress(part)
+    return evaluate(model, ref_params, variants, windows, resume=EvalProgress.from_dict(saved) if saved else None,
+                    checkpoint=lambda p: work.save_progress(part, p.to_dict()), **kw)
+
+
+def load_or_quantize(work: WorkDir, name: str, method: str, preset: str, ref, calib):
+    """The variant saved in ``work``, or quantize it now and save it (quantize.checkpoint)."""
+    from quantize.checkpoint import load_quantized, save_quantized
+    from quantize.model_quant import quantize_model
+
+    d = work.variant_dir(name)
+    if (d / "params").exists():
+        _, params, manifest = load_quantized(d)
+        return params, manifest["quantization"]
+    q = quantize_model(ref.model, ref.params, method, preset, calib_tokens=calib)
+    save_quantized(d, ref.model, q.params, info=q.info, source_model=ref.source.name)
+    sys.stderr.write(f"{name}: quantized in {q.info['seconds']} s\n")
+    return q.params, q.info
 
 
 def main(argv=None) -> int:
@@ -83,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--calib-text", default=None, help="UTF-8 calibration text (default: see the docstring)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--skip-llama-cpp", action="store_true")
@@ -93,16 +151,18 @@ def main(argv=None) -> int:
                     help="also score the native GGUF weights in the main table (identical to float)")
     ap.add_argument("--cross-check-only", action="store_true", help="only the llama.cpp cross-check")
     ap.add_argument("--cross-check-windows", type=int, default=None, help="llama.cpp windows to score")
+    ap.add_argument("--work-dir", default=None, help="resumable state (default: under the jaxinfer cache)")
+    ap.add_argument("--restart", action="store_true", help="discard the work directory's saved state")
     args = ap.parse_args(argv)
 
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from jaxinfer.compilation_cache import enable_compilation_cache
+    from jaxinfer.compilation_cache import cache_root, enable_compilation_cache
     from jaxinfer.loader import load_model
-    from quantize.evaluate import Variant, evaluate, token_windows
+    from quantize.evaluate import Variant, token_windows
     from quantize.model_formats import param_bytes
-    from quantize.model_quant import calibration_tokens, quantize_model
+    from quantize.model_quant import CALIBRATED, calibration_tokens
 
     enable_compilation_cache()
     text = Path(args.text).read_text(encoding="utf-8")
@@ -112,8 +172,29 @@ def main(argv=None) -> int:
     used = windows.size
     rest = ids[used:]
     need = args.calib_samples * args.calib_seq_len
-    calib_source = "tokens after the evaluated ones" if len(rest) >= need else "start of the text (overlaps)"
-    calib = calibration_tokens(rest if len(rest) >= need else ids, args.calib_samples, args.calib_seq_len)
+    calib_text = Path(args.calib_text).read_text(encoding="utf-8") if args.calib_text else None
+    if calib_text is not None:
+        calib_source = f"--calib-text {Path(args.calib_text).resolve()} (sha256 {sha256_text(calib_text)[:16]})"
+    elif len(rest) >= need:
+        calib_source = "tokens after the evaluated ones"
+    else:
+        calib_source = "sampled from the float model (temperature 1, from the document-boundary token)"
+    setup = dict(text_sha256=sha256_text(text), seq_len=args.seq_len, max_tokens=args.max_tokens,
+                 windows=int(windows.shape[0]), calib_samples=args.calib_samples,
+                 calib_seq_len=args.calib_seq_len, calib_source=calib_source)
+    key = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:12]
+    work = WorkDir(args.work_dir or cache_root() / "quant_quality" / key, setup, restart=args.restart)
+    sys.stderr.write(f"work directory (resumable): {work.path}\n")
+
+    def make_calib():
+        if calib_text is not None:
+            cids = np.asarray(ref.tokenizer(calib_text)["input_ids"], np.int32)
+            toks = calibration_tokens(cids, args.calib_samples, args.calib_seq_len)
+        elif len(rest) >= need:
+            toks = calibration_tokens(rest, args.calib_samples, args.calib_seq_len)
+        else:
+            toks = sampled_calibration(args.calib_samples, args.calib_seq_len)
+        return toks, dict(source=calib_source, samples=args.calib_samples, seq_len=args.calib_seq_len)
 
     variants, info = {}, {}
     info["float"] = dict(method="none", format="float32 (dequantized GGUF)", bytes=param_bytes(ref.params))
@@ -129,18 +210,20 @@ def main(argv=None) -> int:
             variants[f"kv-{kv}"] = Variant(ref.params, kv)
             info[f"kv-{kv}"] = dict(method="kv cache", format=f"{kv} KV pages (absmax per token x head)",
                                     bytes=param_bytes(ref.params))
+    calib, calib_info = None, None
     for name, method, preset in VARIANTS:
         if not want(name):
             continue
-        q = quantize_model(ref.model, ref.params, method, preset, calib_tokens=calib)
-        variants[name] = q.params
-        info[name] = dict(method=method, format=q.info["format"], bytes=q.info["bytes"],
-                          group_size_fallbacks=sorted(set(q.info["group_size_fallbacks"].values())),
-                          seconds_to_quantize=q.info["seconds"])
-        sys.stderr.write(f"{name}: quantized in {q.info['seconds']} s\n")
+        if method in CALIBRATED and calib is None:
+            calib, calib_info = work.calibration(make_calib)
+        params, qinfo = load_or_quantize(work, name, method, preset, ref, calib)
+        variants[name] = params
+        info[name] = dict(method=method, format=qinfo["format"], bytes=qinfo["bytes"],
+                          group_size_fallbacks=sorted(set(qinfo["group_size_fallbacks"].values())),
+                          seconds_to_quantize=qinfo["seconds"])
     table = {}
     if not args.cross_check_only:
-        results = evaluate(ref.model, ref.params, variants, windows, batch=args.batch)
+        results = resumable_evaluate(work, "main", ref.model, ref.params, variants, windows, batch=args.batch)
         table = {n: {**r.to_dict(), **info[n]} for n, r in results.items()}
     sizes = {n: v["bytes"] for n, v in info.items()}
 
@@ -150,27 +233,32 @@ def main(argv=None) -> int:
     except ImportError as e:
         cross = dict(error=f"llama-cpp-python unavailable: {e}")
     if not args.skip_llama_cpp and cross is None:
-        n_chunks = args.cross_check_windows
-        if n_chunks is None and args.max_tokens is not None:
-            n_chunks = args.max_tokens // args.seq_len
-        lc, lc_ids = llama_cpp_perplexity(ref.source.path, text, args.seq_len, n_chunks, os.cpu_count() or 1)
-        lc_windows = lc_ids.reshape(-1, args.seq_len)
-        ours = evaluate(ref.model, ref.params, {"gguf-native": native}, lc_windows, score_start=args.seq_len // 2,
-                        batch=args.batch)
+        lc_ids = llama_cpp_tokens(ref.source.path, text)
+        n_chunks = len(lc_ids) // args.seq_len
+        if args.cross_check_windows is not None:
+            n_chunks = min(n_chunks, args.cross_check_windows)
+        elif args.max_tokens is not None:
+            n_chunks = min(n_chunks, args.max_tokens // args.seq_len)
+        lc_windows = lc_ids[: n_chunks * args.seq_len].reshape(n_chunks, args.seq_len)
+        lc = llama_cpp_perplexity(ref.source.path, lc_windows, os.cpu_count() or 1, work)
+        ours_variants = {"gguf-native": native} if args.with_native else {}
+        ours = resumable_evaluate(work, "cross-check", ref.model, ref.params, ours_variants, lc_windows,
+                                  score_start=args.seq_len // 2, batch=args.batch)
         cross = dict(llama_cpp=lc, jaxinfer_float=ours["float"].to_dict(),
-                     jaxinfer_gguf_native=ours["gguf-native"].to_dict(),
                      protocol=f"llama.cpp tokenization (no BOS: the GGUF sets add_bos_token=false), "
-                              f"{lc_windows.shape[0]} windows of {args.seq_len}, positions "
-                              f"[{args.seq_len // 2}, {args.seq_len - 1}) scored")
+                              f"{n_chunks} windows of {args.seq_len} ({n_chunks * args.seq_len} of "
+                              f"{len(lc_ids)} tokens), positions [{args.seq_len // 2}, {args.seq_len - 1}) scored")
+        if "gguf-native" in ours:
+            cross["jaxinfer_gguf_native"] = ours["gguf-native"].to_dict()
 
     out = dict(
         benchmark="quant_quality", model="smollm2-135m-instruct (GGUF Q4_1)", machine=machine_info(),
         text=str(Path(args.text).resolve()), text_tokens=int(len(ids)), evaluated_tokens=int(used),
-        full_text=args.max_tokens is None or used >= len(ids) - args.seq_len,
+        full_text=bool(table) and (args.max_tokens is None or used >= len(ids) - args.seq_len),
         protocol=(f"jaxinfer tokenizer; {windows.shape[0]} non-overlapping windows of {args.seq_len} tokens "
                   f"from the start of the text; every position but the last scored "
                   f"({args.seq_len - 1} tokens per window)"),
-        calibration=dict(samples=args.calib_samples, seq_len=args.calib_seq_len, source=calib_source),
+        calibration=calib_info, work_dir=str(work.path),
         results=table, bytes=sizes, llama_cpp_cross_check=cross,
     )
     path = result_path("quant_quality" + (f"-{args.tag}" if args.tag else ""))
@@ -180,9 +268,9 @@ def main(argv=None) -> int:
         b = r["bytes"]
         print(f"{n:<26} {r['perplexity']:>9.3f} {r['kl']:>8.4f} {r['top1']:>7.4f} "
               f"{b['total_bytes'] / 2**20:>7.1f} {b['bytes_per_param']:>8.3f}")
-    if cross:
+    if cross and "llama_cpp" in cross:
         print(f"llama.cpp ppl {cross['llama_cpp']['perplexity']:.4f}; jaxinfer float "
-              f"{cross['jaxinfer_float']['perplexity']:.4f}, native {cross['jaxinfer_gguf_native']['perplexity']:.4f}")
+              f"{cross['jaxinfer_float']['perplexity']:.4f} ({cross['protocol']})")
     print(f"wrote {path}")
     return 0
 

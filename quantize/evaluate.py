@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -128,17 +128,41 @@ class _Scorer:
     def _ref(self, params, tokens, targets):
         logp = self._logp(params, tokens)
         nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
-        return logp, nll, jnp.argmax(logp, axis=-1)
+        return logp, jnp.exp(logp), nll, jnp.argmax(logp, axis=-1)  # p once per window, not per variant
 
-    def _variant(self, params, tokens, targets, ref_logp, ref_top):
+    def _variant(self, params, tokens, targets, ref_logp, ref_p, ref_top):
         logq = self._logp(params, tokens)
         nll = -jnp.take_along_axis(logq, targets[:, None], axis=-1)[:, 0]
-        kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logq), axis=-1)
+        kl = jnp.sum(ref_p * (ref_logp - logq), axis=-1)
         return nll, kl, jnp.argmax(logq, axis=-1) == ref_top
 
 
+@dataclass
+class EvalProgress:
+    """Running sums of :func:`evaluate` after its first ``windows_done`` windows (JSON-able, for resuming).
+
+    ``sums[name]`` is ``[sum nll, sum kl, top-1 matches]`` over ``count`` scored tokens;
+    ``seconds[name]`` the time spent on that parameter set so far.
+    """
+
+    windows_done: int = 0
+    count: int = 0
+    sums: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> EvalProgress:
+        return cls(int(d["windows_done"]), int(d["count"]), {k: [float(x) for x in v] for k, v in d["sums"].items()},
+                   {k: float(v) for k, v in d["seconds"].items()})
+
+
 def evaluate(model, ref_params, variants: Mapping[str, dict | Variant], windows: np.ndarray, *, score_start: int = 0,
-             batch: int = 1, ref_name: str = "float", progress: bool = True) -> dict[str, EvalResult]:
+             batch: int = 1, ref_name: str = "float", progress: bool = True, resume: EvalProgress | None = None,
+             checkpoint: Callable[[EvalProgress], None] | None = None,
+             checkpoint_every_s: float = 60.0) -> dict[str, EvalResult]:
     """Score ``ref_params`` and every variant on identical token windows.
 
     Args:
@@ -149,9 +173,16 @@ def evaluate(model, ref_params, variants: Mapping[str, dict | Variant], windows:
       score_start: first scored position in a window (see the module docstring).
       batch: windows per forward call (a ragged step of ``batch`` sequences).
       ref_name: key of the reference's own result.
+      resume: sums over the first ``resume.windows_done`` windows from an earlier, interrupted call with
+        the same arguments (:class:`EvalProgress`); scoring continues after them.
+      checkpoint: called with the running :class:`EvalProgress` at most every ``checkpoint_every_s``
+        seconds and once at the end (e.g. to save it for ``resume``).
 
     Returns:
       name -> :class:`EvalResult` (the reference's KL is 0 and its top-1 agreement 1).
+
+    Raises:
+      QuantizationError: bad ``score_start``, or ``resume`` names other parameter sets or more windows.
     """
     windows = np.asarray(windows, np.int32)
     w, length = windows.shape
@@ -162,12 +193,18 @@ def evaluate(model, ref_params, variants: Mapping[str, dict | Variant], windows:
     scorers = {kv: _Scorer(model, batch, length, kv) for kv in {None} | {v.kv_cache_dtype for v in variants.values()}}
     scorer = scorers[None]
     names = [ref_name, *variants]
-    sums = {n: np.zeros(3, np.float64) for n in names}  # nll, kl, top1 matches
-    secs = dict.fromkeys(names, 0.0)
-    count = 0
+    state = resume or EvalProgress(0, 0, {n: [0.0, 0.0, 0.0] for n in names}, dict.fromkeys(names, 0.0))
+    if sorted(state.sums) != sorted(names) or not 0 <= state.windows_done <= w:
+        raise QuantizationError(f"cannot resume: saved progress covers {sorted(state.sums)} after "
+                                f"{state.windows_done} windows, this call scores {sorted(names)} on {w} windows")
+    sums = {n: np.asarray(state.sums[n], np.float64) for n in names}
+    secs = dict(state.seconds)
+    count = state.count
     scored = np.zeros(length, bool)
     scored[score_start: length - 1] = True
-    for b0 in tqdm(range(0, w, batch), desc="evaluating", disable=not progress, leave=False):
+    last_save = time.monotonic()
+    starts = range(state.windows_done, w, batch)
+    for b0 in tqdm(starts, desc="evaluating", disable=not progress, leave=False):
         chunk = windows[b0: b0 + batch]
         n_real = len(chunk)
         if n_real < batch:  # pad the last step with repeats; their rows are not counted
@@ -178,16 +215,23 @@ def evaluate(model, ref_params, variants: Mapping[str, dict | Variant], windows:
         mask = mask.reshape(-1)
         tokens, tgt = jnp.asarray(chunk.reshape(-1)), jnp.asarray(targets.reshape(-1))
         t0 = time.perf_counter()
-        ref_logp, ref_nll, ref_top = scorer.ref(ref_params, tokens, tgt)
+        ref_logp, ref_p, ref_nll, ref_top = scorer.ref(ref_params, tokens, tgt)
         sums[ref_name][0] += np.asarray(ref_nll, np.float64)[mask].sum()
         secs[ref_name] += time.perf_counter() - t0
         for name, v in variants.items():
             t0 = time.perf_counter()
-            nll, kl, top = jax.device_get(scorers[v.kv_cache_dtype].variant(v.params, tokens, tgt, ref_logp, ref_top))
+            nll, kl, top = jax.device_get(scorers[v.kv_cache_dtype].variant(v.params, tokens, tgt, ref_logp, ref_p,
+                                                                            ref_top))
             sums[name] += [np.asarray(nll, np.float64)[mask].sum(), np.asarray(kl, np.float64)[mask].sum(),
                            np.asarray(top)[mask].sum()]
             secs[name] += time.perf_counter() - t0
         count += int(mask.sum())
+        done = b0 + n_real
+        if checkpoint is not None and (done == w or time.monotonic() - last_save >= checkpoint_every_s):
+            checkpoint(EvalProgress(done, count, {n: [float(x) for x in sums[n]] for n in names}, dict(secs)))
+            last_save = time.monotonic()
+    if count == 0:
+        raise QuantizationError("no scored tokens")
     out = {}
     for name in names:
         nll, kl, top = sums[name] / count

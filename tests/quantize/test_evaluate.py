@@ -57,3 +57,44 @@ def test_kv_cache_variants_over_paged_cache(tiny_model_dir):
     assert res["auto"].perplexity == pytest.approx(res["float"].perplexity, rel=1e-5)
     for kv in ("int8", "fp8"):
         assert 0.0 < res[kv].kl < 0.1
+
+
+def test_interrupted_evaluation_resumes_to_the_same_result(tiny_model_dir):
+    """An evaluation stopped after a checkpoint and resumed from the saved progress (through JSON) gives
+    the uninterrupted result: the same float64 sums in the same order, hence equal metrics (rel 1e-12)."""
+    import json
+
+    from jaxinfer.errors import QuantizationError
+    from quantize.evaluate import EvalProgress
+
+    path, _ = tiny_model_dir("llama")
+    m = load_model(str(path), load_tokenizer_too=False)
+    q = quantize_model(m.model, m.params, "rtn", "int8", progress=False).params
+    windows = token_windows(np.random.default_rng(2).integers(3, 320, 7 * 24), 24)
+    whole = evaluate(m.model, m.params, {"int8": q}, windows, batch=2, progress=False)
+
+    saved = []
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(p):
+        saved.append(json.dumps(p.to_dict()))
+        if p.windows_done >= 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        evaluate(m.model, m.params, {"int8": q}, windows, batch=2, progress=False, checkpoint=save_then_stop,
+                 checkpoint_every_s=0.0)
+    state = EvalProgress.from_dict(json.loads(saved[-1]))
+    assert state.windows_done == 4 and state.count == 4 * 23
+    final = []
+    res = evaluate(m.model, m.params, {"int8": q}, windows, batch=2, progress=False, resume=state,
+                   checkpoint=final.append)
+    assert final[-1].windows_done == 7 and final[-1].count == 7 * 23
+    for name in ("float", "int8"):
+        assert res[name].num_tokens == whole[name].num_tokens == 7 * 23
+        for k in ("perplexity", "kl", "top1"):
+            assert getattr(res[name], k) == pytest.approx(getattr(whole[name], k), rel=1e-12, abs=1e-15)
+    with pytest.raises(QuantizationError, match="cannot resume"):
+        evaluate(m.model, m.params, {"other": q}, windows, progress=False, resume=state)
