@@ -214,6 +214,24 @@ class BlockManager:
             pages.append(pid)
         return pages
 
+    def pending_page_keys(self, seq: Sequence) -> list[bytes]:
+        """Keys of ``seq``'s full pages whose K/V is not computed yet (they are cached once computed).
+
+        Empty when prefix caching is off. The scheduler uses them to hold back a waiting sequence whose
+        next page another sequence is about to compute, instead of computing the same page twice.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        first, full = seq.num_computed_tokens // self.page_size, seq.num_tokens // self.page_size
+        return self._page_hashes(seq, full)[first:full] if full > first else []
+
+    def next_page_key(self, seq: Sequence, num_cached_pages: int) -> bytes | None:
+        """Key of the page after a cached prefix of ``num_cached_pages`` pages, when that page could itself
+        be served from the cache (a full page before the last prompt token); else ``None``."""
+        if not self.enable_prefix_caching or num_cached_pages >= (seq.num_tokens - 1) // self.page_size:
+            return None
+        return self._page_hashes(seq, num_cached_pages + 1)[num_cached_pages]
+
     def num_pages_needed(
         self, seq: Sequence, num_new_tokens: int, cached_pages: SequenceABC[int] = (), num_lookahead: int = 0
     ) -> int:

@@ -8,7 +8,10 @@ Each :meth:`Scheduler.schedule` call fills one step under three budgets: tokens
 2. running sequences part-way through a prefill (chunked prefill), oldest first;
 3. waiting sequences in FCFS order (new requests and preempted ones, which recompute prompt + outputs),
    reusing their longest cached prefix; the last one admitted is chunked to fit the token budget. Stops at
-   the first sequence that does not fit (no overtaking). Skipped in a step that had to preempt.
+   the first sequence that does not fit (no overtaking), or whose next uncached page a sequence in this
+   step is about to compute (a request arriving with others that share its prompt prefix waits for the
+   shared pages to be cached instead of computing them twice).
+   Skipped in a step that had to preempt.
 
 When a running sequence needs a page and none is left, the newest running sequence is preempted (its
 pages freed, its outputs kept, put back at the front of the waiting queue) until the page fits or the
@@ -315,10 +318,21 @@ class Scheduler:
             if grow(seq, n):
                 chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, n, n == remaining)
                 budget -= n
-        # 3. waiting, FCFS, only when nothing had to be preempted
+        # 3. waiting, FCFS, only when nothing had to be preempted. Pages that sequences chosen above (or
+        #    admitted below) are about to compute: a waiting sequence whose next page is one of them waits
+        #    for it to be cached rather than computing it a second time in parallel. Every owner of a
+        #    pending page is in this step (phase 2 took every partial prefill before budget ran out), so
+        #    the wait ends after the owner's prefill at the latest.
+        pending: set[bytes] = set()
+        if not preempted and self.waiting and budget > 0 and bm.enable_prefix_caching:
+            for seq in self.running:
+                if seq.request_id in chosen and seq.num_uncomputed_tokens > 1:
+                    pending.update(bm.pending_page_keys(seq))
         while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
             hits = bm.find_cached_prefix(seq) if seq.use_cached_prefix else []
+            if pending and seq.use_cached_prefix and bm.next_page_key(seq, len(hits)) in pending:
+                break
             remaining = seq.num_tokens - len(hits) * cfg.page_size
             if remaining > budget and not cfg.enable_chunked_prefill:
                 break
@@ -331,6 +345,8 @@ class Scheduler:
             self.running.append(seq)  # the oldest waiting is newer than every running sequence
             chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, n, n == remaining)
             budget -= n
+            if bm.enable_prefix_caching:
+                pending.update(bm.pending_page_keys(seq))
 
         decode_set = set(decode_ids)
         decodes = [chosen[r] for r in decode_ids if r in chosen]

@@ -316,3 +316,26 @@ def test_update_accepts_several_tokens_per_row_and_stops_midway():
     (u,) = sched.update(out, [[7, EOS, 8]])
     assert u.new_token_ids == [7, EOS] and u.finished and u.stopped_by_token
     assert u.seq.output_token_ids == [5, 6, 7, EOS]
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_request_waits_for_shared_pages_being_prefilled(caching):
+    """Two requests sharing 3 full pages arrive together under an 8-token budget (page size 4). With the
+    prefix cache on, the second waits while the first computes the shared pages (steps 1-2) and then
+    reuses all three (12 cached tokens, 2 tokens computed) instead of computing page 2 a second time in
+    parallel. With the cache off nothing is shared, so it is admitted as soon as the budget allows."""
+    sched = _sched(max_num_batched_tokens=8, page_size=4, enable_prefix_caching=caching)
+    shared = list(range(1, 13))
+    sched.add(Sequence("a", shared + [20, 21], SamplingParams(max_tokens=3, ignore_eos=True)))
+    sched.add(Sequence("b", shared + [30, 31], SamplingParams(max_tokens=3, ignore_eos=True)))
+    rows = []
+    for _ in range(3):
+        out, _ = _step(sched)
+        rows.append({r.seq.request_id: r.num_new_tokens for r in out.scheduled})
+    if caching:
+        assert rows == [{"a": 8}, {"a": 6}, {"a": 1, "b": 2}]
+        assert sched.get("b").num_cached_tokens == 12
+        assert sched.stats().block_manager.num_hit_tokens == 12
+    else:
+        assert rows == [{"a": 8}, {"a": 6, "b": 2}, {"a": 1, "b": 7}]
+        assert sched.get("b").num_cached_tokens == 0
