@@ -173,12 +173,16 @@ def main(argv=None) -> int:
     rest = ids[used:]
     need = args.calib_samples * args.calib_seq_len
     calib_text = Path(args.calib_text).read_text(encoding="utf-8") if args.calib_text else None
+    n_cal, l_cal = args.calib_samples, args.calib_seq_len
     if calib_text is not None:
         calib_source = f"--calib-text {Path(args.calib_text).resolve()} (sha256 {sha256_text(calib_text)[:16]})"
+        calib_fn = lambda: calibration_tokens(ref.tokenizer(calib_text)["input_ids"], n_cal, l_cal)
     elif len(rest) >= need:
         calib_source = "tokens after the evaluated ones"
+        calib_fn = lambda: calibration_tokens(rest, n_cal, l_cal)
     else:
         calib_source = "sampled from the float model (temperature 1, from the document-boundary token)"
+        calib_fn = lambda: sampled_calibration(n_cal, l_cal)
     setup = dict(text_sha256=sha256_text(text), seq_len=args.seq_len, max_tokens=args.max_tokens,
                  windows=int(windows.shape[0]), calib_samples=args.calib_samples,
                  calib_seq_len=args.calib_seq_len, calib_source=calib_source)
@@ -186,15 +190,8 @@ def main(argv=None) -> int:
     work = WorkDir(args.work_dir or cache_root() / "quant_quality" / key, setup, restart=args.restart)
     sys.stderr.write(f"work directory (resumable): {work.path}\n")
 
-    def make_calib():
-        if calib_text is not None:
-            cids = np.asarray(ref.tokenizer(calib_text)["input_ids"], np.int32)
-            toks = calibration_tokens(cids, args.calib_samples, args.calib_seq_len)
-        elif len(rest) >= need:
-            toks = calibration_tokens(rest, args.calib_samples, args.calib_seq_len)
-        else:
-            toks = sampled_calibration(args.calib_samples, args.calib_seq_len)
-        return toks, dict(source=calib_source, samples=args.calib_samples, seq_len=args.calib_seq_len)
+    def make_calib():  # called only when a calibrated method has no saved calibration yet
+        return calib_fn(), dict(source=calib_source, samples=n_cal, seq_len=l_cal)
 
     variants, info = {}, {}
     info["float"] = dict(method="none", format="float32 (dequantized GGUF)", bytes=param_bytes(ref.params))

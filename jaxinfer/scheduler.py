@@ -345,8 +345,7 @@ class Scheduler:
             self.running.append(seq)  # the oldest waiting is newer than every running sequence
             chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, n, n == remaining)
             budget -= n
-            if bm.enable_prefix_caching:
-                pending.update(bm.pending_page_keys(seq))
+            pending.update(bm.pending_page_keys(seq))
 
         decode_set = set(decode_ids)
         decodes = [chosen[r] for r in decode_ids if r in chosen]
