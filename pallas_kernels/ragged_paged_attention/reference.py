@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.ragged_paged_attention import metadata, tuning
+from pallas_kernels.ragged_paged_attention import metadata, shared_prefix, tuning
 from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -52,9 +52,15 @@ def gather_kv_block(kv: KVPages, which: str, pages: jax.Array, head_dim: int) ->
     return blk
 
 
-def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, num_items, group,
-                  kv_pages_per_block, sm_scale, sliding_window, soft_cap):
-    """Attention for one class of work items; writes their rows into ``out`` (f32 ``[T, Hq, D]``)."""
+def _attend_items(out, lse_out, q, kv: KVPages, page_indices, table, counts, *, block_q, num_items, group,
+                  kv_pages_per_block, sm_scale, sliding_window, soft_cap, key_start=None, causal=True):
+    """Attention for one class of work items; writes their rows into ``out`` (f32 ``[T, Hq, D]``) and
+    the log-sum-exp of their scores into ``lse_out`` (f32 ``[T, Hq]``; ``None`` skips it).
+
+    ``key_start`` (``i32[S]``, optional): sequence ``s`` attends only to keys ``>= key_start[s]``.
+    ``causal=False``: every row of sequence ``s`` attends to all of its ``kv_len[s]`` keys (the prefix
+    pass of :mod:`.shared_prefix`, whose rows all sit after the shared keys).
+    """
     t, hq, d = q.shape
     hkv = kv.num_kv_heads
     g_heads = hq // hkv
@@ -65,25 +71,32 @@ def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, 
     n_static = tuning.round_up(max(num_items, 1), group)
     items = metadata.work_items(table, counts, block_q, n_static)
     lo, hi = metadata.item_key_range(items, block_q, sliding_window)
+    if not causal:
+        hi = jnp.where(items.valid, table.kv_len[items.seq], 0)
+    if key_start is not None:
+        lo = jnp.where(items.valid, jnp.minimum(jnp.maximum(lo, key_start[items.seq]), hi), 0)
     blk_lo = lo // bkv
     n_blocks = jnp.where(items.valid, -(-hi // bkv) - blk_lo, 0)
     # Longest key ranges first: a group loops to its longest item, so grouping items of similar length
     # keeps short sequences from paying for long ones (invalid items, with no blocks, sort last).
     order = jnp.argsort(jnp.where(items.valid, -n_blocks, 1), stable=True)
     items = jax.tree.map(lambda a: a if a.ndim == 0 else a[order], items)
-    blk_lo, n_blocks = blk_lo[order], n_blocks[order]
+    blk_lo, n_blocks, lo = blk_lo[order], n_blocks[order], lo[order]
 
-    def group_body(gi, out):
+    def group_body(gi, carry):
+        out, lse_out = carry
+
         def take(a):
             return lax.dynamic_slice_in_dim(a, gi * group, group)
 
         seq, tok0, tok_end, pos_off = take(items.seq), take(items.tok_start), take(items.tok_end), take(
             items.pos_offset)
-        valid, first_blk, nblk = take(items.valid), take(blk_lo), take(n_blocks)
+        valid, first_blk, nblk, key_lo = take(items.valid), take(blk_lo), take(n_blocks), take(lo)
         kv_len = table.kv_len[seq]
         tok = tok0[:, None] + jnp.arange(block_q, dtype=jnp.int32)  # [n, bq]
         row_ok = valid[:, None] & (tok < tok_end[:, None])
-        pos = jnp.where(row_ok, tok + pos_off[:, None], -1)
+        row_pos = tok + pos_off[:, None] if causal else jnp.broadcast_to(kv_len[:, None] - 1, tok.shape)
+        pos = jnp.where(row_ok, row_pos, -1)
         qg = q[jnp.clip(tok, 0, t - 1)].astype(jnp.float32).reshape(group, block_q, hkv, g_heads, d)
         qg = qg * sm_scale  # scores are q.k * sm_scale; scaling q once is cheaper than every block
 
@@ -93,7 +106,10 @@ def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, 
             page_slot = jnp.minimum(blk[:, None] * nb + jnp.arange(nb, dtype=jnp.int32), pps - 1)
             pages = page_indices[seq[:, None], page_slot]
             kpos = blk[:, None] * bkv + jnp.arange(bkv, dtype=jnp.int32)  # [n, bkv]
-            key_ok = (kpos < kv_len[:, None])[:, :, None, None]
+            in_range = kpos < kv_len[:, None]
+            if key_start is not None:
+                in_range &= kpos >= key_lo[:, None]
+            key_ok = in_range[:, :, None, None]
             # Scores of keys past kv_len are masked below; values are zeroed so that garbage (even NaN)
             # in unused page slots cannot leak through 0 * v.
             k = gather_kv_block(kv, "k", pages, d)
@@ -103,7 +119,7 @@ def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, 
                 s = soft_cap * jnp.tanh(s / soft_cap)
             kp = kpos[:, None, None, None, :]
             rp = pos[:, None, None, :, None]
-            mask = kp <= rp
+            mask = (kp <= rp) & in_range[:, None, None, None, :]
             if sliding_window is not None:
                 mask &= kp > rp - sliding_window
             s = jnp.where(mask, s, -jnp.inf)
@@ -118,13 +134,33 @@ def _attend_items(out, q, kv: KVPages, page_indices, table, counts, *, block_q, 
         shape = (group, hkv, g_heads, block_q)
         init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
                 jnp.zeros((*shape, d), jnp.float32))
-        _, denom, acc = lax.fori_loop(0, jnp.max(nblk), kv_body, init)
+        m, denom, acc = lax.fori_loop(0, jnp.max(nblk), kv_body, init)
         o = jnp.where(denom[..., None] > 0, acc / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
         o = o.transpose(0, 3, 1, 2, 4).reshape(group, block_q, hq, d)
         rows = jnp.where(row_ok, tok, t)
-        return out.at[rows].set(o, mode="drop")
+        out = out.at[rows].set(o, mode="drop")
+        if lse_out is None:
+            return out, lse_out
+        lse = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+        lse = lse.transpose(0, 3, 1, 2).reshape(group, block_q, hq)
+        return out, lse_out.at[rows].set(lse, mode="drop")
 
-    return lax.fori_loop(0, -(-items.n_items // group), group_body, out)
+    return lax.fori_loop(0, -(-items.n_items // group), group_body, (out, lse_out))
+
+
+def _shared_prefix_pass(out, lse, q, kv, page_indices, groups, bs: tuning.XlaBlockSizes, common):
+    """Attend each shared-prefix group's decode rows to the group's prefix pages together and merge the
+    result into the per-sequence pass (``out`` / ``lse``, which skipped those keys)."""
+    t, hq, d = q.shape
+    s_max = page_indices.shape[0]
+    qv = q[jnp.minimum(groups.rows, t - 1)]  # [S, Hq, D]: grouped rows, sorted by group
+    bq = min(bs.shared_prefix_rows, s_max)
+    counts = -(-groups.table.q_len // bq)
+    n_items = -(-s_max // bq) + s_max // 2  # sum of ceil(members / bq) over groups of >= 2 members
+    pout, plse = _attend_items(jnp.zeros((s_max, hq, d), jnp.float32), jnp.full((s_max, hq), -jnp.inf),
+                               qv, kv, page_indices, groups.table, counts, block_q=bq, num_items=n_items,
+                               group=min(bs.shared_prefix_group, n_items), causal=False, **common)
+    return shared_prefix.merge(out, lse, groups.rows, pout, plse)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes"))
@@ -154,20 +190,30 @@ def ragged_paged_attention_xla(
     common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   kv_pages_per_block=min(bs.kv_pages_per_block, pps))
     decode_counts = (table.q_len == 1).astype(jnp.int32)
-    out = _attend_items(out, q, kv, page_indices, table, decode_counts, block_q=1,
-                        num_items=min(s_max, t), group=min(bs.decode_group, s_max, t), **common)
+    cascade = bs.shared_prefix_min_pages > 0 and sliding_window is None and s_max >= 2
+    groups = None
+    if cascade:
+        groups = shared_prefix.find_groups(table, page_indices, kv.page_size, bs.shared_prefix_min_pages, t)
+    lse = jnp.full((t, hq), -jnp.inf, jnp.float32) if cascade else None
+    out, lse = _attend_items(out, lse, q, kv, page_indices, table, decode_counts, block_q=1,
+                             num_items=min(s_max, t), group=min(bs.decode_group, s_max, t),
+                             key_start=None if groups is None else groups.key_start, **common)
+    if cascade:
+        out = lax.cond(groups.num_rows > 0,
+                       lambda o: _shared_prefix_pass(o, lse, q, kv, page_indices, groups, bs, common),
+                       lambda o: o, out)
     if t >= 2:
         # multi-token sequences: short ones (verify rows) one short_q-row item each, long ones
         # (prefill chunks) in block_q-row items
         sq = max(2, min(bs.short_q, t))
         short = (table.q_len >= 2) & (table.q_len <= sq)
         n_short = min(s_max, t // 2)
-        out = _attend_items(out, q, kv, page_indices, table, short.astype(jnp.int32), block_q=sq,
-                            num_items=n_short, group=min(bs.short_group, n_short), **common)
+        out, _ = _attend_items(out, None, q, kv, page_indices, table, short.astype(jnp.int32), block_q=sq,
+                               num_items=n_short, group=min(bs.short_group, n_short), **common)
         if t > sq:
             bq = bs.block_q
             long_counts = jnp.where(table.q_len > sq, -(-table.q_len // bq), 0)
             n_long = -(-t // bq) + min(s_max, t // (sq + 1))
-            out = _attend_items(out, q, kv, page_indices, table, long_counts, block_q=bq, num_items=n_long,
-                                group=min(bs.prefill_group, n_long), **common)
+            out, _ = _attend_items(out, None, q, kv, page_indices, table, long_counts, block_q=bq,
+                                   num_items=n_long, group=min(bs.prefill_group, n_long), **common)
     return out.astype(q.dtype)

@@ -79,3 +79,37 @@ def test_sharing_survives_preemption_and_abort(tiny_model_dir):
     assert tight.stats().num_preemptions > 0
     assert {r: v[0][0] for r, v in got.items() if r != "victim"} == {r: v[0][0] for r, v in ref.items()}
     assert tight.stats().num_pages_used == 0
+
+
+def test_grouped_decode_over_shared_prefixes_identical_outputs(tiny_model_dir, monkeypatch):
+    """Decode rows sharing cached prefix pages are attended to them as a group (the XLA path's
+    shared-prefix pass): outputs equal the cache-off run, and the grouping is checked to be active."""
+    import jax.numpy as jnp
+
+    import jaxinfer.engine as engine_mod
+    from pallas_kernels.ragged_paged_attention import metadata, shared_prefix, tuning
+
+    rng = np.random.default_rng(5)
+    systems = ([1] + rng.integers(3, 300, size=69).tolist(), [1] + rng.integers(3, 300, size=79).tolist())
+    reqs, arrivals = [], []
+    for g, system in enumerate(systems):  # 70 tokens (mid-page) and 80 (page boundary)
+        for i in range(4):
+            question = rng.integers(3, 300, size=int(rng.integers(2, 12))).tolist()
+            reqs.append((f"g{g}q{i}", system + question, SamplingParams(temperature=0, max_tokens=10,
+                                                                        ignore_eos=True)))
+            arrivals.append(i)
+    steps = []
+    real_pack = engine_mod.pack_step_inputs
+    monkeypatch.setattr(engine_mod, "pack_step_inputs", lambda *a: steps.append(real_pack(*a)) or steps[-1])
+    on = _run(_engine(tiny_model_dir), reqs, arrivals)
+    monkeypatch.undo()
+    off = _run(_engine(tiny_model_dir, enable_prefix_caching=False), reqs, arrivals)
+    assert {r: v[0][0] for r, v in on.items()} == {r: v[0][0] for r, v in off.items()}
+    bs = tuning.xla_block_sizes(64, 8, PAGE, -(-200 // PAGE))
+    grouped = 0
+    for x in steps:
+        table = metadata.seq_table(jnp.asarray(x.kv_lens), jnp.asarray(x.cu_q_lens), jnp.asarray(x.num_seqs))
+        g = shared_prefix.find_groups(table, jnp.asarray(x.page_indices), PAGE, bs.shared_prefix_min_pages,
+                                      len(x.tokens))
+        grouped = max(grouped, int(g.num_rows))
+    assert grouped >= 4
