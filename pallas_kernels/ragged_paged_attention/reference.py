@@ -7,6 +7,9 @@ so neither decode nor verify rows do much padded query work. Items are sorted by
 first) and processed a group at a time in an outer ``while`` loop that stops after the last real item;
 each group runs a flash-style online-softmax loop over KV blocks gathered from the pages, up to the
 longest key range in the group, so sorting keeps short sequences out of long sequences' groups.
+Decode rows that share leading pages (a cached common prefix) are grouped (:mod:`.shared_prefix`):
+their own pass starts after the shared keys, a second pass attends each group's rows to the shared
+pages together, and the two are merged by log-sum-exp.
 All shapes are static; lengths, ``num_seqs`` and trip counts are traced. Everything is computed in
 float32 at ``HIGHEST`` matmul precision and cast to ``q.dtype`` at the end.
 """
