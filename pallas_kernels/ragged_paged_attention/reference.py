@@ -109,10 +109,7 @@ def _attend_items(out, lse_out, q, kv: KVPages, page_indices, table, counts, *, 
             page_slot = jnp.minimum(blk[:, None] * nb + jnp.arange(nb, dtype=jnp.int32), pps - 1)
             pages = page_indices[seq[:, None], page_slot]
             kpos = blk[:, None] * bkv + jnp.arange(bkv, dtype=jnp.int32)  # [n, bkv]
-            in_range = kpos < kv_len[:, None]
-            if key_start is not None:
-                in_range &= kpos >= key_lo[:, None]
-            key_ok = in_range[:, :, None, None]
+            key_ok = (kpos < kv_len[:, None])[:, :, None, None]
             # Scores of keys past kv_len are masked below; values are zeroed so that garbage (even NaN)
             # in unused page slots cannot leak through 0 * v.
             k = gather_kv_block(kv, "k", pages, d)
@@ -122,7 +119,9 @@ def _attend_items(out, lse_out, q, kv: KVPages, page_indices, table, counts, *, 
                 s = soft_cap * jnp.tanh(s / soft_cap)
             kp = kpos[:, None, None, None, :]
             rp = pos[:, None, None, :, None]
-            mask = (kp <= rp) & in_range[:, None, None, None, :]
+            mask = kp <= rp
+            if key_start is not None:  # keys before the row's start were attended elsewhere
+                mask &= kp >= key_lo[:, None, None, None, None]
             if sliding_window is not None:
                 mask &= kp > rp - sliding_window
             s = jnp.where(mask, s, -jnp.inf)

@@ -77,14 +77,14 @@ def find_groups(table: SeqTable, page_indices: jax.Array, page_size: int, min_pa
     eligible = (jnp.sum(same, axis=1) >= 2) & (shared >= m)
     leader = jnp.where(eligible, leader, s)
     count = jax.ops.segment_sum(jnp.ones_like(leader), leader, num_segments=s + 1)[:s]
-    grouped = eligible & (count[jnp.minimum(leader, s - 1)] >= 2)
+    count = jnp.where(count >= 2, count, 0)  # single-member groups are dropped
+    lead = jnp.minimum(leader, s - 1)
+    grouped = eligible & (count[lead] > 0)
     leader = jnp.where(grouped, leader, s)
-    count = jax.ops.segment_sum(jnp.ones_like(leader), leader, num_segments=s + 1)[:s]
     big = jnp.iinfo(jnp.int32).max
     prefix_pages = jax.ops.segment_min(jnp.where(grouped, shared, big), leader, num_segments=s + 1)[:s]
-    prefix_pages = jnp.where(count > 0, prefix_pages, 0)
-    prefix_tokens = prefix_pages * page_size
-    key_start = jnp.where(grouped, prefix_tokens[jnp.minimum(leader, s - 1)], 0)
+    prefix_tokens = jnp.where(count > 0, prefix_pages, 0) * page_size
+    key_start = jnp.where(grouped, prefix_tokens[lead], 0)
     # Prefix-pass rows: grouped sequences sorted by leader (ungrouped last).
     order = jnp.argsort(leader, stable=True)
     num_rows = grouped.sum().astype(jnp.int32)
