@@ -3,10 +3,13 @@
 Workload (fixed seed): ``--groups`` groups x ``--per-group`` prompts; each group shares a system prompt of
 ``--system-len`` tokens, each prompt adds a distinct question of ``--question-len`` tokens; ``--output-len``
 output tokens (greedy, EOS ignored). All requests are submitted at once; requests of a group are adjacent.
+``--max-num-seqs`` defaults to 128 so every request may join the batch at once (as under vLLM's default of
+256 sequences); both settings run with the same engine settings, so without the cache the KV budget, not the
+sequence limit, decides how many run together.
 Reports TTFT (mean / p50 / p99), total time, output tokens/s and the prefix-cache hit rate for both
 settings, and the ratios. Writes JSON to ``bench/results/``.
 
-Usage: ``python bench/prefix_cache.py [--groups 16 --per-group 8 --system-len 512 --output-len 64]``
+Usage: ``python bench/prefix_cache.py [--groups 16 --per-group 8 --system-len 512 --output-len 64 --max-num-seqs 128]``
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def run(loaded, prompts, args, enable: bool) -> dict:
     st = eng.stats()
     return {"ttft_mean_s": float(t.mean()), "ttft_p50_s": float(np.percentile(t, 50)),
             "ttft_p99_s": float(np.percentile(t, 99)), "total_s": total, "output_tok_s": n_out / total,
-            "hit_rate": st.prefix_cache_hit_rate, "prefix_cache_hits": st.prefix_cache_hits}
+            "hit_rate": st.prefix_cache_hit_rate, "prefix_cache_hits": st.prefix_cache_hits,
+            "preemptions": st.num_preemptions, "kv_capacity_tokens": st.kv_cache_capacity_tokens}
 
 
 def main() -> None:
@@ -64,7 +68,7 @@ def main() -> None:
     ap.add_argument("--system-len", type=int, default=512)
     ap.add_argument("--question-len", type=int, default=24)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     args = ap.parse_args()
 
