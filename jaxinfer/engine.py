@@ -55,6 +55,8 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    prefix_cache_pages: int  # pages registered in the prefix cache (in use or evictable)
+    prefix_cache_evictions: int  # cached pages reclaimed for new allocations, since start
     prompt_tokens_total: int
     generation_tokens_total: int
     kv_cache_capacity_tokens: int
@@ -442,7 +444,8 @@ class Engine:
             num_running=s.num_running, num_waiting=s.num_waiting, num_pages_total=bm.num_pages,
             num_pages_used=bm.num_used_pages, prefix_cache_hit_rate=bm.hit_rate,
             prefix_cache_queries=bm.num_query_tokens, prefix_cache_hits=bm.num_hit_tokens,
-            num_preemptions=s.num_preemptions, prompt_tokens_total=self._prompt_tokens,
+            num_preemptions=s.num_preemptions, prefix_cache_pages=bm.num_cached_pages,
+            prefix_cache_evictions=bm.num_evictions, prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generated_tokens, kv_cache_capacity_tokens=self.kv_spec.capacity_tokens,
             num_steps=self.runner.num_steps,
             **({} if self.spec is None else dict(spec_draft_tokens=self.spec.stats.num_draft_tokens,

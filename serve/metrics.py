@@ -44,6 +44,8 @@ class _EngineCollector:
             "kv_cache_usage_perc": ("Fraction of KV-cache pages in use (0..1)",
                                     s.num_pages_used / s.num_pages_total if s.num_pages_total else 0.0),
             "prefix_cache_hit_rate": ("Prefix-cache hits / queries, in tokens (0..1)", s.prefix_cache_hit_rate),
+            "prefix_cache_pages": ("KV-cache pages held in the prefix cache (in use or evictable)",
+                                   s.prefix_cache_pages),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"jaxinfer:{name}", doc, value=float(value))
@@ -53,6 +55,8 @@ class _EngineCollector:
             "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", s.prefix_cache_queries),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache", s.prefix_cache_hits),
             "num_preemptions": ("Requests preempted for lack of KV-cache pages", s.num_preemptions),
+            "prefix_cache_evictions": ("Cached KV-cache pages evicted (least recently used first)",
+                                       s.prefix_cache_evictions),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"jaxinfer:{name}", doc, value=float(value))

@@ -61,7 +61,10 @@ def test_second_identical_request_reuses_all_full_pages(tiny_model_dir):
     assert first["a"][0][0] == second["b"][0][0]
     assert after.prefix_cache_queries - before.prefix_cache_queries == len(prompt)
     assert after.prefix_cache_hits - before.prefix_cache_hits == (len(prompt) - 1) // PAGE * PAGE  # 40 tokens
-    assert eng.flush_prefix_cache() > 0
+    # finished requests leave their full pages cached: 45 prompt + 4 fed-back output tokens = 6 full pages
+    assert before.prefix_cache_pages == after.prefix_cache_pages == (len(prompt) + 4) // PAGE
+    assert eng.flush_prefix_cache() == after.prefix_cache_pages
+    assert eng.stats().prefix_cache_pages == 0 and eng.stats().prefix_cache_evictions == 0
     third = _run(eng, [("c", prompt, sp)])
     assert eng.stats().prefix_cache_hits == after.prefix_cache_hits  # flushed: no new hits
     assert third["c"][0][0] == first["a"][0][0]
@@ -77,6 +80,7 @@ def test_sharing_survives_preemption_and_abort(tiny_model_dir):
     tight.abort_request("victim")
     got = _run(tight, reqs, arrivals)
     assert tight.stats().num_preemptions > 0
+    assert tight.stats().prefix_cache_evictions > 0  # 24 pages: cached pages of finished requests reclaimed
     assert {r: v[0][0] for r, v in got.items() if r != "victim"} == {r: v[0][0] for r, v in ref.items()}
     assert tight.stats().num_pages_used == 0
 

@@ -58,6 +58,8 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    prefix_cache_pages: int = 0
+    prefix_cache_evictions: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
 

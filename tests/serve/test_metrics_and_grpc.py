@@ -46,6 +46,7 @@ def test_metrics_move(make_server):
     assert after["jaxinfer:kv_cache_pages_used"] == 0
     assert after["jaxinfer:kv_cache_pages_free"] == after["jaxinfer:kv_cache_pages_total"] == 1024
     assert 0 <= after["jaxinfer:prefix_cache_hit_rate"] <= 1
+    assert after["jaxinfer:prefix_cache_pages"] == 0 and after["jaxinfer:prefix_cache_evictions_total"] == 0
     assert httpx.get(url + "/metrics").headers["content-type"].startswith("text/plain")
 
 
