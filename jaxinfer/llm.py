@@ -151,3 +151,8 @@ class LLM:
         prompts = self._chat_prompts(messages) if messages is not None else self._prompt_list(prompts)
         ids = self._add_all(prompts, self._params_list(sampling_params, len(prompts)))
         yield from self._deltas(ids)
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached KV page no running request uses (the automatic prefix cache); returns how many
+        pages were dropped. Later requests recompute those prompt pages."""
+        return self.engine.flush_prefix_cache()

@@ -117,3 +117,20 @@ def test_grouped_decode_over_shared_prefixes_identical_outputs(tiny_model_dir, m
                                       len(x.tokens))
         grouped = max(grouped, int(g.num_rows))
     assert grouped >= 4
+
+
+def test_llm_reset_prefix_cache(tiny_model_dir):
+    from jaxinfer import LLM
+
+    path, _ = tiny_model_dir("llama")
+    llm = LLM(str(path), max_model_len=64)
+    prompt = [1] + list(range(10, 10 + 20))  # 21 tokens: at least one full page at any page size <= 16
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first = llm.generate([prompt], sp)[0].outputs[0].token_ids
+    held = llm.engine.stats().prefix_cache_pages
+    assert held > 0
+    assert llm.reset_prefix_cache() == held
+    assert llm.engine.stats().prefix_cache_pages == 0
+    hits = llm.engine.stats().prefix_cache_hits
+    assert llm.generate([prompt], sp)[0].outputs[0].token_ids == first
+    assert llm.engine.stats().prefix_cache_hits == hits  # nothing left to reuse after the reset
