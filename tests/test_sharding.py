@@ -19,7 +19,9 @@ from jaxinfer.sharding import make_mesh, place_params, plan_sharding
 from quantize.qarray import QArray
 from tests.tiny_models import ARCHS
 
-CFG = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, page_size=8)
+# min_token_bucket = the token budget: one step shape per engine (bucketing is tested elsewhere), which keeps
+# the cold-cache compile time of the many sharded engines here small.
+CFG = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, page_size=8, min_token_bucket=32)
 PROMPTS = [[1, 5, 9, 22, 33, 44, 55, 66, 77, 88, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111,
             112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125],  # > token budget: chunked
            [1, 200, 3], [1, 7], [1, 250, 251, 252, 253, 254]]
@@ -105,7 +107,7 @@ def test_default_model_plan_and_equality(default_llm):
     rules = dict(plan.rules)
     assert rules["heads"] is None and rules["kv_heads"] is None and rules["mlp"] == "model"
     assert rules["vocab"] == "model"
-    cfg = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64)
+    cfg = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16, min_token_bucket=16)  # one shape
     tok = default_llm.tokenizer
     prompts = [tok("The capital of France is")["input_ids"], tok("def add(a, b):")["input_ids"]]
     ref = generate(Engine(config=EngineConfig(**cfg), loaded=ref_loaded), prompts, [0, 1], max_tokens=8)
