@@ -9,7 +9,8 @@ Workload (fixed seed): ``--num-prompts`` prompts of random token ids with random
   batched generation), ``n_threads`` = all cores.
 
 Prints output tokens/s and requests/s per system and the ratios; writes JSON to ``bench/results/``.
-Usage: ``python bench/throughput.py [--num-prompts 256] [--skip-hf] [--skip-llamacpp]``
+Usage: ``python bench/throughput.py [--num-prompts 256] [--skip-hf] [--skip-llamacpp] [--kv-cache-memory 3GiB]
+[--tag NAME]`` (``--tag`` names the result file ``throughput-NAME-<date>-<machine>.json``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def run_jaxinfer(prompts, output_len: int, args) -> dict:
     from jaxinfer import LLM, SamplingParams
 
     llm = LLM(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_input + output_len + 16)
+              max_model_len=args.max_input + output_len + 16, kv_cache_memory=args.kv_cache_memory)
     t = time.perf_counter()
     llm.engine.warmup()
     warm = time.perf_counter() - t
@@ -44,7 +45,9 @@ def run_jaxinfer(prompts, output_len: int, args) -> dict:
     n = sum(len(o.outputs[0].token_ids) for o in outs)
     stats = llm.engine.stats()
     return {"elapsed_s": elapsed, "output_tokens": n, "warmup_s": warm, "preemptions": stats.num_preemptions,
-            "config": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}}
+            "kv_capacity_tokens": llm.engine.kv_spec.capacity_tokens,
+            "config": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                       "kv_cache_memory": args.kv_cache_memory}}
 
 
 def run_hf(prompts, output_len: int, batch: int) -> dict:
@@ -101,6 +104,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--kv-cache-memory", default=None,
+                    help='jaxinfer KV cache budget, e.g. "3GiB" (default: the engine default, 1 GiB on the CPU)')
+    ap.add_argument("--tag", default="", help="suffix of the result file name (keeps runs apart)")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
@@ -125,7 +131,7 @@ def main() -> None:
               "workload": {"num_prompts": args.num_prompts, "input_len": [args.min_input, args.max_input],
                            "output_len": args.output_len, "seed": 0, "greedy": True, "ignore_eos": True},
               "machine": machine_info(), "results": results, "ratios": ratios}
-    path = result_path("throughput")
+    path = result_path("throughput" + (f"-{args.tag}" if args.tag else ""))
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
 
