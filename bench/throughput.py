@@ -4,13 +4,15 @@ Workload (fixed seed): ``--num-prompts`` prompts of random token ids with random
 [``--min-input``, ``--max-input``], ``--output-len`` output tokens each (greedy, EOS ignored).
 
 * jaxinfer: all prompts submitted at once to the continuous-batching engine (after warm-up).
-* HF transformers: ``generate`` on batches of ``--hf-batch`` left-padded prompts, in arrival order.
+* HF transformers: ``generate`` on batches of ``--hf-batch`` left-padded prompts, in arrival order, once per
+  ``--hf-dtypes`` entry (torch on the CPU runs bfloat16 matmuls on AMX / AVX512-BF16 where present).
 * llama.cpp (``llama-cpp-python``, the same GGUF file): one prompt at a time (its Python API has no
   batched generation), ``n_threads`` = all cores.
 
 Prints output tokens/s and requests/s per system and the ratios; writes JSON to ``bench/results/``.
 Usage: ``python bench/throughput.py [--num-prompts 256] [--skip-hf] [--skip-llamacpp] [--kv-cache-memory 3GiB]
-[--tag NAME]`` (``--tag`` names the result file ``throughput-NAME-<date>-<machine>.json``).
+[--tag NAME] [--dtype bfloat16 --kv-cache-dtype int8] [--hf-dtypes float32 bfloat16]``
+(``--tag`` names the result file ``throughput-NAME-<date>-<machine>.json``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def run_jaxinfer(prompts, output_len: int, args) -> dict:
     from jaxinfer import LLM, SamplingParams
 
     llm = LLM(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_input + output_len + 16, kv_cache_memory=args.kv_cache_memory)
+              max_model_len=args.max_input + output_len + 16, kv_cache_memory=args.kv_cache_memory,
+              dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
     t = time.perf_counter()
     llm.engine.warmup()
     warm = time.perf_counter() - t
@@ -47,10 +50,11 @@ def run_jaxinfer(prompts, output_len: int, args) -> dict:
     return {"elapsed_s": elapsed, "output_tokens": n, "warmup_s": warm, "preemptions": stats.num_preemptions,
             "kv_capacity_tokens": llm.engine.kv_spec.capacity_tokens,
             "config": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                       "kv_cache_memory": args.kv_cache_memory}}
+                       "kv_cache_memory": args.kv_cache_memory, "dtype": args.dtype,
+                       "kv_cache_dtype": args.kv_cache_dtype}}
 
 
-def run_hf(prompts, output_len: int, batch: int) -> dict:
+def run_hf(prompts, output_len: int, batch: int, dtype: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +62,7 @@ def run_hf(prompts, output_len: int, batch: int) -> dict:
 
     src = resolve_model(None)
     model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
-                                                 dtype=torch.float32).eval()
+                                                 dtype=getattr(torch, dtype)).eval()
     pad = 2
     t = time.perf_counter()
     n = 0
@@ -74,7 +78,7 @@ def run_hf(prompts, output_len: int, batch: int) -> dict:
             out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=output_len,
                                  min_new_tokens=output_len, pad_token_id=pad)
         n += (out.shape[1] - width) * len(chunk)
-    return {"elapsed_s": time.perf_counter() - t, "output_tokens": n, "batch": batch}
+    return {"elapsed_s": time.perf_counter() - t, "output_tokens": n, "batch": batch, "dtype": dtype}
 
 
 def run_llamacpp(prompts, output_len: int) -> dict:
@@ -106,8 +110,12 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--kv-cache-memory", default=None,
                     help='jaxinfer KV cache budget, e.g. "3GiB" (default: the engine default, 1 GiB on the CPU)')
+    ap.add_argument("--dtype", default="auto", help="jaxinfer weights / activations (auto: float32 on the CPU)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="jaxinfer KV pages (auto: the model dtype)")
     ap.add_argument("--tag", default="", help="suffix of the result file name (keeps runs apart)")
     ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="HF transformers runs, one per torch dtype (result keys hf_transformers_<dtype>)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
     args = ap.parse_args()
@@ -115,7 +123,8 @@ def main() -> None:
     prompts = make_prompts(args.num_prompts, args.min_input, args.max_input, vocab=49152)
     results = {"jaxinfer": run_jaxinfer(prompts, args.output_len, args)}
     if not args.skip_hf:
-        results["hf_transformers"] = run_hf(prompts, args.output_len, args.hf_batch)
+        for dtype in args.hf_dtypes:
+            results[f"hf_transformers_{dtype}"] = run_hf(prompts, args.output_len, args.hf_batch, dtype)
     if not args.skip_llamacpp:
         results["llama_cpp"] = run_llamacpp(prompts, args.output_len)
     for name, r in results.items():

@@ -28,7 +28,11 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
     else:
         if w.ndim != 2 or x.shape[-1] != w.shape[0]:
             raise ValueError(f"linear: x {x.shape} and w {w.shape} do not match as [..., K] @ [K, N]")
-        y = jnp.matmul(x, w.astype(x.dtype))
+        # 16-bit inputs: ask for a float32 result, then round. Same numbers as a 16-bit-output dot, but on
+        # the CPU this is the form XLA lowers to its bf16 matrix units (AMX / AVX512-BF16); a
+        # bf16 -> bf16 dot there runs several times slower.
+        acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else None
+        y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=acc).astype(x.dtype)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
@@ -43,7 +47,14 @@ def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None) -> jax.A
 
 
 def unembed(x: jax.Array, table: jax.Array | QEmbedding, *, impl: str | None = None) -> jax.Array:
-    """Tied LM head ``x[..., E] @ table.T -> [..., V]`` (a QEmbedding's QArray is already ``[E, V]``)."""
+    """Tied LM head ``x[..., E] @ table.T -> f32[..., V]`` (a QEmbedding's QArray is already ``[E, V]``).
+
+    A float table is contracted over its last axis as stored: writing ``x @ table.T`` makes XLA:CPU
+    materialise the transpose (or upcast the whole table) every step.
+    """
     if isinstance(table, QEmbedding):
-        return linear(x, table.table, impl=impl)
-    return linear(x, table.T, impl=impl)
+        return linear(x, table.table, impl=impl).astype(jnp.float32)
+    if table.ndim != 2 or x.shape[-1] != table.shape[1]:
+        raise ValueError(f"unembed: x {x.shape} and table {table.shape} do not match as [..., E] @ [V, E].T")
+    return jax.lax.dot_general(x, table.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
