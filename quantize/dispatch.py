@@ -49,8 +49,8 @@ def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None) -> jax.A
 def unembed(x: jax.Array, table: jax.Array | QEmbedding, *, impl: str | None = None) -> jax.Array:
     """Tied LM head ``x[..., E] @ table.T -> f32[..., V]`` (a QEmbedding's QArray is already ``[E, V]``).
 
-    A float table is contracted over its last axis as stored: writing ``x @ table.T`` makes XLA:CPU
-    materialise the transpose (or upcast the whole table) every step.
+    A float table is contracted over its last axis as stored: with a bf16 table, ``x @ table.T`` made
+    XLA:CPU convert the whole table to float32 every step.
     """
     if isinstance(table, QEmbedding):
         return linear(x, table.table, impl=impl).astype(jnp.float32)
