@@ -7,7 +7,11 @@ Workload (fixed seed): ``--num-prompts`` prompts of random token ids with random
 * HF transformers: ``generate`` on batches of ``--hf-batch`` left-padded prompts, in arrival order, once per
   ``--hf-dtypes`` entry (torch on the CPU runs bfloat16 matmuls on AMX / AVX512-BF16 where present).
 * llama.cpp (``llama-cpp-python``, the same GGUF file): one prompt at a time (its Python API has no
-  batched generation), ``n_threads`` = all cores.
+  batched generation), ``n_threads`` = all cores. On CPUs with AMX, build it with ggml's AMX code off
+  (the wheel built with ``-march=native`` here segfaults in ``ggml_backend_amx_mul_mat``), e.g.
+  ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+  -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+  -DGGML_AMX_BF16=OFF" pip install --no-cache-dir llama-cpp-python``.
 
 Prints output tokens/s and requests/s per system and the ratios; writes JSON to ``bench/results/``.
 Usage: ``python bench/throughput.py [--num-prompts 256] [--skip-hf] [--skip-llamacpp] [--kv-cache-memory 3GiB]
@@ -34,6 +38,7 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[li
 
 def run_jaxinfer(prompts, output_len: int, args) -> dict:
     from jaxinfer import LLM, SamplingParams
+    from pallas_kernels.backend import default_impl
 
     llm = LLM(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_input + output_len + 16, kv_cache_memory=args.kv_cache_memory,
@@ -51,7 +56,8 @@ def run_jaxinfer(prompts, output_len: int, args) -> dict:
             "kv_capacity_tokens": llm.engine.kv_spec.capacity_tokens,
             "config": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                        "kv_cache_memory": args.kv_cache_memory, "dtype": args.dtype,
-                       "kv_cache_dtype": args.kv_cache_dtype}}
+                       "kv_cache_dtype": args.kv_cache_dtype,
+                       "attention_impl": default_impl(attention=True)}}
 
 
 def run_hf(prompts, output_len: int, batch: int, dtype: str) -> dict:
@@ -121,29 +127,31 @@ def main() -> None:
     args = ap.parse_args()
 
     prompts = make_prompts(args.num_prompts, args.min_input, args.max_input, vocab=49152)
-    results = {"jaxinfer": run_jaxinfer(prompts, args.output_len, args)}
-    if not args.skip_hf:
-        for dtype in args.hf_dtypes:
-            results[f"hf_transformers_{dtype}"] = run_hf(prompts, args.output_len, args.hf_batch, dtype)
-    if not args.skip_llamacpp:
-        results["llama_cpp"] = run_llamacpp(prompts, args.output_len)
-    for name, r in results.items():
-        r["output_tok_s"] = r["output_tokens"] / r["elapsed_s"]
-        r["requests_s"] = args.num_prompts / r["elapsed_s"]
-        print(f"{name:16s} {r['output_tok_s']:8.1f} output tok/s  {r['requests_s']:6.3f} req/s  "
-              f"({r['elapsed_s']:.1f} s)")
-    ours = results["jaxinfer"]["output_tok_s"]
-    ratios = {f"vs_{k}": ours / v["output_tok_s"] for k, v in results.items() if k != "jaxinfer"}
-    for k, v in ratios.items():
-        print(f"jaxinfer {k}: {v:.2f}x")
     record = {"benchmark": "throughput", "model": "smollm2-135m-instruct",
               "workload": {"num_prompts": args.num_prompts, "input_len": [args.min_input, args.max_input],
                            "output_len": args.output_len, "seed": 0, "greedy": True, "ignore_eos": True},
-              "machine": machine_info(), "results": results, "ratios": ratios}
+              "machine": machine_info(), "results": {}, "ratios": {}}
     path = result_path("throughput" + (f"-{args.tag}" if args.tag else ""))
-    path.write_text(json.dumps(record, indent=2))
+    runs = [("jaxinfer", lambda: run_jaxinfer(prompts, args.output_len, args))]
+    if not args.skip_hf:
+        runs += [(f"hf_transformers_{dtype}",
+                  lambda dtype=dtype: run_hf(prompts, args.output_len, args.hf_batch, dtype))
+                 for dtype in args.hf_dtypes]
+    if not args.skip_llamacpp:
+        runs.append(("llama_cpp", lambda: run_llamacpp(prompts, args.output_len)))
+    results, ratios = record["results"], record["ratios"]
+    for name, run in runs:
+        r = results[name] = run()
+        r["output_tok_s"] = r["output_tokens"] / r["elapsed_s"]
+        r["requests_s"] = args.num_prompts / r["elapsed_s"]
+        print(f"{name:16s} {r['output_tok_s']:8.1f} output tok/s  {r['requests_s']:6.3f} req/s  "
+              f"({r['elapsed_s']:.1f} s)", flush=True)
+        if name != "jaxinfer":
+            ratios[f"vs_{name}"] = results["jaxinfer"]["output_tok_s"] / r["output_tok_s"]
+            print(f"jaxinfer vs_{name}: {ratios[f'vs_{name}']:.2f}x", flush=True)
+        # Written after every system, so a crash in a later one keeps the earlier results.
+        path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     main()

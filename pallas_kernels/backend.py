@@ -3,7 +3,9 @@
 Every public op in :mod:`pallas_kernels.ops` takes ``impl`` in ``{"xla", "pallas_tpu", "pallas_gpu"}``
 or ``None``; ``None`` resolves through :func:`default_impl` from the default JAX backend: the Pallas
 kernel on a TPU or GPU, the pure-jnp ``"xla"`` reference elsewhere (Pallas runs on the CPU only in
-interpret mode, which is for tests, not speed).
+interpret mode, which is for tests, not speed). Ragged paged attention also takes ``"cpu"``, a C++
+kernel behind ``jax.ffi`` (:mod:`pallas_kernels.ragged_paged_attention.cpu`), its default on the CPU
+when it builds.
 """
 
 from __future__ import annotations
@@ -13,32 +15,41 @@ import os
 import jax
 
 IMPLS = ("xla", "pallas_tpu", "pallas_gpu")
+ATTENTION_IMPLS = ("xla", "cpu", "pallas_tpu", "pallas_gpu")
 
 
 class KernelUnavailableError(RuntimeError):
     """The requested kernel implementation cannot run on this backend."""
 
 
-def default_impl(platform: str | None = None) -> str:
-    """Implementation used when an op gets ``impl=None``.
+def default_impl(platform: str | None = None, *, attention: bool = False) -> str:
+    """Implementation used when an op gets ``impl=None`` (``attention=True``: ragged paged attention).
 
-    ``JAXINFER_KERNEL_IMPL`` overrides the choice (e.g. ``xla`` to force the reference path).
+    ``JAXINFER_KERNEL_IMPL`` overrides the choice (e.g. ``xla`` to force the reference path; ``cpu``
+    applies to attention, other ops then use ``xla``). On the CPU, attention uses the C++ kernel when
+    it builds (:func:`pallas_kernels.ragged_paged_attention.cpu.available`), else ``"xla"``.
     """
     forced = os.environ.get("JAXINFER_KERNEL_IMPL")
     if forced:
-        return check_impl(forced)
+        if attention:
+            return check_impl(forced, ATTENTION_IMPLS)
+        return "xla" if check_impl(forced, ATTENTION_IMPLS) == "cpu" else forced
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return "pallas_tpu"
     if platform in ("gpu", "cuda", "rocm"):
         return "pallas_gpu"
+    if attention and platform == "cpu":
+        from pallas_kernels.ragged_paged_attention import cpu
+
+        return "cpu" if cpu.available() else "xla"
     return "xla"
 
 
-def check_impl(impl: str) -> str:
-    """Validate an ``impl`` name, raising ``ValueError`` listing the valid ones."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
+def check_impl(impl: str, valid: tuple[str, ...] = IMPLS) -> str:
+    """Validate an ``impl`` name against ``valid``, raising ``ValueError`` listing the valid ones."""
+    if impl not in valid:
+        raise ValueError(f"unknown kernel impl {impl!r}; expected one of {valid}")
     return impl
 
 

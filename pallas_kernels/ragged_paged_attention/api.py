@@ -3,8 +3,8 @@
 ``KVPages`` is one layer's paged cache. ``write_kv`` scatters this step's keys / values into it and
 ``ragged_paged_attention`` attends a flattened, ragged batch of queries (decode, prefill chunks and
 speculative-verify sequences mixed) against it. ``impl`` picks the implementation: ``"xla"`` (pure jnp,
-:mod:`.reference`), ``"pallas_tpu"`` (:mod:`.tpu`) or ``"pallas_gpu"`` (:mod:`.gpu`); ``None`` follows
-:func:`pallas_kernels.backend.default_impl`.
+:mod:`.reference`), ``"cpu"`` (C++ through ``jax.ffi``, :mod:`.cpu`), ``"pallas_tpu"`` (:mod:`.tpu`) or
+``"pallas_gpu"`` (:mod:`.gpu`); ``None`` follows :func:`pallas_kernels.backend.default_impl`.
 
 Layouts. The cache comes in two physical layouts, named by ``KVPages.layout``:
 
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.backend import check_impl, default_impl, needs_interpret
+from pallas_kernels.backend import ATTENTION_IMPLS, check_impl, default_impl, needs_interpret
 from pallas_kernels.ragged_paged_attention import kv_quant
 
 TPU_LANES = 128
@@ -89,7 +89,7 @@ class KVPages(NamedTuple):
 
 def default_layout(impl: str | None = None) -> KVLayout:
     """Layout :func:`init_kv_pages` uses by default: head-major for ``"pallas_tpu"``, else token-major."""
-    impl = check_impl(impl) if impl is not None else default_impl()
+    impl = check_impl(impl, ATTENTION_IMPLS) if impl is not None else default_impl()
     return KVLayout.HEAD_MAJOR if impl == "pallas_tpu" else KVLayout.TOKEN_MAJOR
 
 
@@ -290,14 +290,16 @@ def ragged_paged_attention(
       sm_scale: multiplier of ``q . k`` (usually ``head_dim ** -0.5``).
       sliding_window: attend to the ``sliding_window`` most recent positions (itself included).
       soft_cap: logits become ``soft_cap * tanh(logits / soft_cap)`` before masking.
-      impl: ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"`` or ``None`` (backend default).
+      impl: ``"xla"``, ``"cpu"``, ``"pallas_tpu"``, ``"pallas_gpu"`` or ``None`` (backend default; on
+        the CPU the C++ kernel, or ``"xla"`` where it cannot be built or cannot take these inputs).
       interpret: Pallas interpret mode; ``None`` interprets when the backend cannot compile ``impl``.
         ``"pallas_tpu"`` also takes a ``pltpu.InterpretParams``.
 
     Returns:
       ``[T, num_q_heads, head_dim]`` in ``q.dtype``; softmax is computed in float32.
     """
-    impl = check_impl(impl) if impl is not None else default_impl()
+    explicit = impl is not None
+    impl = check_impl(impl, ATTENTION_IMPLS) if explicit else default_impl(attention=True)
     _check_attention_args(q, kv, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, sliding_window,
                           soft_cap)
     meta = (kv_lens.astype(jnp.int32), page_indices.astype(jnp.int32), cu_q_lens.astype(jnp.int32),
@@ -305,6 +307,12 @@ def ragged_paged_attention(
     opts = dict(sm_scale=float(sm_scale),
                 sliding_window=None if sliding_window is None else int(sliding_window),
                 soft_cap=None if soft_cap is None else float(soft_cap))
+    if impl == "cpu":
+        from pallas_kernels.ragged_paged_attention import cpu
+
+        if explicit or cpu.unsupported_reason(q, kv) is None:
+            return cpu.ragged_paged_attention_cpu(q, kv, *meta, **opts)
+        impl = "xla"  # the default choice falls back for inputs the C++ kernel does not take
     if impl == "xla":
         from pallas_kernels.ragged_paged_attention import reference
 

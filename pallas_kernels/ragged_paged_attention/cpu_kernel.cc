@@ -1,0 +1,571 @@
+// Ragged paged attention for the CPU, as an XLA FFI custom call (see cpu.py, which builds and
+// registers it).
+//
+// Semantics are those of api.ragged_paged_attention on a token-major cache:
+//   q      [T, Hq, D]            float32 or bfloat16
+//   k, v   [P, page_size, Hkv, D] float32, bfloat16, int8, float8_e4m3fn or float8_e5m2
+//   k_scale, v_scale [P, page_size, Hkv] float32 (quantized caches; ignored otherwise)
+//   kv_lens i32[S], page_indices i32[S, pages_per_seq], cu_q_lens i32[S + 1], num_seqs i32[1]
+//   out    [T, Hq, D] in q's dtype; rows of no sequence are zero.
+// Row i of sequence s sits at position kv_lens[s] - q_len + i and attends to keys j <= position
+// (and j > position - sliding_window when sliding_window > 0).
+//
+// Work is split into items (sequence, KV head, block of up to kRowBlock query rows); each item runs
+// a flash-style online softmax over blocks of kKeyBlock keys read straight from the pages
+// (dequantized into float32 tiles), so nothing the size of the cache is ever copied. Items are
+// spread over XLA's intra-op thread pool, longest first. Metadata is clamped so that bad indices
+// can never read outside the buffers.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;     // floats per vector (512 bits; the compiler splits it where narrower)
+constexpr int kKeyBlock = 16;  // keys per online-softmax step: one score vector per query
+constexpr int kRowBlock = 8;   // query rows (tokens) per work item
+constexpr int kMaxVecs = 16;   // head_dim <= 256
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+typedef float VF __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef uint32_t VU __attribute__((vector_size(64)));
+typedef uint16_t VH __attribute__((vector_size(32)));
+
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, VI{__VA_ARGS__})
+#endif
+
+inline VF Splat(float x) { return VF{} + x; }
+
+inline VF LoadF(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// 16 int8 values to float32 (GCC does not vectorize __builtin_convertvector for this).
+inline VF I8ToF32(const int8_t* src) {
+  VF v;
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  std::memcpy(&v, &f, sizeof(v));
+#elif defined(__AVX2__)
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
+  const __m256 hi =
+      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8))));
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+#else
+  for (int i = 0; i < kLanes; ++i) v[i] = src[i];
+#endif
+  return v;
+}
+
+inline float Bf16ToF32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct Fp8Tables {
+  float e4m3fn[256];
+  float e5m2[256];
+  Fp8Tables() {
+    for (int b = 0; b < 256; ++b) {
+      float sign = (b & 0x80) ? -1.0f : 1.0f;
+      int e = (b >> 3) & 0xf, m = b & 7;  // e4m3fn: bias 7, no infinities, S.1111.111 is NaN
+      if (e == 0xf && m == 7) {
+        e4m3fn[b] = std::numeric_limits<float>::quiet_NaN();
+      } else if (e == 0) {
+        e4m3fn[b] = sign * std::ldexp(m / 8.0f, -6);
+      } else {
+        e4m3fn[b] = sign * std::ldexp(1.0f + m / 8.0f, e - 7);
+      }
+      e = (b >> 2) & 0x1f;  // e5m2: bias 15, IEEE-style infinities and NaNs
+      m = b & 3;
+      if (e == 0x1f) {
+        e5m2[b] = m ? std::numeric_limits<float>::quiet_NaN() : sign * std::numeric_limits<float>::infinity();
+      } else if (e == 0) {
+        e5m2[b] = sign * std::ldexp(m / 4.0f, -14);
+      } else {
+        e5m2[b] = sign * std::ldexp(1.0f + m / 4.0f, e - 15);
+      }
+    }
+  }
+};
+
+const Fp8Tables& Fp8() {
+  static const Fp8Tables tables;
+  return tables;
+}
+
+// exp(x) lane-wise for x <= 0 (-inf -> ~0): Cody-Waite range reduction and a degree-6 polynomial,
+// relative error ~2e-7. Lanes above 0 are clamped to 0 (they are masked by the caller).
+inline VF Exp(VF x) {
+  x = x < -87.0f ? Splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38, the smallest value produced
+  x = x > 0.0f ? Splat(0.0f) : x;
+  const VF magic = Splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting rounds to an integer
+  VF n = (x * 1.44269504088896341f + magic) - magic;
+  VF r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  VF p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  return p * reinterpret_cast<VF&>(bits);
+}
+
+inline float HorizontalMax(VF x) {
+  x = x > SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7) ? x
+      : SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  VF y = SHUFFLE(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  x = x > y ? x : y;
+  y = SHUFFLE(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  x = x > y ? x : y;
+  y = SHUFFLE(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  x = x > y ? x : y;
+  return x[0];
+}
+
+inline float HorizontalSum(VF x) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += x[i];
+  return s;
+}
+
+// Lane j of the result is the sum of the lanes of p[j] (16 vectors in, one out): a transposing
+// reduction tree, 15 pairs of shuffles instead of 16 separate horizontal sums.
+inline VF TransposeSum(const VF* p) {
+  VF c[8], d[4], e[2];
+  for (int i = 0; i < 8; ++i) {
+    c[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUFFLE(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    d[i] = SHUFFLE(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           SHUFFLE(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    e[i] = SHUFFLE(d[2 * i], d[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           SHUFFLE(d[2 * i], d[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return SHUFFLE(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         SHUFFLE(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+enum class KvType { kF32, kBf16, kI8, kE4M3, kE5M2 };
+
+struct Params {
+  const void* q;
+  bool q_bf16;
+  const void* k;
+  const void* v;
+  const float* k_scale;  // nullptr for float caches
+  const float* v_scale;
+  KvType kv_type;
+  void* out;
+  int64_t t, hq, hkv, d, num_pages, page_size, pages_per_seq;
+  const int32_t* page_indices;
+  float sm_scale;
+  int64_t window;   // <= 0: none
+  float soft_cap;   // <= 0: none
+};
+
+struct Item {
+  int64_t seq, head, row0, row1;  // rows are token indices into q / out
+  int64_t q_start;                // first row of the sequence
+  int64_t q_len, kv_len;
+  int64_t cost;
+};
+
+// One (token, head) row of the cache, unscaled, as `nv` float vectors (zero past head_dim).
+template <KvType kT>
+inline void LoadRow(const void* base, int64_t row, int64_t d, int nv, VF* dst) {
+  const int64_t off = row * d;
+  for (int c = 0; c < nv; ++c) {
+    const int64_t i0 = int64_t{c} * kLanes;
+    if (i0 + kLanes <= d) {
+      if constexpr (kT == KvType::kF32) {
+        dst[c] = LoadF(static_cast<const float*>(base) + off + i0);
+      } else if constexpr (kT == KvType::kBf16) {
+        VH h;
+        std::memcpy(&h, static_cast<const uint16_t*>(base) + off + i0, sizeof(h));
+        VU u = __builtin_convertvector(h, VU) << 16;
+        dst[c] = reinterpret_cast<VF&>(u);
+      } else if constexpr (kT == KvType::kI8) {
+        dst[c] = I8ToF32(static_cast<const int8_t*>(base) + off + i0);
+      } else {
+        const float* table = kT == KvType::kE4M3 ? Fp8().e4m3fn : Fp8().e5m2;
+        const uint8_t* src = static_cast<const uint8_t*>(base) + off + i0;
+        for (int i = 0; i < kLanes; ++i) dst[c][i] = table[src[i]];
+      }
+      continue;
+    }
+    VF x{};
+    for (int64_t i = i0; i < d; ++i) {
+      float f;
+      if constexpr (kT == KvType::kF32) {
+        f = static_cast<const float*>(base)[off + i];
+      } else if constexpr (kT == KvType::kBf16) {
+        f = Bf16ToF32(static_cast<const uint16_t*>(base)[off + i]);
+      } else if constexpr (kT == KvType::kI8) {
+        f = static_cast<const int8_t*>(base)[off + i];
+      } else {
+        f = (kT == KvType::kE4M3 ? Fp8().e4m3fn : Fp8().e5m2)[static_cast<const uint8_t*>(base)[off + i]];
+      }
+      x[i - i0] = f;
+    }
+    dst[c] = x;
+  }
+}
+
+// One work item. kNV: float vectors per head (head_dim / 16 rounded up), 0 = runtime.
+template <KvType kT, int kNV>
+void RunItem(const Params& p, const Item& it) {
+  const int nv = kNV > 0 ? kNV : static_cast<int>((p.d + kLanes - 1) / kLanes);
+  const int64_t d = p.d;
+  const int64_t g = p.hq / p.hkv;
+  const int64_t nrows = it.row1 - it.row0;
+  const int64_t nq = nrows * g;
+  const int64_t ps = p.page_size;
+  constexpr bool kScaled = kT == KvType::kI8 || kT == KvType::kE4M3 || kT == KvType::kE5M2;
+
+  thread_local std::vector<VF> buf;
+  buf.resize(static_cast<size_t>(nq * nv * 2 + kKeyBlock * nv * 2 + kKeyBlock + nq));
+  VF* qf = buf.data();              // [nq, nv] scaled queries
+  VF* acc = qf + nq * nv;           // [nq, nv] unnormalized outputs
+  VF* kb_f = acc + nq * nv;         // [kKeyBlock, nv] keys
+  VF* vb_f = kb_f + kKeyBlock * nv;  // [kKeyBlock, nv] values
+  VF* part = vb_f + kKeyBlock * nv;  // [kKeyBlock] per-key partial dot products
+  VF* lsum = part + kKeyBlock;       // [nq] running denominators, lane-wise
+  float m[kRowBlock * 64];           // running max per query (g <= 64 checked by the caller)
+  int64_t pos[kRowBlock];
+
+  for (int64_t r = 0; r < nrows; ++r) {
+    pos[r] = it.kv_len - it.q_len + (it.row0 + r - it.q_start);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const int64_t src = ((it.row0 + r) * p.hq + it.head * g + gi) * d;
+      VF* dst = qf + (r * g + gi) * nv;
+      for (int c = 0; c < nv; ++c) {
+        VF x{};
+        for (int i = 0; i < kLanes && c * kLanes + i < d; ++i) {
+          const int64_t at = src + c * kLanes + i;
+          x[i] = p.q_bf16 ? Bf16ToF32(static_cast<const uint16_t*>(p.q)[at]) : static_cast<const float*>(p.q)[at];
+        }
+        dst[c] = x * p.sm_scale;
+      }
+    }
+  }
+  for (int64_t i = 0; i < nq * nv; ++i) acc[i] = VF{};
+  for (int64_t q = 0; q < nq; ++q) {
+    lsum[q] = VF{};
+    m[q] = kNegInf;
+  }
+
+  const int64_t min_pos = pos[0], max_pos = pos[nrows - 1];
+  const int64_t hi = std::min(it.kv_len, max_pos + 1);
+  const int64_t lo = p.window > 0 ? std::max<int64_t>(0, min_pos - p.window + 1) : 0;
+  VF iota;
+  for (int i = 0; i < kLanes; ++i) iota[i] = static_cast<float>(i);
+  alignas(64) float k_scale[kKeyBlock];
+  alignas(64) float v_scale[kKeyBlock];
+  alignas(64) float prob[kKeyBlock];
+
+  const size_t elem = kT == KvType::kF32 ? 4 : kT == KvType::kBf16 ? 2 : 1;
+  auto cache_row = [&](int64_t key) {
+    int64_t page = p.page_indices[it.seq * p.pages_per_seq + key / ps];
+    page = std::min<int64_t>(std::max<int64_t>(page, 0), p.num_pages - 1);
+    return (page * ps + key % ps) * p.hkv + it.head;
+  };
+  for (int64_t kb = lo; kb < hi; kb += kKeyBlock) {
+    const int64_t nk = std::min<int64_t>(kKeyBlock, hi - kb);
+    // Pages are scattered, so the hardware prefetcher cannot see the next block coming.
+    for (int64_t key = kb + kKeyBlock; key < std::min<int64_t>(kb + 2 * kKeyBlock, hi); ++key) {
+      const int64_t row = cache_row(key);
+      for (size_t b = 0; b < d * elem; b += 64) {
+        __builtin_prefetch(static_cast<const char*>(p.k) + row * d * elem + b);
+        __builtin_prefetch(static_cast<const char*>(p.v) + row * d * elem + b);
+      }
+      if (kScaled) {
+        __builtin_prefetch(p.k_scale + row);
+        __builtin_prefetch(p.v_scale + row);
+      }
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t row = cache_row(kb + j);
+      LoadRow<kT>(p.k, row, d, nv, kb_f + j * nv);
+      LoadRow<kT>(p.v, row, d, nv, vb_f + j * nv);
+      k_scale[j] = kScaled ? p.k_scale[row] : 1.0f;
+      v_scale[j] = kScaled ? p.v_scale[row] : 1.0f;
+    }
+    for (int64_t j = nk; j < kKeyBlock; ++j) {
+      for (int c = 0; c < nv; ++c) kb_f[j * nv + c] = vb_f[j * nv + c] = VF{};
+      k_scale[j] = v_scale[j] = 0.0f;
+    }
+    const VF ksv = LoadF(k_scale);
+    const VF vsv = LoadF(v_scale);
+    const VF kpos = iota + static_cast<float>(kb);  // exact: positions < 2^24
+    for (int64_t q = 0; q < nq; ++q) {
+      const VF* qv = qf + q * nv;
+      for (int j = 0; j < kKeyBlock; ++j) {
+        const VF* kr = kb_f + j * nv;
+        VF a = qv[0] * kr[0];
+        for (int c = 1; c < nv; ++c) a += qv[c] * kr[c];
+        part[j] = a;
+      }
+      VF s = TransposeSum(part) * ksv;
+      if (p.soft_cap > 0) {
+        for (int i = 0; i < kLanes; ++i) s[i] = p.soft_cap * std::tanh(s[i] / p.soft_cap);
+      }
+      const float rp = static_cast<float>(pos[q / g]);
+      VI ok = (kpos <= rp) & (kpos < static_cast<float>(kb + nk));
+      if (p.window > 0) ok &= kpos > rp - static_cast<float>(p.window);
+      s = ok ? s : Splat(kNegInf);
+      const float mx = HorizontalMax(s);
+      if (mx == kNegInf) continue;  // no key of this block is visible to this query
+      const float m_new = std::max(m[q], mx);
+      const float alpha = Exp(Splat(m[q] - m_new))[0];  // m = -inf -> ~0 (acc and lsum are 0 then)
+      m[q] = m_new;
+      VF e = Exp(s - m_new);
+      e = ok ? e : Splat(0.0f);
+      lsum[q] = lsum[q] * alpha + e;
+      const VF pv = e * vsv;
+      std::memcpy(prob, &pv, sizeof(pv));
+      VF* a = acc + q * nv;
+      VF o[kNV > 0 ? kNV : kMaxVecs];
+      for (int c = 0; c < nv; ++c) o[c] = a[c] * alpha;
+      for (int j = 0; j < nk; ++j) {
+        const float w = prob[j];
+        const VF* vr = vb_f + j * nv;
+        for (int c = 0; c < nv; ++c) o[c] += w * vr[c];
+      }
+      for (int c = 0; c < nv; ++c) a[c] = o[c];
+    }
+  }
+  // Normalize and store.
+  for (int64_t r = 0; r < nrows; ++r) {
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const int64_t q = r * g + gi;
+      const float l = HorizontalSum(lsum[q]);
+      const float inv = l > 0 ? 1.0f / l : 0.0f;
+      const int64_t dst = ((it.row0 + r) * p.hq + it.head * g + gi) * d;
+      for (int c = 0; c < nv; ++c) {
+        const VF o = acc[q * nv + c] * inv;
+        for (int i = 0; i < kLanes && c * kLanes + i < d; ++i) {
+          const int64_t at = dst + c * kLanes + i;
+          if (p.q_bf16) {
+            static_cast<uint16_t*>(p.out)[at] = F32ToBf16(o[i]);
+          } else {
+            static_cast<float*>(p.out)[at] = o[i];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <KvType kT>
+void RunItemForType(const Params& p, const Item& it) {
+  switch (p.d) {
+    case 64:
+      return RunItem<kT, 4>(p, it);
+    case 128:
+      return RunItem<kT, 8>(p, it);
+    default:
+      return RunItem<kT, 0>(p, it);
+  }
+}
+
+void RunItemAny(const Params& p, const Item& it) {
+  switch (p.kv_type) {
+    case KvType::kF32:
+      return RunItemForType<KvType::kF32>(p, it);
+    case KvType::kBf16:
+      return RunItemForType<KvType::kBf16>(p, it);
+    case KvType::kI8:
+      return RunItemForType<KvType::kI8>(p, it);
+    case KvType::kE4M3:
+      return RunItemForType<KvType::kE4M3>(p, it);
+    case KvType::kE5M2:
+      return RunItemForType<KvType::kE5M2>(p, it);
+  }
+}
+
+// Items run on the caller and on up to `pool.num_threads() - 1` pool tasks that pull from a shared
+// counter. The caller returns once every item has finished; a task that starts late finds no item
+// left and touches nothing but the shared state it owns a reference to.
+struct WorkQueue {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  std::function<void(int64_t)> run;
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void Drain() {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      run(i);
+      if (done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                                   ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scale,
+                                   ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> kv_lens,
+                                   ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> cu_q_lens,
+                                   ffi::Buffer<ffi::S32> num_seqs, ffi::Result<ffi::AnyBuffer> out,
+                                   float sm_scale, int64_t sliding_window, float soft_cap) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  auto pd = page_indices.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || pd.size() != 2) {
+    return ffi::Error::InvalidArgument("expected q [T, Hq, D], k/v [P, ps, Hkv, D], page_indices [S, P]");
+  }
+  Params p{};
+  p.t = qd[0];
+  p.hq = qd[1];
+  p.d = qd[2];
+  p.num_pages = kd[0];
+  p.page_size = kd[1];
+  p.hkv = kd[2];
+  p.pages_per_seq = pd[1];
+  const int64_t s_max = pd[0];
+  if (kd[3] != p.d || p.hkv <= 0 || p.hq % p.hkv != 0 || p.num_pages <= 0 || p.page_size <= 0) {
+    return ffi::Error::InvalidArgument("inconsistent q / cache shapes");
+  }
+  if (p.d > kLanes * kMaxVecs || p.hq / p.hkv > 64) {
+    return ffi::Error::InvalidArgument("head_dim > 256 or more than 64 query heads per KV head");
+  }
+  if (kv_lens.element_count() != static_cast<size_t>(s_max) ||
+      cu_q_lens.element_count() != static_cast<size_t>(s_max + 1) || num_seqs.element_count() != 1) {
+    return ffi::Error::InvalidArgument("kv_lens, cu_q_lens, num_seqs do not match page_indices");
+  }
+  if (q.element_type() == ffi::F32) {
+    p.q_bf16 = false;
+  } else if (q.element_type() == ffi::BF16) {
+    p.q_bf16 = true;
+  } else {
+    return ffi::Error::InvalidArgument("q must be float32 or bfloat16");
+  }
+  if (out->element_type() != q.element_type() || out->element_count() != q.element_count()) {
+    return ffi::Error::InvalidArgument("out must match q");
+  }
+  switch (k.element_type()) {
+    case ffi::F32: p.kv_type = KvType::kF32; break;
+    case ffi::BF16: p.kv_type = KvType::kBf16; break;
+    case ffi::S8: p.kv_type = KvType::kI8; break;
+    case ffi::F8E4M3FN: p.kv_type = KvType::kE4M3; break;
+    case ffi::F8E5M2: p.kv_type = KvType::kE5M2; break;
+    default:
+      return ffi::Error::InvalidArgument("unsupported KV cache dtype");
+  }
+  if (v.element_type() != k.element_type() || v.element_count() != k.element_count()) {
+    return ffi::Error::InvalidArgument("k and v must match");
+  }
+  const bool quantized = p.kv_type == KvType::kI8 || p.kv_type == KvType::kE4M3 || p.kv_type == KvType::kE5M2;
+  const size_t n_scales = static_cast<size_t>(p.num_pages * p.page_size * p.hkv);
+  if (quantized && (k_scale.element_count() != n_scales || v_scale.element_count() != n_scales)) {
+    return ffi::Error::InvalidArgument("k_scale / v_scale must be [P, page_size, Hkv]");
+  }
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.k_scale = quantized ? k_scale.typed_data() : nullptr;
+  p.v_scale = quantized ? v_scale.typed_data() : nullptr;
+  p.out = out->untyped_data();
+  p.page_indices = page_indices.typed_data();
+  p.sm_scale = sm_scale;
+  p.window = sliding_window;
+  p.soft_cap = soft_cap;
+
+  std::memset(p.out, 0, out->size_bytes());
+  const int32_t* lens = kv_lens.typed_data();
+  const int32_t* cu = cu_q_lens.typed_data();
+  const int64_t n_seqs = std::min<int64_t>(std::max<int32_t>(num_seqs.typed_data()[0], 0), s_max);
+  const int64_t max_kv = p.pages_per_seq * p.page_size;
+  std::vector<Item> items;
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    const int64_t q0 = std::min<int64_t>(std::max<int32_t>(cu[s], 0), p.t);
+    const int64_t q1 = std::min<int64_t>(std::max<int64_t>(cu[s + 1], q0), p.t);
+    const int64_t kv_len = std::min<int64_t>(std::max<int32_t>(lens[s], 0), max_kv);
+    if (q1 == q0 || kv_len == 0) continue;
+    for (int64_t r0 = q0; r0 < q1; r0 += kRowBlock) {
+      const int64_t r1 = std::min<int64_t>(r0 + kRowBlock, q1);
+      const int64_t last_pos = kv_len - (q1 - q0) + (r1 - 1 - q0);
+      const int64_t keys = std::max<int64_t>(std::min(last_pos + 1, kv_len), 0);
+      for (int64_t h = 0; h < p.hkv; ++h) {
+        items.push_back(Item{s, h, r0, r1, q0, q1 - q0, kv_len, keys * (r1 - r0) + 64});
+      }
+    }
+  }
+  if (items.empty()) return ffi::Error::Success();
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+
+  auto queue = std::make_shared<WorkQueue>();
+  queue->n = static_cast<int64_t>(items.size());
+  queue->run = [&p, &items](int64_t i) { RunItemAny(p, items[i]); };
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), queue->n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([queue] { queue->Drain(); });
+  }
+  queue->Drain();
+  std::unique_lock<std::mutex> lock(queue->mu);
+  queue->cv.wait(lock, [&] { return queue->done.load() == queue->n; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferRaggedPagedAttentionCpu, RaggedPagedAttentionCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()       // q
+                                  .Arg<ffi::AnyBuffer>()       // k
+                                  .Arg<ffi::AnyBuffer>()       // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v_scale
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page_indices
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cu_q_lens
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // num_seqs
+                                  .Ret<ffi::AnyBuffer>()       // out
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));
