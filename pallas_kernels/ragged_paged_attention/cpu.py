@@ -46,6 +46,8 @@ _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8),
               jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 
+_MAX_HEAD_DIM = 256  # kMaxVecs * kLanes in cpu_kernel.cc
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": True, or "error": reason
 
@@ -126,6 +128,8 @@ def unsupported_reason(q: jax.Array, kv: KVPages) -> str | None:
         return f"impl='cpu' takes float32 or bfloat16 queries, got {q.dtype}"
     if jnp.dtype(kv.k.dtype) not in _KV_DTYPES:
         return f"impl='cpu' does not read a {kv.k.dtype} cache"
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        return f"impl='cpu' takes head_dim <= {_MAX_HEAD_DIM}, got {q.shape[-1]}"
     return None
 
 

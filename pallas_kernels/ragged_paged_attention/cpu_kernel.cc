@@ -54,6 +54,16 @@ typedef uint16_t VH __attribute__((vector_size(32)));
 #else
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, VI{__VA_ARGS__})
 #endif
+// Lane permutation by a runtime index vector.
+#if defined(__clang__)
+inline VF SHUFFLE_VAR(VF a, VI idx) {
+  VF r;
+  for (int i = 0; i < 16; ++i) r[i] = a[idx[i] & 15];
+  return r;
+}
+#else
+#define SHUFFLE_VAR(a, idx) __builtin_shuffle(a, idx)
+#endif
 
 inline VF Splat(float x) { return VF{} + x; }
 
@@ -205,7 +215,7 @@ struct Params {
 };
 
 struct Item {
-  int64_t seq, head, row0, row1;  // rows are token indices into q / out
+  int64_t seq, head0, head1, row0, row1;  // KV heads [head0, head1); rows index q / out
   int64_t q_start;                // first row of the sequence
   int64_t q_len, kv_len;
   int64_t cost;
@@ -253,32 +263,40 @@ inline void LoadRow(const void* base, int64_t row, int64_t d, int nv, VF* dst) {
 }
 
 // One work item. kNV: float vectors per head (head_dim / 16 rounded up), 0 = runtime.
+// Query slot q = (row * nh + kv head) * g + group member; its KV head is (q / g) % nh.
 template <KvType kT, int kNV>
 void RunItem(const Params& p, const Item& it) {
   const int nv = kNV > 0 ? kNV : static_cast<int>((p.d + kLanes - 1) / kLanes);
   const int64_t d = p.d;
   const int64_t g = p.hq / p.hkv;
+  const int64_t nh = it.head1 - it.head0;
   const int64_t nrows = it.row1 - it.row0;
-  const int64_t nq = nrows * g;
+  const int64_t nq = nrows * nh * g;
   const int64_t ps = p.page_size;
   constexpr bool kScaled = kT == KvType::kI8 || kT == KvType::kE4M3 || kT == KvType::kE5M2;
 
   thread_local std::vector<VF> buf;
-  buf.resize(static_cast<size_t>(nq * nv * 2 + kKeyBlock * nv * 2 + kKeyBlock + nq));
-  VF* qf = buf.data();              // [nq, nv] scaled queries
-  VF* acc = qf + nq * nv;           // [nq, nv] unnormalized outputs
-  VF* kb_f = acc + nq * nv;         // [kKeyBlock, nv] keys
-  VF* vb_f = kb_f + kKeyBlock * nv;  // [kKeyBlock, nv] values
-  VF* part = vb_f + kKeyBlock * nv;  // [kKeyBlock] per-key partial dot products
-  VF* lsum = part + kKeyBlock;       // [nq] running denominators, lane-wise
-  float m[kRowBlock * 64];           // running max per query (g <= 64 checked by the caller)
+  buf.resize(static_cast<size_t>(nq * nv * 2 + 2 * nh * kKeyBlock * nv + kKeyBlock + 2 * nq));
+  VF* qf = buf.data();                    // [nq, nv] scaled queries
+  VF* acc = qf + nq * nv;                 // [nq, nv] unnormalized outputs
+  VF* kb_f = acc + nq * nv;               // [nh, kKeyBlock, nv] keys
+  VF* vb_f = kb_f + nh * kKeyBlock * nv;  // [nh, kKeyBlock, nv] values
+  VF* part = vb_f + nh * kKeyBlock * nv;  // [kKeyBlock] per-key partial dot products
+  VF* lsum = part + kKeyBlock;            // [nq] running denominators, lane-wise
+  VF* sc = lsum + nq;                     // [nq] this block's scores, then weights
+  thread_local std::vector<float> fbuf;
+  fbuf.resize(static_cast<size_t>(2 * nq + 2 * nh * kKeyBlock));
+  float* m = fbuf.data();                 // [nq] running max
+  float* alpha = m + nq;                  // [nq] this block's rescaling of acc
+  float* k_scale = alpha + nq;            // [nh, kKeyBlock]
+  float* v_scale = k_scale + nh * kKeyBlock;
   int64_t pos[kRowBlock];
 
   for (int64_t r = 0; r < nrows; ++r) {
     pos[r] = it.kv_len - it.q_len + (it.row0 + r - it.q_start);
-    for (int64_t gi = 0; gi < g; ++gi) {
-      const int64_t src = ((it.row0 + r) * p.hq + it.head * g + gi) * d;
-      VF* dst = qf + (r * g + gi) * nv;
+    for (int64_t gi = 0; gi < nh * g; ++gi) {
+      const int64_t src = ((it.row0 + r) * p.hq + it.head0 * g + gi) * d;
+      VF* dst = qf + (r * nh * g + gi) * nv;
       for (int c = 0; c < nv; ++c) {
         VF x{};
         for (int i = 0; i < kLanes && c * kLanes + i < d; ++i) {
@@ -300,24 +318,22 @@ void RunItem(const Params& p, const Item& it) {
   const int64_t lo = p.window > 0 ? std::max<int64_t>(0, min_pos - p.window + 1) : 0;
   VF iota;
   for (int i = 0; i < kLanes; ++i) iota[i] = static_cast<float>(i);
-  alignas(64) float k_scale[kKeyBlock];
-  alignas(64) float v_scale[kKeyBlock];
-  alignas(64) float prob[kKeyBlock];
 
   const size_t elem = kT == KvType::kF32 ? 4 : kT == KvType::kBf16 ? 2 : 1;
-  auto cache_row = [&](int64_t key) {
+  auto cache_row = [&](int64_t key) {  // row of (key, head0); the item's heads follow it
     int64_t page = p.page_indices[it.seq * p.pages_per_seq + key / ps];
     page = std::min<int64_t>(std::max<int64_t>(page, 0), p.num_pages - 1);
-    return (page * ps + key % ps) * p.hkv + it.head;
+    return (page * ps + key % ps) * p.hkv + it.head0;
   };
+  const size_t row_bytes = d * elem;
   for (int64_t kb = lo; kb < hi; kb += kKeyBlock) {
     const int64_t nk = std::min<int64_t>(kKeyBlock, hi - kb);
     // Pages are scattered, so the hardware prefetcher cannot see the next block coming.
     for (int64_t key = kb + kKeyBlock; key < std::min<int64_t>(kb + 2 * kKeyBlock, hi); ++key) {
       const int64_t row = cache_row(key);
-      for (size_t b = 0; b < d * elem; b += 64) {
-        __builtin_prefetch(static_cast<const char*>(p.k) + row * d * elem + b);
-        __builtin_prefetch(static_cast<const char*>(p.v) + row * d * elem + b);
+      for (size_t b = 0; b < nh * row_bytes; b += 64) {
+        __builtin_prefetch(static_cast<const char*>(p.k) + row * row_bytes + b);
+        __builtin_prefetch(static_cast<const char*>(p.v) + row * row_bytes + b);
       }
       if (kScaled) {
         __builtin_prefetch(p.k_scale + row);
@@ -326,62 +342,90 @@ void RunItem(const Params& p, const Item& it) {
     }
     for (int64_t j = 0; j < nk; ++j) {
       const int64_t row = cache_row(kb + j);
-      LoadRow<kT>(p.k, row, d, nv, kb_f + j * nv);
-      LoadRow<kT>(p.v, row, d, nv, vb_f + j * nv);
-      k_scale[j] = kScaled ? p.k_scale[row] : 1.0f;
-      v_scale[j] = kScaled ? p.v_scale[row] : 1.0f;
+      for (int64_t h = 0; h < nh; ++h) {
+        LoadRow<kT>(p.k, row + h, d, nv, kb_f + (h * kKeyBlock + j) * nv);
+        LoadRow<kT>(p.v, row + h, d, nv, vb_f + (h * kKeyBlock + j) * nv);
+        k_scale[h * kKeyBlock + j] = kScaled ? p.k_scale[row + h] : 1.0f;
+        v_scale[h * kKeyBlock + j] = kScaled ? p.v_scale[row + h] : 1.0f;
+      }
     }
-    for (int64_t j = nk; j < kKeyBlock; ++j) {
-      for (int c = 0; c < nv; ++c) kb_f[j * nv + c] = vb_f[j * nv + c] = VF{};
-      k_scale[j] = v_scale[j] = 0.0f;
+    for (int64_t h = 0; h < nh; ++h) {
+      for (int64_t j = nk; j < kKeyBlock; ++j) {
+        for (int c = 0; c < nv; ++c) kb_f[(h * kKeyBlock + j) * nv + c] = vb_f[(h * kKeyBlock + j) * nv + c] = VF{};
+        k_scale[h * kKeyBlock + j] = v_scale[h * kKeyBlock + j] = 0.0f;
+      }
     }
-    const VF ksv = LoadF(k_scale);
-    const VF vsv = LoadF(v_scale);
     const VF kpos = iota + static_cast<float>(kb);  // exact: positions < 2^24
+    // Three passes over the block's queries (scores, softmax, P @ V) rather than one per query, so
+    // the out-of-order core overlaps the long dependency chains of neighbouring queries.
     for (int64_t q = 0; q < nq; ++q) {
+      const int64_t h = (q / g) % nh;
+      const VF* kh = kb_f + h * kKeyBlock * nv;
       const VF* qv = qf + q * nv;
       for (int j = 0; j < kKeyBlock; ++j) {
-        const VF* kr = kb_f + j * nv;
+        const VF* kr = kh + j * nv;
         VF a = qv[0] * kr[0];
         for (int c = 1; c < nv; ++c) a += qv[c] * kr[c];
         part[j] = a;
       }
-      VF s = TransposeSum(part) * ksv;
+      sc[q] = TransposeSum(part) * LoadF(k_scale + h * kKeyBlock);
+    }
+    for (int64_t q = 0; q < nq; ++q) {
+      const int64_t h = (q / g) % nh;
+      VF s = sc[q];
       if (p.soft_cap > 0) {
         for (int i = 0; i < kLanes; ++i) s[i] = p.soft_cap * std::tanh(s[i] / p.soft_cap);
       }
-      const float rp = static_cast<float>(pos[q / g]);
+      const float rp = static_cast<float>(pos[q / (g * nh)]);
       VI ok = (kpos <= rp) & (kpos < static_cast<float>(kb + nk));
       if (p.window > 0) ok &= kpos > rp - static_cast<float>(p.window);
       s = ok ? s : Splat(kNegInf);
       const float mx = HorizontalMax(s);
-      if (mx == kNegInf) continue;  // no key of this block is visible to this query
+      if (mx == kNegInf) {  // no key of this block is visible to this query
+        alpha[q] = 1.0f;
+        sc[q] = VF{};
+        continue;
+      }
       const float m_new = std::max(m[q], mx);
-      const float alpha = Exp(Splat(m[q] - m_new))[0];  // m = -inf -> ~0 (acc and lsum are 0 then)
+      alpha[q] = Exp(Splat(m[q] - m_new))[0];  // m = -inf -> ~0 (acc and lsum are 0 then)
       m[q] = m_new;
       VF e = Exp(s - m_new);
       e = ok ? e : Splat(0.0f);
-      lsum[q] = lsum[q] * alpha + e;
-      const VF pv = e * vsv;
-      std::memcpy(prob, &pv, sizeof(pv));
+      lsum[q] = lsum[q] * alpha[q] + e;
+      sc[q] = e * LoadF(v_scale + h * kKeyBlock);  // zero past nk: padded keys add nothing
+    }
+    for (int64_t q = 0; q < nq; ++q) {
+      const VF* vh = vb_f + ((q / g) % nh) * kKeyBlock * nv;
+      const VF pv = sc[q];
       VF* a = acc + q * nv;
-      VF o[kNV > 0 ? kNV : kMaxVecs];
-      for (int c = 0; c < nv; ++c) o[c] = a[c] * alpha;
-      for (int j = 0; j < nk; ++j) {
-        const float w = prob[j];
-        const VF* vr = vb_f + j * nv;
-        for (int c = 0; c < nv; ++c) o[c] += w * vr[c];
+      // Two accumulators per vector (even / odd keys) halve the FMA dependency chains.
+      VF o0[kNV > 0 ? kNV : kMaxVecs], o1[kNV > 0 ? kNV : kMaxVecs];
+      for (int c = 0; c < nv; ++c) {
+        o0[c] = a[c] * alpha[q];
+        o1[c] = VF{};
       }
-      for (int c = 0; c < nv; ++c) a[c] = o[c];
+#pragma GCC unroll 8
+      for (int j = 0; j < kKeyBlock; j += 2) {
+        // Lanes j, j + 1 broadcast in registers.
+        const VF w0 = SHUFFLE_VAR(pv, VI{} + j);
+        const VF w1 = SHUFFLE_VAR(pv, VI{} + (j + 1));
+        const VF* v0 = vh + j * nv;
+        const VF* v1 = v0 + nv;
+        for (int c = 0; c < nv; ++c) {
+          o0[c] += w0 * v0[c];
+          o1[c] += w1 * v1[c];
+        }
+      }
+      for (int c = 0; c < nv; ++c) a[c] = o0[c] + o1[c];
     }
   }
   // Normalize and store.
   for (int64_t r = 0; r < nrows; ++r) {
-    for (int64_t gi = 0; gi < g; ++gi) {
-      const int64_t q = r * g + gi;
+    for (int64_t gi = 0; gi < nh * g; ++gi) {
+      const int64_t q = r * nh * g + gi;
       const float l = HorizontalSum(lsum[q]);
       const float inv = l > 0 ? 1.0f / l : 0.0f;
-      const int64_t dst = ((it.row0 + r) * p.hq + it.head * g + gi) * d;
+      const int64_t dst = ((it.row0 + r) * p.hq + it.head0 * g + gi) * d;
       for (int c = 0; c < nv; ++c) {
         const VF o = acc[q * nv + c] * inv;
         for (int i = 0; i < kLanes && c * kLanes + i < d; ++i) {
@@ -470,8 +514,8 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   if (kd[3] != p.d || p.hkv <= 0 || p.hq % p.hkv != 0 || p.num_pages <= 0 || p.page_size <= 0) {
     return ffi::Error::InvalidArgument("inconsistent q / cache shapes");
   }
-  if (p.d > kLanes * kMaxVecs || p.hq / p.hkv > 64) {
-    return ffi::Error::InvalidArgument("head_dim > 256 or more than 64 query heads per KV head");
+  if (p.d > kLanes * kMaxVecs) {
+    return ffi::Error::InvalidArgument("head_dim > 256");
   }
   if (kv_lens.element_count() != static_cast<size_t>(s_max) ||
       cu_q_lens.element_count() != static_cast<size_t>(s_max + 1) || num_seqs.element_count() != 1) {
@@ -520,7 +564,9 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   const int32_t* cu = cu_q_lens.typed_data();
   const int64_t n_seqs = std::min<int64_t>(std::max<int32_t>(num_seqs.typed_data()[0], 0), s_max);
   const int64_t max_kv = p.pages_per_seq * p.page_size;
-  std::vector<Item> items;
+  // A unit is (sequence, block of rows). With enough units for the pool, an item takes all KV heads
+  // of a unit (a token's rows for all heads are adjacent in a page); otherwise one head each.
+  std::vector<Item> units;
   for (int64_t s = 0; s < n_seqs; ++s) {
     const int64_t q0 = std::min<int64_t>(std::max<int32_t>(cu[s], 0), p.t);
     const int64_t q1 = std::min<int64_t>(std::max<int64_t>(cu[s + 1], q0), p.t);
@@ -530,8 +576,20 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
       const int64_t r1 = std::min<int64_t>(r0 + kRowBlock, q1);
       const int64_t last_pos = kv_len - (q1 - q0) + (r1 - 1 - q0);
       const int64_t keys = std::max<int64_t>(std::min(last_pos + 1, kv_len), 0);
+      units.push_back(Item{s, 0, p.hkv, r0, r1, q0, q1 - q0, kv_len, keys * (r1 - r0) + 64});
+    }
+  }
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  std::vector<Item> items;
+  if (static_cast<int64_t>(units.size()) >= 8 * threads) {
+    items = std::move(units);
+  } else {
+    for (const Item& u : units) {
       for (int64_t h = 0; h < p.hkv; ++h) {
-        items.push_back(Item{s, h, r0, r1, q0, q1 - q0, kv_len, keys * (r1 - r0) + 64});
+        Item it = u;
+        it.head0 = h;
+        it.head1 = h + 1;
+        items.push_back(it);
       }
     }
   }
@@ -541,7 +599,7 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   auto queue = std::make_shared<WorkQueue>();
   queue->n = static_cast<int64_t>(items.size());
   queue->run = [&p, &items](int64_t i) { RunItemAny(p, items[i]); };
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), queue->n) - 1;
+  const int64_t helpers = std::min<int64_t>(threads, queue->n) - 1;
   for (int64_t i = 0; i < helpers; ++i) {
     pool.Schedule([queue] { queue->Drain(); });
   }
