@@ -36,7 +36,7 @@ class AttentionMetadata:
         Paged: ``page_id * page_size + offset``. Dense: ``seq_slot * max_len + position``.
       page_indices: ``i32[S, pages_per_seq]`` page table (paged caches only).
       max_q_len: static bound on any sequence's query count in this step (dense path only).
-      impl: static kernel choice for the paged path ("xla", "pallas_tpu", "pallas_gpu"; None = backend
+      impl: static kernel choice for the paged path ("xla", "cpu", "pallas_tpu", "pallas_gpu"; None = backend
         default).
     """
 

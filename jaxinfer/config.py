@@ -292,7 +292,7 @@ class EngineConfig:
         device memory, or 1 GiB on the CPU.
       kv_cache_dtype: "auto" (model dtype), "int8" or "fp8".
       enable_prefix_caching / enable_chunked_prefill: scheduler switches.
-      attention_impl: "xla" | "pallas_tpu" | "pallas_gpu" | None (backend default).
+      attention_impl: "xla" | "cpu" | "pallas_tpu" | "pallas_gpu" | None (backend default).
       dtype: "auto" | "float32" | "bfloat16" | "float16".
       seed: seed for requests that do not set one.
       min_token_bucket: smallest padded token count of a step.

@@ -60,7 +60,7 @@ class ModelRunner:
       model, params: the model and its (possibly quantized) parameters.
       kv_spec: paged cache geometry.
       num_slots: penalty-state rows (max running sequences + one trash row for padding).
-      impl: attention kernel ("xla", "pallas_tpu", "pallas_gpu"; None = backend default).
+      impl: attention kernel ("xla", "cpu", "pallas_tpu", "pallas_gpu"; None = backend default).
       plan: the model's sharding plan; the cache is placed by it (KV heads split over "model" when
         attention is), the penalty state replicated, and every step returns both with the same
         shardings, so compiled steps are reused.
