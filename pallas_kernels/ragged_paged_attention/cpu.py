@@ -53,6 +53,7 @@ _state: dict[str, object] = {}  # "ok": True, or "error": reason
 
 
 def _cache_dir() -> Path:
+    # The same root as jaxinfer.compilation_cache.cache_root (pallas_kernels does not import jaxinfer).
     override = os.environ.get("JAXINFER_CACHE_DIR")
     if override:
         return Path(override) / "cpu_kernels"

@@ -10,7 +10,8 @@
 // Row i of sequence s sits at position kv_lens[s] - q_len + i and attends to keys j <= position
 // (and j > position - sliding_window when sliding_window > 0).
 //
-// Work is split into items (sequence, KV head, block of up to kRowBlock query rows); each item runs
+// Work is split into items (sequence, block of up to kRowBlock query rows, and all KV heads, or one
+// when there are too few items to keep the pool busy); each item runs
 // a flash-style online softmax over blocks of kKeyBlock keys read straight from the pages
 // (dequantized into float32 tiles), so nothing the size of the cache is ever copied. Items are
 // spread over XLA's intra-op thread pool, longest first. Metadata is clamped so that bad indices
@@ -155,7 +156,7 @@ inline VF Exp(VF x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  return p * reinterpret_cast<VF&>(bits);
+  return p * (VF)bits;  // a cast between same-size vector types reinterprets the bits
 }
 
 inline float HorizontalMax(VF x) {
@@ -234,7 +235,7 @@ inline void LoadRow(const void* base, int64_t row, int64_t d, int nv, VF* dst) {
         VH h;
         std::memcpy(&h, static_cast<const uint16_t*>(base) + off + i0, sizeof(h));
         VU u = __builtin_convertvector(h, VU) << 16;
-        dst[c] = reinterpret_cast<VF&>(u);
+        dst[c] = (VF)u;
       } else if constexpr (kT == KvType::kI8) {
         dst[c] = I8ToF32(static_cast<const int8_t*>(base) + off + i0);
       } else {

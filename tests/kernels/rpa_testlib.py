@@ -185,3 +185,67 @@ def rounded(batch: Batch, dtype) -> Batch:
 
 def num_real_rows(batch: Batch) -> int:
     return int(batch.cu_q_lens[int(batch.num_seqs[0])])
+
+
+# Shared by the attention tests: f32 math inside, so 1e-5 against float64 on O(1) outputs; bf16
+# outputs are rounded to 2^-8 relative (the math inside is f32).
+SM_SCALE = 0.125
+F32_TOL = dict(atol=1e-5, rtol=1e-5)
+BF16_TOL = dict(atol=1.5e-2, rtol=1.5e-2)
+
+
+def run_impl(batch: Batch, impl: str, dtype=None, layout: str = "token_major", **opts) -> np.ndarray:
+    """``ragged_paged_attention(impl=...)`` on the batch; float64 numpy output (dtype / shape checked)."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
+
+    dtype = dtype or jnp.float32
+    out = ragged_paged_attention(*device_args(batch, dtype, layout), sm_scale=SM_SCALE, impl=impl, **opts)
+    assert out.dtype == dtype and out.shape == batch.q.shape
+    return np.asarray(out.astype(jnp.float32), np.float64)
+
+
+def check_against_oracle(batch: Batch, got: np.ndarray, tol: dict, **opts) -> None:
+    """``got`` equals the float64 oracle within ``tol``; padding rows (NaN queries) are exactly zero."""
+    np.testing.assert_allclose(got, oracle(batch, SM_SCALE, **opts), **tol)
+    assert np.all(got[num_real_rows(batch):] == 0), "padding rows must be exactly zero"
+
+
+def with_garbage_metadata(seed: int, geo: Geometry, lengths: list[tuple[int, int]],
+                          page_range: tuple[int, int]) -> tuple[Batch, Batch]:
+    """Two batches with equal real contents; the second has random page-table entries (drawn from
+    ``page_range``) past each sequence's pages and random lengths past ``num_seqs``."""
+    rng = np.random.default_rng(seed)
+    a = make_batch(rng, geo, lengths)
+    b = make_batch(np.random.default_rng(seed), geo, lengths)
+    n = len(lengths)
+    lo, hi = page_range
+    b.page_indices = a.page_indices.copy()
+    for s, (_, kv_len) in enumerate(lengths):
+        used = -(-kv_len // geo.page_size)
+        b.page_indices[s, used:] = rng.integers(lo, hi, size=geo.pages_per_seq - used)
+    b.page_indices[n:] = rng.integers(lo, hi, size=(geo.max_seqs - n, geo.pages_per_seq))
+    b.kv_lens[n:] = rng.integers(min(lo, 0), 10_000, size=geo.max_seqs - n)
+    b.cu_q_lens[n + 1:] = rng.integers(-5, 10_000, size=geo.max_seqs - n)
+    return a, b
+
+
+def quantized_cache(batch: Batch, geo: Geometry, quant_dtype, layout: str = "token_major"):
+    """The batch's real keys / values written with ``write_kv`` into a fresh quantized cache.
+
+    Returns ``(kv, k_tok, v_tok)``: the cache and the float64 ``[N, Hkv, D]`` rows written into it.
+    """
+    import jax.numpy as jnp
+
+    from pallas_kernels.ragged_paged_attention.api import init_kv_pages, write_kv
+
+    ps, n = geo.page_size, int(batch.num_seqs[0])
+    slots = np.asarray([batch.page_indices[s, j // ps] * ps + j % ps
+                        for s in range(n) for j in range(batch.kv_lens[s])], np.int32)
+    kv = init_kv_pages(geo.num_pages, ps, geo.num_kv_heads, geo.head_dim, layout=layout,
+                       quant_dtype=quant_dtype)
+    k_tok = batch.k_pages.reshape(-1, geo.num_kv_heads, geo.head_dim)[slots]
+    v_tok = batch.v_pages.reshape(-1, geo.num_kv_heads, geo.head_dim)[slots]
+    kv = write_kv(kv, jnp.asarray(k_tok, jnp.float32), jnp.asarray(v_tok, jnp.float32), jnp.asarray(slots))
+    return kv, k_tok, v_tok

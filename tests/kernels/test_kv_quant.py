@@ -10,9 +10,9 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from rpa_testlib import GEO_A, draw_lengths, make_batch, num_real_rows, oracle
+from rpa_testlib import GEO_A, draw_lengths, make_batch, num_real_rows, oracle, quantized_cache
 
-from pallas_kernels.ragged_paged_attention import kv_quant
+from pallas_kernels.ragged_paged_attention import cpu, kv_quant
 from pallas_kernels.ragged_paged_attention.api import init_kv_pages, ragged_paged_attention, write_kv
 
 SM_SCALE = 0.125
@@ -57,19 +57,15 @@ def test_write_kv_quantizes_per_token_and_head(layout, qdtype):
 
 
 @pytest.mark.parametrize("qdtype", [jnp.int8, jnp.float8_e4m3fn])
-@pytest.mark.parametrize("impl,layout", [("xla", "token_major"), ("pallas_tpu", "head_major"),
-                                         ("pallas_gpu", "token_major")])
+@pytest.mark.parametrize("impl,layout", [
+    ("xla", "token_major"), ("pallas_tpu", "head_major"), ("pallas_gpu", "token_major"),
+    pytest.param("cpu", "token_major", marks=pytest.mark.skipif(
+        not cpu.available(), reason="no C++ compiler: the CPU kernel cannot be built"))])
 def test_attention_on_quantized_cache(impl, layout, qdtype):
     geo = GEO_A
     rng = np.random.default_rng(9)
     batch = make_batch(rng, geo, draw_lengths(rng, geo, "mixed"))
-    ps, n = geo.page_size, int(batch.num_seqs[0])
-    slots = [batch.page_indices[s, j // ps] * ps + j % ps for s in range(n) for j in range(batch.kv_lens[s])]
-    slots = np.asarray(slots, np.int32)
-    kv = init_kv_pages(geo.num_pages, ps, geo.num_kv_heads, geo.head_dim, layout=layout, quant_dtype=qdtype)
-    k_tok = batch.k_pages.reshape(-1, geo.num_kv_heads, geo.head_dim)[slots]
-    v_tok = batch.v_pages.reshape(-1, geo.num_kv_heads, geo.head_dim)[slots]
-    kv = write_kv(kv, jnp.asarray(k_tok, jnp.float32), jnp.asarray(v_tok, jnp.float32), jnp.asarray(slots))
+    kv, k_tok, v_tok = quantized_cache(batch, geo, qdtype, layout)
     out = ragged_paged_attention(jnp.asarray(batch.q, jnp.float32), kv, jnp.asarray(batch.kv_lens),
                                  jnp.asarray(batch.page_indices), jnp.asarray(batch.cu_q_lens),
                                  jnp.asarray(batch.num_seqs), sm_scale=SM_SCALE, impl=impl)

@@ -9,41 +9,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rpa_testlib import (
+    BF16_TOL,
+    F32_TOL,
     GEO_A,
     GEO_B,
     GEO_C,
     KINDS,
+    SM_SCALE,
     Geometry,
+    check_against_oracle,
     device_args,
     draw_lengths,
     make_batch,
-    num_real_rows,
-    oracle,
     rounded,
+    run_impl,
+    with_garbage_metadata,
 )
 
 from pallas_kernels.ragged_paged_attention import reference
 from pallas_kernels.ragged_paged_attention.api import KVPages, init_kv_pages, ragged_paged_attention
 from pallas_kernels.ragged_paged_attention.tuning import XlaBlockSizes
 
-SM_SCALE = 0.125
-F32_TOL = dict(atol=1e-5, rtol=1e-5)
-# bf16 output rounding (2^-8 relative) on O(1) values; the math inside is f32.
-BF16_TOL = dict(atol=1.5e-2, rtol=1.5e-2)
-
 
 def _run_xla(batch, dtype=jnp.float32, layout="token_major", **opts):
-    args = device_args(batch, dtype, layout)
-    out = ragged_paged_attention(*args, sm_scale=SM_SCALE, impl="xla", **opts)
-    assert out.dtype == dtype and out.shape == batch.q.shape
-    return np.asarray(out.astype(jnp.float32), np.float64)
-
-
-def _check(batch, got, tol, **opts):
-    want = oracle(batch, SM_SCALE, **opts)
-    np.testing.assert_allclose(got, want, **tol)
-    # Padding rows are exactly zero (their q rows hold NaN).
-    assert np.all(got[num_real_rows(batch):] == 0)
+    return run_impl(batch, "xla", dtype, layout, **opts)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +43,7 @@ def test_xla_matches_float64_oracle(geo, examples):
     def check(kind, seed):
         rng = np.random.default_rng(seed)
         batch = make_batch(rng, geo, draw_lengths(rng, geo, kind))
-        _check(batch, _run_xla(batch), F32_TOL)
+        check_against_oracle(batch, _run_xla(batch), F32_TOL)
 
     check()
 
@@ -64,7 +53,7 @@ def test_xla_matches_float64_oracle(geo, examples):
 def test_xla_sliding_window_and_soft_cap(kind, window, cap):
     rng = np.random.default_rng(zlib.crc32(f"{kind}{window}{cap}".encode()))
     batch = make_batch(rng, GEO_A, draw_lengths(rng, GEO_A, kind))
-    _check(batch, _run_xla(batch, sliding_window=window, soft_cap=cap), F32_TOL,
+    check_against_oracle(batch, _run_xla(batch, sliding_window=window, soft_cap=cap), F32_TOL,
            sliding_window=window, soft_cap=cap)
 
 
@@ -72,14 +61,14 @@ def test_xla_sliding_window_and_soft_cap(kind, window, cap):
 def test_xla_bf16(kind):
     rng = np.random.default_rng(7)
     batch = rounded(make_batch(rng, GEO_A, draw_lengths(rng, GEO_A, kind)), jnp.bfloat16)
-    _check(batch, _run_xla(batch, jnp.bfloat16), BF16_TOL)
+    check_against_oracle(batch, _run_xla(batch, jnp.bfloat16), BF16_TOL)
 
 
 @pytest.mark.parametrize("kind", ["mixed", "verify"])
 def test_xla_head_major_layout(kind):
     rng = np.random.default_rng(11)
     batch = make_batch(rng, GEO_A, draw_lengths(rng, GEO_A, kind))
-    _check(batch, _run_xla(batch, layout="head_major"), F32_TOL)
+    check_against_oracle(batch, _run_xla(batch, layout="head_major"), F32_TOL)
 
 
 GEO_MANY = Geometry(num_tokens=48, max_seqs=24, num_q_heads=9, num_kv_heads=3, head_dim=64, page_size=8,
@@ -99,20 +88,12 @@ def test_xla_small_groups_sorted_by_length(kind, window):
                        short_group=2)
     got = reference.ragged_paged_attention_xla(*device_args(batch, jnp.float32), sm_scale=SM_SCALE,
                                                sliding_window=window, block_sizes=bs)
-    _check(batch, np.asarray(got, np.float64), F32_TOL, sliding_window=window)
+    check_against_oracle(batch, np.asarray(got, np.float64), F32_TOL, sliding_window=window)
 
 
 def test_xla_ignores_garbage_metadata():
     """Page-table entries past a sequence's pages and everything past num_seqs do not matter."""
-    rng = np.random.default_rng(3)
-    lengths = [(1, 40), (5, 17), (3, 3)]
-    a = make_batch(rng, GEO_A, lengths)
-    b = make_batch(np.random.default_rng(3), GEO_A, lengths)
-    b.page_indices = a.page_indices.copy()
-    b.page_indices[:3, 3:] = rng.integers(0, GEO_A.num_pages, size=(3, GEO_A.pages_per_seq - 3))
-    b.page_indices[3:] = rng.integers(0, GEO_A.num_pages, size=(GEO_A.max_seqs - 3, GEO_A.pages_per_seq))
-    b.kv_lens[3:] = rng.integers(0, 10_000, size=GEO_A.max_seqs - 3)
-    b.cu_q_lens[4:] = rng.integers(-5, 10_000, size=GEO_A.max_seqs - 3)
+    a, b = with_garbage_metadata(3, GEO_A, [(1, 40), (5, 17), (3, 3)], (0, GEO_A.num_pages))
     np.testing.assert_array_equal(_run_xla(a), _run_xla(b))
 
 
@@ -122,7 +103,7 @@ def test_xla_traced_lengths_no_recompile():
     sizes = []
     for lengths in ([(1, 30), (1, 2)], [(4, 50), (1, 9), (2, 2), (1, 128)], [(16, 16)]):
         batch = make_batch(rng, GEO_A, lengths)
-        _check(batch, _run_xla(batch), F32_TOL)
+        check_against_oracle(batch, _run_xla(batch), F32_TOL)
         sizes.append(reference.ragged_paged_attention_xla._cache_size())
     assert sizes[0] == sizes[-1]
 

@@ -1,7 +1,7 @@
 """The C++ CPU kernel (``impl="cpu"``) against the float64 oracle, and how the CPU default picks it.
 
-Tolerances: float32 math inside, so 1e-5 against float64 on O(1) outputs (the kernel's exp is a
-polynomial with ~2e-7 relative error); bfloat16 outputs are rounded to 2^-8 relative.
+Tolerances are ``rpa_testlib``'s (the kernel's exp is a polynomial with ~2e-7 relative error, well
+inside ``F32_TOL``). ``test_kv_quant`` also runs the kernel on int8 / fp8 caches.
 """
 
 import dataclasses
@@ -13,27 +13,29 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rpa_testlib import (
+    BF16_TOL,
+    F32_TOL,
     GEO_A,
     GEO_B,
     GEO_C,
     KINDS,
+    SM_SCALE,
     Geometry,
+    check_against_oracle,
     device_args,
     draw_lengths,
     make_batch,
-    num_real_rows,
-    oracle,
+    quantized_cache,
     rounded,
+    run_impl,
+    with_garbage_metadata,
 )
 
 from pallas_kernels import backend
 from pallas_kernels.backend import KernelUnavailableError
 from pallas_kernels.ragged_paged_attention import cpu, kv_quant
-from pallas_kernels.ragged_paged_attention.api import init_kv_pages, ragged_paged_attention, write_kv
+from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
-SM_SCALE = 0.125
-F32_TOL = dict(atol=1e-5, rtol=1e-5)
-BF16_TOL = dict(atol=1.5e-2, rtol=1.5e-2)
 # head_dim 48 takes the kernel's generic (runtime head_dim) path; GQA 2.
 GEO_D = Geometry(num_tokens=20, max_seqs=5, num_q_heads=4, num_kv_heads=2, head_dim=48, page_size=4,
                  pages_per_seq=12, num_pages=40)
@@ -44,15 +46,8 @@ GEO_WIDE = Geometry(num_tokens=96, max_seqs=64, num_q_heads=9, num_kv_heads=3, h
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel cannot be built")
 
 
-def _run(batch, dtype=jnp.float32, impl="cpu", **opts):
-    out = ragged_paged_attention(*device_args(batch, dtype), sm_scale=SM_SCALE, impl=impl, **opts)
-    assert out.dtype == dtype and out.shape == batch.q.shape
-    return np.asarray(out.astype(jnp.float32), np.float64)
-
-
-def _check(batch, got, tol, **opts):
-    np.testing.assert_allclose(got, oracle(batch, SM_SCALE, **opts), **tol)
-    assert np.all(got[num_real_rows(batch):] == 0), "padding rows must be exactly zero"
+def _run(batch, dtype=jnp.float32, **opts):
+    return run_impl(batch, "cpu", dtype, **opts)
 
 
 def test_random_batches_match_float64_oracle():
@@ -61,7 +56,7 @@ def test_random_batches_match_float64_oracle():
     def check(kind, seed):
         rng = np.random.default_rng(seed)
         batch = make_batch(rng, GEO_A, draw_lengths(rng, GEO_A, kind))
-        _check(batch, _run(batch), F32_TOL)
+        check_against_oracle(batch, _run(batch), F32_TOL)
 
     check()
 
@@ -71,14 +66,14 @@ def test_random_batches_match_float64_oracle():
 def test_other_head_shapes(geo, kind):
     rng = np.random.default_rng(1000 * geo.head_dim + 10 * geo.max_seqs + KINDS.index(kind))
     batch = make_batch(rng, geo, draw_lengths(rng, geo, kind))
-    _check(batch, _run(batch), F32_TOL)
+    check_against_oracle(batch, _run(batch), F32_TOL)
 
 
 @pytest.mark.parametrize("kind", ["mixed", "prefill", "boundary"])
 def test_bf16_queries_and_cache(kind):
     rng = np.random.default_rng(["mixed", "prefill", "boundary"].index(kind))
     batch = make_batch(rng, GEO_A, draw_lengths(rng, GEO_A, kind))
-    _check(rounded(batch, jnp.bfloat16), _run(batch, jnp.bfloat16), BF16_TOL)
+    check_against_oracle(rounded(batch, jnp.bfloat16), _run(batch, jnp.bfloat16), BF16_TOL)
 
 
 @pytest.mark.parametrize("window,cap", [(9, None), (9, 3.0), (None, 2.0)], ids=["window", "both", "cap"])
@@ -86,8 +81,8 @@ def test_bf16_queries_and_cache(kind):
 def test_sliding_window_and_soft_cap(kind, window, cap):
     rng = np.random.default_rng(7)
     batch = make_batch(rng, GEO_A, draw_lengths(rng, GEO_A, kind))
-    _check(batch, _run(batch, sliding_window=window, soft_cap=cap), F32_TOL, sliding_window=window,
-           soft_cap=cap)
+    check_against_oracle(batch, _run(batch, sliding_window=window, soft_cap=cap), F32_TOL,
+                         sliding_window=window, soft_cap=cap)
 
 
 @pytest.mark.parametrize("qdtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2])
@@ -97,13 +92,7 @@ def test_quantized_cache_uses_stored_values_and_scales(qdtype, qin):
     geo = GEO_A
     rng = np.random.default_rng(11)
     batch = make_batch(rng, geo, draw_lengths(rng, geo, "mixed"))
-    ps, n = geo.page_size, int(batch.num_seqs[0])
-    slots = np.asarray([batch.page_indices[s, j // ps] * ps + j % ps
-                        for s in range(n) for j in range(batch.kv_lens[s])], np.int32)
-    kv = init_kv_pages(geo.num_pages, ps, geo.num_kv_heads, geo.head_dim, quant_dtype=qdtype)
-    tok = (-1, geo.num_kv_heads, geo.head_dim)
-    kv = write_kv(kv, jnp.asarray(batch.k_pages.reshape(tok)[slots], jnp.float32),
-                  jnp.asarray(batch.v_pages.reshape(tok)[slots], jnp.float32), jnp.asarray(slots))
+    kv, _, _ = quantized_cache(batch, geo, qdtype)
     out = ragged_paged_attention(jnp.asarray(batch.q, qin), kv, jnp.asarray(batch.kv_lens),
                                  jnp.asarray(batch.page_indices), jnp.asarray(batch.cu_q_lens),
                                  jnp.asarray(batch.num_seqs), sm_scale=SM_SCALE, impl="cpu")
@@ -111,20 +100,13 @@ def test_quantized_cache_uses_stored_values_and_scales(qdtype, qin):
         rounded(batch, qin) if qin == jnp.bfloat16 else batch,
         k_pages=np.asarray(kv_quant.dequantize(kv.k, kv.k_scale), np.float64),
         v_pages=np.asarray(kv_quant.dequantize(kv.v, kv.v_scale), np.float64))
-    _check(deq, np.asarray(out.astype(jnp.float32), np.float64), F32_TOL if qin == jnp.float32 else BF16_TOL)
+    tol = F32_TOL if qin == jnp.float32 else BF16_TOL
+    check_against_oracle(deq, np.asarray(out.astype(jnp.float32), np.float64), tol)
 
 
 def test_ignores_garbage_metadata():
     """Page-table entries past a sequence's pages and everything past num_seqs do not matter."""
-    rng = np.random.default_rng(3)
-    lengths = [(1, 40), (5, 17), (3, 3)]
-    a = make_batch(rng, GEO_A, lengths)
-    b = make_batch(np.random.default_rng(3), GEO_A, lengths)
-    b.page_indices = a.page_indices.copy()
-    b.page_indices[:3, 3:] = rng.integers(-10**6, 10**6, size=(3, GEO_A.pages_per_seq - 3))
-    b.page_indices[3:] = rng.integers(-10**6, 10**6, size=(GEO_A.max_seqs - 3, GEO_A.pages_per_seq))
-    b.kv_lens[3:] = rng.integers(-10_000, 10_000, size=GEO_A.max_seqs - 3)
-    b.cu_q_lens[4:] = rng.integers(-5, 10_000, size=GEO_A.max_seqs - 3)
+    a, b = with_garbage_metadata(3, GEO_A, [(1, 40), (5, 17), (3, 3)], (-10**6, 10**6))
     np.testing.assert_array_equal(_run(a), _run(b))
 
 
@@ -145,7 +127,7 @@ def test_traced_lengths_compile_once():
     fn = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=SM_SCALE, impl="cpu"))
     for lengths in ([(1, 30), (1, 2)], [(4, 50), (1, 9), (2, 2), (1, 128)], [(16, 16)]):
         batch = make_batch(rng, GEO_A, lengths)
-        _check(batch, np.asarray(fn(*device_args(batch, jnp.float32)), np.float64), F32_TOL)
+        check_against_oracle(batch, np.asarray(fn(*device_args(batch, jnp.float32)), np.float64), F32_TOL)
     assert fn._cache_size() == 1
 
 
@@ -166,7 +148,7 @@ def test_unsupported_inputs_fall_back_by_default_and_raise_when_asked(monkeypatc
     batch = make_batch(rng, GEO_A, draw_lengths(rng, GEO_A, "mixed"))
     args = device_args(batch, jnp.float32, "head_major")
     got = ragged_paged_attention(*args, sm_scale=SM_SCALE)  # default: falls back to the XLA path
-    _check(batch, np.asarray(got, np.float64), F32_TOL)
+    check_against_oracle(batch, np.asarray(got, np.float64), F32_TOL)
     with pytest.raises(ValueError, match="token-major"):
         ragged_paged_attention(*args, sm_scale=SM_SCALE, impl="cpu")
     f16 = device_args(batch, jnp.float16)
