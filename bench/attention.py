@@ -11,11 +11,15 @@ Decode reports bytes/s (K/V bytes of every context token + q + out) against a me
 bandwidth; prefill reports causal-attention TFLOP/s (``4 * heads * head_dim * sum(L*(L+1)/2)``).
 Results go to ``bench/results/attention_<device>_<UTC date>.json`` with the device name.
 
+``--cpu`` compares the C++ CPU kernel (``cpu``) with ``xla`` on the default model's heads at the shapes
+of the CPU throughput benchmark: 64 decode rows at ~350 keys, a 2 x 256-token prefill, 63 decode rows
+plus a 256-token prefill chunk (compiled, not interpreted: a CPU result).
+
 ``--quick`` runs a tiny SmolLM2-shaped configuration that works on a CPU (Pallas kernels in interpret
 mode, which measures the interpreter, not a kernel); its JSON is labelled with the CPU device and is
 not a GPU result.
 
-Usage: ``python bench/attention.py [--quick] [--impls pallas_gpu,xla,dense] [--kv-quant int8]
+Usage: ``python bench/attention.py [--quick | --cpu] [--impls pallas_gpu,xla,dense] [--kv-quant int8]
 [--max-cache-gb 24]``
 """
 
@@ -162,6 +166,7 @@ def run_case(kind, lengths, heads, dtype, impls, iters, interpret, kv_quant_dtyp
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU-friendly configuration")
+    p.add_argument("--cpu", action="store_true", help="C++ CPU kernel vs xla at the CPU engine's shapes")
     p.add_argument("--model", choices=sorted(MODELS), default=None)
     p.add_argument("--impls", default=None, help="comma list of pallas_gpu, pallas_tpu, xla, dense")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
@@ -173,15 +178,19 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     on_cpu = jax.default_backend() == "cpu"
-    model = a.model or ("smollm2-135m" if a.quick else "llama3-8b")
+    model = a.model or ("smollm2-135m" if a.quick or a.cpu else "llama3-8b")
     heads = MODELS[model]
     dtype = jnp.dtype(a.dtype or ("float32" if on_cpu else "bfloat16"))
-    default_impls = "xla,pallas_gpu,pallas_tpu,dense" if a.quick else "pallas_gpu,xla,dense"
+    default_impls = "cpu,xla" if a.cpu else "xla,pallas_gpu,pallas_tpu,dense" if a.quick else "pallas_gpu,xla,dense"
     impls = (a.impls or default_impls).split(",")
     iters = a.iters or (3 if a.quick else 20)
-    interpret = on_cpu or None
+    interpret = (on_cpu and not a.cpu) or None
     kvq = None if a.kv_quant is None else jnp.dtype(a.kv_quant)
-    if a.quick:
+    if a.cpu:
+        decode = [(64, 352)]
+        prefill = [(2, 256)]
+        mixed = [[(1, 352)] * 63 + [(256, 256)]]
+    elif a.quick:
         decode = [(8, 256)]
         prefill = [(1, 256)]
         mixed = [[(1, 256)] * 8 + [(128, 256)]]
@@ -216,7 +225,8 @@ def main(argv=None) -> int:
         benchmark="ragged_paged_attention", date=now.isoformat(timespec="seconds"),
         device=device.device_kind, backend=jax.default_backend(), jax_version=jax.__version__,
         model=model, heads=dict(zip(("num_q_heads", "num_kv_heads", "head_dim"), heads, strict=True)),
-        page_size=PAGE_SIZE, dtype=str(dtype), kv_quant=a.kv_quant, quick=a.quick, interpret=bool(interpret),
+        page_size=PAGE_SIZE, dtype=str(dtype), kv_quant=a.kv_quant, quick=a.quick, cpu_preset=a.cpu,
+        interpret=bool(interpret),
         copy_bandwidth_bytes_per_s=bw, results=results), indent=1))
     print(f"wrote {out}")
     return 0
