@@ -114,5 +114,6 @@ def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None
             lm = CausalLM(config, dtype, plan)
             params = load_params(ckpt, sources, lm.abstract_params(), mesh, rules=plan.rules,
                                  desc=f"Loading {source.name}")
-    tok = load_tokenizer(source) if load_tokenizer_too else None
+    fields = ckpt.reader.fields if source.kind == "gguf" else None  # parsed once, for weights and tokenizer
+    tok = load_tokenizer(source, fields) if load_tokenizer_too else None
     return LoadedModel(source, lm, params, tok, mesh, plan)

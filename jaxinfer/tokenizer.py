@@ -1,14 +1,15 @@
-"""Tokenizers and chat templates via ``transformers`` (from an HF directory or GGUF metadata).
+"""Tokenizers and chat templates: ``transformers`` fast tokenizers from an HF directory, or built from a
+GGUF file's metadata by :mod:`jaxinfer.gguf_tokenizer` (no torch either way).
 
-Converting a GGUF vocabulary to a fast tokenizer takes seconds, so the converted tokenizer is saved in
-the cache (keyed by the GGUF file's identity) and reloaded from there afterwards.
+Building a tokenizer from a GGUF vocabulary takes a few seconds, so the result is saved in the cache
+(keyed by the GGUF file's identity and the builder's version) and reloaded from there afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,24 +19,34 @@ from jaxinfer.model_registry import ModelSource
 
 logger = logging.getLogger(__name__)
 
+_GGUF_BUILDER_VERSION = 2  # bump when gguf_tokenizer's output changes, so stale cached copies are rebuilt
+
 
 def _gguf_cache_key(path: Path) -> str:
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:v{_GGUF_BUILDER_VERSION}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-def load_tokenizer(source: ModelSource):
-    """A ``transformers`` fast tokenizer for the model (chat template included when the model has one)."""
-    from transformers import AutoTokenizer
+def load_tokenizer(source: ModelSource, gguf_fields: dict | None = None):
+    """A ``transformers`` fast tokenizer for the model (chat template included when the model has one).
+
+    ``gguf_fields``: a GGUF source's parsed ``GGUFReader`` fields when the caller already has them.
+
+    Raises:
+      UnsupportedModelError: a GGUF tokenizer of a kind or pre-tokenizer jaxinfer does not know.
+    """
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" notice
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if source.kind in ("hf", "quantized"):  # a quantized checkpoint stores its tokenizer beside it
         return AutoTokenizer.from_pretrained(str(source.path))
     cached = cache_root() / "tokenizers" / _gguf_cache_key(source.path)
-    if (cached / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+    if (cached / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(cached))
+    from jaxinfer.gguf_tokenizer import build_gguf_tokenizer
+
+    tok = build_gguf_tokenizer(source.path, gguf_fields)
     try:
         tok.save_pretrained(str(cached))
     except OSError as e:  # a read-only cache is not fatal

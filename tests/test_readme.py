@@ -18,8 +18,24 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd in ci, "the README's test command must be the last step of .ci/run"
     assert ci[-1] == test_cmd
+    # the front-door stage runs the README's run command verbatim (output captured) before the tests
+    runs = [i for i, line in enumerate(ci) if line.strip().startswith(run_cmd + " >")]
+    assert len(runs) == 1, "the README's run command must be a stage of .ci/run"
+    assert runs[0] < ci.index(test_cmd)
+    stage = ci[runs[0]:ci.index(test_cmd)]
+    assert any("find_spec('torch') is None" in line for line in stage), "stage 1 must check torch is absent"
 
 
 def test_console_script_declared():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'jaxinfer = "jaxinfer.cli:main"' in pyproject
+
+
+def test_ruff_clean():
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is a test dependency"
+    out = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:]
