@@ -4,7 +4,7 @@ A work directory holds everything a run needs to continue where an interrupted o
 
     <work>/setup.json           what the run evaluates (text hash, windows, calibration, variants)
     <work>/calib.npy            the calibration tokens (i32[N, L]), fixed at the first start
-    <work>/variants/<name>/     each quantized model, saved once (quantize.checkpoint)
+    <work>/variants/<name>/     each quantized model, saved once (jaxinfer.quantized_checkpoint)
     <work>/progress-<part>.json running sums of each part, rewritten atomically every minute
 
 A later start with the same setup loads the calibration, the quantized models and the sums, and scores

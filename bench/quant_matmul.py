@@ -33,8 +33,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pallas_kernels.backend import default_impl  # noqa: E402
 from pallas_kernels.quantized_matmul.api import quantized_matmul  # noqa: E402
-from quantize.config import as_config  # noqa: E402
-from quantize.qarray import QArray  # noqa: E402
+from pallas_kernels.quantized_matmul.config import as_config  # noqa: E402
+from pallas_kernels.quantized_matmul.qarray import QArray  # noqa: E402
 
 LLAMA3_8B_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 QUICK_SHAPES = [(256, 512), (512, 256)]

@@ -120,8 +120,8 @@ def resumable_evaluate(work: WorkDir, part: str, model, ref_params, variants, wi
 
 
 def load_or_quantize(work: WorkDir, name: str, method: str, preset: str, ref, calib):
-    """The variant saved in ``work``, or quantize it now and save it (quantize.checkpoint)."""
-    from quantize.checkpoint import load_quantized, save_quantized
+    """The variant saved in ``work``, or quantize it now and save it (jaxinfer.quantized_checkpoint)."""
+    from jaxinfer.quantized_checkpoint import load_quantized, save_quantized
     from quantize.model_quant import quantize_model
 
     d = work.variant_dir(name)

@@ -78,7 +78,7 @@ def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None
       mesh: device mesh (default: one device).
       quantization: ``None`` loads GGUF files dequantized to float (the fastest path on the CPU);
         ``"gguf"`` keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 tensors quantized (lossless, see
-        ``quantize.gguf_model``).
+        ``jaxinfer.gguf_native``).
 
     Raises:
       QuantizationError: an unknown ``quantization``, or ``"gguf"`` for a non-GGUF model.
@@ -90,7 +90,7 @@ def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None
         raise QuantizationError(f"quantization='gguf' needs a GGUF model; {source.name} is {source.kind!r}")
     mesh = mesh or make_mesh()
     if source.kind == "quantized":
-        from quantize.checkpoint import load_quantized
+        from jaxinfer.quantized_checkpoint import load_quantized
 
         lm, params, _ = load_quantized(source.path, dtype=dtype, mesh=mesh)
         plan = _plan_without_kv_expansion(lm.config, mesh, "a quantized checkpoint")
@@ -99,7 +99,7 @@ def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None
     else:
         config, ckpt = load_config(source)
         if quantization == "gguf":
-            from quantize.gguf_model import load_gguf_native
+            from jaxinfer.gguf_native import load_gguf_native
 
             plan = _plan_without_kv_expansion(config, mesh, "native GGUF weights")
             lm = CausalLM(config, dtype, plan)

@@ -27,7 +27,7 @@ from jaxinfer.weight_sources import is_gguf
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-QUANTIZED_MANIFEST = "jaxinfer_quant.json"  # quantize.checkpoint.MANIFEST (kept jax-free here)
+QUANTIZED_MANIFEST = "jaxinfer_quant.json"  # jaxinfer.quantized_checkpoint.MANIFEST (kept jax-free here)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ KNOWN_MODELS: dict[str, EmbeddedWheelModel] = {
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model's files are. ``kind`` is "hf" (directory with config.json), "gguf" (file) or
-    "quantized" (directory written by ``quantize.checkpoint.save_quantized``)."""
+    "quantized" (directory written by ``jaxinfer.quantized_checkpoint.save_quantized``)."""
 
     kind: str
     path: Path

@@ -20,9 +20,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from quantize.config import QuantConfig, as_config
-from quantize.qarray import QArray
-from quantize.quantizer import fake_quantize, group_size_of, to_groups
+from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
+from pallas_kernels.quantized_matmul.qarray import QArray
+from pallas_kernels.quantized_matmul.quantizer import fake_quantize, group_size_of, to_groups
 
 _HI = jax.lax.Precision.HIGHEST
 

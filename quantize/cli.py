@@ -61,7 +61,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     """Load, calibrate, quantize and save; a summary goes to stderr."""
     from jaxinfer.config import resolve_dtype
     from jaxinfer.loader import load_model
-    from quantize.checkpoint import save_quantized
+    from jaxinfer.quantized_checkpoint import save_quantized
     from quantize.model_formats import method_config
     from quantize.model_quant import CALIBRATED, calibration_tokens, quantize_model
 
@@ -90,7 +90,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     """Score the reference and every ``--quantized`` variant on the same windows; table on stdout."""
     from jaxinfer.loader import load_model
-    from quantize.checkpoint import load_quantized
+    from jaxinfer.quantized_checkpoint import load_quantized
     from quantize.evaluate import Variant, evaluate, token_windows
     from quantize.model_formats import param_bytes
 

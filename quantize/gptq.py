@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from tqdm.auto import tqdm
 
+from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
+from pallas_kernels.quantized_matmul.qarray import QArray
+from pallas_kernels.quantized_matmul.quantizer import compute_qparams, dequantize_values, group_size_of, quantize_values
 from quantize.calibration import HessianState
-from quantize.config import QuantConfig, as_config
-from quantize.qarray import QArray
-from quantize.quantizer import compute_qparams, dequantize_values, group_size_of, quantize_values
 
 _HI = jax.lax.Precision.HIGHEST
 _PROGRESS_MIN_BLOCKS = 32  # show a progress bar for layers with at least this many row blocks

@@ -20,7 +20,7 @@ from jaxinfer.attention import AttentionMetadata, init_dense_cache
 from jaxinfer.errors import QuantizationError
 from jaxinfer.models.layers import Linear
 from jaxinfer.models.llama import DecoderLayer
-from quantize.dispatch import embed
+from jaxinfer.models.ops import embed
 
 # Linear name -> the key of the captured input it reads (q/k/v share one input, gate/up another).
 INPUT_OF = {

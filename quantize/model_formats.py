@@ -8,9 +8,9 @@ import jax
 import numpy as np
 
 from jaxinfer.errors import QuantizationError
-from quantize.config import GROUP_SIZES, QuantConfig
-from quantize.embedding import QEmbedding
-from quantize.qarray import QArray
+from jaxinfer.models.qembedding import QEmbedding
+from pallas_kernels.quantized_matmul.config import GROUP_SIZES, QuantConfig
+from pallas_kernels.quantized_matmul.qarray import QArray
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "fp8")
 

@@ -1,7 +1,7 @@
 """Quantize a whole jaxinfer model: RTN, GPTQ, AWQ, SmoothQuant or fp8 applied to every decoder linear.
 
 ``quantize_model(model, params, method, config, calib_tokens=...)`` returns a new parameter tree whose
-linear kernels are :class:`~quantize.qarray.QArray` leaves (the model code runs it unchanged) plus a
+linear kernels are :class:`QArray` leaves (the model code runs it unchanged) plus a
 description of what was done.
 
 Per decoder layer (calibration sequences run through the model's own layers, see
@@ -39,15 +39,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxinfer.errors import QuantizationError
+from jaxinfer.models.qembedding import QEmbedding
+from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
+from pallas_kernels.quantized_matmul.qarray import QArray
 from quantize.awq import awq_search
 from quantize.calibration import ActStats, HessianState
-from quantize.config import QuantConfig, as_config
-from quantize.embedding import QEmbedding
 from quantize.folding import fold_into_linear_output, fold_into_norm, scale_rows
 from quantize.gptq import gptq_quantize
 from quantize.layer_runner import INPUT_OF, LINEARS, LayerRunner
 from quantize.model_formats import METHODS, leaf_config, method_config, param_bytes
-from quantize.qarray import QArray
 from quantize.rtn import rtn_quantize
 from quantize.smoothquant import smoothquant
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from quantize.config import QuantConfig, as_config
-from quantize.qarray import QArray
-from quantize.quantizer import compute_qparams, from_groups, group_size_of, quantize_values, to_groups
+from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
+from pallas_kernels.quantized_matmul.qarray import QArray
+from pallas_kernels.quantized_matmul.quantizer import (
+    compute_qparams,
+    from_groups,
+    group_size_of,
+    quantize_values,
+    to_groups,
+)
 
 
 def rtn_quantize(

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from quantize.config import QuantConfig, as_config
-from quantize.qarray import QArray
+from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
+from pallas_kernels.quantized_matmul.qarray import QArray
 
 
 class SmoothQuantResult(NamedTuple):

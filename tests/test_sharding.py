@@ -16,7 +16,7 @@ from jaxinfer.loader import LoadedModel, load_model
 from jaxinfer.models.causal_lm import CausalLM
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.sharding import make_mesh, place_params, plan_sharding
-from quantize.qarray import QArray
+from pallas_kernels.quantized_matmul.qarray import QArray
 from tests.tiny_models import ARCHS
 
 # min_token_bucket = the token budget: one step shape per engine (bucketing is tested elsewhere), which keeps

@@ -15,7 +15,7 @@ import numpy as np
 # ``linear(x, w)`` dispatches on the weight's type (plain array or ``quantize.QArray``), and ``embed`` /
 # ``unembed`` on the embedding table's (plain array or ``quantize.QEmbedding``): model code never branches
 # on a quantization format.
-from quantize.dispatch import embed, linear, unembed
+from jaxinfer.models.ops import embed, linear, unembed
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -1,4 +1,4 @@
-"""Public entry point: ``quantized_matmul(x, w)`` for any :class:`~quantize.qarray.QArray` format."""
+"""Public entry point: ``quantized_matmul(x, w)`` for any :class:`.qarray.QArray` format."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import jax.numpy as jnp
 
 from pallas_kernels.backend import check_impl, default_impl, needs_interpret
 from pallas_kernels.quantized_matmul.gpu import quantized_matmul_gpu
+from pallas_kernels.quantized_matmul.qarray import QArray
 from pallas_kernels.quantized_matmul.reference import quantized_matmul_reference
 from pallas_kernels.quantized_matmul.tpu import quantized_matmul_tpu
 from pallas_kernels.quantized_matmul.tuning import Blocks
-from quantize.qarray import QArray
 
 _X_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 

@@ -7,7 +7,7 @@ K reduction is a loop carrying the accumulator rather than a grid axis), accumul
 * per-channel W8A16 (int8 / fp8): ``acc += x @ q.astype(x.dtype)``; epilogue ``acc * scale``;
 * group-wise int8: the tile ``(bk, bn)`` is viewed as ``(bk/g, g, bn)``, scaled per group in f32,
   cast to ``x.dtype``, then one dot;
-* int4 (split-half per group, :mod:`quantize.packing`): the packed tile ``(bk/2, bn)`` gives low and
+* int4 (split-half per group, :mod:`.packing`): the packed tile ``(bk/2, bn)`` gives low and
   high nibble tiles by two shifts; ``x`` is read through a ``[M, K/g, g]`` view as its first-half and
   second-half columns of each group, so ``acc += x_lo @ w_lo + x_hi @ w_hi`` (two dots, no shuffles);
 * W8A8: ``acc += xq @ q`` (int8 -> int32 or fp8 -> f32); epilogue ``acc * xs * scale``.
@@ -27,11 +27,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.quantized_matmul.config import QuantConfig
+from pallas_kernels.quantized_matmul.packing import unpack_int4_halves
+from pallas_kernels.quantized_matmul.qarray import QArray
+from pallas_kernels.quantized_matmul.quantizer import quantize_activations
 from pallas_kernels.quantized_matmul.tuning import Blocks, check_gpu_blocks, gpu_blocks, gpu_num_warps
-from quantize.config import QuantConfig
-from quantize.packing import unpack_int4_halves
-from quantize.qarray import QArray
-from quantize.quantizer import quantize_activations
 
 
 @dataclasses.dataclass(frozen=True)

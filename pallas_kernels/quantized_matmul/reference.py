@@ -15,8 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from quantize.qarray import QArray
-from quantize.quantizer import quantize_activations
+from pallas_kernels.quantized_matmul.qarray import QArray
+from pallas_kernels.quantized_matmul.quantizer import quantize_activations
 
 
 def compute_precision(dtype) -> jax.lax.Precision | None:

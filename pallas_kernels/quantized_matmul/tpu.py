@@ -5,7 +5,7 @@ Grid ``(M/bm, N/bn, K/bk)``, K innermost ("arbitrary"), a VMEM accumulator ``(bm
 
 * per-channel W8A16 (int8 / fp8): ``acc += x @ q.astype(x.dtype)``; epilogue ``acc * scale``;
 * group-wise (int8 / int4): each group of ``g`` rows of the weight tile is dequantized
-  (``scale * q (+ offset)`` in f32, int4 unpacked by two shifts, see :mod:`quantize.packing`) into a
+  (``scale * q (+ offset)`` in f32, int4 unpacked by two shifts, see :mod:`.packing`) into a
   VMEM tile ``(bk, bn)`` of ``x.dtype`` at tile-aligned row offsets, then one ``x @ tile`` dot;
 * W8A8: ``acc += xq @ q`` (int8 x int8 -> int32, or fp8 x fp8 -> f32); epilogue ``acc * xs * scale``
   with the per-token activation scale ``xs`` computed by the caller.
@@ -27,12 +27,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.quantized_matmul.config import QuantConfig
+from pallas_kernels.quantized_matmul.packing import unpack_int4_halves
+from pallas_kernels.quantized_matmul.qarray import QArray
+from pallas_kernels.quantized_matmul.quantizer import quantize_activations
 from pallas_kernels.quantized_matmul.reference import compute_precision
 from pallas_kernels.quantized_matmul.tuning import Blocks, check_tpu_blocks, tpu_blocks
-from quantize.config import QuantConfig
-from quantize.packing import unpack_int4_halves
-from quantize.qarray import QArray
-from quantize.quantizer import quantize_activations
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import math
 
 import jax.numpy as jnp
 
-from quantize.config import QuantConfig
+from pallas_kernels.quantized_matmul.config import QuantConfig
 
 
 @dataclasses.dataclass(frozen=True)

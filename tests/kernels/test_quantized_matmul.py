@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels.quantized_matmul.api import quantized_matmul
+from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
 from pallas_kernels.quantized_matmul.gpu import quantized_matmul_gpu
+from pallas_kernels.quantized_matmul.qarray import QArray
+from pallas_kernels.quantized_matmul.quantizer import quantize_activations
 from pallas_kernels.quantized_matmul.tpu import quantized_matmul_tpu
 from pallas_kernels.quantized_matmul.tuning import (
     Blocks,
@@ -16,9 +19,6 @@ from pallas_kernels.quantized_matmul.tuning import (
     tpu_blocks,
     tpu_k_unit,
 )
-from quantize.config import QuantConfig, as_config
-from quantize.qarray import QArray
-from quantize.quantizer import quantize_activations
 
 FORMATS = [
     "int8",

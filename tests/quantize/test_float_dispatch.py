@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quantize.dispatch import linear, unembed
+from jaxinfer.models.ops import linear, unembed
 
 
 def _bf16_round(a: np.ndarray) -> np.ndarray:

@@ -13,8 +13,8 @@ from flax.traverse_util import flatten_dict
 
 from jaxinfer import LLM, SamplingParams
 from jaxinfer.loader import load_model
-from quantize.embedding import QEmbedding
-from quantize.qarray import QArray
+from jaxinfer.models.qembedding import QEmbedding
+from pallas_kernels.quantized_matmul.qarray import QArray
 from tests.models.dense_steps import ragged_prefill
 
 

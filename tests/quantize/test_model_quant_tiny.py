@@ -24,10 +24,10 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxinfer.loader import load_model
-from quantize.config import as_config
-from quantize.embedding import QEmbedding
+from jaxinfer.models.qembedding import QEmbedding
+from pallas_kernels.quantized_matmul.config import as_config
+from pallas_kernels.quantized_matmul.qarray import QArray
 from quantize.model_quant import count_quantized, quantize_model
-from quantize.qarray import QArray
 from tests.models.dense_steps import ragged_prefill
 
 SEQS = [[1, 5, 9, 33, 150, 7, 2, 64, 64, 11, 40, 200], [1, 300, 12, 77]]

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from pallas_kernels.quantized_matmul.api import quantized_matmul
+from pallas_kernels.quantized_matmul.config import QuantConfig
+from pallas_kernels.quantized_matmul.qarray import QArray
 from quantize.awq import awq_search
 from quantize.calibration import ActStats, HessianState, accumulate
-from quantize.config import QuantConfig
 from quantize.folding import fold_into_linear_output, fold_into_norm, scale_rows
 from quantize.gptq import gptq_quantize
-from quantize.qarray import QArray
 from quantize.rtn import rtn_quantize
 from quantize.smoothquant import smoothing_scales, smoothquant
 

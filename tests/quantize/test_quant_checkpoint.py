@@ -12,10 +12,10 @@ from jaxinfer import LLM, SamplingParams
 from jaxinfer.errors import QuantizationError, WeightLoadError
 from jaxinfer.loader import load_model
 from jaxinfer.model_registry import resolve_model
-from quantize.checkpoint import MANIFEST, load_quantized, save_quantized
-from quantize.embedding import QEmbedding
+from jaxinfer.models.qembedding import QEmbedding
+from jaxinfer.quantized_checkpoint import MANIFEST, load_quantized, save_quantized
+from pallas_kernels.quantized_matmul.qarray import QArray
 from quantize.model_quant import count_quantized, quantize_model
-from quantize.qarray import QArray
 from tests.models.dense_steps import ragged_prefill
 
 SEQS = [[1, 5, 9, 33, 150, 7, 2, 64], [1, 300, 12]]

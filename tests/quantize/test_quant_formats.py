@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from quantize.config import QuantConfig, as_config
-from quantize.dispatch import linear
-from quantize.packing import pack_int4, unpack_int4
-from quantize.qarray import QArray, abstract_qarray, concat_columns, dequantize, logical_axes
-from quantize.quantizer import quantize_activations
+from jaxinfer.models.ops import linear
+from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
+from pallas_kernels.quantized_matmul.packing import pack_int4, unpack_int4
+from pallas_kernels.quantized_matmul.qarray import QArray, abstract_qarray, concat_columns, dequantize, logical_axes
+from pallas_kernels.quantized_matmul.quantizer import quantize_activations
 
 INT_FORMATS = [
     "int8",

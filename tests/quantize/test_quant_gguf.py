@@ -8,8 +8,8 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from jaxinfer.gguf_qarray import gguf_tensor_to_weight, qarray_from_gguf
 from pallas_kernels.quantized_matmul.api import quantized_matmul
-from quantize.gguf_import import gguf_tensor_to_weight, qarray_from_gguf
 
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1]
 

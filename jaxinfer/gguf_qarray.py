@@ -25,8 +25,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as GGMLType
 from gguf import quants as gguf_quants
 
-from quantize.config import QuantConfig
-from quantize.qarray import QArray
+from pallas_kernels.quantized_matmul.config import QuantConfig
+from pallas_kernels.quantized_matmul.qarray import QArray
 
 _BLOCK = 32
 _LOSSLESS = {

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from quantize.config import FP8_MAX, QuantConfig
+from pallas_kernels.quantized_matmul.config import FP8_MAX, QuantConfig
 
 
 def group_size_of(cfg: QuantConfig, k: int) -> int:

@@ -1,10 +1,10 @@
 """Load a GGUF model keeping its Q8_0 / Q4_0 / Q4_1 tensors quantized (lossless import).
 
-Every linear weight stored as Q8_0 / Q4_0 / Q4_1 becomes a :class:`~quantize.qarray.QArray`
+Every linear weight stored as Q8_0 / Q4_0 / Q4_1 becomes a :class:`~pallas_kernels.quantized_matmul.qarray.QArray`
 (``int8-g32`` / ``int4-g32`` / ``int4-g32-asym`` with float16 scales: a byte transpose of the GGUF
-blocks, see :mod:`quantize.gguf_import`); llama.cpp's q/k row permutation is undone by permuting the
+blocks, see :mod:`jaxinfer.gguf_qarray`); llama.cpp's q/k row permutation is undone by permuting the
 QArray's output columns. A token embedding in one of those types becomes a
-:class:`~quantize.embedding.QEmbedding` (GGUF already stores it as ``[E, V]`` blocks along ``E``): lookups
+:class:`~jaxinfer.models.qembedding.QEmbedding` (GGUF already stores it as ``[E, V]`` blocks along ``E``): lookups
 dequantize only the gathered rows, and a tied LM head multiplies by it directly. Every other tensor
 (norms, F32 / F16 / K-quant weights) is loaded as float exactly as the float loader does. Each leaf is
 placed in the ``NamedSharding`` its logical axes map to.
@@ -21,10 +21,10 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from jaxinfer.errors import WeightLoadError
+from jaxinfer.gguf_qarray import qarray_from_gguf
+from jaxinfer.models.qembedding import QEmbedding
 from jaxinfer.sharding import logical_to_mesh_spec
 from jaxinfer.weights import gguf_sources, unpermute_gguf_rows
-from quantize.embedding import QEmbedding
-from quantize.gguf_import import qarray_from_gguf
 
 LOSSLESS_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.models.qembedding import QEmbedding
 from pallas_kernels.quantized_matmul.api import quantized_matmul
-from quantize.embedding import QEmbedding
-from quantize.qarray import QArray
+from pallas_kernels.quantized_matmul.qarray import QArray
 
 
 def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *, impl: str | None = None):

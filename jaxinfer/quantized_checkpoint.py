@@ -7,8 +7,8 @@ Directory layout::
     <dir>/params/               orbax checkpoint of the storage tree
     <dir>/tokenizer*.json ...   the model's tokenizer (``save_pretrained``)
 
-The storage tree is the parameter tree with every :class:`~quantize.qarray.QArray` /
-:class:`~quantize.embedding.QEmbedding` leaf replaced by a dict of its arrays (``value``, ``scale`` and,
+The storage tree is the parameter tree with every :class:`~pallas_kernels.quantized_matmul.qarray.QArray` /
+:class:`~jaxinfer.models.qembedding.QEmbedding` leaf replaced by a dict of its arrays (``value``, ``scale`` and,
 when asymmetric, ``offset``), so the checkpoint holds plain arrays only; the manifest says how to
 rebuild each quantized leaf. Loading builds the abstract target (``jax.ShapeDtypeStruct`` with the
 ``NamedSharding`` that each leaf's logical axes map to) from the manifest and the model definition and
@@ -31,10 +31,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.errors import WeightLoadError
+from jaxinfer.models.qembedding import QEmbedding
 from jaxinfer.sharding import logical_to_mesh_spec, make_mesh
-from quantize.config import QuantConfig
-from quantize.embedding import QEmbedding
-from quantize.qarray import QArray, abstract_qarray
+from pallas_kernels.quantized_matmul.config import QuantConfig
+from pallas_kernels.quantized_matmul.qarray import QArray, abstract_qarray
 
 MANIFEST = "jaxinfer_quant.json"
 FORMAT_VERSION = 1

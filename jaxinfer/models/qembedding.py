@@ -1,7 +1,7 @@
 """QEmbedding: a quantized token-embedding table that is also usable as a tied LM head.
 
 A float embedding is ``table[V, E]``: tokens gather rows, and a tied LM head computes
-``h @ table.T``. A :class:`QEmbedding` stores the table as a :class:`~quantize.qarray.QArray` of logical
+``h @ table.T``. A :class:`QEmbedding` stores the table as a :class:`QArray` of logical
 shape ``[E, V]`` (the LM-head orientation: quantization groups run along ``E``, one scale column per
 token), which is exactly how GGUF stores ``token_embd.weight`` (each token's row contiguous in blocks of
 32). A lookup dequantizes only the gathered token columns; the tied LM head is ``linear(h, qarray)``.
@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from quantize.qarray import QArray
+from pallas_kernels.quantized_matmul.qarray import QArray
 
 
 @jax.tree_util.register_pytree_with_keys_class

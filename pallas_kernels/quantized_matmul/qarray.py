@@ -1,12 +1,12 @@
 """QArray: the runtime quantized-weight pytree.
 
 A QArray stands for a float weight ``w[K, N]`` (applied as ``y = x @ w``). Its leaves are arrays, its
-format (:class:`~quantize.config.QuantConfig`) and logical float dtype are static aux data, so QArrays
+format (:class:`.config.QuantConfig`) and logical float dtype are static aux data, so QArrays
 pass through ``jit``, ``scan`` (stacked leaves ``[L, ...]``), ``device_put`` and sharding like any pytree.
 
 Leaves (``G = K / group_size``, or 1 for per-channel formats):
 
-* ``value``: ``int8[K, N]`` (int8), ``int8[K/2, N]`` (int4, two per byte, see :mod:`quantize.packing`),
+* ``value``: ``int8[K, N]`` (int8), ``int8[K/2, N]`` (int4, two per byte, see :mod:`.packing`),
   or ``float8_e4m3fn[K, N]`` (fp8);
 * ``scale``: ``[G, N]`` in ``config.scale_dtype``;
 * ``offset``: ``[G, N]`` (asymmetric int4 only, else ``None``).
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quantize.config import QuantConfig, as_config
-from quantize.packing import pack_int4, unpack_int4
-from quantize.quantizer import compute_qparams, dequantize_values, quantize_values
+from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
+from pallas_kernels.quantized_matmul.packing import pack_int4, unpack_int4
+from pallas_kernels.quantized_matmul.quantizer import compute_qparams, dequantize_values, quantize_values
 
 _SAME = object()
 
