@@ -40,11 +40,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pallas_kernels.ragged_paged_attention import kv_quant  # noqa: E402
-from pallas_kernels.ragged_paged_attention.api import (  # noqa: E402
-    KVLayout,
-    KVPages,
-    ragged_paged_attention,
-)
+from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention  # noqa: E402
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages  # noqa: E402
 
 MODELS = {  # (num_q_heads, num_kv_heads, head_dim)
     "llama3-8b": (32, 8, 128),

@@ -6,7 +6,7 @@ the cache and attends. The cache type picks the path:
 
 * :class:`DenseKVCache`: one contiguous ``[max_len]`` buffer per sequence slot, plain jnp attention.
   Simple and independent of the paged machinery: the reference the paged path is tested against.
-* :class:`~pallas_kernels.ragged_paged_attention.api.KVPages`: the paged cache, written with ``write_kv``
+* :class:`~pallas_kernels.ragged_paged_attention.pages.KVPages`: the paged cache, written with ``write_kv``
   and read by ``ragged_paged_attention`` (XLA reference, Pallas TPU or Pallas GPU kernel, chosen by
   ``AttentionMetadata.impl``).
 """
@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages, ragged_paged_attention, write_kv
+from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages, write_kv
 
 
 @flax.struct.dataclass

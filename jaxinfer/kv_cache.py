@@ -19,7 +19,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxinfer.attention import kv_pages_specs
 from jaxinfer.config import ModelConfig
 from jaxinfer.sharding import ShardingPlan, make_mesh
-from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages, default_layout, init_kv_pages
+from pallas_kernels.ragged_paged_attention.pages import (
+    KVLayout,
+    KVPages,
+    default_layout,
+    init_kv_pages,
+    page_bytes_per_token,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +67,9 @@ class KVCacheSpec:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies over all layers (K and V, scales included)."""
-        d = -(-self.head_dim // 128) * 128 if self.layout is KVLayout.HEAD_MAJOR else self.head_dim
-        if self.quant_dtype is not None:
-            per_head = d * jnp.dtype(self.quant_dtype).itemsize + 4  # + f32 scale
-        else:
-            per_head = d * jnp.dtype(self.dtype).itemsize
-        return 2 * self.num_layers * self.num_kv_heads * per_head
+        """Bytes one token occupies over all layers (K and V, lane padding and scales included)."""
+        return self.num_layers * page_bytes_per_token(self.layout, self.num_kv_heads, self.head_dim, self.dtype,
+                                                      self.quant_dtype)
 
     @property
     def capacity_tokens(self) -> int:

@@ -1,11 +1,13 @@
 """Kernel implementation selection by backend.
 
-Every public op in :mod:`pallas_kernels.ops` takes ``impl`` in ``{"xla", "pallas_tpu", "pallas_gpu"}``
-or ``None``; ``None`` resolves through :func:`default_impl` from the default JAX backend: the Pallas
-kernel on a TPU or GPU, the pure-jnp ``"xla"`` reference elsewhere (Pallas runs on the CPU only in
-interpret mode, which is for tests, not speed). Ragged paged attention also takes ``"cpu"``, a C++
-kernel behind ``jax.ffi`` (:mod:`pallas_kernels.ragged_paged_attention.cpu`), its default on the CPU
-when it builds.
+The kernel entry points (:func:`pallas_kernels.ragged_paged_attention.api.ragged_paged_attention`,
+:func:`pallas_kernels.quantized_matmul.api.quantized_matmul`) take ``impl`` in
+``{"xla", "pallas_tpu", "pallas_gpu"}`` or ``None``; ``None`` resolves through :func:`default_impl` from
+the default JAX backend: the Pallas kernel on a TPU or GPU, the pure-jnp ``"xla"`` reference elsewhere
+(Pallas runs on the CPU only in interpret mode, which is for tests, not speed). Ragged paged attention
+also takes ``"cpu"``, a C++ kernel behind ``jax.ffi`` (:mod:`pallas_kernels.ragged_paged_attention.cpu`),
+its default on the CPU when a C++ compiler is found. Choosing builds nothing: the C++ kernel is built
+where it is first called, and the default falls back to ``"xla"`` there if the build fails.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ def default_impl(platform: str | None = None, *, attention: bool = False) -> str
 
     ``JAXINFER_KERNEL_IMPL`` overrides the choice (e.g. ``xla`` to force the reference path; ``cpu``
     applies to attention, other ops then use ``xla``). On the CPU, attention uses the C++ kernel when
-    it builds (:func:`pallas_kernels.ragged_paged_attention.cpu.available`), else ``"xla"``.
+    it can be built (:func:`pallas_kernels.ragged_paged_attention.cpu.buildable`: built already, or not
+    tried yet and a compiler exists), else ``"xla"``. This only decides and builds nothing; the build
+    happens on the kernel's first call, which falls back to ``"xla"`` if it fails.
     """
     forced = os.environ.get("JAXINFER_KERNEL_IMPL")
     if forced:
@@ -42,7 +46,7 @@ def default_impl(platform: str | None = None, *, attention: bool = False) -> str
     if attention and platform == "cpu":
         from pallas_kernels.ragged_paged_attention import cpu
 
-        return "cpu" if cpu.available() else "xla"
+        return "cpu" if cpu.buildable() else "xla"
     return "xla"
 
 

@@ -96,7 +96,7 @@ class _Scorer:
             self.md = AttentionMetadata(cu, lens, n, slots, max_q_len=length)
         else:
             from jaxinfer.kv_cache import KV_CACHE_DTYPES, KVCacheSpec
-            from pallas_kernels.ragged_paged_attention.api import default_layout
+            from pallas_kernels.ragged_paged_attention.pages import default_layout
 
             if kv_cache_dtype not in KV_CACHE_DTYPES:
                 raise QuantizationError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}")
@@ -113,7 +113,7 @@ class _Scorer:
     def _caches(self):
         if self.kv_spec is None:
             return init_dense_cache(*self.cache_shape, self.model.dtype)
-        from pallas_kernels.ragged_paged_attention.api import init_kv_pages
+        from pallas_kernels.ragged_paged_attention.pages import init_kv_pages
 
         sp = self.kv_spec
         one = lambda: init_kv_pages(sp.num_pages, sp.page_size, sp.num_kv_heads, sp.head_dim, sp.dtype,

@@ -27,7 +27,7 @@ from jaxinfer.runner import StepBatch, padding_batch
 from jaxinfer.sampling import SamplingTensors, process_logits, warp_logits
 from jaxinfer.sharding import ShardingPlan, make_mesh
 from jaxinfer.speculative.rejection import DRAFT_STREAM, stream_gumbel
-from pallas_kernels.ragged_paged_attention.api import default_layout
+from pallas_kernels.ragged_paged_attention.pages import default_layout
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,15 @@ online softmax over them, spread over XLA's intra-op thread pool (see the commen
 The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
 against jax's FFI headers (``jax.ffi.include_dir()``), for the host CPU (``-march=native``), and cached
 under ``$JAXINFER_CACHE_DIR/cpu_kernels`` (default: the user cache directory). The cache key covers
-the source, the flags, the compiler, jaxlib's version and the CPU's feature flags. Without a compiler,
-or if the build fails, :func:`available` is ``False`` and the default implementation on the CPU stays
-``"xla"``; ``impl="cpu"`` then raises :class:`~pallas_kernels.backend.KernelUnavailableError`.
+the source, the flags, the compiler, jaxlib's version and the CPU's feature flags.
+
+Choosing and building are separate. :func:`buildable` is cheap and side-effect free (is the kernel
+built, or not yet tried and a compiler on the path?); :func:`pallas_kernels.backend.default_impl` asks
+it. :func:`available` builds and registers the kernel (once; the result is remembered) and is called
+where the kernel is about to be used: by the dispatcher and by :func:`ragged_paged_attention_cpu`.
+Without a compiler the default implementation on the CPU is ``"xla"``; if the build fails,
+:func:`available` is ``False``, the default falls back to ``"xla"`` and ``impl="cpu"`` raises
+:class:`~pallas_kernels.backend.KernelUnavailableError`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import jaxlib
 import numpy as np
 
 from pallas_kernels.backend import KernelUnavailableError
-from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +114,15 @@ def _load() -> None:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)), platform="cpu")
 
 
+def buildable() -> bool:
+    """Whether the kernel is built, or not tried yet and a C++ compiler is on the path (builds nothing)."""
+    if "ok" in _state:
+        return True
+    if "error" in _state:
+        return False
+    return _compiler() is not None
+
+
 def available() -> bool:
     """Whether the CPU kernel is built (building it on the first call) and registered with XLA."""
     with _lock:
@@ -137,7 +152,7 @@ def unsupported_reason(q: jax.Array, kv: KVPages) -> str | None:
 def ragged_paged_attention_cpu(q: jax.Array, kv: KVPages, kv_lens: jax.Array, page_indices: jax.Array,
                                cu_q_lens: jax.Array, num_seqs: jax.Array, *, sm_scale: float,
                                sliding_window: int | None = None, soft_cap: float | None = None) -> jax.Array:
-    """The C++ kernel (arguments as in :func:`api.ragged_paged_attention`, already validated).
+    """The C++ kernel (arguments as in :func:`.api.ragged_paged_attention`, already validated).
 
     ``q [T, Hq, D]`` (f32 / bf16), token-major ``kv``, ``kv_lens i32[S]``, ``page_indices i32[S, P]``,
     ``cu_q_lens i32[S+1]``, ``num_seqs i32[1]`` -> ``[T, Hq, D]`` in ``q.dtype``.

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_paged_attention import metadata, tuning
-from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages
 
 
 def _kernel(
@@ -160,7 +160,7 @@ def ragged_paged_attention_gpu(
     interpret: bool = False,
     block_sizes: tuning.GpuBlockSizes | None = None,
 ) -> jax.Array:
-    """Pallas GPU (Triton) ragged paged attention (arguments as in :func:`api.ragged_paged_attention`).
+    """Pallas GPU (Triton) ragged paged attention (arguments as in :func:`.api.ragged_paged_attention`).
 
     ``q [T, Hq, D]``; ``kv`` token-major ``[P, ps, Hkv, D]``; ``kv_lens i32[S]``;
     ``page_indices i32[S, pages_per_seq]``; ``cu_q_lens i32[S+1]``; ``num_seqs i32[1]`` ->

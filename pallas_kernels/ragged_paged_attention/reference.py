@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.ragged_paged_attention import metadata, shared_prefix, tuning
-from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -179,7 +179,7 @@ def ragged_paged_attention_xla(
     soft_cap: float | None = None,
     block_sizes: tuning.XlaBlockSizes | None = None,
 ) -> jax.Array:
-    """Pure-jnp ragged paged attention (arguments as in :func:`api.ragged_paged_attention`).
+    """Pure-jnp ragged paged attention (arguments as in :func:`.api.ragged_paged_attention`).
 
     ``q [T, Hq, D]``, ``kv`` in either layout, ``kv_lens i32[S]``, ``page_indices i32[S, P]``,
     ``cu_q_lens i32[S+1]``, ``num_seqs i32[1]`` -> ``[T, Hq, D]`` in ``q.dtype``.

@@ -1,7 +1,7 @@
 """Ragged paged attention as a Pallas TPU (Mosaic) kernel.
 
 Cache layout: head-major pages ``[num_pages, num_kv_heads, page_size, Dp]`` with ``Dp`` a multiple of 128
-(see :mod:`.api` for why). One DMA per page and K/V moves all heads; each (page, head) is a dense
+(see :mod:`.pages` for why). One DMA per page and K/V moves all heads; each (page, head) is a dense
 ``[page_size, Dp]`` tile.
 
 Work decomposition. The flattened token axis is cut into blocks of ``block_q`` tokens; grid step ``b``
@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ragged_paged_attention import tuning
-from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages
 
 LANES = 128
 
@@ -260,7 +260,7 @@ def ragged_paged_attention_tpu(
     interpret=False,
     block_sizes: tuning.TpuBlockSizes | None = None,
 ) -> jax.Array:
-    """Pallas TPU ragged paged attention (arguments as in :func:`api.ragged_paged_attention`).
+    """Pallas TPU ragged paged attention (arguments as in :func:`.api.ragged_paged_attention`).
 
     ``q [T, Hq, D]``; ``kv`` head-major ``[P, Hkv, ps, Dp]``; ``kv_lens i32[S]``;
     ``page_indices i32[S, pages_per_seq]``; ``cu_q_lens i32[S+1]``; ``num_seqs i32[1]`` ->

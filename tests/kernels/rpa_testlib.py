@@ -162,7 +162,7 @@ def device_args(batch: Batch, dtype, layout: str = "token_major"):
     """(q, KVPages, kv_lens, page_indices, cu_q_lens, num_seqs) as jax arrays for the library."""
     import jax.numpy as jnp
 
-    from pallas_kernels.ragged_paged_attention.api import KVLayout, KVPages
+    from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages
 
     k, v = batch.k_pages, batch.v_pages
     if layout == "head_major":
@@ -238,7 +238,7 @@ def quantized_cache(batch: Batch, geo: Geometry, quant_dtype, layout: str = "tok
     """
     import jax.numpy as jnp
 
-    from pallas_kernels.ragged_paged_attention.api import init_kv_pages, write_kv
+    from pallas_kernels.ragged_paged_attention.pages import init_kv_pages, write_kv
 
     ps, n = geo.page_size, int(batch.num_seqs[0])
     slots = np.asarray([batch.page_indices[s, j // ps] * ps + j % ps

@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 from rpa_testlib import GEO_A, draw_lengths, make_batch, num_real_rows, oracle
 
-from pallas_kernels.ragged_paged_attention.api import (
-    KVLayout,
-    KVPages,
-    init_kv_pages,
-    ragged_paged_attention,
-    write_kv,
-)
+from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages, init_kv_pages, write_kv
 
 LAYOUTS = ["token_major", "head_major"]
 

@@ -13,7 +13,8 @@ import pytest
 from rpa_testlib import GEO_A, draw_lengths, make_batch, num_real_rows, oracle, quantized_cache
 
 from pallas_kernels.ragged_paged_attention import cpu, kv_quant
-from pallas_kernels.ragged_paged_attention.api import init_kv_pages, ragged_paged_attention, write_kv
+from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.pages import init_kv_pages, write_kv
 
 SM_SCALE = 0.125
 # Half a quantization step relative to the per-(token, head) absmax: int8 steps are absmax / 127;

@@ -27,7 +27,8 @@ from rpa_testlib import (
 )
 
 from pallas_kernels.ragged_paged_attention import reference
-from pallas_kernels.ragged_paged_attention.api import KVPages, init_kv_pages, ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.pages import KVPages, init_kv_pages
 from pallas_kernels.ragged_paged_attention.tuning import XlaBlockSizes
 
 

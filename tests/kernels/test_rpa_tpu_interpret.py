@@ -17,7 +17,7 @@ from jax.experimental.pallas import tpu as pltpu
 from rpa_testlib import Geometry, device_args, make_batch
 
 from pallas_kernels.ragged_paged_attention import gpu, reference, tpu
-from pallas_kernels.ragged_paged_attention.api import init_kv_pages
+from pallas_kernels.ragged_paged_attention.pages import init_kv_pages
 from pallas_kernels.ragged_paged_attention.tuning import GpuBlockSizes, TpuBlockSizes
 
 RACE_PARAMS = pltpu.InterpretParams(dma_execution_mode="on_wait", detect_races=True)

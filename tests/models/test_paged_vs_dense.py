@@ -11,7 +11,7 @@ import pytest
 from jaxinfer.attention import AttentionMetadata
 from jaxinfer.kv_cache import KVCacheSpec, init_kv_cache
 from jaxinfer.loader import load_model
-from pallas_kernels.ragged_paged_attention.api import KVLayout
+from pallas_kernels.ragged_paged_attention.pages import KVLayout
 from tests.models.dense_steps import decode_one, jitted_forward, ragged_prefill
 from tests.tiny_models import ARCHS
 

@@ -1,0 +1,249 @@
+"""The paged KV cache: its types, construction, geometry and writes.
+
+This module owns the cache; :mod:`.api` only dispatches :func:`~.api.ragged_paged_attention` to an
+implementation (:mod:`.reference`, :mod:`.cpu`, :mod:`.tpu`, :mod:`.gpu`), and every implementation takes
+:class:`KVPages` / :class:`KVLayout` from here, never from :mod:`.api`.
+
+``KVPages`` is one layer's paged cache. :func:`init_kv_pages` allocates a zero-filled one,
+:func:`write_kv` scatters a step's keys / values into it, and :func:`padded_head_dim` /
+:func:`page_bytes_per_token` report its geometry (so callers sizing a cache do not re-derive lane
+padding or scale bytes).
+
+Layouts. The cache comes in two physical layouts, named by ``KVPages.layout``:
+
+* ``KVLayout.TOKEN_MAJOR`` (default off TPU): ``k, v: [num_pages, page_size, num_kv_heads, head_dim]``.
+  A page is a contiguous run of tokens with all heads; the GPU kernel gathers key rows from it.
+* ``KVLayout.HEAD_MAJOR`` (default on TPU, required by ``"pallas_tpu"``):
+  ``k, v: [num_pages, num_kv_heads, page_size, round_up(head_dim, 128)]``, the pad lanes are zero.
+  On a TPU the two minor dimensions of an array are tiled (8 or 16 sublanes x 128 lanes). With the
+  token-major layout those would be ``(num_kv_heads, head_dim)``: 3 KV heads x 64 dims would be padded to
+  8-16 x 128 in HBM and VMEM (5-10x the bytes) and every per-head load in the kernel a sublane-strided
+  gather. Head-major pages make each (page, head) a dense ``[page_size, 128k]`` tile, so one DMA per
+  page fetches all heads and per-head operands are plain 2D tiles feeding the MXU. Padding
+  ``head_dim`` to 128 costs nothing extra on a TPU (the lanes would be padded anyway).
+
+The layout is a static part of the pytree (it never becomes a traced leaf). Code that only uses
+:func:`init_kv_pages`, :func:`write_kv` and :func:`~.api.ragged_paged_attention` never needs to look at
+it. The XLA path reads both layouts; the GPU and CPU kernels read token-major only.
+
+Quantized KV (``init_kv_pages(..., quant_dtype=jnp.int8 | jnp.float8_e4m3fn | jnp.float8_e5m2)``):
+``k`` / ``v`` hold the quantized values and ``k_scale`` / ``v_scale`` one float32 absmax scale per
+(token, KV head), shaped like ``k.shape[:3]`` in either layout (token-major
+``[num_pages, page_size, num_kv_heads]``, head-major ``[num_pages, num_kv_heads, page_size]``).
+:func:`write_kv` quantizes; every implementation applies the scales inside (see :mod:`.kv_quant`).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.backend import ATTENTION_IMPLS, check_impl, default_impl
+from pallas_kernels.ragged_paged_attention import kv_quant
+
+TPU_LANES = 128
+
+
+@jax.tree_util.register_static
+class KVLayout(enum.Enum):
+    """Physical layout of :class:`KVPages` (see the module docstring)."""
+
+    TOKEN_MAJOR = "token_major"
+    HEAD_MAJOR = "head_major"
+
+
+class KVPages(NamedTuple):
+    """One layer's paged KV cache (a pytree; ``layout`` is static).
+
+    Attributes:
+      k, v: token-major ``[num_pages, page_size, num_kv_heads, head_dim]`` or head-major
+        ``[num_pages, num_kv_heads, page_size, padded_head_dim]``.
+      k_scale, v_scale: ``f32[k.shape[:3]]`` per-(token, head) scales of a quantized cache, else ``None``.
+      layout: :class:`KVLayout`.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+    layout: KVLayout = KVLayout.TOKEN_MAJOR
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2] if self.layout is KVLayout.HEAD_MAJOR else self.k.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1] if self.layout is KVLayout.HEAD_MAJOR else self.k.shape[2]
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+
+def default_layout(impl: str | None = None) -> KVLayout:
+    """Layout :func:`init_kv_pages` uses by default: head-major for ``"pallas_tpu"``, else token-major."""
+    impl = check_impl(impl, ATTENTION_IMPLS) if impl is not None else default_impl()
+    return KVLayout.HEAD_MAJOR if impl == "pallas_tpu" else KVLayout.TOKEN_MAJOR
+
+
+def _as_layout(layout: KVLayout | str | None) -> KVLayout:
+    if layout is None:
+        return default_layout()
+    try:
+        return KVLayout(layout)
+    except ValueError:
+        raise ValueError(
+            f"unknown KV layout {layout!r}; expected one of {[m.value for m in KVLayout]}"
+        ) from None
+
+
+def padded_head_dim(head_dim: int, layout: KVLayout) -> int:
+    """The stored (minor) head dim: ``head_dim`` rounded up to 128 lanes head-major, unchanged token-major."""
+    if layout is KVLayout.HEAD_MAJOR:
+        return -(-head_dim // TPU_LANES) * TPU_LANES
+    return head_dim
+
+
+def page_bytes_per_token(layout: KVLayout, num_kv_heads: int, head_dim: int, dtype, quant_dtype=None) -> int:
+    """Bytes one token occupies in one layer's :class:`KVPages` (K and V, lane padding and scales included).
+
+    Args:
+      layout: the cache's :class:`KVLayout` (head-major pads ``head_dim`` to 128 lanes).
+      num_kv_heads, head_dim: the model's KV heads and logical head dim.
+      dtype: storage dtype of a float cache; unused when ``quant_dtype`` is set.
+      quant_dtype: int8 / fp8 storage; each (token, head) then also holds one float32 scale.
+    """
+    d = padded_head_dim(head_dim, layout)
+    if quant_dtype is not None:
+        per_head = d * jnp.dtype(quant_dtype).itemsize + 4  # + f32 scale
+    else:
+        per_head = d * jnp.dtype(dtype).itemsize
+    return 2 * num_kv_heads * per_head
+
+
+def init_kv_pages(
+    num_pages: int,
+    page_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype=jnp.float32,
+    *,
+    layout: KVLayout | str | None = None,
+    quant_dtype=None,
+) -> KVPages:
+    """A zero-filled cache.
+
+    Args:
+      num_pages, page_size, num_kv_heads, head_dim: cache geometry; ``page_size`` a power of two.
+      dtype: storage dtype of K and V (e.g. ``jnp.float32``, ``jnp.bfloat16``) for a float cache.
+      layout: a :class:`KVLayout` or its value; ``None`` means :func:`default_layout`.
+      quant_dtype: ``jnp.int8``, ``jnp.float8_e4m3fn`` or ``jnp.float8_e5m2`` for a quantized cache
+        (K / V stored in it, with f32 scales); ``dtype`` is then unused.
+
+    Returns:
+      ``KVPages`` with ``k, v`` of shape ``[num_pages, page_size, num_kv_heads, head_dim]``
+      (token-major) or ``[num_pages, num_kv_heads, page_size, round_up(head_dim, 128)]`` (head-major).
+    """
+    for name, value in (("num_pages", num_pages), ("page_size", page_size),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        if not isinstance(value, int | np.integer) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    layout = _as_layout(layout)
+    dp = padded_head_dim(head_dim, layout)
+    if layout is KVLayout.HEAD_MAJOR:
+        shape = (num_pages, num_kv_heads, page_size, dp)
+    else:
+        shape = (num_pages, page_size, num_kv_heads, dp)
+    if quant_dtype is not None:
+        qdt = kv_quant.check_quant_dtype(quant_dtype)
+        scale = jnp.zeros(shape[:3], jnp.float32)
+        return KVPages(jnp.zeros(shape, qdt), jnp.zeros(shape, qdt), scale, jnp.zeros(shape[:3], jnp.float32),
+                       layout=layout)
+    return KVPages(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), layout=layout)
+
+
+def check_cache(kv: KVPages) -> None:
+    """Validate a cache's type, shapes, dtypes and scales (``TypeError`` / ``ValueError``)."""
+    if not isinstance(kv, KVPages):
+        raise TypeError(f"kv must be a KVPages, got {type(kv).__name__}")
+    if kv.k.ndim != 4 or kv.k.shape != kv.v.shape:
+        raise ValueError(f"kv.k and kv.v must be 4-D and of equal shape, got {kv.k.shape} and {kv.v.shape}")
+    if kv.k.dtype != kv.v.dtype:
+        raise ValueError(f"kv.k and kv.v must share a dtype, got {kv.k.dtype} and {kv.v.dtype}")
+    if (kv.k_scale is None) != (kv.v_scale is None):
+        raise ValueError("k_scale and v_scale must both be set or both be None")
+    if kv.k_scale is not None:
+        kv_quant.check_quant_dtype(kv.k.dtype)
+        for name, sc in (("k_scale", kv.k_scale), ("v_scale", kv.v_scale)):
+            if sc.shape != kv.k.shape[:3] or sc.dtype != jnp.float32:
+                raise ValueError(
+                    f"{name} must be float32 of shape {kv.k.shape[:3]}, got {sc.dtype}{list(sc.shape)}")
+    if kv.page_size & (kv.page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {kv.page_size}")
+
+
+@jax.jit
+def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.Array) -> KVPages:
+    """Scatter this step's keys and values into the cache.
+
+    Args:
+      kv: the cache; donate it (``jax.jit(..., donate_argnums=...)``) so XLA updates it in place.
+      k_new, v_new: ``[T, num_kv_heads, head_dim]``; cast to the cache dtype, or quantized (absmax
+        per token and head) for a quantized cache.
+      slot_mapping: ``i32[T]``; token ``t`` goes to page ``slot // page_size``, offset
+        ``slot % page_size``. A negative slot marks a padding token: nothing is written for it.
+        Slots must be unique among non-negative entries.
+
+    Returns:
+      The updated ``KVPages`` (same layout).
+    """
+    check_cache(kv)
+    if k_new.ndim != 3 or k_new.shape != v_new.shape:
+        raise ValueError(
+            f"k_new and v_new must be [T, num_kv_heads, head_dim], got {k_new.shape}, {v_new.shape}")
+    t, hkv, d = k_new.shape
+    dp = padded_head_dim(d, kv.layout)
+    if hkv != kv.num_kv_heads or dp != kv.k.shape[-1]:
+        raise ValueError(
+            f"k_new [T, num_kv_heads, head_dim] = {k_new.shape} does not match the cache "
+            f"(num_kv_heads={kv.num_kv_heads}, head_dim={kv.k.shape[-1]}, layout={kv.layout.value})"
+        )
+    if slot_mapping.shape != (t,) or not jnp.issubdtype(slot_mapping.dtype, jnp.integer):
+        raise ValueError(f"slot_mapping must be an integer array of shape ({t},), got "
+                         f"{slot_mapping.dtype}{list(slot_mapping.shape)}")
+    ps = kv.page_size
+    slots = slot_mapping.astype(jnp.int32)
+    # Padding tokens get an out-of-range page index and are dropped by the scatter.
+    page = jnp.where(slots >= 0, slots // ps, kv.num_pages)
+    offset = jnp.where(slots >= 0, slots % ps, 0)
+    scales = None
+    if kv.quantized:
+        k_new, k_sc = kv_quant.quantize(k_new, kv.k.dtype)
+        v_new, v_sc = kv_quant.quantize(v_new, kv.v.dtype)
+        scales = (k_sc, v_sc)
+    if dp != d:
+        pad = ((0, 0), (0, 0), (0, dp - d))
+        k_new, v_new = jnp.pad(k_new, pad), jnp.pad(v_new, pad)
+    k_new, v_new = k_new.astype(kv.k.dtype), v_new.astype(kv.v.dtype)
+
+    def scatter(cache, new):
+        if kv.layout is KVLayout.HEAD_MAJOR:
+            # Advanced indices separated by a slice: the token axis comes first ([T, Hkv, ...]).
+            return cache.at[page, :, offset].set(new, mode="drop", unique_indices=True)
+        return cache.at[page, offset].set(new, mode="drop", unique_indices=True)
+
+    out = kv._replace(k=scatter(kv.k, k_new), v=scatter(kv.v, v_new))
+    if scales is not None:
+        out = out._replace(k_scale=scatter(kv.k_scale, scales[0]), v_scale=scatter(kv.v_scale, scales[1]))
+    return out
