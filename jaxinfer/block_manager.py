@@ -147,12 +147,6 @@ class BlockManager:
             num_evictions=self._num_evictions,
         )
 
-    def reset_stats(self) -> None:
-        self._num_query_tokens = self._num_hit_tokens = self._num_evictions = 0
-
-    def pages_for_tokens(self, num_tokens: int) -> int:
-        return cdiv(num_tokens, self.page_size)
-
     # ---- page primitives ---------------------------------------------------------------------------
     def _take_page(self) -> int:
         if self._free:

@@ -56,10 +56,6 @@ class RequestMetrics:
         return acceptance_length(self.num_accepted_tokens, self.num_spec_steps)
 
     @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
     def decode_tokens_per_s(self) -> float | None:
         """Tokens after the first divided by the time after the first token."""
         if self.finish_time is None or self.first_token_time is None or self.num_generated_tokens < 2:

@@ -41,11 +41,6 @@ FORMAT_VERSION = 1
 _FIELDS = ("value", "scale", "offset")
 
 
-def is_quantized_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by :func:`save_quantized`."""
-    return (Path(path) / MANIFEST).is_file()
-
-
 def config_to_dict(config: ModelConfig) -> dict:
     return dataclasses.asdict(config)
 

@@ -21,8 +21,8 @@ progresses: ``add`` rejects a request that could not fit in the whole cache on i
 Engine loop, each step::
 
     out = scheduler.schedule()
-    inputs = pack_step_inputs(out, buckets)          # jaxinfer.step_inputs
-    sampled = runner.step(inputs)                    # one token id per scheduled sequence row
+    inputs = pack_step_inputs(out, buckets)          # jaxinfer.step_inputs (host arrays, one bucket)
+    sampled = runner.run(device_batch(inputs))       # ModelRunner.run: one token id per scheduled row
     updates = scheduler.update(out, sampled[:len(out.scheduled)])
     # detokenize updates; on a stop string: scheduler.finish(request_id, "stop", stop_string)
 """

@@ -46,12 +46,6 @@ def unpermute_gguf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_gguf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's permutation (the inverse of :func:`unpermute_gguf_rows`)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def hf_sources(config: ModelConfig) -> dict[tuple[str, ...], TensorSource]:
     """Parameter path -> HF safetensors tensor."""
     src = {("embed_tokens",): TensorSource("model.embed_tokens.weight"),

@@ -74,6 +74,3 @@ class CausalLM:
         plan = self.plan or plan_sharding(self.config)
         return param_shardings(self.logical_axes(), plan.mesh, plan.rules)
 
-    def init_random_params(self, seed: int = 0):
-        """Random parameters (for tests and benchmarks of shapes without a checkpoint)."""
-        return nn.unbox(jax.jit(self._init_fn())(jax.random.PRNGKey(seed)))

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-import numpy as np
-
 WEIGHT_TYPES = ("int8", "int4", "fp8")
 ACT_TYPES = (None, "int8", "fp8")
 GROUP_SIZES = (32, 64, 128)
@@ -90,11 +87,6 @@ class QuantConfig:
     def qmax(self) -> int:
         """Largest integer level of a symmetric integer format (127 or 7)."""
         return 2 ** (self.bits - 1) - 1
-
-    @property
-    def storage_dtype(self) -> np.dtype:
-        """dtype of the stored value array (int4 is packed two per int8 byte)."""
-        return np.dtype(jnp.float8_e4m3fn) if self.weight == "fp8" else np.dtype(np.int8)
 
     @property
     def name(self) -> str:
