@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from jaxinfer.config_cli import add_engine_args, engine_config_kwargs
 from jaxinfer.errors import JaxinferError
 from quantize.cli import register as register_quantize_commands
 from serve.cli import register as register_serve
@@ -15,16 +16,9 @@ from serve.cli import register as register_serve
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="registered name, HF directory, GGUF file or hub id (default: smollm2-135m-instruct)")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the model is split over")
-    p.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas")
-    p.add_argument("--kv-cache-memory", default=None, help='KV cache budget, e.g. "2GiB" (default: 90%% of free '
-                   "device memory, 1 GiB on the CPU)")
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-host JAX runtime first (jax.distributed.initialize)")
-    p.add_argument("--quantization", default=None, choices=["gguf"],
-                   help="gguf: keep a GGUF model's Q8_0/Q4_0/Q4_1 weights quantized (default: dequantize)")
+    add_engine_args(p.add_argument_group("engine"))
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +27,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed of the request (--engine-seed: the "
+                   "engine's seed for requests without one)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
@@ -103,9 +98,7 @@ def main(argv=None) -> int:
             from jaxinfer.distributed import initialize
 
             initialize()
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                  tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
-                  kv_cache_memory=args.kv_cache_memory, quantization=args.quantization)
+        llm = LLM(args.model, **engine_config_kwargs(args))
         llm.engine.warmup(token_counts=[1])  # decode step compiled before timing (cached across runs)
         if args.command == "generate":
             use_chat = not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None)

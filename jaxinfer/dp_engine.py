@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jaxinfer.compilation_cache import enable_compilation_cache
 from jaxinfer.config import EngineConfig, resolve_dtype
 from jaxinfer.engine import Engine, EngineStats
 from jaxinfer.loader import LoadedModel, load_model
@@ -47,9 +48,11 @@ class DataParallelEngine:
 
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, *,
                  loaded: LoadedModel | None = None, compilation_cache: bool | None = None):
+        enable_compilation_cache(compilation_cache)
         config = config or EngineConfig()
         mesh = make_mesh(config.tensor_parallel_size, config.data_parallel_size)
-        loaded = loaded or load_model(model, dtype=resolve_dtype(config.dtype), mesh=mesh)
+        loaded = loaded or load_model(model, dtype=resolve_dtype(config.dtype), mesh=mesh,
+                                      quantization=config.quantization)
         if loaded.mesh.shape["data"] != config.data_parallel_size:
             raise ValueError("the loaded model's mesh does not match data_parallel_size")
         single = dataclasses.replace(config, data_parallel_size=1)

@@ -96,7 +96,7 @@ class Engine:
     Args:
       model: registered name, HF directory, GGUF file or hub id (``None``: the default model).
       config: :class:`EngineConfig`.
-      loaded: an already loaded model (skips loading ``model``).
+      loaded: an already loaded model (skips loading ``model``; ``config.quantization`` is then not used).
       draft: an already loaded draft model for ``speculative_method="draft"`` (skips loading
         ``config.speculative_model``).
       compilation_cache: persistent XLA cache switch (``None``: environment default, on).
@@ -108,7 +108,8 @@ class Engine:
         enable_compilation_cache(compilation_cache)
         self.config = config = config or EngineConfig()
         dtype = resolve_dtype(config.dtype)
-        self.loaded = loaded or load_model(model, dtype=dtype, mesh=make_mesh(config.tensor_parallel_size))
+        self.loaded = loaded or load_model(model, dtype=dtype, mesh=make_mesh(config.tensor_parallel_size),
+                                           quantization=config.quantization)
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.model_name = str(model) if model is not None else self.loaded.source.name

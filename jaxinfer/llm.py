@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from jaxinfer.compilation_cache import enable_compilation_cache
-from jaxinfer.config import EngineConfig, resolve_dtype
+from jaxinfer.config import EngineConfig
 from jaxinfer.dp_engine import create_engine
 from jaxinfer.errors import InvalidRequestError, PromptTooLongError
-from jaxinfer.loader import load_model
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling_params import SamplingParams
-from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import encode_chat
 
 
@@ -26,9 +23,9 @@ class LLM:
       seed: seed for requests that do not set one.
       compilation_cache: persistent XLA compilation cache (``None``: on unless
         ``JAXINFER_COMPILATION_CACHE=0``).
-      quantization: ``"gguf"`` keeps a GGUF model's Q8_0 / Q4_0 / Q4_1 weights quantized (default
-        ``None``: dequantized to float, the fastest path on the CPU). A quantized checkpoint directory
-        (``jaxinfer quantize``) passed as ``model`` always loads quantized.
+      quantization: ``EngineConfig.quantization``: ``"gguf"`` keeps a GGUF model's Q8_0 / Q4_0 / Q4_1
+        weights quantized (default ``None``: dequantized to float, the fastest path on the CPU). A quantized
+        checkpoint directory (``jaxinfer quantize``) passed as ``model`` always loads quantized.
       **engine_options: further :class:`~jaxinfer.config.EngineConfig` fields (``max_num_seqs``,
         ``max_num_batched_tokens``, ``kv_cache_memory``, ``kv_cache_dtype``, ``enable_prefix_caching`` ...).
     """
@@ -36,13 +33,9 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype="auto", max_model_len: int | None = None,
                  seed: int = 0, compilation_cache: bool | None = None, quantization: str | None = None,
                  **engine_options):
-        config = EngineConfig(max_model_len=max_model_len, dtype=dtype, seed=seed, **engine_options)
-        loaded = None
-        if quantization is not None:
-            enable_compilation_cache(compilation_cache)
-            mesh = make_mesh(config.tensor_parallel_size, config.data_parallel_size)
-            loaded = load_model(model, dtype=resolve_dtype(dtype), quantization=quantization, mesh=mesh)
-        self.engine = create_engine(model, config, loaded=loaded, compilation_cache=compilation_cache)
+        config = EngineConfig(max_model_len=max_model_len, dtype=dtype, seed=seed, quantization=quantization,
+                              **engine_options)
+        self.engine = create_engine(model, config, compilation_cache=compilation_cache)
         first = getattr(self.engine, "replicas", [self.engine])[0]
         self.loaded = first.loaded
         self.config = self.engine.model_config

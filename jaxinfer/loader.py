@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import QUANTIZATION_OPTIONS, ModelConfig
 from jaxinfer.errors import QuantizationError, WeightLoadError
 from jaxinfer.model_registry import ModelSource, resolve_model
 from jaxinfer.models.causal_lm import CausalLM
@@ -52,9 +52,6 @@ def load_config(source: ModelSource) -> tuple[ModelConfig, object]:
     except (OSError, json.JSONDecodeError) as e:
         raise WeightLoadError(f"{source.path}/config.json: cannot read ({e})") from e
     return ModelConfig.from_hf(raw), SafetensorsCheckpoint(source.path)
-
-
-QUANTIZATION_OPTIONS = (None, "gguf")
 
 
 def _plan_without_kv_expansion(config: ModelConfig, mesh: Mesh, what: str) -> ShardingPlan:

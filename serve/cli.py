@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 
+from jaxinfer.config_cli import add_engine_args, engine_config_from_args
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NUM_SEQS = 64
@@ -30,16 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC on this port (0 picks a free one)")
     p.add_argument("--no-http", action="store_true", help="serve gRPC only (needs --grpc-port)")
     e = p.add_argument_group("engine")
-    e.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    e.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    e.add_argument("--max-num-seqs", type=int, default=None,
-                   help="sequences running at once (default: the engine's)")
-    e.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget of one engine step (default: the engine's)")
-    e.add_argument("--kv-cache-memory", default=None,
-                   help="KV-cache budget, bytes or e.g. '2GiB' (default: 90%% of free device memory, 1 GiB on CPU)")
-    e.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the model is split over")
-    e.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas (requests balanced)")
+    add_engine_args(e)
     e.add_argument("--no-warmup", action="store_true", help="do not compile every step shape at start-up")
     e.add_argument("--max-waiting-requests", type=int, default=256,
                    help="requests admitted beyond --max-num-seqs before answering 429 (default 256)")
@@ -61,15 +54,9 @@ def build_engine(args):
     shape now unless ``--no-warmup`` (so no request waits for a compilation)."""
     import time
 
-    from jaxinfer.config import EngineConfig
     from jaxinfer.dp_engine import create_engine
 
-    kw = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-          "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_memory": args.kv_cache_memory,
-          "tensor_parallel_size": getattr(args, "tensor_parallel_size", None),
-          "data_parallel_size": getattr(args, "data_parallel_size", None)}
-    config = EngineConfig(dtype=args.dtype, **{k: v for k, v in kw.items() if v is not None})
-    engine = create_engine(args.model, config)
+    engine = create_engine(args.model, engine_config_from_args(args))
     if not args.no_warmup:
         t = time.perf_counter()
         logger.info("compiling the engine's step shapes (--no-warmup skips this)")
