@@ -20,24 +20,24 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxinfer.attention import AttentionMetadata
 from jaxinfer.block_manager import BlockManagerStats
 from jaxinfer.compilation_cache import enable_compilation_cache
 from jaxinfer.config import EngineConfig, resolve_dtype
 from jaxinfer.detokenizer import IncrementalDetokenizer
+from jaxinfer.device_batch import BatchBuilder, RowInfo
 from jaxinfer.errors import InvalidRequestError, UnsupportedModelError
 from jaxinfer.kv_cache import plan_kv_cache
 from jaxinfer.loader import LoadedModel, load_model
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput, acceptance_length
-from jaxinfer.runner import ModelRunner, StepBatch, params_bytes
-from jaxinfer.sampling import SamplingTensors
+from jaxinfer.runner import ModelRunner, params_bytes
+from jaxinfer.sampling import logprob_entry
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.sequence import Sequence
 from jaxinfer.sharding import make_mesh
 from jaxinfer.speculative.params import resolve_num_speculative_tokens
-from jaxinfer.speculative.verify import RowInfo, token_slots_kinds
 from jaxinfer.step_inputs import StepBuckets, pack_step_inputs
+from jaxinfer.target import Kernels
 from jaxinfer.tokenizer import encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -121,11 +121,12 @@ class Engine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
+        self.kernels = Kernels.for_mesh(self.loaded.mesh, config.attention_impl)
         self.draft_loaded = self._load_draft(draft, dtype)
         spec = plan_kv_cache(mc, page_size=config.page_size, dtype=self.loaded.model.dtype,
                              kv_cache_dtype=config.kv_cache_dtype, memory=config.kv_cache_memory,
                              memory_fraction=config.kv_cache_memory_fraction,
-                             params_bytes=params_bytes(self.loaded.params), impl=config.attention_impl,
+                             params_bytes=params_bytes(self.loaded.params), impl=self.kernels.attention,
                              min_tokens=min(self.max_model_len, config.max_num_batched_tokens),
                              max_useful_tokens=2 * config.max_num_seqs * self.max_model_len,
                              extra_bytes_per_token=self._draft_bytes_per_token(config.page_size))
@@ -140,8 +141,10 @@ class Engine:
         self.buckets = StepBuckets.from_scheduler_config(sched_cfg, min_token_bucket=config.min_token_bucket,
                                                          coupled=True)
         self._trash_slot = config.max_num_seqs
+        k = config.num_speculative_tokens if config.speculative_method is not None else 0
+        self.batches = BatchBuilder(self.buckets, self._trash_slot, self.eos_token_ids, k)
         self.runner = ModelRunner(self.loaded.model, self.loaded.params, spec, config.max_num_seqs + 1,
-                                  config.attention_impl, self.loaded.plan)
+                                  self.kernels, self.batches, self.loaded.plan)
         self.spec = self._build_speculative()
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self._slot: dict[str, int] = {}
@@ -174,24 +177,21 @@ class Engine:
         from jaxinfer.speculative.draft import draft_bytes_per_token
 
         return draft_bytes_per_token(self.draft_loaded.config, page_size, self.loaded.model.dtype,
-                                     self.config.kv_cache_dtype, self.config.attention_impl)
+                                     self.config.kv_cache_dtype, self.kernels.attention)
 
     def _build_speculative(self):
         cfg = self.config
         if cfg.speculative_method is None:
             return None
         from jaxinfer.speculative.decoder import SpeculativeDecoder
-        from jaxinfer.speculative.draft import DraftRunner, draft_kv_spec
+        from jaxinfer.speculative.draft import draft_kv_spec
 
-        runner = None
-        if self.draft_loaded is not None:
-            runner = DraftRunner(self.draft_loaded, draft_kv_spec(self.draft_loaded.config, self.kv_spec),
-                                 self.model_config.vocab_size, cfg.max_num_seqs + 1, cfg.num_speculative_tokens,
-                                 cfg.attention_impl)
-        return SpeculativeDecoder(cfg.speculative_method, cfg.num_speculative_tokens, self.buckets, self.runner,
-                                  draft=runner, ngram_min=cfg.ngram_min, ngram_max=cfg.ngram_max,
-                                  max_num_seqs=cfg.max_num_seqs, trash_slot=self._trash_slot,
-                                  eos_token_ids=self.eos_token_ids, impl=cfg.attention_impl)
+        d = self.draft_loaded
+        if d is not None:
+            self.runner.attach_draft(d.model, d.params, draft_kv_spec(d.config, self.kv_spec),
+                                     cfg.num_speculative_tokens, d.plan)
+        return SpeculativeDecoder(cfg.speculative_method, cfg.num_speculative_tokens, self.batches, self.runner,
+                                  ngram_min=cfg.ngram_min, ngram_max=cfg.ngram_max, max_num_seqs=cfg.max_num_seqs)
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
@@ -291,7 +291,7 @@ class Engine:
         if drafts is not None and any(drafts):
             return outputs, (sched, infos, self.spec.dispatch_verify(rows, drafts, infos))
         x = pack_step_inputs(sched, self.buckets)
-        return outputs, (sched, infos, self.runner.dispatch(self._device_batch(x, infos)))
+        return outputs, (sched, infos, self.runner.dispatch(self.batches.plain(x, infos)))
 
     def finish_step(self, started) -> list[RequestOutput]:
         """Wait for a step launched by :meth:`start_step` and turn its samples into output deltas."""
@@ -307,7 +307,7 @@ class Engine:
         else:
             res = jax.device_get(device_out)
             sampled = [[int(t)] for t in res.tokens[: len(rows)]]
-            logprobs = [None if info.params.logprobs is None else [self._logprob_entry(res, i, info.params.logprobs)]
+            logprobs = [None if info.params.logprobs is None else [logprob_entry(res, i, info.params.logprobs)]
                         for i, info in enumerate(infos)]
         now = time.perf_counter()
         row_of = {r.seq.request_id: i for i, r in enumerate(rows)}
@@ -385,24 +385,6 @@ class Engine:
             self._fresh.discard(sid)
         return infos
 
-    def _device_batch(self, x, infos: list[RowInfo]) -> StepBatch:
-        _, s = x.bucket
-        token_slot, token_kind = token_slots_kinds(x, infos, [r.num_new_tokens for r in x.rows], self._trash_slot)
-        st = SamplingTensors.build([i.params for i in infos], seeds=[i.seed for i in infos],
-                                   steps=[i.step for i in infos], num_rows=s, slots=[i.slot for i in infos],
-                                   resets=[i.reset for i in infos], eos_token_ids=self.eos_token_ids,
-                                   trash_slot=self._trash_slot)
-        md = AttentionMetadata(x.cu_q_lens, x.kv_lens, x.num_seqs, x.slot_mapping, x.page_indices,
-                               impl=self.config.attention_impl)
-        return StepBatch(x.tokens, x.positions, token_slot, token_kind, md, x.logits_indices, st)
-
-    @staticmethod
-    def _logprob_entry(res, row: int, k: int) -> dict[int, float]:
-        entry = {int(res.tokens[row]): float(res.logprobs[row])}
-        for j in range(k):
-            entry.setdefault(int(res.top_ids[row, j]), float(res.top_logprobs[row, j]))
-        return entry
-
     def _release_slot(self, seq_id: str) -> None:
         if self.spec is not None:
             self.spec.forget(seq_id)
@@ -433,10 +415,10 @@ class Engine:
         shapes = self.buckets.shapes()
         if token_counts is not None:
             shapes = sorted({self.buckets.bucket(n, 1) for n in token_counts})
-        seconds = self.runner.compile_all(shapes, self.buckets.pages_per_seq)
-        if self.spec is not None:
-            seconds += self.spec.warmup(token_counts)
-        return seconds
+        if self.spec is None:
+            return self.runner.compile_all(shapes)
+        return self.runner.compile_all(shapes, self.spec.verify_shapes(token_counts),
+                                       self.spec.draft_shapes(token_counts))
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()

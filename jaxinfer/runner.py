@@ -1,91 +1,95 @@
-"""The device side of the engine: parameters, the paged KV cache and one pure jitted step.
+"""The device side of the engine: parameters, KV caches and every jitted step over them.
 
-``step(params, kv_cache, penalty_state, batch) -> (SamplerOutput, kv_cache, penalty_state)`` embeds the
-ragged batch, runs every layer (K/V written into pages, ragged paged attention), computes logits only
-at each sequence's last scheduled token, folds the inputs into the penalty state and samples on device.
-The cache and penalty state are donated (updated in place). Each ``(T, S)`` bucket compiles once;
-``compile_all`` does that up front so serving never compiles.
+Steps (each a pure function, caches and penalty state donated, so they are updated in place):
+
+- the target step ``(params, kv_cache, penalty_state, batch) -> (SamplerOutput, kv_cache, penalty_state)``:
+  embeds the ragged batch, runs every layer (K/V written into pages, ragged paged attention), computes
+  logits only at the batch's logits rows, folds the inputs into the penalty state and samples on device;
+- the verify step (speculative decoding): the same forward pass with rejection sampling of the drafts;
+- the draft step (draft-model speculation): the draft model's forward pass over its own cache, one draft
+  token per row, the draft distribution kept in a device buffer for the verify step.
+
+The runner carries the kernel choice (:class:`~jaxinfer.target.Kernels`) and applies it to every step.
+Each ``(T, S)`` bucket of each step compiles once; :meth:`ModelRunner.compile_all` does that up front so
+serving never compiles.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.attention import AttentionMetadata
+from jaxinfer.device_batch import BatchBuilder, StepBatch, VerifyBatch
 from jaxinfer.kv_cache import KVCacheSpec, init_kv_cache
 from jaxinfer.models.causal_lm import CausalLM
-from jaxinfer.sampling import (
-    PenaltyState,
-    SamplerOutput,
-    SamplingTensors,
-    sample,
-    update_penalty_state,
-)
+from jaxinfer.sampling import PenaltyState, SamplerOutput, sample, update_penalty_state
 from jaxinfer.sharding import ShardingPlan, make_mesh
+from jaxinfer.speculative.draft import draft_sample, fit_vocab
+from jaxinfer.speculative.rejection import VerifyInputs, VerifyOutput, rejection_sample
+from jaxinfer.target import Kernels
 
 logger = logging.getLogger(__name__)
 
 
-@flax.struct.dataclass
-class StepBatch:
-    """Device inputs of one step (``T`` tokens, ``S`` sequence rows, ``P`` pages per sequence).
+@dataclass
+class DraftState:
+    """The draft model's device state: its parameters, its paged cache (the target's page ids) and the
+    draft-probability buffer ``f32[num_slots * K, V]`` (row ``slot * K + j`` holds draft ``j``'s
+    distribution ``q``; the verify step reads it)."""
 
-    Attributes:
-      tokens, positions, token_slot, token_kind: ``i32[T]``.
-      md: :class:`AttentionMetadata` (``cu_q_lens[S+1]``, ``kv_lens[S]``, ``num_seqs[1]``,
-        ``slot_mapping[T]``, ``page_indices[S, P]``).
-      logits_indices: ``i32[S]`` row of each sequence's last scheduled token.
-      sampling: :class:`SamplingTensors` of ``S`` rows.
-    """
-
-    tokens: jax.Array
-    positions: jax.Array
-    token_slot: jax.Array
-    token_kind: jax.Array
-    md: AttentionMetadata
-    logits_indices: jax.Array
-    sampling: SamplingTensors
+    model: CausalLM
+    params: object
+    kv_cache: object
+    probs: jax.Array
 
 
 class ModelRunner:
-    """Holds parameters, KV cache and penalty state; runs compiled steps.
+    """Holds parameters, KV cache and penalty state (and a draft model's); runs compiled steps.
 
     Args:
       model, params: the model and its (possibly quantized) parameters.
       kv_spec: paged cache geometry.
       num_slots: penalty-state rows (max running sequences + one trash row for padding).
-      impl: attention kernel ("xla", "cpu", "pallas_tpu", "pallas_gpu"; None = backend default).
+      kernels: the attention and matmul kernels every step runs with.
+      batches: builds the padding batches that compile each bucket.
       plan: the model's sharding plan; the cache is placed by it (KV heads split over "model" when
         attention is), the penalty state replicated, and every step returns both with the same
         shardings, so compiled steps are reused.
     """
 
-    def __init__(self, model: CausalLM, params, kv_spec: KVCacheSpec, num_slots: int, impl: str | None = None,
-                 plan: ShardingPlan | None = None):
+    def __init__(self, model: CausalLM, params, kv_spec: KVCacheSpec, num_slots: int, kernels: Kernels,
+                 batches: BatchBuilder, plan: ShardingPlan | None = None):
         self.model = model
         self.params = params
         self.kv_spec = kv_spec
-        self.impl = impl
+        self.kernels = kernels
+        self.batches = batches
         self.num_slots = num_slots
-        plan = plan or model.plan or ShardingPlan(make_mesh())
-        self.kv_cache = init_kv_cache(kv_spec, plan)
-        self.penalty_state = jax.device_put(PenaltyState.zeros(num_slots, model.config.vocab_size), plan.replicated())
-        kv_shardings = jax.tree.map(lambda x: x.sharding, self.kv_cache)
-        ps_shardings = jax.tree.map(lambda x: x.sharding, self.penalty_state)
+        self.plan = plan or model.plan or ShardingPlan(make_mesh())
+        self.kv_cache = init_kv_cache(kv_spec, self.plan)
+        rep = self.plan.replicated()
+        self.penalty_state = jax.device_put(PenaltyState.zeros(num_slots, model.config.vocab_size), rep)
+        kv_sh = jax.tree.map(lambda x: x.sharding, self.kv_cache)
+        ps_sh = jax.tree.map(lambda x: x.sharding, self.penalty_state)
         # Sampler outputs replicated: every process (multi-host) can read them from a local device.
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2),
-                             out_shardings=(plan.replicated(), kv_shardings, ps_shardings))
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, ps_sh))
+        self._verify = jax.jit(self._verify_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, ps_sh))
+        self.draft: DraftState | None = None
+        self._draft_step = None
         self.num_steps = 0
 
+    # ---- the target step ---------------------------------------------------------------------------
+    def _forward(self, params, kv_cache, batch: StepBatch):
+        return self.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md, batch.logits_indices,
+                                  kernels=self.kernels)
+
     def _step_fn(self, params, kv_cache, penalty_state, batch: StepBatch):
-        logits, kv_cache = self.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md,
-                                              batch.logits_indices)
+        logits, kv_cache = self._forward(params, kv_cache, batch)
         penalty_state = update_penalty_state(penalty_state, batch.sampling, batch.tokens, batch.token_slot,
                                              batch.token_kind)
         return sample(logits, batch.sampling, penalty_state), kv_cache, penalty_state
@@ -100,33 +104,72 @@ class ModelRunner:
         """Execute one step; returns the sampler output on the host (one device-to-host copy)."""
         return jax.device_get(self.dispatch(batch))
 
-    def dummy_batch(self, num_tokens: int, num_seqs: int, pages_per_seq: int) -> StepBatch:
-        """An all-padding batch of the given bucket (used to compile it)."""
-        return padding_batch(num_tokens, num_seqs, pages_per_seq, self.impl, trash_slot=self.num_slots - 1)
+    # ---- the verify step ---------------------------------------------------------------------------
+    def _verify_fn(self, params, kv_cache, penalty_state, batch: StepBatch, vin: VerifyInputs, draft_probs):
+        logits, kv_cache = self._forward(params, kv_cache, batch)
+        penalty_state = update_penalty_state(penalty_state, batch.sampling, batch.tokens, batch.token_slot,
+                                             batch.token_kind)
+        return rejection_sample(logits, batch.sampling, penalty_state, vin, draft_probs), kv_cache, penalty_state
 
-    def compile_all(self, shapes, pages_per_seq: int) -> float:
-        """Compile the step for every ``(T, S)`` in ``shapes`` by running an all-padding batch."""
+    def dispatch_verify(self, vb: VerifyBatch) -> VerifyOutput:
+        """Launch one verify step (asynchronously; drafts with the draft model's probabilities when there
+        is a draft model, else as point masses); the output stays on the device."""
+        probs = self.draft.probs if self.draft is not None else None
+        out, self.kv_cache, self.penalty_state = self._verify(self.params, self.kv_cache, self.penalty_state,
+                                                              vb.batch, vb.vin, probs)
+        self.num_steps += 1
+        return out
+
+    # ---- the draft step ----------------------------------------------------------------------------
+    def attach_draft(self, model: CausalLM, params, kv_spec: KVCacheSpec, num_speculative_tokens: int,
+                     plan: ShardingPlan | None = None) -> None:
+        """Give the runner a draft model (its cache over the target's page ids, see
+        :func:`jaxinfer.speculative.draft.draft_kv_spec`) for draft-model speculation."""
+        plan = plan or model.plan or self.plan
+        rep = plan.replicated()
+        vocab = self.model.config.vocab_size
+        probs = jax.device_put(jnp.zeros((self.num_slots * num_speculative_tokens, vocab), jnp.float32), rep)
+        self.draft = DraftState(model, params, init_kv_cache(kv_spec, plan), probs)
+        kv_sh = jax.tree.map(lambda a: a.sharding, self.draft.kv_cache)
+        self._draft_step = jax.jit(self._draft_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, rep))
+
+    def _draft_fn(self, params, kv_cache, probs, batch: StepBatch, q_rows):
+        logits, kv_cache = self.draft.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md,
+                                                    batch.logits_indices, kernels=self.kernels)
+        tokens, q = draft_sample(fit_vocab(logits, self.model.config.vocab_size), batch.sampling)
+        return tokens, kv_cache, probs.at[q_rows].set(q, mode="drop")
+
+    def run_draft(self, batch: StepBatch, q_rows: np.ndarray) -> np.ndarray:
+        """One draft step; ``q_rows i32[S]``: buffer row for each row's ``q`` (out of range: not kept).
+        Returns the drafted tokens ``i32[S]`` on the host."""
+        d = self.draft
+        tokens, d.kv_cache, d.probs = self._draft_step(d.params, d.kv_cache, d.probs, batch, q_rows)
+        return np.asarray(jax.device_get(tokens))
+
+    @property
+    def num_draft_rows(self) -> int:
+        """Rows of the draft-probability buffer (a ``q_rows`` entry this large is dropped)."""
+        return 0 if self.draft is None else int(self.draft.probs.shape[0])
+
+    # ---- compilation -------------------------------------------------------------------------------
+    def compile_all(self, shapes=(), verify_shapes=(), draft_shapes=()) -> float:
+        """Compile every step for its ``(T, S)`` buckets by running all-padding batches (the step
+        counter is reset afterwards). Returns the seconds spent."""
         start = time.perf_counter()
+        b = self.batches
         for t, s in shapes:
-            self.run(self.dummy_batch(t, s, pages_per_seq))
+            self.run(b.padding(t, s))
+        for t, s in verify_shapes:
+            jax.device_get(self.dispatch_verify(b.padding_verify(t, s)))
+        for t, s in draft_shapes:
+            self.run_draft(b.padding(t, s), np.full(s, self.num_draft_rows, np.int32))
         self.num_steps = 0
         elapsed = time.perf_counter() - start
-        logger.info("compiled %d step shapes in %.1f s", len(shapes), elapsed)
+        logger.info("compiled %d step, %d verify and %d draft shapes in %.1f s", len(shapes), len(verify_shapes),
+                    len(draft_shapes), elapsed)
         return elapsed
 
 
-def padding_batch(num_tokens: int, num_seqs: int, pages_per_seq: int, impl: str | None,
-                  trash_slot: int = 0) -> StepBatch:
-    """An all-padding :class:`StepBatch` of bucket ``(T, S)`` (nothing written, nothing attended; penalty
-    rows point at ``trash_slot``): what warm-up runs to compile a bucket."""
-    z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
-    md = AttentionMetadata(cu_q_lens=z(num_seqs + 1), kv_lens=z(num_seqs), num_seqs=z(1),
-                           slot_mapping=np.full(num_tokens, -1, np.int32),
-                           page_indices=z(num_seqs, pages_per_seq), impl=impl)
-    st = SamplingTensors.build([], seeds=[], steps=[], num_rows=num_seqs, trash_slot=trash_slot)
-    return StepBatch(z(num_tokens), z(num_tokens), np.full(num_tokens, trash_slot, np.int32), z(num_tokens), md,
-                     z(num_seqs), st)
-
-
 def params_bytes(params) -> int:
+    """Bytes of a parameter pytree."""
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))

@@ -239,6 +239,15 @@ class SamplerOutput:
     top_logprobs: jax.Array
 
 
+def logprob_entry(out, row: int, k: int) -> dict[int, float]:
+    """``{token: logprob}`` of row ``row`` of a host copy of a sampler (or verify) output: the sampled token
+    first, then the top ``k`` alternatives."""
+    entry = {int(out.tokens[row]): float(out.logprobs[row])}
+    for j in range(k):
+        entry.setdefault(int(out.top_ids[row, j]), float(out.top_logprobs[row, j]))
+    return entry
+
+
 def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None = None) -> SamplerOutput:
     """Sample one token per row.
 

@@ -17,6 +17,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import CausalTransformer, LlamaAttention
 from jaxinfer.models.qwen3 import Qwen3Attention
 from jaxinfer.sharding import ShardingPlan
+from jaxinfer.target import Kernels
 
 ATTENTION_CLASSES = {
     "llama": LlamaAttention,
@@ -36,7 +37,8 @@ class CausalLM:
         mesh = plan.mesh if plan is not None and plan.shard_attention else None
         self.module = CausalTransformer(config, ATTENTION_CLASSES[config.architecture], self.dtype, mesh)
 
-    def forward(self, params, tokens, positions, kv_caches, md: AttentionMetadata, logits_indices=None):
+    def forward(self, params, tokens, positions, kv_caches, md: AttentionMetadata, logits_indices=None,
+                kernels: Kernels | None = None):
         """Run the decoder over a ragged step.
 
         Args:
@@ -45,10 +47,16 @@ class CausalLM:
           kv_caches: tuple of one cache per layer.
           md: the step's :class:`AttentionMetadata`.
           logits_indices: ``i32[N]`` rows whose logits are wanted (``None``: all ``T``).
+          kernels: the attention and quantized-matmul kernels to run (``None``: ``md.impl`` and the
+            kernels' own defaults).
         Returns:
           ``(f32[N, vocab], kv_caches)``.
         """
-        return self.module.apply({"params": params}, tokens, positions, kv_caches, md, logits_indices)
+        module = self.module
+        if kernels is not None:
+            module = module.clone(matmul_impl=kernels.matmul)
+            md = md.replace(impl=kernels.attention)
+        return module.apply({"params": params}, tokens, positions, kv_caches, md, logits_indices)
 
     def _init_fn(self):
         """``rng -> boxed params`` on a one-token dummy step (shapes only depend on the config)."""

@@ -73,6 +73,7 @@ class Linear(nn.Module):
     axes: tuple[str, str]
     use_bias: bool = False
     param_dtype: jnp.dtype = jnp.float32
+    impl: str | None = None  # quantized-matmul kernel for QArray kernels (the runner's resolved choice)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -82,7 +83,7 @@ class Linear(nn.Module):
         if self.use_bias:
             binit = nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],))
             bias = self.param("bias", binit, (self.features,), self.param_dtype)
-        return linear(x, kernel, bias)
+        return linear(x, kernel, bias, impl=self.impl)
 
 
 class RMSNorm(nn.Module):

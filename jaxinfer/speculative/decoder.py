@@ -23,15 +23,12 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxinfer.attention import AttentionMetadata
+from jaxinfer.device_batch import BatchBuilder, RowInfo, VerifyBatch
 from jaxinfer.outputs import acceptance_length
-from jaxinfer.runner import ModelRunner, StepBatch
-from jaxinfer.sampling import SamplingTensors
+from jaxinfer.runner import ModelRunner
+from jaxinfer.sampling import logprob_entry
 from jaxinfer.scheduler import ScheduledSeq
-from jaxinfer.speculative.draft import DraftRunner
 from jaxinfer.speculative.ngram import NgramProposer
-from jaxinfer.speculative.verify import RowInfo, Verifier, VerifyBatch, pack_verify
-from jaxinfer.step_inputs import StepBuckets, pack_rows
 
 
 @dataclass
@@ -78,32 +75,24 @@ class SpeculativeDecoder:
     Args:
       method: "ngram" or "draft".
       num_speculative_tokens: ``K``.
-      buckets: the engine's step buckets (verify buckets are those up to the verify cap).
-      runner: the target runner.
-      draft: the draft runner (method "draft").
+      batches: the engine's batch builder (its buckets bound the verify buckets).
+      runner: the target runner (with a draft model attached for method "draft").
       ngram_min / ngram_max: n-gram lengths (method "ngram").
       max_num_seqs: running sequences at most.
-      trash_slot: penalty-state slot of padding rows.
-      eos_token_ids: for ``min_tokens`` suppression.
-      impl: attention implementation.
     """
 
-    def __init__(self, method: str, num_speculative_tokens: int, buckets: StepBuckets, runner: ModelRunner, *,
-                 draft: DraftRunner | None = None, ngram_min: int = 1, ngram_max: int = 4, max_num_seqs: int,
-                 trash_slot: int, eos_token_ids=(), impl: str | None = None):
+    def __init__(self, method: str, num_speculative_tokens: int, batches: BatchBuilder, runner: ModelRunner, *,
+                 ngram_min: int = 1, ngram_max: int = 4, max_num_seqs: int):
         if method not in ("ngram", "draft"):
             raise ValueError(f"speculative method must be 'ngram' or 'draft', got {method!r}")
-        if method == "draft" and draft is None:
+        if method == "draft" and runner.draft is None:
             raise ValueError("the draft method needs a draft model")
         self.method = method
         self.k = num_speculative_tokens
-        self.buckets = buckets
-        self.draft = draft
+        self.batches = batches
+        self.buckets = buckets = batches.buckets
+        self.runner = runner
         self.ngram = NgramProposer(ngram_min, ngram_max) if method == "ngram" else None
-        self.verifier = Verifier(runner, num_speculative_tokens, use_draft_probs=method == "draft")
-        self.trash_slot = trash_slot
-        self.eos_token_ids = tuple(eos_token_ids)
-        self.impl = impl
         cap = min(buckets.token_buckets[-1], max_num_seqs * (num_speculative_tokens + 1))
         self.verify_token_cap = buckets.token_bucket(cap)
         self.stats = SpecStats()
@@ -120,19 +109,11 @@ class SpeculativeDecoder:
 
     def draft_shapes(self, token_counts=None) -> list[tuple[int, int]]:
         """Draft-step buckets: every step bucket, or those of ``n`` and ``2 n`` tokens."""
-        if self.draft is None:
+        if self.method != "draft":
             return []
         if token_counts is None:
             return self.buckets.shapes()
         return sorted({self.buckets.bucket(m, 1) for n in token_counts for m in (n, 2 * n)})
-
-    def warmup(self, token_counts=None) -> float:
-        p = self.buckets.pages_per_seq
-        probs = self.draft.probs if self.draft is not None else None
-        seconds = self.verifier.compile_all(self.verify_shapes(token_counts), p, probs)
-        if self.draft is not None:
-            seconds += self.draft.compile_all(self.draft_shapes(token_counts), p)
-        return seconds
 
     def forget(self, seq_id: str) -> None:
         """A sequence finished or was preempted: drop its proposer state."""
@@ -158,18 +139,8 @@ class SpeculativeDecoder:
                     for r, k in zip(rows, ks)]
         return self._draft_propose(rows, infos, ks)
 
-    def _draft_batch(self, rows, infos, steps, given=None) -> StepBatch:
-        x = pack_rows(rows, self.buckets, given)
-        _, s = x.bucket
-        params = [info.params if r.samples else None for r, info in zip(rows, infos)]
-        st = SamplingTensors.build(params, seeds=[i.seed for i in infos], steps=steps, num_rows=s,
-                                   eos_token_ids=self.eos_token_ids)
-        md = AttentionMetadata(x.cu_q_lens, x.kv_lens, x.num_seqs, x.slot_mapping, x.page_indices, impl=self.impl)
-        z = np.zeros_like(x.tokens)
-        return StepBatch(x.tokens, x.positions, z, z, md, x.logits_indices, st)
-
     def _q_rows(self, slots_js, s: int) -> np.ndarray:
-        out = np.full(s, self.draft.num_slots * self.k, np.int32)  # out of range: not stored
+        out = np.full(s, self.runner.num_draft_rows, np.int32)  # out of range: not stored
         for i, (slot, j) in enumerate(slots_js):
             if j is not None:
                 out[i] = slot * self.k + j
@@ -195,10 +166,10 @@ class SpeculativeDecoder:
         if not rows1:
             return drafts
         infos1 = [infos[i] for i in sel]
-        b1 = self._draft_batch(rows1, infos1, [info.step for info in infos1])
+        b1 = self.batches.draft(rows1, infos1, [info.step for info in infos1])
         q1 = self._q_rows([(info.slot, 0 if ks[i] else None) for i, info in zip(sel, infos1)],
                           b1.logits_indices.shape[0])
-        tokens = self.draft.run(b1, q1)
+        tokens = self.runner.run_draft(b1, q1)
         for n, (i, r1) in enumerate(zip(sel, rows1)):
             done[r1.seq.request_id] = r1.kv_len
             if ks[i]:
@@ -208,9 +179,10 @@ class SpeculativeDecoder:
             idx = [i for i in range(len(rows)) if ks[i] > j]
             rows_j = [ScheduledSeq(rows[i].seq, rows[i].start + j, 1, True) for i in idx]
             infos_j = [infos[i] for i in idx]
-            b = self._draft_batch(rows_j, infos_j, [info.step + j for info in infos_j],
-                                  [[drafts[i][-1]] for i in idx])
-            tokens = self.draft.run(b, self._q_rows([(info.slot, j) for info in infos_j], b.logits_indices.shape[0]))
+            b = self.batches.draft(rows_j, infos_j, [info.step + j for info in infos_j],
+                                   [[drafts[i][-1]] for i in idx])
+            tokens = self.runner.run_draft(b, self._q_rows([(info.slot, j) for info in infos_j],
+                                                           b.logits_indices.shape[0]))
             for n, i in enumerate(idx):
                 drafts[i].append(int(tokens[n]))
                 done[rows[i].seq.request_id] = rows[i].start + j + 1
@@ -223,10 +195,8 @@ class SpeculativeDecoder:
     def dispatch_verify(self, rows: list[ScheduledSeq], drafts: list[list[int]], infos: list[RowInfo]
                         ) -> PendingVerify:
         """Launch the verify step without waiting for it (:meth:`collect` finishes it)."""
-        vb = pack_verify(rows, drafts, infos, self.buckets, self.k, trash_slot=self.trash_slot,
-                         eos_token_ids=self.eos_token_ids, impl=self.impl)
-        probs = self.draft.probs if self.draft is not None else None
-        return PendingVerify(rows, drafts, infos, vb, self.verifier.dispatch(vb, probs))
+        vb = self.batches.verify(rows, drafts, infos)
+        return PendingVerify(rows, drafts, infos, vb, self.runner.dispatch_verify(vb))
 
     @staticmethod
     def is_verify(launched) -> bool:
@@ -248,7 +218,7 @@ class SpeculativeDecoder:
             ids = [int(vb.row_map[i, j]) for j in range(acc + 1)]
             res.tokens.append([int(out.tokens[n]) for n in ids])
             nlp = info.params.logprobs
-            res.logprobs.append(None if nlp is None else [_entry(out, n, nlp) for n in ids])
+            res.logprobs.append(None if nlp is None else [logprob_entry(out, n, nlp) for n in ids])
             res.num_drafts.append(len(d))
             res.num_accepted.append(acc)
             if d:
@@ -257,9 +227,3 @@ class SpeculativeDecoder:
                 self.stats.num_verified += 1
         return res
 
-
-def _entry(out, row: int, k: int) -> dict[int, float]:
-    entry = {int(out.tokens[row]): float(out.logprobs[row])}
-    for j in range(k):
-        entry.setdefault(int(out.top_ids[row, j]), float(out.top_logprobs[row, j]))
-    return entry

@@ -1,4 +1,4 @@
-"""The draft model: its own paged KV cache over the target's page ids, and a jitted draft step.
+"""The draft model's cache geometry and its sampling (the draft step itself is the runner's).
 
 The draft cache has the target's page count, page size, layout and storage dtype, with the draft model's
 layers and heads, so the one block manager (and every block table) serves both caches: a page id names
@@ -14,22 +14,13 @@ verify step reads; the buffer never leaves the device.
 
 from __future__ import annotations
 
-import logging
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxinfer.kv_cache import KV_CACHE_DTYPES, KVCacheSpec, init_kv_cache
-from jaxinfer.loader import LoadedModel
-from jaxinfer.runner import StepBatch, padding_batch
+from jaxinfer.kv_cache import KV_CACHE_DTYPES, KVCacheSpec
 from jaxinfer.sampling import SamplingTensors, process_logits, warp_logits
-from jaxinfer.sharding import ShardingPlan, make_mesh
 from jaxinfer.speculative.rejection import DRAFT_STREAM, stream_gumbel
 from pallas_kernels.ragged_paged_attention.pages import default_layout
-
-logger = logging.getLogger(__name__)
 
 
 def draft_kv_spec(draft_config, target_spec: KVCacheSpec) -> KVCacheSpec:
@@ -79,54 +70,3 @@ def draft_sample(logits: jax.Array, st: SamplingTensors) -> tuple[jax.Array, jax
         return jnp.where(is_greedy, greedy, drawn), jax.nn.softmax(y, axis=-1)
 
     return jax.lax.cond(jnp.all(is_greedy), lambda: (greedy, jnp.zeros_like(x)), sampled)
-
-
-class DraftRunner:
-    """Holds the draft model's parameters, KV cache and the draft-probability buffer; runs draft steps.
-
-    Args:
-      loaded: the draft model.
-      kv_spec: its cache geometry (:func:`draft_kv_spec`).
-      vocab_size: the target's vocabulary size.
-      num_slots: engine slots (running sequences + one trash slot).
-      num_speculative_tokens: ``K``.
-      impl: attention implementation.
-    """
-
-    def __init__(self, loaded: LoadedModel, kv_spec: KVCacheSpec, vocab_size: int, num_slots: int,
-                 num_speculative_tokens: int, impl: str | None = None):
-        self.model = loaded.model
-        self.params = loaded.params
-        self.impl = impl
-        self.vocab_size = vocab_size
-        self.num_slots = num_slots
-        self.k = num_speculative_tokens
-        plan = loaded.plan or loaded.model.plan or ShardingPlan(loaded.mesh or make_mesh())
-        self.kv_cache = init_kv_cache(kv_spec, plan)  # placed like the draft's own attention
-        rep = plan.replicated()
-        self.probs = jax.device_put(jnp.zeros((num_slots * num_speculative_tokens, vocab_size), jnp.float32), rep)
-        kv_sh = jax.tree.map(lambda a: a.sharding, self.kv_cache)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, rep))
-
-    def _step_fn(self, params, kv_cache, probs, batch: StepBatch, q_rows):
-        logits, kv_cache = self.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md,
-                                              batch.logits_indices)
-        tokens, q = draft_sample(fit_vocab(logits, self.vocab_size), batch.sampling)
-        probs = probs.at[q_rows].set(q, mode="drop")
-        return tokens, kv_cache, probs
-
-    def run(self, batch: StepBatch, q_rows: np.ndarray) -> np.ndarray:
-        """One draft step; ``q_rows i32[S]``: buffer row for each row's ``q`` (out of range: not kept).
-        Returns the drafted tokens ``i32[S]`` on the host."""
-        tokens, self.kv_cache, self.probs = self._step(self.params, self.kv_cache, self.probs, batch, q_rows)
-        return np.asarray(jax.device_get(tokens))
-
-    def compile_all(self, shapes, pages_per_seq: int) -> float:
-        """Compile the draft step for every ``(T, S)`` bucket."""
-        start = time.perf_counter()
-        drop = self.num_slots * self.k
-        for t, s in shapes:
-            self.run(padding_batch(t, s, pages_per_seq, self.impl), np.full(s, drop, np.int32))
-        elapsed = time.perf_counter() - start
-        logger.info("compiled %d draft step shapes in %.1f s", len(shapes), elapsed)
-        return elapsed
