@@ -40,7 +40,7 @@ def run(loaded, prompts, args, enable: bool) -> dict:
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.system_len + args.question_len + args.output_len + 16,
                        enable_prefix_caching=enable)
-    eng = Engine(config=cfg, loaded=loaded)
+    eng = Engine(loaded, cfg)
     eng.warmup()
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     start = time.perf_counter()

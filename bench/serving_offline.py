@@ -17,10 +17,10 @@ def run_offline(requests: list[Request], concurrency: int, engine_options: dict,
     and the wall time.
     """
     from jaxinfer.config import EngineConfig
-    from jaxinfer.engine import Engine
+    from jaxinfer.engine_factory import create_engine
     from jaxinfer.sampling_params import SamplingParams
 
-    engine = Engine(model, EngineConfig(**engine_options))
+    engine = create_engine(model, EngineConfig(**engine_options))
     engine.warmup()
     pending = list(enumerate(requests))
     results = [Result(ok=False, prompt_len=len(r.prompt)) for r in requests]

@@ -121,7 +121,7 @@ def main() -> None:
     for name, (method, draft, ngram_min) in configs.items():
         cfg = EngineConfig(**base, speculative_method=method, num_speculative_tokens=args.k,
                            **({"ngram_min": ngram_min} if ngram_min else {}))
-        engines[name] = Engine(None, cfg, loaded=target, draft=draft)
+        engines[name] = Engine(target, cfg, draft=draft)
         t = time.perf_counter()
         engines[name].warmup()
         results[name] = {"warmup_s": time.perf_counter() - t, "batches": {}}

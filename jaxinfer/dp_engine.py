@@ -16,13 +16,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jaxinfer.compilation_cache import enable_compilation_cache
-from jaxinfer.config import EngineConfig, resolve_dtype
+from jaxinfer.config import EngineConfig
 from jaxinfer.engine import Engine, EngineStats
-from jaxinfer.loader import LoadedModel, load_model
+from jaxinfer.loader import LoadedModel
 from jaxinfer.models.causal_lm import CausalLM
 from jaxinfer.outputs import RequestOutput
-from jaxinfer.sharding import MESH_AXES, ShardingPlan, make_mesh
+from jaxinfer.sharding import MESH_AXES, ShardingPlan
 
 
 def replica_slice(loaded: LoadedModel, replica: int) -> LoadedModel:
@@ -44,19 +43,22 @@ def replica_slice(loaded: LoadedModel, replica: int) -> LoadedModel:
 
 
 class DataParallelEngine:
-    """``data_parallel_size`` :class:`Engine` replicas with the Engine interface."""
+    """``data_parallel_size`` :class:`Engine` replicas with the Engine interface.
 
-    def __init__(self, model: str | None = None, config: EngineConfig | None = None, *,
-                 loaded: LoadedModel | None = None, compilation_cache: bool | None = None):
-        enable_compilation_cache(compilation_cache)
-        config = config or EngineConfig()
-        mesh = make_mesh(config.tensor_parallel_size, config.data_parallel_size)
-        loaded = loaded or load_model(model, dtype=resolve_dtype(config.dtype), mesh=mesh,
-                                      quantization=config.quantization)
+    Args:
+      loaded: the model loaded onto the whole ``(data, model)`` mesh.
+      config: :class:`EngineConfig` with ``data_parallel_size`` replicas.
+      draft: the loaded draft model (``speculative_method="draft"``), on the same mesh.
+      model_name: the name front ends report.
+    """
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, *, draft: LoadedModel | None = None,
+                 model_name: str | None = None):
         if loaded.mesh.shape["data"] != config.data_parallel_size:
             raise ValueError("the loaded model's mesh does not match data_parallel_size")
         single = dataclasses.replace(config, data_parallel_size=1)
-        self.replicas = [Engine(model, single, loaded=replica_slice(loaded, r), compilation_cache=compilation_cache)
+        self.replicas = [Engine(replica_slice(loaded, r), single, model_name=model_name,
+                                draft=None if draft is None else replica_slice(draft, r))
                          for r in range(config.data_parallel_size)]
         first = self.replicas[0]
         self.config = config
@@ -119,9 +121,3 @@ class DataParallelEngine:
         total["num_steps"] = int(np.max([p.num_steps for p in parts]))
         return EngineStats(**total)
 
-
-def create_engine(model: str | None = None, config: EngineConfig | None = None, **kwargs):
-    """An :class:`Engine`, or a :class:`DataParallelEngine` when ``config.data_parallel_size > 1``."""
-    config = config or EngineConfig()
-    cls = DataParallelEngine if config.data_parallel_size > 1 else Engine
-    return cls(model, config, **kwargs)

@@ -6,13 +6,15 @@ a fixed bucket -> one jitted device step (paged attention, sampling on device) -
 copy -> scheduler update (stop conditions, page bookkeeping) -> incremental detokenization and stop
 strings -> :class:`RequestOutput` deltas.
 
+The engine core is add / abort / step over the scheduler and the runner; request bookkeeping,
+detokenization, stop strings and output assembly are the :class:`~jaxinfer.output_processor.OutputProcessor`'s.
 A request with ``n > 1`` runs as ``n`` sequences over the same prompt. Every running sequence owns a
-*slot*: a row of the on-device penalty state.
+*slot*: a row of the on-device penalty state. Engines are built by :func:`jaxinfer.engine_factory.create_engine`,
+which loads the model once.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -21,20 +23,18 @@ import jax
 import numpy as np
 
 from jaxinfer.block_manager import BlockManagerStats
-from jaxinfer.compilation_cache import enable_compilation_cache
-from jaxinfer.config import EngineConfig, resolve_dtype
-from jaxinfer.detokenizer import IncrementalDetokenizer
+from jaxinfer.config import EngineConfig
 from jaxinfer.device_batch import BatchBuilder, RowInfo
 from jaxinfer.errors import InvalidRequestError, UnsupportedModelError
 from jaxinfer.kv_cache import plan_kv_cache
-from jaxinfer.loader import LoadedModel, load_model
-from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput, acceptance_length
+from jaxinfer.loader import LoadedModel
+from jaxinfer.output_processor import OutputProcessor
+from jaxinfer.outputs import RequestOutput, acceptance_length
 from jaxinfer.runner import ModelRunner, params_bytes
 from jaxinfer.sampling import logprob_entry
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.sequence import Sequence
-from jaxinfer.sharding import make_mesh
 from jaxinfer.speculative.params import resolve_num_speculative_tokens
 from jaxinfer.step_inputs import StepBuckets, pack_step_inputs
 from jaxinfer.target import Kernels
@@ -71,48 +71,24 @@ class EngineStats:
         return acceptance_length(self.spec_accepted_tokens, self.spec_verified) or 0.0
 
 
-class _Request:
-    """One user request: its ``n`` sequences, their detokenizers and what was already reported."""
-
-    def __init__(self, request_id, prompt, prompt_ids, params, seqs, detoks, seeds, arrival):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.seqs = seqs
-        self.detoks = detoks
-        self.seeds = seeds
-        self.metrics = RequestMetrics(arrival_time=arrival)
-        self.done = [False] * len(seqs)
-
-    @property
-    def finished(self) -> bool:
-        return all(self.done)
-
-
 class Engine:
     """Continuous-batching inference over a paged KV cache.
 
     Args:
-      model: registered name, HF directory, GGUF file or hub id (``None``: the default model).
-      config: :class:`EngineConfig`.
-      loaded: an already loaded model (skips loading ``model``; ``config.quantization`` is then not used).
-      draft: an already loaded draft model for ``speculative_method="draft"`` (skips loading
-        ``config.speculative_model``).
-      compilation_cache: persistent XLA cache switch (``None``: environment default, on).
+      loaded: the loaded model (:func:`jaxinfer.loader.load_model`; :func:`~jaxinfer.engine_factory.create_engine`
+        loads it from a name).
+      config: :class:`EngineConfig` (its loading fields, e.g. ``quantization``, were used by the loader).
+      draft: the loaded draft model, required for ``speculative_method="draft"``.
+      model_name: the name front ends report (default: the model source's name).
     """
 
-    def __init__(self, model: str | None = None, config: EngineConfig | None = None, *,
-                 loaded: LoadedModel | None = None, draft: LoadedModel | None = None,
-                 compilation_cache: bool | None = None):
-        enable_compilation_cache(compilation_cache)
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, *, draft: LoadedModel | None = None,
+                 model_name: str | None = None):
         self.config = config = config or EngineConfig()
-        dtype = resolve_dtype(config.dtype)
-        self.loaded = loaded or load_model(model, dtype=dtype, mesh=make_mesh(config.tensor_parallel_size),
-                                           quantization=config.quantization)
+        self.loaded = loaded
         self.model_config = mc = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        self.model_name = str(model) if model is not None else self.loaded.source.name
+        self.model_name = model_name or self.loaded.source.name
         limit = mc.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's {limit}")
@@ -122,7 +98,7 @@ class Engine:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
         self.kernels = Kernels.for_mesh(self.loaded.mesh, config.attention_impl)
-        self.draft_loaded = self._load_draft(draft, dtype)
+        self.draft_loaded = self._check_draft(draft)
         spec = plan_kv_cache(mc, page_size=config.page_size, dtype=self.loaded.model.dtype,
                              kv_cache_dtype=config.kv_cache_dtype, memory=config.kv_cache_memory,
                              memory_fraction=config.kv_cache_memory_fraction,
@@ -149,23 +125,16 @@ class Engine:
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self._slot: dict[str, int] = {}
         self._fresh: set[str] = set()  # sequences whose slot must be cleared at their next step
-        self._requests: dict[str, _Request] = {}
-        self._owner: dict[str, tuple[_Request, int]] = {}
-        self._pending: list[RequestOutput] = []
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish)
         self._rng = np.random.default_rng(config.seed)
-        self._prompt_tokens = 0
-        self._generated_tokens = 0
-        self._ids = itertools.count()
 
     # ---- speculative decoding ----------------------------------------------------------------------
-    def _load_draft(self, draft: LoadedModel | None, dtype) -> LoadedModel | None:
-        cfg = self.config
-        if cfg.speculative_method != "draft":
+    def _check_draft(self, draft: LoadedModel | None) -> LoadedModel | None:
+        if self.config.speculative_method != "draft":
             return None
         if draft is None:
-            if cfg.speculative_model is None:
-                raise ValueError("speculative_method='draft' needs speculative_model (or a loaded draft)")
-            draft = load_model(cfg.speculative_model, dtype=dtype, mesh=self.loaded.mesh, load_tokenizer_too=False)
+            raise ValueError("speculative_method='draft' needs a loaded draft model (create_engine loads "
+                             "speculative_model)")
         tv, dv = self.model_config.vocab_size, draft.config.vocab_size
         if abs(tv - dv) > 1024:  # padded vocabularies of one family differ by a little
             raise UnsupportedModelError(f"the draft model's vocabulary ({dv}) does not match the target's ({tv})")
@@ -206,7 +175,7 @@ class Engine:
         """
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string", "request_id")
-        if request_id in self._requests:
+        if request_id in self.outputs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
@@ -229,12 +198,7 @@ class Engine:
             for seq in added:
                 self.scheduler.abort(seq.request_id)
             raise
-        detoks = [IncrementalDetokenizer.from_sampling_params(self.tokenizer, params, ids) for _ in seqs]
-        req = _Request(request_id, text, ids, params, seqs, detoks, seeds, arrival)
-        self._requests[request_id] = req
-        for i, seq in enumerate(seqs):
-            self._owner[seq.request_id] = (req, i)
-        self._prompt_tokens += len(ids)
+        self.outputs.add(request_id, text, ids, params, seqs, seeds, arrival)
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -254,23 +218,16 @@ class Engine:
     def abort_request(self, request_id: str) -> bool:
         """Abort a request: its pages are freed now; its final output (reason "abort") comes from the next
         ``step()``. Returns False when the id is unknown or already finished."""
-        req = self._requests.get(request_id)
-        if req is None:
+        running = self.outputs.abort(request_id)
+        if running is None:
             return False
-        outs = []
-        for i, seq in enumerate(req.seqs):
-            if req.done[i]:
-                continue
-            self.scheduler.abort(seq.request_id)
-            self._release_slot(seq.request_id)
-            req.done[i] = True
-            outs.append(CompletionOutput(i, "", [], "abort", None, [] if req.params.logprobs is not None else None))
-        self._pending.append(self._output(req, outs))
-        self._forget(req)
+        for seq_id in running:
+            self.scheduler.abort(seq_id)
+            self._release_slot(seq_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._pending)
+        return self.outputs.has_unfinished()
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -279,7 +236,7 @@ class Engine:
 
     def start_step(self):
         """Schedule and launch a step on the device without waiting for it (see :meth:`finish_step`)."""
-        outputs, self._pending = self._pending, []
+        outputs = self.outputs.take_pending()
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
             self._release_slot(seq.request_id)
@@ -309,66 +266,12 @@ class Engine:
             sampled = [[int(t)] for t in res.tokens[: len(rows)]]
             logprobs = [None if info.params.logprobs is None else [logprob_entry(res, i, info.params.logprobs)]
                         for i, info in enumerate(infos)]
-        now = time.perf_counter()
         row_of = {r.seq.request_id: i for i, r in enumerate(rows)}
         updates = self.scheduler.update(sched, sampled)
-        changed: dict[str, list[CompletionOutput]] = {}
-        for u in updates:
-            req, i = self._owner[u.seq.request_id]
-            row = row_of[u.seq.request_id]
-            if spec_res is not None and spec_res.num_drafts[row]:
-                req.metrics.num_draft_tokens += spec_res.num_drafts[row]
-                req.metrics.num_accepted_tokens += spec_res.num_accepted[row]
-                req.metrics.num_spec_steps += 1
-            new_ids, text = self._detokenize(req, i, u)
-            seq = u.seq
-            finished = seq.is_finished
-            if new_ids and req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            self._generated_tokens += len(new_ids)
-            lps = None
-            if req.params.logprobs is not None:
-                lps = (logprobs[row] or [])[: len(new_ids)]
-            changed.setdefault(req.request_id, []).append(CompletionOutput(
-                i, text, new_ids, seq.finish_reason if finished else None,
-                seq.stop_reason if finished else None, lps))
-            if finished:
-                req.done[i] = True
-                self._release_slot(seq.request_id)
-        for rid, outs in changed.items():
-            req = self._requests[rid]
-            if req.finished:
-                req.metrics.finish_time = now
-            outputs.append(self._output(req, outs))
-            if req.finished:
-                self._forget(req)
-        return outputs
-
-    def _detokenize(self, req: _Request, i: int, u) -> tuple[list[int], str]:
-        """Feed an update's tokens to the detokenizer; a stop string ends the sequence at the token that
-        completes it (later tokens of an accepted speculative run are dropped). Returns the tokens kept and
-        the new text."""
-        detok, seq, ids = req.detoks[i], u.seq, list(u.new_token_ids)
-        if len(ids) <= 1:
-            d = detok.update(ids, final=u.finished, drop_last_token=u.stopped_by_token)
-            if d.stop_string is not None and not u.finished:
-                self.scheduler.finish(seq.request_id, "stop", d.stop_string)
-            return ids, d.text
-        text = ""
-        for j, token in enumerate(ids):
-            last = j == len(ids) - 1
-            d = detok.update([token], final=u.finished and last, drop_last_token=u.stopped_by_token and last)
-            text += d.text
-            if d.stop_string is None:
-                continue
-            if not seq.is_finished:
-                self.scheduler.finish(seq.request_id, "stop", d.stop_string)
-            elif not last:  # finished by a later token: the stop string came first
-                seq.set_finished("stop", d.stop_string)
-            if not last:
-                seq.truncate_tokens(seq.num_tokens - (len(ids) - j - 1))
-            return ids[: j + 1], text
-        return ids, text
+        deltas, finished = self.outputs.process(updates, row_of, logprobs, spec_res)
+        for seq_id in finished:
+            self._release_slot(seq_id)
+        return outputs + deltas
 
     def _row_infos(self, rows) -> list[RowInfo]:
         """Slot, seed, step and parameters of each scheduled row (a sequence gets a slot at its first step)."""
@@ -379,9 +282,8 @@ class Engine:
             if sid not in self._slot:
                 self._slot[sid] = self._free_slots.pop()
                 self._fresh.add(sid)
-            req, i = self._owner[sid]
-            infos.append(RowInfo(self._slot[sid], req.seeds[i], seq.num_output_tokens, seq.sampling_params,
-                                 sid in self._fresh))
+            infos.append(RowInfo(self._slot[sid], self.outputs.seed(sid), seq.num_output_tokens,
+                                 seq.sampling_params, sid in self._fresh))
             self._fresh.discard(sid)
         return infos
 
@@ -392,18 +294,6 @@ class Engine:
         if slot is not None:
             self._free_slots.append(slot)
         self._fresh.discard(seq_id)
-
-    def _output(self, req: _Request, outs: list[CompletionOutput]) -> RequestOutput:
-        m = req.metrics
-        m.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
-        if req.finished and m.finish_time is None:
-            m.finish_time = time.perf_counter()
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished, m)
-
-    def _forget(self, req: _Request) -> None:
-        self._requests.pop(req.request_id, None)
-        for seq in req.seqs:
-            self._owner.pop(seq.request_id, None)
 
     # ---- warm-up and stats -------------------------------------------------------------------------
     def warmup(self, token_counts: list[int] | None = None) -> float:
@@ -428,8 +318,9 @@ class Engine:
             num_pages_used=bm.num_used_pages, prefix_cache_hit_rate=bm.hit_rate,
             prefix_cache_queries=bm.num_query_tokens, prefix_cache_hits=bm.num_hit_tokens,
             num_preemptions=s.num_preemptions, prefix_cache_pages=bm.num_cached_pages,
-            prefix_cache_evictions=bm.num_evictions, prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=self._generated_tokens, kv_cache_capacity_tokens=self.kv_spec.capacity_tokens,
+            prefix_cache_evictions=bm.num_evictions, prompt_tokens_total=self.outputs.prompt_tokens,
+            generation_tokens_total=self.outputs.generated_tokens,
+            kv_cache_capacity_tokens=self.kv_spec.capacity_tokens,
             num_steps=self.runner.num_steps,
             **({} if self.spec is None else dict(spec_draft_tokens=self.spec.stats.num_draft_tokens,
                                                  spec_accepted_tokens=self.spec.stats.num_accepted_tokens,
@@ -442,7 +333,4 @@ class Engine:
 
     def new_request_id(self) -> str:
         """A fresh request id (for front ends that do not bring their own)."""
-        while True:
-            rid = f"req-{next(self._ids)}"
-            if rid not in self._requests:
-                return rid
+        return self.outputs.new_request_id()

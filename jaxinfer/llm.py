@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.dp_engine import create_engine
+from jaxinfer.engine_factory import create_engine
 from jaxinfer.errors import InvalidRequestError, PromptTooLongError
 from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling_params import SamplingParams

@@ -54,7 +54,7 @@ def build_engine(args):
     shape now unless ``--no-warmup`` (so no request waits for a compilation)."""
     import time
 
-    from jaxinfer.dp_engine import create_engine
+    from jaxinfer.engine_factory import create_engine
 
     engine = create_engine(args.model, engine_config_from_args(args))
     if not args.no_warmup:

@@ -139,11 +139,11 @@ def test_generate_passes_the_flags_to_llm(monkeypatch):
 
 
 def test_serve_builds_the_engine_config_from_the_flags(monkeypatch):
-    import jaxinfer.dp_engine
+    import jaxinfer.engine_factory
     from serve.cli import build_engine
 
     seen = {}
-    monkeypatch.setattr(jaxinfer.dp_engine, "create_engine", lambda model, config: seen.update(m=model, c=config))
+    monkeypatch.setattr(jaxinfer.engine_factory, "create_engine", lambda model, config: seen.update(m=model, c=config))
     build_engine(_parse("serve", "--model", "m", "--no-warmup", "--max-num-seqs", "4", "--kv-cache-dtype", "fp8",
                         "--speculative-method", "ngram"))
     assert seen["m"] == "m"
@@ -206,9 +206,8 @@ class _Loaded(Exception):
 
 @pytest.mark.parametrize("dp", [1, 2])
 def test_engines_load_with_the_configs_quantization(monkeypatch, dp):
-    import jaxinfer.dp_engine
-    import jaxinfer.engine
-    from jaxinfer.dp_engine import create_engine
+    import jaxinfer.engine_factory
+    from jaxinfer.engine_factory import create_engine
     from jaxinfer.llm import LLM
 
     seen = []
@@ -217,8 +216,7 @@ def test_engines_load_with_the_configs_quantization(monkeypatch, dp):
         seen.append((model, kwargs["quantization"], dict(kwargs["mesh"].shape)))
         raise _Loaded
 
-    monkeypatch.setattr(jaxinfer.engine, "load_model", fake_load_model)
-    monkeypatch.setattr(jaxinfer.dp_engine, "load_model", fake_load_model)
+    monkeypatch.setattr(jaxinfer.engine_factory, "load_model", fake_load_model)
     with pytest.raises(_Loaded):
         create_engine("m", EngineConfig(quantization="gguf", data_parallel_size=dp), compilation_cache=False)
     with pytest.raises(_Loaded):

@@ -56,7 +56,7 @@ def engine_for(path, tp=1, dp=1):
     loaded = load_model(str(path), mesh=mesh)
     cfg = EngineConfig(**CFG, tensor_parallel_size=tp, data_parallel_size=dp)
     cls = DataParallelEngine if dp > 1 else Engine
-    return cls(str(path), cfg, loaded=loaded)
+    return cls(loaded, cfg)
 
 
 # Every architecture at TP=2; TP=4 and DP x TP = 2 x 2 on two of them (GQA with KV heads repeated for TP=4,
@@ -110,13 +110,13 @@ def test_default_model_plan_and_equality(default_llm):
     cfg = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16, min_token_bucket=16)  # one shape
     tok = default_llm.tokenizer
     prompts = [tok("The capital of France is")["input_ids"], tok("def add(a, b):")["input_ids"]]
-    ref = generate(Engine(config=EngineConfig(**cfg), loaded=ref_loaded), prompts, [0, 1], max_tokens=8)
+    ref = generate(Engine(ref_loaded, EngineConfig(**cfg)), prompts, [0, 1], max_tokens=8)
     mesh = make_mesh(2)
     sharded = LoadedModel(ref_loaded.source, CausalLM(ref_loaded.config, ref_loaded.model.dtype, plan),
                           place_params(ref_loaded.params, ref_loaded.model.logical_axes(), plan),
                           ref_loaded.tokenizer, mesh, plan)
     assert sharded.params["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == P(None, "model")
-    got = generate(Engine(config=EngineConfig(**cfg, tensor_parallel_size=2), loaded=sharded), prompts, [0, 1],
+    got = generate(Engine(sharded, EngineConfig(**cfg, tensor_parallel_size=2)), prompts, [0, 1],
                    max_tokens=8)
     assert_same(ref, got)
 
@@ -131,8 +131,8 @@ def test_quantized_weights_shard_with_their_scales(tiny_model_dir, fmt):
                     quantize_kernels(v) if isinstance(v, dict) else v) for k, v in tree.items()}
 
     qparams = quantize_kernels(base.params)
-    ref = generate(Engine(str(path), EngineConfig(**CFG), loaded=LoadedModel(
-        base.source, base.model, qparams, base.tokenizer, base.mesh, base.plan)))
+    ref = generate(Engine(LoadedModel(base.source, base.model, qparams, base.tokenizer, base.mesh, base.plan),
+                          EngineConfig(**CFG)))
     mesh = make_mesh(2)
     plan = plan_sharding(base.config, mesh)
     model = CausalLM(base.config, base.model.dtype, plan)
@@ -144,6 +144,6 @@ def test_quantized_weights_shard_with_their_scales(tiny_model_dir, fmt):
     assert o.value.sharding.spec == P("model", None)
     if fmt == "int4-g32":
         assert o.scale.sharding.spec == P("model", None)  # row-group scales follow the rows
-    got = generate(Engine(str(path), EngineConfig(**CFG, tensor_parallel_size=2), loaded=LoadedModel(
-        base.source, model, placed, base.tokenizer, mesh, plan)))
+    got = generate(Engine(LoadedModel(base.source, model, placed, base.tokenizer, mesh, plan),
+                          EngineConfig(**CFG, tensor_parallel_size=2)))
     assert_same(ref, got)

@@ -19,7 +19,7 @@ def _engine(tiny_model_dir, arch="llama", **kw):
     path, _ = tiny_model_dir(arch)
     cfg = dict(max_model_len=160, max_num_seqs=8, max_num_batched_tokens=64, page_size=8)
     cfg.update(kw)
-    return Engine(str(path), EngineConfig(**cfg), loaded=_loaded(path))
+    return Engine(_loaded(path), EngineConfig(**cfg))
 
 
 _LOADED = {}

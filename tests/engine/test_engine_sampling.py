@@ -15,7 +15,7 @@ from tests.engine.test_engine import _loaded, _run
 def engine(tiny_model_dir):
     path, _ = tiny_model_dir("llama")
     cfg = EngineConfig(max_model_len=160, max_num_seqs=8, max_num_batched_tokens=64, page_size=8)
-    return Engine(str(path), cfg, loaded=_loaded(path))
+    return Engine(_loaded(path), cfg)
 
 
 PROMPT = [1, 17, 42, 99, 7, 120, 33]

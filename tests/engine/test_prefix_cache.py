@@ -15,7 +15,7 @@ def _engine(tiny_model_dir, **kw):
     path, _ = tiny_model_dir("llama")
     cfg = dict(max_model_len=200, max_num_seqs=8, max_num_batched_tokens=64, page_size=PAGE)
     cfg.update(kw)
-    return Engine(str(path), EngineConfig(**cfg), loaded=_loaded(path))
+    return Engine(_loaded(path), EngineConfig(**cfg))
 
 
 def _shared_prefix_workload(seed=0):

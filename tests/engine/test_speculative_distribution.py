@@ -56,7 +56,7 @@ def test_sampled_speculation_matches_target_distribution(vocab32):
     hf, target, draft = vocab32
     cfg = EngineConfig(max_model_len=16, max_num_seqs=64, max_num_batched_tokens=256, page_size=8,
                        min_token_bucket=128, speculative_method="draft", num_speculative_tokens=1)
-    eng = Engine(None, cfg, loaded=target, draft=draft)
+    eng = Engine(target, cfg, draft=draft)
     pairs = {name: [] for name in SETTINGS}
     outs: dict[str, list[int]] = {}
     for name, sp in SETTINGS.items():

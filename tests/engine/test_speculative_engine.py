@@ -34,7 +34,7 @@ def _engine(models, method=None, draft=None, **kw):
     path, target, close = models
     memory = PAGES * CFG["page_size"] * 512 * (2 if draft else 1)
     cfg = EngineConfig(**{**CFG, "kv_cache_memory": memory, **kw}, speculative_method=method)
-    return Engine(str(path), cfg, loaded=target, draft={"close": close, "self": target}.get(draft))
+    return Engine(target, cfg, draft={"close": close, "self": target}.get(draft))
 
 
 SHARED = [1, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9]  # two pages: prefix-cache hits
@@ -205,7 +205,7 @@ def test_speculation_errors(models):
         with pytest.raises(ValueError):
             EngineConfig(**bad)
     with pytest.raises(ValueError, match="speculative_model"):
-        Engine(str(models[0]), EngineConfig(**CFG, speculative_method="draft"), loaded=models[1])
+        Engine(models[1], EngineConfig(**CFG, speculative_method="draft"))
 
 
 def test_default_model_ngram_greedy_equals_plain(default_llm):
@@ -216,8 +216,8 @@ def test_default_model_ngram_greedy_equals_plain(default_llm):
     cfg = dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=32, page_size=16, min_token_bucket=8)
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     reqs = [("a", ids, sp), ("b", ids[:-3], sp)]
-    plain = _run(Engine(None, EngineConfig(**cfg), loaded=loaded), reqs)
-    eng = Engine(None, EngineConfig(**cfg, speculative_method="ngram", num_speculative_tokens=3), loaded=loaded)
+    plain = _run(Engine(loaded, EngineConfig(**cfg)), reqs)
+    eng = Engine(loaded, EngineConfig(**cfg, speculative_method="ngram", num_speculative_tokens=3))
     out = _run(eng, reqs)
     assert {r: v[0][0] for r, v in out.items()} == {r: v[0][0] for r, v in plain.items()}
     assert eng.stats().spec_mean_acceptance_length > 1.5
