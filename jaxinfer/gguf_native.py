@@ -13,17 +13,15 @@ placed in the ``NamedSharding`` its logical axes map to.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from gguf import GGMLQuantizationType as GGMLType
-from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from jaxinfer.errors import WeightLoadError
 from jaxinfer.gguf_qarray import qarray_from_gguf
 from jaxinfer.models.qembedding import QEmbedding
-from jaxinfer.sharding import logical_to_mesh_spec
+from jaxinfer.sharding import place_param
 from jaxinfer.weights import gguf_sources, unpermute_gguf_rows
 
 LOSSLESS_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)
@@ -38,18 +36,9 @@ def _q_permutation(path: tuple[str, ...], config) -> np.ndarray | None:
     return None
 
 
-def _place(tree, axes, mesh: Mesh):
-    """``device_put`` every array leaf of ``tree`` (a QArray / QEmbedding) with its logical axes."""
-    leaves, treedef = jax.tree.flatten(tree)
-    axes_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
-    placed = [jax.device_put(np.asarray(x), NamedSharding(mesh, logical_to_mesh_spec(a)))
-              for x, a in zip(leaves, axes_leaves)]
-    return jax.tree.unflatten(treedef, placed)
-
-
-def load_gguf_native(ckpt, model, mesh: Mesh, *, desc: str = "Loading GGUF (native)"):
+def load_gguf_native(ckpt, model, *, desc: str = "Loading GGUF (native)"):
     """Parameters of ``model`` from a :class:`~jaxinfer.weight_sources.GGUFCheckpoint`, lossless types kept
-    quantized.
+    quantized, each placed in its sharding under ``model.plan``.
 
     Returns:
       the parameter tree (QArray / QEmbedding / ``jax.Array`` leaves).
@@ -59,7 +48,7 @@ def load_gguf_native(ckpt, model, mesh: Mesh, *, desc: str = "Loading GGUF (nati
     """
     from jaxinfer.weights import load_params
 
-    config = model.config
+    config, plan = model.config, model.plan
     boxed = model.abstract_params()
     sources = gguf_sources(config)
     specs = flatten_dict(nn.unbox(boxed))
@@ -72,7 +61,10 @@ def load_gguf_native(ckpt, model, mesh: Mesh, *, desc: str = "Loading GGUF (nati
             native[path] = t
         else:
             rest[path] = src
-    float_params = flatten_dict(load_params(ckpt, rest, _subset(boxed, set(rest)), mesh, desc=desc)) if rest else {}
+    float_params = {}
+    if rest:
+        float_params = flatten_dict(load_params(ckpt, rest, _subset(boxed, set(rest)), plan.mesh, rules=plan.rules,
+                                                desc=desc))
     out = dict(float_params)
     for path, t in tqdm(native.items(), desc=desc, unit="tensor", leave=False):
         spec = specs[path]
@@ -88,12 +80,7 @@ def load_gguf_native(ckpt, model, mesh: Mesh, *, desc: str = "Loading GGUF (nati
         perm = _q_permutation(path, config)
         if perm is not None:
             qa = qa.take_columns(perm)
-        axes = tuple(names[path])
-        if emb:
-            leaf = QEmbedding(qa)
-            out[path] = _place(leaf, leaf.logical_axes(axes), mesh)
-        else:
-            out[path] = _place(qa, qa.logical_axes(axes), mesh)
+        out[path] = place_param(QEmbedding(qa) if emb else qa, names[path], plan)
     return unflatten_dict(out)
 
 

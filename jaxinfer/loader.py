@@ -14,7 +14,7 @@ from jaxinfer.config import QUANTIZATION_OPTIONS, ModelConfig
 from jaxinfer.errors import QuantizationError, WeightLoadError
 from jaxinfer.model_registry import ModelSource, resolve_model
 from jaxinfer.models.causal_lm import CausalLM
-from jaxinfer.sharding import ShardingPlan, make_mesh, place_params, plan_sharding
+from jaxinfer.sharding import ShardingPlan, make_mesh, plan_sharding
 from jaxinfer.tokenizer import load_tokenizer
 from jaxinfer.weight_sources import GGUFCheckpoint, SafetensorsCheckpoint
 from jaxinfer.weights import expand_kv_heads, gguf_sources, hf_sources, load_params
@@ -87,12 +87,11 @@ def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None
         raise QuantizationError(f"quantization='gguf' needs a GGUF model; {source.name} is {source.kind!r}")
     mesh = mesh or make_mesh()
     if source.kind == "quantized":
-        from jaxinfer.quantized_checkpoint import load_quantized
+        from jaxinfer.quantized_checkpoint import config_from_dict, load_quantized, read_manifest
 
-        lm, params, _ = load_quantized(source.path, dtype=dtype, mesh=mesh)
-        plan = _plan_without_kv_expansion(lm.config, mesh, "a quantized checkpoint")
-        lm = CausalLM(lm.config, lm.dtype, plan)
-        params = place_params(params, lm.logical_axes(), plan)
+        config = config_from_dict(read_manifest(source.path)["model_config"])
+        plan = _plan_without_kv_expansion(config, mesh, "a quantized checkpoint")
+        lm, params, _ = load_quantized(source.path, dtype=dtype, plan=plan)
     else:
         config, ckpt = load_config(source)
         if quantization == "gguf":
@@ -100,8 +99,7 @@ def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None
 
             plan = _plan_without_kv_expansion(config, mesh, "native GGUF weights")
             lm = CausalLM(config, dtype, plan)
-            params = load_gguf_native(ckpt, lm, mesh, desc=f"Loading {source.name} (native GGUF)")
-            params = place_params(params, lm.logical_axes(), plan)
+            params = load_gguf_native(ckpt, lm, desc=f"Loading {source.name} (native GGUF)")
         else:
             plan = plan_sharding(config, mesh)
             sources = gguf_sources(config) if source.kind == "gguf" else hf_sources(config)

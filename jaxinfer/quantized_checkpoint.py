@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.errors import WeightLoadError
 from jaxinfer.models.qembedding import QEmbedding
-from jaxinfer.sharding import logical_to_mesh_spec, make_mesh
+from jaxinfer.sharding import ShardingPlan, make_mesh, plan_sharding
 from pallas_kernels.quantized_matmul.config import QuantConfig
 from pallas_kernels.quantized_matmul.qarray import QArray, abstract_qarray
 
@@ -136,13 +136,13 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def abstract_quantized_params(model, leaves: dict, mesh: Mesh, dtype=None):
+def abstract_quantized_params(model, leaves: dict, plan: ShardingPlan, dtype=None):
     """Abstract parameter tree for ``model`` with the quantized ``leaves`` (manifest entries).
 
     Returns:
       ``(abstract params, abstract storage)``: the first has ``QArray`` / ``QEmbedding`` /
       ``jax.ShapeDtypeStruct`` leaves, the second is the flat storage layout; every
-      ``ShapeDtypeStruct`` carries the ``NamedSharding`` its logical axes map to in ``mesh``.
+      ``ShapeDtypeStruct`` carries the ``NamedSharding`` its logical axes map to under ``plan``.
     """
     boxed = model.abstract_params()
     specs = flatten_dict(nn.unbox(boxed))
@@ -150,7 +150,7 @@ def abstract_quantized_params(model, leaves: dict, mesh: Mesh, dtype=None):
     dtype = jnp.dtype(dtype or model.dtype)
 
     def sds(shape, dt, axes):
-        return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, logical_to_mesh_spec(axes)))
+        return jax.ShapeDtypeStruct(shape, dt, sharding=plan.sharding(axes))
 
     tree, storage = {}, {}
     for path, spec in specs.items():
@@ -174,14 +174,16 @@ def abstract_quantized_params(model, leaves: dict, mesh: Mesh, dtype=None):
     return unflatten_dict(tree), storage
 
 
-def load_quantized(path: str | Path, *, dtype=None, mesh: Mesh | None = None):
-    """Load a checkpoint written by :func:`save_quantized` into ``mesh`` (default: one device).
+def load_quantized(path: str | Path, *, dtype=None, mesh: Mesh | None = None, plan: ShardingPlan | None = None):
+    """Load a checkpoint written by :func:`save_quantized`, each leaf restored straight into its sharding.
 
     Args:
       dtype: float dtype of unquantized leaves and of computation (default: the saved one).
+      mesh: where to place it (default: one device), under the default sharding plan for the model ...
+      plan: ... or this sharding plan (its mesh wins over ``mesh``).
 
     Returns:
-      ``(CausalLM, params, manifest)``.
+      ``(CausalLM, params, manifest)``; the model carries the plan.
     """
     import orbax.checkpoint as ocp
 
@@ -190,9 +192,9 @@ def load_quantized(path: str | Path, *, dtype=None, mesh: Mesh | None = None):
     path = Path(path).resolve()
     manifest = read_manifest(path)
     config = config_from_dict(manifest["model_config"])
-    model = CausalLM(config, dtype or manifest["dtype"])
-    mesh = mesh or make_mesh()
-    abstract, storage = abstract_quantized_params(model, manifest["leaves"], mesh)
+    plan = plan or plan_sharding(config, mesh or make_mesh())
+    model = CausalLM(config, dtype or manifest["dtype"], plan)
+    abstract, storage = abstract_quantized_params(model, manifest["leaves"], plan)
     try:
         restored = ocp.StandardCheckpointer().restore(path / "params", unflatten_dict(storage))
     except (ValueError, KeyError, FileNotFoundError) as e:

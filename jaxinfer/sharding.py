@@ -117,22 +117,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _is_quantized(x) -> bool:
+    return hasattr(x, "logical_axes") and not isinstance(x, jax.Array | np.ndarray)
+
+
+def place_param(w, names, plan: ShardingPlan):
+    """Put one parameter into its sharding under ``plan``: a plain array by its logical ``names``; a
+    quantized weight (``QArray``, ``QEmbedding``) leaf by leaf with the axes it derives from ``names``
+    (``.logical_axes(names)``), so scales are split with their weight's columns / row groups."""
+    if _is_quantized(w):
+        axes = w.logical_axes(tuple(names))
+        return jax.tree.map(lambda leaf, ax: jax.device_put(leaf, plan.sharding(ax)), w, axes,
+                            is_leaf=lambda x: isinstance(x, tuple))
+    return jax.device_put(w, plan.sharding(tuple(names)))
+
+
 def place_params(params, logical_axes, plan: ShardingPlan):
-    """Put every parameter (plain array or quantized pytree) into its sharding under ``plan``.
-
-    ``logical_axes``: the model's per-parameter logical names (``CausalLM.logical_axes()``); a quantized
-    weight (``QArray``, ``QEmbedding``) names its own leaves' axes (``.logical_axes(names)``), so scales
-    are split with their weight's columns / row groups.
-    """
-
-    def quantized(x) -> bool:
-        return hasattr(x, "logical_axes") and not isinstance(x, jax.Array | np.ndarray)
-
-    def place(w, names):
-        if quantized(w):
-            axes = w.logical_axes(tuple(names))
-            return jax.tree.map(lambda leaf, ax: jax.device_put(leaf, plan.sharding(ax)), w, axes,
-                                is_leaf=lambda x: isinstance(x, tuple))
-        return jax.device_put(w, plan.sharding(tuple(names)))
-
-    return jax.tree.map(place, params, logical_axes, is_leaf=quantized)
+    """:func:`place_param` over a parameter tree; ``logical_axes``: the model's per-parameter logical names
+    (``CausalLM.logical_axes()``)."""
+    return jax.tree.map(lambda w, names: place_param(w, names, plan), params, logical_axes, is_leaf=_is_quantized)
