@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer.attention import kv_pages_specs
-from jaxinfer.config import ModelConfig
+from jaxinfer.model_config import ModelConfig
 from jaxinfer.sharding import ShardingPlan, make_mesh
 from pallas_kernels.ragged_paged_attention.pages import (
     KVLayout,

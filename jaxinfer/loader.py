@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxinfer.config import QUANTIZATION_OPTIONS, ModelConfig
+from jaxinfer.config import QUANTIZATION_OPTIONS
 from jaxinfer.errors import QuantizationError, WeightLoadError
+from jaxinfer.model_config import ModelConfig
 from jaxinfer.model_registry import ModelSource, resolve_model
 from jaxinfer.models.causal_lm import CausalLM
 from jaxinfer.sharding import ShardingPlan, make_mesh, plan_sharding

@@ -29,8 +29,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 
-from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.errors import WeightLoadError
+from jaxinfer.model_config import ModelConfig, RopeScaling
 from jaxinfer.models.qembedding import QEmbedding
 from jaxinfer.sharding import ShardingPlan, make_mesh, plan_sharding
 from pallas_kernels.quantized_matmul.config import QuantConfig

@@ -21,8 +21,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxinfer.config import ModelConfig
 from jaxinfer.errors import JaxinferError, WeightLoadError
+from jaxinfer.model_config import ModelConfig
 from jaxinfer.sharding import LOGICAL_AXIS_RULES, param_shardings
 
 logger = logging.getLogger(__name__)

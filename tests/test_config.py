@@ -5,8 +5,8 @@ import pytest
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from jaxinfer.config import ModelConfig
 from jaxinfer.errors import UnsupportedModelError
+from jaxinfer.model_config import ModelConfig
 
 LLAMA = dict(vocab_size=100, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.attention import AttentionMetadata, init_dense_cache
-from jaxinfer.config import ModelConfig
+from jaxinfer.model_config import ModelConfig
 from jaxinfer.models.llama import CausalTransformer, LlamaAttention
 from jaxinfer.models.qwen3 import Qwen3Attention
 from jaxinfer.sharding import ShardingPlan

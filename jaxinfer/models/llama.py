@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxinfer.attention import AttentionMetadata, attention
-from jaxinfer.config import ModelConfig
+from jaxinfer.model_config import ModelConfig
 from jaxinfer.models.layers import Linear, RMSNorm, embed, rope, swiglu, unembed, weight_param
 
 
