@@ -39,6 +39,7 @@ class AttentionMetadata:
       max_q_len: static bound on any sequence's query count in this step (dense path only).
       impl: static kernel choice for the paged path ("xla", "cpu", "pallas_tpu", "pallas_gpu"; None = backend
         default).
+      interpret: static; run a Pallas kernel in interpret mode (None: the kernel decides).
     """
 
     cu_q_lens: jax.Array
@@ -48,6 +49,7 @@ class AttentionMetadata:
     page_indices: jax.Array | None = None
     max_q_len: int = flax.struct.field(pytree_node=False, default=1)
     impl: str | None = flax.struct.field(pytree_node=False, default=None)
+    interpret: bool | None = flax.struct.field(pytree_node=False, default=None)
 
 
 class DenseKVCache(NamedTuple):
@@ -107,7 +109,8 @@ def dense_attention(q: jax.Array, cache: DenseKVCache, md: AttentionMetadata, *,
 def _paged(q, k, v, cache: KVPages, md: AttentionMetadata, *, sm_scale, sliding_window):
     cache = write_kv(cache, k, v, md.slot_mapping)
     out = ragged_paged_attention(q, cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
-                                 sm_scale=sm_scale, sliding_window=sliding_window, impl=md.impl)
+                                 sm_scale=sm_scale, sliding_window=sliding_window, impl=md.impl,
+                                 interpret=md.interpret)
     return out, cache
 
 

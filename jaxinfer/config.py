@@ -40,8 +40,9 @@ class EngineConfig:
       max_num_seqs: sequences running at once.
       max_num_batched_tokens: tokens per step (prefill chunks + decodes).
       page_size: tokens per KV page (power of two).
-      kv_cache_memory: KV cache budget (bytes or "2GiB"); ``None`` = ``kv_cache_memory_fraction`` of free
-        device memory, or 1 GiB on the CPU.
+      kv_cache_memory: KV cache budget per device (bytes or "2GiB"; under tensor parallelism each device holds
+        its share of the KV heads); ``None`` = ``kv_cache_memory_fraction`` of free device memory, or 1 GiB on
+        the CPU.
       kv_cache_dtype: "auto" (model dtype), "int8" or "fp8".
       enable_prefix_caching / enable_chunked_prefill: scheduler switches.
       attention_impl: "xla" | "cpu" | "pallas_tpu" | "pallas_gpu" | None (backend default).
@@ -71,8 +72,8 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(512, "token budget of one engine step (prefill chunks + decodes)")
     page_size: int = _opt(16, "tokens per KV-cache page (a power of two)")
     kv_cache_memory: int | str | None = _opt(
-        None, "KV-cache budget, bytes or e.g. '2GiB' (default: --kv-cache-memory-fraction of free device "
-        "memory, 1 GiB on the CPU)")
+        None, "KV-cache budget per device, bytes or e.g. '2GiB' (default: --kv-cache-memory-fraction of free "
+        "device memory, 1 GiB on the CPU)")
     kv_cache_memory_fraction: float = _opt(0.9, "share of free device memory for the KV cache when "
                                                 "--kv-cache-memory is not given")
     kv_cache_dtype: str = _opt("auto", "KV-cache storage: auto (the model dtype), int8 or fp8",

@@ -104,11 +104,15 @@ def _help(f: dataclasses.Field) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
-def add_engine_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type = EngineConfig) -> None:
-    """Add one flag per field of ``cls`` (default EngineConfig) to ``parser`` (a parser or an argument group)."""
+def add_engine_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type = EngineConfig,
+                    exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of ``cls`` (default EngineConfig) to ``parser`` (a parser or an argument group),
+    except the fields named in ``exclude`` (a sub-command that gives the flag another meaning)."""
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     for ef in engine_flags(cls):
+        if ef.field in exclude:
+            continue
         f = by_name[ef.field]
         parser.add_argument(ef.flag, dest=ef.dest, default=None, help=_help(f), **_argparse_kwargs(f, hints[f.name]))
 

@@ -105,7 +105,8 @@ class Engine:
                              params_bytes=params_bytes(self.loaded.params), impl=self.kernels.attention,
                              min_tokens=min(self.max_model_len, config.max_num_batched_tokens),
                              max_useful_tokens=2 * config.max_num_seqs * self.max_model_len,
-                             extra_bytes_per_token=self._draft_bytes_per_token(config.page_size))
+                             extra_bytes_per_token=self._draft_bytes_per_token(config.page_size),
+                             kv_shards=self.loaded.plan.tp if self.loaded.plan.shard_attention else 1)
         self.kv_spec = spec
         sched_cfg = SchedulerConfig(
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,

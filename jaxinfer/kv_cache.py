@@ -95,12 +95,14 @@ def available_device_memory(params_bytes: int) -> int | None:
 def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype: str = "auto",
                   memory: int | str | None = None, memory_fraction: float = 0.9, params_bytes: int = 0,
                   impl: str | None = None, min_tokens: int = 0, max_useful_tokens: int | None = None,
-                  extra_bytes_per_token: int = 0) -> KVCacheSpec:
+                  extra_bytes_per_token: int = 0, kv_shards: int = 1) -> KVCacheSpec:
     """Size the cache.
 
     Args:
-      memory: explicit budget (bytes or a string like "2GiB"); ``None`` uses ``memory_fraction`` of the
-        device's free memory, or 1 GiB on backends that cannot report memory (the CPU).
+      memory: explicit budget per device (bytes or a string like "2GiB"); ``None`` uses ``memory_fraction``
+        of the first device's free memory, or 1 GiB on backends that cannot report memory (the CPU).
+      kv_shards: devices the cache's KV heads are split over (tensor parallelism): each holds
+        ``1 / kv_shards`` of every token, so the per-device budget holds ``kv_shards`` times the tokens.
       kv_cache_dtype: "auto" (the model dtype), "int8" or "fp8" (e4m3).
       min_tokens: the budget must hold at least this many tokens (one full-length sequence).
       max_useful_tokens: never allocate more than this (e.g. twice what the running sequences can use:
@@ -120,14 +122,14 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
     else:
         free = available_device_memory(params_bytes)
         budget = CPU_DEFAULT_BUDGET if free is None else int(free * memory_fraction)
-    per_page = (probe.bytes_per_token + extra_bytes_per_token) * page_size
+    per_page = -(-(probe.bytes_per_token + extra_bytes_per_token) * page_size // kv_shards)
     num_pages = budget // per_page
     if max_useful_tokens is not None:
         num_pages = min(num_pages, -(-max_useful_tokens // page_size))
     if num_pages * page_size < max(min_tokens, page_size):
         need = -(-max(min_tokens, page_size) // page_size) * per_page
         raise ValueError(
-            f"KV cache budget of {budget / 2**20:.1f} MiB holds {num_pages * page_size} tokens; at least "
+            f"KV cache budget of {budget / 2**20:.1f} MiB per device holds {num_pages * page_size} tokens; at least "
             f"{max(min_tokens, page_size)} are needed ({need / 2**20:.1f} MiB): raise the KV cache memory or "
             "lower max_model_len"
         )
@@ -138,21 +140,34 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
     return spec
 
 
-def init_kv_cache(spec: KVCacheSpec, plan: ShardingPlan | None = None) -> tuple[KVPages, ...]:
-    """One zero-filled ``KVPages`` per layer, placed on ``plan``'s mesh: split over KV heads when the
-    plan splits attention over "model", replicated otherwise (default: one device)."""
+def _one_layer(spec: KVCacheSpec):
+    """A zero-filled ``KVPages`` of one layer (unplaced)."""
+    return init_kv_pages(spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim, spec.dtype,
+                         layout=spec.layout, quant_dtype=spec.quant_dtype)
 
-    def one():
-        return init_kv_pages(spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim, spec.dtype,
-                             layout=spec.layout, quant_dtype=spec.quant_dtype)
 
-    plan = plan or plan_sharding_for_one_device()
+def _layer_shardings(spec: KVCacheSpec, plan: ShardingPlan):
+    """Shardings of one layer's ``KVPages``: split over KV heads when the plan splits attention over
+    "model", replicated otherwise."""
     axis = "model" if plan.shard_attention else None
-    specs = kv_pages_specs(jax.eval_shape(one), axis)
-    shardings = jax.tree.map(lambda p: NamedSharding(plan.mesh, p), specs,
-                             is_leaf=lambda x: isinstance(x, PartitionSpec))
-    make = jax.jit(one, out_shardings=shardings)
+    specs = kv_pages_specs(jax.eval_shape(lambda: _one_layer(spec)), axis)
+    return jax.tree.map(lambda p: NamedSharding(plan.mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def init_kv_cache(spec: KVCacheSpec, plan: ShardingPlan | None = None) -> tuple[KVPages, ...]:
+    """One zero-filled ``KVPages`` per layer, placed on ``plan``'s mesh (default: one device)."""
+    plan = plan or plan_sharding_for_one_device()
+    make = jax.jit(lambda: _one_layer(spec), out_shardings=_layer_shardings(spec, plan))
     return tuple(make() for _ in range(spec.num_layers))
+
+
+def abstract_kv_cache(spec: KVCacheSpec, plan: ShardingPlan) -> tuple[KVPages, ...]:
+    """The cache :func:`init_kv_cache` would make, as ``ShapeDtypeStruct`` leaves with their shardings
+    (nothing allocated: for compiling on devices that are not this machine's)."""
+    shapes = jax.eval_shape(lambda: _one_layer(spec))
+    layer = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                         _layer_shardings(spec, plan))
+    return (layer,) * spec.num_layers
 
 
 def plan_sharding_for_one_device() -> ShardingPlan:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.device_batch import BatchBuilder, StepBatch, VerifyBatch
-from jaxinfer.kv_cache import KVCacheSpec, init_kv_cache
+from jaxinfer.kv_cache import KVCacheSpec, abstract_kv_cache, init_kv_cache
 from jaxinfer.models.causal_lm import CausalLM
 from jaxinfer.sampling import PenaltyState, SamplerOutput, sample, update_penalty_state
 from jaxinfer.sharding import ShardingPlan, make_mesh
@@ -60,10 +60,13 @@ class ModelRunner:
       plan: the model's sharding plan; the cache is placed by it (KV heads split over "model" when
         attention is), the penalty state replicated, and every step returns both with the same
         shardings, so compiled steps are reused.
+      abstract: hold ``ShapeDtypeStruct`` state instead of arrays (``params`` abstract too): nothing is
+        allocated, and :meth:`lower` compiles steps for the plan's devices, which may be a TPU or GPU
+        topology this machine does not have (:mod:`pallas_kernels.targets`).
     """
 
     def __init__(self, model: CausalLM, params, kv_spec: KVCacheSpec, num_slots: int, kernels: Kernels,
-                 batches: BatchBuilder, plan: ShardingPlan | None = None):
+                 batches: BatchBuilder, plan: ShardingPlan | None = None, *, abstract: bool = False):
         self.model = model
         self.params = params
         self.kv_spec = kv_spec
@@ -71,9 +74,15 @@ class ModelRunner:
         self.batches = batches
         self.num_slots = num_slots
         self.plan = plan or model.plan or ShardingPlan(make_mesh())
-        self.kv_cache = init_kv_cache(kv_spec, self.plan)
         rep = self.plan.replicated()
-        self.penalty_state = jax.device_put(PenaltyState.zeros(num_slots, model.config.vocab_size), rep)
+        zeros = lambda: PenaltyState.zeros(num_slots, model.config.vocab_size)  # noqa: E731
+        if abstract:
+            self.kv_cache = abstract_kv_cache(kv_spec, self.plan)
+            self.penalty_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                                              jax.eval_shape(zeros))
+        else:
+            self.kv_cache = init_kv_cache(kv_spec, self.plan)
+            self.penalty_state = jax.device_put(zeros(), rep)
         kv_sh = jax.tree.map(lambda x: x.sharding, self.kv_cache)
         ps_sh = jax.tree.map(lambda x: x.sharding, self.penalty_state)
         # Sampler outputs replicated: every process (multi-host) can read them from a local device.
@@ -152,6 +161,14 @@ class ModelRunner:
         return 0 if self.draft is None else int(self.draft.probs.shape[0])
 
     # ---- compilation -------------------------------------------------------------------------------
+    def lower(self, num_tokens: int, num_seqs: int):
+        """The target step of bucket ``(T, S)`` lowered for the plan's devices (``.compile()`` it); works on
+        an abstract runner, nothing runs."""
+        rep = self.plan.replicated()
+        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rep),
+                             self.batches.padding(num_tokens, num_seqs))
+        return self._step.lower(self.params, self.kv_cache, self.penalty_state, batch)
+
     def compile_all(self, shapes=(), verify_shapes=(), draft_shapes=()) -> float:
         """Compile every step for its ``(T, S)`` buckets by running all-padding batches (the step
         counter is reset afterwards). Returns the seconds spent."""

@@ -21,10 +21,14 @@ class Kernels:
     Attributes:
       attention: ragged paged attention ("xla", "cpu", "pallas_tpu" or "pallas_gpu").
       matmul: quantized matmul ("xla", "pallas_tpu" or "pallas_gpu").
+      attention_interpret / matmul_interpret: run that Pallas kernel in interpret mode (it was named for a
+        platform other than the one the model is placed on, e.g. a TPU kernel tested on the CPU).
     """
 
     attention: str
     matmul: str
+    attention_interpret: bool = False
+    matmul_interpret: bool = False
 
     def __post_init__(self):
         check_impl(self.attention, ATTENTION_IMPLS)
@@ -33,7 +37,17 @@ class Kernels:
     @classmethod
     def for_mesh(cls, mesh: Mesh, attention: str | None = None, matmul: str | None = None) -> Kernels:
         """The defaults for ``mesh``'s device platform (``JAXINFER_KERNEL_IMPL`` still overrides them);
-        ``attention`` / ``matmul`` name an implementation explicitly."""
+        ``attention`` / ``matmul`` name an implementation explicitly. A mesh of compile-only devices (a TPU
+        or GPU topology, see :mod:`pallas_kernels.targets`) gives that platform's compiled kernels."""
         platform = mesh.devices.flat[0].platform
-        return cls(attention=attention or default_impl(platform, attention=True),
-                   matmul=matmul or default_impl(platform))
+        attention = attention or default_impl(platform, attention=True)
+        matmul = matmul or default_impl(platform)
+        return cls(attention, matmul, _interpreted(attention, platform), _interpreted(matmul, platform))
+
+
+_KERNEL_PLATFORMS = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm")}
+
+
+def _interpreted(impl: str, platform: str) -> bool:
+    """Whether the Pallas kernel ``impl`` must be interpreted on devices of ``platform``."""
+    return impl in _KERNEL_PLATFORMS and platform not in _KERNEL_PLATFORMS[impl]

@@ -47,15 +47,15 @@ class CausalLM:
           kv_caches: tuple of one cache per layer.
           md: the step's :class:`AttentionMetadata`.
           logits_indices: ``i32[N]`` rows whose logits are wanted (``None``: all ``T``).
-          kernels: the attention and quantized-matmul kernels to run (``None``: ``md.impl`` and the
-            kernels' own defaults).
+          kernels: the attention and quantized-matmul kernels to run, compiled or interpreted (``None``:
+            ``md.impl`` and the kernels' own defaults).
         Returns:
           ``(f32[N, vocab], kv_caches)``.
         """
         module = self.module
         if kernels is not None:
-            module = module.clone(matmul_impl=kernels.matmul)
-            md = md.replace(impl=kernels.attention)
+            module = module.clone(kernels=kernels)
+            md = md.replace(impl=kernels.attention, interpret=kernels.attention_interpret)
         return module.apply({"params": params}, tokens, positions, kv_caches, md, logits_indices)
 
     def _init_fn(self):

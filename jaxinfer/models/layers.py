@@ -16,6 +16,7 @@ import numpy as np
 # ``unembed`` on the embedding table's (plain array or ``quantize.QEmbedding``): model code never branches
 # on a quantization format.
 from jaxinfer.models.ops import embed, linear, unembed
+from jaxinfer.target import Kernels
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -66,6 +67,11 @@ def weight_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dty
     return module.param(name, init, shape, dtype)
 
 
+def matmul_options(kernels: Kernels | None) -> dict:
+    """``impl`` / ``interpret`` keywords of :func:`linear` / :func:`unembed` for a kernel choice."""
+    return {} if kernels is None else {"impl": kernels.matmul, "interpret": kernels.matmul_interpret}
+
+
 class Linear(nn.Module):
     """``y = x @ kernel (+ bias)``; ``kernel[in, out]`` carries logical axis names ``axes``."""
 
@@ -73,7 +79,7 @@ class Linear(nn.Module):
     axes: tuple[str, str]
     use_bias: bool = False
     param_dtype: jnp.dtype = jnp.float32
-    impl: str | None = None  # quantized-matmul kernel for QArray kernels (the runner's resolved choice)
+    kernels: Kernels | None = None  # the runner's kernel choice (its matmul kernel runs QArray weights)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,7 +89,7 @@ class Linear(nn.Module):
         if self.use_bias:
             binit = nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],))
             bias = self.param("bias", binit, (self.features,), self.param_dtype)
-        return linear(x, kernel, bias, impl=self.impl)
+        return linear(x, kernel, bias, **matmul_options(self.kernels))
 
 
 class RMSNorm(nn.Module):

@@ -17,14 +17,15 @@ from jax.sharding import Mesh
 
 from jaxinfer.attention import AttentionMetadata, attention
 from jaxinfer.model_config import ModelConfig
-from jaxinfer.models.layers import Linear, RMSNorm, embed, rope, swiglu, unembed, weight_param
+from jaxinfer.models.layers import Linear, RMSNorm, embed, matmul_options, rope, swiglu, unembed, weight_param
+from jaxinfer.target import Kernels
 
 
 class LlamaAttention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None  # set when attention heads are split over the mesh's "model" axis
-    matmul_impl: str | None = None  # quantized-matmul kernel (jaxinfer.target.Kernels.matmul)
+    kernels: Kernels | None = None  # the runner's kernel choice (jaxinfer.target)
 
     def qk_transform(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Hook applied to ``q[T, Hq, D]``, ``k[T, Hkv, D]`` before RoPE (Qwen3 normalises here)."""
@@ -34,7 +35,7 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, cache, md: AttentionMetadata, inv_freq):
         c = self.config
         t = x.shape[0]
-        dense = dict(use_bias=c.attention_bias, param_dtype=self.dtype, impl=self.matmul_impl)
+        dense = dict(use_bias=c.attention_bias, param_dtype=self.dtype, kernels=self.kernels)
         q = Linear(c.q_size, ("embed", "heads"), name="q_proj", **dense)(x)
         k = Linear(c.kv_size, ("embed", "kv_heads"), name="k_proj", **dense)(x)
         v = Linear(c.kv_size, ("embed", "kv_heads"), name="v_proj", **dense)(x)
@@ -46,19 +47,19 @@ class LlamaAttention(nn.Module):
         k = rope(k, positions, inv_freq)
         out, cache = attention(q, k, v, cache, md, sm_scale=c.sm_scale, sliding_window=c.sliding_window,
                                mesh=self.mesh)
-        o = Linear(c.hidden_size, ("heads", "embed"), name="o_proj", param_dtype=self.dtype, impl=self.matmul_impl)
+        o = Linear(c.hidden_size, ("heads", "embed"), name="o_proj", param_dtype=self.dtype, kernels=self.kernels)
         return o(out.reshape(t, c.q_size)), cache
 
 
 class LlamaMLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
-    matmul_impl: str | None = None
+    kernels: Kernels | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        kw = dict(use_bias=c.mlp_bias, param_dtype=self.dtype, impl=self.matmul_impl)
+        kw = dict(use_bias=c.mlp_bias, param_dtype=self.dtype, kernels=self.kernels)
         gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         return Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(swiglu(gate, up))
@@ -69,17 +70,17 @@ class DecoderLayer(nn.Module):
     attention_cls: type = LlamaAttention
     dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None
-    matmul_impl: str | None = None
+    kernels: Kernels | None = None
 
     @nn.compact
     def __call__(self, x, positions, cache, md, inv_freq):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="input_layernorm")(x)
-        attn = self.attention_cls(c, self.dtype, self.mesh, matmul_impl=self.matmul_impl, name="self_attn")
+        attn = self.attention_cls(c, self.dtype, self.mesh, kernels=self.kernels, name="self_attn")
         a, cache = attn(h, positions, cache, md, inv_freq)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(c, self.dtype, self.matmul_impl, name="mlp")(h), cache
+        return x + LlamaMLP(c, self.dtype, self.kernels, name="mlp")(h), cache
 
 
 class CausalTransformer(nn.Module):
@@ -93,7 +94,7 @@ class CausalTransformer(nn.Module):
     attention_cls: type = LlamaAttention
     dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None
-    matmul_impl: str | None = None
+    kernels: Kernels | None = None
 
     @nn.compact
     def __call__(self, tokens, positions, caches, md: AttentionMetadata, logits_indices=None):
@@ -104,15 +105,15 @@ class CausalTransformer(nn.Module):
         inv_freq = jnp.asarray(c.inv_freq())
         new_caches = []
         for i in range(c.num_layers):
-            layer = DecoderLayer(c, self.attention_cls, self.dtype, self.mesh, self.matmul_impl, name=f"layers_{i}")
+            layer = DecoderLayer(c, self.attention_cls, self.dtype, self.mesh, self.kernels, name=f"layers_{i}")
             x, cache = layer(x, positions, caches[i], md, inv_freq)
             new_caches.append(cache)
         if logits_indices is not None:
             x = jnp.take(x, logits_indices, axis=0)
         x = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="norm")(x)
         if c.tie_word_embeddings:
-            logits = unembed(x, embedding, impl=self.matmul_impl)
+            logits = unembed(x, embedding, **matmul_options(self.kernels))
         else:
             logits = Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", param_dtype=self.dtype,
-                            impl=self.matmul_impl)(x)
+                            kernels=self.kernels)(x)
         return logits.astype(jnp.float32), tuple(new_caches)

@@ -11,7 +11,8 @@ from pallas_kernels.quantized_matmul.api import quantized_matmul
 from pallas_kernels.quantized_matmul.qarray import QArray
 
 
-def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *, impl: str | None = None):
+def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *, impl: str | None = None,
+           interpret: bool | None = None):
     """``x @ w (+ bias)``, dispatching on the weight's type.
 
     Args:
@@ -19,12 +20,13 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
       w: ``[K, N]`` plain float array, or a :class:`QArray` of logical shape ``[K, N]`` (any format).
       bias: optional unquantized ``[N]``.
       impl: kernel implementation for QArray weights (``None``: backend default).
+      interpret: run a Pallas kernel in interpret mode (``None``: the kernel decides).
 
     Returns:
       ``[..., N]`` in ``x.dtype``.
     """
     if isinstance(w, QArray):
-        y = quantized_matmul(x, w, impl=impl)
+        y = quantized_matmul(x, w, impl=impl, interpret=interpret)
     else:
         if w.ndim != 2 or x.shape[-1] != w.shape[0]:
             raise ValueError(f"linear: x {x.shape} and w {w.shape} do not match as [..., K] @ [K, N]")
@@ -46,14 +48,15 @@ def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None) -> jax.A
     return out if dtype is None else out.astype(dtype)
 
 
-def unembed(x: jax.Array, table: jax.Array | QEmbedding, *, impl: str | None = None) -> jax.Array:
+def unembed(x: jax.Array, table: jax.Array | QEmbedding, *, impl: str | None = None,
+            interpret: bool | None = None) -> jax.Array:
     """Tied LM head ``x[..., E] @ table.T -> f32[..., V]`` (a QEmbedding's QArray is already ``[E, V]``).
 
     A float table is contracted over its last axis as stored: with a bf16 table, ``x @ table.T`` made
     XLA:CPU convert the whole table to float32 every step.
     """
     if isinstance(table, QEmbedding):
-        return linear(x, table.table, impl=impl).astype(jnp.float32)
+        return linear(x, table.table, impl=impl, interpret=interpret).astype(jnp.float32)
     if table.ndim != 2 or x.shape[-1] != table.shape[1]:
         raise ValueError(f"unembed: x {x.shape} and table {table.shape} do not match as [..., E] @ [V, E].T")
     return jax.lax.dot_general(x, table.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
