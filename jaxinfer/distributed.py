@@ -3,9 +3,11 @@ hosts and several CPU processes.
 
 JAX multi-host programs are multi-controller: every process runs the same Python program, sees every
 device of the job (``jax.devices()``) but drives only its own (``jax.local_devices()``), and issues the
-same jitted steps with the same inputs. jaxinfer builds its mesh over the global devices, loads into
-each process only the weight shards of its own devices (``jax.make_array_from_callback``), and returns
-every step's sampled tokens replicated, so each process reads them from a local device. The engine's
+same jitted steps with the same inputs. jaxinfer builds its mesh over the global devices; each process
+materialises and transfers only its own devices' weight slices (``jax.make_array_from_callback``:
+memory-mapped safetensors are read only where those slices lie, GGUF tensors are dequantized whole, one
+at a time); every step's sampled tokens are returned replicated, so each process reads them from a local
+device. The engine's
 schedule is a deterministic function of its requests, so offline generation with identical inputs on
 every process (``jaxinfer generate --distributed`` / ``LLM.generate`` after :func:`initialize`) stays in
 lock-step and every process produces the same text. Serving HTTP traffic across hosts would need process
@@ -15,8 +17,7 @@ Where the coordinator comes from (first match):
 
 * ``JAXINFER_COORDINATOR`` (``host:port`` of process 0), ``JAXINFER_NUM_PROCESSES`` and
   ``JAXINFER_PROCESS_ID``: any machines, e.g. several CPU processes on one host (``jaxinfer launch``);
-* JAX's own auto-detection: Cloud TPU VMs (pod slices), SLURM, Open MPI, or ``JAX_COORDINATOR_ADDRESS``
-  with ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``.
+* JAX's own auto-detection: Cloud TPU VMs (pod slices), SLURM (one process per GPU), Open MPI.
 
 :func:`initialize` must run before anything touches the XLA backend (``jax.devices()``, any
 computation, ``device_put``); ``jaxinfer.cli`` calls it right after parsing the command line. On the CPU
@@ -25,7 +26,8 @@ the processes exchange collectives over gloo (TCP).
 Failure detection: every process sends heartbeats to the coordination service (in process 0). A process
 that dies or stalls is declared dead after ``JAXINFER_HEARTBEAT_TIMEOUT`` seconds (default 100, JAX's
 default) and the others are then terminated by the runtime with an error naming the dead task; a process
-still blocked in a collective with a dead peer fails earlier when the collective's connection breaks.
+whose collective loses its peer (the peer died) fails at once; ``jaxinfer.cli`` then exits through
+:func:`abort_on_failure` with a clear error instead of waiting in the shutdown barrier.
 ``JAXINFER_INIT_TIMEOUT`` (default 300) bounds the wait for all processes to join,
 ``JAXINFER_SHUTDOWN_TIMEOUT`` (default 300) the wait for the others at exit.
 """
@@ -69,7 +71,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     Args:
       coordinator, num_processes, process_id: ``host:port`` of process 0, process count and this process's
         index; default ``JAXINFER_COORDINATOR`` / ``JAXINFER_NUM_PROCESSES`` / ``JAXINFER_PROCESS_ID``, and
-        without a coordinator JAX's auto-detection (Cloud TPU, SLURM, Open MPI, ``JAX_*`` variables).
+        without a coordinator JAX's auto-detection (Cloud TPU, SLURM, Open MPI).
       **timeouts: ``initialization_timeout``, ``heartbeat_timeout_seconds``, ``shutdown_timeout_seconds``
         (seconds; defaults from ``JAXINFER_INIT_TIMEOUT``, ``JAXINFER_HEARTBEAT_TIMEOUT``,
         ``JAXINFER_SHUTDOWN_TIMEOUT``, else JAX's).
@@ -105,7 +107,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, **kwargs)
     else:
-        jax.distributed.initialize(**kwargs)  # Cloud TPU / SLURM / Open MPI / JAX_* variables
+        jax.distributed.initialize(**kwargs)  # Cloud TPU / SLURM / Open MPI
     logger.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                 jax.local_device_count(), jax.device_count())
 
