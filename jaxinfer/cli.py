@@ -9,6 +9,7 @@ import time
 
 from jaxinfer.config_cli import add_engine_args, engine_config_kwargs
 from jaxinfer.errors import JaxinferError
+from jaxinfer.launch import register as register_launch
 from quantize.cli import register as register_quantize_commands
 from serve.cli import register as register_serve
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(c)
     register_serve(sub)
     register_quantize_commands(sub)  # quantize, eval-ppl
+    register_launch(sub)  # launch: N local processes of one --distributed run
     return parser
 
 
@@ -91,13 +93,13 @@ def main(argv=None) -> int:
             return args.run(args)
         if hasattr(args, "handler"):  # sub-commands registered with their own handler (quantize, eval-ppl)
             return args.handler(args)
-        from jaxinfer.llm import LLM
-
-        sp = _sampling(args)
-        if args.distributed:
+        if args.distributed:  # first: nothing may start the XLA backend before it
             from jaxinfer.distributed import initialize
 
             initialize()
+        from jaxinfer.llm import LLM
+
+        sp = _sampling(args)
         llm = LLM(args.model, **engine_config_kwargs(args))
         llm.engine.warmup(token_counts=[1])  # decode step compiled before timing (cached across runs)
         if args.command == "generate":
@@ -112,6 +114,12 @@ def main(argv=None) -> int:
     except (JaxinferError, ValueError) as e:
         sys.stderr.write(f"jaxinfer: error: {e}\n")
         return 2
+    except Exception as e:
+        if getattr(args, "distributed", False):
+            from jaxinfer.distributed import abort_on_failure
+
+            abort_on_failure(e)  # exits now: the others cannot finish without this process
+        raise
 
 
 def _chat_loop(llm, sp, system) -> int:

@@ -1,0 +1,216 @@
+"""Multi-process (multi-host style) generation on the CPU: several ``jaxinfer generate --distributed``
+processes joined by ``jax.distributed`` (gloo collectives), tensor parallelism across processes.
+
+Every process must print exactly what one process prints (greedy). A tiny random Llama (4 query heads,
+2 KV heads: TP 4 repeats each KV head twice) keeps start-up and compilation short. Every wait has a
+timeout and every spawned process is killed in ``finally``, so a mismatch or a hang is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxinfer.launch import free_port, process_env
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "The capital of France"
+GEN_ARGS = ["--max-tokens", "24", "--max-model-len", "128"]
+TIMEOUT_S = 240  # one run (start-up, load, compile, generate) of several processes on 2 shared cores
+
+pytestmark = pytest.mark.slow
+
+
+def _base_env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXINFER_") or k == "JAXINFER_CACHE_DIR"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"  # not conftest's 8 devices
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _spawn(args: list[str], env: dict, log_dir: Path, name: str) -> subprocess.Popen:
+    out = open(log_dir / f"{name}.out", "wb")  # files, not pipes: a full pipe cannot stall a process
+    err = open(log_dir / f"{name}.err", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "jaxinfer.cli", *args], cwd=ROOT, env=env,
+                         stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+    out.close()
+    err.close()
+    return p
+
+
+def _kill_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def _read(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", "replace")
+
+
+def _text(stdout: str) -> str:
+    """A process's reply: its stdout without gloo's connection messages."""
+    return "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+
+
+def _wait(p: subprocess.Popen, timeout: float, what: str, log: Path) -> int:
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{what} did not exit within {timeout:.0f} s; stderr tail:\n{_read(log)[-3000:]}")
+
+
+def _distributed(model: Path, num_processes: int, devices: int, tmp_path: Path, *, gen_args=GEN_ARGS,
+                 extra_env: dict | None = None) -> list[subprocess.Popen]:
+    """Start ``num_processes`` ``generate --distributed --tensor-parallel-size 4`` processes."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    args = ["generate", "--distributed", "--tensor-parallel-size", "4", "--model", str(model), *gen_args, PROMPT]
+    procs = []
+    for i in range(num_processes):
+        env = process_env(_base_env(devices), coordinator, num_processes, i, devices)
+        env.update(extra_env or {})
+        procs.append(_spawn(args, env, tmp_path, f"p{i}"))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def model_and_reference(tiny_model_dir, tmp_path_factory):
+    """The tiny model's directory and what one process with one device prints for it."""
+    model, _ = tiny_model_dir("llama")
+    logs = tmp_path_factory.mktemp("reference")
+    p = _spawn(["generate", "--model", str(model), *GEN_ARGS, PROMPT], _base_env(1), logs, "ref")
+    try:
+        rc = _wait(p, TIMEOUT_S, "the single-process reference", logs / "ref.err")
+    finally:
+        _kill_all([p])
+    assert rc == 0, _read(logs / "ref.err")[-3000:]
+    ref = _read(logs / "ref.out")
+    assert len(ref.strip()) > 0
+    return model, ref
+
+
+def test_two_processes_two_devices_each_equal_one_process(model_and_reference, tmp_path):
+    model, ref = model_and_reference
+    procs = _distributed(model, 2, 2, tmp_path)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        for i, p in enumerate(procs):
+            rc = _wait(p, max(1.0, deadline - time.monotonic()), f"process {i}", tmp_path / f"p{i}.err")
+            assert rc == 0, _read(tmp_path / f"p{i}.err")[-3000:]
+    finally:
+        _kill_all(procs)
+    for i in range(2):
+        assert _text(_read(tmp_path / f"p{i}.out")) == ref, f"process {i} differs from one process"
+
+
+def test_launcher_four_processes_one_device_each_equal_one_process(model_and_reference, tmp_path):
+    """``jaxinfer launch`` starts the 4 x 1 run; every process's prefixed lines equal one process's output."""
+    model, ref = model_and_reference
+    env = _base_env(1)
+    args = ["launch", "--num-processes", "4", "--devices-per-process", "1", "--",
+            "generate", "--tensor-parallel-size", "4", "--model", str(model), *GEN_ARGS, PROMPT]
+    p = _spawn(args, env, tmp_path, "launch")
+    try:
+        rc = _wait(p, TIMEOUT_S + 60, "jaxinfer launch", tmp_path / "launch.err")
+    finally:
+        _kill_all([p])
+    assert rc == 0, _read(tmp_path / "launch.err")[-3000:]
+    lines = _read(tmp_path / "launch.out").splitlines(keepends=True)
+    for i in range(4):
+        mine = [line.removeprefix(f"[p{i}] ") for line in lines if line.startswith(f"[p{i}] ")]
+        assert _text("".join(mine)) == ref, f"process {i} differs from one process"
+    assert not [line for line in lines if not re.match(r"\[p[0-3]\] ", line)]
+
+
+def _start_and_wait_for_tokens(model, tmp_path, extra_env=None):
+    """Two processes generating a long reply; returns them once process 1 has printed generated text."""
+    procs = _distributed(model, 2, 2, tmp_path, gen_args=["--max-tokens", "230", "--max-model-len", "256"],
+                         extra_env=extra_env)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not _text(_read(tmp_path / "p1.out")).strip():  # generation under way (warm-up done)
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            _kill_all(procs)
+            pytest.fail(f"generation did not start; process 1 stderr:\n{_read(tmp_path / 'p1.err')[-3000:]}")
+        time.sleep(0.2)
+    return procs
+
+
+def test_killed_process_makes_the_other_exit_with_a_clear_error(model_and_reference, tmp_path):
+    """Process 1 killed mid-generation: process 0's next collective fails and it exits at once, naming
+    the likely cause, instead of hanging or waiting in the runtime's shutdown barrier."""
+    model, _ = model_and_reference
+    procs = _start_and_wait_for_tokens(model, tmp_path, {"JAXINFER_HEARTBEAT_TIMEOUT": "10"})
+    try:
+        procs[1].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        rc = _wait(procs[0], 60, "process 0 after process 1 was killed", tmp_path / "p0.err")
+        took = time.monotonic() - start
+    finally:
+        _kill_all(procs)
+    err = _read(tmp_path / "p0.err")
+    assert rc != 0
+    assert "another process probably died or stalled" in err, err[-3000:]
+    assert took < 30, f"process 0 took {took:.1f} s to exit"
+
+
+def test_stalled_process_makes_the_other_exit_after_the_heartbeat_timeout(model_and_reference, tmp_path):
+    """Process 1 stopped (SIGSTOP) mid-generation: its collectives stall rather than fail, so it is the
+    coordination service's heartbeat timeout (``JAXINFER_HEARTBEAT_TIMEOUT``, 5 s here) that ends process 0."""
+    model, _ = model_and_reference
+    procs = _start_and_wait_for_tokens(model, tmp_path, {"JAXINFER_HEARTBEAT_TIMEOUT": "5"})
+    try:
+        procs[1].send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        rc = _wait(procs[0], 60, "process 0 after process 1 was stopped", tmp_path / "p0.err")
+        took = time.monotonic() - start
+    finally:
+        procs[1].send_signal(signal.SIGCONT)
+        _kill_all(procs)
+    err = _read(tmp_path / "p0.err")
+    assert rc != 0
+    assert "stopped sending heartbeats" in err, err[-3000:]
+    assert took < 40, f"process 0 took {took:.1f} s to exit"
+
+
+def test_initialize_after_the_backend_started_is_an_error(monkeypatch):
+    import jax
+
+    from jaxinfer import distributed
+
+    jax.devices()
+    monkeypatch.setenv("JAXINFER_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.setenv("JAXINFER_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXINFER_PROCESS_ID", "0")
+    with pytest.raises(RuntimeError, match="before anything starts the XLA backend"):
+        distributed.initialize()
+
+
+def test_incomplete_environment_is_an_error(monkeypatch):
+    from jaxinfer import distributed
+
+    monkeypatch.setenv("JAXINFER_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.delenv("JAXINFER_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAXINFER_PROCESS_ID", raising=False)
+    with pytest.raises(ValueError, match="JAXINFER_NUM_PROCESSES"):
+        distributed.initialize()
+    monkeypatch.setenv("JAXINFER_NUM_PROCESSES", "two")
+    monkeypatch.setenv("JAXINFER_PROCESS_ID", "0")
+    with pytest.raises(ValueError, match="not an integer"):
+        distributed.initialize()
+
+
+def test_launcher_environment():
+    env = process_env({"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8"}, "h:1", 4, 3, 2)
+    assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=2"
+    assert (env["JAXINFER_COORDINATOR"], env["JAXINFER_NUM_PROCESSES"], env["JAXINFER_PROCESS_ID"]) == ("h:1", "4", "3")
+    assert process_env({}, "h:1", 1, 0, None).get("XLA_FLAGS") is None
