@@ -35,7 +35,8 @@ class CausalLM:
         self.dtype = jnp.dtype(dtype)
         self.plan = plan
         mesh = plan.mesh if plan is not None and plan.shard_attention else None
-        self.module = CausalTransformer(config, ATTENTION_CLASSES[config.architecture], self.dtype, mesh)
+        multi = plan if plan is not None and plan.tp > 1 else None
+        self.module = CausalTransformer(config, ATTENTION_CLASSES[config.architecture], self.dtype, mesh, plan=multi)
 
     def forward(self, params, tokens, positions, kv_caches, md: AttentionMetadata, logits_indices=None,
                 kernels: Kernels | None = None):

@@ -16,6 +16,7 @@ import numpy as np
 # ``unembed`` on the embedding table's (plain array or ``quantize.QEmbedding``): model code never branches
 # on a quantization format.
 from jaxinfer.models.ops import embed, linear, unembed
+from jaxinfer.sharding import ShardingPlan
 from jaxinfer.target import Kernels
 
 
@@ -80,6 +81,7 @@ class Linear(nn.Module):
     use_bias: bool = False
     param_dtype: jnp.dtype = jnp.float32
     kernels: Kernels | None = None  # the runner's kernel choice (its matmul kernel runs QArray weights)
+    plan: ShardingPlan | None = None  # set on a multi-device plan: compiled kernels then run per shard
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -89,7 +91,7 @@ class Linear(nn.Module):
         if self.use_bias:
             binit = nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],))
             bias = self.param("bias", binit, (self.features,), self.param_dtype)
-        return linear(x, kernel, bias, **matmul_options(self.kernels))
+        return linear(x, kernel, bias, plan=self.plan, axes=self.axes, **matmul_options(self.kernels))
 
 
 class RMSNorm(nn.Module):

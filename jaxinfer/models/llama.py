@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from jaxinfer.attention import AttentionMetadata, attention
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.models.layers import Linear, RMSNorm, embed, matmul_options, rope, swiglu, unembed, weight_param
+from jaxinfer.sharding import ShardingPlan
 from jaxinfer.target import Kernels
 
 
@@ -26,6 +27,7 @@ class LlamaAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None  # set when attention heads are split over the mesh's "model" axis
     kernels: Kernels | None = None  # the runner's kernel choice (jaxinfer.target)
+    plan: ShardingPlan | None = None  # a multi-device plan (quantized linears run their kernel per shard)
 
     def qk_transform(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Hook applied to ``q[T, Hq, D]``, ``k[T, Hkv, D]`` before RoPE (Qwen3 normalises here)."""
@@ -35,7 +37,7 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, cache, md: AttentionMetadata, inv_freq):
         c = self.config
         t = x.shape[0]
-        dense = dict(use_bias=c.attention_bias, param_dtype=self.dtype, kernels=self.kernels)
+        dense = dict(use_bias=c.attention_bias, param_dtype=self.dtype, kernels=self.kernels, plan=self.plan)
         q = Linear(c.q_size, ("embed", "heads"), name="q_proj", **dense)(x)
         k = Linear(c.kv_size, ("embed", "kv_heads"), name="k_proj", **dense)(x)
         v = Linear(c.kv_size, ("embed", "kv_heads"), name="v_proj", **dense)(x)
@@ -47,7 +49,8 @@ class LlamaAttention(nn.Module):
         k = rope(k, positions, inv_freq)
         out, cache = attention(q, k, v, cache, md, sm_scale=c.sm_scale, sliding_window=c.sliding_window,
                                mesh=self.mesh)
-        o = Linear(c.hidden_size, ("heads", "embed"), name="o_proj", param_dtype=self.dtype, kernels=self.kernels)
+        o = Linear(c.hidden_size, ("heads", "embed"), name="o_proj", param_dtype=self.dtype, kernels=self.kernels,
+                   plan=self.plan)
         return o(out.reshape(t, c.q_size)), cache
 
 
@@ -55,11 +58,12 @@ class LlamaMLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     kernels: Kernels | None = None
+    plan: ShardingPlan | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        kw = dict(use_bias=c.mlp_bias, param_dtype=self.dtype, kernels=self.kernels)
+        kw = dict(use_bias=c.mlp_bias, param_dtype=self.dtype, kernels=self.kernels, plan=self.plan)
         gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         return Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(swiglu(gate, up))
@@ -71,16 +75,17 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None
     kernels: Kernels | None = None
+    plan: ShardingPlan | None = None
 
     @nn.compact
     def __call__(self, x, positions, cache, md, inv_freq):
         c = self.config
         h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="input_layernorm")(x)
-        attn = self.attention_cls(c, self.dtype, self.mesh, kernels=self.kernels, name="self_attn")
+        attn = self.attention_cls(c, self.dtype, self.mesh, kernels=self.kernels, plan=self.plan, name="self_attn")
         a, cache = attn(h, positions, cache, md, inv_freq)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(c, self.dtype, self.kernels, name="mlp")(h), cache
+        return x + LlamaMLP(c, self.dtype, self.kernels, self.plan, name="mlp")(h), cache
 
 
 class CausalTransformer(nn.Module):
@@ -95,6 +100,7 @@ class CausalTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     mesh: Mesh | None = None
     kernels: Kernels | None = None
+    plan: ShardingPlan | None = None
 
     @nn.compact
     def __call__(self, tokens, positions, caches, md: AttentionMetadata, logits_indices=None):
@@ -105,7 +111,8 @@ class CausalTransformer(nn.Module):
         inv_freq = jnp.asarray(c.inv_freq())
         new_caches = []
         for i in range(c.num_layers):
-            layer = DecoderLayer(c, self.attention_cls, self.dtype, self.mesh, self.kernels, name=f"layers_{i}")
+            layer = DecoderLayer(c, self.attention_cls, self.dtype, self.mesh, self.kernels, self.plan,
+                                 name=f"layers_{i}")
             x, cache = layer(x, positions, caches[i], md, inv_freq)
             new_caches.append(cache)
         if logits_indices is not None:
@@ -115,5 +122,5 @@ class CausalTransformer(nn.Module):
             logits = unembed(x, embedding, **matmul_options(self.kernels))
         else:
             logits = Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", param_dtype=self.dtype,
-                            kernels=self.kernels)(x)
+                            kernels=self.kernels, plan=self.plan)(x)
         return logits.astype(jnp.float32), tuple(new_caches)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxinfer.models.qembedding import QEmbedding
+from jaxinfer.sharding import ShardingPlan, logical_to_mesh_spec
 from pallas_kernels.quantized_matmul.api import quantized_matmul
 from pallas_kernels.quantized_matmul.qarray import QArray
 
+_PALLAS = ("pallas_tpu", "pallas_gpu")
+
 
 def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *, impl: str | None = None,
-           interpret: bool | None = None):
+           interpret: bool | None = None, plan: ShardingPlan | None = None, axes: tuple[str, str] | None = None):
     """``x @ w (+ bias)``, dispatching on the weight's type.
 
     Args:
@@ -21,12 +25,18 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
       bias: optional unquantized ``[N]``.
       impl: kernel implementation for QArray weights (``None``: backend default).
       interpret: run a Pallas kernel in interpret mode (``None``: the kernel decides).
+      plan, axes: the sharding plan and the weight's logical axis names. A compiled Pallas kernel cannot be
+        partitioned by XLA, so on a multi-device plan a QArray weight runs it once per shard
+        (:func:`sharded_quantized_matmul`).
 
     Returns:
       ``[..., N]`` in ``x.dtype``.
     """
     if isinstance(w, QArray):
-        y = quantized_matmul(x, w, impl=impl, interpret=interpret)
+        if plan is not None and axes is not None and plan.tp > 1 and impl in _PALLAS and not interpret:
+            y = sharded_quantized_matmul(x, w, plan, axes, impl=impl)
+        else:
+            y = quantized_matmul(x, w, impl=impl, interpret=interpret)
     else:
         if w.ndim != 2 or x.shape[-1] != w.shape[0]:
             raise ValueError(f"linear: x {x.shape} and w {w.shape} do not match as [..., K] @ [K, N]")
@@ -38,6 +48,29 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
+
+
+def sharded_quantized_matmul(x: jax.Array, w: QArray, plan: ShardingPlan, axes: tuple[str, str], *,
+                             impl: str, interpret: bool | None = None) -> jax.Array:
+    """``x @ w`` with the quantized-matmul kernel run once per shard of ``plan``'s mesh (``shard_map``).
+
+    The weight's logical ``axes`` ``(K-name, N-name)`` map to mesh axes by the plan: a column-parallel
+    weight (N split) takes replicated ``x[..., K]`` and gives ``y`` split along N; a row-parallel weight
+    (K split, with its row-group scales) takes ``x`` split along K and sums the partial products over the
+    mesh axis. Per-channel scales follow the columns.
+    """
+    wspec = jax.tree.map(lambda names: logical_to_mesh_spec(names, plan.rules), w.logical_axes(axes),
+                         is_leaf=lambda v: isinstance(v, tuple))
+    k_axis, n_axis = logical_to_mesh_spec(axes, plan.rules)
+    lead = (None,) * (x.ndim - 1)
+
+    def body(xs, ws):
+        y = quantized_matmul(xs, ws, impl=impl, interpret=interpret)
+        return y if k_axis is None else jax.lax.psum(y, k_axis)
+
+    fn = jax.shard_map(body, mesh=plan.mesh, in_specs=(P(*lead, k_axis), wspec), out_specs=P(*lead, n_axis),
+                       check_vma=False)
+    return fn(x, w)
 
 
 def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None) -> jax.Array:
