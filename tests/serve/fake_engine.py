@@ -145,6 +145,8 @@ class FakeEngine:
             raise InvalidRequestError("prompt is empty", "prompt")
         if min(ids) < 0 or max(ids) >= VOCAB:
             raise InvalidRequestError(f"prompt token ids must be in [0, {VOCAB})", "prompt")
+        if sampling_params.logit_bias and sampling_params.logit_bias[-1][0] >= VOCAB:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {VOCAB})", "logit_bias")
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the context window is {self.max_model_len}")
         raw = bytes(t for t in ids if t < 256)
