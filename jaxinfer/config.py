@@ -39,6 +39,9 @@ class EngineConfig:
       max_model_len: context window (prompt + output); ``None`` = the model's.
       max_num_seqs: sequences running at once.
       max_num_batched_tokens: tokens per step (prefill chunks + decodes).
+      max_running_seqs_per_request: most sequences of one request (its ``n`` samples) running at once;
+        ``None`` = half of ``max_num_seqs`` (at least 1), so one request never takes every slot. While
+        several requests wait, each is also held to a fair share of ``max_num_seqs`` (see the scheduler).
       page_size: tokens per KV page (power of two).
       kv_cache_memory: KV cache budget per device (bytes or "2GiB"; under tensor parallelism each device holds
         its share of the KV heads); ``None`` = ``kv_cache_memory_fraction`` of free device memory, or 1 GiB on
@@ -70,6 +73,8 @@ class EngineConfig:
     max_model_len: int | None = _opt(None, "context window, prompt + output (default: the model's)")
     max_num_seqs: int = _opt(32, "sequences running at once")
     max_num_batched_tokens: int = _opt(512, "token budget of one engine step (prefill chunks + decodes)")
+    max_running_seqs_per_request: int | None = _opt(
+        None, "most running sequences (n samples) of one request (default: half of --max-num-seqs)")
     page_size: int = _opt(16, "tokens per KV-cache page (a power of two)")
     kv_cache_memory: int | str | None = _opt(
         None, "KV-cache budget per device, bytes or e.g. '2GiB' (default: --kv-cache-memory-fraction of free "
@@ -111,6 +116,9 @@ class EngineConfig:
             bad("page_size", "must be a power of two")
         if self.max_num_batched_tokens < self.max_num_seqs:
             bad("max_num_batched_tokens", f"must be >= max_num_seqs ({self.max_num_seqs})")
+        cap = self.max_running_seqs_per_request
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            bad("max_running_seqs_per_request", "must be a positive integer or None")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             bad("max_model_len", "must be an integer >= 2 or None")
         if not 0 < self.kv_cache_memory_fraction <= 1:

@@ -14,15 +14,19 @@ tokens into U+FFFD, including a leading byte already shown as a character).
 Stop strings: text that could still turn into a stop string (a suffix equal to a stop string's prefix) is
 held back; a stop string is found even when split across tokens, is never shown (unless
 ``include_stop_str_in_output``), and the text ends right before it. Among overlapping matches the one
-that ends first wins, then the one that starts first.
+that ends first wins, then the one that starts first. Matching runs an Aho-Corasick automaton over the
+stop strings (built once per set of stops), fed only the new characters: a step costs time proportional
+to its new text, whatever the number and length of the stop strings or the length of the output.
 """
 
 from __future__ import annotations
 
 import operator
+from collections import deque
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
+from functools import lru_cache
 
 from jaxinfer.sampling_params import SamplingParams
 
@@ -41,6 +45,65 @@ def make_decode_fn(tokenizer, skip_special_tokens: bool):
     return lambda ids: tokenizer.decode(
         ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
     )
+
+
+class StopMatcher:
+    """Aho-Corasick automaton over a set of stop strings (immutable; states are ints, 0 the root).
+
+    For a state reached by feeding text, ``match[state]`` is the length of the longest stop string the
+    text ends with (0: none) and ``held[state]`` the length of the longest tail of the text that is a
+    proper prefix of some stop string (text that must be held back).
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        goto: list[dict[str, int]] = [{}]
+        depth = [0]
+        match = [0]
+        for s in stops:
+            node = 0
+            for ch in s:
+                nxt = goto[node].get(ch)
+                if nxt is None:
+                    nxt = len(goto)
+                    goto[node][ch] = nxt
+                    goto.append({})
+                    depth.append(depth[node] + 1)
+                    match.append(0)
+                node = nxt
+            match[node] = len(s)
+        fail = [0] * len(goto)
+        held = [0] * len(goto)
+        queue = deque(goto[0].values())
+        while queue:  # breadth first: a node's failure target is shallower, so it is done already
+            node = queue.popleft()
+            f = fail[node]
+            if not match[node]:
+                match[node] = match[f]
+            held[node] = depth[node] if goto[node] else held[f]
+            for ch, child in goto[node].items():
+                g = f
+                while g and ch not in goto[g]:
+                    g = fail[g]
+                fail[child] = goto[g].get(ch, 0)
+                queue.append(child)
+        self._goto, self._fail = goto, fail
+        self.match, self.held = match, held
+
+    def feed(self, state: int, ch: str) -> int:
+        goto, fail = self._goto, self._fail
+        while True:
+            nxt = goto[state].get(ch)
+            if nxt is not None:
+                return nxt
+            if state == 0:
+                return 0
+            state = fail[state]
+
+
+@lru_cache(maxsize=256)
+def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
+    """The (shared, immutable) automaton of a set of stop strings."""
+    return StopMatcher(stops)
 
 
 @dataclass(frozen=True)
@@ -85,6 +148,8 @@ class IncrementalDetokenizer:
     ):
         self._decode = make_decode_fn(tokenizer, skip_special_tokens)
         self._stops = tuple(s for s in stop if s)
+        self._matcher = stop_matcher(self._stops) if self._stops else None
+        self._state = 0  # the matcher's state after the whole text
         self._include_stop = include_stop_str_in_output
         self._min_tokens = min_tokens
         self._ids: list[int] = []
@@ -157,32 +222,29 @@ class IncrementalDetokenizer:
         """Append ``delta`` and look for a stop string ending inside it."""
         old_len = len(self._text)
         self._text += delta
-        if not self._stops or self._num_tokens <= self._min_tokens:
+        m = self._matcher
+        if m is None:
             return
         # Only matches ending in the new text count (earlier text was checked, or shown before
         # min_tokens). The match that ends first wins (what a character-by-character matcher would see),
-        # then the one that starts first.
-        best: tuple[int, int, str] | None = None
-        for s in self._stops:
-            i = self._text.find(s, max(old_len - len(s) + 1, 0))
-            if i >= 0 and (best is None or (i + len(s), i) < best[:2]):
-                best = (i + len(s), i, s)
-        if best is not None:
-            _, i, s = best
-            self._text = self._text[: i + len(s)] if self._include_stop else self._text[:i]
-            self._stop_string = s
-            self._done = True
+        # then the one that starts first (the longest ending there).
+        look = self._num_tokens > self._min_tokens
+        state, match = self._state, m.match
+        for j, ch in enumerate(delta):
+            state = m.feed(state, ch)
+            if look and match[state]:
+                length = match[state]
+                end = old_len + j + 1
+                i = end - length
+                self._stop_string = self._text[i:end]
+                self._text = self._text[:end] if self._include_stop else self._text[:i]
+                self._done = True
+                break
+        self._state = state
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        text = self._text
-        held = 0
-        for s in self._stops:
-            for k in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:k]):
-                    held = k
-                    break
-        return held
+        return 0 if self._matcher is None else min(self._matcher.held[self._state], len(self._text))
 
     def update(
         self, new_token_ids: Iterable[int], *, final: bool = False, drop_last_token: bool = False

@@ -88,8 +88,8 @@ class DataParallelEngine:
         eng = self._where.get(request_id)
         return eng is not None and eng.abort_request(request_id)
 
-    def step(self) -> list[RequestOutput]:
-        started = [e.start_step() for e in self.replicas]
+    def step(self, exclude=()) -> list[RequestOutput]:
+        started = [e.start_step(exclude) for e in self.replicas]
         outputs = []
         for e, s in zip(self.replicas, started):
             outputs += e.finish_step(s)

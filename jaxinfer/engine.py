@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import jax
@@ -113,6 +114,7 @@ class Engine:
             max_model_len=self.max_model_len, num_pages=spec.num_pages, page_size=config.page_size,
             enable_prefix_caching=config.enable_prefix_caching,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            max_running_seqs_per_request=config.max_running_seqs_per_request,
         )
         self.scheduler = Scheduler(sched_cfg, self.eos_token_ids)
         self.buckets = StepBuckets.from_scheduler_config(sched_cfg, min_token_bucket=config.min_token_bucket,
@@ -184,12 +186,15 @@ class Engine:
         k = resolve_num_speculative_tokens(num_speculative_tokens, params, self.config.speculative_method,
                                            self.config.num_speculative_tokens)
         text, ids = self._encode(prompt)
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         penalties = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
         base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         seeds = [(base + 1_000_003 * i) & 0x7FFFFFFF for i in range(params.n)]
         arrival = time.perf_counter() if arrival_time is None else arrival_time
-        seqs = [Sequence(f"{i}:{request_id}", ids, params, use_cached_prefix=not penalties, num_lookahead=k)
-                for i in range(params.n)]
+        seqs = [Sequence(f"{i}:{request_id}", ids, params, use_cached_prefix=not penalties, num_lookahead=k,
+                         group=request_id) for i in range(params.n)]
         added = []
         try:
             for seq in seqs:
@@ -231,25 +236,36 @@ class Engine:
         return self.outputs.has_unfinished()
 
     # ---- the step ----------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the deltas of every request that changed."""
-        return self.finish_step(self.start_step())
+    def step(self, exclude: Collection[str] = ()) -> list[RequestOutput]:
+        """Run one scheduled batch; return the deltas of every request that changed.
 
-    def start_step(self):
+        ``exclude``: request ids that must not run in this step (they stay queued / running, untouched):
+        a server isolating the request whose inputs make a step fail re-runs it without suspects.
+        """
+        return self.finish_step(self.start_step(exclude))
+
+    def start_step(self, exclude: Collection[str] = ()):
         """Schedule and launch a step on the device without waiting for it (see :meth:`finish_step`)."""
         outputs = self.outputs.take_pending()
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(exclude_groups=exclude)
         for seq in sched.preempted:
             self._release_slot(seq.request_id)
         if sched.is_empty:
             return outputs, None
         rows = sched.scheduled
         infos = self._row_infos(rows)
-        drafts = self.spec.propose(rows, infos) if self.spec is not None else None
-        if drafts is not None and any(drafts):
-            return outputs, (sched, infos, self.spec.dispatch_verify(rows, drafts, infos))
-        x = pack_step_inputs(sched, self.buckets)
-        return outputs, (sched, infos, self.runner.dispatch(self.batches.plain(x, infos)))
+        try:
+            drafts = self.spec.propose(rows, infos) if self.spec is not None else None
+            if drafts is not None and any(drafts):
+                return outputs, (sched, infos, self.spec.dispatch_verify(rows, drafts, infos))
+            x = pack_step_inputs(sched, self.buckets)
+            return outputs, (sched, infos, self.runner.dispatch(self.batches.plain(x, infos)))
+        except BaseException:
+            # Nothing ran: the rows keep their state for a retry (a fresh slot is still cleared), and the
+            # aborts' final outputs are reported by the next step.
+            self._fresh.update(r.seq.request_id for r, info in zip(rows, infos) if info.reset)
+            self.outputs.restore_pending(outputs)
+            raise
 
     def finish_step(self, started) -> list[RequestOutput]:
         """Wait for a step launched by :meth:`start_step` and turn its samples into output deltas."""

@@ -98,6 +98,10 @@ class OutputProcessor:
         out, self._pending = self._pending, []
         return out
 
+    def restore_pending(self, outputs: list[RequestOutput]) -> None:
+        """Put outputs taken by :meth:`take_pending` back (the step that took them failed)."""
+        self._pending[:0] = outputs
+
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._pending)
 

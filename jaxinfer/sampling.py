@@ -1,6 +1,7 @@
 """Batched on-device sampling with per-row parameters as arrays (never static jit arguments).
 
-Per row, in order (as in vLLM): ``min_tokens`` suppression of stop ids -> penalties (repetition over
+Per row, in order (as in vLLM): ``logit_bias`` (up to ``MAX_LOGIT_BIAS`` tokens per row, as arrays) ->
+``min_tokens`` suppression of stop ids -> penalties (repetition over
 prompt + output tokens; presence / frequency over output tokens) -> temperature -> min-p -> top-k ->
 top-p (each filter on the distribution the previous one left) -> a Gumbel-max draw keyed only by the
 row's ``(seed, step)``, so a request samples the same tokens whatever batch it runs in. Temperature 0
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxinfer.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 MAX_SUPPRESSED_IDS = 8  # EOS + stop token ids held back until min_tokens (per row)
 TOKEN_PAD, TOKEN_PROMPT, TOKEN_OUTPUT = 0, 1, 2
@@ -38,6 +39,8 @@ class SamplingTensors:
       suppress: bool, True while the sequence has fewer than ``min_tokens`` outputs.
       num_logprobs: i32 top log-probabilities wanted (0 = none).
       slot: i32 penalty-state row of the sequence.  reset: bool, clear that row before this step.
+      bias_ids: i32 ``[S, MAX_LOGIT_BIAS]`` token ids of the row's ``logit_bias`` (padding -1).
+      bias_values: f32 ``[S, MAX_LOGIT_BIAS]`` their biases (padding 0).
     """
 
     temperature: jax.Array
@@ -54,6 +57,8 @@ class SamplingTensors:
     num_logprobs: jax.Array
     slot: jax.Array
     reset: jax.Array
+    bias_ids: jax.Array
+    bias_values: jax.Array
 
     @staticmethod
     def build(params: Sequence[SamplingParams | None], *, seeds: Sequence[int], steps: Sequence[int],
@@ -69,7 +74,8 @@ class SamplingTensors:
             seed=np.zeros(n, np.uint32), step=np.zeros(n, np.int32),
             suppress_ids=np.full((n, MAX_SUPPRESSED_IDS), -1, np.int32), suppress=np.zeros(n, np.bool_),
             num_logprobs=np.zeros(n, np.int32), slot=np.full(n, trash_slot, np.int32),
-            reset=np.zeros(n, np.bool_),
+            reset=np.zeros(n, np.bool_), bias_ids=np.full((n, MAX_LOGIT_BIAS), -1, np.int32),
+            bias_values=np.zeros((n, MAX_LOGIT_BIAS), np.float32),
         )
         for i, sp in enumerate(params):
             if sp is None:
@@ -88,6 +94,10 @@ class SamplingTensors:
                 ids = [*(() if sp.ignore_eos else eos_token_ids), *sp.stop_token_ids][:MAX_SUPPRESSED_IDS]
                 t.suppress_ids[i, : len(ids)] = ids
                 t.suppress[i] = True
+            if sp.logit_bias:
+                ids, values = zip(*sp.logit_bias)
+                t.bias_ids[i, : len(ids)] = ids
+                t.bias_values[i, : len(ids)] = values
             if slots is not None:
                 t.slot[i] = slots[i]
             if resets is not None:
@@ -185,12 +195,20 @@ def gumbel_draw(y: jax.Array, st: SamplingTensors) -> jax.Array:
     return jnp.argmax(y + noise, axis=-1).astype(jnp.int32)
 
 
+def _apply_logit_bias(x: jax.Array, st: SamplingTensors) -> jax.Array:
+    s, v = x.shape
+    rows = jnp.arange(s)[:, None]
+    ids = jnp.where(st.bias_ids >= 0, st.bias_ids, v)  # padding (and ids past the vocabulary) dropped
+    return x.at[rows, ids].add(st.bias_values, mode="drop")
+
+
 def process_logits(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None = None) -> jax.Array:
-    """``min_tokens`` suppression, then penalties (when ``penalty_state`` is given): ``f32[S, V]`` ->
-    ``f32[S, V]``. Greedy rows take the argmax of this."""
+    """``logit_bias``, ``min_tokens`` suppression, then penalties (when ``penalty_state`` is given):
+    ``f32[S, V]`` -> ``f32[S, V]``. Greedy rows take the argmax of this."""
     logits = jnp.asarray(logits, jnp.float32)
     s, v = logits.shape
     rows = jnp.arange(s)[:, None]
+    logits = jax.lax.cond(jnp.any(st.bias_ids >= 0), lambda y: _apply_logit_bias(y, st), lambda y: y, logits)
     sup = jnp.where(st.suppress[:, None] & (st.suppress_ids >= 0), st.suppress_ids, v)
     x = logits.at[rows, sup].set(-jnp.inf, mode="drop")
     if penalty_state is not None:

@@ -11,7 +11,12 @@ Each :meth:`Scheduler.schedule` call fills one step under three budgets: tokens
    the first sequence that does not fit (no overtaking), or whose next uncached page a sequence in this
    step is about to compute (a request arriving with others that share its prompt prefix waits for the
    shared pages to be cached instead of computing them twice).
-   Skipped in a step that had to preempt.
+   Skipped in a step that had to preempt. Fairness across requests: sequences of one request (its ``n``
+   samples share a ``Sequence.group``) hold at most ``max_running_seqs_per_request`` slots (default half
+   of ``max_num_seqs``), and while several requests have sequences waiting or running, a request is
+   admitted beyond ``ceil(max_num_seqs / active requests)`` running sequences only after the others; a
+   waiting sequence over its request's share is passed over (not a stop), so one request's samples
+   never take every slot while another request waits.
 
 When a running sequence needs a page and none is left, the newest running sequence is preempted (its
 pages freed, its outputs kept, put back at the front of the waiting queue) until the page fits or the
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 
@@ -51,8 +56,18 @@ class SchedulerConfig:
     page_size: int = 16
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    max_running_seqs_per_request: int | None = None  # None: max(1, max_num_seqs // 2)
+
+    @property
+    def request_seq_cap(self) -> int:
+        """The most running sequences of one request (group)."""
+        cap = self.max_running_seqs_per_request
+        return max(1, self.max_num_seqs // 2) if cap is None else cap
 
     def __post_init__(self):
+        cap = self.max_running_seqs_per_request
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise ValueError(f"max_running_seqs_per_request must be an integer >= 1 or None, got {cap!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "num_pages", "page_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -264,8 +279,12 @@ class Scheduler:
         self._num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> SchedulerOutput:
-        """Pick the next step's work (see the module docstring). Never raises for a queued request."""
+    def schedule(self, exclude_groups: Collection[str] = ()) -> SchedulerOutput:
+        """Pick the next step's work (see the module docstring). Never raises for a queued request.
+
+        ``exclude_groups``: groups (request ids) none of whose sequences may run in this step; they keep
+        their state (used to re-run a failed step without the request suspected of breaking it).
+        """
         cfg = self.config
         bm = self.block_manager
         budget = cfg.max_num_batched_tokens
@@ -293,6 +312,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
                 continue
+            if exclude_groups and seq.group in exclude_groups:
+                continue
             if grow(seq, 1):
                 chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, 1, True)
                 budget -= 1
@@ -313,6 +334,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.request_id in chosen:
                 continue
+            if exclude_groups and seq.group in exclude_groups:
+                continue
             remaining = seq.num_uncomputed_tokens
             n = min(remaining, budget)
             if grow(seq, n):
@@ -328,24 +351,55 @@ class Scheduler:
             for seq in self.running:
                 if seq.request_id in chosen and seq.num_uncomputed_tokens > 1:
                     pending.update(bm.pending_page_keys(seq))
-        while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-            seq = self.waiting[0]
+        def admit(seq: Sequence) -> bool:
+            """Admit the waiting ``seq`` (not yet removed from the queue); False when it does not fit."""
+            nonlocal budget
             hits = bm.find_cached_prefix(seq) if seq.use_cached_prefix else []
             if pending and seq.use_cached_prefix and bm.next_page_key(seq, len(hits)) in pending:
-                break
+                return False
             remaining = seq.num_tokens - len(hits) * cfg.page_size
             if remaining > budget and not cfg.enable_chunked_prefill:
-                break
+                return False
             n = min(remaining, budget)
             la = self._lookahead(seq, len(hits) * cfg.page_size + n)
             if not bm.allocate_slots(seq, n, cached_pages=hits, num_lookahead=la):
-                break
-            self.waiting.popleft()
+                return False
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)  # the oldest waiting is newer than every running sequence
             chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, n, n == remaining)
             budget -= n
             pending.update(bm.pending_page_keys(seq))
+            return True
+
+        def room() -> bool:
+            return budget > 0 and len(self.running) < cfg.max_num_seqs
+
+        if not preempted and self.waiting and room():
+            running, fair, cap = self._group_counts()
+            passed: list[Sequence] = []  # over their request's fair share (or excluded): passed over
+            stopped = False
+            while self.waiting and room():
+                seq = self.waiting[0]
+                if (exclude_groups and seq.group in exclude_groups) or running.get(seq.group, 0) >= fair:
+                    passed.append(self.waiting.popleft())
+                    continue
+                if not admit(seq):
+                    stopped = True
+                    break
+                self.waiting.popleft()
+                running[seq.group] = running.get(seq.group, 0) + 1
+            # Everyone else was served: requests over their fair share may use the slots left, up to the cap.
+            keep: list[Sequence] = []
+            for seq in passed:
+                if (stopped or not room() or (exclude_groups and seq.group in exclude_groups)
+                        or running.get(seq.group, 0) >= cap):
+                    keep.append(seq)
+                elif admit(seq):
+                    running[seq.group] = running.get(seq.group, 0) + 1
+                else:
+                    stopped = True
+                    keep.append(seq)
+            self.waiting.extendleft(reversed(keep))  # back at the front, in their order
 
         decode_set = set(decode_ids)
         decodes = [chosen[r] for r in decode_ids if r in chosen]
@@ -353,6 +407,17 @@ class Scheduler:
         return SchedulerOutput(
             scheduled=decodes + prefills, num_decode_seqs=len(decodes), preempted=preempted
         )
+
+    def _group_counts(self) -> tuple[dict[str, int], int, int]:
+        """``(running sequences per group, fair share, cap)``: the fair share is ``ceil(max_num_seqs /
+        groups with sequences running or waiting)``, at most the per-request cap."""
+        running: dict[str, int] = {}
+        for seq in self.running:
+            running[seq.group] = running.get(seq.group, 0) + 1
+        groups = set(running)
+        groups.update(seq.group for seq in self.waiting)
+        cap = self.config.request_seq_cap
+        return running, min(cap, -(-self.config.max_num_seqs // max(len(groups), 1))), cap
 
     # ---- results -----------------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, sampled_token_ids: SequenceABC) -> list[SeqUpdate]:

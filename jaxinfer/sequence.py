@@ -75,6 +75,8 @@ class Sequence:
         for others). The engine sets it for requests with penalties, whose on-device token counts are
         built from the tokens each step feeds through the model.
       page_hashes / num_registered_pages: prefix-cache bookkeeping owned by the block manager.
+      group: the user request the sequence belongs to (the engine's request id for each of its ``n``
+        samples; default: ``request_id``). The scheduler shares slots fairly between groups.
     """
 
     __slots__ = (
@@ -97,6 +99,7 @@ class Sequence:
         "page_hashes",
         "num_registered_pages",
         "order",
+        "group",
     )
 
     def __init__(
@@ -109,6 +112,7 @@ class Sequence:
         num_lookahead: int = 0,
         cache_salt: str | None = None,
         use_cached_prefix: bool = True,
+        group: str | None = None,
     ):
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(
@@ -146,6 +150,7 @@ class Sequence:
         self.page_hashes: list[bytes] = []
         self.num_registered_pages = 0
         self.order = -1  # FCFS rank, set by the scheduler on ``add``
+        self.group = request_id if group is None else group
 
     # ---- token views -------------------------------------------------------------------------------
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,4 +81,53 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
                                   "messages")
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
                                          tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    specials = special_token_texts(tokenizer)
+    if not any(sp in m["content"] for m in messages for sp in specials):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _encode_chat_isolated(tokenizer, messages, add_generation_prompt, text)
+
+
+def special_token_texts(tokenizer) -> list[str]:
+    """The text of the tokenizer's special tokens (``<|im_end|>``, ``<s>``, ...)."""
+    out = set()
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for tok in decoder.values():
+        if getattr(tok, "special", False) and getattr(tok, "content", ""):
+            out.add(tok.content)
+    out.update(t for t in getattr(tokenizer, "all_special_tokens", ()) or () if isinstance(t, str) and t)
+    return sorted(out)
+
+
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+def _encode_chat_isolated(tokenizer, messages, add_generation_prompt: bool, text: str) -> list[int]:
+    """Token ids of a conversation whose message content holds special-token text: the template is
+    rendered with a placeholder per message, its own text tokenized with special tokens recognised and
+    each message's content with special-token text split into plain tokens (``split_special_tokens``),
+    so a user typing ``<|im_end|>`` cannot close their turn or open another.
+
+    Raises:
+      InvalidRequestError: the template transforms message content in a way the placeholders cannot
+        follow (refused rather than letting special-token text through).
+    """
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    pieces = _SENTINEL.split(rendered)  # template, index, template, index, ..., template
+    for strip in (False, True):  # some templates trim the content
+        contents = [m["content"].strip() if strip else m["content"] for m in messages]
+        parts = [contents[int(p)] if i % 2 else p for i, p in enumerate(pieces)]
+        if "".join(parts) == text:
+            break
+    else:
+        raise InvalidRequestError("message content contains special-token text that this model's chat template "
+                                  "does not render verbatim", "messages")
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if not part:
+            continue
+        if i % 2:
+            ids += tokenizer(part, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        else:
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return ids

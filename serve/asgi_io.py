@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serve.errors import PayloadTooLarge
+from serve.errors import PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 logger = logging.getLogger(__name__)
 
@@ -30,17 +30,33 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) more than ``limit`` bytes."""
+def check_json_content_type(request: Request) -> None:
+    """415 unless the body is declared JSON (``application/json`` or ``application/*+json``): browsers
+    send cross-origin ``text/plain`` / form posts without a CORS preflight, JSON only after one."""
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype[:60]!r}.",
+                                   code="unsupported_media_type")
+
+
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes and (408) a body that takes more than
+    ``timeout`` seconds to arrive."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body exceeds {limit} bytes.", code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body exceeds {limit} bytes.", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"The request body exceeds {limit} bytes.", code="body_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout:g} s.",
+                             code="body_timeout") from None
     return b"".join(chunks)
 
 

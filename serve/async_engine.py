@@ -1,8 +1,10 @@
 """``AsyncEngine``: the asyncio front end's handle on the engine thread (admission, abort, shutdown).
 
-Backpressure: the server admits at most ``max_num_seqs + max_waiting_requests`` requests at once
-(running in the engine plus waiting in the inbox or the engine's queue). Beyond that ``submit``
-raises ``Overloaded`` (HTTP 429, gRPC RESOURCE_EXHAUSTED) at once instead of queueing without limit.
+Backpressure: the server admits at most ``max_num_seqs + max_waiting_requests`` *sequences* at once
+(a request with ``n`` samples counts ``n``; running in the engine plus waiting in the inbox or the
+engine's queue). Beyond that ``submit`` raises ``Overloaded`` (HTTP 429, gRPC RESOURCE_EXHAUSTED) at
+once instead of queueing without limit. ``limits`` (:class:`serve.limits.RequestLimits`) bound what one
+request may ask for.
 While shutting down it raises ``ShuttingDown`` (HTTP 503, gRPC UNAVAILABLE).
 
 Abort path: a handler whose client went away leaves ``AsyncEngine.open``'s ``async with`` block
@@ -22,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 from serve.engine_loop import EngineLoop
-from serve.errors import Overloaded, ShuttingDown
+from serve.errors import Overloaded, ShuttingDown, bad_param
+from serve.limits import RequestLimits
 from serve.metrics import ServerMetrics
 from serve.request_stream import RequestStream
 
@@ -37,12 +40,13 @@ class AsyncEngine:
     Args:
       engine: an ``Engine`` (or a test double with the same interface).
       max_num_seqs: requests the engine runs at once (admission counts them as running).
-      max_waiting_requests: requests admitted beyond ``max_num_seqs`` before answering 429.
+      max_waiting_requests: sequences admitted beyond ``max_num_seqs`` before answering 429.
       served_model_name: the name clients pass as ``model`` (defaults to ``engine.model_name``).
+      limits: per-request limits (``n``, prompts, ``n`` x prompts, stop strings).
     """
 
     def __init__(self, engine, *, max_num_seqs: int = 64, max_waiting_requests: int = 256,
-                 served_model_name: str | None = None):
+                 served_model_name: str | None = None, limits: RequestLimits | None = None):
         if max_num_seqs < 1 or max_waiting_requests < 0:
             raise ValueError("max_num_seqs must be >= 1 and max_waiting_requests >= 0")
         self.engine = engine
@@ -50,9 +54,11 @@ class AsyncEngine:
         self.max_model_len = int(engine.max_model_len)
         self.model_name = served_model_name or str(engine.model_name)
         self.model_aliases = {self.model_name, str(engine.model_name)}
-        self.capacity = max_num_seqs + max_waiting_requests
+        self.capacity = max_num_seqs + max_waiting_requests  # sequences
+        self.limits = limits or RequestLimits()
         self.created = int(time.time())
-        self.in_flight = 0
+        self.in_flight = 0  # engine requests (one per prompt)
+        self.seqs_in_flight = 0  # their sequences (n each)
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -108,25 +114,30 @@ class AsyncEngine:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     def check_admission(self, count: int = 1) -> None:
-        """Raise ``ShuttingDown`` / ``Overloaded`` if ``count`` more requests cannot be admitted now."""
+        """Raise ``ShuttingDown`` / ``Overloaded`` if ``count`` more sequences cannot be admitted now
+        (``BadRequest`` naming ``n`` if they never could)."""
         if self.draining or self._loop_thread is None:
             self.metrics.request_rejected.labels(reason="shutting_down").inc(count)
             raise ShuttingDown()
         if not self._loop_thread.alive:
             self.metrics.request_rejected.labels(reason="engine_stopped").inc(count)
             raise ShuttingDown("The engine thread stopped; the server cannot take requests.")
-        if self.in_flight + count > self.capacity:
+        if count > self.capacity:
+            raise bad_param(f"this request needs {count} sequences (n x prompts) but the server admits at most "
+                            f"{self.capacity} at once", "n")
+        if self.seqs_in_flight + count > self.capacity:
             self.metrics.request_rejected.labels(reason="queue_full").inc(count)
             raise Overloaded()
 
     def submit(self, prompt: list[int], params: SamplingParams, *, request_id: str | None = None,
                arrival_time: float | None = None) -> RequestStream:
         """Hand a tokenized request to the engine thread; the caller must read or abort the stream."""
-        self.check_admission()
+        self.check_admission(params.n)
         rid = request_id or uuid.uuid4().hex
         stream = RequestStream(rid, params.n, self._loop_thread.abort, self._on_done)
         self._streams[rid] = stream
         self.in_flight += 1
+        self.seqs_in_flight += params.n
         self._idle.clear()
         self._loop_thread.add(stream, prompt, params, arrival_time or time.perf_counter())
         return stream
@@ -143,6 +154,7 @@ class AsyncEngine:
     def _on_done(self, stream: RequestStream, final: RequestOutput | None) -> None:
         self._streams.pop(stream.request_id, None)
         self.in_flight -= 1
+        self.seqs_in_flight -= stream.n
         if self.in_flight == 0:
             self._idle.set()
         if final is not None:

@@ -39,6 +39,32 @@ def register(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after SIGINT/SIGTERM (default 30)")
     e.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
+    lim = p.add_argument_group("per-request limits")
+    lim.add_argument("--max-n", type=int, default=128, help="largest n (samples per prompt) (default 128)")
+    lim.add_argument("--max-prompts-per-request", type=int, default=256,
+                     help="most prompts in one /v1/completions request (default 256)")
+    lim.add_argument("--max-seqs-per-request", type=int, default=256,
+                     help="most sequences (n x prompts) one request adds (default 256)")
+    lim.add_argument("--max-stop-strings", type=int, default=64, help="most stop strings per request (default 64)")
+    lim.add_argument("--max-stop-bytes", type=int, default=4096,
+                     help="most UTF-8 bytes of a request's stop strings together (default 4096)")
+    sec = p.add_argument_group("security and connections")
+    sec.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1/* and gRPC Generate (default: the "
+                          "JAXINFER_API_KEY environment variable; unset: no authentication)")
+    sec.add_argument("--auth-health-metrics", action="store_true",
+                     help="also require the API key on /health and /metrics (open by default)")
+    sec.add_argument("--allowed-origins", default="",
+                     help="comma-separated browser origins allowed by CORS (default: none, no CORS headers)")
+    sec.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a client has to send a request's headers before the connection is closed "
+                          "(default 10)")
+    sec.add_argument("--body-timeout", type=float, default=30.0,
+                     help="seconds a client has to send a request body (408 after) (default 30)")
+    sec.add_argument("--keep-alive-timeout", type=float, default=15.0,
+                     help="seconds an idle keep-alive connection stays open (default 15)")
+    sec.add_argument("--max-connections", type=int, default=1024,
+                     help="open HTTP connections beyond which new ones are closed at once (default 1024)")
     p.set_defaults(run=run)
     return p
 
@@ -89,8 +115,21 @@ def run(args, engine=None, on_ready=None) -> int:
         raise SystemExit("jaxinfer serve: --no-http needs --grpc-port")
     if args.max_waiting_requests < 0:
         raise SystemExit("jaxinfer serve: --max-waiting-requests must be >= 0")
+    from serve.limits import RequestLimits
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("JAXINFER_API_KEY") or None
     opts = ServerOptions(host=args.host, port=None if args.no_http else args.port, grpc_port=args.grpc_port,
-                         max_body_bytes=int(args.max_body_mb * 2**20), shutdown_grace_s=args.shutdown_timeout)
+                         max_body_bytes=int(args.max_body_mb * 2**20), shutdown_grace_s=args.shutdown_timeout,
+                         api_key=api_key, auth_open_paths=() if args.auth_health_metrics else ("/health", "/metrics"),
+                         allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+                         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                         keep_alive_timeout_s=args.keep_alive_timeout, max_connections=args.max_connections)
+    try:
+        limits = RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts_per_request,
+                               max_seqs_per_request=args.max_seqs_per_request, max_stop=args.max_stop_strings,
+                               max_stop_bytes=args.max_stop_bytes)
+    except ValueError as e:
+        raise SystemExit(f"jaxinfer serve: {e}") from None
     if engine is None:
         logger.info("loading %s", args.model or "the default model")
         try:
@@ -99,7 +138,7 @@ def run(args, engine=None, on_ready=None) -> int:
             raise SystemExit(f"jaxinfer serve: {e}") from None
     async_engine = AsyncEngine(engine, max_num_seqs=engine_max_num_seqs(engine, args.max_num_seqs),
                                max_waiting_requests=args.max_waiting_requests,
-                               served_model_name=args.served_model_name)
+                               served_model_name=args.served_model_name, limits=limits)
 
     async def main() -> None:
         stop = asyncio.Event()

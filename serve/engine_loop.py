@@ -11,14 +11,21 @@ Threads and queues::
 The thread sleeps on the condition when the engine has no work and the inbox is empty (no busy loop).
 After every iteration it publishes ``engine.stats()`` as an immutable snapshot the front end reads.
 
-Failure isolation: a request the engine rejects (``InvalidRequestError``) fails alone; an exception
-inside ``engine.step()`` fails every request in flight with a 500 (the engine's state for that batch
-is unknown), aborts them in the engine to free their pages, and the loop keeps serving.
+Failure isolation: a request the engine rejects (``InvalidRequestError``) fails alone. When
+``engine.step()`` raises, the loop looks for the request whose inputs break the step (engines whose
+``step`` takes ``exclude``, the request ids to leave out of that step): it re-runs steps on halves of
+the requests in flight (each successful probe is a real step whose outputs are delivered) until one
+request fails alone while the others step fine without it. That request fails alone (400
+``request_failed``), the rest keep running and the failure does not count against ``/health``. A
+failure no single request explains is retried once (it may have been transient); if it repeats, or
+the engine cannot exclude requests, every request in flight fails with a 500 (the engine's state for
+that batch is unknown), is aborted to free its pages, and the loop keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
@@ -27,12 +34,13 @@ from dataclasses import dataclass, field
 
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxinfer.sampling_params import SamplingParams
-from serve.errors import APIError, EngineFailure, from_exception
+from serve.errors import APIError, BadRequest, EngineFailure, from_exception
 from serve.request_stream import RequestStream
 
 logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 1.0
+_MAX_CULPRITS = 4  # requests failed alone by one isolation before the failure counts as the engine's
 
 
 @dataclass
@@ -84,6 +92,9 @@ class EngineLoop:
         self.step_failures = 0  # consecutive failed steps
         self.total_step_failures = 0
         self.alive = False
+        self.isolated_failures = 0  # requests failed alone because their inputs broke a step
+        self._can_exclude = _accepts_exclude(engine)
+        self._probe_ok = False
         self._publish_stats()
 
     # -- called from any thread ----------------------------------------------------------------------
@@ -201,15 +212,16 @@ class EngineLoop:
         t = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception:
-            self.step_failures += 1
-            self.total_step_failures += 1
-            logger.exception("engine.step() failed; failing %d request(s) in flight", len(self._active))
-            self._fail_all(EngineFailure(), events)
+        except Exception as e:
+            logger.exception("engine.step() failed with %d request(s) in flight", len(self._active))
+            self._after_failure(e, events)
             return
         self.step_failures = 0
         if self._on_step is not None:
             self._on_step(time.perf_counter() - t)
+        self._take_outputs(outputs, events)
+
+    def _take_outputs(self, outputs, events: list) -> None:
         for out in outputs:
             act = self._active.get(out.request_id)
             if act is None:
@@ -221,6 +233,90 @@ class EngineLoop:
             if out.finished:
                 del self._active[out.request_id]
             events.append((act.stream, out))
+
+    # -- failure isolation ---------------------------------------------------------------------------
+    def _after_failure(self, exc: Exception, events: list) -> None:
+        """A step raised: fail the requests that break steps alone, or everyone if nobody can be blamed."""
+        if self._can_exclude and self._active:
+            self._probe_ok = False
+            outcome = self._isolate(exc, events)
+            if outcome == "isolated":
+                # an engine that fails every step it runs is unhealthy, whoever gets the blame
+                if self._probe_ok:
+                    self.step_failures = 0
+                else:
+                    self.step_failures += 1
+                    self.total_step_failures += 1
+                return
+            if outcome == "transient" and not self.step_failures:
+                self.step_failures += 1  # retried at the next iteration, after a short back-off
+                self.total_step_failures += 1
+                logger.warning("engine step failure not caused by one request; retrying")
+                return
+        self.step_failures += 1
+        self.total_step_failures += 1
+        logger.error("engine step failed; failing %d request(s) in flight", len(self._active))
+        self._fail_all(EngineFailure(), events)
+
+    def _probe(self, include: list[str], events: list) -> bool:
+        """Run one step with only ``include`` among the requests in flight; deliver its outputs."""
+        exclude = set(self._active).difference(include)
+        try:
+            outputs = self.engine.step(exclude=exclude)
+        except Exception:
+            return False
+        self._probe_ok = True
+        self._take_outputs(outputs, events)
+        return True
+
+    def _isolate(self, exc: Exception, events: list) -> str:
+        """Find the requests that make a step fail on their own. Returns ``"isolated"`` (they failed alone
+        and the others step fine without them), ``"transient"`` (no request fails alone; nobody failed) or
+        ``"global"`` (failures no few requests explain; nobody failed yet)."""
+        suspected: list[str] = []
+        while len(suspected) < _MAX_CULPRITS:
+            culprit = self._find_culprit([r for r in self._active if r not in suspected], events)
+            if culprit is None:
+                break
+            suspected.append(culprit)
+            if len(suspected) == len(self._active) > 1:
+                break  # every request fails alone: the engine's failure, not theirs
+            rest = [r for r in self._active if r not in suspected]
+            if (not rest and len(suspected) == 1) or (rest and self._probe(rest, events)):
+                for rid in suspected:
+                    self._fail_one(rid, exc, events)
+                return "isolated"
+        return "global" if suspected else "transient"
+
+    def _find_culprit(self, suspects: list[str], events: list) -> str | None:
+        """Bisect: the one request of ``suspects`` whose step fails with it alone, or None."""
+        while True:
+            suspects = [r for r in suspects if r in self._active]  # probes may finish requests
+            if not suspects:
+                return None
+            if len(suspects) == 1:
+                return None if self._probe(suspects, events) else suspects[0]
+            half = len(suspects) // 2
+            for part in (suspects[:half], suspects[half:]):
+                if not self._probe(part, events):
+                    suspects = part
+                    break
+            else:
+                return None  # each half steps fine alone
+
+    def _fail_one(self, rid: str, exc: Exception, events: list) -> None:
+        act = self._active.pop(rid, None)
+        if act is None:
+            return
+        self.isolated_failures += 1
+        logger.warning("request %s makes engine steps fail (%s); failing it alone", rid, type(exc).__name__)
+        try:
+            self.engine.abort_request(rid)
+        except Exception:
+            logger.exception("engine.abort_request(%s) failed", rid)
+        events.append((act.stream, BadRequest(
+            f"The engine could not run this request: its parameters make the engine step fail "
+            f"({type(exc).__name__}). Other requests were not affected.", code="request_failed")))
 
     def _fail_all(self, err: APIError, events: list) -> None:
         for rid, act in list(self._active.items()):
@@ -244,6 +340,14 @@ class EngineLoop:
             self._loop.call_soon_threadsafe(_deliver, events)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             logger.debug("event loop closed; dropped %d event(s)", len(events))
+
+
+def _accepts_exclude(engine) -> bool:
+    """Whether ``engine.step`` takes ``exclude`` (request ids left out of one step)."""
+    try:
+        return "exclude" in inspect.signature(engine.step).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _deliver(events: list) -> None:

@@ -72,6 +72,30 @@ class PayloadTooLarge(APIError):
     type = "invalid_request_error"
 
 
+class Unauthorized(APIError):
+    """401: the API key is missing or wrong."""
+
+    status = 401
+    type = "invalid_request_error"
+
+    def __init__(self, message: str = "A valid API key is required (header 'Authorization: Bearer <key>')."):
+        super().__init__(message, code="invalid_api_key")
+
+
+class RequestTimeout(APIError):
+    """408: the client did not send the request body in time."""
+
+    status = 408
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(APIError):
+    """415: the body of a JSON endpoint is not declared as JSON."""
+
+    status = 415
+    type = "invalid_request_error"
+
+
 class Overloaded(APIError):
     """429: the waiting queue is full; retry later."""
 

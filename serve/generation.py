@@ -14,14 +14,15 @@ from serve.errors import APIError
 class Generation:
     """Submits one engine request per prompt and yields ``(prompt_index, RequestOutput)`` deltas.
 
-    Admission is all-or-nothing: ``check_admission(len(prompts))`` runs before the first submit, and
+    Admission is all-or-nothing: ``check_admission(len(prompts) * n)`` (sequences) runs before the first
+    submit, and
     nothing awaits in between, so a batch is never half admitted. ``abort()`` (idempotent) must run
     on every exit path; it aborts whatever has not finished.
     """
 
     def __init__(self, engine, prompts: list[list[int]], params: list[SamplingParams], *, prefix: str,
                  arrival_time: float):
-        engine.check_admission(len(prompts))
+        engine.check_admission(len(prompts) * params[0].n)
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.prompts = prompts
         self.n = params[0].n

@@ -3,27 +3,33 @@
 It shares the ``AsyncEngine`` (admission, abort, metrics) with the HTTP server and runs on the same
 asyncio loop. A cancelled call (client cancel, deadline, lost connection) cancels the handler; its
 ``finally`` aborts the engine request, which frees its pages before the engine's next step.
+
+Requests are parsed by the handlers (not by grpc): a malformed message gets INVALID_ARGUMENT. With an
+API key, every method but ``Health`` needs ``authorization: Bearer <key>`` metadata (UNAUTHENTICATED).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.sampling_params import SamplingParams
 from serve.async_engine import AsyncEngine
-from serve.errors import APIError, BadRequest, ModelNotFound, from_exception
-from serve.openai_protocol import MAX_N
+from serve.errors import APIError, BadRequest, ModelNotFound, bad_param, from_exception
+from serve.limits import RequestLimits
 from serve.prompts import check_token_ids, resolve_max_tokens, tokenize_text
 from serve.protos import jaxinfer_pb2 as pb
 from serve.protos import jaxinfer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+           404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -35,12 +41,15 @@ def status_code(err: APIError) -> grpc.StatusCode:
     return _STATUS.get(err.status, grpc.StatusCode.INTERNAL)
 
 
-def sampling_kwargs(sp: pb.SamplingParameters) -> dict:
-    """``SamplingParams`` keyword arguments (without max_tokens) from the message; unset = default."""
+def sampling_kwargs(sp: pb.SamplingParameters, limits: RequestLimits | None = None) -> dict:
+    """``SamplingParams`` keyword arguments (without max_tokens) from the message; unset = default.
+    The server's limits apply as on HTTP (``n``, stop strings); ranges are checked by SamplingParams."""
+    limits = limits or RequestLimits()
     kw = {name: getattr(sp, name) for name in _OPTIONAL if sp.HasField(name)}
     kw.setdefault("temperature", 0.0)
-    if sp.n > MAX_N:
-        raise BadRequest(f"n must be at most {MAX_N}", param="n")
+    limits.check_n(sp.n or 1)
+    limits.check_sequences(sp.n or 1, 1)
+    limits.check_stop(list(sp.stop))
     kw.update(n=sp.n or 1, stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
               min_tokens=sp.min_tokens, include_stop_str_in_output=sp.include_stop_str_in_output)
     if "seed" in kw:
@@ -55,6 +64,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.engine = engine
 
     async def Health(self, request, context):  # noqa: N802 (gRPC method name)
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         e = self.engine
         ok = e.healthy and not e.draining
         status = "ok" if ok else ("shutting_down" if e.draining else "unhealthy")
@@ -64,6 +75,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         arrival = time.perf_counter()
         stream = None
         try:
+            if isinstance(request, _Malformed):
+                raise BadRequest(request.message, param=None, code="invalid_message")
             stream, prompt_len = await self._submit(request, arrival)
             await stream.wait_accepted()
             completion_tokens = 0
@@ -94,7 +107,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         e = self.engine
         if request.model and request.model not in e.model_aliases:
             raise ModelNotFound(request.model)
-        e.check_admission()
+        e.check_admission(max(request.sampling.n, 1))
         kind = request.WhichOneof("prompt")
         if kind == "text":
             ids = await tokenize_text(e, request.text)
@@ -108,8 +121,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise BadRequest("max_tokens must be at least 1", param="max_tokens")
         max_tokens = resolve_max_tokens(e.max_model_len, len(ids), requested, None, prompt_param="prompt",
                                         max_tokens_param="max_tokens")
+        if sp.min_tokens > max_tokens:
+            raise bad_param(f"min_tokens ({sp.min_tokens}) must be at most max_tokens ({max_tokens})", "min_tokens")
         try:
-            params = SamplingParams(max_tokens=max_tokens, **sampling_kwargs(sp))
+            params = SamplingParams(max_tokens=max_tokens, **sampling_kwargs(sp, e.limits))
         except InvalidRequestError as exc:
             raise from_exception(exc) from None
         return e.submit(ids, params, arrival_time=arrival), len(ids)
@@ -121,10 +136,76 @@ def _token_logprob(tid: int, entry: dict, k: int) -> pb.TokenLogprob:
                            top=[pb.TopLogprob(token_id=t, logprob=max(float(lp), -9999.0)) for t, lp in top])
 
 
-def build_grpc_server(engine: AsyncEngine, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+class _Malformed:
+    """Stands for a request message that did not parse (answered INVALID_ARGUMENT by the handler)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _lenient(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, ValueError, TypeError, RuntimeError):
+            return _Malformed(f"the request is not a valid {message_class.DESCRIPTOR.full_name} message")
+    return parse
+
+
+def _handlers(servicer: InferenceServicer) -> dict:
+    return {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=_lenient(pb.HealthRequest),
+            response_serializer=pb.HealthResponse.SerializeToString),
+    }
+
+
+class _APIKeyInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED unless ``authorization: Bearer <key>`` metadata (constant-time comparison);
+    ``Health`` stays open."""
+
+    def __init__(self, api_key: str, on_reject=None):
+        self._key = api_key.encode("utf-8")
+        self._on_reject = on_reject
+
+    async def intercept_service(self, continuation, details):
+        if details.method.endswith("/Health") or self._authorized(details.invocation_metadata or ()):
+            return await continuation(details)
+        if self._on_reject is not None:
+            self._on_reject()
+
+        async def deny_stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required "
+                                "(metadata 'authorization: Bearer <key>')")
+            yield  # pragma: no cover (abort raises)
+
+        return grpc.unary_stream_rpc_method_handler(deny_stream, request_deserializer=lambda b: b,
+                                                    response_serializer=pb.GenerateResponse.SerializeToString)
+
+    def _authorized(self, metadata) -> bool:
+        given = ""
+        for key, value in metadata:
+            if key == "authorization":
+                given = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        scheme, _, token = given.partition(" ")
+        ok = hmac.compare_digest(token.strip().encode("utf-8", "replace"), self._key)
+        return ok and scheme.lower() == "bearer"
+
+
+def build_grpc_server(engine: AsyncEngine, host: str, port: int, *,
+                      api_key: str | None = None) -> tuple[grpc.aio.Server, int]:
     """An (unstarted) ``grpc.aio`` server bound to ``host:port``; returns it and the bound port."""
-    server = grpc.aio.server()
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server)
+    interceptors = []
+    if api_key:
+        interceptors.append(_APIKeyInterceptor(
+            api_key, lambda: engine.metrics.request_errors.labels(status="401").inc()))
+    server = grpc.aio.server(interceptors=interceptors)
+    handlers = _handlers(InferenceServicer(engine))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("jaxinfer.v1.Inference", handlers),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind the gRPC server to {host}:{port}")

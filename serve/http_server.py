@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP server (Starlette app).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics``. Errors are OpenAI-style bodies
+``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics``. Optional API key (401), CORS allow-list,
+415 for a non-JSON body on the JSON endpoints, 408 for a body that does not arrive in time. Errors are
+OpenAI-style bodies
 ``{"error": {"message", "type", "param", "code"}}``: 400 bad input, 404 unknown model (as OpenAI
 answers; a request without ``model`` uses the served model), 413 body too large, 429 waiting queue
 full, 503 shutting down, 500 engine failure. Streams are server-sent events ending with
@@ -11,18 +13,21 @@ full, 503 shutting down, 500 engine failure. Streams are server-sent events endi
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serve.asgi_io import ClientGone, EventStreamResponse, read_body, until_disconnect
+from serve.asgi_io import ClientGone, EventStreamResponse, check_json_content_type, read_body, until_disconnect
 from serve.async_engine import AsyncEngine
-from serve.errors import APIError, MethodNotAllowed, ModelNotFound, NotFound, from_exception
+from serve.errors import APIError, MethodNotAllowed, ModelNotFound, NotFound, Unauthorized, from_exception
 from serve.generation import Generation
 from serve.openai_protocol import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_body
 from serve.openai_responses import (
@@ -39,14 +44,17 @@ from serve.prompts import check_token_ids, resolve_max_tokens, tokenize_chat, to
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 class OpenAIServer:
     """Request handlers bound to one ``AsyncEngine``."""
 
-    def __init__(self, engine: AsyncEngine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(self, engine: AsyncEngine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S):
         self.engine = engine
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.token_text = TokenText(engine.tokenizer)
 
     def error(self, exc: BaseException) -> JSONResponse:
@@ -93,11 +101,12 @@ class OpenAIServer:
         arrival = time.perf_counter()
         gen = None
         try:
-            body = parse_json_body(await read_body(request, self.max_body_bytes))
-            req: GenerationRequest = parse(body)
+            check_json_content_type(request)
+            body = parse_json_body(await read_body(request, self.max_body_bytes, self.body_timeout_s))
+            req: GenerationRequest = parse(body, self.engine.limits)
             if req.model is not None and req.model not in self.engine.model_aliases:
                 raise ModelNotFound(req.model)
-            self.engine.check_admission(len(req.prompts))  # cheap early 429 / 503, before tokenizing
+            self.engine.check_admission(len(req.prompts) * req.n)  # cheap early 429 / 503, before tokenizing
             prompts = await until_disconnect(request, self._tokenize(req))
             params = [req.sampling_params(resolve_max_tokens(
                 self.engine.max_model_len, len(ids), req.max_tokens, req.default_max_tokens,
@@ -195,9 +204,16 @@ class OpenAIServer:
         yield SSE_DONE
 
 
-def build_app(engine: AsyncEngine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
-    """The Starlette app serving ``engine`` (start the engine with ``await engine.start()`` first)."""
-    s = OpenAIServer(engine, max_body_bytes)
+def build_app(engine: AsyncEngine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *,
+              body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S, api_key: str | None = None,
+              auth_open_paths: tuple[str, ...] = ("/health", "/metrics"),
+              allowed_origins: tuple[str, ...] = ()) -> Starlette:
+    """The Starlette app serving ``engine`` (start the engine with ``await engine.start()`` first).
+
+    ``api_key``: required as ``Authorization: Bearer <key>`` on every route but ``auth_open_paths`` (401
+    otherwise). ``allowed_origins``: browser origins that get CORS headers (none by default: no CORS).
+    """
+    s = OpenAIServer(engine, max_body_bytes, body_timeout_s)
     routes = [
         Route("/v1/completions", s.completions, methods=["POST"]),
         Route("/v1/chat/completions", s.chat_completions, methods=["POST"]),
@@ -219,4 +235,44 @@ def build_app(engine: AsyncEngine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES)
     async def unexpected(request: Request, exc: Exception) -> Response:
         return s.error(exc)
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: unexpected})
+    middleware = []
+    if allowed_origins:  # outermost: preflights are answered before the API key is asked for
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                                     allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                                     max_age=600))
+    if api_key:
+        middleware.append(Middleware(APIKeyMiddleware, api_key=api_key, open_paths=auth_open_paths,
+                                     on_reject=lambda: engine.metrics.request_errors.labels(status="401").inc()))
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={HTTPException: http_error, Exception: unexpected})
+
+
+class APIKeyMiddleware:
+    """Pure ASGI: 401 unless ``Authorization: Bearer <api_key>`` (constant-time comparison), except on
+    ``open_paths``."""
+
+    def __init__(self, app, api_key: str, open_paths: tuple[str, ...] = (), on_reject=None):
+        self.app = app
+        self._key = api_key.encode("utf-8")
+        self._open = frozenset(open_paths)
+        self._on_reject = on_reject
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self._open and not self._authorized(scope):
+            if self._on_reject is not None:
+                self._on_reject()
+            response = JSONResponse(Unauthorized().body(), status_code=401,
+                                    headers={"WWW-Authenticate": 'Bearer realm="jaxinfer"'})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+                break
+        scheme, _, token = given.partition(b" ")
+        ok = hmac.compare_digest(token.strip(), self._key)  # compared even for a wrong scheme: same time
+        return ok and scheme.lower() == b"bearer"

@@ -6,8 +6,10 @@ top_p, top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, se
 stop_token_ids, n, logprobs (completions: int; chat: bool + top_logprobs), stream,
 stream_options.include_usage, ignore_eos, min_tokens, skip_special_tokens,
 include_stop_str_in_output, echo (completions, without logprobs), add_generation_prompt (chat).
-Refused with 400 (not silently ignored): suffix, logit_bias, best_of != n, tools / functions,
-response_format other than text, non-text message content. Other unknown fields are ignored.
+logit_bias (token-id strings -> [-100, 100], at most ``MAX_LOGIT_BIAS`` tokens).
+Refused with 400 (not silently ignored): suffix, best_of != n, tools / functions, response_format
+other than text, non-text message content. Other unknown fields are ignored, as OpenAI does.
+Counts are bounded by the server's ``RequestLimits`` (n, prompts, n x prompts, stop strings).
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from dataclasses import dataclass, field
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 from serve.errors import BadRequest, bad_param
+from serve.limits import RequestLimits
 from serve.prompts import is_token_ids, normalize_messages
 
-MAX_N = 128
-MAX_STOP = 64
-MAX_BATCH_PROMPTS = 256
 MAX_SEED = 2**63 - 1
+DEFAULT_LIMITS = RequestLimits()
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -133,6 +134,10 @@ class GenerationRequest:
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """Build (and validate) the ``SamplingParams``; errors name the request field."""
+        min_tokens = self.sampling.get("min_tokens", 0)
+        if isinstance(min_tokens, int) and min_tokens > max_tokens:
+            raise bad_param(f"'min_tokens' ({min_tokens}) must be at most '{self.max_tokens_param}' ({max_tokens})",
+                            "min_tokens")
         try:
             return SamplingParams(max_tokens=max_tokens, **self.sampling)
         except InvalidRequestError as e:
@@ -141,11 +146,28 @@ class GenerationRequest:
             raise bad_param(str(e), param) from None
 
 
-def _common(body: dict, kind: str) -> dict:
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's ``{"token id": bias}`` (string keys) as ints; ranges checked by SamplingParams."""
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _type_error("logit_bias", "an object mapping token ids to numbers", v)
+    out = {}
+    for key, bias in v.items():
+        k = key.strip() if isinstance(key, str) else ""
+        if not (k.isascii() and k.lstrip("-").isdigit()) or len(k) > 12:
+            raise bad_param(f"'logit_bias' keys must be token ids, got {json.dumps(key)[:40]}", "logit_bias")
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool):
+            raise _type_error("logit_bias", "an object mapping token ids to numbers", bias)
+        out[int(k)] = bias
+    return out
+
+
+def _common(body: dict, kind: str, limits: RequestLimits) -> dict:
     """The sampling fields shared by both endpoints (type-checked; ranges checked by SamplingParams)."""
-    if body.get("logit_bias"):
-        raise bad_param("'logit_bias' is not supported", "logit_bias", "unsupported")
-    n = get_int(body, "n", 1, lo=1, hi=MAX_N)
+    n = get_int(body, "n", 1, lo=1)
+    limits.check_n(n)
     best_of = get_int(body, "best_of")
     if best_of is not None and best_of != n:
         raise bad_param("'best_of' different from 'n' is not supported", "best_of", "unsupported")
@@ -155,8 +177,7 @@ def _common(body: dict, kind: str) -> dict:
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise _type_error("stop", "a string or an array of strings", stop)
-        if len(stop) > MAX_STOP:
-            raise bad_param(f"'stop' may hold at most {MAX_STOP} strings", "stop")
+        limits.check_stop(stop)
     stop_ids = body.get("stop_token_ids")
     if stop_ids is not None and not (isinstance(stop_ids, list) and (not stop_ids or is_token_ids(stop_ids))):
         raise _type_error("stop_token_ids", "an array of integers", stop_ids)
@@ -176,6 +197,7 @@ def _common(body: dict, kind: str) -> dict:
         "min_tokens": get_int(body, "min_tokens", 0, lo=0),
         "skip_special_tokens": get_bool(body, "skip_special_tokens", True),
         "include_stop_str_in_output": get_bool(body, "include_stop_str_in_output", False),
+        "logit_bias": _logit_bias(body),
     }
     if kw["seed"] is not None and kw["seed"] < 0:  # keep the int64 bit pattern, as a non-negative seed
         kw["seed"] += 2**64
@@ -203,7 +225,7 @@ def _max_tokens(body: dict, name: str) -> int | None:
     return v
 
 
-def parse_completion_request(body: dict) -> GenerationRequest:
+def parse_completion_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> GenerationRequest:
     """Validate a ``/v1/completions`` body."""
     model = get_str(body, "model")
     if body.get("suffix") is not None:
@@ -218,9 +240,10 @@ def parse_completion_request(body: dict) -> GenerationRequest:
     else:
         raise _type_error("prompt", "a string, an array of strings, an array of token ids or an array of those",
                           prompt)
-    if len(prompts) > MAX_BATCH_PROMPTS:
-        raise bad_param(f"at most {MAX_BATCH_PROMPTS} prompts per request", "prompt")
-    kw = _common(body, "completion")
+    if len(prompts) > limits.max_prompts:
+        raise bad_param(f"at most {limits.max_prompts} prompts per request on this server", "prompt")
+    kw = _common(body, "completion", limits)
+    limits.check_sequences(kw["n"], len(prompts))
     logprobs = get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
     kw["logprobs"] = logprobs
     echo = get_bool(body, "echo", False)
@@ -231,7 +254,7 @@ def parse_completion_request(body: dict) -> GenerationRequest:
                              16, stream, include_usage, echo, True, logprobs)
 
 
-def parse_chat_request(body: dict) -> GenerationRequest:
+def parse_chat_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> GenerationRequest:
     """Validate a ``/v1/chat/completions`` body."""
     model = get_str(body, "model")
     if "messages" not in body:
@@ -243,7 +266,8 @@ def parse_chat_request(body: dict) -> GenerationRequest:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise bad_param("only response_format {'type': 'text'} is supported", "response_format", "unsupported")
-    kw = _common(body, "chat")
+    kw = _common(body, "chat", limits)
+    limits.check_sequences(kw["n"], 1)
     want = get_bool(body, "logprobs", False)
     top = get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
     if top is not None and not want:

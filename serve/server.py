@@ -16,11 +16,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serve.async_engine import AsyncEngine
 from serve.grpc_server import build_grpc_server
-from serve.http_server import DEFAULT_MAX_BODY_BYTES, build_app
+from serve.http_server import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, build_app
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +30,30 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServerOptions:
     """Where and how to listen. ``port`` / ``grpc_port``: ``None`` disables that server, 0 picks a free
-    port."""
+    port.
+
+    Security: ``api_key`` (``None``: no authentication) is required as ``Authorization: Bearer <key>``
+    on every HTTP route but ``auth_open_paths`` and on every gRPC method but ``Health``;
+    ``allowed_origins``: browser origins that get CORS headers (empty: no CORS headers at all).
+    Connections: a client must send a request's headers within ``header_timeout_s`` (else the
+    connection is closed) and its body within ``body_timeout_s`` (else 408); an idle keep-alive
+    connection is closed after ``keep_alive_timeout_s``; beyond ``max_connections`` open HTTP
+    connections new ones are closed at once; ``max_header_bytes`` bounds the request line + headers.
+    """
 
     host: str = "127.0.0.1"
     port: int | None = 8000
     grpc_port: int | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_grace_s: float = 30.0
+    api_key: str | None = None
+    auth_open_paths: tuple[str, ...] = ("/health", "/metrics")
+    allowed_origins: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    keep_alive_timeout_s: float = 15.0
+    max_connections: int = 1024
+    max_header_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,55 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a header read timeout (slowloris: a connection that does not complete a
+    request's headers in time is closed) and a cap on open connections (beyond it, closed at once)."""
+
+    header_timeout_s = 10.0
+    max_connections = 1024
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = None
+        if len(self.connections) > self.max_connections:
+            logger.warning("more than %d open HTTP connections: closing a new one", self.max_connections)
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self._header_timer is None:  # a request has started arriving: its headers must complete
+                self._arm_header_timer()
+        else:
+            self._cancel_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _protocol_class(opts: ServerOptions) -> type:
+    return type("GuardedH11", (_GuardedH11,), {"header_timeout_s": opts.header_timeout_s,
+                                               "max_connections": opts.max_connections})
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -87,8 +155,11 @@ async def run_server(engine: AsyncEngine, opts: ServerOptions, stop: asyncio.Eve
     try:
         if opts.port is not None:
             sock = _listen(opts.host, opts.port)
-            config = uvicorn.Config(build_app(engine, opts.max_body_bytes), lifespan="off", log_config=None,
-                                    access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=30)
+            app = build_app(engine, opts.max_body_bytes, body_timeout_s=opts.body_timeout_s, api_key=opts.api_key,
+                            auth_open_paths=opts.auth_open_paths, allowed_origins=opts.allowed_origins)
+            config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
+                                    timeout_graceful_shutdown=5, timeout_keep_alive=opts.keep_alive_timeout_s,
+                                    http=_protocol_class(opts), h11_max_incomplete_event_size=opts.max_header_bytes)
             http = _Uvicorn(config)
             http_task = asyncio.ensure_future(http.serve(sockets=[sock]))
             while not http.started:
@@ -99,7 +170,7 @@ async def run_server(engine: AsyncEngine, opts: ServerOptions, stop: asyncio.Eve
             http_url = f"http://{_fmt_host(opts.host)}:{sock.getsockname()[1]}"
             logger.info("OpenAI-compatible HTTP server on %s (model %s)", http_url, engine.model_name)
         if opts.grpc_port is not None:
-            grpc_server, gport = build_grpc_server(engine, opts.host, opts.grpc_port)
+            grpc_server, gport = build_grpc_server(engine, opts.host, opts.grpc_port, api_key=opts.api_key)
             await grpc_server.start()
             grpc_target = f"{_fmt_host(opts.host)}:{gport}"
             logger.info("gRPC server on %s", grpc_target)

@@ -91,3 +91,22 @@ def test_temperature_sampling_frequencies_match_softmax():
     counts = np.bincount(toks, minlength=len(p))
     chi2, pval = stats.chisquare(counts, p * n)
     assert pval > 1e-3, (counts, p * n)
+
+
+def test_logit_bias_per_row_on_device():
+    """logit_bias travels as fixed-width per-row arrays: one compiled sampler serves any bias mix."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.sampling import SamplingTensors, sample
+    from jaxinfer.sampling_params import SamplingParams
+
+    logits = jnp.tile(jnp.arange(8, dtype=jnp.float32)[None, :], (3, 1))  # argmax 7 everywhere
+    params = [SamplingParams(temperature=0, logit_bias={2: 100}),
+              SamplingParams(temperature=0, logit_bias={7: -100, 6: -100}),
+              SamplingParams(temperature=0)]
+    run = jax.jit(sample)
+    out = run(logits, SamplingTensors.from_params(params, [0, 0, 0], [0, 0, 0]))
+    assert out.tokens.tolist() == [2, 5, 7]
+    out = run(logits, SamplingTensors.from_params(params[::-1], [0, 0, 0], [0, 0, 0]))
+    assert out.tokens.tolist() == [7, 5, 2] and run._cache_size() == 1

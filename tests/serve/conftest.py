@@ -18,11 +18,11 @@ def make_server():
     started = []
 
     def make(engine_kw: dict | None = None, *, grpc: bool = False, max_body_bytes: int = 1 << 20,
-             shutdown_grace_s: float = 10.0, **server_kw) -> ServerThread:
-        engine = FakeEngine(**(engine_kw or {}))
+             shutdown_grace_s: float = 10.0, options: dict | None = None, engine=None, **server_kw) -> ServerThread:
+        engine = engine or FakeEngine(**(engine_kw or {}))
         server_kw.setdefault("max_num_seqs", engine.max_num_seqs)
         opts = ServerOptions(port=0, grpc_port=0 if grpc else None, max_body_bytes=max_body_bytes,
-                             shutdown_grace_s=shutdown_grace_s)
+                             shutdown_grace_s=shutdown_grace_s, **(options or {}))
         srv = ServerThread(engine, opts, **server_kw).start()
         srv.fake = engine
         started.append(srv)

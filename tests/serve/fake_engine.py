@@ -3,7 +3,8 @@
 Tokens are bytes (ids 0..255) plus BOS (256) and EOS (257). Generated text is lowercase letters and
 spaces, a function of the prompt and position only under greedy sampling (temperature 0), so a
 request's output does not depend on what else runs. Prompt markers steer it: ``[eos:N]`` emits EOS
-as the N-th generated token; ``[fail]`` makes ``step()`` raise while that request runs.
+as the N-th generated token; ``[fail]`` makes ``step()`` raise while that request runs (unless it is
+excluded from the step). Stop strings go through jaxinfer's ``IncrementalDetokenizer``, as in the engine.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from jaxinfer.detokenizer import IncrementalDetokenizer
 from jaxinfer.errors import InvalidRequestError, PromptTooLongError
 from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from jaxinfer.sampling_params import SamplingParams
@@ -34,7 +36,7 @@ class FakeTokenizer:
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": list(text.encode("utf-8"))}
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True, **kwargs) -> str:
         out = bytearray()
         for t in ids:
             if t < 256:
@@ -67,9 +69,9 @@ class EngineStats:
 @dataclass
 class _Sample:
     index: int
+    detok: IncrementalDetokenizer
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted_text: int = 0
+    text: str = ""  # shown text not yet emitted
     emitted_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -143,6 +145,8 @@ class FakeEngine:
             raise InvalidRequestError("prompt is empty", "prompt")
         if min(ids) < 0 or max(ids) >= VOCAB:
             raise InvalidRequestError(f"prompt token ids must be in [0, {VOCAB})", "prompt")
+        if sampling_params.logit_bias and sampling_params.logit_bias[-1][0] >= VOCAB:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {VOCAB})", "logit_bias")
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the context window is {self.max_model_len}")
         raw = bytes(t for t in ids if t < 256)
@@ -150,7 +154,8 @@ class FakeEngine:
         seed = 0 if sampling_params.greedy else (sampling_params.seed if sampling_params.seed is not None
                                                  else time.perf_counter_ns())
         req = _Req(request_id, text, ids, sampling_params, RequestMetrics(arrival_time or time.perf_counter()),
-                   [_Sample(i) for i in range(sampling_params.n)], seed, int(m.group(1)) if m else None)
+                   [_Sample(i, IncrementalDetokenizer.from_sampling_params(self.tokenizer, sampling_params))
+                    for i in range(sampling_params.n)], seed, int(m.group(1)) if m else None)
         self._ids.add(request_id)
         self._waiting.append(req)
         self.added += 1
@@ -175,22 +180,23 @@ class FakeEngine:
                            num_pages_total=self.num_pages, num_pages_used=self._pages_used(),
                            prompt_tokens_total=self._prompt_total, generation_tokens_total=self._gen_total)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, exclude=()) -> list[RequestOutput]:
         self.step_calls += 1
         if self.step_delay:
             time.sleep(self.step_delay)
-        outputs, self._pending_aborts = self._pending_aborts, []
         while self._waiting and len(self._running) < self.max_num_seqs:
             r = self._waiting.pop(0)
             self._running.append(r)
             self._prompt_total += len(r.ids)
         if self.crash:  # not an Exception: ends the engine thread
             raise SystemExit("injected engine thread crash")
-        if self.fail_next_steps > 0 or any(b"[fail]" in bytes(t for t in r.ids if t < 256) for r in self._running):
+        batch = [r for r in self._running if r.rid not in exclude]
+        if self.fail_next_steps > 0 or any(b"[fail]" in bytes(t for t in r.ids if t < 256) for r in batch):
             self.fail_next_steps = max(0, self.fail_next_steps - 1)
             raise RuntimeError("injected engine failure")
+        outputs, self._pending_aborts = self._pending_aborts, []
         now = time.perf_counter()
-        for r in list(self._running):
+        for r in batch:
             out = self._advance(r, now)
             if out is not None:
                 outputs.append(out)
@@ -216,16 +222,15 @@ class FakeEngine:
             elif tok in sp.stop_token_ids:
                 s.finish_reason, s.stop_reason = "stop", tok
             else:
-                s.text += self.tokenizer.decode([tok])
-                for stop in sp.stop:
-                    if stop in s.text:
-                        cut = s.text.index(stop)
-                        s.text = s.text[: cut + len(stop)] if sp.include_stop_str_in_output else s.text[:cut]
-                        s.finish_reason, s.stop_reason = "stop", stop
-                        break
+                d = s.detok.update([tok])
+                s.text += d.text
+                if d.stop_string is not None:
+                    s.finish_reason, s.stop_reason = "stop", d.stop_string
             if s.finish_reason is None and (len(s.tokens) >= sp.max_tokens
                                             or len(r.ids) + len(s.tokens) >= self.max_model_len):
                 s.finish_reason = "length"
+            if s.finish_reason is not None and not isinstance(s.stop_reason, str):
+                s.text += s.detok.update([], final=True).text  # flush text held back for a stop string
             changed.append(s)
         if r.metrics.first_token_time is None:
             r.metrics.first_token_time = now
@@ -239,9 +244,7 @@ class FakeEngine:
         return RequestOutput(r.rid, r.prompt, r.ids, outs, finished, r.metrics)
 
     def _delta(self, r: _Req, s: _Sample) -> CompletionOutput:
-        hold = 0 if s.finish_reason else max([len(x) - 1 for x in r.sp.stop] + [0])
-        end = max(s.emitted_text, len(s.text) - hold)
-        text, s.emitted_text = s.text[s.emitted_text:end], end
+        text, s.text = s.text, ""
         ids, s.emitted_tokens = s.tokens[s.emitted_tokens:], len(s.tokens)
         lps = None
         if r.sp.logprobs is not None:

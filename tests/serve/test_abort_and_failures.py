@@ -73,28 +73,47 @@ def test_disconnect_while_waiting_leaves_the_queue(make_server):
 def test_engine_step_failure_fails_requests_and_keeps_serving(make_server):
     srv = make_server({"step_delay": 0.005})
     client = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="x", max_retries=0)
+    # A request whose step fails alone is failed alone (400 request_failed, see test_isolation.py).
     r = httpx.post(srv.http_url + "/v1/completions", json={"prompt": "[fail]", "max_tokens": 4})
-    assert r.status_code == 500
-    assert r.json()["error"]["code"] == "engine_error" and r.json()["error"]["type"] == "internal_error"
-    # A stream already under way when a step fails gets an error event, then [DONE].
-    srv.fake.fail_next_steps = 0
+    assert r.status_code == 400 and r.json()["error"]["code"] == "request_failed"
+    # A failure no request explains, that persists: every request in flight gets engine_error, then [DONE].
+    other: dict = {}
+    t = threading.Thread(target=_collect_stream, args=(srv.http_url, LONG, other))
+    t.start()
+    wait_for(lambda: srv.async_engine.in_flight == 1)
     with httpx.stream("POST", srv.http_url + "/v1/completions", json={**LONG, "stream": True}) as resp:
         events = []
         for line in resp.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])
                 if len(events) == 2:
-                    srv.fake.fail_next_steps = 1
+                    srv.fake.fail_next_steps = 50
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_error"
+    assert json.loads(events[-2])["error"]["type"] == "internal_error"
+    t.join(30)
+    assert json.loads(other["events"][-2])["error"]["code"] == "engine_error"
+    srv.fake.fail_next_steps = 0
+    # One failed step that a retry does not repeat (transient): nobody fails.
+    with httpx.stream("POST", srv.http_url + "/v1/completions", json={**LONG, "max_tokens": 40,
+                                                                      "stream": True}) as resp:
+        events = []
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 2:
+                    srv.fake.fail_next_steps = 1
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     with pytest.raises(openai.APIError):
         list(client.completions.create(model="fake-model", prompt="[fail]", max_tokens=4, stream=True))
     # Still serving, still healthy, nothing left behind.
     p = "fine again"
     out = client.completions.create(model="fake-model", prompt=p, max_tokens=6, temperature=0)
     assert out.choices[0].text == fake_completion(FakeTokenizer()(p)["input_ids"], 6)
-    assert httpx.get(srv.http_url + "/health").status_code == 200
+    wait_for(lambda: httpx.get(srv.http_url + "/health").status_code == 200)
     wait_for(lambda: _engine_idle(srv))
-    assert scrape(srv.http_url)["jaxinfer:request_errors_total{status=500}"] == 3
+    m = scrape(srv.http_url)
+    assert m["jaxinfer:request_errors_total{status=500}"] == 2
+    assert m["jaxinfer:request_errors_total{status=400}"] == 2
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected crash

@@ -66,7 +66,32 @@ CASES = [
     ("stream-options-without-stream", CMPL, c(stream_options={"include_usage": True}), 400, "stream_options",
      "invalid_value"),
     ("ignore-eos-type", CMPL, c(ignore_eos="no"), 400, "ignore_eos", "invalid_type"),
-    ("logit-bias", CMPL, c(logit_bias={"1": 5}), 400, "logit_bias", "unsupported"),
+    # Integers the API accepts but the engine's int32 arrays cannot hold are 400s naming the field (they
+    # used to pass validation and fail the whole batch inside the step).
+    ("top-k-int32-overflow", CMPL, c(top_k=2**31), 400, "top_k", "invalid_value"),
+    ("stop-token-ids-int32-overflow", CMPL, c(stop_token_ids=[2**31], min_tokens=1), 400, "stop_token_ids",
+     "invalid_value"),
+    ("stop-token-ids-negative", CMPL, c(stop_token_ids=[-1]), 400, "stop_token_ids", "invalid_value"),
+    ("min-tokens-int32-overflow", CMPL, c(min_tokens=2**31, max_tokens=4), 400, "min_tokens", "invalid_value"),
+    ("min-tokens-above-max-tokens", CMPL, c(min_tokens=5, max_tokens=4), 400, "min_tokens", "invalid_value"),
+    ("chat-min-tokens-above-max-completion-tokens", CHAT, ch(min_tokens=9, max_completion_tokens=3), 400,
+     "min_tokens", "invalid_value"),
+    ("temperature-not-float32", CMPL, c(temperature=1e39), 400, "temperature", "invalid_value"),
+    ("repetition-penalty-not-float32", CMPL, c(repetition_penalty=1e-300), 400, "repetition_penalty",
+     "invalid_value"),
+    ("prompt-token-int32-overflow", CMPL, c(prompt=[1, 2**31]), 400, "prompt", "invalid_value"),
+    ("prompt-token-past-vocab", CMPL, c(prompt=[1, 300]), 400, "prompt", "invalid_value"),
+    ("logit-bias-value-range", CMPL, c(logit_bias={"1": 101}), 400, "logit_bias", "invalid_value"),
+    ("logit-bias-key-not-id", CMPL, c(logit_bias={"abc": 1}), 400, "logit_bias", "invalid_value"),
+    ("logit-bias-key-int32-overflow", CMPL, c(logit_bias={str(2**31): 1}), 400, "logit_bias", "invalid_value"),
+    ("logit-bias-key-past-vocab", CMPL, c(logit_bias={"300": 1}), 400, "logit_bias", "invalid_value"),
+    ("logit-bias-too-many", CMPL, c(logit_bias={str(i): 1 for i in range(129)}), 400, "logit_bias",
+     "invalid_value"),
+    ("logit-bias-not-object", CMPL, c(logit_bias=[1, 2]), 400, "logit_bias", "invalid_type"),
+    ("stop-too-many", CMPL, c(stop=[f"s{i}" for i in range(65)]), 400, "stop", "invalid_value"),
+    ("stop-too-many-bytes", CMPL, c(stop=["x" * 4097]), 400, "stop", "invalid_value"),
+    ("n-times-prompts", CMPL, c(prompt=["a"] * 3, n=100), 400, "n", "invalid_value"),
+    ("prompts-too-many", CMPL, c(prompt=["a"] * 257), 400, "prompt", "invalid_value"),
     ("suffix", CMPL, c(suffix="end"), 400, "suffix", "unsupported"),
     ("echo-with-logprobs", CMPL, c(echo=True, logprobs=1), 400, "echo", "unsupported"),
     ("unknown-model", CMPL, c(model="gpt-17"), 404, "model", "model_not_found"),
@@ -131,7 +156,8 @@ def test_still_serving_after_bad_input(fake_server):
     with httpx.Client(base_url=fake_server.http_url, timeout=30) as client:
         for case in CASES:
             raw = case[2] if isinstance(case[2], bytes) else json.dumps(case[2]).encode()
-            assert client.post(case[1], content=raw).status_code == case[3]
+            assert client.post(case[1], content=raw, headers={"content-type": "application/json"}).status_code \
+                == case[3]
     r = httpx.post(fake_server.http_url + CMPL, json=c(temperature=0))
     assert r.status_code == 200
     assert r.json()["choices"][0]["text"] == fake_completion(FakeTokenizer()("hello")["input_ids"], 4)

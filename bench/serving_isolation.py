@@ -1,0 +1,172 @@
+"""Does one client hurt another? A well-behaved client's latency alone, then while another client sends
+the worst request of each kind the server allows (issue 25). Bounded: a fixed number of victim requests
+per scenario, the attacker stops when the victim is done (and after ``--max-seconds`` at the latest).
+
+    python bench/serving_isolation.py                       # FakeEngine server in a subprocess
+    python bench/serving_isolation.py --url http://127.0.0.1:8000 --grpc 127.0.0.1:50051   # a running server
+
+Victim: sequential non-streamed completions (``max_tokens`` 32, greedy); reported: median / p90 latency.
+Attacks (defaults of ``jaxinfer serve``'s limits): n=128 x 2 prompts with 64 stop strings totalling
+4096 bytes (HTTP and gRPC), requests whose step fails (FakeEngine ``[fail]``), int32-overflowing fields,
+300 slowloris sockets, non-JSON and unauthenticated posts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STOPS = ["z" * 3970 + "!"] + [f"{chr(0x400 + i)}q" for i in range(63)]  # 64 strings, 4096 UTF-8 bytes
+_SERVER = """
+import sys, time
+from serve.server import ServerOptions, ServerThread
+from tests.serve.fake_engine import FakeEngine
+srv = ServerThread(FakeEngine(max_model_len=1024, max_num_seqs=32, step_delay=0.005),
+                   ServerOptions(port=0, grpc_port=0), max_num_seqs=32, max_waiting_requests=512).start()
+print(srv.http_url, srv.grpc_target, flush=True)
+sys.stdin.read()
+srv.stop()
+"""
+
+
+def victim(url: str, count: int) -> list[float]:
+    lat = []
+    with httpx.Client(timeout=120) as c:
+        for i in range(count):
+            t = time.perf_counter()
+            r = c.post(url + "/v1/completions", json={"prompt": f"victim {i}", "max_tokens": 32, "temperature": 0})
+            r.raise_for_status()
+            lat.append(time.perf_counter() - t)
+    return lat
+
+
+def _big_http(url, stop):
+    with httpx.Client(timeout=120) as c:
+        while not stop.is_set():
+            c.post(url + "/v1/completions", json={"prompt": ["attack a", "attack b"], "n": 128, "max_tokens": 200,
+                                                  "temperature": 1, "stop": STOPS})
+
+
+def _big_grpc(target, stop):
+    import grpc
+
+    from serve.protos import jaxinfer_pb2 as pb
+    from serve.protos import jaxinfer_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        while not stop.is_set():
+            sp = pb.SamplingParameters(max_tokens=200, n=128, temperature=1.0, stop=STOPS)
+            for _ in stub.Generate(pb.GenerateRequest(text="attack", sampling=sp), timeout=120):
+                if stop.is_set():
+                    break
+
+
+def _failing(url, stop):
+    with httpx.Client(timeout=60) as c:
+        while not stop.is_set():
+            c.post(url + "/v1/completions", json={"prompt": "[fail] attack", "max_tokens": 50})
+
+
+def _overflow(url, stop):
+    bodies = [{"prompt": "x", "top_k": 2**31}, {"prompt": "x", "stop_token_ids": [2**31], "min_tokens": 1},
+              {"prompt": "x", "logit_bias": {"1": 1e9}}]
+    with httpx.Client(timeout=60) as c:
+        while not stop.is_set():
+            for b in bodies:
+                c.post(url + "/v1/completions", json=b)
+
+
+def _junk(url, stop):
+    with httpx.Client(timeout=60) as c:
+        while not stop.is_set():
+            c.post(url + "/v1/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})
+
+
+def _slowloris(url, stop, count=300):
+    host, port = url.removeprefix("http://").split(":")
+    socks = []
+    for _ in range(count):
+        try:
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            socks.append(s)
+        except OSError:
+            break
+    while not stop.wait(1.0):
+        for s in list(socks):
+            try:
+                s.send(b"X-Slow: 1\r\n")
+            except OSError:
+                socks.remove(s)
+                s.close()
+    for s in socks:
+        s.close()
+
+
+ATTACKS = {"n128x2_prompts_64_stops_http": _big_http, "n128_64_stops_grpc": _big_grpc,
+           "failing_step": _failing, "int32_overflow_fields": _overflow, "non_json_posts": _junk,
+           "slowloris_300_sockets": _slowloris}
+
+
+def run(url: str, grpc_target: str | None, count: int, max_seconds: float) -> dict:
+    results = {}
+    victim(url, 3)  # warm-up
+    results["baseline"] = victim(url, count)
+    for name, fn in ATTACKS.items():
+        if name.endswith("grpc") and not grpc_target:
+            continue
+        stop = threading.Event()
+        t = threading.Thread(target=fn, args=(grpc_target if name.endswith("grpc") else url, stop), daemon=True)
+        t.start()
+        time.sleep(1.0)  # let the attack get going
+        timer = threading.Timer(max_seconds, stop.set)
+        timer.start()
+        try:
+            results[name] = victim(url, count)
+        finally:
+            stop.set()
+            timer.cancel()
+            t.join(30)
+        assert httpx.get(url + "/health", timeout=10).status_code == 200, name
+    results["baseline_again"] = victim(url, count)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=None, help="a running server (default: start a FakeEngine server)")
+    ap.add_argument("--grpc", default=None, help="its gRPC target")
+    ap.add_argument("--count", type=int, default=20, help="victim requests per scenario")
+    ap.add_argument("--max-seconds", type=float, default=60.0, help="longest attack per scenario")
+    args = ap.parse_args()
+    proc = None
+    url, target = args.url, args.grpc
+    if url is None:
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        url, target = proc.stdout.readline().split()
+    try:
+        res = run(url, target, args.count, args.max_seconds)
+    finally:
+        if proc is not None:
+            proc.stdin.close()
+            proc.wait(60)
+    out = {k: {"median_s": round(statistics.median(v), 4), "p90_s": round(sorted(v)[int(0.9 * (len(v) - 1))], 4)}
+           for k, v in res.items()}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
