@@ -108,5 +108,6 @@ def test_logit_bias_per_row_on_device():
     run = jax.jit(sample)
     out = run(logits, SamplingTensors.from_params(params, [0, 0, 0], [0, 0, 0]))
     assert out.tokens.tolist() == [2, 5, 7]
+    compiled = run._cache_size()  # jit caches are shared per function: other tests may have filled it
     out = run(logits, SamplingTensors.from_params(params[::-1], [0, 0, 0], [0, 0, 0]))
-    assert out.tokens.tolist() == [7, 5, 2] and run._cache_size() == 1
+    assert out.tokens.tolist() == [7, 5, 2] and run._cache_size() == compiled
