@@ -6,6 +6,11 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# The CPU tests run on the CPU even with the AOT toolchain installed (libtpu, the CUDA plugin): without this
+# JAX would try to initialise those backends (warnings, a CUDA plugin traceback without cuDNN). The
+# compile-only TPU / H100 topologies of pallas_kernels.targets still work with it (the CUDA one needs it).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -10,11 +10,12 @@ K reduction is a loop carrying the accumulator rather than a grid axis), accumul
 * int4 (split-half per group, :mod:`.packing`): the packed tile ``(bk/2, bn)`` gives low and
   high nibble tiles by two shifts; ``x`` is read through a ``[M, K/g, g]`` view as its first-half and
   second-half columns of each group, so ``acc += x_lo @ w_lo + x_hi @ w_hi`` (two dots, no shuffles);
-* W8A8: ``acc += xq @ q`` (int8 -> int32 or fp8 -> f32); epilogue ``acc * xs * scale``.
+* W8A8: ``acc += xq @ q`` (int8 -> int32; fp8 tiles are converted to bf16, exactly, then -> f32);
+  epilogue ``acc * xs * scale``.
 
-All M / N / K tails are masked loads (``other=0``) and masked stores. Only the generic interpreter and
-the Triton lowering were exercised here (no GPU available), not Triton's compilation; fp8 x fp8 dots
-need Hopper (sm_90) or newer.
+All M / N / K tails are masked loads (``other=0``) and masked stores. Every format compiles for an H100
+(sm_90a, deviceless XLA compile through Triton and ptxas: ``tests/kernels/test_aot_kernels.py``), without
+register spills at the default blocks and with wgmma at 64-row tiles; it has not been run on a GPU.
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def _kernel(*refs, spec: _Spec):
             w = q
         else:
             w = q.astype(spec.cdt)
+        if cfg.act == "fp8":
+            # fp8 -> bf16 is exact, so this dot equals an fp8 x fp8 dot with f32 accumulation. On
+            # Hopper it turns mma.sync into wgmma: Triton only uses wgmma for fp8 operands with an f32
+            # accumulator when the dot allows imprecise accumulation (maxNumImpreciseAcc >= 32), which
+            # Pallas' Triton lowering never sets. The cost: bf16 instead of fp8 tensor-core rate.
+            x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
         return acc + jnp.dot(x, w, preferred_element_type=spec.acc_dtype)
 
     step = int4_step if cfg.weight == "int4" else dense_step

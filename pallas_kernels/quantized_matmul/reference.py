@@ -19,9 +19,13 @@ from pallas_kernels.quantized_matmul.qarray import QArray
 from pallas_kernels.quantized_matmul.quantizer import quantize_activations
 
 
-def compute_precision(dtype) -> jax.lax.Precision | None:
-    """Full-precision dots for float32 operands; the default (native MXU/tensor-core type) otherwise."""
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+def compute_precision(dtype) -> jax.lax.Precision:
+    """Full-precision dots for float32 operands; the default (native MXU/tensor-core type) otherwise.
+
+    Explicit, never ``None``: a global ``jax_default_matmul_precision="highest"`` would otherwise ask
+    Mosaic for fp32 contraction of bf16 / int8 operands, which it refuses ("Bad lhs type").
+    """
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def quantized_matmul_reference(x: jax.Array, w: QArray, out_dtype) -> jax.Array:

@@ -11,10 +11,12 @@ Grid ``(M/bm, N/bn, K/bk)``, K innermost ("arbitrary"), a VMEM accumulator ``(bm
   with the per-token activation scale ``xs`` computed by the caller.
 
 M and N tails are edge blocks (out-of-bounds rows/columns are dropped on write); a K tail (K not a
-multiple of bk) is masked to zero in both operands. Hardware notes: TPU v4 cannot lower int8 x int8
-dots in Mosaic (use a W8A16 format there); fp8 x fp8 needs TPU v7; v5e/v6e have int8 MXUs. Only the
-generic interpreter and the Mosaic lowering were exercised here (no TPU available), not Mosaic's
-compilation.
+multiple of bk): the activations are zero-padded to whole K blocks by the wrapper and the weight
+tile's rows past K are masked to zero in the kernel. Hardware notes: TPU v4 cannot lower int8 x int8
+dots in Mosaic (use a W8A16 format there); v5e/v6e have int8 MXUs but no fp8 one (TPU v7 adds it): fp8
+x fp8 dots still compile for them, how Mosaic lowers them and how fast that runs is unmeasured. Every format
+compiles with Mosaic for TPU v5e and v6e (``tests/kernels/test_aot_kernels.py``, compile-only: never run
+on a TPU).
 """
 
 from __future__ import annotations
@@ -105,10 +107,12 @@ def _kernel(*refs, spec: _Spec):
         if spec.cfg.act is None:
             w = w.astype(spec.cdt)
     if spec.k_tail:
+        # x arrives zero-padded to whole K blocks (see quantized_matmul_tpu); the weight's edge block
+        # reads past K (unspecified values, possibly NaN after scaling), so its tail rows are zeroed.
+        # Masking x here instead would broadcast a (1, bk) row mask over sublanes, which Mosaic rejects
+        # for a one-row bf16 x ("Not implemented: Sublane broadcast").
         valid = spec.k - kk * spec.blocks.bk
-        col = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
         row = jax.lax.broadcasted_iota(jnp.int32, w.shape, 0)
-        x = jnp.where(col < valid, x, jnp.zeros_like(x))
         w = jnp.where(row < valid, w, jnp.zeros_like(w))
     acc_ref[...] += jnp.dot(
         x, w, preferred_element_type=spec.acc_dtype, precision=compute_precision(spec.cdt)
@@ -140,6 +144,8 @@ def quantized_matmul_tpu(
     check_tpu_blocks(blocks, m, k, n, cfg, lhs.dtype)
     bm, bn, bk = blocks.bm, blocks.bn, blocks.bk
     spec = _Spec(cfg, k, blocks, jnp.dtype(lhs.dtype))
+    if spec.k_tail:  # zero-pad the activations (cheap: M x K) so the K tail multiplies zeros
+        lhs = jnp.pad(lhs, ((0, 0), (0, pl.cdiv(k, bk) * bk - k)))
 
     operands = [lhs]
     in_specs = [pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk))]

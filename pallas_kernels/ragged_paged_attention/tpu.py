@@ -61,6 +61,18 @@ def _lanes(x: jax.Array, n: int) -> jax.Array:
     return x[:, :n]
 
 
+def _precision(dtype) -> lax.Precision:
+    """Explicit dot precision (HIGHEST for f32, else DEFAULT): with ``None`` a global
+    ``jax_default_matmul_precision="highest"`` makes Mosaic refuse bf16 dots ("Bad lhs type")."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _scale_row(buf, slot, h):
+    """Scales of head ``h`` for the KV block in ``slot``: ``[nb, Hkv, ps]`` -> ``[1, nb * ps]``."""
+    nb, _, ps = buf.shape[1:]
+    return buf[slot, :, h, :].reshape(1, nb * ps)
+
+
 def _kernel(
     # Scalar prefetch (SMEM).
     kv_lens_ref,  # i32[S]
@@ -135,8 +147,8 @@ def _kernel(
             ]
             if quantized:
                 copies += [
-                    pltpu.make_async_copy(ks_hbm.at[page], ks_buf.at[slot, :, dst], sems.at[2, slot]),
-                    pltpu.make_async_copy(vs_hbm.at[page], vs_buf.at[slot, :, dst], sems.at[3, slot]),
+                    pltpu.make_async_copy(ks_hbm.at[page], ks_buf.at[slot, i], sems.at[2, slot]),
+                    pltpu.make_async_copy(vs_hbm.at[page], vs_buf.at[slot, i], sems.at[3, slot]),
                 ]
             out.append((p < n_pages, copies))
         return out
@@ -173,9 +185,10 @@ def _kernel(
             q = q_ref[h]
             k = k_buf[slot, h].astype(q.dtype) if quantized else k_buf[slot, h]
             v = jnp.where(key_ok, v_buf[slot, h].astype(jnp.float32), 0.0).astype(mxu_dtype)
-            sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                 precision=_precision(q.dtype))
             if quantized:
-                sc = sc * ks_buf[slot, pl.ds(h, 1), :]
+                sc = sc * _scale_row(ks_buf, slot, h)
             sc = sc * sm_scale
             if soft_cap is not None:
                 sc = soft_cap * jnp.tanh(sc / soft_cap)
@@ -188,8 +201,8 @@ def _kernel(
             l_ref[h] = alpha * l_ref[h] + jnp.sum(p, axis=1, keepdims=True)
             m_ref[h] = m_new
             if quantized:
-                p = p * jnp.where(key_ok_row, vs_buf[slot, pl.ds(h, 1), :], 0.0)
-            pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+                p = p * jnp.where(key_ok_row, _scale_row(vs_buf, slot, h), 0.0)
+            pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_precision(v.dtype))
             acc_ref[h] = _lanes(alpha, dp) * acc_ref[h] + pv
 
     def cond(state):
@@ -292,7 +305,7 @@ def ragged_paged_attention_tpu(
         soft_cap=soft_cap)
     q_spec = pl.BlockSpec((hkv, rows, dp), lambda b, *_: (0, b, 0))
     kv_buf = pltpu.VMEM((2, hkv, nb * ps, dp), kv.k.dtype)
-    scale_buf = [pltpu.VMEM((2, hkv, nb * ps), jnp.float32)] * 2 if quantized else []
+    scale_buf = [pltpu.VMEM((2, nb, hkv, ps), jnp.float32)] * 2 if quantized else []
     scratch = [
         kv_buf,
         kv_buf,
