@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from jaxinfer.compile_cli import register as register_compile
 from jaxinfer.config_cli import add_engine_args, engine_config_kwargs
 from jaxinfer.errors import JaxinferError
 from jaxinfer.launch import register as register_launch
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_serve(sub)
     register_quantize_commands(sub)  # quantize, eval-ppl
     register_launch(sub)  # launch: N local processes of one --distributed run
+    register_compile(sub)
     return parser
 
 
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     try:
         if hasattr(args, "run"):  # sub-commands that bring their own runner (serve)
             return args.run(args)
-        if hasattr(args, "handler"):  # sub-commands registered with their own handler (quantize, eval-ppl)
+        if hasattr(args, "handler"):  # sub-commands with their own handler (quantize, eval-ppl, compile)
             return args.handler(args)
         if args.distributed:  # first: nothing may start the XLA backend before it
             from jaxinfer.distributed import initialize

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from importlib import resources
 
 import jax
@@ -138,6 +139,9 @@ def _topology_devices(name: str, topology: str) -> tuple:
 
     tgt = TARGETS[name]
     _check_toolchain(tgt)
+    # libtpu takes a machine-wide lock on start; a compile-only client touches no TPU, so several
+    # processes (e.g. test workers) may load it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         if tgt.platform == TPU:
             topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)

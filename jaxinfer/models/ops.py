@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from jaxinfer.models.qembedding import QEmbedding
 from jaxinfer.sharding import ShardingPlan, logical_to_mesh_spec
 from pallas_kernels.quantized_matmul.api import quantized_matmul
 from pallas_kernels.quantized_matmul.qarray import QArray
+from pallas_kernels.quantized_matmul.sharded import quantized_matmul_sharded
 
 _PALLAS = ("pallas_tpu", "pallas_gpu")
 
@@ -52,25 +52,17 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
 
 def sharded_quantized_matmul(x: jax.Array, w: QArray, plan: ShardingPlan, axes: tuple[str, str], *,
                              impl: str, interpret: bool | None = None) -> jax.Array:
-    """``x @ w`` with the quantized-matmul kernel run once per shard of ``plan``'s mesh (``shard_map``).
-
-    The weight's logical ``axes`` ``(K-name, N-name)`` map to mesh axes by the plan: a column-parallel
-    weight (N split) takes replicated ``x[..., K]`` and gives ``y`` split along N; a row-parallel weight
-    (K split, with its row-group scales) takes ``x`` split along K and sums the partial products over the
-    mesh axis. Per-channel scales follow the columns.
-    """
-    wspec = jax.tree.map(lambda names: logical_to_mesh_spec(names, plan.rules), w.logical_axes(axes),
-                         is_leaf=lambda v: isinstance(v, tuple))
+    """``x[..., K] @ w`` with the quantized-matmul kernel run once per shard of ``plan``'s mesh
+    (:func:`pallas_kernels.quantized_matmul.sharded.quantized_matmul_sharded`): the weight's logical
+    ``axes`` ``(K-name, N-name)`` say, through the plan's rules, whether it is split along N (column
+    parallel) or K (row parallel, partial products summed); unsplit weights run unsharded."""
     k_axis, n_axis = logical_to_mesh_spec(axes, plan.rules)
-    lead = (None,) * (x.ndim - 1)
-
-    def body(xs, ws):
-        y = quantized_matmul(xs, ws, impl=impl, interpret=interpret)
-        return y if k_axis is None else jax.lax.psum(y, k_axis)
-
-    fn = jax.shard_map(body, mesh=plan.mesh, in_specs=(P(*lead, k_axis), wspec), out_specs=P(*lead, n_axis),
-                       check_vma=False)
-    return fn(x, w)
+    if k_axis is None and n_axis is None:
+        return quantized_matmul(x, w, impl=impl, interpret=interpret)
+    split, axis = ("k", k_axis) if k_axis is not None else ("n", n_axis)
+    y = quantized_matmul_sharded(x.reshape(-1, x.shape[-1]), w, plan.mesh, split=split, axis=axis, impl=impl,
+                                 interpret=interpret)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None) -> jax.Array:

@@ -10,8 +10,9 @@ its own slice (as attention does for heads):
   (per-channel scales replicated, applied per shard: they are per column, so they commute with the sum);
   ``x`` split along K; the per-shard partial products are summed with ``psum``; the output is replicated.
   Needs whole quantization groups per shard and, for int4, whole packed groups (``K / tp`` a multiple of
-  the group size). Not for W8A8 formats: their per-token activation scale is taken over all of K, which
-  one shard does not see.
+  the group size). W8A8 formats quantize each shard's slice of the activations with its own per-token
+  scales (as tensor-parallel ranks do in vLLM), so the result is the sum of per-shard W8A8 products, not
+  bit-equal to one W8A8 product over all of K.
 """
 
 from __future__ import annotations
@@ -71,9 +72,6 @@ def quantized_matmul_sharded(
     if split == "n" and n % tp:
         raise ValueError(f"N={n} is not divisible by the {axis!r} axis size {tp}")
     if split == "k":
-        if w.config.act is not None:
-            raise ValueError(f"split='k' does not support W8A8 formats ({w.config.name}): the activation "
-                             "scale of a token spans all of K")
         if k % (tp * w.group_size if w.config.group_size else tp):
             raise ValueError(f"K={k} must split over {tp} shards in whole groups of {w.group_size}")
     fn = functools.partial(quantized_matmul, impl=impl, interpret=interpret, out_dtype=out_dtype, blocks=blocks)

@@ -1,0 +1,284 @@
+"""Ahead-of-time compilation of the engine's steps for a TPU or GPU this machine does not have.
+
+``compile_for_target`` builds the engine's pieces on abstract weights and an abstract KV cache, placed on
+compile-only devices of the target (:mod:`pallas_kernels.targets`), lowers the engine's own jitted step for
+every bucket the engine would use and compiles it with the vendor's compiler (XLA TPU + Mosaic, or XLA GPU +
+Triton + ptxas). Nothing executes: it answers "does it fit, does it compile, what could it reach" with
+compiled memory figures and a roofline estimate, never with a measured speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.device_batch import BatchBuilder
+from jaxinfer.kv_cache import plan_kv_cache
+from jaxinfer.model_config import ModelConfig
+from jaxinfer.model_registry import DEFAULT_MODEL
+from jaxinfer.models.causal_lm import CausalLM
+from jaxinfer.models.qembedding import QEmbedding
+from jaxinfer.runner import ModelRunner
+from jaxinfer.scheduler import SchedulerConfig
+from jaxinfer.sharding import MESH_AXES, ShardingPlan, plan_sharding
+from jaxinfer.step_inputs import StepBuckets
+from jaxinfer.target import Kernels
+from pallas_kernels.quantized_matmul.config import PRESETS, as_config
+from pallas_kernels.quantized_matmul.qarray import abstract_qarray
+from pallas_kernels.targets import Target, get_target, target_devices
+
+AUTO_DTYPE_ON_ACCELERATORS = jnp.bfloat16
+
+
+def parse_target(text: str) -> tuple[Target, int]:
+    """``"tpu-v5e-8"`` -> (the tpu-v5e target, 8 chips); ``"h100"`` -> (h100, 1)."""
+    name, _, count = text.rpartition("-")
+    if name and count.isdigit():
+        return get_target(name), int(count)
+    return get_target(text), 1
+
+
+def model_config_for(model: str | None) -> ModelConfig:
+    """A model's config without loading its weights: an HF ``config.json`` (file or directory), a GGUF
+    file's metadata, a quantized checkpoint's manifest, or a registered name / hub id."""
+    from jaxinfer.loader import load_config
+    from jaxinfer.model_registry import resolve_model
+
+    path = Path(model) if model else None
+    if path is not None and path.is_file() and path.suffix == ".json":
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    source = resolve_model(model)
+    if source.kind == "quantized":
+        from jaxinfer.quantized_checkpoint import config_from_dict, read_manifest
+
+        return config_from_dict(read_manifest(source.path)["model_config"])
+    return load_config(source)[0]
+
+
+def abstract_params(model: CausalLM, quantization: str | None = None):
+    """The model's parameters as ``ShapeDtypeStruct`` leaves in their shardings under ``model.plan``;
+    with ``quantization`` (a preset of :data:`PRESETS`), every decoder linear kernel is an abstract
+    ``QArray`` of that format (embedding and LM head stay float, as ``jaxinfer quantize`` keeps them)."""
+    plan = model.plan
+    boxed = model.abstract_params()
+    specs, names = flatten_dict(nn.unbox(boxed)), flatten_dict(nn.get_partition_spec(boxed))
+    cfg = as_config(quantization) if quantization else None
+
+    def place(leaf, axes):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=plan.sharding(tuple(axes)))
+
+    out = {}
+    for path, spec in specs.items():
+        axes = tuple(names[path])
+        if cfg is not None and path[-1] == "kernel" and path[0].startswith("layers_"):
+            qa = abstract_qarray(spec.shape[0], spec.shape[1], cfg, model.dtype)
+            out[path] = jax.tree.map(place, qa, qa.logical_axes(axes), is_leaf=lambda x: isinstance(x, tuple))
+        else:
+            out[path] = place(spec, axes)
+    return unflatten_dict(out)
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes of an abstract (or concrete) sharded pytree held by one device."""
+    total = 0
+    for x in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, QEmbedding)):
+        for leaf in jax.tree.leaves(x):
+            shard = leaf.sharding.shard_shape(leaf.shape)
+            total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+@dataclass
+class BucketResult:
+    """One compiled step bucket: ``tokens`` x ``seqs``; memory per device from the compiler."""
+
+    tokens: int
+    seqs: int
+    ok: bool
+    seconds: float
+    error: str | None = None
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        """Arguments + outputs not aliased to them + temporaries, per device."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+@dataclass
+class Roofline:
+    """A decode step's lower bound on the target: HBM bytes that must move (weights + the KV actually read)
+    over the bandwidth, and flops over the peak; ``tokens_per_s`` = batch / the larger of the two."""
+
+    batch: int
+    context: int
+    bytes_per_device: int
+    flops_per_device: float
+    memory_seconds: float
+    compute_seconds: float
+
+    @property
+    def step_seconds(self) -> float:
+        return max(self.memory_seconds, self.compute_seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch / self.step_seconds
+
+
+@dataclass
+class CompileReport:
+    """What :func:`compile_for_target` found."""
+
+    target: str
+    chips: int
+    model: str
+    quantization: str | None
+    kv_cache_dtype: str
+    dtype: str
+    hbm_bytes_per_device: int
+    weight_bytes_per_device: int
+    kv_bytes_per_device: int
+    kv_capacity_tokens: int
+    buckets: list[BucketResult] = field(default_factory=list)
+    rooflines: list[Roofline] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(b.ok for b in self.buckets) and self.fits
+
+    @property
+    def fits(self) -> bool:
+        peaks = [b.peak_bytes for b in self.buckets if b.ok]
+        return bool(peaks) and max(peaks) <= self.hbm_bytes_per_device
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(ok=self.ok, fits=self.fits)
+        for b, j in zip(self.buckets, d["buckets"]):
+            j["peak_bytes"] = b.peak_bytes
+        for r, j in zip(self.rooflines, d["rooflines"]):
+            j.update(step_seconds=r.step_seconds, tokens_per_s=r.tokens_per_s)
+        return d
+
+
+def _decode_roofline(target: Target, model: CausalLM, weight_bytes: int, kv_bytes_per_token: int, kv_shards: int,
+                     tp: int, batch: int, context: int) -> Roofline:
+    c = model.config
+    n_params = c.num_params()
+    kv_read = batch * context * kv_bytes_per_token // kv_shards
+    moved = weight_bytes + kv_read
+    attn_flops = 4 * batch * context * c.num_layers * c.num_heads * c.head_dim
+    flops = (2 * n_params * batch + attn_flops) / tp
+    peak = target.peak_bf16_flops
+    return Roofline(batch, context, moved, flops, moved / target.hbm_bandwidth, flops / peak)
+
+
+@contextlib.contextmanager
+def _without_persistent_cache():
+    """Compile-only executables cannot be read back from JAX's persistent cache (loading needs a client for
+    the target), so AOT compiles neither write nor read it."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+
+
+def compile_for_target(model: str | None, target: str, config: EngineConfig | None = None, *,
+                       quantization: str | None = None, buckets: str = "all", context: int = 1024,
+                       progress=None) -> CompileReport:
+    """AOT-compile every step bucket the engine would use for ``model`` on ``target`` (e.g. ``"tpu-v5e-8"``).
+
+    Args:
+      model: registered name, HF directory / ``config.json``, GGUF file or quantized checkpoint (only its
+        configuration is read).
+      target: a target name with an optional chip count (:func:`parse_target`).
+      config: engine settings (``tensor_parallel_size`` defaults to the chip count; ``dtype="auto"`` is
+        bfloat16; ``kv_cache_memory`` per device, else ``kv_cache_memory_fraction`` of what the weights leave).
+      quantization: weight format preset (:data:`PRESETS`), or ``None`` for float weights.
+      buckets: ``"all"`` (every ``(T, S)`` bucket), ``"decode"`` (the smallest and the full-batch decode
+        buckets) or ``"smallest"``.
+      context: tokens of context per sequence in the roofline estimate.
+      progress: called with each :class:`BucketResult` as it finishes.
+    """
+    tgt, chips = parse_target(target)
+    config = config or EngineConfig()
+    tp = config.tensor_parallel_size if config.tensor_parallel_size > 1 else chips
+    if tp > chips:
+        raise ValueError(f"tensor_parallel_size {tp} exceeds the target's {chips} chips")
+    if quantization is not None and quantization not in PRESETS:
+        raise ValueError(f"unknown quantization {quantization!r}; expected one of {sorted(PRESETS)}")
+    mc = model_config_for(model)
+    dtype = AUTO_DTYPE_ON_ACCELERATORS if config.dtype == "auto" else jnp.dtype(config.dtype)
+    mesh = Mesh(np.array(target_devices(tgt, tp), dtype=object).reshape(1, tp), MESH_AXES)
+    plan: ShardingPlan = plan_sharding(mc, mesh)
+    if plan.kv_head_replicas > 1:
+        mc = mc.with_overrides(num_kv_heads=mc.num_kv_heads * plan.kv_head_replicas)
+    lm = CausalLM(mc, dtype, plan)
+    kernels = Kernels.for_mesh(mesh, config.attention_impl)
+    params = abstract_params(lm, quantization)
+    weight_bytes = bytes_per_device(params)
+    max_model_len = config.max_model_len or mc.max_position_embeddings
+    kv_shards = tp if plan.shard_attention else 1
+    memory = config.kv_cache_memory
+    if memory is None:
+        memory = int(max(tgt.hbm_bytes - weight_bytes, 0) * config.kv_cache_memory_fraction)
+    spec = plan_kv_cache(mc, page_size=config.page_size, dtype=dtype, kv_cache_dtype=config.kv_cache_dtype,
+                         memory=memory, impl=kernels.attention,
+                         min_tokens=min(max_model_len, config.max_num_batched_tokens),
+                         max_useful_tokens=2 * config.max_num_seqs * max_model_len, kv_shards=kv_shards)
+    sched = SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+                            max_model_len=max_model_len, num_pages=spec.num_pages, page_size=config.page_size)
+    step_buckets = StepBuckets.from_scheduler_config(sched, min_token_bucket=config.min_token_bucket, coupled=True)
+    batches = BatchBuilder(step_buckets, config.max_num_seqs, tuple(mc.eos_token_ids))
+    runner = ModelRunner(lm, params, spec, config.max_num_seqs + 1, kernels, batches, plan, abstract=True)
+    report = CompileReport(tgt.name, tp, str(model or DEFAULT_MODEL), quantization, config.kv_cache_dtype,
+                           jnp.dtype(dtype).name, tgt.hbm_bytes, weight_bytes, spec.total_bytes // kv_shards,
+                           spec.capacity_tokens)
+    with _without_persistent_cache():
+        for t, s in _pick(step_buckets, buckets, config.max_num_seqs):
+            report.buckets.append(_compile_one(runner, t, s))
+            if progress is not None:
+                progress(report.buckets[-1])
+    ctx = min(context, max_model_len)
+    for batch in sorted({1, config.max_num_seqs}):
+        report.rooflines.append(_decode_roofline(tgt, lm, weight_bytes, spec.bytes_per_token, kv_shards, tp, batch,
+                                                 ctx))
+    return report
+
+
+def _pick(buckets: StepBuckets, which: str, max_num_seqs: int) -> list[tuple[int, int]]:
+    if which == "all":
+        return buckets.shapes()
+    if which == "smallest":
+        return [buckets.bucket(1, 1)]
+    if which == "decode":
+        return sorted({buckets.bucket(1, 1), buckets.bucket(max_num_seqs, max_num_seqs)})
+    raise ValueError(f"buckets must be 'all', 'decode' or 'smallest', got {which!r}")
+
+
+def _compile_one(runner: ModelRunner, t: int, s: int) -> BucketResult:
+    start = time.perf_counter()
+    try:
+        compiled = runner.lower(t, s).compile()
+    except Exception as e:  # the compiler's refusal is the answer: report it per bucket
+        return BucketResult(t, s, False, time.perf_counter() - start, error=f"{type(e).__name__}: {e}"[:2000])
+    m = compiled.memory_analysis()
+    return BucketResult(t, s, True, time.perf_counter() - start, None, int(m.argument_size_in_bytes),
+                        int(m.output_size_in_bytes), int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))

@@ -1,0 +1,89 @@
+"""The engine's whole step compiled (not run) for TPU v5e / v6e and H100 on this CPU machine.
+
+Every case lowers the engine's own jitted step (``ModelRunner``) on abstract weights and an abstract KV
+cache placed on compile-only devices of the target, and compiles it with the vendor's compiler. The
+Llama-3-8B-shaped cases keep every per-layer shape of Llama-3-8B (hidden 4096, 32 heads / 8 KV heads,
+MLP 14336, vocabulary 128256) with 2 layers instead of 32, so the suite compiles them in seconds; the
+README's table has the 32-layer figures from ``jaxinfer compile``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxinfer.aot import compile_for_target, parse_target
+from jaxinfer.config import EngineConfig
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
+}
+SMALL = dict(max_model_len=2048, max_num_seqs=16, max_num_batched_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def llama8b(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("llama8b") / "config.json"
+    path.write_text(json.dumps(LLAMA3_8B))
+    return str(path)
+
+
+def _check(report, *, chips: int, quantized: bool = False):
+    assert report.chips == chips
+    assert report.buckets and all(b.ok for b in report.buckets), [b.error for b in report.buckets]
+    assert report.fits and report.ok
+    for b in report.buckets:
+        # the compiled program holds at least the weights and the KV cache as arguments
+        assert b.argument_bytes >= report.weight_bytes_per_device + report.kv_bytes_per_device
+        assert b.peak_bytes <= report.hbm_bytes_per_device
+    one = report.rooflines[0]
+    assert one.batch == 1 and one.bytes_per_device >= report.weight_bytes_per_device
+    assert one.tokens_per_s > 0
+
+
+def test_parse_target():
+    assert parse_target("tpu-v5e-8")[0].name == "tpu-v5e" and parse_target("tpu-v5e-8")[1] == 8
+    assert parse_target("h100")[1] == 1 and parse_target("tpu-v6e")[0].name == "tpu-v6e"
+    with pytest.raises(ValueError, match="unknown compile target"):
+        parse_target("tpu-v9x-4")
+
+
+def test_default_model_on_one_v5e_chip():
+    report = compile_for_target(None, "tpu-v5e-1", EngineConfig(**SMALL), buckets="decode")
+    _check(report, chips=1)
+    assert report.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("target,chips", [("tpu-v6e-1", 1), ("tpu-v5e-4", 4), ("tpu-v5e-8", 8), ("h100", 1)])
+def test_llama8b_shaped_bf16(llama8b, target, chips):
+    report = compile_for_target(llama8b, target, EngineConfig(**SMALL), buckets="smallest")
+    _check(report, chips=chips)
+    # weights split over the chips: the per-chip share shrinks with tensor parallelism
+    total = (2 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336) + 2 * 128256 * 4096) * 2
+    assert report.weight_bytes_per_device == pytest.approx(total / chips, rel=0.02)
+
+
+@pytest.mark.parametrize("target", ["tpu-v6e-1", "h100"])
+@pytest.mark.parametrize("quantization,kv", [("int8", "auto"), ("int4", "auto"), (None, "int8")])
+def test_llama8b_shaped_quantized(llama8b, target, quantization, kv):
+    report = compile_for_target(llama8b, target, EngineConfig(**SMALL, kv_cache_dtype=kv), quantization=quantization,
+                                buckets="smallest")
+    _check(report, chips=1, quantized=quantization is not None)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_llama8b_shaped_quantized_under_tensor_parallelism(llama8b, quantization):
+    report = compile_for_target(llama8b, "tpu-v5e-4", EngineConfig(**SMALL), quantization=quantization,
+                                buckets="smallest")
+    _check(report, chips=4, quantized=True)
+
+
+def test_a_model_that_does_not_fit_is_reported(llama8b):
+    """Negative control: 8B-shaped weights with an absurd KV budget per chip cannot fit one v5e chip."""
+    report = compile_for_target(llama8b, "tpu-v5e-1", EngineConfig(**SMALL, kv_cache_memory="15GiB"),
+                                buckets="smallest")
+    assert not report.fits and not report.ok
