@@ -82,8 +82,12 @@ def test_llama8b_shaped_quantized_under_tensor_parallelism(llama8b, quantization
     _check(report, chips=4, quantized=True)
 
 
-def test_a_model_that_does_not_fit_is_reported(llama8b):
-    """Negative control: 8B-shaped weights with an absurd KV budget per chip cannot fit one v5e chip."""
-    report = compile_for_target(llama8b, "tpu-v5e-1", EngineConfig(**SMALL, kv_cache_memory="15GiB"),
-                                buckets="smallest")
+def test_a_model_that_does_not_fit_is_reported(tmp_path):
+    """Negative control: the full 32-layer Llama-3-8B shape in bf16 (15 GiB of weights) on one 16 GiB v5e chip:
+    the compiler runs out of HBM and the report says so."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**LLAMA3_8B, "num_hidden_layers": 32}))
+    report = compile_for_target(str(path), "tpu-v5e-1", EngineConfig(**SMALL), buckets="smallest")
+    assert report.weight_bytes_per_device > 14 * 2**30
+    assert not report.buckets[0].ok and "RESOURCE_EXHAUSTED" in report.buckets[0].error
     assert not report.fits and not report.ok
