@@ -44,7 +44,7 @@ def run(args) -> int:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from jaxinfer.aot import compile_for_target
 
-    config = engine_config_from_args(args)
+    config = engine_config_from_args(args, quantization=None)  # --quantization here is the weight format
     out = sys.stdout
 
     def progress(b):

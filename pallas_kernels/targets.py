@@ -88,7 +88,7 @@ class Target:
 GIB = 2**30
 TARGETS: dict[str, Target] = {
     "tpu-v5e": Target("tpu-v5e", TPU, "pallas_tpu", "TPU v5 lite", 16 * GIB, 819e9, 197e12, 394e12, None,
-                      ((4, "v5e:2x2"), (8, "v5e:2x4"), (16, "v5e:4x4"))),
+                      ((4, "v5e:2x2"), (8, "v5e:2x4"), (16, "v5e:4x4"), (32, "v5e:4x8"))),
     "tpu-v6e": Target("tpu-v6e", TPU, "pallas_tpu", "TPU v6 lite", 32 * GIB, 1640e9, 918e12, 1836e12, None,
                       ((4, "v6e:2x2"), (8, "v6e:2x4"), (16, "v6e:4x4"))),
     "tpu-v5p": Target("tpu-v5p", TPU, "pallas_tpu", "TPU v5", 95 * GIB, 2765e9, 459e12, 918e12, None,

@@ -91,3 +91,14 @@ def test_a_model_that_does_not_fit_is_reported(tmp_path):
     assert report.weight_bytes_per_device > 14 * 2**30
     assert not report.buckets[0].ok and "RESOURCE_EXHAUSTED" in report.buckets[0].error
     assert not report.fits and not report.ok
+
+
+def test_jaxinfer_compile_command_with_a_weight_format(capsys):
+    """The CLI's --quantization is the weight format (not EngineConfig.quantization), --json is the report."""
+    from jaxinfer.cli import main
+
+    rc = main(["compile", "--target", "h100", "--quantization", "int8", "--buckets", "smallest",
+               "--max-model-len", "1024", "--max-num-seqs", "8", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["ok"] and report["quantization"] == "int8" and report["chips"] == 1
+    assert report["buckets"][0]["ok"] and report["buckets"][0]["tokens"] == 2
