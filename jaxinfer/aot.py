@@ -28,7 +28,6 @@ from jaxinfer.kv_cache import plan_kv_cache
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.model_registry import DEFAULT_MODEL
 from jaxinfer.models.causal_lm import CausalLM
-from jaxinfer.models.qembedding import QEmbedding
 from jaxinfer.runner import ModelRunner
 from jaxinfer.scheduler import SchedulerConfig
 from jaxinfer.sharding import MESH_AXES, ShardingPlan, plan_sharding
@@ -91,12 +90,8 @@ def abstract_params(model: CausalLM, quantization: str | None = None):
 
 def bytes_per_device(tree) -> int:
     """Bytes of an abstract (or concrete) sharded pytree held by one device."""
-    total = 0
-    for x in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, QEmbedding)):
-        for leaf in jax.tree.leaves(x):
-            shard = leaf.sharding.shard_shape(leaf.shape)
-            total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
-    return total
+    return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(tree))
 
 
 @dataclass
