@@ -24,12 +24,11 @@ from jax.sharding import Mesh
 
 from jaxinfer.config import EngineConfig
 from jaxinfer.device_batch import BatchBuilder
-from jaxinfer.kv_cache import plan_kv_cache
+from jaxinfer.engine import scheduler_config, size_kv_cache, step_buckets
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.model_registry import DEFAULT_MODEL
 from jaxinfer.models.causal_lm import CausalLM
 from jaxinfer.runner import ModelRunner
-from jaxinfer.scheduler import SchedulerConfig
 from jaxinfer.sharding import MESH_AXES, ShardingPlan, plan_sharding
 from jaxinfer.step_inputs import StepBuckets
 from jaxinfer.target import Kernels
@@ -234,20 +233,15 @@ def compile_for_target(model: str | None, target: str, config: EngineConfig | No
     memory = config.kv_cache_memory
     if memory is None:
         memory = int(max(tgt.hbm_bytes - weight_bytes, 0) * config.kv_cache_memory_fraction)
-    spec = plan_kv_cache(mc, page_size=config.page_size, dtype=dtype, kv_cache_dtype=config.kv_cache_dtype,
-                         memory=memory, impl=kernels.attention,
-                         min_tokens=min(max_model_len, config.max_num_batched_tokens),
-                         max_useful_tokens=2 * config.max_num_seqs * max_model_len, kv_shards=kv_shards)
-    sched = SchedulerConfig(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                            max_model_len=max_model_len, num_pages=spec.num_pages, page_size=config.page_size)
-    step_buckets = StepBuckets.from_scheduler_config(sched, min_token_bucket=config.min_token_bucket, coupled=True)
-    batches = BatchBuilder(step_buckets, config.max_num_seqs, tuple(mc.eos_token_ids))
+    spec = size_kv_cache(config, mc, max_model_len, dtype, kernels, plan, memory=memory)
+    buckets_all = step_buckets(config, scheduler_config(config, max_model_len, spec.num_pages))
+    batches = BatchBuilder(buckets_all, config.max_num_seqs, tuple(mc.eos_token_ids))
     runner = ModelRunner(lm, params, spec, config.max_num_seqs + 1, kernels, batches, plan, abstract=True)
     report = CompileReport(tgt.name, tp, str(model or DEFAULT_MODEL), quantization, config.kv_cache_dtype,
                            jnp.dtype(dtype).name, tgt.hbm_bytes, weight_bytes, spec.total_bytes // kv_shards,
                            spec.capacity_tokens)
     with _without_persistent_cache():
-        for t, s in _pick(step_buckets, buckets, config.max_num_seqs):
+        for t, s in _pick(buckets_all, buckets, config.max_num_seqs):
             report.buckets.append(_compile_one(runner, t, s))
             if progress is not None:
                 progress(report.buckets[-1])

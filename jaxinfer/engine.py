@@ -72,6 +72,34 @@ class EngineStats:
         return acceptance_length(self.spec_accepted_tokens, self.spec_verified) or 0.0
 
 
+def size_kv_cache(config: EngineConfig, mc, max_model_len: int, dtype, kernels: Kernels, plan, *,
+                  memory: int | str | None = None, params_bytes: int = 0, extra_bytes_per_token: int = 0):
+    """The :class:`~jaxinfer.kv_cache.KVCacheSpec` an engine with ``config`` gets for model config ``mc``
+    placed by ``plan`` (the budget is per device; ``memory`` overrides ``config.kv_cache_memory``)."""
+    shards = plan.tp if plan is not None and plan.shard_attention else 1
+    return plan_kv_cache(mc, page_size=config.page_size, dtype=dtype, kv_cache_dtype=config.kv_cache_dtype,
+                         memory=config.kv_cache_memory if memory is None else memory,
+                         memory_fraction=config.kv_cache_memory_fraction, params_bytes=params_bytes,
+                         impl=kernels.attention, min_tokens=min(max_model_len, config.max_num_batched_tokens),
+                         max_useful_tokens=2 * config.max_num_seqs * max_model_len,
+                         extra_bytes_per_token=extra_bytes_per_token, kv_shards=shards)
+
+
+def scheduler_config(config: EngineConfig, max_model_len: int, num_pages: int) -> SchedulerConfig:
+    """The scheduler settings of an engine with ``config`` over ``num_pages`` KV pages."""
+    return SchedulerConfig(
+        max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+        max_model_len=max_model_len, num_pages=num_pages, page_size=config.page_size,
+        enable_prefix_caching=config.enable_prefix_caching, enable_chunked_prefill=config.enable_chunked_prefill,
+        max_running_seqs_per_request=config.max_running_seqs_per_request,
+    )
+
+
+def step_buckets(config: EngineConfig, sched_cfg: SchedulerConfig) -> StepBuckets:
+    """The ``(T, S)`` step shapes an engine with ``config`` compiles."""
+    return StepBuckets.from_scheduler_config(sched_cfg, min_token_bucket=config.min_token_bucket, coupled=True)
+
+
 class Engine:
     """Continuous-batching inference over a paged KV cache.
 
@@ -100,25 +128,13 @@ class Engine:
         self.eos_token_ids = tuple(sorted(eos))
         self.kernels = Kernels.for_mesh(self.loaded.mesh, config.attention_impl)
         self.draft_loaded = self._check_draft(draft)
-        spec = plan_kv_cache(mc, page_size=config.page_size, dtype=self.loaded.model.dtype,
-                             kv_cache_dtype=config.kv_cache_dtype, memory=config.kv_cache_memory,
-                             memory_fraction=config.kv_cache_memory_fraction,
-                             params_bytes=params_bytes(self.loaded.params), impl=self.kernels.attention,
-                             min_tokens=min(self.max_model_len, config.max_num_batched_tokens),
-                             max_useful_tokens=2 * config.max_num_seqs * self.max_model_len,
-                             extra_bytes_per_token=self._draft_bytes_per_token(config.page_size),
-                             kv_shards=self.loaded.plan.tp if self.loaded.plan.shard_attention else 1)
+        spec = size_kv_cache(config, mc, self.max_model_len, self.loaded.model.dtype, self.kernels, self.loaded.plan,
+                             params_bytes=params_bytes(self.loaded.params),
+                             extra_bytes_per_token=self._draft_bytes_per_token(config.page_size))
         self.kv_spec = spec
-        sched_cfg = SchedulerConfig(
-            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-            max_model_len=self.max_model_len, num_pages=spec.num_pages, page_size=config.page_size,
-            enable_prefix_caching=config.enable_prefix_caching,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-            max_running_seqs_per_request=config.max_running_seqs_per_request,
-        )
+        sched_cfg = scheduler_config(config, self.max_model_len, spec.num_pages)
         self.scheduler = Scheduler(sched_cfg, self.eos_token_ids)
-        self.buckets = StepBuckets.from_scheduler_config(sched_cfg, min_token_bucket=config.min_token_bucket,
-                                                         coupled=True)
+        self.buckets = step_buckets(config, sched_cfg)
         self._trash_slot = config.max_num_seqs
         k = config.num_speculative_tokens if config.speculative_method is not None else 0
         self.batches = BatchBuilder(self.buckets, self._trash_slot, self.eos_token_ids, k)
