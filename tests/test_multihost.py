@@ -8,19 +8,22 @@ timeout and every spawned process is killed in ``finally``, so a mismatch or a h
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from jaxinfer.launch import free_port, process_env
+from jaxinfer.launch import process_env
+from tests.multihost_procs import base_env as _base_env
+from tests.multihost_procs import kill_all as _kill_all
+from tests.multihost_procs import read as _read
+from tests.multihost_procs import spawn as _spawn
+from tests.multihost_procs import spawn_group
+from tests.multihost_procs import wait as _wait
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France"
 GEN_ARGS = ["--max-tokens", "24", "--max-model-len", "128"]
 TIMEOUT_S = 240  # one run (start-up, load, compile, generate) of several processes on 2 shared cores
@@ -28,59 +31,16 @@ TIMEOUT_S = 240  # one run (start-up, load, compile, generate) of several proces
 pytestmark = pytest.mark.slow
 
 
-def _base_env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXINFER_") or k == "JAXINFER_CACHE_DIR"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"  # not conftest's 8 devices
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def _spawn(args: list[str], env: dict, log_dir: Path, name: str) -> subprocess.Popen:
-    out = open(log_dir / f"{name}.out", "wb")  # files, not pipes: a full pipe cannot stall a process
-    err = open(log_dir / f"{name}.err", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "jaxinfer.cli", *args], cwd=ROOT, env=env,
-                         stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-    out.close()
-    err.close()
-    return p
-
-
-def _kill_all(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for p in procs:
-        p.wait(timeout=30)
-
-
-def _read(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", "replace")
-
-
 def _text(stdout: str) -> str:
     """A process's reply: its stdout without gloo's connection messages."""
     return "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
 
 
-def _wait(p: subprocess.Popen, timeout: float, what: str, log: Path) -> int:
-    try:
-        return p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{what} did not exit within {timeout:.0f} s; stderr tail:\n{_read(log)[-3000:]}")
-
-
 def _distributed(model: Path, num_processes: int, devices: int, tmp_path: Path, *, gen_args=GEN_ARGS,
                  extra_env: dict | None = None) -> list[subprocess.Popen]:
     """Start ``num_processes`` ``generate --distributed --tensor-parallel-size 4`` processes."""
-    coordinator = f"127.0.0.1:{free_port()}"
     args = ["generate", "--distributed", "--tensor-parallel-size", "4", "--model", str(model), *gen_args, PROMPT]
-    procs = []
-    for i in range(num_processes):
-        env = process_env(_base_env(devices), coordinator, num_processes, i, devices)
-        env.update(extra_env or {})
-        procs.append(_spawn(args, env, tmp_path, f"p{i}"))
-    return procs
+    return spawn_group(args, num_processes, devices, tmp_path, extra_env)
 
 
 @pytest.fixture(scope="module")
