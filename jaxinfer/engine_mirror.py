@@ -241,6 +241,8 @@ def follow(engine, channel: OpChannel, *, poll_s: float = 10.0) -> int:
             logger.debug("idle: no message %d after %.0f s", n, poll_s)
             continue
         prev, ops = pickle.loads(data)
+        if ops and ops[-1][0] == "fail":  # process 0's step failed (so its digest is not of that step)
+            raise RuntimeError(f"process 0's engine step failed ({ops[-1][1]}); the serving group stops")
         if prev != digest:
             raise DivergenceError(
                 f"process {channel.process_id}'s step {steps} outputs differ from process 0's "
@@ -263,8 +265,6 @@ def follow(engine, channel: OpChannel, *, poll_s: float = 10.0) -> int:
                 steps += 1
             elif kind == "stop":
                 return steps
-            elif kind == "fail":
-                raise RuntimeError(f"process 0's engine step failed ({op[1]}); the serving group stops")
             else:
                 raise DivergenceError(f"unknown operation {kind!r} from process 0")
         channel.ack(n)

@@ -25,7 +25,7 @@ from tests.serve.sse_client import stream_request
 
 START_TIMEOUT_S = 300  # load + warm-up of every step shape, several processes on 2 shared cores
 REQUEST_TIMEOUT_S = 120
-SERVE_ARGS = ["--max-model-len", "256", "--max-num-seqs", "4", "--port", "0", "--grpc-port", "0"]
+SERVE_ARGS = ["--max-model-len", "256", "--max-num-seqs", "4", "--no-warmup", "--port", "0", "--grpc-port", "0"]
 
 pytestmark = pytest.mark.slow
 
