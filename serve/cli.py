@@ -199,7 +199,10 @@ def _mirror(engine, channel):
                      "0's engine\n")
     sys.stderr.flush()
     steps = follow(engine, channel)
-    logger.info("process 0 stopped the serving group after %d steps", steps)
+    st = engine.stats()
+    sys.stderr.write(f"[jaxinfer] process {channel.process_id}: process 0 stopped the serving group after {steps} "
+                     f"steps ({st.generation_tokens_total} tokens generated, {st.spec_draft_tokens} draft tokens "
+                     f"proposed)\n")
     return None
 
 

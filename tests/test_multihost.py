@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from jaxinfer.launch import process_env
+from jaxinfer.weight_sources import SafetensorsCheckpoint
 from tests.multihost_procs import base_env as _base_env
 from tests.multihost_procs import kill_all as _kill_all
 from tests.multihost_procs import read as _read
@@ -39,7 +40,8 @@ def _text(stdout: str) -> str:
 def _distributed(model: Path, num_processes: int, devices: int, tmp_path: Path, *, gen_args=GEN_ARGS,
                  extra_env: dict | None = None) -> list[subprocess.Popen]:
     """Start ``num_processes`` ``generate --distributed --tensor-parallel-size 4`` processes."""
-    args = ["generate", "--distributed", "--tensor-parallel-size", "4", "--model", str(model), *gen_args, PROMPT]
+    args = ["-v", "generate", "--distributed", "--tensor-parallel-size", "4", "--model", str(model), *gen_args,
+            PROMPT]
     return spawn_group(args, num_processes, devices, tmp_path, extra_env)
 
 
@@ -71,6 +73,14 @@ def test_two_processes_two_devices_each_equal_one_process(model_and_reference, t
         _kill_all(procs)
     for i in range(2):
         assert _text(_read(tmp_path / f"p{i}.out")) == ref, f"process {i} differs from one process"
+    # each process read its devices' half of every sharded tensor and the replicated ones (the norms) whole
+    ckpt = SafetensorsCheckpoint(model)
+    total = sum(ckpt.nbytes(k) for k in ckpt.keys())
+    replicated = sum(ckpt.nbytes(k) for k in ckpt.keys() if k.endswith("norm.weight"))
+    for i in range(2):
+        m = re.search(r"process (\d) of 2 read (\d+) of (\d+) checkpoint bytes", _read(tmp_path / f"p{i}.err"))
+        assert m and int(m[1]) == i, _read(tmp_path / f"p{i}.err")[-3000:]
+        assert (int(m[2]), int(m[3])) == ((total - replicated) // 2 + replicated, total)
 
 
 def test_launcher_four_processes_one_device_each_equal_one_process(model_and_reference, tmp_path):
@@ -176,3 +186,15 @@ def test_launcher_environment():
     assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=2"
     assert (env["JAXINFER_COORDINATOR"], env["JAXINFER_NUM_PROCESSES"], env["JAXINFER_PROCESS_ID"]) == ("h:1", "4", "3")
     assert process_env({}, "h:1", 1, 0, None).get("XLA_FLAGS") is None
+
+
+def test_data_parallelism_across_processes_is_refused(monkeypatch):
+    """Each replica would run on some processes only: refused before anything is loaded."""
+    import jax
+
+    from jaxinfer.config import EngineConfig
+    from jaxinfer.engine_factory import create_engine
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="data_parallel_size > 1 is not supported across processes"):
+        create_engine("no-such-model-is-loaded", EngineConfig(data_parallel_size=2))

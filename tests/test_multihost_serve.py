@@ -1,5 +1,6 @@
 """Serving across processes: ``jaxinfer serve --distributed`` on 2 CPU processes x 2 devices (TP 4), one
-front end (HTTP + gRPC) in process 0, the engine's operations broadcast to process 1.
+front end (HTTP + gRPC) in process 0, the engine's operations broadcast to process 1; n-gram speculative
+decoding on (in both servers), so its draft and verify steps run in lock-step too.
 
 Concurrent requests (greedy and seeded sampling, streaming and not, ``n = 2``, gRPC, one stream dropped
 by its client) must give exactly what a one-process server gives for the same requests; a process
@@ -25,7 +26,8 @@ from tests.serve.sse_client import stream_request
 
 START_TIMEOUT_S = 300  # load + warm-up of every step shape, several processes on 2 shared cores
 REQUEST_TIMEOUT_S = 120
-SERVE_ARGS = ["--max-model-len", "256", "--max-num-seqs", "4", "--no-warmup", "--port", "0", "--grpc-port", "0"]
+SERVE_ARGS = ["--max-model-len", "256", "--max-num-seqs", "4", "--no-warmup", "--port", "0", "--grpc-port", "0",
+              "--speculative-method", "ngram"]
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +80,7 @@ async def _workload(url: str, target: str) -> dict:
             "messages": [{"role": "user", "content": "Tell me about JAX"}], "max_tokens": 12, "temperature": 0})
         results = await asyncio.gather(
             completion(prompt="The capital of France", temperature=0),
+            completion(prompt="1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3", temperature=0),  # n-gram drafts
             completion(prompt="Once upon a time", temperature=0.9, seed=11),
             completion(prompt="JAX and Pallas", temperature=1.0, seed=5, n=2),
             chat,
@@ -92,12 +95,12 @@ async def _workload(url: str, target: str) -> dict:
             if health.json().get("requests_in_flight") == 0 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
-    greedy, sampled, n2, streamed, dropped, over_grpc = results
+    greedy, lookup, sampled, n2, streamed, dropped, over_grpc = results
     assert streamed["status"] == 200 and streamed["done"], streamed
     assert dropped == 2
     assert health.status_code == 200 and health.json() == {"status": "ok", "requests_in_flight": 0}, health.text
-    return {"greedy": greedy, "sampled": sampled, "n2": n2, "chat_stream": streamed["text"], "grpc": over_grpc,
-            "after_abort": after}
+    return {"greedy": greedy, "lookup": lookup, "sampled": sampled, "n2": n2, "chat_stream": streamed["text"],
+            "grpc": over_grpc, "after_abort": after}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +134,9 @@ def test_two_processes_serve_like_one(model_and_reference, tmp_path):
     finally:
         kill_all(procs)
     assert answers == ref
+    followed = re.search(r"stopped the serving group after (\d+) steps \((\d+) tokens generated, (\d+) draft",
+                         read(tmp_path / "p1.err"))
+    assert followed and int(followed[1]) > 0 and int(followed[3]) > 0, read(tmp_path / "p1.err")[-3000:]
 
 
 def test_killed_process_ends_the_front_end(model_and_reference, tmp_path):
