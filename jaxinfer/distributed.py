@@ -4,15 +4,15 @@ hosts and several CPU processes.
 JAX multi-host programs are multi-controller: every process runs the same Python program, sees every
 device of the job (``jax.devices()``) but drives only its own (``jax.local_devices()``), and issues the
 same jitted steps with the same inputs. jaxinfer builds its mesh over the global devices; each process
-materialises and transfers only its own devices' weight slices (``jax.make_array_from_callback``:
-memory-mapped safetensors are read only where those slices lie, GGUF tensors are dequantized whole, one
-at a time); every step's sampled tokens are returned replicated, so each process reads them from a local
-device. The engine's
-schedule is a deterministic function of its requests, so offline generation with identical inputs on
-every process (``jaxinfer generate --distributed`` / ``LLM.generate`` after :func:`initialize`) stays in
-lock-step and every process produces the same text. Serving (``jaxinfer serve --distributed``) keeps the processes in
-lock-step by broadcasting process 0's engine operations through the runtime's key-value store
-(:mod:`jaxinfer.engine_mirror`, using :func:`kv_client`).
+reads, materialises and transfers only its own devices' weight slices (``jax.make_array_from_callback``
+over :meth:`jaxinfer.weights.TensorSource.read`: those regions of a safetensors file, those rows and
+quantization blocks of a GGUF tensor; the quantized tensors of ``--quantization gguf`` are still read
+whole); every step's sampled tokens are returned replicated, so each process reads them from a local
+device. The engine's schedule is a deterministic function of its requests, so offline generation with
+identical inputs on every process (``jaxinfer generate --distributed`` / ``LLM.generate`` after
+:func:`initialize`) stays in lock-step and every process produces the same text. Serving (``jaxinfer
+serve --distributed``) keeps the processes in lock-step by broadcasting process 0's engine operations
+through the runtime's key-value store (:mod:`jaxinfer.engine_mirror`, using :func:`kv_client`).
 
 Where the coordinator comes from (first match):
 

@@ -169,3 +169,23 @@ def test_killed_process_ends_the_front_end(model_and_reference, tmp_path):
     assert rc != 0
     assert "another process probably died or stalled" in err, err[-3000:]
     assert took < 40, f"process 0 took {took:.1f} s to exit"
+
+
+def test_killed_process_of_an_idle_group_ends_the_front_end(model_and_reference, tmp_path):
+    """Process 1 killed while nothing runs: no collective notices, the runtime's heartbeats do
+    (``JAXINFER_HEARTBEAT_TIMEOUT``, 5 s here) and process 0 is ended instead of serving a broken group."""
+    model, _ = model_and_reference
+    procs = spawn_group(["serve", "--distributed", "--tensor-parallel-size", "4", "--model", str(model),
+                         *SERVE_ARGS], 2, 2, tmp_path, {"JAXINFER_HEARTBEAT_TIMEOUT": "5"})
+    try:
+        url, _ = _wait_ready(procs, tmp_path / "p0.err")
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+        procs[1].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        rc = wait(procs[0], 60, "process 0 after process 1 was killed", tmp_path / "p0.err")
+        took = time.monotonic() - start
+    finally:
+        kill_all(procs)
+    assert rc != 0
+    assert "stopped sending heartbeats" in read(tmp_path / "p0.err"), read(tmp_path / "p0.err")[-3000:]
+    assert took < 40, f"process 0 took {took:.1f} s to exit"
