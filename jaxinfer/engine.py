@@ -11,8 +11,8 @@ detokenization, stop strings and output assembly are the :class:`~jaxinfer.outpu
 A request with ``n > 1`` runs as ``n`` sequences over the same prompt. Every running sequence owns a
 *slot*: a row of the on-device penalty state. A structured-output sequence also owns a grammar matcher
 (:mod:`jaxinfer.grammar_matcher`): its token mask goes into each step it samples in, it consumes the
-sequence's accepted tokens after the step, and a complete grammar finishes the sequence ("stop"). Engines are built by :func:`jaxinfer.engine_factory.create_engine`,
-which loads the model once.
+sequence's accepted tokens after the step, and a complete grammar finishes the sequence ("stop").
+Engines are built by :func:`jaxinfer.engine_factory.create_engine`, which loads the model once.
 """
 
 from __future__ import annotations
