@@ -108,8 +108,8 @@ def _kernel(tile_ref, group_ref, lo_ref, hi_ref, compute_ref, *refs, spec: _Spec
         return acc + jnp.dot(x, wt, preferred_element_type=spec.acc_dtype)
 
     step = int4_step if cfg is not None and cfg.weight == "int4" else dense_step
-    trips = jnp.where(compute_ref[w] == 1, pl.cdiv(spec.k, bk), 0)
-    acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((bm, bn), spec.acc_dtype))
+    trips = compute_ref[w] * pl.cdiv(spec.k, bk)  # int32 0 or K/bk (the loop bounds must share a type)
+    acc = jax.lax.fori_loop(jnp.int32(0), trips, step, jnp.zeros((bm, bn), spec.acc_dtype))
     out = acc.astype(jnp.float32)
     if xs_ref is not None:
         out = out * _load(xs_ref, (pl.ds(m0, bm), pl.ds(0, 1)), row_ok[:, None])

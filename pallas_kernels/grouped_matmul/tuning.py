@@ -7,8 +7,8 @@ groups (prefill) a large one. The heuristics below aim ``bm`` at the mean group 
 * XLA path: ``bm`` a power of two in [8, 128]; K and N whole.
 * TPU (Mosaic): ``bm`` a multiple of the lhs dtype's sublane tile (or ``M``); ``bk`` and ``bn`` divide
   K and N (multiples of the format's K unit / 128 lanes) or are the whole dim, so only M has an edge tile.
-* GPU (Triton): powers of two >= 16 (``bm`` in [16, 64]), the quantized matmul's ``bn`` / ``bk`` choice;
-  K and N tails are masked loads.
+* GPU (Triton): powers of two >= 16 (``bm`` 16, 32 or 64, see :func:`gpu_group_blocks`), the quantized
+  matmul's ``bn`` / ``bk`` choice; K and N tails are masked loads.
 """
 
 from __future__ import annotations
@@ -67,5 +67,11 @@ def check_tpu_blocks(blocks: Blocks, m: int, k: int, n: int, cfg: QuantConfig | 
 
 
 def gpu_group_blocks(m: int, k: int, n: int, num_groups: int, cfg: QuantConfig | None) -> Blocks:
-    """Default Triton tiles: the quantized matmul's choice at the mean group size (dense: as int8)."""
-    return gpu_blocks(mean_rows(m, num_groups), k, n, cfg or QuantConfig("int8"))
+    """Default Triton tiles: the quantized matmul's choice at the mean group size (dense: as int8).
+
+    From a mean of 32 rows per group ``bm`` jumps to 64: on the H100 (deviceless compile, sm_90a) Triton
+    emits wgmma only for 64-row tiles and mma.sync below; that matters where the experts' matmuls are
+    compute bound (prefill), while decode (a few rows per expert) is memory bound and keeps small tiles.
+    """
+    mean = mean_rows(m, num_groups)
+    return gpu_blocks(64 if mean >= 32 else mean, k, n, cfg or QuantConfig("int8"))
