@@ -105,6 +105,8 @@ def test_follower_repeats_the_leaders_steps(loaded):
     leader.add_request("b", [5, 6, 7, 8], SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True))  # no seed
     leader.add_request("c", "Once upon", SamplingParams(max_tokens=8, temperature=0.8, seed=3, n=2,
                                                         ignore_eos=True))
+    leader.add_request("g", "Count:", SamplingParams(max_tokens=6, temperature=0.7, structured_outputs={
+        "regex": "[0-9]+"}))  # host-side grammar matcher in lock-step too
     with pytest.raises(ValueError):  # refused by the leader: never broadcast
         leader.add_request("bad", [], greedy)
     for _ in range(3):
@@ -120,7 +122,7 @@ def test_follower_repeats_the_leaders_steps(loaded):
     assert result["steps"] == len(leader_rec.steps) == len(follower_rec.steps)
     assert follower_rec.steps == leader_rec.steps
     produced = {rid for step in leader_rec.steps for rid, *_ in step}
-    assert produced == {"a", "b", "c", "d"}
+    assert produced == {"a", "b", "c", "d", "g"}
     assert leader.num_messages == len(leader_rec.steps) + 1
 
 
