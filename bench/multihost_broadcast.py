@@ -81,14 +81,22 @@ def _process(args) -> None:
     follower_times = json.loads(kv_client().blocking_key_value_get("bench/times/1", 120_000))
     from machine import machine_info, result_path
 
-    record = {"benchmark": "multihost_broadcast", "processes": 2, "steps": args.steps,
-              "interval_ms": args.interval_ms, "machine": machine_info(),
-              "note": "2 CPU processes on one shared machine (other jobs running); transport only, no model"}
+    record = {
+        "benchmark": "multihost_broadcast",
+        "processes": 2,
+        "steps": args.steps,
+        "interval_ms": args.interval_ms,
+        "machine": machine_info(),
+        "note": "2 CPU processes on one shared machine (other jobs running); transport only, no model",
+    }
     for variant, (a, b, publish_s) in marks.items():
         delivery = (np.array(follower_times[a:b]) - np.array(called[a:b])) * 1e3
-        record[variant] = {"publish_ms_mean": publish_s * 1e3, "delivery_ms_p50": float(np.median(delivery)),
-                           "delivery_ms_p90": float(np.percentile(delivery, 90)),
-                           "delivery_ms_mean": float(delivery.mean())}
+        record[variant] = {
+            "publish_ms_mean": publish_s * 1e3,
+            "delivery_ms_p50": float(np.median(delivery)),
+            "delivery_ms_p90": float(np.percentile(delivery, 90)),
+            "delivery_ms_mean": float(delivery.mean()),
+        }
     path = result_path("multihost_broadcast")
     path.write_text(json.dumps(record, indent=2))
     print(json.dumps({k: record[k] for k in ("step", "step+add")}, indent=2))
@@ -107,8 +115,10 @@ def main() -> int:
 
     coordinator = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:]],
-                              env=process_env(env, coordinator, 2, i, 1)) for i in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *sys.argv[1:]], env=process_env(env, coordinator, 2, i, 1))
+        for i in range(2)
+    ]
     try:
         return max(p.wait(timeout=600) for p in procs)
     finally:

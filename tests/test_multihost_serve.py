@@ -26,8 +26,19 @@ from tests.serve.sse_client import stream_request
 
 START_TIMEOUT_S = 300  # load + warm-up of every step shape, several processes on 2 shared cores
 REQUEST_TIMEOUT_S = 120
-SERVE_ARGS = ["--max-model-len", "256", "--max-num-seqs", "4", "--no-warmup", "--port", "0", "--grpc-port", "0",
-              "--speculative-method", "ngram"]
+SERVE_ARGS = [
+    "--max-model-len",
+    "256",
+    "--max-num-seqs",
+    "4",
+    "--no-warmup",
+    "--port",
+    "0",
+    "--grpc-port",
+    "0",
+    "--speculative-method",
+    "ngram",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -76,8 +87,11 @@ async def _workload(url: str, target: str) -> dict:
             assert r.status_code == 200, r.text
             return [c["text"] for c in r.json()["choices"]]
 
-        chat = stream_request(client, "/v1/chat/completions", {
-            "messages": [{"role": "user", "content": "Tell me about JAX"}], "max_tokens": 12, "temperature": 0})
+        chat = stream_request(
+            client,
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Tell me about JAX"}], "max_tokens": 12, "temperature": 0},
+        )
         results = await asyncio.gather(
             completion(prompt="The capital of France", temperature=0),
             completion(prompt="1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3", temperature=0),  # n-gram drafts
@@ -99,8 +113,15 @@ async def _workload(url: str, target: str) -> dict:
     assert streamed["status"] == 200 and streamed["done"], streamed
     assert dropped == 2
     assert health.status_code == 200 and health.json() == {"status": "ok", "requests_in_flight": 0}, health.text
-    return {"greedy": greedy, "lookup": lookup, "sampled": sampled, "n2": n2, "chat_stream": streamed["text"],
-            "grpc": over_grpc, "after_abort": after}
+    return {
+        "greedy": greedy,
+        "lookup": lookup,
+        "sampled": sampled,
+        "n2": n2,
+        "chat_stream": streamed["text"],
+        "grpc": over_grpc,
+        "after_abort": after,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +143,9 @@ def model_and_reference(tiny_model_dir, tmp_path_factory):
 def test_two_processes_serve_like_one(model_and_reference, tmp_path):
     model, ref = model_and_reference
     assert all(ref.values()), ref
-    procs = spawn_group(["serve", "--distributed", "--tensor-parallel-size", "4", "--model", str(model),
-                         *SERVE_ARGS], 2, 2, tmp_path)
+    procs = spawn_group(
+        ["serve", "--distributed", "--tensor-parallel-size", "4", "--model", str(model), *SERVE_ARGS], 2, 2, tmp_path
+    )
     try:
         url, target = _wait_ready(procs, tmp_path / "p0.err")
         assert "following process 0's engine" in read(tmp_path / "p1.err")
@@ -134,8 +156,9 @@ def test_two_processes_serve_like_one(model_and_reference, tmp_path):
     finally:
         kill_all(procs)
     assert answers == ref
-    followed = re.search(r"stopped the serving group after (\d+) steps \((\d+) tokens generated, (\d+) draft",
-                         read(tmp_path / "p1.err"))
+    followed = re.search(
+        r"stopped the serving group after (\d+) steps \((\d+) tokens generated, (\d+) draft", read(tmp_path / "p1.err")
+    )
     assert followed and int(followed[1]) > 0 and int(followed[3]) > 0, read(tmp_path / "p1.err")[-3000:]
 
 
@@ -143,12 +166,16 @@ def test_killed_process_ends_the_front_end(model_and_reference, tmp_path):
     """Process 1 killed while a request streams: process 0's step fails, it tells the client nothing more
     and exits non-zero at once, naming the likely cause, instead of hanging."""
     model, _ = model_and_reference
-    procs = spawn_group(["serve", "--distributed", "--tensor-parallel-size", "4", "--model", str(model),
-                         *SERVE_ARGS], 2, 2, tmp_path, {"JAXINFER_HEARTBEAT_TIMEOUT": "120"})
+    procs = spawn_group(
+        ["serve", "--distributed", "--tensor-parallel-size", "4", "--model", str(model), *SERVE_ARGS],
+        2,
+        2,
+        tmp_path,
+        {"JAXINFER_HEARTBEAT_TIMEOUT": "120"},
+    )
     try:
         url, _ = _wait_ready(procs, tmp_path / "p0.err")
-        body = {"prompt": "Once upon a time", "max_tokens": 230, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {"prompt": "Once upon a time", "max_tokens": 230, "temperature": 0, "stream": True, "ignore_eos": True}
         chunks, start, rc = 0, None, None
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
             try:
@@ -175,8 +202,13 @@ def test_killed_process_of_an_idle_group_ends_the_front_end(model_and_reference,
     """Process 1 killed while nothing runs: no collective notices, the runtime's heartbeats do
     (``JAXINFER_HEARTBEAT_TIMEOUT``, 5 s here) and process 0 is ended instead of serving a broken group."""
     model, _ = model_and_reference
-    procs = spawn_group(["serve", "--distributed", "--tensor-parallel-size", "4", "--model", str(model),
-                         *SERVE_ARGS], 2, 2, tmp_path, {"JAXINFER_HEARTBEAT_TIMEOUT": "5"})
+    procs = spawn_group(
+        ["serve", "--distributed", "--tensor-parallel-size", "4", "--model", str(model), *SERVE_ARGS],
+        2,
+        2,
+        tmp_path,
+        {"JAXINFER_HEARTBEAT_TIMEOUT": "5"},
+    )
     try:
         url, _ = _wait_ready(procs, tmp_path / "p0.err")
         assert httpx.get(url + "/health", timeout=10).status_code == 200

@@ -64,8 +64,9 @@ class Recording:
 
     def step(self, exclude=()):
         outs = self.engine.step(exclude=exclude)
-        self.steps.append(sorted((o.request_id, c.index, tuple(c.token_ids), c.finish_reason)
-                                 for o in outs for c in o.outputs))
+        self.steps.append(
+            sorted((o.request_id, c.index, tuple(c.token_ids), c.finish_reason) for o in outs for c in o.outputs)
+        )
         return outs
 
 
@@ -76,8 +77,7 @@ def loaded(tiny_model_dir):
 
 
 def _engine(loaded, **kw):
-    return Engine(loaded, EngineConfig(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
-                                       **kw))
+    return Engine(loaded, EngineConfig(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, page_size=8, **kw))
 
 
 def _group(loaded, follower_engine=None):
@@ -103,10 +103,10 @@ def test_follower_repeats_the_leaders_steps(loaded):
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     leader.add_request("a", "The capital of France", greedy)
     leader.add_request("b", [5, 6, 7, 8], SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True))  # no seed
-    leader.add_request("c", "Once upon", SamplingParams(max_tokens=8, temperature=0.8, seed=3, n=2,
-                                                        ignore_eos=True))
-    leader.add_request("g", "Count:", SamplingParams(max_tokens=6, temperature=0.7, structured_outputs={
-        "regex": "[0-9]+"}))  # host-side grammar matcher in lock-step too
+    leader.add_request("c", "Once upon", SamplingParams(max_tokens=8, temperature=0.8, seed=3, n=2, ignore_eos=True))
+    leader.add_request(
+        "g", "Count:", SamplingParams(max_tokens=6, temperature=0.7, structured_outputs={"regex": "[0-9]+"})
+    )  # host-side grammar matcher in lock-step too
     with pytest.raises(ValueError):  # refused by the leader: never broadcast
         leader.add_request("bad", [], greedy)
     for _ in range(3):
