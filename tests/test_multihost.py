@@ -38,10 +38,10 @@ def _text(stdout: str) -> str:
 
 
 def _distributed(model: Path, num_processes: int, devices: int, tmp_path: Path, *, gen_args=GEN_ARGS,
-                 extra_env: dict | None = None) -> list[subprocess.Popen]:
+                 extra_env: dict | None = None, verbose: bool = False) -> list[subprocess.Popen]:
     """Start ``num_processes`` ``generate --distributed --tensor-parallel-size 4`` processes."""
-    args = ["-v", "generate", "--distributed", "--tensor-parallel-size", "4", "--model", str(model), *gen_args,
-            PROMPT]
+    args = ["generate", "--distributed", "--tensor-parallel-size", "4", "--model", str(model), *gen_args, PROMPT]
+    args = ["-v", *args] if verbose else args  # -v: the loader logs the checkpoint bytes each process read
     return spawn_group(args, num_processes, devices, tmp_path, extra_env)
 
 
@@ -63,7 +63,7 @@ def model_and_reference(tiny_model_dir, tmp_path_factory):
 
 def test_two_processes_two_devices_each_equal_one_process(model_and_reference, tmp_path):
     model, ref = model_and_reference
-    procs = _distributed(model, 2, 2, tmp_path)
+    procs = _distributed(model, 2, 2, tmp_path, verbose=True)
     try:
         deadline = time.monotonic() + TIMEOUT_S
         for i, p in enumerate(procs):
