@@ -132,7 +132,9 @@ def test_killed_process_makes_the_other_exit_with_a_clear_error(model_and_refere
     err = _read(tmp_path / "p0.err")
     assert rc != 0
     assert "another process probably died or stalled" in err, err[-3000:]
-    assert took < 30, f"process 0 took {took:.1f} s to exit"
+    # well under the 120 s heartbeat: the failed collective, not the heartbeat check, ended it (a loaded
+    # CI machine can stretch the exit path, so the bound is not tight)
+    assert took < 55, f"process 0 took {took:.1f} s to exit"
 
 
 def test_stalled_process_makes_the_other_exit_after_the_heartbeat_timeout(model_and_reference, tmp_path):
