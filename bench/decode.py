@@ -1,11 +1,18 @@
-"""Greedy decode speed on the default model: jaxinfer beside HF transformers, same machine, same prompts.
+"""Greedy decode speed on the default model: jaxinfer beside HF transformers, vLLM's CPU build and llama.cpp,
+same machine, same prompt, one run.
 
 Reports, at batch 1 and batch 32 (configurable): decode tokens/s (tokens after the first, over the time
-after the first token), end-to-end output tokens/s, the jaxinfer / HF ratio, and the batch-1 memory
+after the first token), end-to-end output tokens/s, the jaxinfer / peer ratios, and the batch-1 memory
 roofline: decoding one token reads every weight once, so tok/s <= read bandwidth / weight bytes, with
-the read bandwidth measured here. Writes a JSON record to ``bench/results/``.
+the read bandwidth measured here. Peers: HF transformers (f32, the same GGUF dequantized); with ``--vllm``
+vLLM's CPU build from its own environment (bench/vllm_cpu, ``--vllm-dtype``), decode rate with the prefill
+time subtracted; llama.cpp (``llama-cpp-python``, the Q4_1 GGUF itself, all cores) at batch 1 when it is
+importable (its Python API has no batching). ``--dtype`` / ``--kv-cache-dtype`` / ``--quantization`` set the
+jaxinfer row (e.g. ``--quantization gguf`` keeps the Q4_1 weights quantized). Writes a JSON record to
+``bench/results/``.
 
-Usage: ``python bench/decode.py [--batches 1 32] [--new-tokens 64] [--skip-hf]``
+Usage: ``python bench/decode.py [--batches 1 32] [--new-tokens 64] [--skip-hf] [--vllm --vllm-venv DIR]
+[--dtype bfloat16 --kv-cache-dtype int8] [--quantization gguf] [--tag NAME]``
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     return {"read_GBps": max(read), "copy_GBps": max(copy)}
 
 
-def bench_jaxinfer(batch: int, new_tokens: int) -> dict:
+def bench_jaxinfer(batch: int, new_tokens: int, args) -> dict:
     from jaxinfer import LLM, SamplingParams
 
     llm = getattr(bench_jaxinfer, "llm", None)
     if llm is None:
         # a budget that prefills all batch-32 prompts in one step, so every first token lands together
-        llm = bench_jaxinfer.llm = LLM(max_num_batched_tokens=2048)
+        llm = bench_jaxinfer.llm = LLM(max_num_batched_tokens=2048, dtype=args.dtype,
+                                       kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
         llm.engine.warmup()  # compiles every step bucket: the timed runs never compile
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     prompts = [[{"role": "user", "content": PROMPT}]] * batch
@@ -53,8 +61,68 @@ def bench_jaxinfer(batch: int, new_tokens: int) -> dict:
     first = min(o.metrics.first_token_time for o in outs)
     end = max(o.metrics.finish_time for o in outs)
     n = sum(len(o.outputs[0].token_ids) for o in outs)
+    from jaxinfer.runner import params_bytes
+
     return {"decode_tok_s": (n - batch) / (end - first), "e2e_tok_s": n / total,
-            "weight_bytes": llm.config.num_params() * 4, "sample": outs[0].outputs[0].text[:80]}
+            "weight_bytes": params_bytes(llm.engine.runner.params), "sample": outs[0].outputs[0].text[:80],
+            "config": {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+                       "quantization": args.quantization}}
+
+
+def chat_prompt_ids() -> list[int]:
+    from jaxinfer.model_registry import resolve_model
+    from jaxinfer.tokenizer import encode_chat, load_tokenizer
+
+    return encode_chat(load_tokenizer(resolve_model(None)), [{"role": "user", "content": PROMPT}])
+
+
+def bench_vllm(batches: list[int], new_tokens: int, args) -> dict[int, dict]:
+    """vLLM's CPU build (its own environment, a subprocess): decode rows per batch size."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "vllm_cpu"))
+    from peer import run_vllm
+
+    ids = chat_prompt_ids()
+    res = run_vllm([ids], new_tokens, dtype=args.vllm_dtype, max_num_seqs=max(batches),
+                   max_num_batched_tokens=max(2048, max(batches) * len(ids)),
+                   max_model_len=len(ids) + new_tokens + 16, venv=args.vllm_venv, mode="decode", batches=batches)
+    meta = {k: res[k] for k in ("vllm_version", "torch_version", "config", "env")}
+    return {r["batch"]: {**r, **meta} for r in res["decode"]}
+
+
+def bench_llamacpp(new_tokens: int) -> dict:
+    """llama.cpp on the default GGUF (Q4_1) at batch 1: decode rate with the prefill time subtracted."""
+    import os
+
+    from llama_cpp import Llama
+
+    from jaxinfer.model_registry import resolve_model
+
+    ids = chat_prompt_ids()
+    llm = Llama(model_path=str(resolve_model(None).path), n_ctx=len(ids) + new_tokens + 16,
+                n_threads=os.cpu_count(), n_batch=512, verbose=False)
+
+    def run(n):
+        llm.reset()
+        t = time.perf_counter()
+        for k, _tok in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):
+            if k + 1 >= n:
+                break
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    prefill = run(1)
+    total = run(new_tokens)
+    return {"decode_tok_s": (new_tokens - 1) / (total - prefill), "e2e_tok_s": new_tokens / total,
+            "n_threads": os.cpu_count(), "weights": "Q4_1 GGUF"}
+
+
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def bench_hf(batch: int, new_tokens: int) -> dict:
@@ -89,6 +157,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--dtype", default="auto", help="jaxinfer weights / activations")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="jaxinfer KV pages")
+    ap.add_argument("--quantization", default=None, choices=["gguf"], help="gguf: keep the Q4_1 weights quantized")
+    ap.add_argument("--vllm", action="store_true", help="also run vLLM's CPU build (bench/vllm_cpu/setup.sh)")
+    ap.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--vllm-venv", default=".venv-vllm")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
 
     import torch
@@ -96,12 +172,23 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bw = measure_read_bandwidth()
     rows = []
+    vllm = bench_vllm(args.batches, args.new_tokens, args) if args.vllm else {}
     for b in args.batches:
-        ours = bench_jaxinfer(b, args.new_tokens)
+        ours = bench_jaxinfer(b, args.new_tokens, args)
         hf = None if args.skip_hf else bench_hf(b, args.new_tokens)
         row = {"batch": b, "jaxinfer": ours, "hf_transformers": hf}
         if hf:
             row["decode_ratio_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
+        if b in vllm:
+            row["vllm_cpu"] = vllm[b]
+            row["decode_ratio_vs_vllm_cpu"] = ours["decode_tok_s"] / vllm[b]["decode_tok_s"]
+            print(f"batch {b:3d}: vLLM-CPU ({args.vllm_dtype}) decode {vllm[b]['decode_tok_s']:.1f} tok/s, "
+                  f"ratio {row['decode_ratio_vs_vllm_cpu']:.2f}x")
+        if b == 1 and not args.skip_llamacpp and llamacpp_available():
+            row["llama_cpp"] = bench_llamacpp(args.new_tokens)
+            row["decode_ratio_vs_llama_cpp"] = ours["decode_tok_s"] / row["llama_cpp"]["decode_tok_s"]
+            print(f"batch   1: llama.cpp (Q4_1) decode {row['llama_cpp']['decode_tok_s']:.1f} tok/s, "
+                  f"ratio {row['decode_ratio_vs_llama_cpp']:.2f}x")
         if b == 1:
             row["roofline_tok_s"] = bw["read_GBps"] * 1e9 / ours["weight_bytes"]
             row["fraction_of_roofline"] = ours["decode_tok_s"] / row["roofline_tok_s"]
@@ -111,9 +198,9 @@ def main() -> None:
                 if b == 1 else "")
         print(f"batch {b:3d}: jaxinfer decode {ours['decode_tok_s']:.1f} tok/s "
               f"(e2e {ours['e2e_tok_s']:.1f}); {hf_txt}{roof}")
-    record = {"benchmark": "decode", "model": "smollm2-135m-instruct (GGUF Q4_1 dequantized to f32)",
+    record = {"benchmark": "decode", "model": "smollm2-135m-instruct (GGUF Q4_1)",
               "new_tokens": args.new_tokens, "bandwidth": bw, "machine": machine_info(), "results": rows}
-    path = result_path("decode")
+    path = result_path("decode" + (f"-{args.tag}" if args.tag else ""))
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
 

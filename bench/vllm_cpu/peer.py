@@ -31,15 +31,15 @@ def hf_model_dir(python: Path) -> Path:
 
 def run_vllm(prompts: list[list[int]], output_len: int, *, dtype: str, max_num_seqs: int,
              max_num_batched_tokens: int, max_model_len: int, venv: str = ".venv-vllm",
-             kv_cache_gib: int = 4) -> dict:
-    """One vLLM measurement (see run_vllm.py); raises ``RuntimeError`` naming the setup script if the
-    environment is missing."""
+             kv_cache_gib: int = 4, mode: str = "throughput", batches: list[int] | None = None) -> dict:
+    """One vLLM measurement (see run_vllm.py; ``mode="decode"`` times ``batches`` copies of ``prompts[0]``);
+    raises ``RuntimeError`` naming the setup script if the environment is missing."""
     python = (ROOT / venv / "bin" / "python") if not Path(venv).is_absolute() else Path(venv) / "bin" / "python"
     if not python.exists():
         raise RuntimeError(f"no vLLM environment at {python.parent.parent}: run bash bench/vllm_cpu/setup.sh")
     spec = {"model_dir": str(hf_model_dir(python)), "dtype": dtype, "prompts": prompts, "output_len": output_len,
             "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
-            "max_model_len": max_model_len}
+            "max_model_len": max_model_len, "mode": mode, "batches": batches or [1]}
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
