@@ -1,10 +1,14 @@
 """``EngineConfig``: the engine's frozen, typed settings (also its command-line flags, see
-:mod:`jaxinfer.config_cli`), and ``resolve_dtype``. The model's own definition is
+:mod:`jaxinfer.config_cli`), ``resolve_dtype`` and ``resolve_auto_settings`` (what ``"auto"`` means on this
+machine). The model's own definition is
 :class:`jaxinfer.model_config.ModelConfig`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,7 +53,7 @@ class EngineConfig:
       kv_cache_dtype: "auto" (model dtype), "int8" or "fp8".
       enable_prefix_caching / enable_chunked_prefill: scheduler switches.
       attention_impl: "xla" | "cpu" | "pallas_tpu" | "pallas_gpu" | None (backend default).
-      dtype: "auto" | "float32" | "bfloat16" | "float16".
+      dtype: "auto" | "float32" | "bfloat16" | "float16"; for "auto" see :func:`resolve_auto_settings`.
       seed: seed for requests that do not set one.
       min_token_bucket: smallest padded token count of a step.
       speculative_method: ``None`` (off), ``"ngram"`` (prompt lookup) or ``"draft"`` (a draft model).
@@ -86,8 +90,8 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(True, "reuse the KV pages of shared prompt prefixes")
     enable_chunked_prefill: bool = _opt(True, "split long prompts over several steps")
     attention_impl: str | None = _opt(None, "attention kernel (default: the backend's)", choices=ATTENTION_IMPLS)
-    dtype: str = _opt("auto", "weights and activations (auto: float32 on the CPU, bfloat16 elsewhere)",
-                      choices=DTYPE_CHOICES)
+    dtype: str = _opt("auto", "weights and activations (auto: bfloat16 with int8 KV on a CPU with bfloat16 "
+                              "instructions, else float32 on the CPU; bfloat16 elsewhere)", choices=DTYPE_CHOICES)
     # Flag --engine-seed: generate and chat already have --seed, the seed of the request they send.
     seed: int = _opt(0, "seed of requests that do not set one", flag="--engine-seed")
     min_token_bucket: int = _opt(2, "smallest padded token count of a step")
@@ -141,7 +145,8 @@ _DTYPES = DTYPE_CHOICES[1:]  # names of jax.numpy dtypes
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
-    """``"auto"``: float32 on the CPU, bfloat16 on accelerators.
+    """``"auto"``: float32 on the CPU, bfloat16 on accelerators (engines first make ``"auto"`` concrete with
+    :func:`resolve_auto_settings`, which picks bfloat16 on CPUs with bfloat16 instructions).
 
     On the CPU, bfloat16 matmuls (float32 accumulation) are several times faster than float32 where the
     CPU has bf16 instructions (AVX512-BF16 / AMX), but XLA:CPU converts a bfloat16 KV cache to float32
@@ -157,3 +162,54 @@ def resolve_dtype(dtype) -> jnp.dtype:
             raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(_DTYPES)}")
         return jnp.dtype(getattr(jnp, dtype))
     return jnp.dtype(dtype)
+
+
+AUTO_DTYPE_ENV = "JAXINFER_AUTO_DTYPE"  # what dtype="auto" means on the CPU: float32 | bfloat16 (default: by the CPU)
+
+
+def cpu_has_bf16_matmul(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16), read from the flags of
+    ``/proc/cpuinfo`` (``cpuinfo``: that file's text, for tests); ``False`` where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    m = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
+    flags = set(m.group(1).split()) if m else set()
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_auto_settings(config: EngineConfig, backend: str | None = None, *,
+                          bf16_cpu: bool | None = None) -> EngineConfig:
+    """``config`` with ``dtype="auto"`` made concrete for ``backend`` (``None``: JAX's default backend).
+
+    On accelerators ``"auto"`` is bfloat16. On a CPU with bfloat16 matrix instructions (``bf16_cpu``;
+    ``None``: :func:`cpu_has_bf16_matmul`) it is bfloat16 weights and activations with, when
+    ``kv_cache_dtype`` is ``"auto"``, int8 KV pages: the fastest setting there (bench/throughput.py), with
+    WikiText-2 perplexity within 1% of float32 (README, Benchmarks); XLA:CPU converts a bfloat16 cache to
+    float32 as a whole in every step, so bfloat16 pages are not used. Other CPUs compute in float32. The
+    environment variable ``JAXINFER_AUTO_DTYPE`` (``float32`` or ``bfloat16``) overrides the CPU choice.
+    An explicit ``dtype`` is returned unchanged.
+
+    Raises:
+      ValueError: ``JAXINFER_AUTO_DTYPE`` names another dtype.
+    """
+    if config.dtype != "auto":
+        return config
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend != "cpu":
+        return dataclasses.replace(config, dtype="bfloat16")
+    forced = os.environ.get(AUTO_DTYPE_ENV)
+    if forced not in (None, "", "float32", "bfloat16"):
+        raise ValueError(f"{AUTO_DTYPE_ENV} must be float32 or bfloat16, got {forced!r}")
+    if forced:
+        dtype = forced
+    else:
+        dtype = "bfloat16" if (cpu_has_bf16_matmul() if bf16_cpu is None else bf16_cpu) else "float32"
+    kv = "int8" if dtype == "bfloat16" and config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+    return dataclasses.replace(config, dtype=dtype, kv_cache_dtype=kv)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 
 from jaxinfer.compilation_cache import enable_compilation_cache
-from jaxinfer.config import EngineConfig, resolve_dtype
+from jaxinfer.config import EngineConfig, resolve_auto_settings, resolve_dtype
 from jaxinfer.dp_engine import DataParallelEngine
 from jaxinfer.engine import Engine
 from jaxinfer.loader import load_model
@@ -22,7 +22,7 @@ def create_engine(model: str | None = None, config: EngineConfig | None = None, 
     ``compilation_cache``: the persistent XLA cache switch (``None``: the environment's default, on).
     """
     enable_compilation_cache(compilation_cache)
-    config = config or EngineConfig()
+    config = resolve_auto_settings(config or EngineConfig())  # dtype "auto" -> this machine's fast setting
     if config.data_parallel_size > 1 and jax.process_count() > 1:
         raise ValueError("data_parallel_size > 1 is not supported across processes (--distributed): each replica "
                          "would run on some processes only; use tensor parallelism across processes, or one "

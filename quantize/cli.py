@@ -40,6 +40,9 @@ def register(sub) -> None:
                         "(repeatable)")
     e.add_argument("--kv-cache-dtype", action="append", default=[], choices=["auto", "int8", "fp8"],
                    help="also score the float weights over a paged KV cache of this dtype (repeatable)")
+    e.add_argument("--compute-dtype", action="append", default=[], choices=["bfloat16", "float16"],
+                   help="also score the model loaded and computed in this dtype, over the dense cache and over "
+                        "each --kv-cache-dtype (repeatable; e.g. bfloat16 with int8 KV, the CPU default)")
     e.add_argument("--text", required=True, help="UTF-8 text file to score (e.g. WikiText-2 test)")
     e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     e.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
@@ -89,6 +92,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Score the reference and every ``--quantized`` variant on the same windows; table on stdout."""
+    from jaxinfer.config import resolve_dtype
     from jaxinfer.loader import load_model
     from jaxinfer.quantized_checkpoint import load_quantized
     from quantize.evaluate import Variant, evaluate, token_windows
@@ -108,6 +112,12 @@ def run_eval(args: argparse.Namespace) -> int:
     for kv in args.kv_cache_dtype:
         variants[f"kv-{kv}"] = Variant(ref.params, kv)
         sizes[f"kv-{kv}"] = sizes["float"]
+    for dt in args.compute_dtype:
+        low = load_model(args.model, dtype=resolve_dtype(dt), load_tokenizer_too=False)
+        for kv in [None, *args.kv_cache_dtype]:
+            name = dt if kv is None else f"{dt}+kv-{kv}"
+            variants[name] = Variant(low.params, kv, model=low.model)
+            sizes[name] = param_bytes(low.params)["total_bytes"]
     ids = ref.tokenizer(_read_text(args.text))["input_ids"]
     windows = token_windows(ids, args.seq_len, args.max_tokens)
     start = args.seq_len // 2 if args.second_half else 0

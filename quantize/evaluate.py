@@ -72,10 +72,12 @@ def token_windows(ids, seq_len: int, max_tokens: int | None = None) -> np.ndarra
 @dataclass
 class Variant:
     """A parameter tree to score, optionally over a paged KV cache of ``kv_cache_dtype``
-    (``"auto"``, ``"int8"``, ``"fp8"``; ``None``: the dense float cache)."""
+    (``"auto"``, ``"int8"``, ``"fp8"``; ``None``: the dense float cache), optionally through another
+    ``model`` of the same architecture (e.g. the model computing in bfloat16; ``None``: the reference's)."""
 
     params: dict
     kv_cache_dtype: str | None = None
+    model: object | None = None
 
 
 PAGE_SIZE = 16
@@ -190,8 +192,14 @@ def evaluate(model, ref_params, variants: Mapping[str, dict | Variant], windows:
         raise QuantizationError(f"score_start must be in [0, {length - 1}), got {score_start}")
     batch = max(1, min(batch, w))
     variants = {n: v if isinstance(v, Variant) else Variant(v) for n, v in variants.items()}
-    scorers = {kv: _Scorer(model, batch, length, kv) for kv in {None} | {v.kv_cache_dtype for v in variants.values()}}
-    scorer = scorers[None]
+    for v in variants.values():
+        if v.model is not None and v.model.config != model.config:
+            raise QuantizationError("a variant's model must have the reference model's configuration")
+    models = {id(model): model} | {id(v.model): v.model for v in variants.values() if v.model is not None}
+    key = lambda v: (v.kv_cache_dtype, id(v.model if v.model is not None else model))  # noqa: E731
+    scorers = {k: _Scorer(models[k[1]], batch, length, k[0])
+               for k in {(None, id(model))} | {key(v) for v in variants.values()}}
+    scorer = scorers[(None, id(model))]
     names = [ref_name, *variants]
     state = resume or EvalProgress(0, 0, {n: [0.0, 0.0, 0.0] for n in names}, dict.fromkeys(names, 0.0))
     if sorted(state.sums) != sorted(names) or not 0 <= state.windows_done <= w:
@@ -220,7 +228,7 @@ def evaluate(model, ref_params, variants: Mapping[str, dict | Variant], windows:
         secs[ref_name] += time.perf_counter() - t0
         for name, v in variants.items():
             t0 = time.perf_counter()
-            nll, kl, top = jax.device_get(scorers[v.kv_cache_dtype].variant(v.params, tokens, tgt, ref_logp, ref_p,
+            nll, kl, top = jax.device_get(scorers[key(v)].variant(v.params, tokens, tgt, ref_logp, ref_p,
                                                                             ref_top))
             sums[name] += [np.asarray(nll, np.float64)[mask].sum(), np.asarray(kl, np.float64)[mask].sum(),
                            np.asarray(top)[mask].sum()]

@@ -10,6 +10,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # JAX would try to initialise those backends (warnings, a CUDA plugin traceback without cuDNN). The
 # compile-only TPU / H100 topologies of pallas_kernels.targets still work with it (the CUDA one needs it).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# dtype="auto" means bfloat16 weights with int8 KV on a CPU with bfloat16 instructions (jaxinfer.config.
+# resolve_auto_settings); the suite's equality tests against HF float32 are written for float32, so "auto" means
+# float32 here. tests/test_auto_settings.py checks the machine-dependent choice with this variable unset.
+os.environ.setdefault("JAXINFER_AUTO_DTYPE", "float32")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -1,0 +1,57 @@
+"""What ``dtype="auto"`` means on this machine (jaxinfer.config.resolve_auto_settings)."""
+
+import jax.numpy as jnp
+import pytest
+
+from jaxinfer.config import AUTO_DTYPE_ENV, EngineConfig, cpu_has_bf16_matmul, resolve_auto_settings
+
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n"
+SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+
+
+def test_cpu_flags():
+    assert cpu_has_bf16_matmul(ZEN4) and cpu_has_bf16_matmul(SAPPHIRE)
+    assert not cpu_has_bf16_matmul(SKYLAKE)
+    assert not cpu_has_bf16_matmul("no flags line here")
+
+
+def test_auto_on_cpus(monkeypatch):
+    monkeypatch.delenv(AUTO_DTYPE_ENV, raising=False)
+    fast = resolve_auto_settings(EngineConfig(), "cpu", bf16_cpu=True)
+    assert (fast.dtype, fast.kv_cache_dtype) == ("bfloat16", "int8")
+    plain = resolve_auto_settings(EngineConfig(), "cpu", bf16_cpu=False)
+    assert (plain.dtype, plain.kv_cache_dtype) == ("float32", "auto")
+    # an explicit KV dtype is kept; an explicit dtype leaves everything as given
+    assert resolve_auto_settings(EngineConfig(kv_cache_dtype="fp8"), "cpu", bf16_cpu=True).kv_cache_dtype == "fp8"
+    explicit = EngineConfig(dtype="float32")
+    assert resolve_auto_settings(explicit, "cpu", bf16_cpu=True) is explicit
+    gpu = resolve_auto_settings(EngineConfig(), "gpu")
+    assert (gpu.dtype, gpu.kv_cache_dtype) == ("bfloat16", "auto")
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "float32")
+    assert resolve_auto_settings(EngineConfig(), "cpu", bf16_cpu=True).dtype == "float32"
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "bfloat16")
+    cfg = resolve_auto_settings(EngineConfig(), "cpu", bf16_cpu=False)
+    assert (cfg.dtype, cfg.kv_cache_dtype) == ("bfloat16", "int8")
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "int4")
+    with pytest.raises(ValueError, match=AUTO_DTYPE_ENV):
+        resolve_auto_settings(EngineConfig(), "cpu")
+
+
+def test_llm_default_follows_this_cpu(monkeypatch):
+    """``LLM()`` with no dtype builds this CPU's choice: bf16 weights and int8 pages where the CPU has bf16
+    instructions, float32 otherwise; and it generates."""
+    from jaxinfer import LLM, SamplingParams
+
+    monkeypatch.delenv(AUTO_DTYPE_ENV, raising=False)
+    llm = LLM(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64, kv_cache_memory="16MiB")
+    want_bf16 = cpu_has_bf16_matmul()
+    assert llm.engine.loaded.model.dtype == (jnp.bfloat16 if want_bf16 else jnp.float32)
+    assert llm.engine.kv_spec.quant_dtype == (jnp.int8 if want_bf16 else None)
+    assert llm.engine.runner.params["layers_0"]["mlp"]["up_proj"]["kernel"].dtype == llm.engine.loaded.model.dtype
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    a = llm.generate("The capital of France is", sp)[0].outputs[0]
+    assert len(a.token_ids) == 8 and a.text.strip()
