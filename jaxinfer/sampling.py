@@ -200,6 +200,21 @@ def _row_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
     return jax.random.gumbel(key, (vocab,), jnp.float32)
 
 
+def argmax_last(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` as ``i32[...]`` (first index on ties; a NaN counts as the largest, as in
+    ``jnp.argmax``), computed as a max, then the smallest index holding it: XLA:CPU runs ``jnp.argmax``'s
+    (value, index) reduction about 4x slower (f32[64, 49152]: 14 vs 3-4 ms on a 2-core AMD EPYC, a tenth
+    of a batch-64 decode step of the default model)."""
+    v = x.shape[-1]
+    m = jnp.max(x, axis=-1, keepdims=True)
+    hit = (x == m) | jnp.isnan(x)
+    if v <= 1 << 24:  # float32 holds every index exactly
+        iota = jax.lax.broadcasted_iota(jnp.float32, x.shape, x.ndim - 1)
+        return jnp.min(jnp.where(hit, iota, jnp.inf), axis=-1).astype(jnp.int32)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, v), axis=-1)
+
+
 def gumbel_draw(y: jax.Array, st: SamplingTensors) -> jax.Array:
     """``i32[S]``: one draw per row from ``softmax(y[S, V])`` (Gumbel-max keyed by ``(seed, step)`` only).
 
@@ -207,7 +222,7 @@ def gumbel_draw(y: jax.Array, st: SamplingTensors) -> jax.Array:
     accepted exactly when the plain sampler would have drawn it.
     """
     noise = jax.vmap(_row_noise, in_axes=(0, 0, None))(st.seed, st.step, y.shape[-1])
-    return jnp.argmax(y + noise, axis=-1).astype(jnp.int32)
+    return argmax_last(y + noise)
 
 
 def _apply_logit_bias(x: jax.Array, st: SamplingTensors) -> jax.Array:
@@ -307,7 +322,7 @@ def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState |
     logits = jnp.asarray(logits, jnp.float32)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = process_logits(logits, st, penalty_state)
-    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy_tokens = argmax_last(x)
     is_greedy = st.temperature <= 0
 
     def random_path():

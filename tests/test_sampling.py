@@ -111,3 +111,25 @@ def test_logit_bias_per_row_on_device():
     compiled = run._cache_size()  # jit caches are shared per function: other tests may have filled it
     out = run(logits, SamplingTensors.from_params(params[::-1], [0, 0, 0], [0, 0, 0]))
     assert out.tokens.tolist() == [7, 5, 2] and run._cache_size() == compiled
+
+
+def test_argmax_last_matches_jnp_argmax():
+    """The sampler's argmax equals jnp.argmax: random rows, ties (first index), -inf, NaN (first NaN wins),
+    a 3-D batch, and the integer-index path of vocabularies beyond 2**24 (a narrow slice checked)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxinfer.sampling import argmax_last
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, [5, 700]] = 50.0  # tie: first index
+    x[2] = -np.inf
+    x[3, [9, 400]] = np.nan
+    x[4, 999] = 1e30
+    x[5] = np.round(x[5])  # many ties
+    np.testing.assert_array_equal(np.asarray(argmax_last(jnp.asarray(x))), np.argmax(x, axis=-1))
+    y = rng.integers(-3, 3, (2, 3, 77)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(argmax_last(jnp.asarray(y))), np.argmax(y, axis=-1))
+    big = jnp.zeros((1, (1 << 24) + 8), jnp.bfloat16).at[0, (1 << 24) + 5].set(1.0)
+    assert int(argmax_last(big)[0]) == (1 << 24) + 5
