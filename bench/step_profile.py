@@ -10,7 +10,8 @@ For each ``--dtype`` / ``--kv-cache-dtype`` setting it builds ``LLM`` with the t
   was padded to; a decode step with every sequence running and a full mixed (prefill + decode) step are
   captured.
 
-Each captured step is then re-run alone (best of ``--iters``) as: the whole jitted step; the model forward
+Each captured step is then re-run alone (``--iters`` interleaved rounds, best of each) as: the whole jitted
+step; the model forward
 without the sampler; the forward with the attention kernel replaced by the identity; the forward without the
 attention kernel and without the KV-cache write. Differences give the sampler, attention kernel and cache
 write. Beside them, at the same padded token count: a jitted chain of every weight matmul of the model with
@@ -30,17 +31,6 @@ import time
 import numpy as np
 from machine import machine_info, result_path
 from throughput import make_prompts
-
-
-def best_ms(fn, iters: int) -> float:
-    """Best wall time of ``fn()`` in ms (``fn`` blocks on its result)."""
-    fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times)
 
 
 @contextlib.contextmanager
@@ -106,7 +96,8 @@ def matmul_chain(layers, fused: bool):
 
 
 def profile_batch(llm, batch, iters: int) -> dict:
-    """Time the pieces of one captured step ``batch`` (see the module docstring)."""
+    """Time the pieces of one captured step ``batch`` (see the module docstring); the pieces run interleaved,
+    ``iters`` rounds, best of each kept (the machine is shared: interleaving spreads its load over all)."""
     import jax
     import jax.numpy as jnp
 
@@ -128,33 +119,36 @@ def profile_batch(llm, batch, iters: int) -> dict:
 
             def run():
                 logits, state["kv"] = f(runner.params, state["kv"], batch)
-                jax.block_until_ready(logits)
-                return logits
+                return jax.block_until_ready(logits)
             run()
         return run
 
-    res = {"tokens_padded": int(batch.tokens.shape[0]), "rows_padded": int(batch.sampling.temperature.shape[0]),
-           "step_ms": best_ms(full, iters)}
-    fwd = forward_fn()
-    res["forward_ms"] = best_ms(fwd, iters)
-    logits = fwd()
-    res["forward_no_attention_kernel_ms"] = best_ms(forward_fn(kernel=False), iters)
-    res["forward_no_attention_ms"] = best_ms(forward_fn(kernel=False, write=False), iters)
-    runner.kv_cache = state["kv"]
-    runner.penalty_state = state["ps"]
-
-    samp = jax.jit(sample)
-    res["sampler_alone_ms"] = best_ms(lambda: jax.block_until_ready(samp(logits, batch.sampling,
-                                                                         runner.penalty_state)), iters)
     params = runner.params
-    t = res["tokens_padded"]
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((t, llm.config.hidden_size)), params["norm"]["scale"]
-                    .dtype) * 0.1
-    res["matmul_chain_ms"] = best_ms(lambda f=matmul_chain(layer_weights(params), False): f(x), iters)
-    res["matmul_chain_fused_ms"] = best_ms(lambda f=matmul_chain(layer_weights(params), True): f(x), iters)
-    rows = x[: res["rows_padded"]]
+    t, s = int(batch.tokens.shape[0]), int(batch.sampling.temperature.shape[0])
+    fwd = forward_fn()
+    logits = fwd()
+    samp = jax.jit(sample)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((t, llm.config.hidden_size)) * 0.1,
+                    params["norm"]["scale"].dtype)
+    chain, fused = matmul_chain(layer_weights(params), False), matmul_chain(layer_weights(params), True)
     head = jax.jit(unembed)
-    res["lm_head_ms"] = best_ms(lambda: jax.block_until_ready(head(rows, params["embed_tokens"])), iters)
+    pieces = {
+        "step": full, "forward": fwd,
+        "forward_no_attention_kernel": forward_fn(kernel=False),
+        "forward_no_attention": forward_fn(kernel=False, write=False),
+        "sampler_alone": lambda: jax.block_until_ready(samp(logits, batch.sampling, state["ps"])),
+        "matmul_chain": lambda: chain(x), "matmul_chain_fused": lambda: fused(x),
+        "lm_head": lambda: jax.block_until_ready(head(x[:s], params["embed_tokens"])),
+    }
+    times = {k: [] for k in pieces}
+    for _ in range(iters):
+        for k, fn in pieces.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    runner.kv_cache, runner.penalty_state = state["kv"], state["ps"]
+    res = {"tokens_padded": t, "rows_padded": s, **{f"{k}_ms": min(v) for k, v in times.items()},
+           "median_ms": {k: float(np.median(v)) for k, v in times.items()}}
     res["attention_kernel_ms"] = res["forward_ms"] - res["forward_no_attention_kernel_ms"]
     res["kv_write_ms"] = res["forward_no_attention_kernel_ms"] - res["forward_no_attention_ms"]
     res["sampler_in_step_ms"] = res["step_ms"] - res["forward_ms"]

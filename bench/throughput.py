@@ -19,7 +19,8 @@ Workload (fixed seed): ``--num-prompts`` prompts of random token ids with random
 
 Prints output tokens/s and requests/s per system and the ratios; writes JSON to ``bench/results/``.
 Usage: ``python bench/throughput.py [--num-prompts 256] [--skip-hf] [--skip-llamacpp] [--kv-cache-memory 3GiB]
-[--tag NAME] [--dtype bfloat16 --kv-cache-dtype int8] [--hf-dtypes float32 bfloat16]
+[--tag NAME] [--dtype bfloat16 --kv-cache-dtype int8 | --jaxinfer-settings float32/auto auto/auto]
+[--hf-dtypes float32 bfloat16]
 [--vllm --vllm-dtypes float32 bfloat16]``
 (``--tag`` names the result file ``throughput-NAME-<date>-<machine>.json``).
 """
@@ -41,13 +42,13 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[li
     return [rng.integers(100, vocab, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
 
 
-def run_jaxinfer(prompts, output_len: int, args) -> dict:
+def run_jaxinfer(prompts, output_len: int, args, dtype: str, kv_cache_dtype: str) -> dict:
     from jaxinfer import LLM, SamplingParams
     from pallas_kernels.backend import default_impl
 
     llm = LLM(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_input + output_len + 16, kv_cache_memory=args.kv_cache_memory,
-              dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+              dtype=dtype, kv_cache_dtype=kv_cache_dtype)
     t = time.perf_counter()
     llm.engine.warmup()
     warm = time.perf_counter() - t
@@ -60,8 +61,9 @@ def run_jaxinfer(prompts, output_len: int, args) -> dict:
     return {"elapsed_s": elapsed, "output_tokens": n, "warmup_s": warm, "preemptions": stats.num_preemptions,
             "kv_capacity_tokens": llm.engine.kv_spec.capacity_tokens,
             "config": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                       "kv_cache_memory": args.kv_cache_memory, "dtype": args.dtype,
-                       "kv_cache_dtype": args.kv_cache_dtype,
+                       "kv_cache_memory": args.kv_cache_memory, "dtype": dtype, "kv_cache_dtype": kv_cache_dtype,
+                       "resolved_dtype": str(llm.engine.loaded.model.dtype),
+                       "resolved_kv_cache_dtype": str(llm.engine.kv_spec.quant_dtype or llm.engine.kv_spec.dtype),
                        "attention_impl": default_impl(attention=True)}}
 
 
@@ -133,8 +135,13 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--kv-cache-memory", default=None,
                     help='jaxinfer KV cache budget, e.g. "3GiB" (default: the engine default, 1 GiB on the CPU)')
-    ap.add_argument("--dtype", default="auto", help="jaxinfer weights / activations (auto: float32 on the CPU)")
-    ap.add_argument("--kv-cache-dtype", default="auto", help="jaxinfer KV pages (auto: the model dtype)")
+    ap.add_argument("--dtype", default="auto",
+                    help="jaxinfer weights / activations (auto: bfloat16 on a CPU with bf16 instructions, "
+                         "else float32)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="jaxinfer KV pages (auto: see jaxinfer.config)")
+    ap.add_argument("--jaxinfer-settings", nargs="+", default=None, metavar="DTYPE/KV",
+                    help="several jaxinfer runs in this run, e.g. float32/auto auto/auto (result keys "
+                         "jaxinfer_DTYPE_KV; default: one run of --dtype / --kv-cache-dtype, key jaxinfer)")
     ap.add_argument("--tag", default="", help="suffix of the result file name (keeps runs apart)")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
@@ -154,7 +161,12 @@ def main() -> None:
                            "output_len": args.output_len, "seed": 0, "greedy": True, "ignore_eos": True},
               "machine": machine_info(), "results": {}, "ratios": {}}
     path = result_path("throughput" + (f"-{args.tag}" if args.tag else ""))
-    runs = [("jaxinfer", lambda: run_jaxinfer(prompts, args.output_len, args))]
+    settings = [x.split("/") for x in args.jaxinfer_settings or [f"{args.dtype}/{args.kv_cache_dtype}"]]
+    if any(len(x) != 2 for x in settings):
+        ap.error("--jaxinfer-settings takes DTYPE/KV pairs, e.g. float32/auto")
+    ours = ["jaxinfer"] if len(settings) == 1 else [f"jaxinfer_{d}_{k}" for d, k in settings]
+    runs = [(name, lambda d=d, k=k: run_jaxinfer(prompts, args.output_len, args, d, k))
+            for name, (d, k) in zip(ours, settings)]
     if not args.skip_hf:
         runs += [(f"hf_transformers_{dtype}",
                   lambda dtype=dtype: run_hf(prompts, args.output_len, args.hf_batch, dtype))
@@ -171,9 +183,10 @@ def main() -> None:
         r["requests_s"] = args.num_prompts / r["elapsed_s"]
         print(f"{name:16s} {r['output_tok_s']:8.1f} output tok/s  {r['requests_s']:6.3f} req/s  "
               f"({r['elapsed_s']:.1f} s)", flush=True)
-        if name != "jaxinfer":
-            ratios[f"vs_{name}"] = results["jaxinfer"]["output_tok_s"] / r["output_tok_s"]
-            print(f"jaxinfer vs_{name}: {ratios[f'vs_{name}']:.2f}x", flush=True)
+        for mine in ours if name not in ours else ():
+            key = f"vs_{name}" if mine == "jaxinfer" else f"{mine}_vs_{name}"
+            ratios[key] = results[mine]["output_tok_s"] / r["output_tok_s"]
+            print(f"{mine} vs {name}: {ratios[key]:.2f}x", flush=True)
         # Written after every system, so a crash in a later one keeps the earlier results.
         path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
