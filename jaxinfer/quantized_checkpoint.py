@@ -50,6 +50,7 @@ def config_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
     d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+    d["mlp_only_layers"] = tuple(d.get("mlp_only_layers") or ())
     if d.get("rope_freq_factors") is not None:
         d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
     return ModelConfig(**d)

@@ -35,9 +35,64 @@ class TensorSource:
     name: str
     transform: Callable[[np.ndarray], np.ndarray] = lambda a: a
 
+    def names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def read(self, checkpoint) -> np.ndarray:
+        return self.transform(checkpoint.get(self.name))
+
+
+@dataclass(frozen=True)
+class StackedSource:
+    """Per-expert checkpoint tensors stacked on a new leading axis: ``[E, ...]``, row ``e`` from ``parts[e]``."""
+
+    parts: tuple[TensorSource, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.parts[0].name} (and {len(self.parts) - 1} more experts)"
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.parts)
+
+    def read(self, checkpoint) -> np.ndarray:
+        return np.stack([p.read(checkpoint) for p in self.parts])
+
 
 def _t(a: np.ndarray) -> np.ndarray:
     return a.T
+
+
+def _t3(a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 2, 1)
+
+
+def hf_moe_sources(config: ModelConfig, i: int, keys=frozenset()) -> dict[tuple[str, ...], TensorSource]:
+    """Parameter path -> HF tensor(s) of MoE layer ``i``: per-expert tensors as the checkpoints store them
+    (``mlp.experts.{e}.{gate,up,down}_proj.weight``; Mixtral ``block_sparse_moe.experts.{e}.w1/w3/w2``),
+    or the fused ``mlp.experts.gate_up_proj [E, 2I, H]`` / ``mlp.experts.down_proj [E, H, I]`` of
+    transformers 5's in-memory layout when ``keys`` (the checkpoint's tensor names) has them."""
+    p = (f"layers_{i}", "mlp")
+    mixtral = config.architecture == "mixtral"
+    hf = f"model.layers.{i}.{'block_sparse_moe' if mixtral else 'mlp'}"
+    src = {(*p, "gate", "kernel"): TensorSource(f"{hf}.gate.weight", _t)}
+    inter = config.moe_intermediate_size
+    if f"{hf}.experts.gate_up_proj" in keys:
+        fused = f"{hf}.experts.gate_up_proj"
+        src[(*p, "experts", "gate_proj")] = TensorSource(fused, lambda a: _t3(a[:, :inter]))
+        src[(*p, "experts", "up_proj")] = TensorSource(fused, lambda a: _t3(a[:, inter:]))
+        src[(*p, "experts", "down_proj")] = TensorSource(f"{hf}.experts.down_proj", _t3)
+    else:
+        names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if mixtral else {}
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            parts = tuple(TensorSource(f"{hf}.experts.{e}.{names.get(proj, proj)}.weight", _t)
+                          for e in range(config.num_experts))
+            src[(*p, "experts", proj)] = StackedSource(parts)
+    if config.shared_expert_intermediate_size:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            src[(*p, "shared_expert", proj, "kernel")] = TensorSource(f"{hf}.shared_expert.{proj}.weight", _t)
+        src[(*p, "shared_expert_gate", "kernel")] = TensorSource(f"{hf}.shared_expert_gate.weight", _t)
+    return src
 
 
 def unpermute_gguf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -46,8 +101,9 @@ def unpermute_gguf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_sources(config: ModelConfig) -> dict[tuple[str, ...], TensorSource]:
-    """Parameter path -> HF safetensors tensor."""
+def hf_sources(config: ModelConfig, keys=frozenset()) -> dict[tuple[str, ...], TensorSource]:
+    """Parameter path -> HF safetensors tensor (``keys``: the checkpoint's tensor names, which pick between
+    the per-expert and fused layouts of MoE experts)."""
     src = {("embed_tokens",): TensorSource("model.embed_tokens.weight"),
            ("norm", "scale"): TensorSource("model.norm.weight")}
     if not config.tie_word_embeddings:
@@ -65,6 +121,9 @@ def hf_sources(config: ModelConfig) -> dict[tuple[str, ...], TensorSource]:
         if config.qk_norm:
             for norm in ("q_norm", "k_norm"):
                 src[(p, "self_attn", norm, "scale")] = TensorSource(f"{hf}.self_attn.{norm}.weight")
+        if config.is_moe_layer(i):
+            src.update(hf_moe_sources(config, i, keys))
+            continue
         for proj in ("gate_proj", "up_proj", "down_proj"):
             src[(p, "mlp", proj, "kernel")] = TensorSource(f"{hf}.mlp.{proj}.weight", _t)
             if config.mlp_bias:
@@ -136,7 +195,7 @@ def load_params(checkpoint, sources: dict[tuple[str, ...], TensorSource], abstra
     shardings = flatten_dict(param_shardings(nn.get_partition_spec(abstract_params), mesh, rules))
     leaves = flatten_dict(nn.unbox(abstract_params))
     available = checkpoint.keys()
-    missing = [s.name for p, s in sources.items() if p in leaves and s.name not in available]
+    missing = [n for p, s in sources.items() if p in leaves for n in s.names() if n not in available]
     unmapped = [".".join(p) for p in leaves if p not in sources]
     if unmapped:
         raise WeightLoadError(f"no checkpoint tensor mapped for parameters: {unmapped[:5]}")
@@ -146,7 +205,7 @@ def load_params(checkpoint, sources: dict[tuple[str, ...], TensorSource], abstra
     for path, spec in tqdm(leaves.items(), desc=desc, unit="tensor", leave=False):
         src = sources[path]
         try:
-            host = src.transform(checkpoint.get(src.name))
+            host = src.read(checkpoint)
         except JaxinferError:
             raise
         except (ValueError, TypeError) as e:
