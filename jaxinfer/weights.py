@@ -73,12 +73,14 @@ def hf_moe_sources(config: ModelConfig, i: int, keys=frozenset()) -> dict[tuple[
     or the fused ``mlp.experts.gate_up_proj [E, 2I, H]`` / ``mlp.experts.down_proj [E, H, I]`` of
     transformers 5's in-memory layout when ``keys`` (the checkpoint's tensor names) has them."""
     p = (f"layers_{i}", "mlp")
-    mixtral = config.architecture == "mixtral"
-    hf = f"model.layers.{i}.{'block_sparse_moe' if mixtral else 'mlp'}"
+    hf = f"model.layers.{i}.mlp"  # Mixtral's checkpoints: block_sparse_moe (transformers 5 in memory: mlp)
+    fused = f"{hf}.experts.gate_up_proj"
+    mixtral = config.architecture == "mixtral" and fused not in keys
+    if mixtral:
+        hf = f"model.layers.{i}.block_sparse_moe"
     src = {(*p, "gate", "kernel"): TensorSource(f"{hf}.gate.weight", _t)}
     inter = config.moe_intermediate_size
-    if f"{hf}.experts.gate_up_proj" in keys:
-        fused = f"{hf}.experts.gate_up_proj"
+    if fused in keys:
         src[(*p, "experts", "gate_proj")] = TensorSource(fused, lambda a: _t3(a[:, :inter]))
         src[(*p, "experts", "up_proj")] = TensorSource(fused, lambda a: _t3(a[:, inter:]))
         src[(*p, "experts", "down_proj")] = TensorSource(f"{hf}.experts.down_proj", _t3)
