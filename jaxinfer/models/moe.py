@@ -171,8 +171,8 @@ class SparseMoeBlock(nn.Module):
         kw = {} if self.kernels is None else dict(impl=self.kernels.matmul, interpret=self.kernels.matmul_interpret)
         y = sharded_expert_ffn(x, weights, ids, experts, self.plan, **kw)
         if c.shared_expert_intermediate_size:
-            shared = LlamaMLP(c, self.dtype, self.kernels, self.plan, intermediate_size=c.shared_expert_intermediate_size,
-                              name="shared_expert")(x)
+            width = c.shared_expert_intermediate_size
+            shared = LlamaMLP(c, self.dtype, self.kernels, self.plan, intermediate_size=width, name="shared_expert")(x)
             gate = Linear(1, ("embed", None), name="shared_expert_gate", param_dtype=self.dtype)(x)
             y = y + jax.nn.sigmoid(gate.astype(jnp.float32)) * shared.astype(jnp.float32)
         return y.astype(x.dtype)

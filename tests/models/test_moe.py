@@ -51,7 +51,7 @@ def test_config_layers_and_parameter_count(moe_model):
     arch, path, m, hf = moe_model
     c = m.config
     layers = hf.model.layers
-    assert [c.is_moe_layer(i) for i in range(c.num_layers)] == [hasattr(l.mlp, "experts") for l in layers]
+    assert [c.is_moe_layer(i) for i in range(c.num_layers)] == [hasattr(layer.mlp, "experts") for layer in layers]
     assert any(c.is_moe_layer(i) for i in range(c.num_layers))
     assert c.num_params() == sum(p.numel() for p in hf.parameters())
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size
