@@ -162,8 +162,11 @@ def abstract_quantized_params(model, leaves: dict, plan: ShardingPlan, dtype=Non
             continue
         cfg = QuantConfig(**meta["config"])
         emb = meta["kind"] == "qembedding"
-        k, n = (spec.shape[1], spec.shape[0]) if emb else spec.shape
-        ab = abstract_qarray(k, n, cfg, dtype)
+        if len(spec.shape) == 3:  # stacked MoE experts [E, K, N]
+            ab = jax.eval_shape(lambda s=spec.shape, c=cfg: QArray.quantize(jnp.zeros(s, dtype), c))
+        else:
+            k, n = (spec.shape[1], spec.shape[0]) if emb else spec.shape
+            ab = abstract_qarray(k, n, cfg, dtype)
         ax = ab.logical_axes((axes[1], axes[0]) if emb else axes)
         fields = {}
         for f in _FIELDS:
