@@ -228,21 +228,21 @@ class ModelConfig:
     def from_gguf_metadata(cls, meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
         """Build from GGUF key/value metadata (already decoded to Python values).
 
-        Only the ``llama`` GGUF architecture is supported (Llama 2/3, SmolLM2 and Mistral conversions
-        all use it).
+        GGUF architectures: ``llama`` (Llama 2/3, SmolLM2 and Mistral conversions; with
+        ``llama.expert_count`` a Mixtral), ``qwen3moe`` and ``qwen2moe``.
         """
         arch = meta.get("general.architecture")
-        if arch != "llama":
+        if arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"GGUF architecture {arch!r} is not supported (supported: 'llama')"
+                f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
             )
 
         def key(name, default=None):
-            return meta.get(f"llama.{name}", default)
+            return meta.get(f"{arch}.{name}", default)
 
         num_heads = int(key("attention.head_count"))
         hidden = int(key("embedding_length"))
-        head_dim = int(key("rope.dimension_count") or hidden // num_heads)
+        head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden // num_heads)
         vocab = key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
         scaling = RopeScaling()
         scaling_type = key("rope.scaling.type")
@@ -254,11 +254,13 @@ class ModelConfig:
         kv_heads = key("attention.head_count_kv") or num_heads
         if isinstance(kv_heads, (list, tuple)):
             raise UnsupportedModelError("per-layer kv head counts are not supported")
+        moe = _gguf_moe(arch, key)
+        family = moe.pop("architecture", "llama")
         return cls(
-            architecture="llama",
+            architecture=family,
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
+            intermediate_size=int(key("feed_forward_length") or moe.get("moe_intermediate_size", 0)),
             num_layers=int(key("block_count")),
             num_heads=num_heads,
             num_kv_heads=int(kv_heads),
@@ -271,7 +273,34 @@ class ModelConfig:
             sliding_window=None,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),
+            attention_bias=family == "qwen2_moe",
+            qk_norm=family == "qwen3_moe",
+            **moe,
         )
+
+
+GGUF_ARCHITECTURES = ("llama", "qwen3moe", "qwen2moe")
+
+
+def _gguf_moe(arch: str, key) -> dict:
+    """MoE fields from GGUF metadata (``key(name)`` reads ``{arch}.{name}``), as llama.cpp reads them: top-k
+    weights renormalised for Mixtral and Qwen3-MoE, not for Qwen2-MoE, unless ``expert_weights_norm`` says."""
+    experts = int(key("expert_count") or 0)
+    if not experts:
+        if arch != "llama":
+            raise UnsupportedModelError(f"GGUF {arch} model without {arch}.expert_count")
+        return {}
+    family = {"llama": "mixtral", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}[arch]
+    ffn = key("feed_forward_length") if arch == "llama" else key("expert_feed_forward_length")
+    norm = key("expert_weights_norm")
+    return dict(
+        architecture=family,
+        num_experts=experts,
+        num_experts_per_tok=int(key("expert_used_count")),
+        moe_intermediate_size=int(ffn),
+        norm_topk_prob=bool(family != "qwen2_moe" if norm is None else norm),
+        shared_expert_intermediate_size=int(key("expert_shared_feed_forward_length") or 0),
+    )
 
 
 def _hf_architecture(c: dict) -> str:

@@ -133,9 +133,27 @@ def hf_sources(config: ModelConfig, keys=frozenset()) -> dict[tuple[str, ...], T
     return src
 
 
+def gguf_moe_sources(config: ModelConfig, i: int) -> dict[tuple[str, ...], TensorSource]:
+    """Parameter path -> GGUF tensor of MoE layer ``i``, as llama.cpp names them: router ``ffn_gate_inp``
+    ``[E, H]``, stacked experts ``ffn_{gate,up}_exps`` ``[E, I, H]`` / ``ffn_down_exps`` ``[E, H, I]`` (numpy
+    order), shared expert ``ffn_{gate,up,down}_shexp`` and its gate ``ffn_gate_inp_shexp`` (``H`` values)."""
+    b, p = f"blk.{i}", (f"layers_{i}", "mlp")
+    src = {(*p, "gate", "kernel"): TensorSource(f"{b}.ffn_gate_inp.weight", _t)}
+    for proj, g in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+        src[(*p, "experts", proj)] = TensorSource(f"{b}.ffn_{g}_exps.weight", _t3)
+        if config.shared_expert_intermediate_size:
+            src[(*p, "shared_expert", proj, "kernel")] = TensorSource(f"{b}.ffn_{g}_shexp.weight", _t)
+    if config.shared_expert_intermediate_size:
+        src[(*p, "shared_expert_gate", "kernel")] = TensorSource(f"{b}.ffn_gate_inp_shexp.weight",
+                                                                 lambda a: a.reshape(-1, 1))
+    return src
+
+
 def gguf_sources(config: ModelConfig) -> dict[tuple[str, ...], TensorSource]:
-    """Parameter path -> GGUF tensor (llama architecture naming)."""
+    """Parameter path -> GGUF tensor (llama.cpp naming; q/k rows un-permuted for the llama architecture,
+    which Mixtral's conversion uses, and stored as is for Qwen's)."""
     hq, hkv = config.num_heads, config.num_kv_heads
+    permuted = config.architecture in ("llama", "mistral", "mixtral")
     src = {("embed_tokens",): TensorSource("token_embd.weight"),
            ("norm", "scale"): TensorSource("output_norm.weight")}
     if not config.tie_word_embeddings:
@@ -145,12 +163,25 @@ def gguf_sources(config: ModelConfig) -> dict[tuple[str, ...], TensorSource]:
         p = f"layers_{i}"
         src[(p, "input_layernorm", "scale")] = TensorSource(f"{b}.attn_norm.weight")
         src[(p, "post_attention_layernorm", "scale")] = TensorSource(f"{b}.ffn_norm.weight")
-        src[(p, "self_attn", "q_proj", "kernel")] = TensorSource(
-            f"{b}.attn_q.weight", lambda a: unpermute_gguf_rows(a, hq).T)
-        src[(p, "self_attn", "k_proj", "kernel")] = TensorSource(
-            f"{b}.attn_k.weight", lambda a: unpermute_gguf_rows(a, hkv).T)
+        if permuted:
+            src[(p, "self_attn", "q_proj", "kernel")] = TensorSource(
+                f"{b}.attn_q.weight", lambda a: unpermute_gguf_rows(a, hq).T)
+            src[(p, "self_attn", "k_proj", "kernel")] = TensorSource(
+                f"{b}.attn_k.weight", lambda a: unpermute_gguf_rows(a, hkv).T)
+        else:
+            src[(p, "self_attn", "q_proj", "kernel")] = TensorSource(f"{b}.attn_q.weight", _t)
+            src[(p, "self_attn", "k_proj", "kernel")] = TensorSource(f"{b}.attn_k.weight", _t)
         src[(p, "self_attn", "v_proj", "kernel")] = TensorSource(f"{b}.attn_v.weight", _t)
         src[(p, "self_attn", "o_proj", "kernel")] = TensorSource(f"{b}.attn_output.weight", _t)
+        if config.attention_bias:
+            for proj, g in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+                src[(p, "self_attn", proj, "bias")] = TensorSource(f"{b}.attn_{g}.bias")
+        if config.qk_norm:
+            src[(p, "self_attn", "q_norm", "scale")] = TensorSource(f"{b}.attn_q_norm.weight")
+            src[(p, "self_attn", "k_norm", "scale")] = TensorSource(f"{b}.attn_k_norm.weight")
+        if config.is_moe_layer(i):
+            src.update(gguf_moe_sources(config, i))
+            continue
         src[(p, "mlp", "gate_proj", "kernel")] = TensorSource(f"{b}.ffn_gate.weight", _t)
         src[(p, "mlp", "up_proj", "kernel")] = TensorSource(f"{b}.ffn_up.weight", _t)
         src[(p, "mlp", "down_proj", "kernel")] = TensorSource(f"{b}.ffn_down.weight", _t)
