@@ -33,7 +33,8 @@ from jaxinfer.sharding import MESH_AXES, ShardingPlan, plan_sharding
 from jaxinfer.step_inputs import StepBuckets
 from jaxinfer.target import Kernels
 from pallas_kernels.quantized_matmul.config import PRESETS, as_config
-from pallas_kernels.quantized_matmul.qarray import QArray, abstract_qarray
+from pallas_kernels.quantized_matmul.experts import abstract_expert_qarray
+from pallas_kernels.quantized_matmul.qarray import abstract_qarray
 from pallas_kernels.targets import Target, get_target, target_devices
 
 AUTO_DTYPE_ON_ACCELERATORS = jnp.bfloat16
@@ -82,7 +83,7 @@ def abstract_params(model: CausalLM, quantization: str | None = None):
         expert = len(path) >= 2 and path[-2] == "experts"  # stacked MoE experts [E, K, N]
         router = path[-2:] in (("gate", "kernel"), ("shared_expert_gate", "kernel"))  # MoE routing stays float
         if cfg is not None and expert:
-            qa = jax.eval_shape(lambda s=spec: QArray.quantize(jnp.zeros(s.shape, model.dtype), cfg))
+            qa = abstract_expert_qarray(*spec.shape, cfg, model.dtype)
             out[path] = jax.tree.map(place, qa, qa.logical_axes(axes), is_leaf=lambda x: isinstance(x, tuple))
         elif cfg is not None and path[-1] == "kernel" and path[0].startswith("layers_") and not router:
             qa = abstract_qarray(spec.shape[0], spec.shape[1], cfg, model.dtype)

@@ -34,6 +34,7 @@ from jaxinfer.model_config import ModelConfig, RopeScaling
 from jaxinfer.models.qembedding import QEmbedding
 from jaxinfer.sharding import ShardingPlan, make_mesh, plan_sharding
 from pallas_kernels.quantized_matmul.config import QuantConfig
+from pallas_kernels.quantized_matmul.experts import abstract_expert_qarray
 from pallas_kernels.quantized_matmul.qarray import QArray, abstract_qarray
 
 MANIFEST = "jaxinfer_quant.json"
@@ -163,7 +164,7 @@ def abstract_quantized_params(model, leaves: dict, plan: ShardingPlan, dtype=Non
         cfg = QuantConfig(**meta["config"])
         emb = meta["kind"] == "qembedding"
         if len(spec.shape) == 3:  # stacked MoE experts [E, K, N]
-            ab = jax.eval_shape(lambda s=spec.shape, c=cfg: QArray.quantize(jnp.zeros(s, dtype), c))
+            ab = abstract_expert_qarray(*spec.shape, cfg, dtype)
         else:
             k, n = (spec.shape[1], spec.shape[0]) if emb else spec.shape
             ab = abstract_qarray(k, n, cfg, dtype)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from jaxinfer.errors import QuantizationError
 from jaxinfer.models.qembedding import QEmbedding
 from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
+from pallas_kernels.quantized_matmul.experts import quantize_experts
 from pallas_kernels.quantized_matmul.qarray import QArray
 from quantize.awq import awq_search
 from quantize.calibration import ActStats, HessianState
@@ -182,7 +183,8 @@ def quantize_model(
             for name in layer_linears(c, i):
                 lcfg = plan[f"layers_{i}/{name}"]
                 if lcfg is not None:
-                    set_weight(lp, name, rtn_quantize(get_weight(lp, name), lcfg))
+                    w = get_weight(lp, name)
+                    set_weight(lp, name, quantize_experts(w, lcfg) if w.ndim == 3 else rtn_quantize(w, lcfg))
     _quantize_head(c, new, cfg, quantize_head, quantize_embedding)
     info["head"] = dict(lm_head_quantized=quantize_head, embedding_quantized=quantize_embedding or
                         (quantize_head and c.tie_word_embeddings))

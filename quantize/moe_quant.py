@@ -4,7 +4,7 @@ A dense layer's linears are :data:`quantize.layer_runner.LINEARS` (``"self_attn/
 ``"mlp/down_proj"``, each a ``{"kernel": [K, N]}`` node). A MoE layer (``ModelConfig.is_moe_layer``) has the
 same attention linears, its stacked experts ``"mlp/experts/{gate,up,down}_proj"`` (``[E, K, N]`` arrays,
 quantized as one stacked QArray: round to nearest is per column and group, so each expert is quantized on
-its own numbers exactly as a separate linear would be) and, for Qwen2-MoE, the shared expert
+its own numbers exactly as a separate linear would be, ``quantize_experts``) and, for Qwen2-MoE, the shared expert
 ``"mlp/shared_expert/{gate,up,down}_proj"``. The router (``mlp/gate``) and the shared expert's gate stay
 float: they are tiny and their outputs pick experts.
 """

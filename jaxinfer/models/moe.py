@@ -47,9 +47,7 @@ from jaxinfer.model_config import ModelConfig
 from jaxinfer.models.layers import Linear, weight_param
 from jaxinfer.sharding import ShardingPlan
 from jaxinfer.target import Kernels
-from pallas_kernels.grouped_matmul import api as _gmm_api
 from pallas_kernels.grouped_matmul import grouped_matmul
-from pallas_kernels.quantized_matmul.qarray import QArray
 
 EXPERT_AXES = {"gate_proj": ("expert", "embed", "moe_mlp"), "up_proj": ("expert", "embed", "moe_mlp"),
                "down_proj": ("expert", "moe_mlp", "embed")}
@@ -95,7 +93,6 @@ def expert_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate, w_up, w
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=g + 1)[:g].astype(jnp.int32)
     rows = jnp.take(x, order // k, axis=0)  # [T * k, H], grouped by expert
-    w_gate, w_up, w_down = (_kernel_operand(w, x.dtype) for w in (w_gate, w_up, w_down))
     kw = dict(impl=impl, interpret=interpret)
     gate = grouped_matmul(rows, w_gate, group_sizes, **kw)
     up = grouped_matmul(rows, w_up, group_sizes, **kw)
@@ -103,19 +100,6 @@ def expert_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate, w_up, w
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)  # inverse permutation
     w = jnp.where(here, weights, 0.0).astype(jnp.float32)
     return jnp.einsum("tkh,tk->th", unsorted, w)
-
-
-# Whether grouped_matmul takes stacked QArray experts itself (dequantizing inside the kernel). Until it does,
-# quantized experts are dequantized whole before the XLA grouped matmul: correct, but it materialises the
-# float experts every step.
-_KERNEL_TAKES_QARRAY = hasattr(_gmm_api, "QArray")
-
-
-def _kernel_operand(w, dtype):
-    """A grouped-matmul ``rhs``: a float array, or a stacked QArray where the kernel takes one."""
-    if isinstance(w, QArray) and not _KERNEL_TAKES_QARRAY:
-        return w.dequantize(dtype)
-    return w
 
 
 def _spec(w, names, plan: ShardingPlan):
