@@ -6,6 +6,7 @@ the expert FFN within 1e-5 relative of the float64 loop. Greedy generation and e
 token-identical to ``hf.generate``.
 """
 
+import functools
 import json
 import shutil
 
@@ -184,3 +185,28 @@ def test_hf_config_fields(tmp_path):
     assert [c.is_moe_layer(i) for i in range(4)] == [False, True, False, False]
     with pytest.raises(Exception, match="num_experts_per_tok"):
         ModelConfig.from_hf({**raw, "num_experts_per_tok": 9})
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_grouped_matmul_kernels_run_the_model(tiny_model_dir, impl):
+    """The model with the grouped matmul's Pallas kernels (interpret mode on the CPU) and int8 experts gives
+    the XLA path's logits (both dequantize the same int8 experts; 1e-4 relative to max |logit|)."""
+    from jaxinfer.target import Kernels
+    from quantize.model_quant import quantize_model
+
+    path, _ = tiny_model_dir("qwen3_moe")
+    m = load_model(str(path), load_tokenizer_too=False)
+    q = quantize_model(m.model, m.params, "rtn", "int8", progress=False).params
+    seqs = [[1, 17, 42, 99, 7, 250, 3, 8], [1, 5, 9]]
+    ref, _ = ragged_prefill(m.model, q, seqs)
+    got, _ = ragged_prefill(_WithKernels(m.model, Kernels("xla", impl, matmul_interpret=True)), q, seqs)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max(), rtol=0)
+
+
+class _WithKernels:
+    """A CausalLM whose forward runs with the given kernels (for tests.models.dense_steps)."""
+
+    def __init__(self, model, kernels):
+        self.config, self.dtype = model.config, model.dtype
+        self.forward = functools.partial(model.forward, kernels=kernels)
