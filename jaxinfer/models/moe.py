@@ -49,8 +49,11 @@ from jaxinfer.sharding import ShardingPlan
 from jaxinfer.target import Kernels
 from pallas_kernels.grouped_matmul import grouped_matmul
 
-EXPERT_AXES = {"gate_proj": ("expert", "embed", "moe_mlp"), "up_proj": ("expert", "embed", "moe_mlp"),
-               "down_proj": ("expert", "moe_mlp", "embed")}
+EXPERT_AXES = {
+    "gate_proj": ("expert", "embed", "moe_mlp"),
+    "up_proj": ("expert", "embed", "moe_mlp"),
+    "down_proj": ("expert", "moe_mlp", "embed"),
+}
 
 
 def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -70,8 +73,18 @@ def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Ar
     return weights, ids.astype(jnp.int32)
 
 
-def expert_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, w_gate, w_up, w_down, *, first_expert=0,
-               impl: str | None = None, interpret: bool | None = None) -> jax.Array:
+def expert_ffn(
+    x: jax.Array,
+    weights: jax.Array,
+    ids: jax.Array,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    first_expert=0,
+    impl: str | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
     """The routed experts' SwiGLU outputs, weighted and summed per token, over the experts held here.
 
     Args:

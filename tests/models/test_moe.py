@@ -37,9 +37,16 @@ def _hf_logits(hf, ids):
 
 def _hf_greedy(hf, prompt, n):
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module", params=sorted(MOE_ARCHS))
@@ -85,8 +92,13 @@ def test_incremental_decode_equals_full_forward(moe_model):
 
 
 SHARED = [1, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9]  # two full pages of 8: prefix-cache hits
-PROMPTS = [SHARED + [40, 41, 42, 40, 41, 42, 40, 41], [1, 250, 3, 8, 64, 120, 77, 5, 9], SHARED + [100, 7],
-           [1, 17, 42, 99, 7] * 6, SHARED + [5, 5, 5]]
+PROMPTS = [
+    SHARED + [40, 41, 42, 40, 41, 42, 40, 41],
+    [1, 250, 3, 8, 64, 120, 77, 5, 9],
+    SHARED + [100, 7],
+    [1, 17, 42, 99, 7] * 6,
+    SHARED + [5, 5, 5],
+]
 ARRIVALS = [0, 0, 1, 3, 6]
 
 
@@ -95,8 +107,15 @@ def test_engine_greedy_equals_hf(moe_model, method="ngram"):
     (continuous batching), shared prompt prefixes (prefix caching), n-gram speculation (steps without a
     draft decode plainly): 32 greedy tokens per request equal ``hf.generate``."""
     arch, _, m, hf = moe_model
-    cfg = EngineConfig(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=16, page_size=8,
-                       min_token_bucket=16, speculative_method=method, num_speculative_tokens=3)
+    cfg = EngineConfig(
+        max_model_len=96,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        page_size=8,
+        min_token_bucket=16,
+        speculative_method=method,
+        num_speculative_tokens=3,
+    )
     eng = Engine(m, cfg)
     reqs = [(f"r{i}", p, SamplingParams(max_tokens=32, **GREEDY)) for i, p in enumerate(PROMPTS)]
     out = _run(eng, reqs, ARRIVALS)
@@ -154,8 +173,12 @@ def test_expert_ffn_matches_float64_loop_and_shards(pattern):
     with count_compilations() as events:
         got = np.asarray(fn(x, w, ids, wg, wu, wd))
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-    parts = sum(np.asarray(jax.jit(expert_ffn)(x, w, ids, wg[s:s + 2], wu[s:s + 2], wd[s:s + 2],
-                                                first_expert=jnp.int32(s))) for s in range(0, e, 2))
+    parts = sum(
+        np.asarray(
+            jax.jit(expert_ffn)(x, w, ids, wg[s : s + 2], wu[s : s + 2], wd[s : s + 2], first_expert=jnp.int32(s))
+        )
+        for s in range(0, e, 2)
+    )
     np.testing.assert_allclose(parts, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
     with count_compilations() as again:
         fn(x, w, np.roll(ids, 1, axis=0), wg, wu, wd).block_until_ready()
@@ -176,10 +199,24 @@ def test_route_orders_and_renormalises():
 
 
 def test_hf_config_fields(tmp_path):
-    raw = {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-           "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True,
-           "decoder_sparse_step": 2, "mlp_only_layers": [3], "use_sliding_window": False, "sliding_window": 4096}
+    raw = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+    }
     c = ModelConfig.from_hf(json.loads(json.dumps(raw)))
     assert (c.architecture, c.qk_norm, c.sliding_window, c.norm_topk_prob) == ("qwen3_moe", True, None, True)
     assert [c.is_moe_layer(i) for i in range(4)] == [False, True, False, False]

@@ -15,8 +15,11 @@ from tests.gguf_writer import write_moe_gguf
 from tests.models.dense_steps import ragged_prefill
 from tests.tiny_models import make_tiny_model
 
-EVERY_LAYER_MOE = {"qwen3_moe": {"mlp_only_layers": []}, "qwen2_moe": {"decoder_sparse_step": 1},
-                   "mixtral": {"sliding_window": None}}
+EVERY_LAYER_MOE = {
+    "qwen3_moe": {"mlp_only_layers": []},
+    "qwen2_moe": {"decoder_sparse_step": 1},
+    "mixtral": {"sliding_window": None},
+}
 
 
 @pytest.mark.parametrize("arch", sorted(EVERY_LAYER_MOE))

@@ -27,8 +27,9 @@ def loaded(tiny_model_dir):
 
 
 def _dequantized(tree):
-    return jax.tree.map(lambda x: x.dequantize() if isinstance(x, QArray) else x, tree,
-                        is_leaf=lambda x: isinstance(x, QArray))
+    return jax.tree.map(
+        lambda x: x.dequantize() if isinstance(x, QArray) else x, tree, is_leaf=lambda x: isinstance(x, QArray)
+    )
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4-g32"])
