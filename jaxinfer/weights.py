@@ -55,8 +55,23 @@ class StackedSource:
     def names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.parts)
 
-    def read(self, checkpoint) -> np.ndarray:
-        return np.stack([p.read(checkpoint) for p in self.parts])
+    def read(self, checkpoint) -> _LazyStack:
+        return _LazyStack(self.parts, checkpoint)
+
+
+class _LazyStack:
+    """The ``[E, ...]`` stack of per-expert tensors as an indexable view that reads only the experts an index
+    selects: under expert parallelism each device's slice (``jax.make_array_from_callback``) touches only
+    its own experts' tensors."""
+
+    def __init__(self, parts: tuple[TensorSource, ...], checkpoint):
+        self.parts, self.checkpoint = parts, checkpoint
+        self.shape = (len(parts), *parts[0].read(checkpoint).shape)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        experts = range(len(self.parts))[idx[0]] if idx else range(len(self.parts))
+        return np.stack([np.asarray(self.parts[e].read(self.checkpoint)[idx[1:]]) for e in experts])
 
 
 def _t(a: np.ndarray) -> np.ndarray:
