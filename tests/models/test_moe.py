@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import flatten_dict
 from safetensors.torch import save_file
 
 from jaxinfer.config import EngineConfig
@@ -23,6 +24,7 @@ from jaxinfer.loader import load_model
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.models.moe import expert_ffn, route
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.sharding import make_mesh
 from tests.engine.test_engine import GREEDY, _run, count_compilations
 from tests.models.dense_steps import decode_one, ragged_prefill
 from tests.tiny_models import MOE_ARCHS
@@ -137,9 +139,17 @@ def test_fused_expert_layout_loads_the_same(moe_model, tmp_path):
     assert any(k.endswith("experts.gate_up_proj") for k in state)
     save_file(state, str(tmp_path / "model.safetensors"))
     shutil.copy(path / "config.json", tmp_path / "config.json")
-    fused = load_model(str(tmp_path), load_tokenizer_too=False)
-    for (kp, a), b in zip(jax.tree_util.tree_leaves_with_path(m.params), jax.tree.leaves(fused.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(kp))
+    for mesh in (None, make_mesh(4)):  # 4 devices: expert parallelism, each device reads its experts' slice
+        fused = load_model(str(tmp_path), load_tokenizer_too=False, mesh=mesh)
+        if mesh is not None:
+            moe = next(i for i in range(m.config.num_layers) if m.config.is_moe_layer(i))
+            assert fused.params[f"layers_{moe}"]["mlp"]["experts"]["up_proj"].sharding.spec[0] == "model"
+            assert fused.config.num_kv_heads == 2 * m.config.num_kv_heads  # KV heads repeated for TP 4
+        for path, a in flatten_dict(m.params).items():
+            b = flatten_dict(fused.params)[path]
+            if {"k_proj", "v_proj"} & set(path) and mesh is not None:
+                continue  # repeated heads: tests/models/test_shard_local_reads.py
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(path))
 
 
 def _ffn64(x, w, ids, wg, wu, wd):

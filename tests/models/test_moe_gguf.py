@@ -9,8 +9,10 @@ models here are built that way (``mlp_only_layers=[]``, ``decoder_sparse_step=1`
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import flatten_dict
 
 from jaxinfer.loader import load_model
+from jaxinfer.sharding import make_mesh
 from tests.gguf_writer import write_moe_gguf
 from tests.models.dense_steps import ragged_prefill
 from tests.tiny_models import make_tiny_model
@@ -36,3 +38,9 @@ def test_gguf_moe_matches_hf(tmp_path, arch):
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].numpy()
         np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    # expert parallelism over 2 devices: each device reads its experts' rows of the ffn_*_exps tensors
+    sharded = load_model(str(path), load_tokenizer_too=False, mesh=make_mesh(2))
+    for path_, a in flatten_dict(m.params).items():
+        b = flatten_dict(sharded.params)[path_]
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="/".join(path_))
+    assert sharded.params["layers_0"]["mlp"]["experts"]["down_proj"].sharding.spec[0] == "model"
