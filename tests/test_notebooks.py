@@ -116,7 +116,7 @@ def check_quantize(nb) -> None:
     assert float(table["int8 RTN"][1]) < 0.05, "int8 per-channel weights stay close to float"
     assert float(table["int8 RTN"][3]) < 0.5 * mib
     assert len(_pngs(nb)) == 1, "the quality vs bytes chart"
-    saved = _output(nb, "print(\"reloaded model says:\"")
+    saved = _output(nb, 'print("reloaded model says:"')
     assert "method awq, format int4" in saved and "reloaded model says:" in saved
     assert re.search(r"reloaded model says: \S", saved), "the reloaded checkpoint generates text"
 
