@@ -27,7 +27,15 @@ from starlette.routing import Route
 
 from serve.asgi_io import ClientGone, EventStreamResponse, check_json_content_type, read_body, until_disconnect
 from serve.async_engine import AsyncEngine
-from serve.errors import APIError, MethodNotAllowed, ModelNotFound, NotFound, Unauthorized, from_exception
+from serve.errors import (
+    APIError,
+    BadRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    Unauthorized,
+    from_exception,
+)
 from serve.generation import Generation
 from serve.openai_protocol import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_body
 from serve.openai_responses import (
@@ -40,6 +48,7 @@ from serve.openai_responses import (
     sse,
 )
 from serve.prompts import check_token_ids, resolve_max_tokens, tokenize_chat, tokenize_text
+from serve.tool_calls import ToolStream, call_grammar, parse_tool_calls, parser_for_template
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +65,7 @@ class OpenAIServer:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.token_text = TokenText(engine.tokenizer)
+        self.tool_parser = parser_for_template(getattr(engine.tokenizer, "chat_template", None))
 
     def error(self, exc: BaseException) -> JSONResponse:
         err = from_exception(exc)
@@ -104,6 +114,7 @@ class OpenAIServer:
             check_json_content_type(request)
             body = parse_json_body(await read_body(request, self.max_body_bytes, self.body_timeout_s))
             req: GenerationRequest = parse(body, self.engine.limits)
+            self._constrain_tools(req)
             if req.model is not None and req.model not in self.engine.model_aliases:
                 raise ModelNotFound(req.model)
             self.engine.check_admission(len(req.prompts) * req.n)  # cheap early 429 / 503, before tokenizing
@@ -129,9 +140,22 @@ class OpenAIServer:
             if gen is not None:
                 gen.abort()
 
+    def _constrain_tools(self, req: GenerationRequest) -> None:
+        """Tools need a template whose tool-call format is known; ``required`` / named ``tool_choice``
+        constrain the output to calls (the grammar replaces any other constraint, refused with it)."""
+        if req.tools is None:
+            return
+        if self.tool_parser is None:
+            raise BadRequest("this model's chat template has no tool-call format this server knows (hermes "
+                             "<tool_call> or Llama-3 JSON)", param="tools", code="unsupported")
+        if req.tools.constrains:
+            req.sampling["structured_outputs"] = call_grammar(req.tools, self.tool_parser)
+            req.structured_param = "tool_choice"
+
     async def _tokenize(self, req: GenerationRequest) -> list[list[int]]:
         if req.kind == "chat":
-            return [await tokenize_chat(self.engine, req.prompts[0], req.add_generation_prompt)]
+            tools = req.tools.tools if req.tools is not None else None
+            return [await tokenize_chat(self.engine, req.prompts[0], req.add_generation_prompt, tools)]
         out = []
         for p in req.prompts:
             out.append(await tokenize_text(self.engine, p) if isinstance(p, str) else check_token_ids(p, "prompt"))
@@ -166,14 +190,21 @@ class OpenAIServer:
                     offsets[i] += len(c.text)
                     if c.finish_reason is not None:
                         reasons[i] = (c.finish_reason, c.stop_reason)
-        choices = [b.choice(i, "".join(texts[i]), lps[i] if req.logprobs is not None else None, *reasons[i])
-                   for i in range(total)]
+        choices = []
+        for i in range(total):
+            text, calls, (reason, stop_reason) = "".join(texts[i]), None, reasons[i]
+            if req.tools is not None and reason == "stop":
+                text, calls = parse_tool_calls(text, self.tool_parser)
+                reason = "tool_calls" if calls else reason
+            choices.append(b.choice(i, text, lps[i] if req.logprobs is not None else None, reason, stop_reason,
+                                    tool_calls=calls or None))
         return b.response(choices, gen.usage())
 
     async def _stream(self, req: GenerationRequest, gen: Generation, b: ResponseBuilder, echo):
         n, chat, usage_on = gen.n, req.kind == "chat", req.include_usage
         total = len(gen.streams) * n
         offsets = [0] * total
+        tool_streams = [ToolStream(self.tool_parser) for _ in range(total)] if req.tools is not None else None
         try:
             if chat:
                 for i in range(total):
@@ -190,10 +221,14 @@ class OpenAIServer:
                         i = pi * n + c.index
                         lp = self._logprobs(req, c, offsets[i])
                         offsets[i] += len(c.text)
-                        if not c.text and c.finish_reason is None and not (lp and c.token_ids):
+                        text, reason, calls = c.text, c.finish_reason, None
+                        if tool_streams is not None:
+                            text, calls = tool_streams[i].feed(c.text, reason is not None)
+                            reason = "tool_calls" if calls and reason == "stop" else reason
+                        if not text and reason is None and not calls and not (lp and c.token_ids):
                             continue  # nothing to show yet (text held back for a stop string or a partial char)
-                        choices.append(b.choice(i, c.text if (c.text or not chat) else None, lp, c.finish_reason,
-                                                c.stop_reason, delta=True))
+                        choices.append(b.choice(i, text if (text or not chat) else None, lp, reason,
+                                                c.stop_reason, delta=True, tool_calls=calls or None))
                     if choices:
                         yield sse(b.chunk(choices, include_usage=usage_on))
             if usage_on:
