@@ -29,7 +29,10 @@ LOSSLESS_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)
 
 
 def _q_permutation(path: tuple[str, ...], config) -> np.ndarray | None:
-    """Column permutation undoing llama.cpp's row order for q_proj / k_proj, else ``None``."""
+    """Column permutation undoing llama.cpp's row order for q_proj / k_proj, else ``None`` (also for the
+    architectures whose conversion keeps HF's order: Qwen's)."""
+    if config.architecture not in ("llama", "mistral", "mixtral"):
+        return None
     if path[-2:] == ("q_proj", "kernel"):
         return unpermute_gguf_rows(np.arange(config.q_size), config.num_heads)
     if path[-2:] == ("k_proj", "kernel"):
