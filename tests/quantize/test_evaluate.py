@@ -98,3 +98,34 @@ def test_interrupted_evaluation_resumes_to_the_same_result(tiny_model_dir):
             assert getattr(res[name], k) == pytest.approx(getattr(whole[name], k), rel=1e-12, abs=1e-15)
     with pytest.raises(QuantizationError, match="cannot resume"):
         evaluate(m.model, m.params, {"other": q}, windows, progress=False, resume=state)
+
+
+def test_variant_computed_in_bfloat16(tiny_model_dir):
+    """A variant through another model (the same weights loaded and computed in bfloat16, over int8 pages):
+    its perplexity matches a float64 computation from the bfloat16 model's own logits, KL > 0 against the
+    float32 reference; a model of another configuration is refused."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxinfer.errors import QuantizationError
+    from jaxinfer.models.causal_lm import CausalLM
+    from quantize.evaluate import Variant
+
+    path, _ = tiny_model_dir("llama")
+    m = load_model(str(path), load_tokenizer_too=False)
+    low = load_model(str(path), dtype=jnp.bfloat16, load_tokenizer_too=False)
+    windows = token_windows(np.random.default_rng(2).integers(3, 320, 3 * 32), 32)
+    res = evaluate(m.model, m.params, {"bf16": Variant(low.params, None, model=low.model),
+                                       "bf16+int8": Variant(low.params, "int8", model=low.model)},
+                   windows, batch=3, progress=False)
+    nll = []
+    for w in windows:
+        lq = _log_softmax64(np.asarray(ragged_prefill(low.model, low.params, [list(w)])[0][0], np.float32))
+        nll.extend(-lq[j, w[j + 1]] for j in range(31))
+    # bf16 matmuls round differently over 3 windows at once than over one: 2e-3 relative (seen: 2.6e-4)
+    assert res["bf16"].perplexity == pytest.approx(np.exp(np.mean(nll)), rel=2e-3)
+    assert res["bf16"].kl > 0 and res["bf16+int8"].kl > 0
+    other = CausalLM(dataclasses.replace(m.config, num_layers=m.config.num_layers + 1), jnp.float32)
+    with pytest.raises(QuantizationError, match="configuration"):
+        evaluate(m.model, m.params, {"x": Variant(m.params, None, model=other)}, windows, progress=False)
