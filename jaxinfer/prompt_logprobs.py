@@ -78,8 +78,11 @@ def score(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, inp: Prompt
             return chosen, jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(vals, pad, constant_values=-jnp.inf)
 
         def skip():
-            return (jnp.zeros(b, jnp.float32), jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
-                    jnp.zeros((b, MAX_LOGPROBS), jnp.float32))
+            return (
+                jnp.zeros(b, jnp.float32),
+                jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((b, MAX_LOGPROBS), jnp.float32),
+            )
 
         return jax.lax.cond(i * b < inp.num_rows[0], compute, skip)
 
@@ -116,8 +119,9 @@ def prompt_spans(rows: Sequence, score_from: Sequence[int | None]) -> list[Promp
     return spans
 
 
-def build_inputs(spans: list[PromptSpan], cu_q_lens: np.ndarray, starts: Sequence[int],
-                 num_tokens: int) -> PromptLogprobInputs:
+def build_inputs(
+    spans: list[PromptSpan], cu_q_lens: np.ndarray, starts: Sequence[int], num_tokens: int
+) -> PromptLogprobInputs:
     """The device inputs of a step of token bucket ``T = num_tokens`` (``cu_q_lens``: the packed rows' token
     offsets; ``starts[i]``: row ``i``'s first position)."""
     r = buffer_rows(num_tokens)

@@ -71,12 +71,14 @@ def test_equal_hf_through_chunked_prefill_in_mixed_batches(tiny_model_dir, arch)
     rng = np.random.default_rng(0)
     prompts = [[1] + rng.integers(3, 300, size=n).tolist() for n in (120, 4, 0, 70, 30)]
     ks = [5, 0, 3, 20, None]  # the last one does not ask: other rows of the same steps
-    reqs = [(f"p{i}", p, SamplingParams(max_tokens=4, prompt_logprobs=k, **GREEDY))
-            for i, (p, k) in enumerate(zip(prompts, ks))]
+    reqs = [
+        (f"p{i}", p, SamplingParams(max_tokens=4, prompt_logprobs=k, **GREEDY))
+        for i, (p, k) in enumerate(zip(prompts, ks))
+    ]
     eng = _engine(tiny_model_dir, arch)  # 64-token steps: the 121- and 71-token prompts span several steps
     got = _prompt_lps(eng, reqs, [0, 0, 1, 2, 2])
     assert set(got) == {"p0", "p1", "p2", "p3"}
-    for (rid, p, sp) in reqs[:4]:
+    for rid, p, sp in reqs[:4]:
         _check(got[rid], p, _reference(hf, p), sp.prompt_logprobs)
     assert got["p2"] == [None]  # a one-token prompt has nothing to score
     # the generated tokens are those of a run without prompt logprobs
@@ -120,8 +122,10 @@ def test_speculative_engine(tiny_model_dir):
     rng = np.random.default_rng(5)
     prompt = [1] + rng.integers(3, 300, size=80).tolist()
     eng = _engine(tiny_model_dir, speculative_method="ngram", num_speculative_tokens=3)
-    reqs = [("loop", loop, SamplingParams(max_tokens=30, **GREEDY)),
-            ("lp", prompt, SamplingParams(max_tokens=4, prompt_logprobs=4, **GREEDY))]
+    reqs = [
+        ("loop", loop, SamplingParams(max_tokens=30, **GREEDY)),
+        ("lp", prompt, SamplingParams(max_tokens=4, prompt_logprobs=4, **GREEDY)),
+    ]
     got = _prompt_lps(eng, reqs, [0, 3])
     assert eng.stats().spec_verified > 0
     _check(got["lp"], prompt, _reference(hf, prompt), 4)

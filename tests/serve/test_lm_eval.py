@@ -27,8 +27,18 @@ from jaxinfer.sampling_params import SamplingParams
 from serve.protos import jaxinfer_pb2 as pb
 from serve.protos import jaxinfer_pb2_grpc as pb_grpc
 
-ENGINE_ARGS = ["--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "64",
-               "--min-token-bucket", "16", "--dtype", "float32"]
+ENGINE_ARGS = [
+    "--max-model-len",
+    "256",
+    "--max-num-seqs",
+    "4",
+    "--max-num-batched-tokens",
+    "64",
+    "--min-token-bucket",
+    "16",
+    "--dtype",
+    "float32",
+]
 TOL = 1e-4
 
 
@@ -36,8 +46,21 @@ TOL = 1e-4
 def served(tiny_model_dir):
     """``jaxinfer serve`` on the tiny llama model: ``(http base url, grpc target, model dir, hf model)``."""
     path, hf = tiny_model_dir("llama")
-    cmd = [sys.executable, "-m", "jaxinfer.cli", "serve", "--model", str(path), "--served-model-name", "tiny",
-           "--port", "0", "--grpc-port", "0", *ENGINE_ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxinfer.cli",
+        "serve",
+        "--model",
+        str(path),
+        "--served-model-name",
+        "tiny",
+        "--port",
+        "0",
+        "--grpc-port",
+        "0",
+        *ENGINE_ARGS,
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     lines, found = [], {}
@@ -105,8 +128,9 @@ def test_echo_logprobs_cover_prompt_and_completion(served):
     assert lp1.token_logprobs[-1] == pytest.approx(ref[-1, nxt], abs=TOL)
     assert one.choices[0].text == tok.decode(ids) + tok.decode([nxt]) and one.usage.completion_tokens == 1
     # streamed: the same text and logprobs
-    chunks = list(c.completions.create(model="tiny", prompt=ids, echo=True, logprobs=3, max_tokens=1,
-                                       temperature=0, stream=True))
+    chunks = list(
+        c.completions.create(model="tiny", prompt=ids, echo=True, logprobs=3, max_tokens=1, temperature=0, stream=True)
+    )
     assert "".join(k.choices[0].text for k in chunks) == one.choices[0].text
     streamed = [v for k in chunks if k.choices[0].logprobs for v in k.choices[0].logprobs.token_logprobs]
     assert streamed == lp1.token_logprobs
@@ -116,8 +140,11 @@ def test_vllm_prompt_logprobs_field_and_grpc(served):
     url, target, path, hf = served
     ids = _tokenizer(path)("The quick brown fox jumps", add_special_tokens=False).input_ids
     ref = _log_softmax(hf, ids)
-    r = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 2, "temperature": 0,
-                                                  "prompt_logprobs": 2}, timeout=300).json()
+    r = httpx.post(
+        url + "/v1/completions",
+        json={"prompt": ids, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2},
+        timeout=300,
+    ).json()
     pl = r["choices"][0]["prompt_logprobs"]
     assert pl[0] is None and len(pl) == len(ids) and r["choices"][0]["logprobs"] is None
     for j in range(1, len(ids)):
@@ -130,29 +157,35 @@ def test_vllm_prompt_logprobs_field_and_grpc(served):
     zero = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 0}, timeout=300)
     assert zero.status_code == 400 and zero.json()["error"]["param"] == "max_tokens"
     with grpc.insecure_channel(target) as ch:
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
-                                 sampling=pb.SamplingParameters(max_tokens=2, prompt_logprobs=1))
+        req = pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParameters(max_tokens=2, prompt_logprobs=1)
+        )
         msgs = list(pb_grpc.InferenceStub(ch).Generate(req, timeout=300))
     scored = [m.prompt_logprobs for m in msgs if m.prompt_logprobs]
     assert len(scored) == 1 and [p.token_id for p in scored[0]] == ids[1:]
-    np.testing.assert_allclose([p.logprob for p in scored[0]], [ref[j - 1, ids[j]] for j in range(1, len(ids))],
-                               atol=TOL)
+    np.testing.assert_allclose(
+        [p.logprob for p in scored[0]], [ref[j - 1, ids[j]] for j in range(1, len(ids))], atol=TOL
+    )
     assert all(len(p.top) == 1 and p.top[0].token_id == int(np.argmax(ref[j])) for j, p in enumerate(scored[0]))
 
 
 # ---- lm-eval against the server ------------------------------------------------------------------------
 MC_ROWS = [
-    {"question": "The quick brown fox jumps over the", "choices": [" lazy dog.", " capital of France.", " 1, 2"],
-     "answer": 0},
+    {
+        "question": "The quick brown fox jumps over the",
+        "choices": [" lazy dog.", " capital of France.", " 1, 2"],
+        "answer": 0,
+    },
     {"question": "Paris is the capital of", "choices": [" Germany", " France", " TPUs and GPUs"], "answer": 1},
-    {"question": "JAX and Pallas compile programs for", "choices": [" the dog", " a time", " TPUs and GPUs."],
-     "answer": 2},
-    {"question": "Once upon a time there was a small", "choices": [" language model", " fox", " Berlin"],
-     "answer": 0},
+    {
+        "question": "JAX and Pallas compile programs for",
+        "choices": [" the dog", " a time", " TPUs and GPUs."],
+        "answer": 2,
+    },
+    {"question": "Once upon a time there was a small", "choices": [" language model", " fox", " Berlin"], "answer": 0},
     {"question": "Berlin is the capital of", "choices": [" Germany.", " France.", " JAX."], "answer": 0},
 ]
-GEN_PROMPTS = ["The quick brown fox", "Paris is the capital", "JAX and Pallas", "Once upon a time there",
-               "Berlin is"]
+GEN_PROMPTS = ["The quick brown fox", "Paris is the capital", "JAX and Pallas", "Once upon a time there", "Berlin is"]
 MAX_GEN = 8
 
 
@@ -201,8 +234,9 @@ def _reference_loglikelihood(hf, tok, context, continuation):
     lp = _log_softmax(hf, whole)
     cont = whole[ctx:]
     rows = lp[ctx - 1 : len(whole) - 1]
-    return float(sum(rows[j, t] for j, t in enumerate(cont))), all(int(np.argmax(rows[j])) == t
-                                                                    for j, t in enumerate(cont))
+    return float(sum(rows[j, t] for j, t in enumerate(cont))), all(
+        int(np.argmax(rows[j])) == t for j, t in enumerate(cont)
+    )
 
 
 def test_lm_eval_local_completions(served, tmp_path, monkeypatch):
@@ -222,11 +256,18 @@ def test_lm_eval_local_completions(served, tmp_path, monkeypatch):
     _write_tasks(tmp_path, targets)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model_args = (f"model=tiny,base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={path},"
-                  "tokenized_requests=True,max_length=256,num_concurrent=1,max_retries=1")
-    res = lm_eval.simple_evaluate(model="local-completions", model_args=model_args, tasks=["tiny_mc", "tiny_gen"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
-                                  batch_size=1)
+    model_args = (
+        f"model=tiny,base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={path},"
+        "tokenized_requests=True,max_length=256,num_concurrent=1,max_retries=1"
+    )
+    res = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=model_args,
+        tasks=["tiny_mc", "tiny_gen"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+        batch_size=1,
+    )
     # multiple choice: every (context, choice) loglikelihood and the accuracy from them
     correct = []
     for s in res["samples"]["tiny_mc"]:
