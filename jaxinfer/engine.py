@@ -9,8 +9,10 @@ strings -> :class:`RequestOutput` deltas.
 The engine core is add / abort / step over the scheduler and the runner; request bookkeeping,
 detokenization, stop strings and output assembly are the :class:`~jaxinfer.output_processor.OutputProcessor`'s.
 A request with ``n > 1`` runs as ``n`` sequences over the same prompt. Every running sequence owns a
-*slot*: a row of the on-device penalty state. Engines are built by :func:`jaxinfer.engine_factory.create_engine`,
-which loads the model once.
+*slot*: a row of the on-device penalty state. A structured-output sequence also owns a grammar matcher
+(:mod:`jaxinfer.grammar_matcher`): its token mask goes into each step it samples in, it consumes the
+sequence's accepted tokens after the step, and a complete grammar finishes the sequence ("stop").
+Engines are built by :func:`jaxinfer.engine_factory.create_engine`, which loads the model once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jaxinfer.block_manager import BlockManagerStats
 from jaxinfer.config import EngineConfig
 from jaxinfer.device_batch import BatchBuilder, RowInfo
 from jaxinfer.errors import InvalidRequestError, UnsupportedModelError
+from jaxinfer.grammar_matcher import GrammarMatchers
 from jaxinfer.kv_cache import plan_kv_cache
 from jaxinfer.loader import LoadedModel
 from jaxinfer.output_processor import OutputProcessor
@@ -36,6 +39,7 @@ from jaxinfer.runner import ModelRunner, params_bytes
 from jaxinfer.sampling import logprob_entry
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.scheduler_types import SeqUpdate
 from jaxinfer.sequence import Sequence
 from jaxinfer.speculative.params import resolve_num_speculative_tokens
 from jaxinfer.step_inputs import StepBuckets, pack_step_inputs
@@ -146,6 +150,7 @@ class Engine:
         self._slot: dict[str, int] = {}
         self._fresh: set[str] = set()  # sequences whose slot must be cleared at their next step
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler.finish)
+        self.grammars = GrammarMatchers(self.tokenizer, mc.vocab_size, self.eos_token_ids)
         self._rng = np.random.default_rng(config.seed)
 
     # ---- speculative decoding ----------------------------------------------------------------------
@@ -214,6 +219,7 @@ class Engine:
         scores = params.prompt_logprobs is not None
         seqs = [Sequence(f"{i}:{request_id}", ids, params, use_cached_prefix=not (penalties or (scores and i == 0)),
                          num_lookahead=k, group=request_id) for i in range(params.n)]
+        matchers = self.grammars.create(params.structured_outputs, params.n) if params.structured_outputs else ()
         added = []
         try:
             for seq in seqs:
@@ -223,6 +229,8 @@ class Engine:
             for seq in added:
                 self.scheduler.abort(seq.request_id)
             raise
+        for seq, matcher in zip(seqs, matchers):
+            self.grammars.add(seq.request_id, matcher)
         self.outputs.add(request_id, text, ids, params, seqs, seeds, arrival)
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
@@ -249,6 +257,7 @@ class Engine:
         for seq_id in running:
             self.scheduler.abort(seq_id)
             self._release_slot(seq_id)
+            self.grammars.forget(seq_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -311,14 +320,32 @@ class Engine:
                 self.outputs.add_prompt_logprobs(sp.seq.request_id, sp.first,
                                                  entries(prompt_out, sp, infos[sp.row].params.prompt_logprobs))
         row_of = {r.seq.request_id: i for i, r in enumerate(rows)}
-        updates = self.scheduler.update(sched, sampled)
+        updates = self._advance_grammars(self.scheduler.update(sched, sampled))
         deltas, finished = self.outputs.process(updates, row_of, logprobs, spec_res)
         for seq_id in finished:
             self._release_slot(seq_id)
+            self.grammars.forget(seq_id)
         return outputs + deltas
 
+    def _advance_grammars(self, updates: list[SeqUpdate]) -> list[SeqUpdate]:
+        """Feed each constrained sequence's new tokens to its matcher; a complete grammar ends the sequence."""
+        if not len(self.grammars):
+            return updates
+        out = []
+        for u in updates:
+            sid = u.seq.request_id
+            if sid in self.grammars and u.new_token_ids and self.grammars.advance(sid, u.new_token_ids) \
+                    and not u.finished:
+                self.scheduler.finish(sid, "stop")
+                u = SeqUpdate(u.seq, u.new_token_ids, True, False)
+            out.append(u)
+        return out
+
     def _row_infos(self, rows) -> list[RowInfo]:
-        """Slot, seed, step and parameters of each scheduled row (a sequence gets a slot at its first step)."""
+        """Slot, seed, step, parameters and token mask of each scheduled row (a sequence gets a slot at its
+        first step)."""
+        constrained = [r.seq.request_id for r in rows if r.samples and r.seq.request_id in self.grammars]
+        masks = dict(zip(constrained, self.grammars.masks(constrained)))
         infos = []
         for r in rows:
             seq = r.seq
@@ -327,7 +354,8 @@ class Engine:
                 self._slot[sid] = self._free_slots.pop()
                 self._fresh.add(sid)
             infos.append(RowInfo(self._slot[sid], self.outputs.seed(sid), seq.num_output_tokens,
-                                 seq.sampling_params, sid in self._fresh, self.outputs.score_from(sid)))
+                                 seq.sampling_params, sid in self._fresh, masks.get(sid),
+                                 self.outputs.score_from(sid)))
             self._fresh.discard(sid)
         return infos
 

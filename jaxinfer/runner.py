@@ -11,7 +11,8 @@ Steps (each a pure function, caches and penalty state donated, so they are updat
 - the draft step (draft-model speculation): the draft model's forward pass over its own cache, one draft
   token per row, the draft distribution kept in a device buffer for the verify step.
 
-The runner carries the kernel choice (:class:`~jaxinfer.target.Kernels`) and applies it to every step.
+The runner carries the kernel choice (:class:`~jaxinfer.target.Kernels`) and applies it to every step, and
+places each batch's structured-output token mask (:meth:`ModelRunner.place_mask`).
 Each ``(T, S)`` bucket of each step compiles once; :meth:`ModelRunner.compile_all` does that up front so
 serving never compiles.
 """
@@ -94,6 +95,8 @@ class ModelRunner:
         self.draft: DraftState | None = None
         self._draft_step = None
         self.num_steps = 0
+        self._abstract = abstract
+        self._all_allowed: dict[int, jax.Array] = {}  # rows -> all-ones token mask kept on the device
 
     # ---- the target step ---------------------------------------------------------------------------
     def _forward(self, params, kv_cache, batch: StepBatch):
@@ -110,8 +113,27 @@ class ModelRunner:
                                              batch.token_kind)
         return sample(logits, batch.sampling, penalty_state).replace(prompt=prompt), kv_cache, penalty_state
 
+    def place_mask(self, batch: StepBatch) -> StepBatch:
+        """The batch with its token mask ``i32[L, W]`` on the device, replicated: the host array when some
+        row is constrained (one transfer), else an all-ones array kept on the device (no transfer). Always
+        the same sharding, so the step's compiled program is the same either way."""
+        st = batch.sampling
+        rep = self.plan.replicated()
+        rows = st.temperature.shape[0]
+        if st.token_mask is not None and not self._abstract:
+            return batch.replace(sampling=st.replace(token_mask=jax.device_put(st.token_mask, rep)))
+        shape = (rows, (self.model.config.vocab_size + 31) // 32)
+        if self._abstract:
+            mask = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+        else:
+            mask = self._all_allowed.get(rows)
+            if mask is None:
+                mask = self._all_allowed[rows] = jax.device_put(np.full(shape, -1, np.int32), rep)
+        return batch.replace(sampling=st.replace(token_mask=mask))
+
     def dispatch(self, batch: StepBatch) -> SamplerOutput:
         """Launch one step (asynchronously); returns the sampler output still on the device."""
+        batch = self.place_mask(batch)
         out, self.kv_cache, self.penalty_state = self._step(self.params, self.kv_cache, self.penalty_state, batch)
         self.num_steps += 1
         return out
@@ -133,7 +155,7 @@ class ModelRunner:
         is a draft model, else as point masses); the output stays on the device."""
         probs = self.draft.probs if self.draft is not None else None
         out, self.kv_cache, self.penalty_state = self._verify(self.params, self.kv_cache, self.penalty_state,
-                                                              vb.batch, vb.vin, probs)
+                                                              self.place_mask(vb.batch), vb.vin, probs)
         self.num_steps += 1
         return out
 
@@ -160,7 +182,7 @@ class ModelRunner:
         """One draft step; ``q_rows i32[S]``: buffer row for each row's ``q`` (out of range: not kept).
         Returns the drafted tokens ``i32[S]`` on the host."""
         d = self.draft
-        tokens, d.kv_cache, d.probs = self._draft_step(d.params, d.kv_cache, d.probs, batch, q_rows)
+        tokens, d.kv_cache, d.probs = self._draft_step(d.params, d.kv_cache, d.probs, self.place_mask(batch), q_rows)
         return np.asarray(jax.device_get(tokens))
 
     @property
@@ -175,6 +197,7 @@ class ModelRunner:
         rep = self.plan.replicated()
         batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rep),
                              self.batches.padding(num_tokens, num_seqs))
+        batch = self.place_mask(batch)
         return self._step.lower(self.params, self.kv_cache, self.penalty_state, batch)
 
     def compile_all(self, shapes=(), verify_shapes=(), draft_shapes=()) -> float:

@@ -2,7 +2,8 @@
 
 Per row, in order (as in vLLM): ``logit_bias`` (up to ``MAX_LOGIT_BIAS`` tokens per row, as arrays) ->
 ``min_tokens`` suppression of stop ids -> penalties (repetition over
-prompt + output tokens; presence / frequency over output tokens) -> temperature -> min-p -> top-k ->
+prompt + output tokens; presence / frequency over output tokens) -> the structured-output token mask
+(a packed bitmask per row, all ones for unconstrained rows) -> temperature -> min-p -> top-k ->
 top-p (each filter on the distribution the previous one left) -> a Gumbel-max draw keyed only by the
 row's ``(seed, step)``, so a request samples the same tokens whatever batch it runs in. Temperature 0
 takes the argmax. The expensive parts (sorting for the filters, gathering penalty counts, top-n
@@ -41,6 +42,10 @@ class SamplingTensors:
       slot: i32 penalty-state row of the sequence.  reset: bool, clear that row before this step.
       bias_ids: i32 ``[S, MAX_LOGIT_BIAS]`` token ids of the row's ``logit_bias`` (padding -1).
       bias_values: f32 ``[S, MAX_LOGIT_BIAS]`` their biases (padding 0).
+      constrained: bool, the row has a structured-output token mask.
+      token_mask: i32 ``[S, W]`` packed allowed-token bits (``W = ceil(V / 32)``; bit ``t % 32`` of word
+        ``t // 32`` for token ``t``); ``None`` on the host when no row is constrained: the runner then passes
+        an all-ones array it keeps on the device (no transfer), so the step's signature never changes.
     """
 
     temperature: jax.Array
@@ -59,13 +64,16 @@ class SamplingTensors:
     reset: jax.Array
     bias_ids: jax.Array
     bias_values: jax.Array
+    constrained: jax.Array
+    token_mask: jax.Array | None = None
 
     @staticmethod
     def build(params: Sequence[SamplingParams | None], *, seeds: Sequence[int], steps: Sequence[int],
               num_rows: int, slots: Sequence[int] | None = None, resets: Sequence[bool] | None = None,
-              eos_token_ids: Sequence[int] = (), trash_slot: int = 0) -> SamplingTensors:
+              eos_token_ids: Sequence[int] = (), trash_slot: int = 0,
+              masks: Sequence[np.ndarray | None] | None = None) -> SamplingTensors:
         """Pack per-row settings into numpy arrays of length ``num_rows``; padding rows are greedy and
-        point at ``trash_slot``."""
+        point at ``trash_slot``. ``masks``: per row, its packed token bitmask ``i32[W]`` or ``None``."""
         n = num_rows
         f = lambda v: np.full(n, v, np.float32)  # noqa: E731
         t = SamplingTensors(
@@ -75,7 +83,7 @@ class SamplingTensors:
             suppress_ids=np.full((n, MAX_SUPPRESSED_IDS), -1, np.int32), suppress=np.zeros(n, np.bool_),
             num_logprobs=np.zeros(n, np.int32), slot=np.full(n, trash_slot, np.int32),
             reset=np.zeros(n, np.bool_), bias_ids=np.full((n, MAX_LOGIT_BIAS), -1, np.int32),
-            bias_values=np.zeros((n, MAX_LOGIT_BIAS), np.float32),
+            bias_values=np.zeros((n, MAX_LOGIT_BIAS), np.float32), constrained=np.zeros(n, np.bool_),
         )
         for i, sp in enumerate(params):
             if sp is None:
@@ -102,6 +110,13 @@ class SamplingTensors:
                 t.slot[i] = slots[i]
             if resets is not None:
                 t.reset[i] = resets[i]
+        rows = [(i, m) for i, m in enumerate(masks or ()) if m is not None]
+        if rows:
+            token_mask = np.full((n, len(rows[0][1])), -1, np.int32)
+            for i, m in rows:
+                token_mask[i] = m
+                t.constrained[i] = True
+            t = t.replace(token_mask=token_mask)
         return t
 
     @staticmethod
@@ -202,9 +217,19 @@ def _apply_logit_bias(x: jax.Array, st: SamplingTensors) -> jax.Array:
     return x.at[rows, ids].add(st.bias_values, mode="drop")
 
 
+def apply_token_mask(x: jax.Array, token_mask: jax.Array) -> jax.Array:
+    """Tokens whose bit is clear in ``token_mask i32[S, W]`` get ``-inf`` in ``x f32[S, V]``."""
+    v = x.shape[-1]
+    ids = jnp.arange(v, dtype=jnp.int32)
+    words = token_mask[:, ids // 32]  # [S, V]
+    bits = jax.lax.shift_right_logical(words, jnp.broadcast_to(ids % 32, words.shape)) & 1
+    return jnp.where(bits != 0, x, -jnp.inf)
+
+
 def process_logits(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None = None) -> jax.Array:
-    """``logit_bias``, ``min_tokens`` suppression, then penalties (when ``penalty_state`` is given):
-    ``f32[S, V]`` -> ``f32[S, V]``. Greedy rows take the argmax of this."""
+    """``logit_bias``, ``min_tokens`` suppression, penalties (when ``penalty_state`` is given), then the
+    structured-output mask (when some row is constrained): ``f32[S, V]`` -> ``f32[S, V]``. Greedy rows take
+    the argmax of this."""
     logits = jnp.asarray(logits, jnp.float32)
     s, v = logits.shape
     rows = jnp.arange(s)[:, None]
@@ -214,6 +239,8 @@ def process_logits(logits: jax.Array, st: SamplingTensors, penalty_state: Penalt
     if penalty_state is not None:
         active = (st.repetition_penalty != 1) | (st.presence_penalty != 0) | (st.frequency_penalty != 0)
         x = jax.lax.cond(jnp.any(active), lambda y: _apply_penalties(y, st, penalty_state), lambda y: y, x)
+    if st.token_mask is not None:
+        x = jax.lax.cond(jnp.any(st.constrained), lambda y: apply_token_mask(y, st.token_mask), lambda y: y, x)
     return x
 
 

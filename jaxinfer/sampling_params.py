@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from jaxinfer.errors import InvalidRequestError
+from jaxinfer.structured_output import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 
@@ -56,6 +57,9 @@ class SamplingParams:
       skip_special_tokens: drop special tokens from the decoded text.
       logit_bias: ``{token_id: bias}`` (or ``(token_id, bias)`` pairs), added to the logits before sampling;
         at most ``MAX_LOGIT_BIAS`` tokens, biases in [-100, 100]. Stored as a sorted tuple of pairs.
+      structured_outputs: constrain the output to a JSON schema / JSON object / regex / choice / grammar
+        (:class:`~jaxinfer.structured_output.StructuredOutputsParams`, or a dict of its fields); such a
+        request does not speculate.
 
     Numeric ranges are what the engine's int32 / float32 arrays hold: integers up to ``INT32_MAX``
     (``max_tokens``, ``top_k``, ``min_tokens``, ``stop_token_ids``, ``logit_bias`` keys), ``n`` up to
@@ -82,6 +86,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         # Normalise containers so the object stays hashable and immutable.
@@ -108,6 +113,7 @@ class SamplingParams:
             raise InvalidRequestError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids", "stop_token_ids")
         object.__setattr__(self, "stop_token_ids", tuple(ids))
         object.__setattr__(self, "logit_bias", _normalize_logit_bias(self.logit_bias))
+        object.__setattr__(self, "structured_outputs", StructuredOutputsParams.coerce(self.structured_outputs))
         self._validate()
 
     def _validate(self) -> None:

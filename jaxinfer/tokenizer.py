@@ -8,6 +8,7 @@ Building a tokenizer from a GGUF vocabulary takes a few seconds, so the result i
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -62,11 +63,16 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
-def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation rendered with the model's chat template.
 
+    Messages may carry ``tool_calls`` (assistant) and ``tool_call_id`` / ``name`` (tool), as HF templates
+    take them; ``tools`` (OpenAI function specs) are given to the template.
+
     Raises:
-      InvalidRequestError: empty or malformed messages, or no chat template.
+      InvalidRequestError: empty or malformed messages, no chat template, ``tools`` with a template that
+        does not render them, or special-token text inside tool definitions / tool calls.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", "messages")
@@ -79,12 +85,23 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model has no chat template; use generate() with a plain prompt",
                                   "messages")
+    kw = {"tools": tools} if tools else {}
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                         tokenize=False)
+                                         tokenize=False, **kw)
     specials = special_token_texts(tokenizer)
+    if tools:
+        plain = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                              tokenize=False)
+        if plain == text:
+            raise InvalidRequestError("this model's chat template does not render tools", "tools")
+    for param, obj in (("tools", tools), ("messages", [m.get("tool_calls") for m in messages])):
+        dumped = json.dumps(obj, ensure_ascii=False) if obj else ""
+        if any(sp in dumped for sp in specials):
+            raise InvalidRequestError(f"{param}: tool definitions and tool calls must not contain special-token "
+                                      "text", param)
     if not any(sp in m["content"] for m in messages for sp in specials):
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return _encode_chat_isolated(tokenizer, messages, add_generation_prompt, text)
+    return _encode_chat_isolated(tokenizer, messages, add_generation_prompt, text, kw)
 
 
 def special_token_texts(tokenizer) -> list[str]:
@@ -101,7 +118,7 @@ def special_token_texts(tokenizer) -> list[str]:
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
 
-def _encode_chat_isolated(tokenizer, messages, add_generation_prompt: bool, text: str) -> list[int]:
+def _encode_chat_isolated(tokenizer, messages, add_generation_prompt: bool, text: str, kw: dict) -> list[int]:
     """Token ids of a conversation whose message content holds special-token text: the template is
     rendered with a placeholder per message, its own text tokenized with special tokens recognised and
     each message's content with special-token text split into plain tokens (``split_special_tokens``),
@@ -112,7 +129,8 @@ def _encode_chat_isolated(tokenizer, messages, add_generation_prompt: bool, text
         follow (refused rather than letting special-token text through).
     """
     marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                             **kw)
     pieces = _SENTINEL.split(rendered)  # template, index, template, index, ..., template
     for strip in (False, True):  # some templates trim the content
         contents = [m["content"].strip() if strip else m["content"] for m in messages]

@@ -51,7 +51,8 @@ def sampling_kwargs(sp: pb.SamplingParameters, limits: RequestLimits | None = No
     limits.check_sequences(sp.n or 1, 1)
     limits.check_stop(list(sp.stop))
     kw.update(n=sp.n or 1, stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
-              min_tokens=sp.min_tokens, include_stop_str_in_output=sp.include_stop_str_in_output)
+              min_tokens=sp.min_tokens, include_stop_str_in_output=sp.include_stop_str_in_output,
+              logit_bias=dict(sp.logit_bias))
     if "seed" in kw:
         kw["seed"] &= 2**63 - 1
     return kw

@@ -27,7 +27,15 @@ from starlette.routing import Route
 
 from serve.asgi_io import ClientGone, EventStreamResponse, check_json_content_type, read_body, until_disconnect
 from serve.async_engine import AsyncEngine
-from serve.errors import APIError, MethodNotAllowed, ModelNotFound, NotFound, Unauthorized, from_exception
+from serve.errors import (
+    APIError,
+    BadRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    Unauthorized,
+    from_exception,
+)
 from serve.generation import Generation
 from serve.openai_protocol import GenerationRequest, parse_chat_request, parse_completion_request, parse_json_body
 from serve.openai_responses import (
@@ -43,6 +51,7 @@ from serve.openai_responses import (
     vllm_prompt_logprobs,
 )
 from serve.prompts import check_token_ids, resolve_max_tokens, tokenize_chat, tokenize_text
+from serve.tool_calls import ToolStream, call_grammar, parse_tool_calls, parser_for_template
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +68,7 @@ class OpenAIServer:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.token_text = TokenText(engine.tokenizer)
+        self.tool_parser = parser_for_template(getattr(engine.tokenizer, "chat_template", None))
 
     def error(self, exc: BaseException) -> JSONResponse:
         err = from_exception(exc)
@@ -107,6 +117,7 @@ class OpenAIServer:
             check_json_content_type(request)
             body = parse_json_body(await read_body(request, self.max_body_bytes, self.body_timeout_s))
             req: GenerationRequest = parse(body, self.engine.limits)
+            self._constrain_tools(req)
             if req.model is not None and req.model not in self.engine.model_aliases:
                 raise ModelNotFound(req.model)
             self.engine.check_admission(len(req.prompts) * req.n)  # cheap early 429 / 503, before tokenizing
@@ -132,9 +143,22 @@ class OpenAIServer:
             if gen is not None:
                 gen.abort()
 
+    def _constrain_tools(self, req: GenerationRequest) -> None:
+        """Tools need a template whose tool-call format is known; ``required`` / named ``tool_choice``
+        constrain the output to calls (the grammar replaces any other constraint, refused with it)."""
+        if req.tools is None:
+            return
+        if self.tool_parser is None:
+            raise BadRequest("this model's chat template has no tool-call format this server knows (hermes "
+                             "<tool_call> or Llama-3 JSON)", param="tools", code="unsupported")
+        if req.tools.constrains:
+            req.sampling["structured_outputs"] = call_grammar(req.tools, self.tool_parser)
+            req.structured_param = "tool_choice"
+
     async def _tokenize(self, req: GenerationRequest) -> list[list[int]]:
         if req.kind == "chat":
-            return [await tokenize_chat(self.engine, req.prompts[0], req.add_generation_prompt)]
+            tools = req.tools.tools if req.tools is not None else None
+            return [await tokenize_chat(self.engine, req.prompts[0], req.add_generation_prompt, tools)]
         out = []
         for p in req.prompts:
             out.append(await tokenize_text(self.engine, p) if isinstance(p, str) else check_token_ids(p, "prompt"))
@@ -197,9 +221,14 @@ class OpenAIServer:
                     offsets[i] += len(c.text)
         choices = []
         for i in range(total):
+            text, calls, (reason, stop_reason) = "".join(texts[i]), None, reasons[i]
+            if req.tools is not None and reason == "stop":
+                text, calls = parse_tool_calls(text, self.tool_parser)
+                reason = "tool_calls" if calls else reason
             echo_lp, vllm = self._prompt_parts(req, gen, i // n, prompt_lps[i // n])
             lp = merge_logprobs(echo_lp, lps[i]) if echo_lp is not None and lps[i] is not None else echo_lp or lps[i]
-            choice = b.choice(i, "".join(texts[i]), lp if req.logprobs is not None else None, *reasons[i])
+            choice = b.choice(i, text, lp if req.logprobs is not None else None, reason, stop_reason,
+                              tool_calls=calls or None)
             if req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = vllm
             choices.append(choice)
@@ -215,6 +244,7 @@ class OpenAIServer:
         first = [wait_prompt] * total
         held: dict[int, list] = {}
         prompt_lps: dict[int, list | None] = {}
+        tool_streams = [ToolStream(self.tool_parser) for _ in range(total)] if req.tools is not None else None
         try:
             if chat:
                 for i in range(total):
@@ -234,7 +264,8 @@ class OpenAIServer:
                         ready = held.pop(pi)
                     choices = []
                     for o in ready:
-                        choices += self._stream_choices(req, gen, b, echo, pi, o, offsets, first, prompt_lps)
+                        choices += self._stream_choices(req, gen, b, echo, pi, o, offsets, first, prompt_lps,
+                                                        tool_streams)
                     if choices:
                         yield sse(b.chunk(choices, include_usage=usage_on))
             if usage_on:
@@ -244,16 +275,20 @@ class OpenAIServer:
             yield sse(e.body())
         yield SSE_DONE
 
-    def _stream_choices(self, req, gen, b, echo, pi, out, offsets, first, prompt_lps) -> list:
+    def _stream_choices(self, req, gen, b, echo, pi, out, offsets, first, prompt_lps, tool_streams) -> list:
         n, chat = gen.n, req.kind == "chat"
         choices = []
         for c in out.outputs:
             i = pi * n + c.index
-            text, reason = c.text, c.finish_reason
             lp = self._logprobs(req, c, offsets[i])
             offsets[i] += len(c.text)
+            text, reason, calls, stop = c.text, c.finish_reason, None, c.stop_reason
+            if tool_streams is not None:
+                text, calls = tool_streams[i].feed(c.text, reason is not None)
+                reason = "tool_calls" if calls and reason == "stop" else reason
             if req.echo_only:
-                text, lp, reason = "", ({k: [] for k in lp} if lp else lp), "length" if reason else None
+                text, lp, stop = "", ({k: [] for k in lp} if lp else lp), None
+                reason = "length" if reason else None
             vllm = None
             if first[i]:
                 first[i] = False
@@ -262,10 +297,10 @@ class OpenAIServer:
                     text = echo[pi] + text
                 if echo_lp is not None:
                     lp = merge_logprobs(echo_lp, lp) if lp is not None else echo_lp
-            elif not text and reason is None and not (lp and c.token_ids):
+            elif not text and reason is None and not calls and not (lp and c.token_ids):
                 continue  # nothing to show yet (text held back for a stop string or a partial char)
-            stop = None if req.echo_only else c.stop_reason
-            choice = b.choice(i, text if (text or not chat) else None, lp, reason, stop, delta=True)
+            choice = b.choice(i, text if (text or not chat) else None, lp, reason, stop, delta=True,
+                              tool_calls=calls or None)
             if req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = vllm
             choices.append(choice)

@@ -9,8 +9,11 @@ include_stop_str_in_output, echo (completions; with logprobs the logprobs cover 
 max_tokens 0 returns the prompt alone), prompt_logprobs (completions, vLLM's extension),
 add_generation_prompt (chat).
 logit_bias (token-id strings -> [-100, 100], at most ``MAX_LOGIT_BIAS`` tokens).
-Refused with 400 (not silently ignored): suffix, best_of != n, tools / functions, response_format
-other than text, non-text message content. Other unknown fields are ignored, as OpenAI does.
+Structured output: response_format (text / json_object / json_schema), vLLM's structured_outputs and
+guided_json / guided_regex / guided_choice / guided_grammar (:mod:`serve.structured_request`). Chat:
+tools / tool_choice (:mod:`serve.tool_calls`).
+Refused with 400 (not silently ignored): suffix, best_of != n, functions, structural_tag, non-text
+message content. Other unknown fields are ignored, as OpenAI does.
 Counts are bounded by the server's ``RequestLimits`` (n, prompts, n x prompts, stop strings).
 """
 
@@ -25,6 +28,8 @@ from jaxinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 from serve.errors import BadRequest, bad_param
 from serve.limits import RequestLimits
 from serve.prompts import is_token_ids, normalize_messages
+from serve.structured_request import structured_outputs_from_body
+from serve.tool_calls import ToolRequest, parse_tools
 
 MAX_SEED = 2**63 - 1
 DEFAULT_LIMITS = RequestLimits()
@@ -125,6 +130,8 @@ class GenerationRequest:
     add_generation_prompt: bool = True
     logprobs: int | None = None  # top alternatives per token; None = no logprobs
     extra: dict = field(default_factory=dict)
+    tools: ToolRequest | None = None  # chat tools (None: none, or tool_choice "none")
+    structured_param: str | None = None  # the request field the output constraint came from
     prompt_logprobs: int | None = None  # vLLM's field: choices[].prompt_logprobs with this many alternatives
 
     @property
@@ -162,7 +169,7 @@ class GenerationRequest:
             return SamplingParams(max_tokens=max_tokens, prompt_logprobs=self.engine_prompt_logprobs,
                                   **self.sampling)
         except InvalidRequestError as e:
-            param = {"max_tokens": self.max_tokens_param,
+            param = {"max_tokens": self.max_tokens_param, "structured_outputs": self.structured_param,
                      "logprobs": "top_logprobs" if self.kind == "chat" else "logprobs"}.get(e.param, e.param)
             raise bad_param(str(e), param) from None
 
@@ -265,6 +272,7 @@ def parse_completion_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS)
         raise bad_param(f"at most {limits.max_prompts} prompts per request on this server", "prompt")
     kw = _common(body, "completion", limits)
     limits.check_sequences(kw["n"], len(prompts))
+    kw["structured_outputs"], structured_param = structured_outputs_from_body(body)
     logprobs = get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
     kw["logprobs"] = logprobs
     echo = get_bool(body, "echo", False)
@@ -272,7 +280,7 @@ def parse_completion_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS)
     stream, include_usage = _stream_fields(body)
     max_tokens = _max_tokens(body, "max_tokens", 0 if echo else 1, "" if echo else " (0 only with 'echo')")
     return GenerationRequest("completion", model, prompts, kw, max_tokens, "max_tokens", 16, stream, include_usage,
-                             echo, True, logprobs, prompt_logprobs=prompt_logprobs)
+                             echo, True, logprobs, structured_param=structured_param, prompt_logprobs=prompt_logprobs)
 
 
 def parse_chat_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> GenerationRequest:
@@ -281,14 +289,12 @@ def parse_chat_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> Ge
     if "messages" not in body:
         raise bad_param("'messages' is required", "messages", "missing_required_parameter")
     messages = normalize_messages(body.get("messages"))
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise bad_param(f"'{name}' is not supported", name, "unsupported")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_param("only response_format {'type': 'text'} is supported", "response_format", "unsupported")
+    tools = parse_tools(body)
     kw = _common(body, "chat", limits)
     limits.check_sequences(kw["n"], 1)
+    kw["structured_outputs"], structured_param = structured_outputs_from_body(body)
+    if tools is not None and tools.constrains and structured_param is not None:
+        raise bad_param(f"'{structured_param}' cannot be combined with tool_choice '{tools.choice}'", structured_param)
     want = get_bool(body, "logprobs", False)
     top = get_int(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
     if top is not None and not want:
@@ -300,4 +306,5 @@ def parse_chat_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> Ge
     stream, include_usage = _stream_fields(body)
     return GenerationRequest("chat", model, [messages], kw, mct if mct is not None else mt,
                              "max_completion_tokens" if mct is not None else "max_tokens", None, stream,
-                             include_usage, False, get_bool(body, "add_generation_prompt", True), logprobs)
+                             include_usage, False, get_bool(body, "add_generation_prompt", True), logprobs,
+                             tools=tools, structured_param=structured_param)

@@ -142,8 +142,9 @@ class ResponseBuilder:
         return self._envelope(obj, choices, usage, include_usage)
 
     def choice(self, index: int, text: str | None, logprobs, finish_reason, stop_reason=None, *,
-               delta: bool = False, role: str | None = None) -> dict:
-        """One choice: chat ``message`` / ``delta`` or completion ``text``."""
+               delta: bool = False, role: str | None = None, tool_calls: list[dict] | None = None) -> dict:
+        """One choice: chat ``message`` / ``delta`` or completion ``text``; chat ``tool_calls`` (OpenAI shape;
+        in a delta each call also carries its ``index``)."""
         if self.kind == "chat":
             if delta:
                 d = {}
@@ -151,9 +152,13 @@ class ResponseBuilder:
                     d["role"] = role
                 if text is not None:
                     d["content"] = text
+                if tool_calls:
+                    d["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
                 out = {"index": index, "delta": d}
             else:
                 out = {"index": index, "message": {"role": "assistant", "content": text}}
+                if tool_calls:
+                    out["message"]["tool_calls"] = tool_calls
         else:
             out = {"index": index, "text": text or ""}
         out["logprobs"] = logprobs

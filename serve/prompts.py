@@ -3,6 +3,8 @@ resolve ``max_tokens``."""
 
 from __future__ import annotations
 
+import json
+
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.tokenizer import encode_chat, encode_prompt
 from serve.errors import APIError, BadRequest, bad_param, from_exception
@@ -36,10 +38,13 @@ async def tokenize_text(engine, text: str, param: str = "prompt") -> list[int]:
 
 
 def normalize_messages(messages) -> list[dict]:
-    """Chat messages as ``[{"role", "content": str}]``; content parts of type text are joined.
+    """Chat messages as ``[{"role", "content": str}]``; content parts of type text are joined. Assistant
+    ``tool_calls`` are kept with their arguments as objects (what HF chat templates render), tool messages
+    keep ``tool_call_id`` and ``name``.
 
     Raises:
-      BadRequest naming ``messages`` for a missing / empty list, an unknown role, or non-text content.
+      BadRequest naming ``messages`` for a missing / empty list, an unknown role, non-text content or a
+      malformed tool call.
     """
     if not isinstance(messages, list) or not messages:
         raise bad_param("'messages' must be a non-empty array", "messages")
@@ -62,14 +67,49 @@ def normalize_messages(messages) -> list[dict]:
             content = "".join(parts)
         elif not isinstance(content, str):
             raise bad_param(f"messages[{i}].content must be a string or an array of text parts", "messages")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if m.get(key) is not None:
+                    if not isinstance(m[key], str):
+                        raise bad_param(f"messages[{i}].{key} must be a string", "messages")
+                    msg[key] = m[key]
+        out.append(msg)
     return out
 
 
-async def tokenize_chat(engine, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation rendered with the model's chat template."""
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant message's OpenAI ``tool_calls`` with ``arguments`` (a JSON string) parsed to an object."""
+    if not isinstance(calls, list):
+        raise bad_param(f"messages[{i}].tool_calls must be an array", "messages")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+            raise bad_param(f"messages[{i}].tool_calls[{j}] must have a function with a name", "messages")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise bad_param(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON",
+                                "messages") from None
+        if not isinstance(args, dict):
+            raise bad_param(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object", "messages")
+        call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
+    return out
+
+
+async def tokenize_chat(engine, messages: list[dict], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template (given ``tools``, if any)."""
     try:
-        return await engine.run_tokenizer(encode_chat, engine.tokenizer, messages, add_generation_prompt)
+        return await engine.run_tokenizer(encode_chat, engine.tokenizer, messages, add_generation_prompt, tools)
     except InvalidRequestError as e:
         raise from_exception(e) from None
     except APIError:

@@ -21,13 +21,16 @@ def resolve_num_speculative_tokens(requested: int | None, params: SamplingParams
       max_tokens: the engine's ``num_speculative_tokens`` (``K``), also the default.
     Returns:
       ``0 <= k <= K``. Requests with penalties get 0 by default: their on-device token counts follow the
-      tokens each step feeds in, which a rollback would have to undo.
+      tokens each step feeds in, which a rollback would have to undo. Structured-output requests get 0 too:
+      their grammar matcher advances on accepted tokens only and masks one position per step.
     Raises:
-      InvalidRequestError: not an integer in ``[0, K]``, speculation off, or asked for with penalties.
+      InvalidRequestError: not an integer in ``[0, K]``, speculation off, or asked for with penalties or
+        structured output.
     """
     name = "num_speculative_tokens"
     if requested is None:
-        return 0 if method is None or uses_penalties(params) else max_tokens
+        off = method is None or uses_penalties(params) or params.structured_outputs is not None
+        return 0 if off else max_tokens
     if not isinstance(requested, int) or isinstance(requested, bool) or requested < 0:
         raise InvalidRequestError(f"{name} must be an integer >= 0, got {requested!r}", name)
     if requested == 0:
@@ -40,4 +43,7 @@ def resolve_num_speculative_tokens(requested: int | None, params: SamplingParams
         raise InvalidRequestError(
             f"{name}={requested}: speculative decoding is not available with repetition / presence / "
             "frequency penalties", name)
+    if params.structured_outputs is not None:
+        raise InvalidRequestError(
+            f"{name}={requested}: speculative decoding is not available with structured outputs", name)
     return requested

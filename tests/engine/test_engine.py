@@ -144,8 +144,8 @@ def test_no_compilation_after_warmup(tiny_model_dir):
     eng.warmup()
     rng = np.random.default_rng(7)
     reqs = []
-    for i in range(20):
-        kind = i % 5
+    for i in range(24):
+        kind = i % 6
         sp = dict(max_tokens=int(rng.integers(1, 25)), seed=i)
         if kind == 0:
             sp.update(temperature=0)
@@ -155,8 +155,10 @@ def test_no_compilation_after_warmup(tiny_model_dir):
             sp.update(temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3)
         elif kind == 3:
             sp.update(temperature=0.7, n=3, logprobs=5, prompt_logprobs=2)
-        else:
+        elif kind == 4:
             sp.update(temperature=0, min_tokens=3, stop=["e"], stop_token_ids=[7])
+        else:  # structured output: a token mask on the device, same compiled step
+            sp.update(temperature=1.0, structured_outputs={"regex": "[a-z]{2,12}"})
         prompt = [1] + rng.integers(3, 300, size=int(rng.integers(1, 120))).tolist()
         reqs.append((f"q{i}", prompt, SamplingParams(**sp)))
     arrivals = sorted(rng.integers(0, 20, size=len(reqs)).tolist())

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.grouped_matmul.api import grouped_matmul
 from pallas_kernels.quantized_matmul.api import quantized_matmul
 from pallas_kernels.quantized_matmul.config import as_config
+from pallas_kernels.quantized_matmul.experts import abstract_expert_qarray
 from pallas_kernels.quantized_matmul.qarray import abstract_qarray
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages, padded_head_dim
@@ -102,6 +104,28 @@ def matmul_lowered(target: str, fmt: str, m: int, shape: str | tuple[int, int], 
     x = _sds(mesh, (m, k), jnp.bfloat16)
     fn = functools.partial(quantized_matmul, impl=tgt.impl, interpret=False, blocks=blocks)
     return jax.jit(fn).lower(x, w)
+
+
+# Grouped (MoE expert) matmuls at Qwen3-30B-A3B's layer shapes (hidden 2048, moe_intermediate 768, 128 experts,
+# top-8): (G, K, N) of the fused gate/up projection and of down_proj. Rows M = tokens x top-k: decode 32 x 8,
+# prefill 512 x 8.
+GMM_SHAPES = {"gate_up": (128, 2048, 1536), "down": (128, 768, 2048)}
+GMM_ROWS = {"decode": 256, "prefill": 4096}
+
+
+def grouped_lowered(target: str, fmt: str | None, rows: str, shape: str):
+    """The lowered grouped matmul ``x[M, K] (bf16)`` times experts ``[G, K, N]`` (``fmt``: None for bf16, or a
+    QArray format) with traced group sizes, for ``target``."""
+    tgt = get_target(target)
+    mesh = one_device_mesh(target)
+    g, k, n = GMM_SHAPES[shape]
+    m = GMM_ROWS[rows]
+    if fmt is None:
+        w = _sds(mesh, (g, k, n), jnp.bfloat16)
+    else:
+        w = jax.tree.map(lambda a: _sds(mesh, a.shape, a.dtype), abstract_expert_qarray(g, k, n, as_config(fmt)))
+    fn = functools.partial(grouped_matmul, impl=tgt.impl, interpret=False)
+    return jax.jit(fn).lower(_sds(mesh, (m, k), jnp.bfloat16), w, _sds(mesh, (g,), jnp.int32))
 
 
 def k_has_tail(target: str, fmt: str, m: int, shape: str) -> bool:

@@ -1,4 +1,4 @@
-"""Every Pallas kernel compiled (interpret off) for TPU v5e / v6e and an H100, on this CPU-only machine.
+"""Every Pallas kernel compiled (interpret off) for TPU v5e / v5p / v6e and an H100, on this CPU-only machine.
 
 Compile-only: the real compilers (XLA TPU + Mosaic from libtpu; XLA GPU + Triton + ptxas from the CUDA
 plugin) run against compile-only devices of :mod:`pallas_kernels.targets`; nothing executes, so this
@@ -28,7 +28,7 @@ from tests.kernels.aot_cases import QMM_FORMATS, AttnCase
 
 pytestmark = pytest.mark.aot
 
-TPU_TARGETS = ("tpu-v5e", "tpu-v6e")
+TPU_TARGETS = ("tpu-v5e", "tpu-v6e", "tpu-v5p")
 ALL_TARGETS = (*TPU_TARGETS, "h100")
 
 
@@ -95,6 +95,20 @@ def test_quantized_matmul_compiles(target, case):
     assert "qmm_" in compiled.as_text()
 
 
+# Grouped (MoE) matmul at Qwen3-30B-A3B expert shapes: bf16, int8 and int4 experts; decode rows on the fused
+# gate/up projection and prefill rows on down_proj.
+GMM_CASES = [(fmt, rows, shape) for fmt in (None, "int8", "int4") for rows, shape in (("decode", "gate_up"),
+                                                                                   ("prefill", "down"))]
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+@pytest.mark.parametrize("case", GMM_CASES, ids=lambda c: "-".join(map(str, (c[0] or "bf16", *c[1:]))))
+def test_grouped_matmul_compiles(target, case):
+    _require(target)
+    compiled = aot_cases.grouped_lowered(target, *case).compile()
+    assert "gmm_" in compiled.as_text()
+
+
 @pytest.mark.parametrize("target", ALL_TARGETS)
 def test_cases_cover_k_tails(target):
     """The matmul cases include K with and without a masked tail on every target."""
@@ -126,26 +140,45 @@ def _ptxas() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "bin" / "ptxas")
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int4-g32", "int4-g64", "int4-asym", "fp8-w8a8", "int8-g32"])
-def test_gpu_matmul_batch64_no_spills_and_wgmma(fmt):
-    """At batch 64 on the H100 the default tiling neither spills registers nor falls back to mma.sync.
+def _ptxas_report(lowered, marker: str) -> tuple[str, str]:
+    """``(ptxas -v report, PTX)`` of the kernel named ``marker`` in an H100 compile of ``lowered``.
 
     Reads the PTX from an XLA dump of the compile and runs ptxas on it (as XLA does) with ``-v``.
     """
-    _require("h100")
     with tempfile.TemporaryDirectory() as dump:
-        aot_cases.matmul_lowered("h100", fmt, 64, "k4096").compile(compiler_options={"xla_dump_to": dump})
-        ptx = [p for p in glob.glob(f"{dump}/**/*.ptx", recursive=True) if "qmm_" in Path(p).read_text()]
+        lowered.compile(compiler_options={"xla_dump_to": dump})
+        ptx = [p for p in glob.glob(f"{dump}/**/*.ptx", recursive=True) if marker in Path(p).read_text()]
         assert len(ptx) == 1, ptx
         text = Path(ptx[0]).read_text()
         res = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", "--warn-on-spills", ptx[0], "-o", os.devnull],
                              capture_output=True, text=True, check=True)
-    report = res.stderr
+    return res.stderr, text
+
+
+def _assert_no_spills(report: str) -> None:
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     assert regs and max(regs) < 255, report
     assert "spill" in report and not re.search(r"[1-9]\d* bytes spill (stores|loads)", report), report
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-g32", "int4-g64", "int4-asym", "fp8-w8a8", "int8-g32"])
+def test_gpu_matmul_batch64_no_spills_and_wgmma(fmt):
+    """At batch 64 on the H100 the default tiling neither spills registers nor falls back to mma.sync."""
+    _require("h100")
+    report, text = _ptxas_report(aot_cases.matmul_lowered("h100", fmt, 64, "k4096"), "qmm_")
+    _assert_no_spills(report)
     assert re.search(r"\bwgmma\.mma_async", text), "no wgmma in the PTX"
     assert not re.search(r"\bmma\.sync", text), "mma.sync in the PTX"
+
+
+@pytest.mark.parametrize("case", GMM_CASES, ids=lambda c: "-".join(map(str, (c[0] or "bf16", *c[1:]))))
+def test_gpu_grouped_matmul_no_spills(case):
+    """The grouped matmul's default H100 tiles do not spill; prefill tiles (64 rows) use wgmma."""
+    _require("h100")
+    report, text = _ptxas_report(aot_cases.grouped_lowered("h100", *case), "gmm_")
+    _assert_no_spills(report)
+    if case[1] == "prefill":
+        assert re.search(r"\bwgmma\.mma_async", text) and not re.search(r"\bmma\.sync", text)
 
 
 def test_targets_table():
