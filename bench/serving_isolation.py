@@ -27,7 +27,8 @@ import time
 import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STOPS = ["z" * 3970 + "!"] + [f"{chr(0x400 + i)}q" for i in range(63)]  # 64 strings, 4096 UTF-8 bytes
+STOPS = [f"{chr(0x400 + i)}q" for i in range(63)]  # 63 strings of 3 UTF-8 bytes ...
+STOPS = ["z" * (4095 - 3 * len(STOPS)) + "!", *STOPS]  # ... and one long one: 64 strings, 4096 UTF-8 bytes
 _SERVER = """
 import sys, time
 from serve.server import ServerOptions, ServerThread
