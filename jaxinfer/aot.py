@@ -33,6 +33,7 @@ from jaxinfer.sharding import MESH_AXES, ShardingPlan, plan_sharding
 from jaxinfer.step_inputs import StepBuckets
 from jaxinfer.target import Kernels
 from pallas_kernels.quantized_matmul.config import PRESETS, as_config
+from pallas_kernels.quantized_matmul.experts import abstract_expert_qarray
 from pallas_kernels.quantized_matmul.qarray import abstract_qarray
 from pallas_kernels.targets import Target, get_target, target_devices
 
@@ -79,7 +80,12 @@ def abstract_params(model: CausalLM, quantization: str | None = None):
     out = {}
     for path, spec in specs.items():
         axes = tuple(names[path])
-        if cfg is not None and path[-1] == "kernel" and path[0].startswith("layers_"):
+        expert = len(path) >= 2 and path[-2] == "experts"  # stacked MoE experts [E, K, N]
+        router = path[-2:] in (("gate", "kernel"), ("shared_expert_gate", "kernel"))  # MoE routing stays float
+        if cfg is not None and expert:
+            qa = abstract_expert_qarray(*spec.shape, cfg, model.dtype)
+            out[path] = jax.tree.map(place, qa, qa.logical_axes(axes), is_leaf=lambda x: isinstance(x, tuple))
+        elif cfg is not None and path[-1] == "kernel" and path[0].startswith("layers_") and not router:
             qa = abstract_qarray(spec.shape[0], spec.shape[1], cfg, model.dtype)
             out[path] = jax.tree.map(place, qa, qa.logical_axes(axes), is_leaf=lambda x: isinstance(x, tuple))
         else:
@@ -170,12 +176,29 @@ class CompileReport:
         return d
 
 
+def expert_bytes_per_device(params) -> int:
+    """Bytes of the MoE experts' stacked weights (leaves under an ``experts`` node) held by one device."""
+    flat = flatten_dict(params, is_leaf=lambda _, x: not isinstance(x, dict))
+    return bytes_per_device([v for p, v in flat.items() if "experts" in p])
+
+
+def active_expert_fraction(config: ModelConfig, batch: int) -> float:
+    """Expected share of a MoE layer's experts that ``batch`` tokens read in one decode step, with routing
+    uniform and independent: ``1 - (1 - k / E) ** batch`` (``k / E`` at batch 1); 1 for a dense model."""
+    if not config.num_experts:
+        return 1.0
+    return 1.0 - (1.0 - config.num_experts_per_tok / config.num_experts) ** batch
+
+
 def _decode_roofline(target: Target, model: CausalLM, weight_bytes: int, kv_bytes_per_token: int, kv_shards: int,
-                     tp: int, batch: int, context: int) -> Roofline:
+                     tp: int, batch: int, context: int, expert_bytes: int = 0) -> Roofline:
+    """Weights moved per step: everything but the routed experts, plus the experts' bytes times
+    :func:`active_expert_fraction` (only the experts the batch's tokens are routed to are read; with expert
+    parallelism assumed spread evenly over the devices). Flops: 2 x the parameters one token reads."""
     c = model.config
-    n_params = c.num_params()
+    n_params = c.num_params(active=True)
     kv_read = batch * context * kv_bytes_per_token // kv_shards
-    moved = weight_bytes + kv_read
+    moved = int(weight_bytes - expert_bytes + expert_bytes * active_expert_fraction(c, batch)) + kv_read
     attn_flops = 4 * batch * context * c.num_layers * c.num_heads * c.head_dim
     flops = (2 * n_params * batch + attn_flops) / tp
     peak = target.peak_bf16_flops
@@ -248,7 +271,7 @@ def compile_for_target(model: str | None, target: str, config: EngineConfig | No
     ctx = min(context, max_model_len)
     for batch in sorted({1, config.max_num_seqs}):
         report.rooflines.append(_decode_roofline(tgt, lm, weight_bytes, spec.bytes_per_token, kv_shards, tp, batch,
-                                                 ctx))
+                                                 ctx, expert_bytes_per_device(params)))
     return report
 
 

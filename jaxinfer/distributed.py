@@ -4,14 +4,15 @@ hosts and several CPU processes.
 JAX multi-host programs are multi-controller: every process runs the same Python program, sees every
 device of the job (``jax.devices()``) but drives only its own (``jax.local_devices()``), and issues the
 same jitted steps with the same inputs. jaxinfer builds its mesh over the global devices; each process
-materialises and transfers only its own devices' weight slices (``jax.make_array_from_callback``:
-memory-mapped safetensors are read only where those slices lie, GGUF tensors are dequantized whole, one
-at a time); every step's sampled tokens are returned replicated, so each process reads them from a local
-device. The engine's
-schedule is a deterministic function of its requests, so offline generation with identical inputs on
-every process (``jaxinfer generate --distributed`` / ``LLM.generate`` after :func:`initialize`) stays in
-lock-step and every process produces the same text. Serving HTTP traffic across hosts would need process
-0 to broadcast each step's requests; that is not implemented.
+reads, materialises and transfers only its own devices' weight slices (``jax.make_array_from_callback``
+over :meth:`jaxinfer.weights.TensorSource.read`: those regions of a safetensors file, those rows and
+quantization blocks of a GGUF tensor; the quantized tensors of ``--quantization gguf`` are still read
+whole); every step's sampled tokens are returned replicated, so each process reads them from a local
+device. The engine's schedule is a deterministic function of its requests, so offline generation with
+identical inputs on every process (``jaxinfer generate --distributed`` / ``LLM.generate`` after
+:func:`initialize`) stays in lock-step and every process produces the same text. Serving (``jaxinfer
+serve --distributed``) keeps the processes in lock-step by broadcasting process 0's engine operations
+through the runtime's key-value store (:mod:`jaxinfer.engine_mirror`, using :func:`kv_client`).
 
 Where the coordinator comes from (first match):
 
@@ -133,3 +134,26 @@ def abort_on_failure(exc: BaseException, status: int = 3) -> None:
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(status)
+
+
+def kv_client():
+    """The distributed runtime's key-value store client (the coordination service in process 0).
+
+    JAX 0.10 exposes no public key-value API; the client of ``jax.distributed.initialize`` is
+    ``jax._src.distributed.global_state.client`` (methods ``key_value_set_bytes``,
+    ``blocking_key_value_get_bytes``, ``key_value_delete``, ``key_value_set(..., allow_overwrite)``).
+
+    Raises:
+      RuntimeError: the runtime was not joined (:func:`initialize`) or this JAX has no such client.
+    """
+    from jax._src import distributed as jax_distributed
+
+    client = getattr(jax_distributed.global_state, "client", None)
+    if client is None:
+        raise RuntimeError("the multi-process runtime is not initialized (jaxinfer.distributed.initialize())")
+    for method in ("key_value_set_bytes", "blocking_key_value_get_bytes", "key_value_delete", "key_value_set",
+                   "key_value_try_get"):
+        if not hasattr(client, method):
+            raise RuntimeError(f"this JAX ({jax.__version__}) has no key-value store method {method} (JAX 0.10 "
+                               "has it); multi-process serving cannot run")
+    return client

@@ -3,6 +3,8 @@ for, then build an :class:`~jaxinfer.engine.Engine` or a data-parallel group of 
 
 from __future__ import annotations
 
+import jax
+
 from jaxinfer.compilation_cache import enable_compilation_cache
 from jaxinfer.config import EngineConfig, resolve_dtype
 from jaxinfer.dp_engine import DataParallelEngine
@@ -21,6 +23,10 @@ def create_engine(model: str | None = None, config: EngineConfig | None = None, 
     """
     enable_compilation_cache(compilation_cache)
     config = config or EngineConfig()
+    if config.data_parallel_size > 1 and jax.process_count() > 1:
+        raise ValueError("data_parallel_size > 1 is not supported across processes (--distributed): each replica "
+                         "would run on some processes only; use tensor parallelism across processes, or one "
+                         "server per host behind a load balancer")
     dtype = resolve_dtype(config.dtype)
     mesh = make_mesh(config.tensor_parallel_size, config.data_parallel_size)
     loaded = load_model(model, dtype=dtype, mesh=mesh, quantization=config.quantization)

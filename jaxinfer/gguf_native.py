@@ -6,8 +6,9 @@ blocks, see :mod:`jaxinfer.gguf_qarray`); llama.cpp's q/k row permutation is und
 QArray's output columns. A token embedding in one of those types becomes a
 :class:`~jaxinfer.models.qembedding.QEmbedding` (GGUF already stores it as ``[E, V]`` blocks along ``E``): lookups
 dequantize only the gathered rows, and a tied LM head multiplies by it directly. Every other tensor
-(norms, F32 / F16 / K-quant weights) is loaded as float exactly as the float loader does. Each leaf is
-placed in the ``NamedSharding`` its logical axes map to.
+(norms, F32 / F16 / K-quant weights) is loaded as float exactly as the float loader does (each process
+reading only its devices' slices). Each leaf is placed in the ``NamedSharding`` its logical axes map to; a
+quantized tensor is read whole by every process and sliced on the host (not shard-local yet).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ LOSSLESS_TYPES = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1)
 
 
 def _q_permutation(path: tuple[str, ...], config) -> np.ndarray | None:
-    """Column permutation undoing llama.cpp's row order for q_proj / k_proj, else ``None``."""
+    """Column permutation undoing llama.cpp's row order for q_proj / k_proj, else ``None`` (also for the
+    architectures whose conversion keeps HF's order: Qwen's)."""
+    if config.architecture not in ("llama", "mistral", "mixtral"):
+        return None
     if path[-2:] == ("q_proj", "kernel"):
         return unpermute_gguf_rows(np.arange(config.q_size), config.num_heads)
     if path[-2:] == ("k_proj", "kernel"):
@@ -70,6 +74,7 @@ def load_gguf_native(ckpt, model, *, desc: str = "Loading GGUF (native)"):
         spec = specs[path]
         emb = path == ("embed_tokens",)
         k, n = (spec.shape[1], spec.shape[0]) if emb else spec.shape
+        ckpt.bytes_read += int(t.n_bytes)  # the whole quantized tensor (slices are taken on the host)
         try:
             qa = qarray_from_gguf(t.data, t.tensor_type, t.shape, dtype=spec.dtype)
         except ValueError as e:

@@ -127,6 +127,8 @@ def register(sub) -> None:
 
     def main(args) -> int:
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        # SIGTERM (e.g. from a job scheduler) unwinds run(), which then stops the processes it started
+        signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
         return run(args.num_processes, command, devices_per_process=args.devices_per_process, port=args.port,
                    grace_s=args.grace)
 

@@ -103,7 +103,7 @@ def load_model(model: str | None = None, *, dtype=jnp.float32, mesh: Mesh | None
             params = load_gguf_native(ckpt, lm, desc=f"Loading {source.name} (native GGUF)")
         else:
             plan = plan_sharding(config, mesh)
-            sources = gguf_sources(config) if source.kind == "gguf" else hf_sources(config)
+            sources = gguf_sources(config) if source.kind == "gguf" else hf_sources(config, ckpt.keys())
             if plan.kv_head_replicas > 1:
                 sources = expand_kv_heads(sources, config.head_dim, plan.kv_head_replicas)
                 config = config.with_overrides(num_kv_heads=config.num_kv_heads * plan.kv_head_replicas)

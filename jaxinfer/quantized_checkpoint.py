@@ -34,6 +34,7 @@ from jaxinfer.model_config import ModelConfig, RopeScaling
 from jaxinfer.models.qembedding import QEmbedding
 from jaxinfer.sharding import ShardingPlan, make_mesh, plan_sharding
 from pallas_kernels.quantized_matmul.config import QuantConfig
+from pallas_kernels.quantized_matmul.experts import abstract_expert_qarray
 from pallas_kernels.quantized_matmul.qarray import QArray, abstract_qarray
 
 MANIFEST = "jaxinfer_quant.json"
@@ -50,6 +51,7 @@ def config_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
     d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+    d["mlp_only_layers"] = tuple(d.get("mlp_only_layers") or ())
     if d.get("rope_freq_factors") is not None:
         d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
     return ModelConfig(**d)
@@ -161,8 +163,11 @@ def abstract_quantized_params(model, leaves: dict, plan: ShardingPlan, dtype=Non
             continue
         cfg = QuantConfig(**meta["config"])
         emb = meta["kind"] == "qembedding"
-        k, n = (spec.shape[1], spec.shape[0]) if emb else spec.shape
-        ab = abstract_qarray(k, n, cfg, dtype)
+        if len(spec.shape) == 3:  # stacked MoE experts [E, K, N]
+            ab = abstract_expert_qarray(*spec.shape, cfg, dtype)
+        else:
+            k, n = (spec.shape[1], spec.shape[0]) if emb else spec.shape
+            ab = abstract_qarray(k, n, cfg, dtype)
         ax = ab.logical_axes((axes[1], axes[0]) if emb else axes)
         fields = {}
         for f in _FIELDS:

@@ -11,7 +11,11 @@ columns, so a split over "model" hands whole heads to each shard.
   still split);
 * fewer KV heads than the model axis (GQA): each KV head is repeated ``tp / num_kv_heads`` times at load
   time, so every shard holds exactly the KV heads its query heads read (the KV cache too);
-* an MLP width or vocabulary not divisible by the model axis: that dimension stays replicated.
+* an MLP width or vocabulary not divisible by the model axis: that dimension stays replicated;
+* mixture-of-experts weights ``[E, ...]`` ("expert", "moe_mlp"): expert parallelism by default, whole
+  experts split over "model" (``E / tp`` per device, attention still tensor-parallel over the same axis);
+  with ``expert_parallel=False`` or ``E`` not divisible by the model axis, every device holds every expert
+  and the experts' intermediate columns are split instead (see :mod:`jaxinfer.models.moe`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "model"),
     ("head_dim", None),
     ("mlp", "model"),
+    ("expert", "model"),
+    ("moe_mlp", None),
 )
 
 
@@ -87,8 +93,9 @@ class ShardingPlan:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
-def plan_sharding(config, mesh: Mesh | None = None) -> ShardingPlan:
-    """The :class:`ShardingPlan` of ``config`` (a ``ModelConfig``) on ``mesh`` (default: one device)."""
+def plan_sharding(config, mesh: Mesh | None = None, *, expert_parallel: bool = True) -> ShardingPlan:
+    """The :class:`ShardingPlan` of ``config`` (a ``ModelConfig``) on ``mesh`` (default: one device);
+    ``expert_parallel``: split a MoE model's experts over "model" (else their intermediate columns)."""
     mesh = mesh or make_mesh()
     tp = int(mesh.shape["model"])
     rules = dict(LOGICAL_AXIS_RULES)
@@ -101,8 +108,14 @@ def plan_sharding(config, mesh: Mesh | None = None) -> ShardingPlan:
                 rules["heads"] = rules["kv_heads"] = None
             else:
                 replicas = tp // config.num_kv_heads
-        if config.intermediate_size % tp:
+        if config.intermediate_size % tp or getattr(config, "shared_expert_intermediate_size", 0) % tp:
             rules["mlp"] = None
+        experts = getattr(config, "num_experts", 0)
+        if experts and expert_parallel and experts % tp == 0:
+            rules["moe_mlp"] = None
+        else:
+            rules["expert"] = None
+            rules["moe_mlp"] = "model" if experts and config.moe_intermediate_size % tp == 0 else None
         if config.vocab_size % tp:
             rules["vocab"] = None
     return ShardingPlan(mesh, tuple(rules.items()), replicas)

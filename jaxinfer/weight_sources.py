@@ -57,6 +57,10 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
+    def nbytes(self, name: str) -> int:
+        begin, end = self._entries[name]["data_offsets"]
+        return end - begin
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory-mapped array in its stored dtype."""
         e = self._entries[name]
@@ -79,6 +83,7 @@ class SafetensorsCheckpoint:
             f = SafetensorsFile(path)
             for k in f.keys():
                 self._where[k] = f
+        self.bytes_read = 0  # bytes of tensor data read through read(), since opening
 
     def keys(self) -> set[str]:
         return set(self._where)
@@ -86,8 +91,18 @@ class SafetensorsCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
 
+    def nbytes(self, name: str) -> int:
+        return self._where[name].nbytes(name)
+
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """A copy of ``tensor[index]`` (one slice per stored axis); only that region is read from the file
+        (page-granular through the memory map)."""
+        region = np.array(self.get(name)[index])
+        self.bytes_read += region.nbytes
+        return region
 
 
 GGUF_MAGIC = b"GGUF"
@@ -117,6 +132,7 @@ class GGUFCheckpoint:
         except Exception as e:  # the reader raises assorted errors on damaged files
             raise WeightLoadError(f"{self.path}: corrupted or truncated GGUF file ({e})") from e
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self.bytes_read = 0  # bytes of tensor data read through read(), since opening
         size = self.path.stat().st_size
         for t in self.reader.tensors:
             if t.data_offset + t.n_bytes > size:
@@ -142,8 +158,20 @@ class GGUFCheckpoint:
     def tensor_type(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Numpy order: ``[rows, cols]`` = HF ``[out, in]``."""
+        return tuple(int(d) for d in reversed(self.tensors[name].shape))
+
+    def nbytes(self, name: str) -> int:
+        return int(self.tensors[name].n_bytes)
+
     def get(self, name: str) -> np.ndarray:
         """Dequantized float32 tensor in numpy order (``[rows, cols]`` = HF ``[out, in]``)."""
+        return self.read(name, tuple(slice(None) for _ in self.shape(name)))
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Dequantized float32 ``tensor[index]`` (numpy order, one unit-step slice per axis). Only the rows of
+        ``index`` are read; of a quantized tensor's columns, the blocks that hold them."""
         import gguf
 
         t = self.tensors[name]
@@ -153,6 +181,17 @@ class GGUFCheckpoint:
                 f"{self.path}: tensor {name} has GGUF type {ttype}; "
                 f"supported: {', '.join(self.SUPPORTED_TYPES)}"
             )
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        shape = tuple(int(d) for d in reversed(t.shape))
-        return np.asarray(arr, dtype=np.float32).reshape(shape)
+        shape = self.shape(name)
+        *lead, (c0, c1, _) = [s.indices(n) for s, n in zip(index, shape)]
+        rows = tuple(slice(a, b) for a, b, _ in lead)
+        data = t.data.reshape(*shape[:-1], -1)  # last axis: elements (float types) or bytes (quantized)
+        per_elem = data.shape[-1] / shape[-1]
+        if per_elem == 1:
+            raw, offset = data[(*rows, slice(c0, c1))], 0
+        else:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            b0, b1 = c0 // block, -(-c1 // block)
+            raw, offset = data[(*rows, slice(b0 * block_bytes, b1 * block_bytes))], c0 - b0 * block
+        self.bytes_read += raw.nbytes
+        arr = np.asarray(gguf.quants.dequantize(np.ascontiguousarray(raw), t.tensor_type), dtype=np.float32)
+        return arr[..., offset : offset + c1 - c0]

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from jaxinfer.errors import QuantizationError
 from jaxinfer.models.qembedding import QEmbedding
 from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
+from pallas_kernels.quantized_matmul.experts import quantize_experts
 from pallas_kernels.quantized_matmul.qarray import QArray
 from quantize.awq import awq_search
 from quantize.calibration import ActStats, HessianState
@@ -48,6 +49,7 @@ from quantize.folding import fold_into_linear_output, fold_into_norm, scale_rows
 from quantize.gptq import gptq_quantize
 from quantize.layer_runner import INPUT_OF, LINEARS, LayerRunner
 from quantize.model_formats import METHODS, leaf_config, method_config, param_bytes
+from quantize.moe_quant import get_weight, layer_linears, set_weight
 from quantize.rtn import rtn_quantize
 from quantize.smoothquant import smoothquant
 
@@ -156,6 +158,10 @@ def quantize_model(
     if method in CALIBRATED and calib_tokens is None:
         raise QuantizationError(f"method {method!r} needs calibration tokens")
     c = model.config
+    if method in CALIBRATED and c.num_experts:
+        raise QuantizationError(
+            f"method {method!r} is not implemented for mixture-of-experts models ({c.architecture}); "
+            "use rtn or fp8 (round to nearest, each expert's weights quantized on their own)")
     start = time.perf_counter()
     new = _copy_tree(params)
     folded = _copy_tree(params) if return_folded else None
@@ -173,12 +179,12 @@ def quantize_model(
         info["layers"] = layer_info
     else:
         for i in tqdm(range(c.num_layers), desc=f"{method} layers", disable=not progress, leave=False):
-            lp, pre = new[f"layers_{i}"], {}
-            for name in LINEARS:
+            lp = new[f"layers_{i}"]
+            for name in layer_linears(c, i):
                 lcfg = plan[f"layers_{i}/{name}"]
                 if lcfg is not None:
-                    w = _get(lp, name)["kernel"]
-                    _put(lp, name, rtn_quantize(w, lcfg), w, pre)
+                    w = get_weight(lp, name)
+                    set_weight(lp, name, quantize_experts(w, lcfg) if w.ndim == 3 else rtn_quantize(w, lcfg))
     _quantize_head(c, new, cfg, quantize_head, quantize_embedding)
     info["head"] = dict(lm_head_quantized=quantize_head, embedding_quantized=quantize_embedding or
                         (quantize_head and c.tie_word_embeddings))
@@ -190,9 +196,11 @@ def quantize_model(
 def _plan(c, cfg: QuantConfig, keep, keep_first_last) -> dict[str, QuantConfig | None]:
     """Linear path -> its format (group size adapted to K), or ``None`` when kept float."""
     plan = {}
-    k_of = {"self_attn/o_proj": c.q_size, "mlp/down_proj": c.intermediate_size}
+    k_of = {"self_attn/o_proj": c.q_size, "mlp/down_proj": c.intermediate_size,
+            "mlp/experts/down_proj": c.moe_intermediate_size,
+            "mlp/shared_expert/down_proj": c.shared_expert_intermediate_size}
     for i in range(c.num_layers):
-        for name in LINEARS:
+        for name in layer_linears(c, i):
             path = f"layers_{i}/{name}"
             kept = any(fnmatch.fnmatchcase(path, pat) for pat in keep)
             kept |= keep_first_last and i in (0, c.num_layers - 1)

@@ -31,6 +31,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one; default 8000)")
     p.add_argument("--grpc-port", type=int, default=None, help="also serve gRPC on this port (0 picks a free one)")
     p.add_argument("--no-http", action="store_true", help="serve gRPC only (needs --grpc-port)")
+    p.add_argument("--distributed", action="store_true",
+                   help="one engine over every process of a multi-host JAX runtime (run on every process, e.g. "
+                        "through 'jaxinfer launch'): process 0 serves HTTP / gRPC, the others follow its engine")
     e = p.add_argument_group("engine")
     add_engine_args(e)
     e.add_argument("--no-warmup", action="store_true", help="do not compile every step shape at start-up")
@@ -105,8 +108,13 @@ def engine_max_num_seqs(engine, requested: int | None) -> int:
 
 def run(args, engine=None, on_ready=None) -> int:
     """Run the servers until SIGINT / SIGTERM. ``engine``: use this one instead of loading ``--model``;
-    ``on_ready(addresses)``: called once listening."""
+    ``on_ready(addresses)``: called once listening. With ``--distributed`` process 0 serves and the
+    other processes follow its engine (:mod:`jaxinfer.engine_mirror`)."""
     from serve.async_engine import AsyncEngine
+
+    group = None
+    if getattr(args, "distributed", False):
+        group = _join_group()  # first: nothing may start the XLA backend before it
     from serve.server import ServerOptions, run_server
 
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -136,6 +144,10 @@ def run(args, engine=None, on_ready=None) -> int:
             engine = build_engine(args)
         except ValueError as e:  # EngineConfig rejects the combination of options
             raise SystemExit(f"jaxinfer serve: {e}") from None
+    if group is not None:
+        engine = _mirror(engine, group)
+        if engine is None:  # a follower: its engine ran process 0's steps until it stopped
+            return 0
     async_engine = AsyncEngine(engine, max_num_seqs=engine_max_num_seqs(engine, args.max_num_seqs),
                                max_waiting_requests=args.max_waiting_requests,
                                served_model_name=args.served_model_name, limits=limits)
@@ -160,7 +172,38 @@ def run(args, engine=None, on_ready=None) -> int:
                 loop.remove_signal_handler(sig)
 
     asyncio.run(main())
+    if group is not None:
+        engine.close()  # the followers stop and exit
     return 0
+
+
+def _join_group():
+    """``--distributed``: join the runtime; returns the channel of the serving group."""
+    import jax
+
+    from jaxinfer.distributed import initialize, kv_client
+    from jaxinfer.engine_mirror import OpChannel
+
+    initialize()
+    return OpChannel(kv_client(), jax.process_index(), jax.process_count())
+
+
+def _mirror(engine, channel):
+    """Process 0: the engine that broadcasts its operations; other processes: follow, then None."""
+    from jaxinfer.engine_mirror import LeaderEngine, follow
+
+    if channel.process_id == 0:
+        logger.info("process 0 of %d: serving; the others follow this engine", channel.num_processes)
+        return LeaderEngine(engine, channel, seed=getattr(engine.config, "seed", 0))
+    sys.stderr.write(f"[jaxinfer] process {channel.process_id} of {channel.num_processes}: following process "
+                     "0's engine\n")
+    sys.stderr.flush()
+    steps = follow(engine, channel)
+    st = engine.stats()
+    sys.stderr.write(f"[jaxinfer] process {channel.process_id}: process 0 stopped the serving group after {steps} "
+                     f"steps ({st.generation_tokens_total} tokens generated, {st.spec_draft_tokens} draft tokens "
+                     f"proposed)\n")
+    return None
 
 
 def _announce(addresses) -> None:

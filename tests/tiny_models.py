@@ -37,6 +37,23 @@ ARCHS = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32, "use_sliding_window": False}),
 }
 
+# Mixture-of-experts models (tests/models/test_moe.py): few, narrow experts; every routing feature once:
+# Qwen3-MoE with normalised top-3 of 8 and a dense layer (mlp_only_layers), Mixtral top-2 of 4 with a
+# sliding window, Qwen2-MoE with un-normalised top-2 of 8, its gated shared expert, qkv bias and
+# decoder_sparse_step 2 (layer 0 dense).
+MOE_ARCHS = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"head_dim": 32, "num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+                   "norm_topk_prob": True, "mlp_only_layers": [1], "use_sliding_window": False}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64, "sliding_window": 8,
+                 "head_dim": 16}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 64, "norm_topk_prob": False, "decoder_sparse_step": 2,
+                   "use_sliding_window": False}),
+}
+
 
 def train_tokenizer(path: Path):
     """A byte-level BPE tokenizer with ``<unk>``, ``<s>``, ``</s>`` at ids 0, 1, 2 and a chat template."""
@@ -68,7 +85,7 @@ def make_tiny_model(arch: str, path: Path, seed: int = 0, *, perturb: float = 0.
     """
     import transformers
 
-    cfg_name, model_name, extra = ARCHS[arch]
+    cfg_name, model_name, extra = {**ARCHS, **MOE_ARCHS}[arch]
     cfg = getattr(transformers, cfg_name)(**{**BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg).to(torch.float32).eval()

@@ -24,6 +24,9 @@ ATTENTION_CLASSES = {
     "mistral": LlamaAttention,
     "qwen2": LlamaAttention,
     "qwen3": Qwen3Attention,
+    "qwen3_moe": Qwen3Attention,
+    "mixtral": LlamaAttention,
+    "qwen2_moe": LlamaAttention,
 }
 
 

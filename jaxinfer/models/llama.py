@@ -1,4 +1,5 @@
-"""Llama-architecture decoder (Llama 2/3/3.1, SmolLM2, Mistral, Qwen2) as Flax linen modules.
+"""Llama-architecture decoder (Llama 2/3/3.1, SmolLM2, Mistral, Qwen2; with :mod:`jaxinfer.models.moe` blocks
+Qwen3-MoE, Mixtral, Qwen2-MoE) as Flax linen modules.
 
 Architecture differences are ``ModelConfig`` fields (qkv bias, sliding window, RoPE scaling, tied
 embeddings). Every parameter carries logical axis names; linear kernels are ``[in, out]`` and the
@@ -18,6 +19,7 @@ from jax.sharding import Mesh
 from jaxinfer.attention import AttentionMetadata, attention
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.models.layers import Linear, RMSNorm, embed, matmul_options, rope, swiglu, unembed, weight_param
+from jaxinfer.models.moe import SparseMoeBlock
 from jaxinfer.sharding import ShardingPlan
 from jaxinfer.target import Kernels
 
@@ -59,13 +61,15 @@ class LlamaMLP(nn.Module):
     dtype: jnp.dtype = jnp.float32
     kernels: Kernels | None = None
     plan: ShardingPlan | None = None
+    intermediate_size: int | None = None  # None: config.intermediate_size (set for Qwen2-MoE's shared expert)
 
     @nn.compact
     def __call__(self, x):
         c = self.config
+        width = self.intermediate_size or c.intermediate_size
         kw = dict(use_bias=c.mlp_bias, param_dtype=self.dtype, kernels=self.kernels, plan=self.plan)
-        gate = Linear(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
-        up = Linear(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        gate = Linear(width, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = Linear(width, ("embed", "mlp"), name="up_proj", **kw)(x)
         return Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(swiglu(gate, up))
 
 
@@ -76,6 +80,7 @@ class DecoderLayer(nn.Module):
     mesh: Mesh | None = None
     kernels: Kernels | None = None
     plan: ShardingPlan | None = None
+    moe: bool = False  # the MLP is a sparse mixture-of-experts block (jaxinfer.models.moe)
 
     @nn.compact
     def __call__(self, x, positions, cache, md, inv_freq):
@@ -85,7 +90,8 @@ class DecoderLayer(nn.Module):
         a, cache = attn(h, positions, cache, md, inv_freq)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(c, self.dtype, self.kernels, self.plan, name="mlp")(h), cache
+        mlp_cls = SparseMoeBlock if self.moe else LlamaMLP
+        return x + mlp_cls(c, self.dtype, self.kernels, self.plan, name="mlp")(h), cache
 
 
 class CausalTransformer(nn.Module):
@@ -114,7 +120,7 @@ class CausalTransformer(nn.Module):
         new_caches = []
         for i in range(c.num_layers):
             layer = DecoderLayer(c, self.attention_cls, self.dtype, self.mesh, self.kernels, self.plan,
-                                 name=f"layers_{i}")
+                                 moe=c.is_moe_layer(i), name=f"layers_{i}")
             x, cache = layer(x, positions, caches[i], md, inv_freq)
             new_caches.append(cache)
         hidden = None if hidden_indices is None else jnp.take(x, hidden_indices, axis=0)
