@@ -23,6 +23,36 @@ from pallas_kernels.quantized_matmul.qarray import QArray
 from pallas_kernels.quantized_matmul.reference import compute_precision, quantized_matmul_reference
 
 
+def varying_like(x: jax.Array, *refs) -> jax.Array:
+    """``x`` marked device-varying over every mesh axis any of ``refs`` varies over (under ``shard_map``).
+
+    A loop carry that starts as a constant (unvarying) but is updated with varying values fails
+    ``shard_map``'s varying-axes check; casting the initial value makes the carry's type match the body's.
+    Outside ``shard_map`` (no varying axes) ``x`` is returned as is. ``jax.lax.pcast(..., to="varying")``
+    on current jax, ``jax.lax.pvary`` on releases that have only that.
+    """
+    axes: set = set()
+    for r in refs:
+        axes |= _varying_axes(r)
+    axes -= _varying_axes(x)
+    if not axes:
+        return x
+    axes = tuple(sorted(axes))
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)  # pragma: no cover - older jax
+
+
+def _varying_axes(x) -> set:
+    """Mesh axes ``x`` varies over inside ``shard_map`` (``aval.manual_axis_type.varying`` on jax 0.10,
+    ``aval.vma`` before it); empty outside."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return set(mat.varying)
+    return set(getattr(aval, "vma", ()) or ())
+
+
 def expert(rhs: jax.Array | QArray, g) -> jax.Array | QArray:
     """Weights ``[K, N]`` of expert ``g`` (traced index) from stacked ``[G, K, N]`` weights."""
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, 0, keepdims=False), rhs)
@@ -83,5 +113,6 @@ def grouped_matmul_xla(
         old = jax.lax.dynamic_slice(out, (t0, 0), (bm, n))
         return jax.lax.dynamic_update_slice(out, jnp.where(keep, y, old), (t0, 0))
 
-    out = jax.lax.fori_loop(0, num_compute, body, jnp.zeros((mp, n), jnp.float32))
+    init = varying_like(jnp.zeros((mp, n), jnp.float32), lhs, group_sizes, *jax.tree.leaves(rhs))
+    out = jax.lax.fori_loop(0, num_compute, body, init)
     return out[:m].astype(out_dtype)
