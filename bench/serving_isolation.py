@@ -3,6 +3,7 @@ the worst request of each kind the server allows (issue 25). Bounded: a fixed nu
 per scenario, the attacker stops when the victim is done (and after ``--max-seconds`` at the latest).
 
     python bench/serving_isolation.py                       # FakeEngine server in a subprocess
+    python bench/serving_isolation.py --real-model          # jaxinfer serve on the default model; JSON result
     python bench/serving_isolation.py --url http://127.0.0.1:8000 --grpc 127.0.0.1:50051   # a running server
 
 Victim: sequential non-streamed completions (``max_tokens`` 32, greedy); reported: median / p90 latency.
@@ -26,7 +27,8 @@ import time
 import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STOPS = ["z" * 3970 + "!"] + [f"{chr(0x400 + i)}q" for i in range(63)]  # 64 strings, 4096 UTF-8 bytes
+STOPS = [f"{chr(0x400 + i)}q" for i in range(63)]  # 63 strings of 3 UTF-8 bytes ...
+STOPS = ["z" * (4095 - 3 * len(STOPS)) + "!", *STOPS]  # ... and one long one: 64 strings, 4096 UTF-8 bytes
 _SERVER = """
 import sys, time
 from serve.server import ServerOptions, ServerThread
@@ -119,12 +121,12 @@ ATTACKS = {"n128x2_prompts_64_stops_http": _big_http, "n128_64_stops_grpc": _big
            "slowloris_300_sockets": _slowloris}
 
 
-def run(url: str, grpc_target: str | None, count: int, max_seconds: float) -> dict:
+def run(url: str, grpc_target: str | None, count: int, max_seconds: float, skip=()) -> dict:
     results = {}
     victim(url, 3)  # warm-up
     results["baseline"] = victim(url, count)
     for name, fn in ATTACKS.items():
-        if name.endswith("grpc") and not grpc_target:
+        if (name.endswith("grpc") and not grpc_target) or name in skip:
             continue
         stop = threading.Event()
         t = threading.Thread(target=fn, args=(grpc_target if name.endswith("grpc") else url, stop), daemon=True)
@@ -149,23 +151,69 @@ def main() -> None:
     ap.add_argument("--grpc", default=None, help="its gRPC target")
     ap.add_argument("--count", type=int, default=20, help="victim requests per scenario")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="longest attack per scenario")
+    ap.add_argument("--real-model", action="store_true",
+                    help="serve the default model with jaxinfer serve (the FakeEngine-only failing-step attack is "
+                         "skipped) and write bench/results/serving_isolation-<date>-<machine>.json")
     args = ap.parse_args()
     proc = None
     url, target = args.url, args.grpc
-    if url is None:
+    if args.real_model:
+        proc, url, target = _real_server()
+    elif url is None:
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
         url, target = proc.stdout.readline().split()
     try:
-        res = run(url, target, args.count, args.max_seconds)
+        res = run(url, target, args.count, args.max_seconds, ("failing_step",) if args.real_model else ())
     finally:
-        if proc is not None:
+        if proc is not None and args.real_model:
+            proc.terminate()
+            proc.wait(120)
+        elif proc is not None:
             proc.stdin.close()
             proc.wait(60)
     out = {k: {"median_s": round(statistics.median(v), 4), "p90_s": round(sorted(v)[int(0.9 * (len(v) - 1))], 4)}
            for k, v in res.items()}
     print(json.dumps(out, indent=1))
+    if args.real_model:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from machine import machine_info, result_path
+
+        path = result_path("serving_isolation")
+        info = {"machine": machine_info(), "note": "2-core machine shared with other jobs during the run",
+                "model": "default (smollm2-135m-instruct)", "server": REAL_SERVER_ARGS,
+                "victim_requests_per_scenario": args.count, "max_attack_seconds": args.max_seconds,
+                "latency": out}
+        with open(path, "w") as f:
+            f.write(json.dumps(info, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+REAL_SERVER_ARGS = ["--max-model-len", "1024", "--max-num-seqs", "32", "--max-num-batched-tokens", "256"]
+
+
+def _real_server():
+    """``jaxinfer serve`` on the default model on free ports; returns (process, http url, grpc target)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "jaxinfer.cli", "serve", "--port", "0", "--grpc-port", "0", *REAL_SERVER_ARGS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    url = target = None
+    for line in proc.stderr:
+        if "OpenAI-compatible API on " in line:
+            url = line.split(" on ", 1)[1].strip().removesuffix("/v1")
+        elif "gRPC on " in line:
+            target = line.split(" on ", 1)[1].strip()
+        if url and target:
+            break
+    if not (url and target):
+        raise RuntimeError(f"jaxinfer serve exited with {proc.wait()}")
+    def drain():  # keep reading the server's log so its pipe never fills
+        for _ in proc.stderr:
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc, url, target
 
 
 if __name__ == "__main__":

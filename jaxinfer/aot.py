@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from jaxinfer.config import EngineConfig
 from jaxinfer.device_batch import BatchBuilder
 from jaxinfer.engine import scheduler_config, size_kv_cache, step_buckets
+from jaxinfer.hlo_traffic import op_traffic, traffic_by_source
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.model_registry import DEFAULT_MODEL
 from jaxinfer.models.causal_lm import CausalLM
@@ -35,9 +36,11 @@ from jaxinfer.target import Kernels
 from pallas_kernels.quantized_matmul.config import PRESETS, as_config
 from pallas_kernels.quantized_matmul.experts import abstract_expert_qarray
 from pallas_kernels.quantized_matmul.qarray import abstract_qarray
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, page_bytes_per_token
 from pallas_kernels.targets import Target, get_target, target_devices
 
 AUTO_DTYPE_ON_ACCELERATORS = jnp.bfloat16
+TOP_OPS = 8  # largest XLA ops kept per bucket in the report
 
 
 def parse_target(text: str) -> tuple[Target, int]:
@@ -95,8 +98,10 @@ def abstract_params(model: CausalLM, quantization: str | None = None):
 
 def bytes_per_device(tree) -> int:
     """Bytes of an abstract (or concrete) sharded pytree held by one device."""
-    return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
-               for leaf in jax.tree.leaves(tree))
+    return sum(
+        int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(tree)
+    )
 
 
 @dataclass
@@ -112,6 +117,16 @@ class BucketResult:
     output_bytes: int = 0
     alias_bytes: int = 0
     temp_bytes: int = 0
+    bytes_accessed: int = 0  # the compiler's cost analysis, per device (kernels' operands as it counts them)
+    hlo_bytes: int = 0  # HBM bytes of the compiled program's XLA ops, attention kernels left out (hlo_traffic)
+    minimum_bytes: int = 0  # weights once + embedding rows + KV read of the context + KV write (per device)
+    estimated_bytes: int = 0  # hlo_bytes + the attention kernels' page reads at the context (padding included)
+    top_ops: list = field(default_factory=list)  # [(source op, bytes)] of the largest XLA ops
+
+    @property
+    def traffic_ratio(self) -> float:
+        """``estimated_bytes / minimum_bytes`` (0 when not measured)."""
+        return self.estimated_bytes / self.minimum_bytes if self.minimum_bytes else 0.0
 
     @property
     def peak_bytes(self) -> int:
@@ -170,7 +185,7 @@ class CompileReport:
         d = asdict(self)
         d.update(ok=self.ok, fits=self.fits)
         for b, j in zip(self.buckets, d["buckets"]):
-            j["peak_bytes"] = b.peak_bytes
+            j.update(peak_bytes=b.peak_bytes, traffic_ratio=b.traffic_ratio)
         for r, j in zip(self.rooflines, d["rooflines"]):
             j.update(step_seconds=r.step_seconds, tokens_per_s=r.tokens_per_s)
         return d
@@ -190,8 +205,17 @@ def active_expert_fraction(config: ModelConfig, batch: int) -> float:
     return 1.0 - (1.0 - config.num_experts_per_tok / config.num_experts) ** batch
 
 
-def _decode_roofline(target: Target, model: CausalLM, weight_bytes: int, kv_bytes_per_token: int, kv_shards: int,
-                     tp: int, batch: int, context: int, expert_bytes: int = 0) -> Roofline:
+def _decode_roofline(
+    target: Target,
+    model: CausalLM,
+    weight_bytes: int,
+    kv_bytes_per_token: int,
+    kv_shards: int,
+    tp: int,
+    batch: int,
+    context: int,
+    expert_bytes: int = 0,
+) -> Roofline:
     """Weights moved per step: everything but the routed experts, plus the experts' bytes times
     :func:`active_expert_fraction` (only the experts the batch's tokens are routed to are read; with expert
     parallelism assumed spread evenly over the devices). Flops: 2 x the parameters one token reads."""
@@ -217,9 +241,16 @@ def _without_persistent_cache():
         jax.config.update("jax_enable_compilation_cache", before)
 
 
-def compile_for_target(model: str | None, target: str, config: EngineConfig | None = None, *,
-                       quantization: str | None = None, buckets: str = "all", context: int = 1024,
-                       progress=None) -> CompileReport:
+def compile_for_target(
+    model: str | None,
+    target: str,
+    config: EngineConfig | None = None,
+    *,
+    quantization: str | None = None,
+    buckets: str = "all",
+    context: int = 1024,
+    progress=None,
+) -> CompileReport:
     """AOT-compile every step bucket the engine would use for ``model`` on ``target`` (e.g. ``"tpu-v5e-8"``).
 
     Args:
@@ -260,18 +291,34 @@ def compile_for_target(model: str | None, target: str, config: EngineConfig | No
     buckets_all = step_buckets(config, scheduler_config(config, max_model_len, spec.num_pages))
     batches = BatchBuilder(buckets_all, config.max_num_seqs, tuple(mc.eos_token_ids))
     runner = ModelRunner(lm, params, spec, config.max_num_seqs + 1, kernels, batches, plan, abstract=True)
-    report = CompileReport(tgt.name, tp, str(model or DEFAULT_MODEL), quantization, config.kv_cache_dtype,
-                           jnp.dtype(dtype).name, tgt.hbm_bytes, weight_bytes, spec.total_bytes // kv_shards,
-                           spec.capacity_tokens)
+    report = CompileReport(
+        tgt.name,
+        tp,
+        str(model or DEFAULT_MODEL),
+        quantization,
+        config.kv_cache_dtype,
+        jnp.dtype(dtype).name,
+        tgt.hbm_bytes,
+        weight_bytes,
+        spec.total_bytes // kv_shards,
+        spec.capacity_tokens,
+    )
+    ctx = min(context, max_model_len)
+    embed_bytes = bytes_per_device(params["embed_tokens"])
     with _without_persistent_cache():
         for t, s in _pick(buckets_all, buckets, config.max_num_seqs):
             report.buckets.append(_compile_one(runner, t, s))
+            _decode_traffic(
+                report.buckets[-1], lm, spec, weight_bytes, embed_bytes, expert_bytes_per_device(params), kv_shards, ctx
+            )
             if progress is not None:
                 progress(report.buckets[-1])
-    ctx = min(context, max_model_len)
     for batch in sorted({1, config.max_num_seqs}):
-        report.rooflines.append(_decode_roofline(tgt, lm, weight_bytes, spec.bytes_per_token, kv_shards, tp, batch,
-                                                 ctx, expert_bytes_per_device(params)))
+        report.rooflines.append(
+            _decode_roofline(
+                tgt, lm, weight_bytes, spec.bytes_per_token, kv_shards, tp, batch, ctx, expert_bytes_per_device(params)
+            )
+        )
     return report
 
 
@@ -285,12 +332,63 @@ def _pick(buckets: StepBuckets, which: str, max_num_seqs: int) -> list[tuple[int
     raise ValueError(f"buckets must be 'all', 'decode' or 'smallest', got {which!r}")
 
 
+def _decode_traffic(
+    b: BucketResult,
+    model: CausalLM,
+    spec,
+    weight_bytes: int,
+    embed_bytes: int,
+    expert_bytes: int,
+    kv_shards: int,
+    context: int,
+) -> None:
+    """Fill ``b``'s minimum and estimated HBM bytes for a decode step of its ``S`` sequences at ``context``.
+
+    Minimum (per device): every weight read once, except an untied embedding table, of which only the ``T``
+    looked-up rows are read (a tied table is read whole as the LM head), and MoE experts scaled by
+    :func:`active_expert_fraction`; plus the KV cache's logical bytes (K and V at the model's head_dim, the
+    int8 / fp8 scales included, no lane padding) read for ``S x context`` tokens and written for ``T``.
+    Estimated: the compiled program's XLA-op bytes (:func:`jaxinfer.hlo_traffic.op_traffic`, attention
+    kernels left out, since their operand is the whole cache and what they read depends on the step's
+    lengths) plus the kernels' page reads for ``S x context`` tokens at the cache's physical bytes per
+    token (lane padding included).
+    """
+    if not b.ok:
+        return
+    c = model.config
+    logical = c.num_layers * page_bytes_per_token(
+        KVLayout.TOKEN_MAJOR, spec.num_kv_heads, spec.head_dim, spec.dtype, spec.quant_dtype
+    )
+    weights = weight_bytes - expert_bytes + int(expert_bytes * active_expert_fraction(c, b.seqs))
+    if not c.tie_word_embeddings:
+        weights += b.tokens * embed_bytes // c.vocab_size - embed_bytes
+    b.minimum_bytes = weights + (b.seqs * context + b.tokens) * logical // kv_shards
+    b.estimated_bytes = b.hlo_bytes + b.seqs * context * spec.bytes_per_token // kv_shards
+
+
 def _compile_one(runner: ModelRunner, t: int, s: int) -> BucketResult:
     start = time.perf_counter()
     try:
         compiled = runner.lower(t, s).compile()
     except Exception as e:  # the compiler's refusal is the answer: report it per bucket
         return BucketResult(t, s, False, time.perf_counter() - start, error=f"{type(e).__name__}: {e}"[:2000])
+    seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
-    return BucketResult(t, s, True, time.perf_counter() - start, None, int(m.argument_size_in_bytes),
-                        int(m.output_size_in_bytes), int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    ops = op_traffic(compiled.as_text())
+    top = list(traffic_by_source([o for o in ops if not o.kernel]).items())[:TOP_OPS]
+    return BucketResult(
+        t,
+        s,
+        True,
+        seconds,
+        None,
+        int(m.argument_size_in_bytes),
+        int(m.output_size_in_bytes),
+        int(m.alias_size_in_bytes),
+        int(m.temp_size_in_bytes),
+        bytes_accessed=int(cost.get("bytes accessed", 0)),
+        hlo_bytes=sum(o.bytes for o in ops if not o.kernel),
+        top_ops=top,
+    )

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from jaxinfer.attention import AttentionMetadata
+from jaxinfer.prompt_logprobs import PromptLogprobInputs, build_inputs, empty_inputs, prompt_spans
 from jaxinfer.sampling import TOKEN_OUTPUT, TOKEN_PAD, TOKEN_PROMPT, SamplingTensors
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import ScheduledSeq
@@ -35,6 +36,8 @@ class StepBatch:
         ``slot_mapping[T]``, ``page_indices[S, P]``).
       logits_indices: ``i32[L]`` token row of each logits row.
       sampling: :class:`SamplingTensors` of ``L`` rows.
+      prompt: :class:`~jaxinfer.prompt_logprobs.PromptLogprobInputs` (``R`` rows, fixed by ``T``): the prompt
+        positions scored this step (``SamplingParams.prompt_logprobs``).
     """
 
     tokens: jax.Array
@@ -44,13 +47,15 @@ class StepBatch:
     md: AttentionMetadata
     logits_indices: jax.Array
     sampling: SamplingTensors
+    prompt: PromptLogprobInputs
 
 
 @dataclass(frozen=True)
 class RowInfo:
     """Per scheduled row: its penalty-state ``slot``, request ``seed``, ``step`` (tokens it generated so
-    far), ``params``, whether its slot is cleared this step (``reset``) and its structured-output token
-    bitmask ``i32[W]`` (``None``: unconstrained, or the row does not sample)."""
+    far), ``params``, whether its slot is cleared this step (``reset``), its structured-output token
+    bitmask ``i32[W]`` (``None``: unconstrained, or the row does not sample) and the first prompt position
+    whose logits it scores for prompt logprobs (``score_from``; ``None``: none)."""
 
     slot: int
     seed: int
@@ -58,6 +63,7 @@ class RowInfo:
     params: SamplingParams
     reset: bool
     mask: np.ndarray | None = None
+    score_from: int | None = None
 
 
 @dataclass
@@ -97,6 +103,11 @@ def token_slots_kinds(x: StepInputs, infos: list[RowInfo], num_known: list[int],
     return token_slot, token_kind
 
 
+def _prompt_inputs(rows: list[ScheduledSeq], infos: list[RowInfo], x: StepInputs) -> PromptLogprobInputs:
+    spans = prompt_spans(rows, [i.score_from for i in infos])
+    return build_inputs(spans, x.cu_q_lens, [r.start for r in rows], int(x.tokens.shape[0]))
+
+
 def _metadata(x: StepInputs) -> AttentionMetadata:
     return AttentionMetadata(x.cu_q_lens, x.kv_lens, x.num_seqs, x.slot_mapping, x.page_indices)
 
@@ -132,7 +143,8 @@ class BatchBuilder:
         token_slot, token_kind = token_slots_kinds(x, infos, [r.num_new_tokens for r in x.rows], self.trash_slot)
         st = self._sampling([i.params for i in infos], [i.seed for i in infos], [i.step for i in infos], s,
                             [i.slot for i in infos], [i.reset for i in infos], [i.mask for i in infos])
-        return StepBatch(x.tokens, x.positions, token_slot, token_kind, _metadata(x), x.logits_indices, st)
+        prompt = _prompt_inputs(x.rows, infos, x)
+        return StepBatch(x.tokens, x.positions, token_slot, token_kind, _metadata(x), x.logits_indices, st, prompt)
 
     def verify(self, rows: list[ScheduledSeq], drafts: list[list[int]], infos: list[RowInfo]) -> VerifyBatch:
         """The verify step: scheduled ``rows`` with ``drafts[i]`` appended to row ``i``
@@ -181,7 +193,8 @@ class BatchBuilder:
             num_drafts[i] = m
         st = self._sampling(params, seeds, steps, n_rows, slots, resets, masks)
         token_slot, token_kind = token_slots_kinds(x, infos, [r.num_new_tokens for r in rows], self.trash_slot)
-        batch = StepBatch(x.tokens, x.positions, token_slot, token_kind, _metadata(x), logits_indices, st)
+        batch = StepBatch(x.tokens, x.positions, token_slot, token_kind, _metadata(x), logits_indices, st,
+                          _prompt_inputs(rows, infos, x))
         return VerifyBatch(batch, VerifyInputs(draft_tokens, has_draft, q_index, row_map, num_drafts), row_map,
                            num_drafts)
 
@@ -195,7 +208,7 @@ class BatchBuilder:
         st = SamplingTensors.build(params, seeds=[i.seed for i in infos], steps=steps, num_rows=s,
                                    eos_token_ids=self.eos_token_ids)
         z = np.zeros_like(x.tokens)
-        return StepBatch(x.tokens, x.positions, z, z, _metadata(x), x.logits_indices, st)
+        return StepBatch(x.tokens, x.positions, z, z, _metadata(x), x.logits_indices, st, empty_inputs(len(z)))
 
     def padding(self, num_tokens: int, num_seqs: int) -> StepBatch:
         """An all-padding batch of bucket ``(T, S)`` (nothing written, nothing attended; penalty rows point
@@ -205,7 +218,7 @@ class BatchBuilder:
                                page_indices=_zeros(num_seqs, self.buckets.pages_per_seq))
         st = SamplingTensors.build([], seeds=[], steps=[], num_rows=num_seqs, trash_slot=self.trash_slot)
         return StepBatch(_zeros(num_tokens), _zeros(num_tokens), np.full(num_tokens, self.trash_slot, np.int32),
-                         _zeros(num_tokens), md, _zeros(num_seqs), st)
+                         _zeros(num_tokens), md, _zeros(num_seqs), st, empty_inputs(num_tokens))
 
     def padding_verify(self, num_tokens: int, num_seqs: int) -> VerifyBatch:
         """An all-padding verify batch of bucket ``(T, S)``."""

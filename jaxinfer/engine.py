@@ -34,6 +34,7 @@ from jaxinfer.kv_cache import plan_kv_cache
 from jaxinfer.loader import LoadedModel
 from jaxinfer.output_processor import OutputProcessor
 from jaxinfer.outputs import RequestOutput, acceptance_length
+from jaxinfer.prompt_logprobs import entries, prompt_spans
 from jaxinfer.runner import ModelRunner, params_bytes
 from jaxinfer.sampling import logprob_entry
 from jaxinfer.sampling_params import SamplingParams
@@ -214,8 +215,10 @@ class Engine:
         base = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         seeds = [(base + 1_000_003 * i) & 0x7FFFFFFF for i in range(params.n)]
         arrival = time.perf_counter() if arrival_time is None else arrival_time
-        seqs = [Sequence(f"{i}:{request_id}", ids, params, use_cached_prefix=not penalties, num_lookahead=k,
-                         group=request_id) for i in range(params.n)]
+        # The sample that scores prompt logprobs computes its whole prompt (cached pages have no logits).
+        scores = params.prompt_logprobs is not None
+        seqs = [Sequence(f"{i}:{request_id}", ids, params, use_cached_prefix=not (penalties or (scores and i == 0)),
+                         num_lookahead=k, group=request_id) for i in range(params.n)]
         matchers = self.grammars.create(params.structured_outputs, params.n) if params.structured_outputs else ()
         added = []
         try:
@@ -300,14 +303,22 @@ class Engine:
         sched, infos, device_out = launched
         rows = sched.scheduled
         spec_res = None
+        spans = prompt_spans(rows, [info.score_from for info in infos])
         if self.spec is not None and self.spec.is_verify(device_out):
             spec_res = self.spec.collect(device_out)
             sampled, logprobs = spec_res.tokens, spec_res.logprobs
+            prompt_out = device_out.output.prompt
         else:
-            res = jax.device_get(device_out)
+            res = jax.device_get(device_out if spans else device_out.replace(prompt=None))
             sampled = [[int(t)] for t in res.tokens[: len(rows)]]
             logprobs = [None if info.params.logprobs is None else [logprob_entry(res, i, info.params.logprobs)]
                         for i, info in enumerate(infos)]
+            prompt_out = res.prompt
+        if spans:
+            prompt_out = jax.device_get(prompt_out)
+            for sp in spans:
+                self.outputs.add_prompt_logprobs(sp.seq.request_id, sp.first,
+                                                 entries(prompt_out, sp, infos[sp.row].params.prompt_logprobs))
         row_of = {r.seq.request_id: i for i, r in enumerate(rows)}
         updates = self._advance_grammars(self.scheduler.update(sched, sampled))
         deltas, finished = self.outputs.process(updates, row_of, logprobs, spec_res)
@@ -343,7 +354,8 @@ class Engine:
                 self._slot[sid] = self._free_slots.pop()
                 self._fresh.add(sid)
             infos.append(RowInfo(self._slot[sid], self.outputs.seed(sid), seq.num_output_tokens,
-                                 seq.sampling_params, sid in self._fresh, masks.get(sid)))
+                                 seq.sampling_params, sid in self._fresh, masks.get(sid),
+                                 self.outputs.score_from(sid)))
             self._fresh.discard(sid)
         return infos
 

@@ -122,6 +122,8 @@ class LLM:
                 cur.finish_reason, cur.stop_reason = c.finish_reason, c.stop_reason
             acc.outputs = [by_index[i] for i in sorted(by_index)]
             acc.finished, acc.metrics = d.finished, d.metrics
+            if d.prompt_logprobs is not None:
+                acc.prompt_logprobs = d.prompt_logprobs
         return [state[r] for r in request_ids]
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None

@@ -32,6 +32,13 @@ class _Request:
         self.seeds = seeds
         self.metrics = RequestMetrics(arrival_time=arrival)
         self.done = [False] * len(seqs)
+        # prompt logprobs: entry j is token j's (None for token 0); sample 0 scores them; sent once complete
+        self.prompt_lps: list | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_lps_sent = False
+
+    @property
+    def prompt_lps_complete(self) -> bool:
+        return self.prompt_lps is not None and len(self.prompt_lps) >= len(self.prompt_ids)
 
     @property
     def finished(self) -> bool:
@@ -74,6 +81,26 @@ class OutputProcessor:
         """The sampling seed of a sequence."""
         req, i = self._owner[seq_id]
         return req.seeds[i]
+
+    def score_from(self, seq_id: str) -> int | None:
+        """The first prompt position whose logits sequence ``seq_id`` must still score for prompt logprobs
+        (the logits at ``p`` score token ``p + 1``), or ``None`` (not asked, another sample scores, done)."""
+        req, i = self._owner[seq_id]
+        if i != 0 or req.prompt_lps is None or req.prompt_lps_complete:
+            return None
+        return len(req.prompt_lps) - 1
+
+    def add_prompt_logprobs(self, seq_id: str, first: int, entries: list[dict[int, float]]) -> None:
+        """Record the entries of prompt tokens ``first + 1 ...`` (scored at positions ``first ...``); positions
+        already recorded (a recomputation after preemption) are skipped."""
+        owner = self._owner.get(seq_id)
+        if owner is None:
+            return
+        lps = owner[0].prompt_lps
+        have = len(lps) - 1  # positions scored so far
+        if first > have:
+            raise RuntimeError(f"prompt logprobs of {seq_id!r}: position {first} scored before {have}")
+        lps.extend(entries[have - first :])
 
     def abort(self, request_id: str) -> list[str] | None:
         """End a request as aborted: returns the ids of its sequences still running (for the caller to
@@ -188,7 +215,10 @@ class OutputProcessor:
         m.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
         if req.finished and m.finish_time is None:
             m.finish_time = time.perf_counter()
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished, m)
+        prompt_lps = None
+        if req.prompt_lps_complete and not req.prompt_lps_sent:
+            prompt_lps, req.prompt_lps_sent = req.prompt_lps, True
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished, m, prompt_lps)
 
     def _forget(self, req: _Request) -> None:
         self._requests.pop(req.request_id, None)

@@ -69,6 +69,9 @@ class RequestOutput:
     """A request's state: its prompt and its ``n`` samples.
 
     In streaming, ``outputs[i].text`` / ``token_ids`` hold only the delta since the previous yield.
+    ``prompt_logprobs`` (when ``SamplingParams.prompt_logprobs`` is set): one entry per prompt token,
+    ``None`` for the first, then ``{token: logprob}`` with the prompt token first and its top alternatives;
+    streamed once, with the first delta after the whole prompt was scored.
     """
 
     request_id: str
@@ -77,3 +80,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    prompt_logprobs: list[dict[int, float] | None] | None = None

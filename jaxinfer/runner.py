@@ -5,6 +5,8 @@ Steps (each a pure function, caches and penalty state donated, so they are updat
 - the target step ``(params, kv_cache, penalty_state, batch) -> (SamplerOutput, kv_cache, penalty_state)``:
   embeds the ragged batch, runs every layer (K/V written into pages, ragged paged attention), computes
   logits only at the batch's logits rows, folds the inputs into the penalty state and samples on device;
+  the prompt rows the batch asks to score (prompt logprobs, :mod:`jaxinfer.prompt_logprobs`) go through the
+  LM head block by block, only when there are any;
 - the verify step (speculative decoding): the same forward pass with rejection sampling of the drafts;
 - the draft step (draft-model speculation): the draft model's forward pass over its own cache, one draft
   token per row, the draft distribution kept in a device buffer for the verify step.
@@ -28,6 +30,7 @@ import numpy as np
 from jaxinfer.device_batch import BatchBuilder, StepBatch, VerifyBatch
 from jaxinfer.kv_cache import KVCacheSpec, abstract_kv_cache, init_kv_cache
 from jaxinfer.models.causal_lm import CausalLM
+from jaxinfer.prompt_logprobs import score
 from jaxinfer.sampling import PenaltyState, SamplerOutput, sample, update_penalty_state
 from jaxinfer.sharding import ShardingPlan, make_mesh
 from jaxinfer.speculative.draft import draft_sample, fit_vocab
@@ -97,14 +100,18 @@ class ModelRunner:
 
     # ---- the target step ---------------------------------------------------------------------------
     def _forward(self, params, kv_cache, batch: StepBatch):
-        return self.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md, batch.logits_indices,
-                                  kernels=self.kernels)
+        """``(logits, kv_cache, PromptLogprobs)`` of one batch."""
+        logits, kv_cache, hidden = self.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md,
+                                                      batch.logits_indices, kernels=self.kernels,
+                                                      hidden_indices=batch.prompt.indices)
+        prompt = score(lambda h: self.model.logits(params, h, self.kernels), hidden, batch.prompt)
+        return logits, kv_cache, prompt
 
     def _step_fn(self, params, kv_cache, penalty_state, batch: StepBatch):
-        logits, kv_cache = self._forward(params, kv_cache, batch)
+        logits, kv_cache, prompt = self._forward(params, kv_cache, batch)
         penalty_state = update_penalty_state(penalty_state, batch.sampling, batch.tokens, batch.token_slot,
                                              batch.token_kind)
-        return sample(logits, batch.sampling, penalty_state), kv_cache, penalty_state
+        return sample(logits, batch.sampling, penalty_state).replace(prompt=prompt), kv_cache, penalty_state
 
     def place_mask(self, batch: StepBatch) -> StepBatch:
         """The batch with its token mask ``i32[L, W]`` on the device, replicated: the host array when some
@@ -137,10 +144,11 @@ class ModelRunner:
 
     # ---- the verify step ---------------------------------------------------------------------------
     def _verify_fn(self, params, kv_cache, penalty_state, batch: StepBatch, vin: VerifyInputs, draft_probs):
-        logits, kv_cache = self._forward(params, kv_cache, batch)
+        logits, kv_cache, prompt = self._forward(params, kv_cache, batch)
         penalty_state = update_penalty_state(penalty_state, batch.sampling, batch.tokens, batch.token_slot,
                                              batch.token_kind)
-        return rejection_sample(logits, batch.sampling, penalty_state, vin, draft_probs), kv_cache, penalty_state
+        out = rejection_sample(logits, batch.sampling, penalty_state, vin, draft_probs).replace(prompt=prompt)
+        return out, kv_cache, penalty_state
 
     def dispatch_verify(self, vb: VerifyBatch) -> VerifyOutput:
         """Launch one verify step (asynchronously; drafts with the draft model's probabilities when there

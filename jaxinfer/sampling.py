@@ -291,12 +291,14 @@ def top_logprobs(raw_logprobs: jax.Array, num_logprobs: jax.Array) -> tuple[jax.
 class SamplerOutput:
     """``tokens i32[S]``, their ``logprobs f32[S]`` under the raw logits, and the top-``MAX_LOGPROBS``
     raw log-probabilities ``top_ids i32[S, K]`` / ``top_logprobs f32[S, K]`` (zeros unless some row
-    asked for them)."""
+    asked for them); ``prompt``: the step's :class:`~jaxinfer.prompt_logprobs.PromptLogprobs` (set by the
+    runner)."""
 
     tokens: jax.Array
     logprobs: jax.Array
     top_ids: jax.Array
     top_logprobs: jax.Array
+    prompt: object = None
 
 
 def logprob_entry(out, row: int, k: int) -> dict[int, float]:

@@ -51,6 +51,9 @@ class SamplingParams:
       min_tokens: EOS / stop token ids are suppressed until this many tokens were generated.
       logprobs: number of top log-probabilities to return per token (0 = only the sampled token's);
         ``None`` returns none.
+      prompt_logprobs: for every prompt token after the first, its log-probability given its prefix plus
+        this many top alternatives (at most ``MAX_LOGPROBS``; 0 = the prompt token's only); ``None``: none.
+        The sample that scores the prompt ignores prefix-cache hits (its whole prompt is computed).
       skip_special_tokens: drop special tokens from the decoded text.
       logit_bias: ``{token_id: bias}`` (or ``(token_id, bias)`` pairs), added to the logits before sampling;
         at most ``MAX_LOGIT_BIAS`` tokens, biases in [-100, 100]. Stored as a sorted tuple of pairs.
@@ -79,6 +82,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
@@ -142,6 +146,10 @@ class SamplingParams:
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            bad("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be a boolean")

@@ -33,7 +33,7 @@ _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENT
            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 
 _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-             "repetition_penalty", "seed", "logprobs")
+             "repetition_penalty", "seed", "logprobs", "prompt_logprobs")
 
 
 def status_code(err: APIError) -> grpc.StatusCode:
@@ -82,6 +82,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await stream.wait_accepted()
             completion_tokens = 0
             async for out in stream:
+                prompt_lps = None
+                if out.prompt_logprobs is not None:  # prompt tokens 1 .. P-1, with the first message after scoring
+                    k = request.sampling.prompt_logprobs
+                    prompt_lps = [_token_logprob(t, lp, k) for t, lp in zip(out.prompt_token_ids[1:],
+                                                                               out.prompt_logprobs[1:])]
                 for j, c in enumerate(out.outputs):
                     completion_tokens += len(c.token_ids)
                     msg = pb.GenerateResponse(
@@ -90,6 +95,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         stop_reason="" if c.stop_reason is None else str(c.stop_reason),
                         logprobs=[_token_logprob(t, lp, request.sampling.logprobs)
                                   for t, lp in zip(c.token_ids, c.logprobs or [])])
+                    if j == 0 and prompt_lps is not None:
+                        msg.prompt_logprobs.extend(prompt_lps)
                     if out.finished and j == len(out.outputs) - 1:
                         msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
                                                     total_tokens=prompt_len + completion_tokens))

@@ -44,8 +44,11 @@ from serve.openai_responses import (
     TokenText,
     chat_logprobs,
     completion_logprobs,
+    echo_prompt_logprobs,
     merge_logprobs,
+    prompt_logprobs_text_len,
     sse,
+    vllm_prompt_logprobs,
 )
 from serve.prompts import check_token_ids, resolve_max_tokens, tokenize_chat, tokenize_text
 from serve.tool_calls import ToolStream, call_grammar, parse_tool_calls, parser_for_template
@@ -120,7 +123,7 @@ class OpenAIServer:
             self.engine.check_admission(len(req.prompts) * req.n)  # cheap early 429 / 503, before tokenizing
             prompts = await until_disconnect(request, self._tokenize(req))
             params = [req.sampling_params(resolve_max_tokens(
-                self.engine.max_model_len, len(ids), req.max_tokens, req.default_max_tokens,
+                self.engine.max_model_len, len(ids), 1 if req.echo_only else req.max_tokens, req.default_max_tokens,
                 prompt_param=req.prompt_param, max_tokens_param=req.max_tokens_param)) for ids in prompts]
             gen = Generation(self.engine, prompts, params, prefix="chatcmpl" if req.kind == "chat" else "cmpl",
                              arrival_time=arrival)
@@ -172,71 +175,136 @@ class OpenAIServer:
             return chat_logprobs(c, req.logprobs, self.token_text)
         return completion_logprobs(c, req.logprobs, self.token_text, offset)
 
+    def _prompt_parts(self, req: GenerationRequest, gen: Generation, pi: int, prompt_lps) -> tuple[dict | None, list]:
+        """``(legacy logprobs of the echoed prompt or None, vLLM prompt_logprobs or None)`` of prompt ``pi``."""
+        ids = gen.prompts[pi]
+        echo_lp = echo_prompt_logprobs(ids, prompt_lps, req.logprobs, self.token_text) if req.echo_logprobs else None
+        vllm = None
+        if req.prompt_logprobs is not None and prompt_lps is not None:
+            vllm = vllm_prompt_logprobs(ids, prompt_lps, req.prompt_logprobs, self.token_text)
+        return echo_lp, vllm
+
+    def _start_offset(self, req: GenerationRequest, gen: Generation, pi: int, echo) -> int:
+        """``text_offset`` of a choice's first generated token."""
+        if req.echo_logprobs:
+            return prompt_logprobs_text_len(gen.prompts[pi], self.token_text)
+        return len(echo[pi]) if echo else 0
+
+    def _usage(self, req: GenerationRequest, gen: Generation) -> dict:
+        usage = gen.usage()
+        if req.echo_only:  # the one token generated to run the step is not returned
+            usage.update(completion_tokens=0, total_tokens=usage["prompt_tokens"])
+        return usage
+
     async def _collect(self, req: GenerationRequest, gen: Generation, b: ResponseBuilder, echo) -> dict:
         n = gen.n
         total = len(gen.streams) * n
         texts = [[echo[i // n]] if echo else [] for i in range(total)]
-        offsets = [len(t[0]) if t else 0 for t in texts]
+        offsets = [self._start_offset(req, gen, i // n, echo) for i in range(total)]
         lps = [None] * total
         reasons = [(None, None)] * total
+        prompt_lps = [None] * len(gen.streams)
         async with contextlib.aclosing(gen.events()) as events:
             async for pi, out in events:
+                if out.prompt_logprobs is not None:
+                    prompt_lps[pi] = out.prompt_logprobs
                 for c in out.outputs:
                     i = pi * n + c.index
+                    if c.finish_reason is not None:
+                        reasons[i] = ("length", None) if req.echo_only else (c.finish_reason, c.stop_reason)
+                    if req.echo_only:
+                        continue
                     texts[i].append(c.text)
                     lp = self._logprobs(req, c, offsets[i])
                     if lp is not None:
                         lps[i] = merge_logprobs(lps[i], lp)
                     offsets[i] += len(c.text)
-                    if c.finish_reason is not None:
-                        reasons[i] = (c.finish_reason, c.stop_reason)
         choices = []
         for i in range(total):
             text, calls, (reason, stop_reason) = "".join(texts[i]), None, reasons[i]
             if req.tools is not None and reason == "stop":
                 text, calls = parse_tool_calls(text, self.tool_parser)
                 reason = "tool_calls" if calls else reason
-            choices.append(b.choice(i, text, lps[i] if req.logprobs is not None else None, reason, stop_reason,
-                                    tool_calls=calls or None))
-        return b.response(choices, gen.usage())
+            echo_lp, vllm = self._prompt_parts(req, gen, i // n, prompt_lps[i // n])
+            lp = merge_logprobs(echo_lp, lps[i]) if echo_lp is not None and lps[i] is not None else echo_lp or lps[i]
+            choice = b.choice(i, text, lp if req.logprobs is not None else None, reason, stop_reason,
+                              tool_calls=calls or None)
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm
+            choices.append(choice)
+        return b.response(choices, self._usage(req, gen))
 
     async def _stream(self, req: GenerationRequest, gen: Generation, b: ResponseBuilder, echo):
         n, chat, usage_on = gen.n, req.kind == "chat", req.include_usage
         total = len(gen.streams) * n
-        offsets = [0] * total
+        # With prompt logprobs a prompt's deltas wait for its scores (they come with its first token), and
+        # each choice's first chunk carries the echo and the prompt's logprobs.
+        wait_prompt = req.echo_logprobs or req.prompt_logprobs is not None
+        offsets = [self._start_offset(req, gen, i // n, echo) for i in range(total)]
+        first = [wait_prompt] * total
+        held: dict[int, list] = {}
+        prompt_lps: dict[int, list | None] = {}
         tool_streams = [ToolStream(self.tool_parser) for _ in range(total)] if req.tools is not None else None
         try:
             if chat:
                 for i in range(total):
                     yield sse(b.chunk([b.choice(i, "", None, None, delta=True, role="assistant")],
                                       include_usage=usage_on))
-            elif echo:
+            elif echo and not wait_prompt:
                 for i in range(total):
                     yield sse(b.chunk([b.choice(i, echo[i // n], None, None)], include_usage=usage_on))
-                    offsets[i] = len(echo[i // n])
             async with contextlib.aclosing(gen.events()) as events:
                 async for pi, out in events:
+                    ready = [out]
+                    if wait_prompt and pi not in prompt_lps:
+                        held.setdefault(pi, []).append(out)
+                        if out.prompt_logprobs is None and not out.finished:
+                            continue
+                        prompt_lps[pi] = out.prompt_logprobs
+                        ready = held.pop(pi)
                     choices = []
-                    for c in out.outputs:
-                        i = pi * n + c.index
-                        lp = self._logprobs(req, c, offsets[i])
-                        offsets[i] += len(c.text)
-                        text, reason, calls = c.text, c.finish_reason, None
-                        if tool_streams is not None:
-                            text, calls = tool_streams[i].feed(c.text, reason is not None)
-                            reason = "tool_calls" if calls and reason == "stop" else reason
-                        if not text and reason is None and not calls and not (lp and c.token_ids):
-                            continue  # nothing to show yet (text held back for a stop string or a partial char)
-                        choices.append(b.choice(i, text if (text or not chat) else None, lp, reason,
-                                                c.stop_reason, delta=True, tool_calls=calls or None))
+                    for o in ready:
+                        choices += self._stream_choices(req, gen, b, echo, pi, o, offsets, first, prompt_lps,
+                                                        tool_streams)
                     if choices:
                         yield sse(b.chunk(choices, include_usage=usage_on))
             if usage_on:
-                yield sse(b.chunk([], include_usage=True, usage=gen.usage()))
+                yield sse(b.chunk([], include_usage=True, usage=self._usage(req, gen)))
         except APIError as e:
             self.engine.metrics.request_errors.labels(status=str(e.status)).inc()
             yield sse(e.body())
         yield SSE_DONE
+
+    def _stream_choices(self, req, gen, b, echo, pi, out, offsets, first, prompt_lps, tool_streams) -> list:
+        n, chat = gen.n, req.kind == "chat"
+        choices = []
+        for c in out.outputs:
+            i = pi * n + c.index
+            lp = self._logprobs(req, c, offsets[i])
+            offsets[i] += len(c.text)
+            text, reason, calls, stop = c.text, c.finish_reason, None, c.stop_reason
+            if tool_streams is not None:
+                text, calls = tool_streams[i].feed(c.text, reason is not None)
+                reason = "tool_calls" if calls and reason == "stop" else reason
+            if req.echo_only:
+                text, lp, stop = "", ({k: [] for k in lp} if lp else lp), None
+                reason = "length" if reason else None
+            vllm = None
+            if first[i]:
+                first[i] = False
+                echo_lp, vllm = self._prompt_parts(req, gen, pi, prompt_lps.get(pi))
+                if echo:
+                    text = echo[pi] + text
+                if echo_lp is not None:
+                    lp = merge_logprobs(echo_lp, lp) if lp is not None else echo_lp
+            elif not text and reason is None and not calls and not (lp and c.token_ids):
+                continue  # nothing to show yet (text held back for a stop string or a partial char)
+            choice = b.choice(i, text if (text or not chat) else None, lp, reason, stop, delta=True,
+                              tool_calls=calls or None)
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm
+            choices.append(choice)
+        return choices
 
 
 def build_app(engine: AsyncEngine, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *,

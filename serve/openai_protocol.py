@@ -5,7 +5,9 @@ extensions): model, prompt / messages, max_tokens (chat: max_completion_tokens w
 top_p, top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, seed, stop,
 stop_token_ids, n, logprobs (completions: int; chat: bool + top_logprobs), stream,
 stream_options.include_usage, ignore_eos, min_tokens, skip_special_tokens,
-include_stop_str_in_output, echo (completions, without logprobs), add_generation_prompt (chat).
+include_stop_str_in_output, echo (completions; with logprobs the logprobs cover the prompt too, and
+max_tokens 0 returns the prompt alone), prompt_logprobs (completions, vLLM's extension),
+add_generation_prompt (chat).
 logit_bias (token-id strings -> [-100, 100], at most ``MAX_LOGIT_BIAS`` tokens).
 Structured output: response_format (text / json_object / json_schema), vLLM's structured_outputs and
 guided_json / guided_regex / guided_choice / guided_grammar (:mod:`serve.structured_request`). Chat:
@@ -130,6 +132,24 @@ class GenerationRequest:
     extra: dict = field(default_factory=dict)
     tools: ToolRequest | None = None  # chat tools (None: none, or tool_choice "none")
     structured_param: str | None = None  # the request field the output constraint came from
+    prompt_logprobs: int | None = None  # vLLM's field: choices[].prompt_logprobs with this many alternatives
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """``echo`` with ``logprobs``: the logprobs object covers the prompt, then the completion."""
+        return self.echo and self.logprobs is not None
+
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens`` 0: the prompt (and its logprobs) alone; the engine generates one token
+        that is not returned."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """``SamplingParams.prompt_logprobs``: what both ways of asking for prompt logprobs need."""
+        ks = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(ks) if ks else None
 
     @property
     def n(self) -> int:
@@ -146,7 +166,8 @@ class GenerationRequest:
             raise bad_param(f"'min_tokens' ({min_tokens}) must be at most '{self.max_tokens_param}' ({max_tokens})",
                             "min_tokens")
         try:
-            return SamplingParams(max_tokens=max_tokens, **self.sampling)
+            return SamplingParams(max_tokens=max_tokens, prompt_logprobs=self.engine_prompt_logprobs,
+                                  **self.sampling)
         except InvalidRequestError as e:
             param = {"max_tokens": self.max_tokens_param, "structured_outputs": self.structured_param,
                      "logprobs": "top_logprobs" if self.kind == "chat" else "logprobs"}.get(e.param, e.param)
@@ -225,10 +246,10 @@ def _stream_fields(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _max_tokens(body: dict, name: str) -> int | None:
+def _max_tokens(body: dict, name: str, lowest: int = 1, hint: str = "") -> int | None:
     v = get_int(body, name)
-    if v is not None and v < 1:
-        raise bad_param(f"'{name}' must be at least 1, got {v}", name)
+    if v is not None and v < lowest:
+        raise bad_param(f"'{name}' must be at least {lowest}{hint}, got {v}", name)
     return v
 
 
@@ -255,11 +276,11 @@ def parse_completion_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS)
     logprobs = get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
     kw["logprobs"] = logprobs
     echo = get_bool(body, "echo", False)
-    if echo and logprobs is not None:
-        raise bad_param("'echo' together with 'logprobs' is not supported", "echo", "unsupported")
+    prompt_logprobs = get_int(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS)
     stream, include_usage = _stream_fields(body)
-    return GenerationRequest("completion", model, prompts, kw, _max_tokens(body, "max_tokens"), "max_tokens",
-                             16, stream, include_usage, echo, True, logprobs, structured_param=structured_param)
+    max_tokens = _max_tokens(body, "max_tokens", 0 if echo else 1, "" if echo else " (0 only with 'echo')")
+    return GenerationRequest("completion", model, prompts, kw, max_tokens, "max_tokens", 16, stream, include_usage,
+                             echo, True, logprobs, structured_param=structured_param, prompt_logprobs=prompt_logprobs)
 
 
 def parse_chat_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> GenerationRequest:

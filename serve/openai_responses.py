@@ -28,6 +28,14 @@ def _top(entry: dict, k: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: -kv[1])[:k] if k else []
 
 
+def _top_by_text(entry: dict, k: int, text: TokenText) -> dict[str, float]:
+    """Legacy ``top_logprobs``: text -> logprob of the ``k`` best; tokens sharing a text keep the best one."""
+    out: dict[str, float] = {}
+    for t, lp in _top(entry, k):
+        out.setdefault(text(t), lp)
+    return out
+
+
 def completion_logprobs(c: CompletionOutput, k: int, text: TokenText, offset: int) -> dict:
     """Legacy completions ``logprobs`` for one delta (``offset``: characters emitted before it)."""
     tokens, token_lps, tops, offsets = [], [], [], []
@@ -35,10 +43,42 @@ def completion_logprobs(c: CompletionOutput, k: int, text: TokenText, offset: in
         s = text(tid)
         tokens.append(s)
         token_lps.append(_lp(entry, tid))
-        tops.append({text(t): lp for t, lp in _top(entry, k)} if k else None)
+        tops.append(_top_by_text(entry, k, text) if k else None)
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs_text_len(prompt_ids: list[int], text: TokenText) -> int:
+    """Characters of the prompt's token texts (where an echoed completion's ``text_offset`` continues)."""
+    return sum(len(text(t)) for t in prompt_ids)
+
+
+def echo_prompt_logprobs(prompt_ids: list[int], prompt_lps: list | None, k: int, text: TokenText) -> dict:
+    """Legacy completions ``logprobs`` of an echoed prompt: ``token_logprobs`` / ``top_logprobs`` null for the
+    first token (and for every token when ``prompt_lps`` is ``None``: the prompt was never scored);
+    ``text_offset`` counts the token texts from 0."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = 0
+    for j, tid in enumerate(prompt_ids):
+        s = text(tid)
+        entry = prompt_lps[j] if prompt_lps is not None and j < len(prompt_lps) else None
+        tokens.append(s)
+        token_lps.append(None if entry is None else _lp(entry, tid))
+        tops.append(_top_by_text(entry, k, text) if entry is not None and k else None)
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(prompt_ids: list[int], prompt_lps: list, k: int, text: TokenText) -> list:
+    """vLLM's ``choices[].prompt_logprobs``: ``None`` for the first token, then ``{"token id": {"logprob",
+    "decoded_token"}}`` holding the prompt token and its ``k`` most likely alternatives."""
+    out = [None]
+    for tid, entry in zip(prompt_ids[1:], prompt_lps[1:]):
+        keep = {tid: entry.get(tid, -9999.0), **dict(_top(entry, k))}
+        out.append({str(t): {"logprob": max(float(lp), -9999.0), "decoded_token": text(t)} for t, lp in keep.items()})
+    return out
 
 
 def chat_logprobs(c: CompletionOutput, k: int, text: TokenText) -> dict:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxinfer.attention import AttentionMetadata, init_dense_cache
 from jaxinfer.model_config import ModelConfig
-from jaxinfer.models.llama import CausalTransformer, LlamaAttention
+from jaxinfer.models.llama import CausalTransformer, LlamaAttention, LMHead
 from jaxinfer.models.qwen3 import Qwen3Attention
 from jaxinfer.sharding import ShardingPlan
 from jaxinfer.target import Kernels
@@ -42,7 +42,7 @@ class CausalLM:
         self.module = CausalTransformer(config, ATTENTION_CLASSES[config.architecture], self.dtype, mesh, plan=multi)
 
     def forward(self, params, tokens, positions, kv_caches, md: AttentionMetadata, logits_indices=None,
-                kernels: Kernels | None = None):
+                kernels: Kernels | None = None, hidden_indices=None):
         """Run the decoder over a ragged step.
 
         Args:
@@ -53,14 +53,22 @@ class CausalLM:
           logits_indices: ``i32[N]`` rows whose logits are wanted (``None``: all ``T``).
           kernels: the attention and quantized-matmul kernels to run, compiled or interpreted (``None``:
             ``md.impl`` and the kernels' own defaults).
+          hidden_indices: ``i32[R]`` rows whose last hidden states are also returned (for :meth:`logits`).
         Returns:
-          ``(f32[N, vocab], kv_caches)``.
+          ``(f32[N, vocab], kv_caches)``, or ``(f32[N, vocab], kv_caches, hidden[R, hidden_size])`` with
+          ``hidden_indices``.
         """
         module = self.module
         if kernels is not None:
             module = module.clone(kernels=kernels)
             md = md.replace(impl=kernels.attention, interpret=kernels.attention_interpret)
-        return module.apply({"params": params}, tokens, positions, kv_caches, md, logits_indices)
+        return module.apply({"params": params}, tokens, positions, kv_caches, md, logits_indices, hidden_indices)
+
+    def logits(self, params, hidden, kernels: Kernels | None = None):
+        """The final norm and LM head over hidden states from :meth:`forward`: ``[N, hidden] -> f32[N, vocab]``."""
+        m = self.module
+        head = LMHead(self.config, self.dtype, kernels if kernels is not None else m.kernels, m.plan)
+        return head.apply({"params": {k: params[k] for k in LMHead.param_names(self.config)}}, hidden)
 
     def _init_fn(self):
         """``rng -> boxed params`` on a one-token dummy step (shapes only depend on the config)."""

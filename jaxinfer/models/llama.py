@@ -97,8 +97,10 @@ class DecoderLayer(nn.Module):
 class CausalTransformer(nn.Module):
     """Embeddings, decoder layers, final norm and LM head.
 
-    ``__call__(tokens i32[T], positions i32[T], caches (one per layer), md, logits_indices i32[N] | None)``
-    returns ``(logits f32[N or T, vocab], new caches)``.
+    ``__call__(tokens i32[T], positions i32[T], caches (one per layer), md, logits_indices i32[N] | None,
+    hidden_indices i32[R] | None)`` returns ``(logits f32[N or T, vocab], new caches)``, and with
+    ``hidden_indices`` also the last layer's hidden states ``[R, hidden]`` at those rows (before the final
+    norm; :class:`LMHead` turns them into logits).
     """
 
     config: ModelConfig
@@ -109,7 +111,7 @@ class CausalTransformer(nn.Module):
     plan: ShardingPlan | None = None
 
     @nn.compact
-    def __call__(self, tokens, positions, caches, md: AttentionMetadata, logits_indices=None):
+    def __call__(self, tokens, positions, caches, md: AttentionMetadata, logits_indices=None, hidden_indices=None):
         c = self.config
         emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         embedding = weight_param(self, "embed_tokens", emb_init, (c.vocab_size, c.hidden_size), self.dtype)
@@ -121,12 +123,45 @@ class CausalTransformer(nn.Module):
                                  moe=c.is_moe_layer(i), name=f"layers_{i}")
             x, cache = layer(x, positions, caches[i], md, inv_freq)
             new_caches.append(cache)
+        hidden = None if hidden_indices is None else jnp.take(x, hidden_indices, axis=0)
         if logits_indices is not None:
             x = jnp.take(x, logits_indices, axis=0)
-        x = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="norm")(x)
+        logits = _lm_head(self, x, embedding)
+        if hidden is None:
+            return logits, tuple(new_caches)
+        return logits, tuple(new_caches), hidden
+
+
+def _lm_head(module: nn.Module, x: jax.Array, embedding) -> jax.Array:
+    """Final norm and LM head as submodules ``norm`` / ``lm_head`` of ``module`` (call it from a compact
+    method): ``x[N, hidden] -> f32[N, vocab]``."""
+    c = module.config
+    x = RMSNorm(c.rms_norm_eps, param_dtype=module.dtype, name="norm")(x)
+    if c.tie_word_embeddings:
+        return unembed(x, embedding, **matmul_options(module.kernels)).astype(jnp.float32)
+    return Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", param_dtype=module.dtype,
+                  kernels=module.kernels, plan=module.plan)(x).astype(jnp.float32)
+
+
+class LMHead(nn.Module):
+    """The final norm and LM head alone, over the same parameter names as :class:`CausalTransformer`
+    (``norm`` and ``lm_head``, or ``embed_tokens`` when tied): ``hidden[N, hidden] -> f32[N, vocab]``."""
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    kernels: Kernels | None = None
+    plan: ShardingPlan | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        embedding = None
         if c.tie_word_embeddings:
-            logits = unembed(x, embedding, **matmul_options(self.kernels))
-        else:
-            logits = Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", param_dtype=self.dtype,
-                            kernels=self.kernels, plan=self.plan)(x)
-        return logits.astype(jnp.float32), tuple(new_caches)
+            emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+            embedding = weight_param(self, "embed_tokens", emb_init, (c.vocab_size, c.hidden_size), self.dtype)
+        return _lm_head(self, x, embedding)
+
+    @staticmethod
+    def param_names(config: ModelConfig) -> tuple[str, str]:
+        """The top-level parameter names the head reads."""
+        return ("norm", "embed_tokens") if config.tie_word_embeddings else ("norm", "lm_head")

@@ -142,9 +142,7 @@ def sharded_expert_ffn(x, weights, ids, experts: dict, plan: ShardingPlan | None
 
     rep = PartitionSpec()
     specs = tuple(_spec(w, EXPERT_AXES[n], plan) for w, n in zip(args, ("gate_proj", "up_proj", "down_proj")))
-    # check_vma=False: the grouped matmul's XLA path starts a while loop from an unvarying zero carry that
-    # its body makes device-varying, which shard_map's varying-axes check rejects.
-    fn = jax.shard_map(local, mesh=plan.mesh, in_specs=(rep, rep, rep, *specs), out_specs=rep, check_vma=False)
+    fn = jax.shard_map(local, mesh=plan.mesh, in_specs=(rep, rep, rep, *specs), out_specs=rep)
     return fn(x, weights, ids, *args)
 
 

@@ -80,13 +80,15 @@ class VerifyOutput:
     """``tokens i32[L]``: the token each row emits if its sequence gets that far (the draft when accepted,
     else the correction / bonus); ``num_accepted i32[S]``: leading accepted drafts per sequence, so a
     sequence emits rows ``0 .. num_accepted``. ``logprobs f32[L]`` of the emitted tokens and top
-    ``top_ids`` / ``top_logprobs [L, MAX_LOGPROBS]`` under the raw target logits."""
+    ``top_ids`` / ``top_logprobs [L, MAX_LOGPROBS]`` under the raw target logits; ``prompt``: the step's
+    :class:`~jaxinfer.prompt_logprobs.PromptLogprobs` (set by the runner)."""
 
     tokens: jax.Array
     num_accepted: jax.Array
     logprobs: jax.Array
     top_ids: jax.Array
     top_logprobs: jax.Array
+    prompt: object = None
 
 
 def rejection_sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None,

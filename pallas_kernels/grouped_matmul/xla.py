@@ -4,7 +4,7 @@ For each computing work item (:mod:`.metadata`) the loop slices its M tile ``x[b
 weights ``w[g]`` (``[K, N]``, dense or a :class:`QArray` slice), computes ``x @ w[g]`` with the quantized
 matmul's reference math (:func:`quantized_matmul_reference`: per-channel scales in the epilogue, group-wise
 weights dequantized in float32, W8A8 with per-row activation scales; int4 as two half-K dots, see
-:func:`_int4_matmul`), and writes the item's
+:func:`~pallas_kernels.quantized_matmul.reference.int4_matmul`), and writes the item's
 rows into a float32 output. Only one expert is dequantized at a time, and only the experts that have
 rows are read: the loop runs ``num computing items`` times (a while loop with a traced trip count; the
 shapes are fixed, so one compilation serves every routing). Padding rows stay zero.
@@ -18,9 +18,38 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul.metadata import work_items
-from pallas_kernels.quantized_matmul.packing import unpack_int4_halves
 from pallas_kernels.quantized_matmul.qarray import QArray
-from pallas_kernels.quantized_matmul.reference import compute_precision, quantized_matmul_reference
+from pallas_kernels.quantized_matmul.reference import compute_precision, int4_matmul, quantized_matmul_reference
+
+
+def varying_like(x: jax.Array, *refs) -> jax.Array:
+    """``x`` marked device-varying over every mesh axis any of ``refs`` varies over (under ``shard_map``).
+
+    A loop carry that starts as a constant (unvarying) but is updated with varying values fails
+    ``shard_map``'s varying-axes check; casting the initial value makes the carry's type match the body's.
+    Outside ``shard_map`` (no varying axes) ``x`` is returned as is. ``jax.lax.pcast(..., to="varying")``
+    on current jax, ``jax.lax.pvary`` on releases that have only that.
+    """
+    axes: set = set()
+    for r in refs:
+        axes |= _varying_axes(r)
+    axes -= _varying_axes(x)
+    if not axes:
+        return x
+    axes = tuple(sorted(axes))
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)  # pragma: no cover - older jax
+
+
+def _varying_axes(x) -> set:
+    """Mesh axes ``x`` varies over inside ``shard_map`` (``aval.manual_axis_type.varying`` on jax 0.10,
+    ``aval.vma`` before it); empty outside."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return set(mat.varying)
+    return set(getattr(aval, "vma", ()) or ())
 
 
 def expert(rhs: jax.Array | QArray, g) -> jax.Array | QArray:
@@ -28,37 +57,11 @@ def expert(rhs: jax.Array | QArray, g) -> jax.Array | QArray:
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, 0, keepdims=False), rhs)
 
 
-def _int4_matmul(x: jax.Array, w: QArray) -> jax.Array:
-    """``x[bm, K] @ dequantize(w)`` for int4 ``w`` without interleaving the nibbles back into rows.
-
-    The split-half packing (:mod:`pallas_kernels.quantized_matmul.packing`) puts the first half of each
-    group's rows in the low nibbles and the second half in the high ones, so with ``x`` viewed as
-    ``[bm, K/g, g]`` the product is ``x_lo @ w_lo + x_hi @ w_hi`` (as in the Triton kernel). On XLA:CPU this
-    is ~4x faster than unpacking to ``[K, N]`` first (measured at K=1024, N=768, 16 rows).
-    """
-    g = w.config.group_size
-    k, n = w.shape
-    lo, hi = unpack_int4_halves(w.value, signed=w.config.symmetric)  # (K/2, N) int32 each
-    scale = w.scale.astype(jnp.float32)[:, None, :]
-    offset = None if w.offset is None else w.offset.astype(jnp.float32)[:, None, :]
-
-    def dequant(q):
-        q = q.reshape(k // g, g // 2, n).astype(jnp.float32) * scale
-        return (q if offset is None else q + offset).reshape(k // 2, n).astype(x.dtype)
-
-    xg = x.reshape(x.shape[0], k // g, g)
-    x_lo = xg[:, :, : g // 2].reshape(x.shape[0], k // 2)
-    x_hi = xg[:, :, g // 2 :].reshape(x.shape[0], k // 2)
-    prec = compute_precision(x.dtype)
-    y = jnp.dot(x_lo, dequant(lo), preferred_element_type=jnp.float32, precision=prec)
-    return y + jnp.dot(x_hi, dequant(hi), preferred_element_type=jnp.float32, precision=prec)
-
-
 def _expert_matmul(x: jax.Array, w: jax.Array | QArray) -> jax.Array:
     """``x[bm, K] @ w[K, N]`` in float32."""
     if isinstance(w, QArray):
         if w.config.weight == "int4":
-            return _int4_matmul(x, w)
+            return int4_matmul(x, w)
         return quantized_matmul_reference(x, w, jnp.float32)
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32, precision=compute_precision(x.dtype))
 
@@ -83,5 +86,6 @@ def grouped_matmul_xla(
         old = jax.lax.dynamic_slice(out, (t0, 0), (bm, n))
         return jax.lax.dynamic_update_slice(out, jnp.where(keep, y, old), (t0, 0))
 
-    out = jax.lax.fori_loop(0, num_compute, body, jnp.zeros((mp, n), jnp.float32))
+    init = varying_like(jnp.zeros((mp, n), jnp.float32), lhs, group_sizes, *jax.tree.leaves(rhs))
+    out = jax.lax.fori_loop(0, num_compute, body, init)
     return out[:m].astype(out_dtype)

@@ -154,7 +154,7 @@ def test_no_compilation_after_warmup(tiny_model_dir):
         elif kind == 2:
             sp.update(temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3)
         elif kind == 3:
-            sp.update(temperature=0.7, n=3, logprobs=5)
+            sp.update(temperature=0.7, n=3, logprobs=5, prompt_logprobs=2)
         elif kind == 4:
             sp.update(temperature=0, min_tokens=3, stop=["e"], stop_token_ids=[7])
         else:  # structured output: a token mask on the device, same compiled step

@@ -93,7 +93,9 @@ CASES = [
     ("n-times-prompts", CMPL, c(prompt=["a"] * 3, n=100), 400, "n", "invalid_value"),
     ("prompts-too-many", CMPL, c(prompt=["a"] * 257), 400, "prompt", "invalid_value"),
     ("suffix", CMPL, c(suffix="end"), 400, "suffix", "unsupported"),
-    ("echo-with-logprobs", CMPL, c(echo=True, logprobs=1), 400, "echo", "unsupported"),
+    ("echo-max-tokens-negative", CMPL, c(echo=True, logprobs=1, max_tokens=-1), 400, "max_tokens", "invalid_value"),
+    ("prompt-logprobs-too-many", CMPL, c(prompt_logprobs=21), 400, "prompt_logprobs", "invalid_value"),
+    ("prompt-logprobs-type", CMPL, c(prompt_logprobs="all"), 400, "prompt_logprobs", "invalid_type"),
     ("unknown-model", CMPL, c(model="gpt-17"), 404, "model", "model_not_found"),
     ("model-wrong-type", CMPL, c(model=7), 400, "model", "invalid_type"),
     ("chat-messages-missing", CHAT, {"model": "fake-model"}, 400, "messages", "missing_required_parameter"),
@@ -194,7 +196,8 @@ def test_still_serving_after_bad_input(fake_server):
 
 _FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
            "min_p", "n", "seed", "stop", "logprobs", "top_logprobs", "stream", "stream_options", "echo",
-           "presence_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids", "best_of", "min_tokens"]
+           "presence_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids", "best_of", "min_tokens",
+           "prompt_logprobs"]
 _values = st.recursive(
     st.none() | st.booleans() | st.integers(-10, 40) | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False, width=32) | st.text(max_size=8),
