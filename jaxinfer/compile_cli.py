@@ -53,8 +53,9 @@ def run(args) -> int:
             out.write(f"  bucket T={b.tokens:<5} S={b.seqs:<4} {status:6} {b.seconds:6.1f} s  "
                       f"peak {_gib(b.peak_bytes)} (args {_gib(b.argument_bytes)}, temp {_gib(b.temp_bytes)})\n")
             if b.ok:
+                compiler = f"{b.bytes_accessed / 1e9:.2f} GB" if b.bytes_accessed else "n/a"
                 out.write(f"    decode traffic at --context {args.context}: compiler bytes accessed "
-                          f"{b.bytes_accessed / 1e9:.2f} GB; XLA ops {b.hlo_bytes / 1e9:.2f} GB + attention pages -> "
+                          f"{compiler}; XLA ops {b.hlo_bytes / 1e9:.2f} GB + attention pages -> "
                           f"{b.estimated_bytes / 1e9:.2f} GB vs minimum {b.minimum_bytes / 1e9:.2f} GB "
                           f"({b.traffic_ratio:.3f}x)\n")
                 for name, n in b.top_ops[:4]:

@@ -40,8 +40,10 @@ def _check(report, *, chips: int, quantized: bool = False, moe: bool = False):
         # the compiled program holds at least the weights and the KV cache as arguments
         assert b.argument_bytes >= report.weight_bytes_per_device + report.kv_bytes_per_device
         assert b.peak_bytes <= report.hbm_bytes_per_device
-        # decode traffic: the compiled program moves at least the minimum bytes by the per-op count
-        assert b.bytes_accessed > 0 and 0 < b.minimum_bytes <= b.estimated_bytes
+        # decode traffic: the compiled program moves at least the minimum bytes by the per-op count; XLA's GPU
+        # compiler gives no "bytes accessed" figure for a deviceless compile (0), the TPU compiler does
+        assert 0 < b.minimum_bytes <= b.estimated_bytes
+        assert b.bytes_accessed > 0 or report.target.startswith("h100")
     one = report.rooflines[0]
     assert one.batch == 1
     if not moe:  # a MoE step reads only the routed experts (checked by the MoE test)
