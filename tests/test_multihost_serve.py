@@ -194,8 +194,12 @@ def test_killed_process_ends_the_front_end(model_and_reference, tmp_path):
         kill_all(procs)
     err = read(tmp_path / "p0.err")
     assert rc != 0
-    assert "another process probably died or stalled" in err, err[-3000:]
-    assert took < 40, f"process 0 took {took:.1f} s to exit"
+    # either jaxinfer's own message (the failed collective) or, when the runtime's heartbeat check notices the
+    # dead task first (a loaded machine), the distributed runtime's fatal error naming the unhealthy task
+    clear = ("another process probably died or stalled" in err
+             or "JAX distributed service detected fatal errors" in err and "unhealthy" in err)
+    assert clear, err[-3000:]
+    assert took < 55, f"process 0 took {took:.1f} s to exit"
 
 
 def test_killed_process_of_an_idle_group_ends_the_front_end(model_and_reference, tmp_path):
