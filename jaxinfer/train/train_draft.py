@@ -155,7 +155,7 @@ def run(args) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.unroll < 1:
         raise ValueError("--steps, --batch-size and --unroll must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     llm, train, held, timing = _data(args, out, log)
     loaded = llm.loaded
     tc = loaded.config
@@ -237,7 +237,7 @@ def run(args) -> int:
                      "max_tokens": args.max_tokens, "draft_vocab_coverage": coverage},
             "settings": asdict(s), "steps_run": s.steps - start,
             "time_s": {"total_this_run": round(time.perf_counter() - t_start, 1), "train_this_run": round(train_s, 1),
-                       **timing},
+                       "process_cpu_this_run": round(time.process_time() - cpu_start, 1), **timing},
             "final_loss": history["loss"][-1] if history["loss"] else None, "held_out_acceptance": final,
             "devices": str(jax.devices()[0].device_kind)}
     save_eagle_head(head_out, cfg, dict(trainable, d2t=d2t_dev), meta)
