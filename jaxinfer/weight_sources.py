@@ -195,3 +195,20 @@ class GGUFCheckpoint:
         self.bytes_read += raw.nbytes
         arr = np.asarray(gguf.quants.dequantize(np.ascontiguousarray(raw), t.tensor_type), dtype=np.float32)
         return arr[..., offset : offset + c1 - c0]
+
+    def read_blocks(self, name: str, rows: tuple[int, int], blocks: tuple[int, int]) -> np.ndarray:
+        """The raw quantization blocks ``blocks`` (``[b0, b1)``, along each row) of stored rows ``rows``
+        (``[r0, r1)``) of a 2-D block-quantized tensor: ``uint8[r1 - r0, b1 - b0, block bytes]``, copied
+        from the memory map (only that region is read)."""
+        import gguf
+
+        t = self.tensors[name]
+        block, block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        n, k = self.shape(name)
+        if block == 1 or k % block or t.data.shape != (n, k // block * block_bytes):
+            raise WeightLoadError(f"{self.path}: tensor {name} ({t.tensor_type.name}, {n} x {k}) is not stored "
+                                  f"as whole {block}-value blocks of {block_bytes} bytes per row")
+        (r0, r1), (b0, b1) = rows, blocks
+        raw = np.array(t.data[r0:r1, b0 * block_bytes : b1 * block_bytes])
+        self.bytes_read += raw.nbytes
+        return raw.reshape(r1 - r0, b1 - b0, block_bytes)
