@@ -245,7 +245,7 @@ def _read_shards(directory: Path, storage: dict) -> dict:
         if name not in ckpt.keys():
             raise WeightLoadError(f"{directory}: tensor {name} is missing")
         stored, dt = ckpt.shape(name), ckpt.dtype(name)
-        if stored != tuple(a.shape) or (dt != a.dtype and not np.issubdtype(a.dtype, np.floating)):
+        if stored != tuple(a.shape) or (dt != a.dtype and not jnp.issubdtype(a.dtype, jnp.floating)):
             raise WeightLoadError(f"{directory}: tensor {name} is {dt}{list(stored)}, the manifest and model "
                                   f"imply {a.dtype}{list(a.shape)}")
         out[p] = sharded_array(a.shape, a.dtype, a.sharding, lambda i, name=name: ckpt.read(name, i))
