@@ -151,8 +151,9 @@ def load_dataset(path) -> list[Sequence]:
     """Inverse of :func:`save_dataset`."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no dataset at {path}")
-    z = np.load(path)
-    ends = np.cumsum(z["lengths"])
-    starts = ends - z["lengths"]
-    return [Sequence(z["tokens"][a:b], int(p), bool(g), z["hidden"][a:b], z["argmax"][a:b])
-            for a, b, p, g in zip(starts, ends, z["prompt_lens"], z["greedy"])]
+    with np.load(path) as z:  # each z[...] reads the array from the file: once each
+        tokens, hidden, argmax, lengths = z["tokens"], z["hidden"], z["argmax"], z["lengths"]
+        prompt_lens, greedy = z["prompt_lens"], z["greedy"]
+    ends = np.cumsum(lengths)
+    return [Sequence(tokens[a:b], int(p), bool(g), hidden[a:b], argmax[a:b])
+            for a, b, p, g in zip(ends - lengths, ends, prompt_lens, greedy)]

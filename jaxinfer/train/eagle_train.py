@@ -7,8 +7,9 @@ each row also drafts ``J - 1`` further steps from its own features, as drafting 
 fed in, teacher forcing over tokens; :mod:`jaxinfer.speculative.eagle_chain`), each step with the same loss
 against the targets ``j - 1`` rows ahead.
 
-Loss per step: ``smooth_l1(f - h).mean(-1) + ce_weight * cross_entropy(logits, g)``, averaged over the
-counted rows (cross-entropy only where ``g`` is in the draft vocabulary).
+Loss per step: ``smooth_l1((f - h) / rms(h)).mean(-1) + ce_weight * cross_entropy(logits, g)`` (``rms(h)``
+the target state's per-token RMS, no gradient), averaged over the counted rows (cross-entropy only where
+``g`` is in the draft vocabulary).
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ def target_to_draft(d2t: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 def _step_loss(f, logits, target, labels, mask, ce_weight):
-    reg = jnp.mean(optax.huber_loss(f, target.astype(f.dtype), delta=1.0), axis=-1)
+    target = target.astype(f.dtype)
+    # in units of the target's per-token RMS: raw last-layer states of small models carry a few huge
+    # channels (SmolLM2-135M: RMS ~36, single channels to ~4,500) that would swamp the token loss
+    scale = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(target), -1, keepdims=True)) + 1e-6)
+    reg = jnp.mean(optax.huber_loss(f / scale, target / scale, delta=1.0), axis=-1)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
     ce_mask = mask & (labels >= 0)
     n = jnp.maximum(jnp.sum(mask), 1)
