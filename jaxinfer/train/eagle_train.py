@@ -14,8 +14,6 @@ the target state's per-token RMS, no gradient), averaged over the counted rows (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,20 +21,7 @@ import optax
 
 from jaxinfer.speculative.eagle_chain import acceptance_counts, chain_step, greedy_chain, shift_rows, teacher_forced
 from jaxinfer.speculative.eagle_head import EagleHeadConfig
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int = 600
-    batch_size: int = 8
-    max_rows: int = 256
-    lr: float = 1e-3
-    warmup: int = 40
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    ce_weight: float = 0.1
-    unroll: int = 2
-    seed: int = 0
+from jaxinfer.train.settings import TrainSettings
 
 
 def optimizer(s: TrainSettings) -> optax.GradientTransformation:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxinfer.train.eagle_train import TrainSettings
+from jaxinfer.train.settings import TrainSettings
 
 
 def register(subparsers):
