@@ -9,7 +9,8 @@ every top-level instruction with the bytes of its operands and results that live
 * a fusion reads a parameter only through a gather / slice / dynamic-slice inside it: charged the sliced
   bytes, not the whole parameter (an embedding lookup reads its rows, not the table);
 * a fusion whose root updates a parameter in place (scatter, dynamic-update-slice): charged the update,
-  not the whole buffer twice (a KV-cache write);
+  not the whole buffer twice (a KV-cache write); an unfused dynamic-update-slice / scatter likewise:
+  the update read and written (plus a scatter's indices);
 * while loops count their body once (the trip count is not in the text); custom calls (Pallas kernels)
   are charged their operands and results as the program passes them (right for a quantized-matmul kernel,
   which reads its whole weight); a paged-attention kernel's whole cache operand is *not* what it reads,
@@ -212,6 +213,11 @@ def op_traffic(hlo_text: str, data_dependent: tuple[str, ...] = ("paged_attentio
                 b = _array_bytes(_ARRAY.findall(ins.shape)[1][0] + "[" + _ARRAY.findall(ins.shape)[1][1] + "]")
             elif ins.opcode == "copy-start":  # (destination, source, ...): the source is read once
                 b = sum(_array_bytes(s) for s in operand_shapes)
+            elif ins.opcode in _INPLACE and len(operand_shapes) > 2:  # in place: the update read and written
+                if ins.opcode == "scatter":  # (operand, indices, updates)
+                    b = _array_bytes(operand_shapes[1]) + 2 * _array_bytes(operand_shapes[2])
+                else:  # (operand, update, start indices...)
+                    b = 2 * _array_bytes(operand_shapes[1])
             else:
                 b = sum(_array_bytes(s) for s in operand_shapes) + _array_bytes(ins.shape)
             if b:

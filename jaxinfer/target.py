@@ -44,6 +44,13 @@ class Kernels:
         matmul = matmul or default_impl(platform)
         return cls(attention, matmul, _interpreted(attention, platform), _interpreted(matmul, platform))
 
+    @property
+    def compiled_for_tpu(self) -> bool:
+        """Whether a kernel here is the compiled Pallas TPU one, i.e. the model is placed on TPUs (where
+        arrays take the TPU compiler's tiled layouts)."""
+        return (self.attention == "pallas_tpu" and not self.attention_interpret) or (
+            self.matmul == "pallas_tpu" and not self.matmul_interpret)
+
 
 _KERNEL_PLATFORMS = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm")}
 

@@ -57,3 +57,19 @@ def test_kernels_marked_and_grouped_by_source():
 def test_parse_hlo_refuses_text_without_entry():
     with pytest.raises(ValueError, match="no ENTRY"):
         parse_hlo("HloModule m\n")
+
+
+def test_unfused_dynamic_update_slice_charges_the_update_twice():
+    # hand-written compiled HLO: a [33, 49152] s32 buffer updated in place with one [1, 49152] row
+    text = """HloModule m, is_scheduled=true
+
+ENTRY %main (p0: s32[33,49152], p1: s32[1,49152], p2: s32[]) -> s32[33,49152] {
+  %p0 = s32[33,49152]{1,0} parameter(0)
+  %p1 = s32[1,49152]{1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %c = s32[] constant(0)
+  ROOT %dus = s32[33,49152]{1,0} dynamic-update-slice(%p0, %p1, %p2, %c), metadata={op_name="jit(f)/scatter"}
+}
+"""
+    ops = op_traffic(text)
+    assert [(o.opcode, o.bytes) for o in ops] == [("dynamic-update-slice", 2 * 49152 * 4)]

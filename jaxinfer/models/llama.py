@@ -115,7 +115,10 @@ class CausalTransformer(nn.Module):
         c = self.config
         emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         embedding = weight_param(self, "embed_tokens", emb_init, (c.vocab_size, c.hidden_size), self.dtype)
-        x = embed(embedding, tokens, self.dtype)
+        # a tied table is also the LM head: on a TPU, look rows up in the layout the head's matmul uses
+        strips = c.tie_word_embeddings and self.kernels is not None and self.kernels.compiled_for_tpu
+        strips = strips and (self.plan is None or self.plan.tp == 1)  # a vocabulary-split table: plain gather
+        x = embed(embedding, tokens, self.dtype, lane_strips=strips)
         inv_freq = jnp.asarray(c.inv_freq())
         new_caches = []
         for i in range(c.num_layers):
