@@ -68,7 +68,8 @@ def sharded_quantized_matmul(x: jax.Array, w: QArray, plan: ShardingPlan, axes: 
 def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None, *, lane_strips: bool = False) -> jax.Array:
     """Token embeddings ``[T, E]`` for ``tokens i32[T]`` from a float ``table[V, E]`` or a QEmbedding.
 
-    ``lane_strips``: for a float table that is also the tied LM head on a TPU (see :func:`lane_strip_rows`).
+    ``lane_strips``: read the rows as :func:`lane_strip_rows` (a tied table the TPU lays out
+    vocabulary-minor, :func:`tpu_vocab_minor`).
     """
     if isinstance(table, QEmbedding):
         return table.lookup(tokens, dtype)
@@ -80,6 +81,20 @@ def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None, *, lane_
 
 
 STRIP = 128  # TPU lanes
+
+
+def tpu_vocab_minor(shape: tuple[int, int]) -> bool:
+    """Whether the TPU compiler lays a ``[V, E]`` table out vocabulary-minor (``table.T`` row-major).
+
+    It picks the layout of a 2D parameter whose tiles (8 sublanes x 128 lanes) waste the least: the
+    vocabulary goes to the lanes when ``E`` is not a multiple of 128 and ``V`` pads less (SmolLM2's
+    ``[49152, 576]``: vocabulary-minor; ``[49152, 512]`` or ``[128256, 4096]``: row-major). Compiled for
+    v5e (libtpu 0.0.42.1) with a row gather and the tied LM head, 2026-12-06.
+    """
+    v, e = shape
+    row_major = -(-v // 8) * 8 * (-(-e // STRIP) * STRIP)
+    vocab_minor = -(-e // 8) * 8 * (-(-v // STRIP) * STRIP)
+    return vocab_minor < row_major
 
 
 def lane_strip_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:

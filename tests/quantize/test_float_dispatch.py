@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.models.ops import embed, lane_strip_rows, linear, unembed
+from jaxinfer.models.ops import embed, lane_strip_rows, linear, tpu_vocab_minor, unembed
 
 
 def _bf16_round(a: np.ndarray) -> np.ndarray:
@@ -54,3 +54,9 @@ def test_lane_strip_lookup_equals_row_indexing(vocab):
 def test_lane_strip_lookup_refuses_a_table_narrower_than_a_strip():
     with pytest.raises(ValueError, match="at least 128 rows"):
         lane_strip_rows(jnp.ones((100, 8)), jnp.zeros((1,), jnp.int32))
+
+
+def test_tpu_vocab_minor_follows_the_tile_padding():
+    assert tpu_vocab_minor((49152, 576))  # SmolLM2: 576 is 4.5 lanes tiles, the vocabulary pads nothing
+    assert tpu_vocab_minor((49152, 960))
+    assert not tpu_vocab_minor((49152, 512)) and not tpu_vocab_minor((128256, 4096))
