@@ -87,7 +87,7 @@ def main() -> int:
         for b in report.buckets:
             sys.stdout.write(f"  T={b.tokens} S={b.seqs}: compiler bytes accessed {b.bytes_accessed / 1e9:.2f} GB, "
                              f"estimated {b.estimated_bytes / 1e9:.2f} GB, minimum {b.minimum_bytes / 1e9:.2f} GB "
-                             f"({b.traffic_ratio:.3f}x)\n")
+                             f"({b.traffic_ratio:.3f}x; every optional branch {b.traffic_ratio_max:.3f}x)\n")
         sys.stdout.write(f"{label:18} {target:10} {quant or 'bf16':5} kv {kv:4} ok={report.ok} "
                          f"weights {report.weight_bytes_per_device / 2**30:.2f} GiB/chip, KV "
                          f"{report.kv_capacity_tokens} tok, roofline b1 {r1.tokens_per_s:.0f} tok/s\n")
