@@ -63,13 +63,13 @@ def test_parse_target():
 
 def test_default_model_on_one_v5e_chip(monkeypatch):
     texts = []
-    monkeypatch.setattr(aot, "op_traffic", lambda text: texts.append(text) or op_traffic(text))
+    monkeypatch.setattr(aot, "op_traffic", lambda text, **kw: texts.append(text) or op_traffic(text, **kw))
     report = compile_for_target(None, "tpu-v5e-1", EngineConfig(**SMALL), buckets="decode")
     _check(report, chips=1)
     assert report.dtype == "bfloat16"
-    assert len(texts) == len(report.buckets) == 2
+    assert len(texts) == 2 * len(report.buckets) == 4  # the plain-path and every-branch counts of each bucket
     table = 49152 * 576 * 2  # the tied bf16 embedding table, which is also the LM head
-    for b, text in zip(report.buckets, texts):
+    for b, text in zip(report.buckets, texts[::2]):
         # the lookup reads its rows in the LM head's layout: no op copies the table
         assert not [name for name, n in b.top_ops if "embed_tokens" in name and n >= table // 2], b.top_ops
         # the attention kernels' step metadata (searchsorted over cu_q_lens) is computed once per step, not
