@@ -130,8 +130,9 @@ class AsyncEngine:
             raise Overloaded()
 
     def submit(self, prompt: list[int], params: SamplingParams, *, request_id: str | None = None,
-               arrival_time: float | None = None) -> RequestStream:
-        """Hand a tokenized request to the engine thread; the caller must read or abort the stream."""
+               arrival_time: float | None = None, client: str | None = None) -> RequestStream:
+        """Hand a tokenized request to the engine thread; the caller must read or abort the stream.
+        ``client``: the client request it is part of (every prompt of a batch shares one)."""
         self.check_admission(params.n)
         rid = request_id or uuid.uuid4().hex
         stream = RequestStream(rid, params.n, self._loop_thread.abort, self._on_done)
@@ -139,7 +140,7 @@ class AsyncEngine:
         self.in_flight += 1
         self.seqs_in_flight += params.n
         self._idle.clear()
-        self._loop_thread.add(stream, prompt, params, arrival_time or time.perf_counter())
+        self._loop_thread.add(stream, prompt, params, arrival_time or time.perf_counter(), client)
         return stream
 
     @contextlib.asynccontextmanager

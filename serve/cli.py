@@ -14,6 +14,10 @@ from jaxinfer.config_cli import add_engine_args, engine_config_from_args
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NUM_SEQS = 64
+# jaxinfer serve's --max-step-tokens-per-request when not given (the engine's default is no limit): while
+# another request has work, a request with several sequences puts at most this many tokens in a step
+# (bench/serving_isolation.py; serve/README.md, "Limits"). 0 turns it off.
+SERVE_STEP_TOKENS_PER_REQUEST = 2
 _DESCRIPTION = ("Serve one model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                 "/v1/models, /health, /metrics) and/or gRPC. SIGINT/SIGTERM shut down gracefully: new requests "
                 "get 503, in-flight ones may finish for --shutdown-timeout seconds, then are aborted; a second "
@@ -85,6 +89,9 @@ def build_engine(args):
 
     from jaxinfer.engine_factory import create_engine
 
+    step = getattr(args, "max_step_tokens_per_request", None)
+    if step is None or step == 0:
+        args.max_step_tokens_per_request = SERVE_STEP_TOKENS_PER_REQUEST if step is None else None
     engine = create_engine(args.model, engine_config_from_args(args))
     if not args.no_warmup:
         t = time.perf_counter()
