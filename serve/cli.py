@@ -55,6 +55,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     lim.add_argument("--max-stop-strings", type=int, default=64, help="most stop strings per request (default 64)")
     lim.add_argument("--max-stop-bytes", type=int, default=4096,
                      help="most UTF-8 bytes of a request's stop strings together (default 4096)")
+    lim.add_argument("--grammar-timeout", type=float, default=10.0,
+                     help="seconds a request's output constraint (JSON schema, grammar, tools) may take to "
+                          "validate and compile, off the engine thread; 400 beyond (default 10)")
     sec = p.add_argument_group("security and connections")
     sec.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on /v1/* and gRPC Generate (default: the "
@@ -142,7 +145,7 @@ def run(args, engine=None, on_ready=None) -> int:
     try:
         limits = RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts_per_request,
                                max_seqs_per_request=args.max_seqs_per_request, max_stop=args.max_stop_strings,
-                               max_stop_bytes=args.max_stop_bytes)
+                               max_stop_bytes=args.max_stop_bytes, grammar_timeout_s=args.grammar_timeout)
     except ValueError as e:
         raise SystemExit(f"jaxinfer serve: {e}") from None
     if engine is None:

@@ -122,6 +122,9 @@ class OpenAIServer:
                 raise ModelNotFound(req.model)
             self.engine.check_admission(len(req.prompts) * req.n)  # cheap early 429 / 503, before tokenizing
             prompts = await until_disconnect(request, self._tokenize(req))
+            if req.structured_spec is not None:  # validated and compiled off the loop and the engine thread
+                req.sampling["structured_outputs"] = await until_disconnect(
+                    request, self.engine.prepare_structured(req.structured_spec, req.structured_param))
             params = [req.sampling_params(resolve_max_tokens(
                 self.engine.max_model_len, len(ids), 1 if req.echo_only else req.max_tokens, req.default_max_tokens,
                 prompt_param=req.prompt_param, max_tokens_param=req.max_tokens_param)) for ids in prompts]
@@ -152,7 +155,7 @@ class OpenAIServer:
             raise BadRequest("this model's chat template has no tool-call format this server knows (hermes "
                              "<tool_call> or Llama-3 JSON)", param="tools", code="unsupported")
         if req.tools.constrains:
-            req.sampling["structured_outputs"] = call_grammar(req.tools, self.tool_parser)
+            req.structured_spec = call_grammar(req.tools, self.tool_parser)
             req.structured_param = "tool_choice"
 
     async def _tokenize(self, req: GenerationRequest) -> list[list[int]]:

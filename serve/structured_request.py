@@ -9,6 +9,11 @@ Accepted (at most one of them per request; errors name the field the client used
   ``whitespace_pattern``;
 - vLLM's older top-level fields ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``
   (+ ``guided_whitespace_pattern``).
+
+Parsing the body only finds the constraint (:func:`structured_outputs_from_body`, on the event loop);
+validating and compiling it (:func:`build_structured`, seconds for a large schema) runs in the server's
+grammar thread under a time limit (``AsyncEngine.prepare_structured``), never on the event loop or the
+engine thread.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from serve.errors import bad_param
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
-def structured_outputs_from_body(body: dict) -> tuple[StructuredOutputsParams | None, str | None]:
-    """``(params, field)``: the request's output constraint and the field it came from, or ``(None, None)``.
+def structured_outputs_from_body(body: dict) -> tuple[dict | None, str | None]:
+    """``(spec, field)``: the request's output constraint (``StructuredOutputsParams`` fields, not yet
+    validated: :func:`build_structured`) and the field it came from, or ``(None, None)``.
 
     Raises:
-      BadRequest naming the field: malformed, several constraints, or a schema / grammar llguidance refuses.
+      BadRequest naming the field: malformed or several constraints.
     """
     found = []
     fmt = body.get("response_format")
@@ -53,9 +59,17 @@ def structured_outputs_from_body(body: dict) -> tuple[StructuredOutputsParams | 
         return None, None
     if len(found) > 1:
         raise bad_param(f"'{found[0][0]}' and '{found[1][0]}' cannot be used together", found[1][0])
-    name, spec = found[0]
+    return found[0][1], found[0][0]
+
+
+def build_structured(spec: dict, name: str) -> StructuredOutputsParams:
+    """Validate ``spec`` (the fields :func:`structured_outputs_from_body` found in ``name``).
+
+    Raises:
+      BadRequest naming the field: malformed, or a schema / grammar llguidance refuses.
+    """
     try:
-        return StructuredOutputsParams.coerce(spec), name
+        return StructuredOutputsParams.coerce(spec)
     except InvalidRequestError as e:
         raise bad_param(f"'{name}': {e}", name) from None
     except TypeError as e:  # a field of the wrong kind (e.g. a list for a regex)
