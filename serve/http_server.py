@@ -232,10 +232,13 @@ class OpenAIServer:
             lp = merge_logprobs(echo_lp, lps[i]) if echo_lp is not None and lps[i] is not None else echo_lp or lps[i]
             choice = b.choice(i, text, lp if req.logprobs is not None else None, reason, stop_reason,
                               tool_calls=calls or None)
-            if req.prompt_logprobs is not None:
+            if req.prompt_logprobs is not None and req.kind != "chat":
                 choice["prompt_logprobs"] = vllm
             choices.append(choice)
-        return b.response(choices, self._usage(req, gen))
+        body = b.response(choices, self._usage(req, gen))
+        if req.prompt_logprobs is not None and req.kind == "chat":  # vLLM: one list for the chat's one prompt
+            body["prompt_logprobs"] = self._prompt_parts(req, gen, 0, prompt_lps[0])[1]
+        return body
 
     async def _stream(self, req: GenerationRequest, gen: Generation, b: ResponseBuilder, echo):
         n, chat, usage_on = gen.n, req.kind == "chat", req.include_usage

@@ -306,7 +306,12 @@ def parse_chat_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> Ge
     mct = _max_tokens(body, "max_completion_tokens")
     mt = _max_tokens(body, "max_tokens")
     stream, include_usage = _stream_fields(body)
+    prompt_logprobs = get_int(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if prompt_logprobs is not None and stream:  # as vLLM: a top-level field of the whole response
+        raise bad_param("'prompt_logprobs' is not supported with 'stream' on /v1/chat/completions",
+                        "prompt_logprobs")
     return GenerationRequest("chat", model, [messages], kw, mct if mct is not None else mt,
                              "max_completion_tokens" if mct is not None else "max_tokens", None, stream,
                              include_usage, False, get_bool(body, "add_generation_prompt", True), logprobs,
-                             tools=tools, structured_param=structured_param, structured_spec=structured_spec)
+                             tools=tools, structured_param=structured_param, structured_spec=structured_spec,
+                             prompt_logprobs=prompt_logprobs)

@@ -169,6 +169,28 @@ def test_vllm_prompt_logprobs_field_and_grpc(served):
     assert all(len(p.top) == 1 and p.top[0].token_id == int(np.argmax(ref[j])) for j, p in enumerate(scored[0]))
 
 
+def test_chat_prompt_logprobs(served):
+    """vLLM's ``prompt_logprobs`` on /v1/chat/completions: one top-level list over the templated prompt
+    (tokens from HF's ``apply_chat_template``, logprobs from HF transformers)."""
+    url, _, path, hf = served
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    ids = _tokenizer(path).apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    ref = _log_softmax(hf, ids)
+    r = httpx.post(url + "/v1/chat/completions", timeout=300,
+                   json={"messages": messages, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 1}).json()
+    pl = r["prompt_logprobs"]
+    assert "prompt_logprobs" not in r["choices"][0] and r["usage"]["prompt_tokens"] == len(ids)
+    assert pl[0] is None and [int(next(iter(e))) for e in pl[1:]] == ids[1:]
+    for j in range(1, len(ids)):
+        for t, v in pl[j].items():
+            assert v["logprob"] == pytest.approx(ref[j - 1, int(t)], abs=TOL)
+        assert str(int(np.argmax(ref[j - 1]))) in pl[j]  # the best alternative
+    bad = httpx.post(url + "/v1/chat/completions", timeout=300,
+                     json={"messages": messages, "prompt_logprobs": 1, "stream": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
+
+
 # ---- lm-eval against the server ------------------------------------------------------------------------
 MC_ROWS = [
     {
