@@ -217,3 +217,31 @@ def test_grpc_logit_bias(srv):
             with pytest.raises(grpc.RpcError) as e:
                 run(logit_bias=bias)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
+
+
+def test_structural_tag(srv):
+    """vLLM's structural_tag response_format: every trigger in the text continues as a structure whose JSON
+    validates (jsonschema). logit_bias pushes the tiny model to type the trigger's characters often."""
+    tok = srv.async_engine.tokenizer
+    bias = {str(t): 30 for t in {*tok.encode("<f="), *(tok.encode(c)[0] for c in "<f=")}}
+    fmt = {"type": "structural_tag", "triggers": ["<f="],
+           "structures": [{"begin": "<f=weather>", "schema": SCHEMA, "end": "</f>"}]}
+    text = ""
+    for body in ({"response_format": fmt}, {"structured_outputs": {"structural_tag": json.dumps(fmt)}}):
+        r = _post(srv, "/v1/completions", {"prompt": "fox", "max_tokens": 250, "temperature": 1.0, "seed": 5,
+                                          "logit_bias": bias, **body})
+        text = r["choices"][0]["text"]
+        parts = text.split("<f=")[1:]
+        complete = [p for p in parts if "</f>" in p]
+        assert complete, text  # the constraint was exercised (the bias made the model type the trigger)
+        assert len(parts) - len(complete) <= 1 and (parts[-1] in complete or "weather>".startswith(parts[-1][:8]))
+        for part in complete:  # every trigger became a whole structure (the last may be cut by max_tokens)
+            assert part.startswith("weather>"), part
+            payload, _, _ = part[len("weather>"):].partition("</f>")
+            jsonschema.validate(json.loads(payload), SCHEMA)
+    bad = httpx.post(srv.http_url + "/v1/completions", timeout=60, json={
+        "prompt": "x", "response_format": {"type": "structural_tag", "format": {"type": "const_string"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "unsupported"
+    bad = httpx.post(srv.http_url + "/v1/completions", timeout=60, json={
+        "prompt": "x", "response_format": {**fmt, "triggers": ["<g="]}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
