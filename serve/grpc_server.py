@@ -11,6 +11,7 @@ API key, every method but ``Health`` needs ``authorization: Bearer <key>`` metad
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 
@@ -25,6 +26,7 @@ from serve.limits import RequestLimits
 from serve.prompts import check_token_ids, resolve_max_tokens, tokenize_text
 from serve.protos import jaxinfer_pb2 as pb
 from serve.protos import jaxinfer_pb2_grpc as pb_grpc
+from serve.structured_request import structural_tag_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,30 @@ def sampling_kwargs(sp: pb.SamplingParameters, limits: RequestLimits | None = No
     if "seed" in kw:
         kw["seed"] &= 2**63 - 1
     return kw
+
+
+def structured_spec(so: pb.StructuredOutput) -> dict:
+    """``StructuredOutputsParams`` fields of the message (validated and compiled by
+    ``AsyncEngine.prepare_structured``, off the engine thread, as on HTTP)."""
+    param = "structured_output"
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise bad_param("'structured_output' needs one of json_schema, json_object, regex, choice, grammar, "
+                        "structural_tag", param)
+    if kind == "json_object" and not so.json_object:
+        raise bad_param("'structured_output.json_object' must be true when set", param)
+    if kind == "structural_tag":
+        try:
+            tag = json.loads(so.structural_tag)
+        except ValueError:
+            raise bad_param("'structured_output.structural_tag' is not valid JSON", param, "invalid_type") from None
+        spec = {"grammar": structural_tag_grammar(tag, param)}
+    else:
+        value = getattr(so, kind)
+        spec = {{"json_schema": "json"}.get(kind, kind): list(value.choices) if kind == "choice" else value}
+    if so.whitespace_pattern:
+        spec["whitespace_pattern"] = so.whitespace_pattern
+    return spec
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -131,8 +157,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                         max_tokens_param="max_tokens")
         if sp.min_tokens > max_tokens:
             raise bad_param(f"min_tokens ({sp.min_tokens}) must be at most max_tokens ({max_tokens})", "min_tokens")
+        kw = sampling_kwargs(sp, e.limits)
+        if sp.HasField("structured_output"):
+            kw["structured_outputs"] = await e.prepare_structured(structured_spec(sp.structured_output),
+                                                                  "structured_output")
         try:
-            params = SamplingParams(max_tokens=max_tokens, **sampling_kwargs(sp, e.limits))
+            params = SamplingParams(max_tokens=max_tokens, **kw)
         except InvalidRequestError as exc:
             raise from_exception(exc) from None
         return e.submit(ids, params, arrival_time=arrival), len(ids)

@@ -245,3 +245,36 @@ def test_structural_tag(srv):
     bad = httpx.post(srv.http_url + "/v1/completions", timeout=60, json={
         "prompt": "x", "response_format": {**fmt, "triggers": ["<g="]}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+
+
+def test_grpc_structured_output_matches_http(srv):
+    """gRPC ``structured_output``: the same constrained greedy output as the HTTP path for each kind, and the
+    JSON one validates (jsonschema)."""
+    cases = [  # (gRPC StructuredOutput fields, the HTTP structured_outputs object)
+        ({"json_schema": json.dumps(SCHEMA)}, {"json": SCHEMA}),
+        ({"json_object": True}, {"json_object": True}),
+        ({"regex": "[a-z]{2,5}-[0-9]{3}"}, {"regex": "[a-z]{2,5}-[0-9]{3}"}),
+        ({"choice": pb.Choices(choices=["alpha", "beta", "gamma"])}, {"choice": ["alpha", "beta", "gamma"]}),
+        ({"grammar": 'start: "x" ("y" | "z")+'}, {"grammar": 'start: "x" ("y" | "z")+'}),
+    ]
+    with grpc.insecure_channel(srv.grpc_target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+
+        def run(**so):
+            sp = pb.SamplingParameters(max_tokens=60, structured_output=pb.StructuredOutput(**so))
+            return "".join(m.text for m in stub.Generate(pb.GenerateRequest(text="fox", sampling=sp), timeout=120))
+
+        for so, http in cases:
+            text = run(**so)
+            ref = _post(srv, "/v1/completions", {"prompt": "fox", "max_tokens": 60, "temperature": 0,
+                                                "structured_outputs": http})["choices"][0]["text"]
+            assert text == ref, (so, text, ref)
+            if "json_schema" in so:
+                jsonschema.validate(json.loads(text), SCHEMA)
+        assert re.fullmatch("[a-z]{2,5}-[0-9]{3}", run(regex="[a-z]{2,5}-[0-9]{3}"))
+        for so, needle in [({"json_schema": "{not json"}, "structured_output"), ({"regex": "("}, "structured_output"),
+                           ({"structural_tag": json.dumps({"structures": [], "triggers": []})}, "structures"),
+                           ({}, "structured_output")]:
+            with pytest.raises(grpc.RpcError) as e:
+                run(**so)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
