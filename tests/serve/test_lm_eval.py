@@ -152,6 +152,11 @@ def test_vllm_prompt_logprobs_field_and_grpc(served):
         assert next(iter(e)) == str(ids[j]) and len(e) in (2, 3)
         for t, v in e.items():
             assert v["logprob"] == pytest.approx(ref[j - 1, int(t)], abs=TOL)
+        # vLLM's rank: 1 + the tokens more likely than this one (HF float64; near-ties within TOL either way)
+        lp = ref[j - 1, ids[j]]
+        assert 1 + np.sum(ref[j - 1] > lp + TOL) <= e[str(ids[j])]["rank"] <= 1 + np.sum(ref[j - 1] > lp - TOL)
+        alts = sorted((t for t in e if t != str(ids[j]) or len(e) == 2), key=lambda t: -e[t]["logprob"])
+        assert [e[t]["rank"] for t in alts] == list(range(1, len(alts) + 1))
     bad = httpx.post(url + "/v1/completions", json={"prompt": ids, "prompt_logprobs": 21}, timeout=300)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
     zero = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 0}, timeout=300)
