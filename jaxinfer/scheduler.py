@@ -22,8 +22,9 @@ Step share (``max_step_tokens_per_request``, off by default; ``jaxinfer serve`` 
 client request has work, a request with several unfinished sequences puts at most that many tokens (decode
 rows + prefill tokens) in a step, its sequences taking turns (the least recently scheduled first). On a
 compute-bound device each row of a step costs every sequence in it time, so this keeps a request with a
-large ``n`` (or many prompts) from slowing everyone else's tokens; a request alone uses the whole step, and
-single-sequence requests are never limited.
+large ``n`` (or many prompts) from slowing everyone else's tokens; a request alone uses the whole step
+(``SHARE_GRACE_STEPS`` steps after the others' work ended), and single-sequence requests are never
+limited.
 
 When a running sequence needs a page and none is left, the newest running sequence is preempted (its
 pages freed, its outputs kept, put back at the front of the waiting queue) until the page fits or the
@@ -50,6 +51,10 @@ from jaxinfer.block_manager import BlockManager, cdiv
 from jaxinfer.errors import InvalidRequestError, PromptTooLongError
 from jaxinfer.scheduler_types import ScheduledSeq, SchedulerConfig, SchedulerOutput, SchedulerStats, SeqUpdate
 from jaxinfer.sequence import Sequence, SequenceStatus
+
+# Steps the step share stays on after the last step in which another client request had work: a client
+# sending requests back to back finds the next one capped too instead of a full step of the big request's.
+SHARE_GRACE_STEPS = 16
 
 
 def _token_list(value) -> list[int]:
@@ -78,6 +83,7 @@ class Scheduler:
         self._next_order = 0
         self._num_preemptions = 0
         self._step_no = 0
+        self._shared_until = -1  # step share: on through this step (SHARE_GRACE_STEPS after sharing)
         self._last_step: dict[str, int] = {}  # request id -> the last step that scheduled it (step share)
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -169,14 +175,17 @@ class Scheduler:
 
     def _step_shares(self) -> dict[str, int] | None:
         """Tokens left this step per limited client (``max_step_tokens_per_request``), or None: no limit
-        (off, or a single client has work). Clients with one unfinished sequence are not limited."""
+        (off, or a single client has had work for ``SHARE_GRACE_STEPS`` steps). Clients with one unfinished
+        sequence are not limited."""
         limit = self.config.max_step_tokens_per_request
         if limit is None:
             return None
         sizes: dict[str, int] = {}
         for seq in self._requests.values():
             sizes[seq.client] = sizes.get(seq.client, 0) + 1
-        if len(sizes) < 2:
+        if len(sizes) >= 2:
+            self._shared_until = self._step_no + SHARE_GRACE_STEPS
+        elif self._step_no > self._shared_until:
             return None
         return {g: limit for g, c in sizes.items() if c > 1} or None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 
 from jaxinfer.sampling_params import SamplingParams
-from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.scheduler import SHARE_GRACE_STEPS, Scheduler, SchedulerConfig
 from jaxinfer.sequence import Sequence
 from tests.serve.fake_engine import FakeEngine
 
@@ -48,6 +48,8 @@ def test_big_request_takes_turns_while_another_request_has_work():
     assert sched.get("0:small") is None  # finished: 20 tokens in 20 steps, one per step
     progress = sorted(s.num_output_tokens - before[s.request_id] for s in sched.running if s.client == "big")
     assert progress == [2] * 8 + [3] * 8, progress  # 40 rows shared evenly (round robin) by its 16 sequences
+    for _ in range(SHARE_GRACE_STEPS):  # still shared for a grace period (a next request of the same client)
+        assert _tokens(_step(sched), "big") == 2
     assert len(_step(sched).scheduled) == 16  # alone again: full steps
 
 
