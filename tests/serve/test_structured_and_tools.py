@@ -278,3 +278,43 @@ def test_grpc_structured_output_matches_http(srv):
             with pytest.raises(grpc.RpcError) as e:
                 run(**so)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
+
+
+def test_grpc_chat_tools_match_http(srv):
+    """gRPC ``chat`` with tools: the same prompt as HTTP (usage), a forced call parsed into ``tool_calls`` equal
+    to HTTP's (greedy) with arguments valid against the tool's schema (jsonschema)."""
+    history = USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "noop", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+    ]
+    with grpc.insecure_channel(srv.grpc_target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+
+        def run(choice, **chat):
+            req = pb.GenerateRequest(chat=pb.Chat(messages_json=json.dumps(history), tools_json=json.dumps(TOOLS),
+                                                  tool_choice_json=json.dumps(choice), **chat),
+                                     sampling=pb.SamplingParameters(max_tokens=200))
+            return list(stub.Generate(req, timeout=120))
+
+        for choice in ({"type": "function", "function": {"name": "weather"}}, "required"):
+            msgs = run(choice, parallel_tool_calls=False)
+            ref = _post(srv, "/v1/chat/completions", {"messages": history, "tools": TOOLS, "tool_choice": choice,
+                                                      "parallel_tool_calls": False, "temperature": 0,
+                                                      "max_tokens": 200})
+            assert msgs[-1].usage.prompt_tokens == ref["usage"]["prompt_tokens"]
+            last = msgs[-1]
+            assert last.finish_reason == "tool_calls" == ref["choices"][0]["finish_reason"]
+            calls = [{"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+                     for t in last.tool_calls]
+            _check_calls(calls, {"weather"} if isinstance(choice, dict) else {"weather", "noop"})
+            want = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                    for c in ref["choices"][0]["message"]["tool_calls"]]
+            assert [(t.name, json.loads(t.arguments)) for t in last.tool_calls] == want
+        plain = run("none")
+        assert not plain[-1].tool_calls and plain[-1].finish_reason in ("stop", "length")
+        for chat, needle in [({"messages_json": "[{"}, "messages"), ({"messages_json": "[]"}, "messages"),
+                             ({"messages_json": json.dumps(USER), "tool_choice_json": '"required"'}, "tools")]:
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(pb.GenerateRequest(chat=pb.Chat(**chat)), timeout=60))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details(), e.value.details()
