@@ -129,7 +129,7 @@ CASES = [
      "invalid_value"),
     ("structured-outputs-two", CMPL, c(structured_outputs={"regex": "a", "choice": ["a"]}), 400,
      "structured_outputs", "invalid_value"),
-    ("structural-tag", CMPL, c(structured_outputs={"structural_tag": "{}"}), 400, "structured_outputs",
+    ("structural-tag", CMPL, c(structured_outputs={"structural_tag": '{"format": {"type": "const_string"}}'}), 400, "structured_outputs",
      "unsupported"),
     ("response-format-and-guided", CHAT, ch(response_format={"type": "json_object"}, guided_regex="a"), 400,
      "guided_regex", "invalid_value"),
