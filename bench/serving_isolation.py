@@ -5,11 +5,15 @@ per scenario, the attacker stops when the victim is done (and after ``--max-seco
     python bench/serving_isolation.py                       # FakeEngine server in a subprocess
     python bench/serving_isolation.py --real-model          # jaxinfer serve on the default model; JSON result
     python bench/serving_isolation.py --url http://127.0.0.1:8000 --grpc 127.0.0.1:50051   # a running server
+    python bench/serving_isolation.py --real-model --rounds 3 --only n128_64_stops_grpc --server-args "..."
 
 Victim: sequential non-streamed completions (``max_tokens`` 32, greedy); reported: median / p90 latency.
 Attacks (defaults of ``jaxinfer serve``'s limits): n=128 x 2 prompts with 64 stop strings totalling
-4096 bytes (HTTP and gRPC), requests whose step fails (FakeEngine ``[fail]``), int32-overflowing fields,
-300 slowloris sockets, non-JSON and unauthenticated posts.
+4096 bytes (HTTP and gRPC), 256 distinct 200-token prompts in one request, requests whose step fails
+(FakeEngine ``[fail]``), int32-overflowing fields, 300 slowloris sockets, non-JSON posts. The big requests
+are streamed and dropped as soon as the victim is done (the server aborts them); the next scenario starts
+once the server is idle. ``--rounds``: baseline and attacks repeated in turn, so the baseline's spread
+across rounds (``round_medians_s``) shows what the shared machine's load moves.
 """
 
 from __future__ import annotations
