@@ -314,8 +314,12 @@ class Scheduler:
             return True
 
         def held(seq: Sequence) -> bool:
-            """Passed over this step: excluded, or its request's step share is spent."""
-            return bool(exclude_groups and seq.group in exclude_groups) or allowed(seq, 1) == 0
+            """Passed over this step: excluded, or its request's step share is spent (or, without chunked
+            prefill, too small for its prompt: never a stop for the requests behind it)."""
+            if exclude_groups and seq.group in exclude_groups:
+                return True
+            need = 1 if cfg.enable_chunked_prefill else seq.num_tokens
+            return allowed(seq, need) < need
 
         def room() -> bool:
             return budget > 0 and len(self.running) < cfg.max_num_seqs

@@ -13,8 +13,9 @@ from tests.serve.fake_engine import FakeEngine
 
 
 def _sched(step: int | None = 2, **kw) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=32, max_model_len=1024,
-                                     num_pages=2048, page_size=16, max_step_tokens_per_request=step, **kw))
+    kw = {"max_num_batched_tokens": 256, "max_model_len": 1024, **kw}
+    return Scheduler(SchedulerConfig(max_num_seqs=32, num_pages=2048, page_size=16, max_step_tokens_per_request=step,
+                                     **kw))
 
 
 def _add(sched: Scheduler, group: str, n: int, prompt: list[int], max_tokens: int = 1000, client=None) -> None:
@@ -119,3 +120,13 @@ def test_server_passes_one_client_key_per_api_request(make_server):
     assert batch[0].startswith(clients[batch[0]])  # the client key is the API request's id
     single = [rid for rid in clients if rid not in batch]
     assert len(single) == 1 and clients[single[0]] is None  # a single prompt is its own engine request
+
+
+def test_without_chunked_prefill_a_big_request_over_its_share_does_not_block_others():
+    sched = _sched(step=2, enable_chunked_prefill=False, max_model_len=256)
+    _add(sched, "small", 1, [7, 8, 9], max_tokens=5)
+    _step(sched)
+    _add(sched, "big", 4, list(range(10, 30)))  # 20-token prompts: more than the share, and not chunkable
+    _add(sched, "late", 1, [5, 6])
+    out = _step(sched)
+    assert _tokens(out, "big") == 0 and _tokens(out, "late") == 2  # the big one waits, the late one overtakes
