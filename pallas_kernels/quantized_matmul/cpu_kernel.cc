@@ -9,12 +9,12 @@
 //   out[m, n] = sum_k x[m, k] * (scale[k / g, n] * q[k, n] (+ offset[k / g, n]))
 //
 // Two paths, chosen by M (attribute gemv_max_m):
-//  * M <= gemv_max_m (decode): the packed weights are streamed once, row by row (a row of K is N
-//    contiguous bytes), in blocks of 64 output columns. Each 16-byte piece is sign-extended / unpacked
-//    to int32 and converted to float32 in registers and multiplied into per-group float32 accumulators
-//    for up to 4 activation rows at a time; at the end of a group the accumulators are scaled (and the
-//    asymmetric offset added as offset * sum(x over the group)). Nothing the size of the weight is
-//    written anywhere.
+//  * M <= gemv_max_m (decode): the packed weights are streamed once (a row of K is N contiguous bytes)
+//    in chunks of rows across ranges of up to 512 output columns. Each 16-byte piece is sign-extended /
+//    unpacked to int32 and converted to float32 in registers and multiplied into per-group float32
+//    accumulators for up to 4 activation rows at a time; at the end of a group the accumulators are
+//    scaled (and the asymmetric offset added as offset * sum(x over the group)). Nothing the size of
+//    the weight is written anywhere.
 //  * larger M (prefill): per block of 64 output columns the weight is dequantized once into a panel
 //    (scale * q (+ offset), exactly the reference's float32 dequantization) that stays in the L2 cache,
 //    then multiplied with blocks of 6 activation rows. With bfloat16 activations on a CPU with
@@ -212,47 +212,80 @@ inline float ScalarLevel(const Problem& p, int64_t k, int64_t col) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Decode path: rows [m0, m0 + MB) x columns [n0, n0 + NV * 16), weights streamed once.
-template <WKind W, SKind S, int MB, int NV>
-void GemvBlock(const Problem& p, int64_t m0, int64_t n0) {
+// Decode path. An item is rows [m0, m0 + MB) and a range of up to kItemCols columns. It sweeps the
+// packed weight in chunks of kRowChunk packed rows across the whole column range (runs of contiguous
+// bytes, friendly to the prefetcher and the TLB even when a row of N is many pages long), keeping the
+// float32 partial sums of the current group and the scaled totals in two small L1-resident buffers.
+constexpr int kItemCols = 512;
+constexpr int kRowChunk = 32;
+
+// Packed rows [r0, r1) of group j into acc[MB][kItemCols] for the NV vectors at column n0 (acc points
+// at that column block's first lane; rows of acc are kItemCols apart).
+template <WKind W, int MB, int NV>
+inline void GemvChunk(const Problem& p, int64_t m0, int64_t n0, int64_t j, int64_t r0, int64_t r1, float* acc) {
   constexpr bool kI4 = W != WKind::kI8;
-  const int64_t prow = kI4 ? p.g / 2 : p.g;  // packed rows per group
-  VF y[MB][NV];
+  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  VF a[MB][NV];
   for (int i = 0; i < MB; ++i)
-    for (int v = 0; v < NV; ++v) y[i][v] = VF{};
+    for (int v = 0; v < NV; ++v) a[i][v] = LoadF(acc + i * kItemCols + v * kLanes);
   const float* xr[MB];
-  for (int i = 0; i < MB; ++i) xr[i] = p.x + (m0 + i) * p.k;
-  for (int64_t j = 0; j < p.groups; ++j) {
-    VF acc[MB][NV];
+  for (int i = 0; i < MB; ++i) xr[i] = p.x + (m0 + i) * p.k + j * p.g;
+  const int8_t* base = p.value + j * prow * p.n + n0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = base + r * p.n;
+    VF lo[NV], hi[NV];
+    for (int v = 0; v < NV; ++v) Levels<W>(row + v * kLanes, &lo[v], &hi[v]);
+    for (int i = 0; i < MB; ++i) {
+      const VF xl = Splat(xr[i][r]);
+      for (int v = 0; v < NV; ++v) a[i][v] += xl * lo[v];
+      if constexpr (kI4) {
+        const VF xh = Splat(xr[i][p.g / 2 + r]);
+        for (int v = 0; v < NV; ++v) a[i][v] += xh * hi[v];
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NV; ++v) StoreF(acc + i * kItemCols + v * kLanes, a[i][v]);
+}
+
+// Whole groups [j0, j1) for the NV vectors at column n0: each group's partial sums stay in registers and
+// are scaled into y (y points at that column block's first lane; rows of y are kItemCols apart).
+template <WKind W, SKind S, int MB, int NV>
+inline void GemvGroups(const Problem& p, int64_t m0, int64_t n0, int64_t j0, int64_t j1, float* y) {
+  constexpr bool kI4 = W != WKind::kI8;
+  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  for (int64_t j = j0; j < j1; ++j) {
+    VF a[MB][NV];
     for (int i = 0; i < MB; ++i)
-      for (int v = 0; v < NV; ++v) acc[i][v] = VF{};
+      for (int v = 0; v < NV; ++v) a[i][v] = VF{};
+    const float* xr[MB];
+    for (int i = 0; i < MB; ++i) xr[i] = p.x + (m0 + i) * p.k + j * p.g;
     const int8_t* base = p.value + j * prow * p.n + n0;
-    const int64_t k0 = j * p.g;
     for (int64_t r = 0; r < prow; ++r) {
       const int8_t* row = base + r * p.n;
       VF lo[NV], hi[NV];
       for (int v = 0; v < NV; ++v) Levels<W>(row + v * kLanes, &lo[v], &hi[v]);
       for (int i = 0; i < MB; ++i) {
-        const VF xl = Splat(xr[i][k0 + r]);
-        for (int v = 0; v < NV; ++v) acc[i][v] += xl * lo[v];
+        const VF xl = Splat(xr[i][r]);
+        for (int v = 0; v < NV; ++v) a[i][v] += xl * lo[v];
         if constexpr (kI4) {
-          const VF xh = Splat(xr[i][k0 + p.g / 2 + r]);
-          for (int v = 0; v < NV; ++v) acc[i][v] += xh * hi[v];
+          const VF xh = Splat(xr[i][p.g / 2 + r]);
+          for (int v = 0; v < NV; ++v) a[i][v] += xh * hi[v];
         }
       }
     }
     for (int v = 0; v < NV; ++v) {
       const VF sc = LoadScale<S>(p.scale, j * p.n + n0 + v * kLanes);
-      if constexpr (W == WKind::kI4A) {
-        const VF off = LoadScale<S>(p.offset, j * p.n + n0 + v * kLanes);
-        for (int i = 0; i < MB; ++i) y[i][v] += acc[i][v] * sc + off * p.xsum[(m0 + i) * p.groups + j];
-      } else {
-        for (int i = 0; i < MB; ++i) y[i][v] += acc[i][v] * sc;
+      VF off = VF{};
+      if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + n0 + v * kLanes);
+      for (int i = 0; i < MB; ++i) {
+        float* yp = y + i * kItemCols + v * kLanes;
+        VF t = LoadF(yp) + a[i][v] * sc;
+        if constexpr (W == WKind::kI4A) t += off * p.xsum[(m0 + i) * p.groups + j];
+        StoreF(yp, t);
       }
     }
   }
-  for (int i = 0; i < MB; ++i)
-    for (int v = 0; v < NV; ++v) StoreOut(p, m0 + i, n0 + v * kLanes, y[i][v], kLanes);
 }
 
 // Columns [n0, n1) (fewer than 16) for rows [m0, m1), scalar.
@@ -275,28 +308,61 @@ void ScalarColumns(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t
 }
 
 template <WKind W, SKind S, int MB>
-void GemvRows(const Problem& p, int64_t m0, int64_t n0, int nvec) {
-  if (nvec == kNV) {
-    GemvBlock<W, S, MB, kNV>(p, m0, n0);
-  } else {
-    for (int v = 0; v < nvec; ++v) GemvBlock<W, S, MB, 1>(p, m0, n0 + v * kLanes);
-  }
-}
-
-// One decode item: rows [m0, m1) (at most kMB), a column block starting at n0.
-template <WKind W, SKind S>
-void GemvItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
-  const int64_t n1 = std::min<int64_t>(n0 + kNB, p.n);
-  const int nvec = static_cast<int>((n1 - n0) / kLanes);
-  if (nvec > 0) {
-    switch (m1 - m0) {
-      case 1: GemvRows<W, S, 1>(p, m0, n0, nvec); break;
-      case 2: GemvRows<W, S, 2>(p, m0, n0, nvec); break;
-      case 3: GemvRows<W, S, 3>(p, m0, n0, nvec); break;
-      default: GemvRows<W, S, 4>(p, m0, n0, nvec); break;
+void GemvRows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr bool kI4 = W != WKind::kI8;
+  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  const int64_t nvec = (n1 - n0) / kLanes;  // whole vectors; the rest is ScalarColumns' job
+  const int64_t nfull = nvec / kNV;         // whole blocks of kNV vectors
+  alignas(64) float acc[MB * kItemCols];
+  alignas(64) float y[MB * kItemCols];
+  std::memset(y, 0, sizeof(float) * MB * kItemCols);
+  if (prow <= kRowChunk) {
+    // Small groups: sweep a few whole groups at a time, each group's sums in registers.
+    const int64_t per = std::max<int64_t>(kRowChunk / prow, 1);
+    for (int64_t j0 = 0; j0 < p.groups; j0 += per) {
+      const int64_t j1 = std::min<int64_t>(j0 + per, p.groups);
+      for (int64_t b = 0; b < nfull; ++b) GemvGroups<W, S, MB, kNV>(p, m0, n0 + b * kNB, j0, j1, y + b * kNB);
+      for (int64_t v = nfull * kNV; v < nvec; ++v)
+        GemvGroups<W, S, MB, 1>(p, m0, n0 + v * kLanes, j0, j1, y + v * kLanes);
     }
   }
-  if (n0 + nvec * kLanes < n1) ScalarColumns<W, S>(p, m0, m1, n0 + nvec * kLanes, n1);
+  for (int64_t j = 0; j < p.groups && prow > kRowChunk; ++j) {
+    std::memset(acc, 0, sizeof(float) * MB * kItemCols);
+    for (int64_t r0 = 0; r0 < prow; r0 += kRowChunk) {
+      const int64_t r1 = std::min<int64_t>(r0 + kRowChunk, prow);
+      for (int64_t b = 0; b < nfull; ++b) GemvChunk<W, MB, kNV>(p, m0, n0 + b * kNB, j, r0, r1, acc + b * kNB);
+      for (int64_t v = nfull * kNV; v < nvec; ++v)
+        GemvChunk<W, MB, 1>(p, m0, n0 + v * kLanes, j, r0, r1, acc + v * kLanes);
+    }
+    for (int64_t v = 0; v < nvec; ++v) {
+      const VF sc = LoadScale<S>(p.scale, j * p.n + n0 + v * kLanes);
+      VF off = VF{};
+      if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + n0 + v * kLanes);
+      for (int i = 0; i < MB; ++i) {
+        float* yp = y + i * kItemCols + v * kLanes;
+        VF t = LoadF(yp) + LoadF(acc + i * kItemCols + v * kLanes) * sc;
+        if constexpr (W == WKind::kI4A) t += off * p.xsum[(m0 + i) * p.groups + j];
+        StoreF(yp, t);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int64_t v = 0; v < nvec; ++v) StoreOut(p, m0 + i, n0 + v * kLanes, LoadF(y + i * kItemCols + v * kLanes), kLanes);
+}
+
+// One decode item: rows [m0, m1) (at most kMB), columns [n0, n1) (at most kItemCols).
+template <WKind W, SKind S>
+void GemvItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t nv_end = n0 + (n1 - n0) / kLanes * kLanes;
+  if (nv_end > n0) {
+    switch (m1 - m0) {
+      case 1: GemvRows<W, S, 1>(p, m0, n0, nv_end); break;
+      case 2: GemvRows<W, S, 2>(p, m0, n0, nv_end); break;
+      case 3: GemvRows<W, S, 3>(p, m0, n0, nv_end); break;
+      default: GemvRows<W, S, 4>(p, m0, n0, nv_end); break;
+    }
+  }
+  if (nv_end < n1) ScalarColumns<W, S>(p, m0, m1, nv_end, n1);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -445,13 +511,13 @@ void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
 
 // ---------------------------------------------------------------------------------------------------
 struct Item {
-  int64_t m0, m1, n0;
+  int64_t m0, m1, n0, n1;
 };
 
 template <WKind W, SKind S>
 void RunItem(const Problem& p, const Item& it, bool gemv) {
   if (gemv) {
-    GemvItem<W, S>(p, it.m0, it.m1, it.n0);
+    GemvItem<W, S>(p, it.m0, it.m1, it.n0, it.n1);
   } else {
     PanelItem<W, S>(p, it.m0, it.m1, it.n0);
   }
@@ -572,8 +638,12 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
   const int64_t nblocks = (p.n + kNB - 1) / kNB;
   std::vector<Item> items;
   if (gemv) {
+    // Column ranges of whole blocks, wide enough for long sequential runs, narrow enough for ~8 items
+    // per thread.
+    const int64_t width = std::clamp<int64_t>(nblocks / (8 * threads), 1, kItemCols / kNB) * kNB;
     for (int64_t m0 = 0; m0 < p.m; m0 += kMB)
-      for (int64_t b = 0; b < nblocks; ++b) items.push_back(Item{m0, std::min(m0 + kMB, p.m), b * kNB});
+      for (int64_t c = 0; c < p.n; c += width)
+        items.push_back(Item{m0, std::min(m0 + kMB, p.m), c, std::min(c + width, p.n)});
   } else {
     // Split rows only when there are too few column blocks to keep the pool busy (each row split
     // dequantizes the panel again).
@@ -581,7 +651,7 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
     while (nblocks * splits < 4 * threads && p.m / (splits * 2) >= 4 * kPanelMB) splits *= 2;
     const int64_t rows = (p.m + splits - 1) / splits;
     for (int64_t b = 0; b < nblocks; ++b)
-      for (int64_t m0 = 0; m0 < p.m; m0 += rows) items.push_back(Item{m0, std::min(m0 + rows, p.m), b * kNB});
+      for (int64_t m0 = 0; m0 < p.m; m0 += rows) items.push_back(Item{m0, std::min(m0 + rows, p.m), b * kNB, std::min((b + 1) * kNB, p.n)});
   }
 
   auto queue = std::make_shared<WorkQueue>();
