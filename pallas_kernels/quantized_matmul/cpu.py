@@ -36,6 +36,8 @@ _X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 #: Largest M run by the streaming (decode) path; larger M dequantizes panels (bench/quant_matmul.py).
 GEMV_MAX_M = 8
+#: Products with fewer weight bytes x rows than this run on the calling thread only.
+PARALLEL_MIN_BYTES = 128 * 1024
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": True, or "error": reason
@@ -66,7 +68,8 @@ def unsupported_reason(x: jax.Array, w: QArray) -> str | None:
     return None
 
 
-def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int = GEMV_MAX_M) -> jax.Array:
+def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int = GEMV_MAX_M,
+                         parallel_min_bytes: int | None = None) -> jax.Array:
     """``x[M, K] @ dequantize(w)[K, N] -> [M, N]`` in ``out_dtype`` through the C++ kernel.
 
     Args:
@@ -74,6 +77,8 @@ def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int 
       w: int8 / int4 weight-only :class:`QArray` of logical shape ``[K, N]``.
       out_dtype: any float dtype (float32 / bfloat16 are written by the kernel, others cast after).
       gemv_max_m: largest M run by the streaming path (a tuning knob; both paths give the same math).
+      parallel_min_bytes: products with fewer weight bytes x M run on the calling thread alone (default
+        :data:`PARALLEL_MIN_BYTES`).
 
     Raises:
       KernelUnavailableError: the kernel could not be built here.
@@ -92,5 +97,6 @@ def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int 
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), kernel_out), vmap_method="sequential")
     y = call(x, w.value, w.scale, offset, group_size=np.int64(cfg.group_size or 0),
              int4=np.int64(cfg.weight == "int4"), asymmetric=np.int64(not cfg.symmetric),
-             gemv_max_m=np.int64(gemv_max_m))
+             gemv_max_m=np.int64(gemv_max_m),
+             parallel_min_bytes=np.int64(PARALLEL_MIN_BYTES if parallel_min_bytes is None else parallel_min_bytes))
     return y.astype(out_dtype)

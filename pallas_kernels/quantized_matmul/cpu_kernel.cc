@@ -563,7 +563,8 @@ struct WorkQueue {
 
 ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> value,
                               ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> out,
-                              int64_t group_size, int64_t int4, int64_t asymmetric, int64_t gemv_max_m) {
+                              int64_t group_size, int64_t int4, int64_t asymmetric, int64_t gemv_max_m,
+                              int64_t parallel_min_bytes) {
   auto xd = x.dimensions();
   auto vd = value.dimensions();
   auto sd = scale.dimensions();
@@ -613,17 +614,18 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
   // The bfloat16 dot reads x as stored; every other path reads a float32 copy.
   const bool panel_bf16 = !gemv && x_bf16 && kHaveBf16Dot && p.k % 2 == 0;
   std::vector<float> xf;
-  if (x_bf16) {
+  if (panel_bf16) {
+    p.xb = static_cast<const uint16_t*>(x.untyped_data());
+  } else if (x_bf16) {
     const uint16_t* xh = static_cast<const uint16_t*>(x.untyped_data());
     xf.resize(static_cast<size_t>(p.m * p.k));
     for (int64_t i = 0; i < p.m * p.k; ++i) xf[i] = Bf16ToF32(xh[i]);
     p.x = xf.data();
-    if (panel_bf16) p.xb = xh;
   } else {
     p.x = static_cast<const float*>(x.untyped_data());
   }
   std::vector<float> xsum;
-  if (w == WKind::kI4A) {
+  if (w == WKind::kI4A && gemv) {  // the panel path adds the offset into the dequantized weight
     xsum.resize(static_cast<size_t>(p.m * p.groups));
     for (int64_t m = 0; m < p.m; ++m)
       for (int64_t j = 0; j < p.groups; ++j) {
@@ -657,7 +659,10 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
   auto queue = std::make_shared<WorkQueue>();
   queue->n = static_cast<int64_t>(items.size());
   queue->run = [&p, &items, gemv, w, s](int64_t i) { RunItemAny(p, items[i], gemv, w, s); };
-  const int64_t helpers = std::min<int64_t>(threads, queue->n) - 1;
+  // Small products run on the calling thread alone: waking pool threads costs more than they save.
+  const int64_t weight_bytes = vd[0] * vd[1];
+  const int64_t helpers = weight_bytes * std::max<int64_t>(p.m, 1) < parallel_min_bytes
+                              ? 0 : std::min<int64_t>(threads, queue->n) - 1;
   for (int64_t i = 0; i < helpers; ++i) {
     pool.Schedule([queue] { queue->Drain(); });
   }
@@ -680,4 +685,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQuantizedMatmulCpu, QuantizedMatmulCpu,
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("int4")
                                   .Attr<int64_t>("asymmetric")
-                                  .Attr<int64_t>("gemv_max_m"));
+                                  .Attr<int64_t>("gemv_max_m")
+                                  .Attr<int64_t>("parallel_min_bytes"));
