@@ -43,6 +43,8 @@ def test_gguf_weights_stay_quantized_on_the_cpu_with_the_kernel(monkeypatch):
     assert resolve_auto_settings(EngineConfig(), "gpu", cpu_matmul_kernel=True, **kw).quantization is None
     explicit = EngineConfig(dtype="bfloat16")
     assert resolve_auto_settings(explicit, "cpu", cpu_matmul_kernel=True, **kw) is explicit
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "bfloat16")  # a forced dtype keeps the weights as loaded
+    assert resolve_auto_settings(EngineConfig(), "cpu", cpu_matmul_kernel=True, **kw).quantization is None
 
 
 def test_env_override(monkeypatch):
