@@ -20,7 +20,8 @@ class Kernels:
 
     Attributes:
       attention: ragged paged attention ("xla", "cpu", "pallas_tpu" or "pallas_gpu").
-      matmul: quantized matmul ("xla", "pallas_tpu" or "pallas_gpu").
+      matmul: quantized matmul ("xla", "cpu", "pallas_tpu" or "pallas_gpu"; the grouped expert matmul runs
+        "xla" for "cpu").
       attention_interpret / matmul_interpret: run that Pallas kernel in interpret mode (it was named for a
         platform other than the one the model is placed on, e.g. a TPU kernel tested on the CPU).
     """
