@@ -46,6 +46,10 @@ class EngineConfig:
       max_running_seqs_per_request: most sequences of one request (its ``n`` samples) running at once;
         ``None`` = half of ``max_num_seqs`` (at least 1), so one request never takes every slot. While
         several requests wait, each is also held to a fair share of ``max_num_seqs`` (see the scheduler).
+      max_step_tokens_per_request: while another request has work, the most tokens (decode rows + prefill
+        tokens) a request with several sequences puts in one step (its sequences take turns); ``None`` = no
+        limit. On a compute-bound device every row of a step slows it for everyone: this keeps a request
+        with a large ``n`` from slowing the others' tokens, at the cost of its own speed while shared.
       page_size: tokens per KV page (power of two).
       kv_cache_memory: KV cache budget per device (bytes or "2GiB"; under tensor parallelism each device holds
         its share of the KV heads); ``None`` = ``kv_cache_memory_fraction`` of free device memory, or 1 GiB on
@@ -69,7 +73,8 @@ class EngineConfig:
       tensor_parallel_size: devices each model replica is split over (mesh axis "model").
       data_parallel_size: engine replicas, each on its own ``tensor_parallel_size`` devices (mesh axis
         "data"); requests go to the least loaded replica.
-      quantization: ``None`` loads a GGUF model dequantized to float (the fastest path on the CPU);
+      quantization: ``None`` loads a GGUF model dequantized to float (``dtype="auto"`` on a CPU turns it into
+        ``"gguf"`` when the C++ quantized-matmul kernel can be built, see :func:`resolve_auto_settings`);
         ``"gguf"`` keeps its Q8_0 / Q4_0 / Q4_1 weights quantized (see ``jaxinfer.loader.load_model``).
         A quantized checkpoint directory (``jaxinfer quantize``) always loads quantized.
     """
@@ -79,6 +84,9 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(512, "token budget of one engine step (prefill chunks + decodes)")
     max_running_seqs_per_request: int | None = _opt(
         None, "most running sequences (n samples) of one request (default: half of --max-num-seqs)")
+    max_step_tokens_per_request: int | None = _opt(
+        None, "while another request has work, most tokens (decode rows + prefill tokens) one request with "
+              "several sequences (n > 1 or several prompts) puts in a step (default: no limit; jaxinfer serve: 2)")
     page_size: int = _opt(16, "tokens per KV-cache page (a power of two)")
     kv_cache_memory: int | str | None = _opt(
         None, "KV-cache budget per device, bytes or e.g. '2GiB' (default: --kv-cache-memory-fraction of free "
@@ -123,6 +131,9 @@ class EngineConfig:
         cap = self.max_running_seqs_per_request
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             bad("max_running_seqs_per_request", "must be a positive integer or None")
+        step = self.max_step_tokens_per_request
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+            bad("max_step_tokens_per_request", "must be a positive integer or None")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             bad("max_model_len", "must be an integer >= 2 or None")
         if not 0 < self.kv_cache_memory_fraction <= 1:
@@ -182,7 +193,8 @@ def cpu_has_bf16_matmul(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_auto_settings(config: EngineConfig, backend: str | None = None, *,
-                          bf16_cpu: bool | None = None) -> EngineConfig:
+                          bf16_cpu: bool | None = None, gguf_model: bool = False,
+                          cpu_matmul_kernel: bool | None = None) -> EngineConfig:
     """``config`` with ``dtype="auto"`` made concrete for ``backend`` (``None``: JAX's default backend).
 
     On accelerators ``"auto"`` is bfloat16. On a CPU with bfloat16 matrix instructions (``bf16_cpu``;
@@ -191,6 +203,12 @@ def resolve_auto_settings(config: EngineConfig, backend: str | None = None, *,
     WikiText-2 perplexity within 1% of float32 (README, Benchmarks); XLA:CPU converts a bfloat16 cache to
     float32 as a whole in every step, so bfloat16 pages are not used. Other CPUs compute in float32. The
     environment variable ``JAXINFER_AUTO_DTYPE`` (``float32`` or ``bfloat16``) overrides the CPU choice.
+    On the CPU, a GGUF model (``gguf_model``) also keeps its Q8_0 / Q4_0 / Q4_1 weights quantized
+    (``quantization="gguf"``) when the C++ quantized-matmul kernel can be built (``cpu_matmul_kernel``;
+    ``None``: :func:`pallas_kernels.quantized_matmul.cpu.buildable`) and nothing else was asked for
+    (``quantization=None``, one device, no ``JAXINFER_AUTO_DTYPE``): the kernel reads the file's own 4- /
+    8-bit weights, several times
+    fewer bytes per decode step than the dequantized bfloat16 weights (README, Benchmarks).
     An explicit ``dtype`` is returned unchanged.
 
     Raises:
@@ -212,4 +230,13 @@ def resolve_auto_settings(config: EngineConfig, backend: str | None = None, *,
     else:
         dtype = "bfloat16" if (cpu_has_bf16_matmul() if bf16_cpu is None else bf16_cpu) else "float32"
     kv = "int8" if dtype == "bfloat16" and config.kv_cache_dtype == "auto" else config.kv_cache_dtype
-    return dataclasses.replace(config, dtype=dtype, kv_cache_dtype=kv)
+    quantization = config.quantization
+    if (gguf_model and quantization is None and not forced and config.tensor_parallel_size == 1
+            and config.data_parallel_size == 1):
+        if cpu_matmul_kernel is None:
+            from pallas_kernels.quantized_matmul import cpu as qmm_cpu
+
+            cpu_matmul_kernel = qmm_cpu.buildable()
+        if cpu_matmul_kernel:
+            quantization = "gguf"
+    return dataclasses.replace(config, dtype=dtype, kv_cache_dtype=kv, quantization=quantization)
