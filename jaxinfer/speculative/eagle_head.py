@@ -1,0 +1,448 @@
+"""EAGLE draft head: one target-shaped decoder layer over ``[embed(token_{t+1}); h_t]``.
+
+The head predicts the target's next hidden state from its current one. ``h_t`` is the target's last
+decoder-layer output before the final norm at position ``t``; the head's feature at position ``t + 1`` is
+
+    f_{t+1} = layer(fc([embed(x_{t+1}); h_t]))        (RoPE position t + 1)
+
+and its draft logits are ``lm_head(norm(f_{t+1}))`` over a draft vocabulary of ``Vd`` ids (``d2t[i]`` is
+the target token id of draft id ``i``; ``Vd = V`` with ``d2t = arange(V)`` is the full vocabulary). The
+embedding is the target's own, frozen and not stored. Drafting is autoregressive: step ``j + 1`` feeds
+``(d_j, f)`` with the head's own feature in place of the target's ``h``.
+
+Parameters (a plain dict pytree)::
+
+    {"fc": {"kernel": [2D, D], "bias": [D]},
+     "layer": <one target decoder layer's params, as jaxinfer.models.llama.DecoderLayer builds them>,
+     "norm": {"scale": [D]}, "lm_head": {"kernel": [D, Vd]}, "d2t": i32[Vd]}
+
+File format: one safetensors file with tensors ``fc.kernel``, ``fc.bias``, ``norm.scale``,
+``lm_head.kernel``, ``d2t`` and ``layer.<path>`` ('.'-joined param path), and header metadata
+``eagle_config`` (JSON of :class:`EagleHeadConfig`) and ``training`` (JSON training record). Loading needs
+numpy and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "jaxinfer-eagle-1"
+HEADS_DIR = Path(__file__).parent / "heads"
+# Registered target model name -> shipped head file under HEADS_DIR.
+SHIPPED_HEADS = {"smollm2-135m-instruct": "smollm2-135m-instruct-eagle.safetensors"}
+
+
+@dataclass(frozen=True)
+class EagleHeadConfig:
+    """The target fields the head needs, its draft vocabulary size and the target's identity.
+
+    Attributes mirror :class:`jaxinfer.model_config.ModelConfig` (``rope_scaling`` as ``(name, value)`` pairs
+    of ``RopeScaling`` fields, so the config stays hashable for ``jit``); ``vocab_size`` is the target's,
+    ``draft_vocab_size`` the head's ``Vd``;
+    ``target_model`` names the target (registered name, path or hub id) the head was trained on.
+    """
+
+    architecture: str
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    draft_vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()
+    rope_freq_factors: tuple[float, ...] | None = None
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    target_model: str = ""
+
+    def __post_init__(self):
+        if not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [1, {self.vocab_size}], got {self.draft_vocab_size}")
+        if self.architecture not in _DENSE_ARCHITECTURES:
+            raise ValueError(f"no EAGLE head for architecture {self.architecture!r} "
+                             f"(supported: {', '.join(sorted(_DENSE_ARCHITECTURES))})")
+
+    @classmethod
+    def from_target(cls, config, draft_vocab_size: int | None = None, target_model: str = "") -> EagleHeadConfig:
+        """From the target's :class:`~jaxinfer.model_config.ModelConfig` (``None``: the full vocabulary).
+
+        A mixture-of-experts target gets a dense head layer of the target's family
+        (``intermediate_size`` wide).
+        """
+        arch = _MOE_TO_DENSE.get(config.architecture, config.architecture)
+        return cls(arch, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                   config.intermediate_size, config.vocab_size,
+                   config.vocab_size if draft_vocab_size is None else int(draft_vocab_size),
+                   config.rms_norm_eps, config.rope_theta, tuple(asdict(config.rope_scaling).items()),
+                   config.rope_freq_factors,
+                   config.max_position_embeddings, config.attention_bias, config.mlp_bias, config.qk_norm,
+                   config.sliding_window, target_model)
+
+    def layer_config(self):
+        """A one-layer dense :class:`~jaxinfer.model_config.ModelConfig` describing the head's decoder layer
+        (build ``DecoderLayer(head_cfg.layer_config(), ...)`` with it; RoPE frequencies and ``sm_scale``
+        come from it too)."""
+        from jaxinfer.model_config import ModelConfig, RopeScaling
+
+        return ModelConfig(self.architecture, self.vocab_size, self.hidden_size, self.intermediate_size, 1,
+                           self.num_heads, self.num_kv_heads, self.head_dim, self.rms_norm_eps, self.rope_theta,
+                           RopeScaling(**dict(self.rope_scaling)), self.rope_freq_factors, self.max_position_embeddings,
+                           attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, qk_norm=self.qk_norm,
+                           sliding_window=self.sliding_window)
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), rope_scaling=dict(self.rope_scaling))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EagleHeadConfig:
+        d = dict(d)
+        d["rope_scaling"] = tuple(dict(d.get("rope_scaling") or {}).items())
+        if d.get("rope_freq_factors") is not None:
+            d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
+        return cls(**d)
+
+
+_DENSE_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+_MOE_TO_DENSE = {"qwen3_moe": "qwen3", "mixtral": "mistral", "qwen2_moe": "qwen2"}
+
+
+# ---- initialisation (jax) ------------------------------------------------------------------------
+def init_layer_params(key, cfg: EagleHeadConfig, dtype=None) -> dict:
+    """Random parameters of one decoder layer, exactly as ``DecoderLayer`` builds them (unboxed)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from jaxinfer.attention import AttentionMetadata, init_dense_cache
+    from jaxinfer.models.causal_lm import ATTENTION_CLASSES
+    from jaxinfer.models.llama import DecoderLayer
+
+    lc = cfg.layer_config()
+    dtype = jnp.float32 if dtype is None else dtype
+    layer = DecoderLayer(lc, ATTENTION_CLASSES[lc.architecture], dtype)
+    cache = init_dense_cache(1, 1, 1, lc.num_kv_heads, lc.head_dim, dtype)[0]
+    one = jnp.ones((1,), jnp.int32)
+    md = AttentionMetadata(cu_q_lens=jnp.array([0, 1], jnp.int32), kv_lens=one, num_seqs=one, slot_mapping=one - 1)
+    x = jnp.zeros((1, lc.hidden_size), dtype)
+    params = layer.init(key, x, one, cache, md, jnp.asarray(lc.inv_freq()))["params"]
+    return nn.unbox(params)
+
+
+def init_eagle_head(key, target_config, draft_vocab=None, *, target_params=None, target_model: str = "",
+                    dtype=None) -> tuple[EagleHeadConfig, dict]:
+    """A fresh head for a target.
+
+    Args:
+      key: PRNG key.
+      target_config: the target's ``ModelConfig``.
+      draft_vocab: ``None`` (the full vocabulary) or the target token ids of the draft vocabulary
+        (``int[Vd]``, distinct, in draft-id order; becomes ``d2t``).
+      target_params: the target's parameters (optional warm start): ``lm_head`` from the target's LM head
+        columns of ``draft_vocab``, ``norm`` from the target's final norm, ``layer`` a copy of the target's
+        last decoder layer (dense targets), ``fc`` passing ``h_t`` through (identity on the ``h`` half,
+        small random on the embedding half). Without it every part is random (``norm`` ones, ``fc`` and
+        ``lm_head`` LeCun-normal).
+      target_model: recorded in the config.
+      dtype: parameter dtype (default float32).
+    Returns:
+      ``(EagleHeadConfig, params)``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.float32 if dtype is None else dtype
+    v = target_config.vocab_size
+    d2t = np.arange(v, dtype=np.int32) if draft_vocab is None else np.asarray(draft_vocab, dtype=np.int32)
+    if d2t.ndim != 1 or len(np.unique(d2t)) != len(d2t) or d2t.min() < 0 or d2t.max() >= v:
+        raise ValueError(f"draft_vocab must be distinct target token ids in [0, {v}), got shape {d2t.shape}")
+    cfg = EagleHeadConfig.from_target(target_config, len(d2t), target_model)
+    d = cfg.hidden_size
+    k_fc, k_layer, k_lm = jax.random.split(key, 3)
+    lecun = jax.nn.initializers.lecun_normal()
+    params = {
+        "fc": {"kernel": lecun(k_fc, (2 * d, d), dtype), "bias": jnp.zeros((d,), dtype)},
+        "layer": init_layer_params(k_layer, cfg, dtype),
+        "norm": {"scale": jnp.ones((d,), dtype)},
+        "lm_head": {"kernel": lecun(k_lm, (d, len(d2t)), dtype)},
+        "d2t": jnp.asarray(d2t),
+    }
+    if target_params is not None:
+        params = _warm_start(params, cfg, target_config, target_params, dtype)
+    return cfg, params
+
+
+def _warm_start(params, cfg, target_config, tp, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.models.qembedding import QEmbedding
+
+    d2t = np.asarray(params["d2t"])
+    if target_config.tie_word_embeddings:
+        table = tp["embed_tokens"]
+        rows = table.lookup(jnp.asarray(d2t), jnp.float32) if isinstance(table, QEmbedding) else \
+            jnp.take(jnp.asarray(table, jnp.float32), jnp.asarray(d2t), axis=0)
+        head = rows.T
+    else:
+        head = _dense(tp["lm_head"]["kernel"])[:, d2t]
+    out = dict(params)
+    out["lm_head"] = {"kernel": jnp.asarray(head, dtype)}
+    out["norm"] = {"scale": jnp.asarray(tp["norm"]["scale"], dtype)}
+    last = tp.get(f"layers_{target_config.num_layers - 1}")
+    if last is not None and not target_config.is_moe_layer(target_config.num_layers - 1):
+        copied = jax.tree.map(lambda a: jnp.asarray(_dense(a), dtype), last,
+                              is_leaf=lambda a: not isinstance(a, dict))
+        if jax.tree.structure(copied) == jax.tree.structure(params["layer"]):
+            out["layer"] = copied
+    d = cfg.hidden_size
+    fc = np.asarray(params["fc"]["kernel"], np.float32) * 0.1
+    fc[d:] = np.eye(d, dtype=np.float32)
+    out["fc"] = {"kernel": jnp.asarray(fc, dtype), "bias": params["fc"]["bias"]}
+    return out
+
+
+def _dense(w):
+    """A float array from a plain or quantized (``QArray``) weight."""
+    from pallas_kernels.quantized_matmul.qarray import QArray
+
+    if isinstance(w, QArray):
+        return np.asarray(w.dequantize(), np.float32)
+    return np.asarray(w, np.float32)
+
+
+# ---- dense reference forward (jax) ---------------------------------------------------------------
+def layer_qkv(lp: dict, cfg: EagleHeadConfig, x, positions):
+    """The layer's attention inputs: ``x[B, T, D]`` -> ``q[B, T, Hq, Dh]``, ``k, v [B, T, Hkv, Dh]`` (input
+    norm, projections, q/k norm when the architecture has it, RoPE at ``positions i32[B, T]``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.models.layers import linear, rms_norm, rope
+
+    a = lp["self_attn"]
+    b, t, _ = x.shape
+    h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
+
+    def proj(name, heads):
+        p = a[name]
+        return linear(h, p["kernel"], p.get("bias")).reshape(b, t, heads, cfg.head_dim)
+
+    q, k, v = proj("q_proj", cfg.num_heads), proj("k_proj", cfg.num_kv_heads), proj("v_proj", cfg.num_kv_heads)
+    if cfg.qk_norm:
+        q = rms_norm(q, a["q_norm"]["scale"], cfg.rms_norm_eps)
+        k = rms_norm(k, a["k_norm"]["scale"], cfg.rms_norm_eps)
+    inv_freq = jnp.asarray(cfg.layer_config().inv_freq())
+    q = jax.vmap(rope, in_axes=(0, 0, None))(q, positions, inv_freq)
+    k = jax.vmap(rope, in_axes=(0, 0, None))(k, positions, inv_freq)
+    return q, k, v
+
+
+def attend(q, k, v, mask, sm_scale: float):
+    """Grouped-query attention in float32: ``q[B, T, Hq, Dh]``, ``k, v [B, S, Hkv, Dh]``, ``mask bool[B, T, S]``
+    (True = visible) -> ``[B, T, Hq * Dh]`` in ``q.dtype``."""
+    import jax
+    import jax.numpy as jnp
+
+    b, t, hq, dh = q.shape
+    hkv = k.shape[2]
+    qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, dh)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * sm_scale
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
+    return o.reshape(b, t, hq * dh).astype(q.dtype)
+
+
+def layer_finish(lp: dict, cfg: EagleHeadConfig, x, attn_out):
+    """The rest of the layer after attention: ``x + o_proj(attn)``, then the MLP block with its residual."""
+    from jaxinfer.models.layers import linear, rms_norm, swiglu
+
+    a = lp["self_attn"]["o_proj"]
+    x = x + linear(attn_out, a["kernel"], a.get("bias"))
+    m = lp["mlp"]
+    h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    gate = linear(h, m["gate_proj"]["kernel"], m["gate_proj"].get("bias"))
+    up = linear(h, m["up_proj"]["kernel"], m["up_proj"].get("bias"))
+    return x + linear(swiglu(gate, up), m["down_proj"]["kernel"], m["down_proj"].get("bias"))
+
+
+def causal_mask(positions, sliding_window: int | None = None):
+    """``bool[B, T, T]``: query row ``i`` sees key rows ``j <= i`` (within ``sliding_window`` positions)."""
+    import jax.numpy as jnp
+
+    t = positions.shape[1]
+    idx = jnp.arange(t)
+    mask = idx[None, :] <= idx[:, None]
+    if sliding_window is not None:
+        mask = mask & (positions[:, :, None] - positions[:, None, :] < sliding_window)
+    return jnp.broadcast_to(mask, (positions.shape[0], t, t))
+
+
+def fc_input(params, embed_table, tokens, hidden):
+    """``fc([embed(tokens); hidden])``: ``tokens i32[B, T]``, ``hidden[B, T, D]`` -> ``[B, T, D]`` in
+    ``hidden.dtype`` (``embed_table``: the target's ``[V, D]`` table or its ``QEmbedding``)."""
+    import jax.numpy as jnp
+
+    from jaxinfer.models.layers import embed, linear
+
+    b, t = tokens.shape
+    e = embed(embed_table, tokens.reshape(-1), hidden.dtype).reshape(b, t, -1)
+    return linear(jnp.concatenate([e, hidden], axis=-1), params["fc"]["kernel"], params["fc"]["bias"])
+
+
+def draft_logits(params, cfg: EagleHeadConfig, features):
+    """``lm_head(norm(features))``: ``[..., D]`` -> ``f32[..., Vd]``."""
+    import jax.numpy as jnp
+
+    from jaxinfer.models.layers import linear, rms_norm
+
+    x = rms_norm(features, params["norm"]["scale"], cfg.rms_norm_eps)
+    return linear(x, params["lm_head"]["kernel"]).astype(jnp.float32)
+
+
+def eagle_forward_dense(params, cfg: EagleHeadConfig, embed_table, tokens, hidden, positions):
+    """The head over whole sequences with causal attention over its own K/V.
+
+    Args:
+      params: head parameters (see the module docstring).
+      cfg: its :class:`EagleHeadConfig`.
+      embed_table: the target's token embedding ``[V, D]`` (or ``QEmbedding``).
+      tokens: ``i32[B, T]``: row ``t`` holds token ``x_{p+1}``.
+      hidden: ``[B, T, D]``: row ``t`` holds the feature at ``p`` (the target's ``h_p``, or the head's own).
+      positions: ``i32[B, T]``: ``p + 1`` (the position of ``tokens``' row).
+    Returns:
+      ``(features[B, T, D] in hidden.dtype, logits f32[B, T, Vd])``. Rows attend to earlier rows of their
+      sequence (right padding is harmless).
+    """
+    x = fc_input(params, embed_table, tokens, hidden)
+    q, k, v = layer_qkv(params["layer"], cfg, x, positions)
+    lc = cfg.layer_config()
+    o = attend(q, k, v, causal_mask(positions, cfg.sliding_window), lc.sm_scale)
+    f = layer_finish(params["layer"], cfg, x, o)
+    return f, draft_logits(params, cfg, f)
+
+
+# ---- file format (numpy + safetensors only) ------------------------------------------------------
+def _flatten(tree, prefix: str) -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(v, name) if isinstance(v, dict) else {name: v})
+    return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for name, v in flat.items():
+        node = out
+        *path, leaf = name.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def save_eagle_head(path, cfg: EagleHeadConfig, params, meta: dict | None = None, dtype="float16") -> None:
+    """Write the head as one safetensors file.
+
+    Args:
+      path: output file.
+      cfg, params: the head.
+      meta: the training record (JSON-serialisable; stored under the ``training`` metadata key).
+      dtype: storage dtype of the float tensors: "float16", "bfloat16" or "float32" (``d2t`` stays int32).
+    """
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    np_dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}.get(dtype)
+    if np_dtype is None:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
+    _check_params(cfg, params)
+    tensors = {}
+    for name, v in _flatten(params, "").items():
+        a = np.asarray(v)
+        tensors[name] = np.ascontiguousarray(a.astype(np.int32) if name == "d2t" else a.astype(np_dtype))
+    metadata = {"format": FORMAT, "eagle_config": json.dumps(cfg.to_dict()), "training": json.dumps(meta or {})}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_eagle_metadata(path) -> tuple[EagleHeadConfig, dict]:
+    """``(config, training record)`` from a head file's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        md = f.metadata() or {}
+    if md.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an EAGLE head file (metadata format {md.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    return EagleHeadConfig.from_dict(json.loads(md["eagle_config"])), json.loads(md.get("training", "{}"))
+
+
+def load_eagle_head(path) -> tuple[EagleHeadConfig, dict]:
+    """Read a head file: ``(config, params)`` with numpy leaves in the stored dtype (``d2t`` int32).
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: not a head file, or tensors that do not match the config.
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no EAGLE head file at {path}")
+    cfg, _ = read_eagle_metadata(path)
+    params = _unflatten(load_file(str(path)))
+    _check_params(cfg, params)
+    return cfg, params
+
+
+def _check_params(cfg: EagleHeadConfig, params) -> None:
+    d, vd = cfg.hidden_size, cfg.draft_vocab_size
+    want = {"fc.kernel": (2 * d, d), "fc.bias": (d,), "norm.scale": (d,), "lm_head.kernel": (d, vd), "d2t": (vd,)}
+    flat = _flatten(params, "")
+    for name, shape in want.items():
+        got = tuple(np.shape(flat[name])) if name in flat else None
+        if got != shape:
+            raise ValueError(f"EAGLE head tensor {name}: shape {got}, expected {shape}")
+    d2t = np.asarray(flat["d2t"])
+    if d2t.min() < 0 or d2t.max() >= cfg.vocab_size:
+        raise ValueError(f"EAGLE head d2t has ids outside the target vocabulary [0, {cfg.vocab_size})")
+    want_layer = {f"layer.{k}": v for k, v in expected_layer_shapes(cfg).items()}
+    got_layer = {k: tuple(np.shape(v)) for k, v in flat.items() if k.startswith("layer.")}
+    if got_layer != want_layer:
+        diff = sorted(set(got_layer.items()) ^ set(want_layer.items()))
+        raise ValueError(f"EAGLE head layer tensors do not match the config (differences: {diff[:6]})")
+
+
+def expected_layer_shapes(cfg: EagleHeadConfig) -> dict[str, tuple[int, ...]]:
+    """``'.'``-joined path -> shape of every parameter of the head's decoder layer (no jax needed)."""
+    d, q, kv, m = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    out = {"input_layernorm.scale": (d,), "post_attention_layernorm.scale": (d,),
+           "self_attn.q_proj.kernel": (d, q), "self_attn.k_proj.kernel": (d, kv), "self_attn.v_proj.kernel": (d, kv),
+           "self_attn.o_proj.kernel": (q, d), "mlp.gate_proj.kernel": (d, m), "mlp.up_proj.kernel": (d, m),
+           "mlp.down_proj.kernel": (m, d)}
+    if cfg.attention_bias:
+        out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if cfg.mlp_bias:
+        out.update({"mlp.gate_proj.bias": (m,), "mlp.up_proj.bias": (m,), "mlp.down_proj.bias": (d,)})
+    if cfg.qk_norm:
+        out.update({"self_attn.q_norm.scale": (cfg.head_dim,), "self_attn.k_norm.scale": (cfg.head_dim,)})
+    return out
+
+
+def shipped_head_path(model_name: str | None) -> Path | None:
+    """The head file shipped for a registered target model name (``None``: the default model), or ``None``."""
+    from jaxinfer.model_registry import DEFAULT_MODEL
+
+    name = SHIPPED_HEADS.get(DEFAULT_MODEL if model_name is None else str(model_name))
+    return None if name is None else HEADS_DIR / name
