@@ -203,3 +203,17 @@ def test_head_for_another_target_is_refused(eagle, tiny_model_dir):
         _engine(eagle["target"], "eagle")
     with pytest.raises(FileNotFoundError):
         _engine(eagle["target"], "eagle", str(eagle["root"] / "missing.safetensors"))
+
+
+def test_vllm_style_speculative_config():
+    from jaxinfer.llm import _speculative_options
+
+    assert _speculative_options({"method": "eagle", "model": "h.safetensors", "num_speculative_tokens": 4}, {}) == {
+        "speculative_method": "eagle", "speculative_model": "h.safetensors", "num_speculative_tokens": 4}
+    assert _speculative_options({"method": "ngram", "prompt_lookup_min": 2}, {}) == {
+        "speculative_method": "ngram", "ngram_min": 2}
+    with pytest.raises(ValueError, match="unknown key"):
+        _speculative_options({"draft_tensor_parallel_size": 1}, {})
+    with pytest.raises(ValueError, match="conflicts"):
+        _speculative_options({"method": "eagle"}, {"speculative_method": "ngram"})
+    assert EngineConfig(speculative_method="ngram+eagle", speculative_model="h.safetensors").speculative_model
