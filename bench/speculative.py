@@ -152,10 +152,12 @@ def main() -> None:
     if "off" not in args.methods:  # the reference of every speed-up
         args.methods.insert(0, "off")
 
+    from jaxinfer.compilation_cache import enable_compilation_cache
     from jaxinfer.config import EngineConfig
     from jaxinfer.engine import Engine
     from jaxinfer.loader import load_model
 
+    enable_compilation_cache()
     target = load_model(None)
     texts, prompts_all = load_prompts(args.workload, target.tokenizer)
     max_b = max(args.batches)

@@ -252,10 +252,18 @@ class ModelRunner:
         hidden = jnp.take(source, source_rows, axis=0)
         f, cache = head.features(hparams, embed_table, batch.tokens, hidden, batch.positions + 1, kv_cache[0],
                                  batch.md)
-        logits = head.logits(hparams, jnp.take(f, batch.logits_indices, axis=0))
-        tokens, q = draft_sample(logits, batch.sampling)
+        logits = head.draft_logits(hparams, jnp.take(f, batch.logits_indices, axis=0))
+
+        def greedy():  # the draft vocabulary's argmax (q is not read for greedy rows)
+            return hparams["d2t"][jnp.argmax(logits, axis=-1)].astype(jnp.int32), probs
+
+        def sampled():
+            tokens, q = draft_sample(head.on_target_vocab(hparams, logits), batch.sampling)
+            return tokens, probs.at[q_rows].set(q, mode="drop")
+
+        tokens, probs = jax.lax.cond(jnp.all(batch.sampling.temperature <= 0), greedy, sampled)
         f = jnp.pad(f, ((0, source.shape[0] - f.shape[0]), (0, 0)))
-        return tokens, (cache,), probs.at[q_rows].set(q, mode="drop"), f
+        return tokens, (cache,), probs, f
 
     def run_eagle(self, batch: StepBatch, source_rows: np.ndarray, q_rows: np.ndarray, from_target: bool
                   ) -> np.ndarray:

@@ -122,11 +122,14 @@ class EagleHead:
             md = md.replace(impl=self.kernels.attention, interpret=self.kernels.attention_interpret)
         return self.layer.apply({"params": params["layer"]}, x, positions, cache, md, jnp.asarray(self.inv_freq))
 
-    def logits(self, params, features) -> jax.Array:
-        """Draft logits on the target's vocabulary, ``[N, D] -> f32[N, V]`` (ids outside the draft vocabulary
-        get ``-inf``)."""
-        lg = draft_logits(params, self.cfg, features)
+    def draft_logits(self, params, features) -> jax.Array:
+        """Draft logits over the draft vocabulary, ``[N, D] -> f32[N, Vd]``."""
+        return draft_logits(params, self.cfg, features)
+
+    def on_target_vocab(self, params, logits) -> jax.Array:
+        """Draft logits on the target's vocabulary, ``f32[N, Vd] -> f32[N, V]`` (ids outside the draft
+        vocabulary get ``-inf``)."""
         if self.full_vocab:
-            return lg
-        out = jnp.full((lg.shape[0], self.vocab), -jnp.inf, jnp.float32)
-        return out.at[:, params["d2t"]].set(lg)
+            return logits
+        out = jnp.full((logits.shape[0], self.vocab), -jnp.inf, jnp.float32)
+        return out.at[:, params["d2t"]].set(logits)
