@@ -5,11 +5,15 @@ per scenario, the attacker stops when the victim is done (and after ``--max-seco
     python bench/serving_isolation.py                       # FakeEngine server in a subprocess
     python bench/serving_isolation.py --real-model          # jaxinfer serve on the default model; JSON result
     python bench/serving_isolation.py --url http://127.0.0.1:8000 --grpc 127.0.0.1:50051   # a running server
+    python bench/serving_isolation.py --real-model --rounds 3 --only n128_64_stops_grpc --server-args "..."
 
 Victim: sequential non-streamed completions (``max_tokens`` 32, greedy); reported: median / p90 latency.
 Attacks (defaults of ``jaxinfer serve``'s limits): n=128 x 2 prompts with 64 stop strings totalling
-4096 bytes (HTTP and gRPC), requests whose step fails (FakeEngine ``[fail]``), int32-overflowing fields,
-300 slowloris sockets, non-JSON and unauthenticated posts.
+4096 bytes (HTTP and gRPC), 256 distinct 200-token prompts in one request, requests whose step fails
+(FakeEngine ``[fail]``), int32-overflowing fields, 300 slowloris sockets, non-JSON posts. The big requests
+are streamed and dropped as soon as the victim is done (the server aborts them); the next scenario starts
+once the server is idle. ``--rounds``: baseline and attacks repeated in turn, so the baseline's spread
+across rounds (``round_medians_s``) shows what the shared machine's load moves.
 """
 
 from __future__ import annotations
@@ -52,11 +56,25 @@ def victim(url: str, count: int) -> list[float]:
     return lat
 
 
-def _big_http(url, stop):
+def _stream_until(url, body, stop):
+    """Post ``body`` streamed, again and again; disconnect (the server aborts it) as soon as ``stop`` is set."""
     with httpx.Client(timeout=120) as c:
         while not stop.is_set():
-            c.post(url + "/v1/completions", json={"prompt": ["attack a", "attack b"], "n": 128, "max_tokens": 200,
-                                                  "temperature": 1, "stop": STOPS})
+            with c.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+                for _ in r.iter_lines():
+                    if stop.is_set():
+                        break
+
+
+def _big_http(url, stop):
+    _stream_until(url, {"prompt": ["attack a", "attack b"], "n": 128, "max_tokens": 200, "temperature": 1,
+                        "stop": STOPS}, stop)
+
+
+def _many_prompts_http(url, stop):
+    # the most prompts a request may carry, each a distinct 200-token prompt (prefill work, no cache hits)
+    prompts = [[(p * 7919 + i * 104729) % 40000 + 100 for i in range(200)] for p in range(256)]
+    _stream_until(url, {"prompt": prompts, "max_tokens": 200, "temperature": 1, "stop": STOPS}, stop)
 
 
 def _big_grpc(target, stop):
@@ -117,32 +135,64 @@ def _slowloris(url, stop, count=300):
 
 
 ATTACKS = {"n128x2_prompts_64_stops_http": _big_http, "n128_64_stops_grpc": _big_grpc,
+           "256_prompts_of_200_tokens_http": _many_prompts_http,
            "failing_step": _failing, "int32_overflow_fields": _overflow, "non_json_posts": _junk,
            "slowloris_300_sockets": _slowloris}
 
 
-def run(url: str, grpc_target: str | None, count: int, max_seconds: float, skip=()) -> dict:
-    results = {}
+def _wait_idle(url: str, timeout: float = 120.0) -> None:
+    """Wait until the server has no request running or waiting (an aborted attack's pages are freed)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = httpx.get(url + "/metrics", timeout=10).text
+        busy = [line for line in text.splitlines() if line.startswith(("jaxinfer:num_requests_running",
+                                                                      "jaxinfer:num_requests_waiting"))]
+        if busy and all(float(line.split()[-1]) == 0 for line in busy):
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the server did not become idle after an attack")
+
+
+def run(url: str, grpc_target: str | None, count: int, max_seconds: float, skip=(), rounds: int = 1) -> dict:
+    """``rounds`` x (baseline, then each attack): baselines interleaved with the attacks, so the machine's
+    changing load shows in the baselines' spread. Returns ``{scenario: [per-round latency lists]}``."""
+    results: dict[str, list[list[float]]] = {}
     victim(url, 3)  # warm-up
-    results["baseline"] = victim(url, count)
-    for name, fn in ATTACKS.items():
-        if (name.endswith("grpc") and not grpc_target) or name in skip:
-            continue
-        stop = threading.Event()
-        t = threading.Thread(target=fn, args=(grpc_target if name.endswith("grpc") else url, stop), daemon=True)
-        t.start()
-        time.sleep(1.0)  # let the attack get going
-        timer = threading.Timer(max_seconds, stop.set)
-        timer.start()
-        try:
-            results[name] = victim(url, count)
-        finally:
-            stop.set()
-            timer.cancel()
-            t.join(30)
-        assert httpx.get(url + "/health", timeout=10).status_code == 200, name
-    results["baseline_again"] = victim(url, count)
+    for _ in range(rounds):
+        results.setdefault("baseline", []).append(victim(url, count))
+        for name, fn in ATTACKS.items():
+            if (name.endswith("grpc") and not grpc_target) or name in skip:
+                continue
+            stop = threading.Event()
+            t = threading.Thread(target=fn, args=(grpc_target if name.endswith("grpc") else url, stop),
+                                 daemon=True)
+            t.start()
+            time.sleep(1.0)  # let the attack get going
+            timer = threading.Timer(max_seconds, stop.set)
+            timer.start()
+            try:
+                results.setdefault(name, []).append(victim(url, count))
+            finally:
+                stop.set()
+                timer.cancel()
+                t.join(30)
+            assert httpx.get(url + "/health", timeout=10).status_code == 200, name
+            _wait_idle(url)
     return results
+
+
+def summarize(res: dict) -> dict:
+    """Pooled median / p90 per scenario, each round's median, and (baseline) the spread of the rounds'
+    medians: the noise an attack's median is compared with."""
+    def p90(v):
+        return sorted(v)[int(0.9 * (len(v) - 1))]
+
+    out = {}
+    for k, rounds in res.items():
+        pooled = [x for r in rounds for x in r]
+        out[k] = {"median_s": round(statistics.median(pooled), 4), "p90_s": round(p90(pooled), 4),
+                  "round_medians_s": [round(statistics.median(r), 4) for r in rounds]}
+    return out
 
 
 def main() -> None:
@@ -151,21 +201,30 @@ def main() -> None:
     ap.add_argument("--grpc", default=None, help="its gRPC target")
     ap.add_argument("--count", type=int, default=20, help="victim requests per scenario")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="longest attack per scenario")
+    ap.add_argument("--rounds", type=int, default=1, help="baseline + attacks, repeated (interleaved)")
+    ap.add_argument("--only", default=None, help="comma-separated attacks to run (default: all)")
+    ap.add_argument("--tag", default="", help="added to the result file's name")
+    ap.add_argument("--server-args", default=None,
+                    help="extra jaxinfer serve flags for --real-model (e.g. '--max-step-tokens-per-request 0')")
     ap.add_argument("--real-model", action="store_true",
                     help="serve the default model with jaxinfer serve (the FakeEngine-only failing-step attack is "
                          "skipped) and write bench/results/serving_isolation-<date>-<machine>.json")
     args = ap.parse_args()
     proc = None
     url, target = args.url, args.grpc
+    extra = args.server_args.split() if args.server_args else []
     if args.real_model:
-        proc, url, target = _real_server()
+        proc, url, target = _real_server(extra)
     elif url is None:
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
         proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
         url, target = proc.stdout.readline().split()
     try:
-        res = run(url, target, args.count, args.max_seconds, ("failing_step",) if args.real_model else ())
+        skip = {"failing_step"} if args.real_model else set()
+        if args.only:
+            skip |= set(ATTACKS) - set(args.only.split(","))
+        res = run(url, target, args.count, args.max_seconds, skip, args.rounds)
     finally:
         if proc is not None and args.real_model:
             proc.terminate()
@@ -173,18 +232,17 @@ def main() -> None:
         elif proc is not None:
             proc.stdin.close()
             proc.wait(60)
-    out = {k: {"median_s": round(statistics.median(v), 4), "p90_s": round(sorted(v)[int(0.9 * (len(v) - 1))], 4)}
-           for k, v in res.items()}
+    out = summarize(res)
     print(json.dumps(out, indent=1))
     if args.real_model:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from machine import machine_info, result_path
 
-        path = result_path("serving_isolation")
+        path = result_path("serving_isolation" + (f"-{args.tag}" if args.tag else ""))
         info = {"machine": machine_info(), "note": "2-core machine shared with other jobs during the run",
-                "model": "default (smollm2-135m-instruct)", "server": REAL_SERVER_ARGS,
-                "victim_requests_per_scenario": args.count, "max_attack_seconds": args.max_seconds,
-                "latency": out}
+                "model": "default (smollm2-135m-instruct)", "server": REAL_SERVER_ARGS + extra,
+                "victim_requests_per_scenario_and_round": args.count, "rounds": args.rounds,
+                "max_attack_seconds": args.max_seconds, "latency": out}
         with open(path, "w") as f:
             f.write(json.dumps(info, indent=2) + "\n")
         print(f"wrote {path}", file=sys.stderr)
@@ -193,10 +251,11 @@ def main() -> None:
 REAL_SERVER_ARGS = ["--max-model-len", "1024", "--max-num-seqs", "32", "--max-num-batched-tokens", "256"]
 
 
-def _real_server():
+def _real_server(extra=()):
     """``jaxinfer serve`` on the default model on free ports; returns (process, http url, grpc target)."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "jaxinfer.cli", "serve", "--port", "0", "--grpc-port", "0", *REAL_SERVER_ARGS]
+    cmd = [sys.executable, "-m", "jaxinfer.cli", "serve", "--port", "0", "--grpc-port", "0", *REAL_SERVER_ARGS,
+           *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     url = target = None
     for line in proc.stderr:

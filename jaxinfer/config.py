@@ -46,6 +46,10 @@ class EngineConfig:
       max_running_seqs_per_request: most sequences of one request (its ``n`` samples) running at once;
         ``None`` = half of ``max_num_seqs`` (at least 1), so one request never takes every slot. While
         several requests wait, each is also held to a fair share of ``max_num_seqs`` (see the scheduler).
+      max_step_tokens_per_request: while another request has work, the most tokens (decode rows + prefill
+        tokens) a request with several sequences puts in one step (its sequences take turns); ``None`` = no
+        limit. On a compute-bound device every row of a step slows it for everyone: this keeps a request
+        with a large ``n`` from slowing the others' tokens, at the cost of its own speed while shared.
       page_size: tokens per KV page (power of two).
       kv_cache_memory: KV cache budget per device (bytes or "2GiB"; under tensor parallelism each device holds
         its share of the KV heads); ``None`` = ``kv_cache_memory_fraction`` of free device memory, or 1 GiB on
@@ -82,6 +86,9 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(512, "token budget of one engine step (prefill chunks + decodes)")
     max_running_seqs_per_request: int | None = _opt(
         None, "most running sequences (n samples) of one request (default: half of --max-num-seqs)")
+    max_step_tokens_per_request: int | None = _opt(
+        None, "while another request has work, most tokens (decode rows + prefill tokens) one request with "
+              "several sequences (n > 1 or several prompts) puts in a step (default: no limit; jaxinfer serve: 2)")
     page_size: int = _opt(16, "tokens per KV-cache page (a power of two)")
     kv_cache_memory: int | str | None = _opt(
         None, "KV-cache budget per device, bytes or e.g. '2GiB' (default: --kv-cache-memory-fraction of free "
@@ -128,6 +135,9 @@ class EngineConfig:
         cap = self.max_running_seqs_per_request
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             bad("max_running_seqs_per_request", "must be a positive integer or None")
+        step = self.max_step_tokens_per_request
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+            bad("max_step_tokens_per_request", "must be a positive integer or None")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             bad("max_model_len", "must be an integer >= 2 or None")
         if not 0 < self.kv_cache_memory_fraction <= 1:

@@ -97,6 +97,7 @@ def scheduler_config(config: EngineConfig, max_model_len: int, num_pages: int) -
         max_model_len=max_model_len, num_pages=num_pages, page_size=config.page_size,
         enable_prefix_caching=config.enable_prefix_caching, enable_chunked_prefill=config.enable_chunked_prefill,
         max_running_seqs_per_request=config.max_running_seqs_per_request,
+        max_step_tokens_per_request=config.max_step_tokens_per_request,
     )
 
 
@@ -217,8 +218,11 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     *, arrival_time: float | None = None, num_speculative_tokens: int | None = None,
-                    speculative_method: str | None = None) -> None:
+                    client: str | None = None, speculative_method: str | None = None) -> None:
         """Queue a request (``prompt``: text, tokenized as is, or token ids).
+
+        ``client``: the client request this one is part of (a server's batch of prompts): the scheduler
+        shares slots and steps fairly between clients (default: this request alone).
 
         ``num_speculative_tokens``: draft tokens verified per step for this request (``None``: the engine's
         ``num_speculative_tokens``, or 0 with penalties; 0: no speculation; at most the engine's).
@@ -253,7 +257,7 @@ class Engine:
         # The sample that scores prompt logprobs computes its whole prompt (cached pages have no logits).
         scores = params.prompt_logprobs is not None
         seqs = [Sequence(f"{i}:{request_id}", ids, params, use_cached_prefix=not (penalties or (scores and i == 0)),
-                         num_lookahead=k, group=request_id) for i in range(params.n)]
+                         num_lookahead=k, group=request_id, client=client) for i in range(params.n)]
         matchers = self.grammars.create(params.structured_outputs, params.n) if params.structured_outputs else ()
         added = []
         try:

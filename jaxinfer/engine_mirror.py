@@ -171,15 +171,17 @@ class LeaderEngine:
         *,
         arrival_time: float | None = None,
         num_speculative_tokens: int | None = None,
+        client: str | None = None,
     ) -> None:
         """``Engine.add_request``; a request without a seed gets one here, so every process uses it."""
         params = SamplingParams() if sampling_params is None else sampling_params
         if isinstance(params, SamplingParams) and params.seed is None:
             params = dataclasses.replace(params, seed=int(self._rng.integers(0, 2**31 - 1)))
         self.engine.add_request(
-            request_id, prompt, params, arrival_time=arrival_time, num_speculative_tokens=num_speculative_tokens
+            request_id, prompt, params, arrival_time=arrival_time, num_speculative_tokens=num_speculative_tokens,
+            client=client,
         )
-        self._ops.append(("add", request_id, prompt, params, num_speculative_tokens))
+        self._ops.append(("add", request_id, prompt, params, num_speculative_tokens, client))
 
     def abort_request(self, request_id: str) -> bool:
         aborted = self.engine.abort_request(request_id)
@@ -251,9 +253,9 @@ def follow(engine, channel: OpChannel, *, poll_s: float = 10.0) -> int:
         for op in ops:
             kind = op[0]
             if kind == "add":
-                _, rid, prompt, params, k = op
+                _, rid, prompt, params, k, client = op
                 try:
-                    engine.add_request(rid, prompt, params, num_speculative_tokens=k)
+                    engine.add_request(rid, prompt, params, num_speculative_tokens=k, client=client)
                 except JaxinferError as e:
                     raise DivergenceError(f"request {rid} was accepted by process 0 but refused here: {e}") from e
             elif kind == "abort":

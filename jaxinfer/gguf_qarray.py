@@ -58,10 +58,9 @@ def qarray_from_gguf(
     Returns:
       QArray of logical shape ``[K, N]`` whose dequantization equals ``gguf.quants.dequantize(data).T``.
     """
+    cfg = lossless_config(tensor_type)
     ttype = GGMLType(int(tensor_type))
-    if ttype not in _LOSSLESS:
-        raise ValueError(f"GGUF type {ttype.name} has no lossless QArray form; supported: Q8_0, Q4_0, Q4_1")
-    cfg, block_bytes = _LOSSLESS[ttype]
+    block_bytes = _LOSSLESS[ttype][1]
     k, n = _kn(shape)
     if k % _BLOCK:
         raise ValueError(f"K={k} is not a multiple of the GGUF block size {_BLOCK}")
@@ -71,22 +70,7 @@ def qarray_from_gguf(
         raise ValueError(
             f"{ttype.name} data has {raw.size} bytes, expected {n * nb * block_bytes} for (K, N)={(k, n)}"
         )
-    blocks = raw.reshape(n, nb, block_bytes)
-    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]  # [N, nb]
-    scale = d.T  # [K/32, N]
-    offset = None
-    if ttype == GGMLType.Q8_0:
-        q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)
-        value = np.ascontiguousarray(q.T)
-    else:
-        start = 2
-        if ttype == GGMLType.Q4_1:
-            offset = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].T
-            start = 4
-        nibbles = blocks[..., start:]  # [N, nb, 16]: byte r = (elem r, elem r + 16)
-        if ttype == GGMLType.Q4_0:
-            nibbles = nibbles ^ np.uint8(0x88)  # unsigned q -> signed nibble of q - 8
-        value = np.ascontiguousarray(nibbles.reshape(n, k // 2).T).view(np.int8)
+    value, scale, offset = block_fields(raw.reshape(n, nb, block_bytes), ttype)
     return QArray(
         jnp.asarray(value),
         jnp.asarray(scale),
@@ -94,6 +78,38 @@ def qarray_from_gguf(
         cfg,
         dtype,
     )
+
+
+def lossless_config(tensor_type: Any) -> QuantConfig:
+    """The QArray format of a Q8_0 / Q4_0 / Q4_1 tensor (``ValueError`` for other types)."""
+    ttype = GGMLType(int(tensor_type))
+    if ttype not in _LOSSLESS:
+        raise ValueError(f"GGUF type {ttype.name} has no lossless QArray form; supported: Q8_0, Q4_0, Q4_1")
+    return _LOSSLESS[ttype][0]
+
+
+def block_fields(blocks: np.ndarray, tensor_type: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """QArray leaves of GGUF blocks: ``uint8[n, nb, block bytes]`` (``nb`` consecutive blocks of ``n`` rows)
+    -> ``value`` ``[32 nb, n]`` (Q8_0) or ``[16 nb, n]`` (Q4_0 / Q4_1, packed), ``scale`` ``[nb, n]`` and
+    ``offset`` ``[nb, n]`` (Q4_1) or ``None``, as numpy arrays. Blocks decode independently, so any range of
+    rows and blocks gives the matching slice of every leaf."""
+    ttype = GGMLType(int(tensor_type))
+    n, nb, _ = blocks.shape
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]  # [n, nb]
+    scale = np.ascontiguousarray(d.T)  # [nb, n]
+    offset = None
+    if ttype == GGMLType.Q8_0:
+        q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, nb * _BLOCK)
+        return np.ascontiguousarray(q.T), scale, offset
+    start = 2
+    if ttype == GGMLType.Q4_1:
+        offset = np.ascontiguousarray(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].T)
+        start = 4
+    nibbles = blocks[..., start:]  # [n, nb, 16]: byte r = (elem r, elem r + 16)
+    if ttype == GGMLType.Q4_0:
+        nibbles = nibbles ^ np.uint8(0x88)  # unsigned q -> signed nibble of q - 8
+    value = np.ascontiguousarray(nibbles.reshape(n, nb * _BLOCK // 2).T).view(np.int8)
+    return value, scale, offset
 
 
 def gguf_tensor_to_weight(tensor: Any, *, dtype=jnp.bfloat16, dequantize_other: bool = False):

@@ -15,6 +15,7 @@ vocabulary) and kept.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -46,6 +47,7 @@ class GrammarMatchers:
         self.words = mask_words(vocab_size)
         self.eos_token_ids = list(eos_token_ids)
         self._ll = None
+        self._ll_lock = threading.Lock()  # compile() may run on another thread than the engine's
         self._executor = None
         self._matchers: dict[str, object] = {}
         self.mask_seconds = 0.0  # host time spent computing masks, since construction
@@ -58,16 +60,19 @@ class GrammarMatchers:
         return len(self._matchers)
 
     def ll_tokenizer(self):
-        """The llguidance tokenizer (built once)."""
-        if self._ll is None:
-            from llguidance.hf import from_tokenizer
+        """The llguidance tokenizer (built once; thread-safe)."""
+        with self._ll_lock:
+            if self._ll is None:
+                from llguidance.hf import from_tokenizer
 
-            n_vocab = max(self.vocab_size, len(self._hf))
-            self._ll = from_tokenizer(self._hf, n_vocab=n_vocab, eos_token=self.eos_token_ids or None)
-        return self._ll
+                n_vocab = max(self.vocab_size, len(self._hf))
+                self._ll = from_tokenizer(self._hf, n_vocab=n_vocab, eos_token=self.eos_token_ids or None)
+            return self._ll
 
-    def create(self, params: StructuredOutputsParams, n: int) -> list:
-        """``n`` fresh matchers for ``params``.
+    def compile(self, params: StructuredOutputsParams):
+        """The llguidance matcher of ``params`` (its grammar compiled for this tokenizer). Thread-safe and
+        independent of the engine's state: a server calls it off the engine thread and passes the result
+        as ``params.with_compiled(matcher)`` (llguidance releases the GIL while it compiles).
 
         Raises:
           InvalidRequestError (``structured_outputs``): the grammar does not compile for this tokenizer.
@@ -77,6 +82,18 @@ class GrammarMatchers:
         matcher = LLMatcher(self.ll_tokenizer(), params.grammar_spec(), log_level=0)
         if matcher.is_error():
             raise InvalidRequestError(f"invalid {params.kind}: {matcher.get_error()}", PARAM)
+        return matcher
+
+    def create(self, params: StructuredOutputsParams, n: int) -> list:
+        """``n`` fresh matchers for ``params``: copies of ``params.compiled`` when it was compiled ahead
+        (which stays unadvanced, so several requests may share it), else compiled here.
+
+        Raises:
+          InvalidRequestError (``structured_outputs``): the grammar does not compile for this tokenizer.
+        """
+        if params.compiled is not None:
+            return [params.compiled.deep_copy() for _ in range(n)]
+        matcher = self.compile(params)
         return [matcher] + [matcher.deep_copy() for _ in range(n - 1)]
 
     def add(self, seq_id: str, matcher) -> None:

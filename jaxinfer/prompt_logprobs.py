@@ -50,11 +50,12 @@ class PromptLogprobInputs:
 
 @flax.struct.dataclass
 class PromptLogprobs:
-    """``logprobs f32[R]``: log-probability of each row's target; ``top_ids i32[R, MAX_LOGPROBS]`` /
-    ``top_logprobs f32[R, MAX_LOGPROBS]``: the most likely tokens (raw model distribution). Rows of skipped
-    blocks are zeros."""
+    """``logprobs f32[R]``: log-probability of each row's target; ``ranks i32[R]``: its rank in the vocabulary
+    (1 + the tokens more likely than it); ``top_ids i32[R, MAX_LOGPROBS]`` / ``top_logprobs f32[R,
+    MAX_LOGPROBS]``: the most likely tokens (raw model distribution). Rows of skipped blocks are zeros."""
 
     logprobs: jax.Array
+    ranks: jax.Array
     top_ids: jax.Array
     top_logprobs: jax.Array
 
@@ -72,22 +73,25 @@ def score(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, inp: Prompt
         def compute():
             lp = jax.nn.log_softmax(head(h).astype(jnp.float32), axis=-1)
             chosen = jnp.take_along_axis(lp, tgt[:, None], axis=-1)[:, 0]
+            rank = 1 + jnp.sum(lp > chosen[:, None], axis=-1, dtype=jnp.int32)
             k = min(MAX_LOGPROBS, lp.shape[-1])
             vals, ids = jax.lax.top_k(lp, k)
             pad = ((0, 0), (0, MAX_LOGPROBS - k))
-            return chosen, jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(vals, pad, constant_values=-jnp.inf)
+            return chosen, rank, jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(vals, pad, constant_values=-jnp.inf)
 
         def skip():
             return (
                 jnp.zeros(b, jnp.float32),
+                jnp.zeros(b, jnp.int32),
                 jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
                 jnp.zeros((b, MAX_LOGPROBS), jnp.float32),
             )
 
         return jax.lax.cond(i * b < inp.num_rows[0], compute, skip)
 
-    chosen, ids, vals = jax.lax.map(one, (jnp.arange(r // b), blocks, targets))
-    return PromptLogprobs(chosen.reshape(r), ids.reshape(r, MAX_LOGPROBS), vals.reshape(r, MAX_LOGPROBS))
+    chosen, rank, ids, vals = jax.lax.map(one, (jnp.arange(r // b), blocks, targets))
+    return PromptLogprobs(chosen.reshape(r), rank.reshape(r), ids.reshape(r, MAX_LOGPROBS),
+                          vals.reshape(r, MAX_LOGPROBS))
 
 
 # ---- host side ---------------------------------------------------------------------------------------
@@ -144,14 +148,23 @@ def empty_inputs(num_tokens: int) -> PromptLogprobInputs:
     return PromptLogprobInputs(np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(1, np.int32))
 
 
+class PromptLogprobEntry(dict):
+    """``{token: logprob}`` of one prompt position (a dict), with ``rank``: the prompt token's rank in the
+    vocabulary (1 = the most likely; the alternatives' ranks are their order, 1 .. k)."""
+
+    rank: int | None = None
+
+
 def entries(out: PromptLogprobs, span: PromptSpan, k: int) -> list[dict[int, float]]:
     """``{token: logprob}`` per scored position of ``span`` from a host copy of :class:`PromptLogprobs`: the
-    prompt token first, then the top ``k`` alternatives."""
+    prompt token first, then the top ``k`` alternatives (:class:`PromptLogprobEntry`, with the token's
+    ``rank``)."""
     res = []
     targets = span.seq.all_token_ids[span.first + 1 : span.first + 1 + span.count]
     for j, tid in enumerate(targets):
         b = span.offset + j
-        entry = {int(tid): float(out.logprobs[b])}
+        entry = PromptLogprobEntry({int(tid): float(out.logprobs[b])})
+        entry.rank = int(out.ranks[b])
         for t in range(k):
             entry.setdefault(int(out.top_ids[b, t]), float(out.top_logprobs[b, t]))
         res.append(entry)

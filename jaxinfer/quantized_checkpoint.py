@@ -1,18 +1,22 @@
-"""Quantized checkpoints: orbax-saved parameter leaves plus a JSON manifest, loaded straight into shardings.
+"""Quantized checkpoints: parameter leaves in safetensors files plus a JSON manifest, loaded shard-locally.
 
 Directory layout::
 
     <dir>/jaxinfer_quant.json   manifest (format, method, group size, calibration, source model,
                                 jaxinfer version, ModelConfig, the format of every quantized leaf)
-    <dir>/params/               orbax checkpoint of the storage tree
+    <dir>/params/*.safetensors  the storage tree, one tensor per array (files of at most 4 GiB)
     <dir>/tokenizer*.json ...   the model's tokenizer (``save_pretrained``)
 
 The storage tree is the parameter tree with every :class:`~pallas_kernels.quantized_matmul.qarray.QArray` /
 :class:`~jaxinfer.models.qembedding.QEmbedding` leaf replaced by a dict of its arrays (``value``, ``scale`` and,
-when asymmetric, ``offset``), so the checkpoint holds plain arrays only; the manifest says how to
-rebuild each quantized leaf. Loading builds the abstract target (``jax.ShapeDtypeStruct`` with the
-``NamedSharding`` that each leaf's logical axes map to) from the manifest and the model definition and
-lets orbax restore every array directly into its sharding.
+when asymmetric, ``offset``), stored under their ``/``-joined paths (``layers_0/mlp/up_proj/kernel/value``),
+so the files hold plain arrays only; the manifest says how to rebuild each quantized leaf. Loading
+builds the abstract target (``jax.ShapeDtypeStruct`` with the ``NamedSharding`` that each leaf's logical
+axes map to) from the manifest and the model definition, and builds every array in its sharding from the
+memory-mapped files (:func:`jaxinfer.qarray_reads.sharded_array`): each process reads only the slices its
+devices hold (a column-split weight's columns, a row-split one's packed rows and scale groups).
+Format version 1 (an orbax checkpoint in ``<dir>/params/``, written before version 2) still loads, through
+orbax, which reads each array whole in every process.
 """
 
 from __future__ import annotations
@@ -32,14 +36,19 @@ from jax.sharding import Mesh
 from jaxinfer.errors import WeightLoadError
 from jaxinfer.model_config import ModelConfig, RopeScaling
 from jaxinfer.models.qembedding import QEmbedding
+from jaxinfer.qarray_reads import sharded_array
 from jaxinfer.sharding import ShardingPlan, make_mesh, plan_sharding
+from jaxinfer.weight_sources import SafetensorsCheckpoint, write_safetensors
+from jaxinfer.weights import log_bytes_read
 from pallas_kernels.quantized_matmul.config import QuantConfig
 from pallas_kernels.quantized_matmul.experts import abstract_expert_qarray
 from pallas_kernels.quantized_matmul.qarray import QArray, abstract_qarray
 
 MANIFEST = "jaxinfer_quant.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_ORBAX_VERSION = 1  # the storage tree as an orbax checkpoint (read whole by every process)
 _FIELDS = ("value", "scale", "offset")
+_FILE_BYTES = 4 << 30  # largest safetensors file written (a larger single tensor gets a file of its own)
 
 
 def config_to_dict(config: ModelConfig) -> dict:
@@ -93,18 +102,16 @@ def save_quantized(out_dir: str | Path, model, params, *, info: dict | None = No
     Returns:
       ``out_dir`` as a ``Path``.
     """
-    import orbax.checkpoint as ocp
-
     import jaxinfer
 
     out = Path(out_dir).resolve()
     if (out / "params").exists():
         raise WeightLoadError(f"{out} already holds a checkpoint; choose a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "params").mkdir(parents=True)
     storage, leaves = _storage(params)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(out / "params", unflatten_dict(storage))
-    ckptr.wait_until_finished()
+    files = _split_files({"/".join(p): a for p, a in storage.items()})
+    for i, tensors in enumerate(files):
+        write_safetensors(out / "params" / f"params-{i + 1:05d}-of-{len(files):05d}.safetensors", tensors)
     info = dict(info or {})
     cfg = info.get("config") or {}
     manifest = dict(
@@ -121,6 +128,19 @@ def save_quantized(out_dir: str | Path, model, params, *, info: dict | None = No
     return out
 
 
+def _split_files(tensors: dict) -> list[dict]:
+    """``tensors`` in order, in groups of at most :data:`_FILE_BYTES` (one group per file)."""
+    files, size = [{}], 0
+    for name, a in tensors.items():
+        nbytes = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+        if files[-1] and size + nbytes > _FILE_BYTES:
+            files.append({})
+            size = 0
+        files[-1][name] = a
+        size += nbytes
+    return files
+
+
 def _json_default(x):
     if isinstance(x, (np.integer, np.floating)):
         return x.item()
@@ -133,7 +153,7 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise WeightLoadError(f"{p}: cannot read the quantized-checkpoint manifest ({e})") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in (FORMAT_VERSION, _ORBAX_VERSION):
         raise WeightLoadError(f"{p}: unsupported manifest format_version {manifest.get('format_version')!r}")
     return manifest
 
@@ -180,7 +200,8 @@ def abstract_quantized_params(model, leaves: dict, plan: ShardingPlan, dtype=Non
 
 
 def load_quantized(path: str | Path, *, dtype=None, mesh: Mesh | None = None, plan: ShardingPlan | None = None):
-    """Load a checkpoint written by :func:`save_quantized`, each leaf restored straight into its sharding.
+    """Load a checkpoint written by :func:`save_quantized`, each leaf built straight in its sharding from the
+    slices of it that this process's devices hold.
 
     Args:
       dtype: float dtype of unquantized leaves and of computation (default: the saved one).
@@ -190,8 +211,6 @@ def load_quantized(path: str | Path, *, dtype=None, mesh: Mesh | None = None, pl
     Returns:
       ``(CausalLM, params, manifest)``; the model carries the plan.
     """
-    import orbax.checkpoint as ocp
-
     from jaxinfer.models.causal_lm import CausalLM
 
     path = Path(path).resolve()
@@ -200,11 +219,10 @@ def load_quantized(path: str | Path, *, dtype=None, mesh: Mesh | None = None, pl
     plan = plan or plan_sharding(config, mesh or make_mesh())
     model = CausalLM(config, dtype or manifest["dtype"], plan)
     abstract, storage = abstract_quantized_params(model, manifest["leaves"], plan)
-    try:
-        restored = ocp.StandardCheckpointer().restore(path / "params", unflatten_dict(storage))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise WeightLoadError(f"{path}: cannot restore the quantized parameters ({e})") from e
-    flat = flatten_dict(restored)
+    if manifest["format_version"] == _ORBAX_VERSION:
+        flat = _restore_orbax(path, storage)
+    else:
+        flat = _read_shards(path / "params", storage)
     out = {}
     for p, leaf in flatten_dict(abstract).items():
         if _is_q(leaf):
@@ -215,3 +233,32 @@ def load_quantized(path: str | Path, *, dtype=None, mesh: Mesh | None = None, pl
         else:
             out[p] = flat[p]
     return model, unflatten_dict(out), manifest
+
+
+def _read_shards(directory: Path, storage: dict) -> dict:
+    """Every array of ``storage`` (flat path -> ``ShapeDtypeStruct`` with a sharding) built in its sharding
+    from the memory-mapped safetensors files in ``directory``, each process reading its devices' slices."""
+    ckpt = SafetensorsCheckpoint(directory)
+    out = {}
+    for p, a in storage.items():
+        name = "/".join(p)
+        if name not in ckpt.keys():
+            raise WeightLoadError(f"{directory}: tensor {name} is missing")
+        stored, dt = ckpt.shape(name), ckpt.dtype(name)
+        if stored != tuple(a.shape) or (dt != a.dtype and not jnp.issubdtype(a.dtype, jnp.floating)):
+            raise WeightLoadError(f"{directory}: tensor {name} is {dt}{list(stored)}, the manifest and model "
+                                  f"imply {a.dtype}{list(a.shape)}")
+        out[p] = sharded_array(a.shape, a.dtype, a.sharding, lambda i, name=name: ckpt.read(name, i))
+    log_bytes_read(ckpt.bytes_read, sum(ckpt.nbytes("/".join(p)) for p in storage))
+    return out
+
+
+def _restore_orbax(path: Path, storage: dict) -> dict:
+    """Format version 1: the storage tree restored by orbax into its shardings (each array read whole)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        restored = ocp.StandardCheckpointer().restore(path / "params", unflatten_dict(storage))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise WeightLoadError(f"{path}: cannot restore the quantized parameters ({e})") from e
+    return flatten_dict(restored)

@@ -11,12 +11,20 @@ Each :meth:`Scheduler.schedule` call fills one step under three budgets: tokens
    the first sequence that does not fit (no overtaking), or whose next uncached page a sequence in this
    step is about to compute (a request arriving with others that share its prompt prefix waits for the
    shared pages to be cached instead of computing them twice).
-   Skipped in a step that had to preempt. Fairness across requests: sequences of one request (its ``n``
-   samples share a ``Sequence.group``) hold at most ``max_running_seqs_per_request`` slots (default half
-   of ``max_num_seqs``), and while several requests have sequences waiting or running, a request is
-   admitted beyond ``ceil(max_num_seqs / active requests)`` running sequences only after the others; a
-   waiting sequence over its request's share is passed over (not a stop), so one request's samples
-   never take every slot while another request waits.
+   Skipped in a step that had to preempt. Fairness across requests: sequences of one client request (its
+   ``n`` samples and every prompt of a batch share a ``Sequence.client``) hold at most
+   ``max_running_seqs_per_request`` slots (default half of ``max_num_seqs``), and while several requests
+   have sequences waiting or running, a request is admitted beyond ``ceil(max_num_seqs / active
+   requests)`` running sequences only after the others; a waiting sequence over its request's share is
+   passed over (not a stop), so one request's samples never take every slot while another request waits.
+
+Step share (``max_step_tokens_per_request``, off by default; ``jaxinfer serve`` sets it): while more than one
+client request has work, a request with several unfinished sequences puts at most that many tokens (decode
+rows + prefill tokens) in a step, its sequences taking turns (the least recently scheduled first). On a
+compute-bound device each row of a step costs every sequence in it time, so this keeps a request with a
+large ``n`` (or many prompts) from slowing everyone else's tokens; a request alone uses the whole step
+(``SHARE_GRACE_STEPS`` steps after the others' work ended), and single-sequence requests are never
+limited.
 
 When a running sequence needs a page and none is left, the newest running sequence is preempted (its
 pages freed, its outputs kept, put back at the front of the waiting queue) until the page fits or the
@@ -44,6 +52,10 @@ from jaxinfer.errors import InvalidRequestError, PromptTooLongError
 from jaxinfer.scheduler_types import ScheduledSeq, SchedulerConfig, SchedulerOutput, SchedulerStats, SeqUpdate
 from jaxinfer.sequence import Sequence, SequenceStatus
 
+# Steps the step share stays on after the last step in which another client request had work: a client
+# sending requests back to back finds the next one capped too instead of a full step of the big request's.
+SHARE_GRACE_STEPS = 16
+
 
 def _token_list(value) -> list[int]:
     """One sampled token (an int or numpy integer) or several (a sequence of them) -> list of ints."""
@@ -70,6 +82,9 @@ class Scheduler:
         self._requests: dict[str, Sequence] = {}
         self._next_order = 0
         self._num_preemptions = 0
+        self._step_no = 0
+        self._shared_until = -1  # step share: on through this step (SHARE_GRACE_STEPS after sharing)
+        self._last_step: dict[str, int] = {}  # request id -> the last step that scheduled it (step share)
 
     # ---- requests ----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -156,6 +171,23 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         del self._requests[seq.request_id]
+        self._last_step.pop(seq.request_id, None)
+
+    def _step_shares(self) -> dict[str, int] | None:
+        """Tokens left this step per limited client (``max_step_tokens_per_request``), or None: no limit
+        (off, or a single client has had work for ``SHARE_GRACE_STEPS`` steps). Clients with one unfinished
+        sequence are not limited."""
+        limit = self.config.max_step_tokens_per_request
+        if limit is None:
+            return None
+        sizes: dict[str, int] = {}
+        for seq in self._requests.values():
+            sizes[seq.client] = sizes.get(seq.client, 0) + 1
+        if len(sizes) >= 2:
+            self._shared_until = self._step_no + SHARE_GRACE_STEPS
+        elif self._step_no > self._shared_until:
+            return None
+        return {g: limit for g, c in sizes.items() if c > 1} or None
 
     def _preempt(self, seq: Sequence) -> None:
         # Victims are the newest running sequences and admission is FCFS, so every waiting sequence is newer
@@ -178,6 +210,14 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         chosen: dict[str, ScheduledSeq] = {}  # insertion order = output order within a phase
         preempted: list[Sequence] = []
+        shares = self._step_shares()
+
+        def allowed(seq: Sequence, n: int) -> int:
+            return n if shares is None or seq.client not in shares else min(n, shares[seq.client])
+
+        def charge(seq: Sequence, n: int) -> None:
+            if shares is not None and seq.client in shares:
+                shares[seq.client] -= n
 
         def grow(seq: Sequence, n: int) -> bool:
             """Pages for ``n`` new tokens of a running sequence, preempting newest-first. False: seq went."""
@@ -190,31 +230,39 @@ class Scheduler:
                 gone = chosen.pop(victim.request_id, None)
                 if gone is not None:
                     budget += gone.num_new_tokens + gone.num_lookahead
+                    charge(victim, -(gone.num_new_tokens + gone.num_lookahead))
                 if victim is seq:
                     return False
             return True
 
-        # 1. decodes
-        for seq in list(self.running):
+        # 1. decodes (with step shares: the least recently scheduled sequences of a limited request first)
+        order = list(self.running)
+        if shares is not None:
+            order.sort(key=lambda s: self._last_step.get(s.request_id, -1))
+        for seq in order:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
                 continue
             if exclude_groups and seq.group in exclude_groups:
                 continue
+            if allowed(seq, 1) == 0:
+                continue
             if grow(seq, 1):
                 chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, 1, True)
                 budget -= 1
+                charge(seq, 1)
         decode_ids = list(chosen)
         # speculative slots of the decodes come before prefill tokens (their pages are already reserved)
         for rid in decode_ids:
             if budget == 0:
                 break
             row = chosen[rid]
-            la = min(self._lookahead(row.seq, row.kv_len), budget)
+            la = allowed(row.seq, min(self._lookahead(row.seq, row.kv_len), budget))
             if la:
                 chosen[rid] = ScheduledSeq(row.seq, row.start, 1, True, la)
                 budget -= la
+                charge(row.seq, la)
         # 2. running sequences with several tokens to compute: the chunked prefill admitted last, or one
         #    rolled back (BlockManager.truncate). Pages for an older one may preempt decodes chosen above.
         for seq in list(self.running):
@@ -225,10 +273,13 @@ class Scheduler:
             if exclude_groups and seq.group in exclude_groups:
                 continue
             remaining = seq.num_uncomputed_tokens
-            n = min(remaining, budget)
+            n = allowed(seq, min(remaining, budget))
+            if n == 0:
+                continue
             if grow(seq, n):
                 chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, n, n == remaining)
                 budget -= n
+                charge(seq, n)
         # 3. waiting, FCFS, only when nothing had to be preempted. Pages that sequences chosen above (or
         #    admitted below) are about to compute: a waiting sequence whose next page is one of them waits
         #    for it to be cached rather than computing it a second time in parallel. Every owner of a
@@ -248,7 +299,9 @@ class Scheduler:
             remaining = seq.num_tokens - len(hits) * cfg.page_size
             if remaining > budget and not cfg.enable_chunked_prefill:
                 return False
-            n = min(remaining, budget)
+            n = allowed(seq, min(remaining, budget))
+            if n < remaining and not cfg.enable_chunked_prefill:
+                return False
             la = self._lookahead(seq, len(hits) * cfg.page_size + n)
             if not bm.allocate_slots(seq, n, cached_pages=hits, num_lookahead=la):
                 return False
@@ -256,8 +309,17 @@ class Scheduler:
             self.running.append(seq)  # the oldest waiting is newer than every running sequence
             chosen[seq.request_id] = ScheduledSeq(seq, seq.num_computed_tokens, n, n == remaining)
             budget -= n
+            charge(seq, n)
             pending.update(bm.pending_page_keys(seq))
             return True
+
+        def held(seq: Sequence) -> bool:
+            """Passed over this step: excluded, or its request's step share is spent (or, without chunked
+            prefill, too small for its prompt: never a stop for the requests behind it)."""
+            if exclude_groups and seq.group in exclude_groups:
+                return True
+            need = 1 if cfg.enable_chunked_prefill else seq.num_tokens
+            return allowed(seq, need) < need
 
         def room() -> bool:
             return budget > 0 and len(self.running) < cfg.max_num_seqs
@@ -268,27 +330,30 @@ class Scheduler:
             stopped = False
             while self.waiting and room():
                 seq = self.waiting[0]
-                if (exclude_groups and seq.group in exclude_groups) or running.get(seq.group, 0) >= fair:
+                if held(seq) or running.get(seq.client, 0) >= fair:
                     passed.append(self.waiting.popleft())
                     continue
                 if not admit(seq):
                     stopped = True
                     break
                 self.waiting.popleft()
-                running[seq.group] = running.get(seq.group, 0) + 1
+                running[seq.client] = running.get(seq.client, 0) + 1
             # Everyone else was served: requests over their fair share may use the slots left, up to the cap.
             keep: list[Sequence] = []
             for seq in passed:
-                if (stopped or not room() or (exclude_groups and seq.group in exclude_groups)
-                        or running.get(seq.group, 0) >= cap):
+                if stopped or not room() or held(seq) or running.get(seq.client, 0) >= cap:
                     keep.append(seq)
                 elif admit(seq):
-                    running[seq.group] = running.get(seq.group, 0) + 1
+                    running[seq.client] = running.get(seq.client, 0) + 1
                 else:
                     stopped = True
                     keep.append(seq)
             self.waiting.extendleft(reversed(keep))  # back at the front, in their order
 
+        self._step_no += 1
+        if cfg.max_step_tokens_per_request is not None:
+            for rid in chosen:
+                self._last_step[rid] = self._step_no
         decode_set = set(decode_ids)
         decodes = [chosen[r] for r in decode_ids if r in chosen]
         prefills = [s for r, s in chosen.items() if r not in decode_set]
@@ -297,13 +362,13 @@ class Scheduler:
         )
 
     def _group_counts(self) -> tuple[dict[str, int], int, int]:
-        """``(running sequences per group, fair share, cap)``: the fair share is ``ceil(max_num_seqs /
-        groups with sequences running or waiting)``, at most the per-request cap."""
+        """``(running sequences per client, fair share, cap)``: the fair share is ``ceil(max_num_seqs /
+        clients with sequences running or waiting)``, at most the per-request cap."""
         running: dict[str, int] = {}
         for seq in self.running:
-            running[seq.group] = running.get(seq.group, 0) + 1
+            running[seq.client] = running.get(seq.client, 0) + 1
         groups = set(running)
-        groups.update(seq.group for seq in self.waiting)
+        groups.update(seq.client for seq in self.waiting)
         cap = self.config.request_seq_cap
         return running, min(cap, -(-self.config.max_num_seqs // max(len(groups), 1))), cap
 

@@ -20,6 +20,9 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_running_seqs_per_request: int | None = None  # None: max(1, max_num_seqs // 2)
+    # while another request has work: most tokens (decode rows + prefill tokens) a request with several
+    # sequences puts in one step; None: no limit
+    max_step_tokens_per_request: int | None = None
 
     @property
     def request_seq_cap(self) -> int:
@@ -31,6 +34,9 @@ class SchedulerConfig:
         cap = self.max_running_seqs_per_request
         if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
             raise ValueError(f"max_running_seqs_per_request must be an integer >= 1 or None, got {cap!r}")
+        step = self.max_step_tokens_per_request
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+            raise ValueError(f"max_step_tokens_per_request must be an integer >= 1 or None, got {step!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "num_pages", "page_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

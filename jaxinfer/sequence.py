@@ -75,8 +75,10 @@ class Sequence:
         for others). The engine sets it for requests with penalties, whose on-device token counts are
         built from the tokens each step feeds through the model.
       page_hashes / num_registered_pages: prefix-cache bookkeeping owned by the block manager.
-      group: the user request the sequence belongs to (the engine's request id for each of its ``n``
-        samples; default: ``request_id``). The scheduler shares slots fairly between groups.
+      group: the engine request the sequence belongs to (the engine's request id for each of its ``n``
+        samples; default: ``request_id``); ``Engine.step(exclude=...)`` leaves groups out.
+      client: the client request (one API call: every prompt of a batch, every sample) the sequence belongs
+        to; default: ``group``. The scheduler shares slots and steps fairly between clients.
     """
 
     __slots__ = (
@@ -100,6 +102,7 @@ class Sequence:
         "num_registered_pages",
         "order",
         "group",
+        "client",
     )
 
     def __init__(
@@ -113,6 +116,7 @@ class Sequence:
         cache_salt: str | None = None,
         use_cached_prefix: bool = True,
         group: str | None = None,
+        client: str | None = None,
     ):
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(
@@ -151,6 +155,7 @@ class Sequence:
         self.num_registered_pages = 0
         self.order = -1  # FCFS rank, set by the scheduler on ``add``
         self.group = request_id if group is None else group
+        self.client = self.group if client is None else client
 
     # ---- token views -------------------------------------------------------------------------------
     @property

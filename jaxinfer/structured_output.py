@@ -12,8 +12,9 @@ models from spending their tokens on indentation; ``whitespace_pattern`` (a rege
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jaxinfer.errors import InvalidRequestError
 
@@ -33,6 +34,9 @@ class StructuredOutputsParams:
       choice: the output is exactly one of these strings.
       grammar: a Lark grammar (llguidance's dialect; a GBNF grammar, one without a ``start:`` rule, is converted).
       whitespace_pattern: JSON only: a regex for the whitespace allowed between tokens (default: none).
+      compiled: the constraint's llguidance matcher compiled ahead of time
+        (``GrammarMatchers.compile``, e.g. by a server off its engine thread; see :meth:`with_compiled`):
+        the engine copies it instead of compiling on its own thread. Not compared, not pickled.
     """
 
     json: str | dict | None = None
@@ -41,6 +45,17 @@ class StructuredOutputsParams:
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
     whitespace_pattern: str | None = None
+    compiled: object = field(default=None, compare=False, repr=False)
+
+    def with_compiled(self, matcher) -> StructuredOutputsParams:
+        """A copy carrying ``matcher`` (a fresh llguidance ``LLMatcher`` of :meth:`grammar_spec`, never
+        advanced) as :attr:`compiled`; not validated again."""
+        out = copy.copy(self)
+        object.__setattr__(out, "compiled", matcher)
+        return out
+
+    def __getstate__(self):
+        return {**self.__dict__, "compiled": None}
 
     def __post_init__(self):
         if self.json is not None:

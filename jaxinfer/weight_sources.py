@@ -97,12 +97,38 @@ class SafetensorsCheckpoint:
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
 
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(_ST_DTYPES[self._where[name]._entries[name]["dtype"]])
+
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """A copy of ``tensor[index]`` (one slice per stored axis); only that region is read from the file
         (page-granular through the memory map)."""
         region = np.array(self.get(name)[index])
         self.bytes_read += region.nbytes
         return region
+
+
+def write_safetensors(path: str | Path, tensors: dict) -> None:
+    """Write ``tensors`` (name -> numpy or fully addressable ``jax.Array``, dtypes of :data:`_ST_DTYPES`) as one
+    safetensors file, one tensor in host memory at a time."""
+    codes = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+    header, offset = {}, 0
+    for name, a in tensors.items():
+        dtype = np.dtype(a.dtype)
+        if dtype not in codes:
+            raise WeightLoadError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = int(np.prod(a.shape)) * dtype.itemsize
+        header[name] = {"dtype": codes[dtype], "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, a in tensors.items():
+            if not getattr(a, "is_fully_addressable", True):
+                raise WeightLoadError(f"tensor {name} spans several processes; save from one process")
+            f.write(np.ascontiguousarray(np.asarray(a)).tobytes())
 
 
 GGUF_MAGIC = b"GGUF"
@@ -195,3 +221,20 @@ class GGUFCheckpoint:
         self.bytes_read += raw.nbytes
         arr = np.asarray(gguf.quants.dequantize(np.ascontiguousarray(raw), t.tensor_type), dtype=np.float32)
         return arr[..., offset : offset + c1 - c0]
+
+    def read_blocks(self, name: str, rows: tuple[int, int], blocks: tuple[int, int]) -> np.ndarray:
+        """The raw quantization blocks ``blocks`` (``[b0, b1)``, along each row) of stored rows ``rows``
+        (``[r0, r1)``) of a 2-D block-quantized tensor: ``uint8[r1 - r0, b1 - b0, block bytes]``, copied
+        from the memory map (only that region is read)."""
+        import gguf
+
+        t = self.tensors[name]
+        block, block_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        n, k = self.shape(name)
+        if block == 1 or k % block or t.data.shape != (n, k // block * block_bytes):
+            raise WeightLoadError(f"{self.path}: tensor {name} ({t.tensor_type.name}, {n} x {k}) is not stored "
+                                  f"as whole {block}-value blocks of {block_bytes} bytes per row")
+        (r0, r1), (b0, b1) = rows, blocks
+        raw = np.array(t.data[r0:r1, b0 * block_bytes : b1 * block_bytes])
+        self.bytes_read += raw.nbytes
+        return raw.reshape(r1 - r0, b1 - b0, block_bytes)

@@ -277,7 +277,7 @@ def expand_kv_heads(sources: dict[tuple[str, ...], TensorSource], head_dim: int,
 
 
 def load_params(checkpoint, sources: dict[tuple[str, ...], TensorSource], abstract_params, mesh: Mesh,
-                *, rules=LOGICAL_AXIS_RULES, desc: str = "Loading weights"):
+                *, rules=LOGICAL_AXIS_RULES, desc: str = "Loading weights", log: bool = True):
     """Load every parameter of ``abstract_params`` (boxed, from ``CausalLM.abstract_params``).
 
     Args:
@@ -286,6 +286,7 @@ def load_params(checkpoint, sources: dict[tuple[str, ...], TensorSource], abstra
       abstract_params: boxed abstract parameter pytree (carries shapes, dtypes and logical axes).
       mesh: device mesh; each leaf gets the sharding its logical axes map to.
       rules: logical axis -> mesh axis table (a model's ``ShardingPlan.rules``).
+      log: log the checkpoint bytes this process read (off when the caller loads more and logs the sum).
     Returns:
       The parameter pytree of ``jax.Array`` leaves.
     Raises:
@@ -312,13 +313,18 @@ def load_params(checkpoint, sources: dict[tuple[str, ...], TensorSource], abstra
             )
         reader = _shard_reader(checkpoint, src, spec.dtype)
         out[path] = jax.make_array_from_callback(spec.shape, shardings[path], reader)
-    read = getattr(checkpoint, "bytes_read", 0) - read_before
-    total = sum(checkpoint.nbytes(n) for p in leaves for n in _names(sources[p]))
+    if log:
+        log_bytes_read(getattr(checkpoint, "bytes_read", 0) - read_before,
+                       sum(checkpoint.nbytes(n) for p in leaves for n in _names(sources[p])))
+    return unflatten_dict(out)
+
+
+def log_bytes_read(read: int, total: int) -> None:
+    """Log (INFO, ``-v``) the ``read`` of ``total`` checkpoint bytes this process read, and the peak RSS."""
     logger.info("process %d of %d read %d of %d checkpoint bytes (the shards of its devices)",
                 jax.process_index(), jax.process_count(), read, total)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    logger.info("loaded %d tensors; peak host RSS %.0f MB", len(out), peak_mb)
-    return unflatten_dict(out)
+    logger.info("peak host RSS %.0f MB after loading", peak_mb)
 
 
 def _names(src) -> tuple[str, ...]:

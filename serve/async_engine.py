@@ -21,6 +21,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from jaxinfer.errors import InvalidRequestError
 from jaxinfer.outputs import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
 from serve.engine_loop import EngineLoop
@@ -28,6 +29,7 @@ from serve.errors import Overloaded, ShuttingDown, bad_param
 from serve.limits import RequestLimits
 from serve.metrics import ServerMetrics
 from serve.request_stream import RequestStream
+from serve.structured_request import build_structured
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class AsyncEngine:
         # One thread tokenizes (HF fast tokenizers must not be reconfigured concurrently); the engine
         # thread only decodes.
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-tokenize")
+        # Output constraints are validated and compiled here (seconds for a large schema), never on the
+        # engine thread: one thread, so a slow constraint delays only other constrained requests.
+        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-grammar")
         self.metrics = ServerMetrics(lambda: self._loop_thread.stats if self._loop_thread else None,
                                      lambda: self.in_flight)
 
@@ -107,11 +112,36 @@ class AsyncEngine:
         thread, self._loop_thread = self._loop_thread, None
         await asyncio.get_running_loop().run_in_executor(None, thread.stop, 30.0)
         self._tokenize_pool.shutdown(wait=False)
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- requests ------------------------------------------------------------------------------------
     async def run_tokenizer(self, fn, *args):
         """Run ``fn(*args)`` (tokenization, chat template) off the event loop, serialized."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    async def prepare_structured(self, spec: dict, param: str):
+        """The ``StructuredOutputsParams`` of ``spec`` (from request field ``param``), validated and, when
+        the engine has llguidance matchers (``engine.grammars``), compiled: in the grammar thread, within
+        ``limits.grammar_timeout_s`` (400 naming ``param`` beyond; the compile then finishes in the
+        background, bounded by llguidance's own limits)."""
+        grammars = getattr(self.engine, "grammars", None)
+
+        def build():
+            so = build_structured(spec, param)
+            if grammars is None or not hasattr(grammars, "compile"):
+                return so
+            try:
+                return so.with_compiled(grammars.compile(so))
+            except InvalidRequestError as e:
+                raise bad_param(f"'{param}': {e}", param) from None
+
+        limit = self.limits.grammar_timeout_s
+        fut = asyncio.get_running_loop().run_in_executor(self._grammar_pool, build)
+        try:
+            return await asyncio.wait_for(fut, limit)
+        except TimeoutError:
+            raise bad_param(f"'{param}': the output constraint took longer than {limit:g} s to compile (this "
+                            "server's limit); simplify the schema or grammar", param, "grammar_timeout") from None
 
     def check_admission(self, count: int = 1) -> None:
         """Raise ``ShuttingDown`` / ``Overloaded`` if ``count`` more sequences cannot be admitted now
@@ -130,8 +160,9 @@ class AsyncEngine:
             raise Overloaded()
 
     def submit(self, prompt: list[int], params: SamplingParams, *, request_id: str | None = None,
-               arrival_time: float | None = None) -> RequestStream:
-        """Hand a tokenized request to the engine thread; the caller must read or abort the stream."""
+               arrival_time: float | None = None, client: str | None = None) -> RequestStream:
+        """Hand a tokenized request to the engine thread; the caller must read or abort the stream.
+        ``client``: the client request it is part of (every prompt of a batch shares one)."""
         self.check_admission(params.n)
         rid = request_id or uuid.uuid4().hex
         stream = RequestStream(rid, params.n, self._loop_thread.abort, self._on_done)
@@ -139,7 +170,7 @@ class AsyncEngine:
         self.in_flight += 1
         self.seqs_in_flight += params.n
         self._idle.clear()
-        self._loop_thread.add(stream, prompt, params, arrival_time or time.perf_counter())
+        self._loop_thread.add(stream, prompt, params, arrival_time or time.perf_counter(), client)
         return stream
 
     @contextlib.asynccontextmanager

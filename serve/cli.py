@@ -14,6 +14,10 @@ from jaxinfer.config_cli import add_engine_args, engine_config_from_args
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NUM_SEQS = 64
+# jaxinfer serve's --max-step-tokens-per-request when not given (the engine's default is no limit): while
+# another request has work, a request with several sequences puts at most this many tokens in a step
+# (bench/serving_isolation.py; serve/README.md, "Limits"). 0 turns it off.
+SERVE_STEP_TOKENS_PER_REQUEST = 2
 _DESCRIPTION = ("Serve one model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                 "/v1/models, /health, /metrics) and/or gRPC. SIGINT/SIGTERM shut down gracefully: new requests "
                 "get 503, in-flight ones may finish for --shutdown-timeout seconds, then are aborted; a second "
@@ -51,6 +55,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     lim.add_argument("--max-stop-strings", type=int, default=64, help="most stop strings per request (default 64)")
     lim.add_argument("--max-stop-bytes", type=int, default=4096,
                      help="most UTF-8 bytes of a request's stop strings together (default 4096)")
+    lim.add_argument("--grammar-timeout", type=float, default=10.0,
+                     help="seconds a request's output constraint (JSON schema, grammar, tools) may take to "
+                          "validate and compile, off the engine thread; 400 beyond (default 10)")
     sec = p.add_argument_group("security and connections")
     sec.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on /v1/* and gRPC Generate (default: the "
@@ -85,6 +92,9 @@ def build_engine(args):
 
     from jaxinfer.engine_factory import create_engine
 
+    step = getattr(args, "max_step_tokens_per_request", None)
+    if step is None or step == 0:
+        args.max_step_tokens_per_request = SERVE_STEP_TOKENS_PER_REQUEST if step is None else None
     engine = create_engine(args.model, engine_config_from_args(args))
     if not args.no_warmup:
         t = time.perf_counter()
@@ -135,7 +145,7 @@ def run(args, engine=None, on_ready=None) -> int:
     try:
         limits = RequestLimits(max_n=args.max_n, max_prompts=args.max_prompts_per_request,
                                max_seqs_per_request=args.max_seqs_per_request, max_stop=args.max_stop_strings,
-                               max_stop_bytes=args.max_stop_bytes)
+                               max_stop_bytes=args.max_stop_bytes, grammar_timeout_s=args.grammar_timeout)
     except ValueError as e:
         raise SystemExit(f"jaxinfer serve: {e}") from None
     if engine is None:

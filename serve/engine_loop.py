@@ -49,6 +49,7 @@ class _Add:
     prompt: list[int]
     params: SamplingParams
     arrival_time: float
+    client: str | None = None
 
 
 @dataclass
@@ -102,9 +103,11 @@ class EngineLoop:
         self.alive = True
         self._thread.start()
 
-    def add(self, stream: RequestStream, prompt: list[int], params: SamplingParams, arrival_time: float) -> None:
-        """Queue a request; ``stream`` receives ``accepted`` (or a failure), then outputs."""
-        self._post(_Add(stream, prompt, params, arrival_time))
+    def add(self, stream: RequestStream, prompt: list[int], params: SamplingParams, arrival_time: float,
+            client: str | None = None) -> None:
+        """Queue a request; ``stream`` receives ``accepted`` (or a failure), then outputs. ``client``: the
+        client request it is part of (``Engine.add_request``)."""
+        self._post(_Add(stream, prompt, params, arrival_time, client))
 
     def abort(self, request_id: str) -> None:
         """Queue an abort; the engine frees the request's pages before its next step."""
@@ -185,7 +188,8 @@ class EngineLoop:
     def _do_add(self, cmd: _Add, events: list) -> None:
         rid = cmd.stream.request_id
         try:
-            self.engine.add_request(rid, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time)
+            kw = {} if cmd.client is None else {"client": cmd.client}
+            self.engine.add_request(rid, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time, **kw)
         except Exception as e:  # a bad request fails alone
             err = from_exception(e)
             if err.status >= 500:

@@ -31,7 +31,8 @@ class Generation:
         self.streams = []
         for i, (ids, sp) in enumerate(zip(prompts, params)):
             rid = self.id if len(prompts) == 1 else f"{self.id}-{i}"
-            self.streams.append(engine.submit(ids, sp, request_id=rid, arrival_time=arrival_time))
+            self.streams.append(engine.submit(ids, sp, request_id=rid, arrival_time=arrival_time,
+                                              client=None if len(prompts) == 1 else self.id))
 
     async def wait_accepted(self) -> None:
         """Return once the engine took every prompt; on a rejection abort the rest and raise."""

@@ -11,6 +11,7 @@ API key, every method but ``Health`` needs ``authorization: Bearer <key>`` metad
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 
@@ -22,9 +23,11 @@ from jaxinfer.sampling_params import SamplingParams
 from serve.async_engine import AsyncEngine
 from serve.errors import APIError, BadRequest, ModelNotFound, bad_param, from_exception
 from serve.limits import RequestLimits
-from serve.prompts import check_token_ids, resolve_max_tokens, tokenize_text
+from serve.prompts import check_token_ids, normalize_messages, resolve_max_tokens, tokenize_chat, tokenize_text
 from serve.protos import jaxinfer_pb2 as pb
 from serve.protos import jaxinfer_pb2_grpc as pb_grpc
+from serve.structured_request import structural_tag_grammar
+from serve.tool_calls import call_grammar, parse_tool_calls, parse_tools, parser_for_template
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,30 @@ def sampling_kwargs(sp: pb.SamplingParameters, limits: RequestLimits | None = No
     return kw
 
 
+def structured_spec(so: pb.StructuredOutput) -> dict:
+    """``StructuredOutputsParams`` fields of the message (validated and compiled by
+    ``AsyncEngine.prepare_structured``, off the engine thread, as on HTTP)."""
+    param = "structured_output"
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise bad_param("'structured_output' needs one of json_schema, json_object, regex, choice, grammar, "
+                        "structural_tag", param)
+    if kind == "json_object" and not so.json_object:
+        raise bad_param("'structured_output.json_object' must be true when set", param)
+    if kind == "structural_tag":
+        try:
+            tag = json.loads(so.structural_tag)
+        except ValueError:
+            raise bad_param("'structured_output.structural_tag' is not valid JSON", param, "invalid_type") from None
+        spec = {"grammar": structural_tag_grammar(tag, param)}
+    else:
+        value = getattr(so, kind)
+        spec = {{"json_schema": "json"}.get(kind, kind): list(value.choices) if kind == "choice" else value}
+    if so.whitespace_pattern:
+        spec["whitespace_pattern"] = so.whitespace_pattern
+    return spec
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     """``Inference`` service bound to one ``AsyncEngine``."""
 
@@ -78,9 +105,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             if isinstance(request, _Malformed):
                 raise BadRequest(request.message, param=None, code="invalid_message")
-            stream, prompt_len = await self._submit(request, arrival)
+            stream, prompt_len, tool_parser = await self._submit(request, arrival)
             await stream.wait_accepted()
             completion_tokens = 0
+            texts: dict[int, list[str]] = {}  # with tools: each sample's output so far
             async for out in stream:
                 prompt_lps = None
                 if out.prompt_logprobs is not None:  # prompt tokens 1 .. P-1, with the first message after scoring
@@ -97,6 +125,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                   for t, lp in zip(c.token_ids, c.logprobs or [])])
                     if j == 0 and prompt_lps is not None:
                         msg.prompt_logprobs.extend(prompt_lps)
+                    if tool_parser is not None:
+                        texts.setdefault(c.index, []).append(c.text)
+                        if c.finish_reason == "stop":
+                            _, calls = parse_tool_calls("".join(texts[c.index]), tool_parser)
+                            if calls:
+                                msg.finish_reason = "tool_calls"
+                                msg.tool_calls.extend(pb.ToolCall(id=t["id"], name=t["function"]["name"],
+                                                                  arguments=t["function"]["arguments"])
+                                                      for t in calls)
                     if out.finished and j == len(out.outputs) - 1:
                         msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_len, completion_tokens=completion_tokens,
                                                     total_tokens=prompt_len + completion_tokens))
@@ -117,13 +154,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise ModelNotFound(request.model)
         e.check_admission(max(request.sampling.n, 1))
         kind = request.WhichOneof("prompt")
+        sp = request.sampling
+        tools = parser = None
         if kind == "text":
             ids = await tokenize_text(e, request.text)
         elif kind == "token_ids":
             ids = check_token_ids(list(request.token_ids.ids), "prompt")
+        elif kind == "chat":
+            ids, tools, parser = await self._chat(request.chat)
         else:
-            raise BadRequest("a prompt (text or token_ids) is required", param="prompt")
-        sp = request.sampling
+            raise BadRequest("a prompt (text, token_ids or chat) is required", param="prompt")
         requested = sp.max_tokens if sp.HasField("max_tokens") else None
         if requested == 0:
             raise BadRequest("max_tokens must be at least 1", param="max_tokens")
@@ -131,11 +171,44 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                         max_tokens_param="max_tokens")
         if sp.min_tokens > max_tokens:
             raise bad_param(f"min_tokens ({sp.min_tokens}) must be at most max_tokens ({max_tokens})", "min_tokens")
+        kw = sampling_kwargs(sp, e.limits)
+        if tools is not None and tools.constrains:
+            if sp.HasField("structured_output"):
+                raise bad_param(f"'structured_output' cannot be combined with tool_choice '{tools.choice}'",
+                                "structured_output")
+            kw["structured_outputs"] = await e.prepare_structured(call_grammar(tools, parser), "tool_choice")
+        elif sp.HasField("structured_output"):
+            kw["structured_outputs"] = await e.prepare_structured(structured_spec(sp.structured_output),
+                                                                  "structured_output")
         try:
-            params = SamplingParams(max_tokens=max_tokens, **sampling_kwargs(sp, e.limits))
+            params = SamplingParams(max_tokens=max_tokens, **kw)
         except InvalidRequestError as exc:
             raise from_exception(exc) from None
-        return e.submit(ids, params, arrival_time=arrival), len(ids)
+        return e.submit(ids, params, arrival_time=arrival), len(ids), parser if tools is not None else None
+
+    async def _chat(self, chat: pb.Chat):
+        """``(token ids, ToolRequest or None, tool-call parser or None)`` of a ``Chat`` prompt, validated as
+        HTTP's /v1/chat/completions validates its fields."""
+        body = {}
+        for name in ("messages", "tools", "tool_choice"):
+            field = name + "_json"
+            text = getattr(chat, field)
+            if text:
+                try:
+                    body[name] = json.loads(text)
+                except ValueError:
+                    raise bad_param(f"'chat.{field}' is not valid JSON", name, "invalid_type") from None
+        if chat.HasField("parallel_tool_calls"):
+            body["parallel_tool_calls"] = chat.parallel_tool_calls
+        messages = normalize_messages(body.get("messages"))
+        tools = parse_tools(body)
+        parser = parser_for_template(getattr(self.engine.tokenizer, "chat_template", None))
+        if tools is not None and parser is None:
+            raise BadRequest("this model's chat template has no tool-call format this server knows (hermes "
+                             "<tool_call> or Llama-3 JSON)", param="tools", code="unsupported")
+        add = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        ids = await tokenize_chat(self.engine, messages, add, tools.tools if tools is not None else None)
+        return ids, tools, parser
 
 
 def _token_logprob(tid: int, entry: dict, k: int) -> pb.TokenLogprob:

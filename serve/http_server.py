@@ -122,6 +122,9 @@ class OpenAIServer:
                 raise ModelNotFound(req.model)
             self.engine.check_admission(len(req.prompts) * req.n)  # cheap early 429 / 503, before tokenizing
             prompts = await until_disconnect(request, self._tokenize(req))
+            if req.structured_spec is not None:  # validated and compiled off the loop and the engine thread
+                req.sampling["structured_outputs"] = await until_disconnect(
+                    request, self.engine.prepare_structured(req.structured_spec, req.structured_param))
             params = [req.sampling_params(resolve_max_tokens(
                 self.engine.max_model_len, len(ids), 1 if req.echo_only else req.max_tokens, req.default_max_tokens,
                 prompt_param=req.prompt_param, max_tokens_param=req.max_tokens_param)) for ids in prompts]
@@ -152,7 +155,7 @@ class OpenAIServer:
             raise BadRequest("this model's chat template has no tool-call format this server knows (hermes "
                              "<tool_call> or Llama-3 JSON)", param="tools", code="unsupported")
         if req.tools.constrains:
-            req.sampling["structured_outputs"] = call_grammar(req.tools, self.tool_parser)
+            req.structured_spec = call_grammar(req.tools, self.tool_parser)
             req.structured_param = "tool_choice"
 
     async def _tokenize(self, req: GenerationRequest) -> list[list[int]]:
@@ -229,10 +232,13 @@ class OpenAIServer:
             lp = merge_logprobs(echo_lp, lps[i]) if echo_lp is not None and lps[i] is not None else echo_lp or lps[i]
             choice = b.choice(i, text, lp if req.logprobs is not None else None, reason, stop_reason,
                               tool_calls=calls or None)
-            if req.prompt_logprobs is not None:
+            if req.prompt_logprobs is not None and req.kind != "chat":
                 choice["prompt_logprobs"] = vllm
             choices.append(choice)
-        return b.response(choices, self._usage(req, gen))
+        body = b.response(choices, self._usage(req, gen))
+        if req.prompt_logprobs is not None and req.kind == "chat":  # vLLM: one list for the chat's one prompt
+            body["prompt_logprobs"] = self._prompt_parts(req, gen, 0, prompt_lps[0])[1]
+        return body
 
     async def _stream(self, req: GenerationRequest, gen: Generation, b: ResponseBuilder, echo):
         n, chat, usage_on = gen.n, req.kind == "chat", req.include_usage

@@ -21,6 +21,8 @@ class RequestLimits:
       max_seqs_per_request: ``n`` x prompts, the sequences one request adds.
       max_stop: stop strings per request.
       max_stop_bytes: total UTF-8 bytes of a request's stop strings.
+      grammar_timeout_s: seconds a request's output constraint (JSON schema, grammar, ...) may take to
+        validate and compile (in the server's grammar thread, not the engine's); 400 beyond.
     """
 
     max_n: int = 128
@@ -28,8 +30,12 @@ class RequestLimits:
     max_seqs_per_request: int = 256
     max_stop: int = 64
     max_stop_bytes: int = 4096
+    grammar_timeout_s: float = 10.0
 
     def __post_init__(self):
+        t = self.grammar_timeout_s
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
+            raise ValueError(f"RequestLimits.grammar_timeout_s must be a number > 0, got {t!r}")
         for name in ("max_n", "max_prompts", "max_seqs_per_request", "max_stop", "max_stop_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

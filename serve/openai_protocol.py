@@ -132,6 +132,7 @@ class GenerationRequest:
     extra: dict = field(default_factory=dict)
     tools: ToolRequest | None = None  # chat tools (None: none, or tool_choice "none")
     structured_param: str | None = None  # the request field the output constraint came from
+    structured_spec: dict | None = None  # its StructuredOutputsParams fields (built by the server, off the loop)
     prompt_logprobs: int | None = None  # vLLM's field: choices[].prompt_logprobs with this many alternatives
 
     @property
@@ -272,7 +273,7 @@ def parse_completion_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS)
         raise bad_param(f"at most {limits.max_prompts} prompts per request on this server", "prompt")
     kw = _common(body, "completion", limits)
     limits.check_sequences(kw["n"], len(prompts))
-    kw["structured_outputs"], structured_param = structured_outputs_from_body(body)
+    structured_spec, structured_param = structured_outputs_from_body(body)
     logprobs = get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
     kw["logprobs"] = logprobs
     echo = get_bool(body, "echo", False)
@@ -280,7 +281,8 @@ def parse_completion_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS)
     stream, include_usage = _stream_fields(body)
     max_tokens = _max_tokens(body, "max_tokens", 0 if echo else 1, "" if echo else " (0 only with 'echo')")
     return GenerationRequest("completion", model, prompts, kw, max_tokens, "max_tokens", 16, stream, include_usage,
-                             echo, True, logprobs, structured_param=structured_param, prompt_logprobs=prompt_logprobs)
+                             echo, True, logprobs, structured_param=structured_param, prompt_logprobs=prompt_logprobs,
+                             structured_spec=structured_spec)
 
 
 def parse_chat_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> GenerationRequest:
@@ -292,7 +294,7 @@ def parse_chat_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> Ge
     tools = parse_tools(body)
     kw = _common(body, "chat", limits)
     limits.check_sequences(kw["n"], 1)
-    kw["structured_outputs"], structured_param = structured_outputs_from_body(body)
+    structured_spec, structured_param = structured_outputs_from_body(body)
     if tools is not None and tools.constrains and structured_param is not None:
         raise bad_param(f"'{structured_param}' cannot be combined with tool_choice '{tools.choice}'", structured_param)
     want = get_bool(body, "logprobs", False)
@@ -304,7 +306,12 @@ def parse_chat_request(body: dict, limits: RequestLimits = DEFAULT_LIMITS) -> Ge
     mct = _max_tokens(body, "max_completion_tokens")
     mt = _max_tokens(body, "max_tokens")
     stream, include_usage = _stream_fields(body)
+    prompt_logprobs = get_int(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    if prompt_logprobs is not None and stream:  # as vLLM: a top-level field of the whole response
+        raise bad_param("'prompt_logprobs' is not supported with 'stream' on /v1/chat/completions",
+                        "prompt_logprobs")
     return GenerationRequest("chat", model, [messages], kw, mct if mct is not None else mt,
                              "max_completion_tokens" if mct is not None else "max_tokens", None, stream,
                              include_usage, False, get_bool(body, "add_generation_prompt", True), logprobs,
-                             tools=tools, structured_param=structured_param)
+                             tools=tools, structured_param=structured_param, structured_spec=structured_spec,
+                             prompt_logprobs=prompt_logprobs)

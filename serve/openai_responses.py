@@ -72,12 +72,17 @@ def echo_prompt_logprobs(prompt_ids: list[int], prompt_lps: list | None, k: int,
 
 
 def vllm_prompt_logprobs(prompt_ids: list[int], prompt_lps: list, k: int, text: TokenText) -> list:
-    """vLLM's ``choices[].prompt_logprobs``: ``None`` for the first token, then ``{"token id": {"logprob",
-    "decoded_token"}}`` holding the prompt token and its ``k`` most likely alternatives."""
+    """vLLM's ``prompt_logprobs``: ``None`` for the first token, then ``{"token id": {"logprob", "rank",
+    "decoded_token"}}`` holding the prompt token (its rank in the vocabulary) and its ``k`` most likely
+    alternatives (ranks 1 .. k)."""
     out = [None]
     for tid, entry in zip(prompt_ids[1:], prompt_lps[1:]):
-        keep = {tid: entry.get(tid, -9999.0), **dict(_top(entry, k))}
-        out.append({str(t): {"logprob": max(float(lp), -9999.0), "decoded_token": text(t)} for t, lp in keep.items()})
+        top = _top(entry, k)
+        ranks = {t: i + 1 for i, (t, _) in enumerate(top)}
+        ranks[tid] = getattr(entry, "rank", None) or ranks.get(tid)
+        keep = {tid: entry.get(tid, -9999.0), **dict(top)}
+        out.append({str(t): {"logprob": max(float(lp), -9999.0), "rank": ranks.get(t), "decoded_token": text(t)}
+                    for t, lp in keep.items()})
     return out
 
 

@@ -21,7 +21,6 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from jaxinfer.structured_output import StructuredOutputsParams
 from serve.errors import bad_param
 
 HERMES, LLAMA3 = "hermes", "llama3_json"
@@ -98,10 +97,11 @@ def parser_for_template(template: str | None) -> str | None:
     return None
 
 
-def call_grammar(req: ToolRequest, parser: str) -> StructuredOutputsParams:
-    """The constraint of ``required`` / named ``tool_choice``: one call (named, or ``parallel_tool_calls``
-    false) or one or more calls, each of an allowed tool with arguments valid against its schema, in the
-    parser's format."""
+def call_grammar(req: ToolRequest, parser: str) -> dict:
+    """The constraint of ``required`` / named ``tool_choice`` (``StructuredOutputsParams`` fields, built
+    off the event loop like every constraint): one call (named, or ``parallel_tool_calls`` false) or one
+    or more calls, each of an allowed tool with arguments valid against its schema, in the parser's
+    format."""
     calls = []
     for t in req.tools:
         fn = t["function"]
@@ -122,7 +122,7 @@ def call_grammar(req: ToolRequest, parser: str) -> StructuredOutputsParams:
         rules = [f"call: {body}"]
         start = 'start: call ("; " call)*' if req.parallel else "start: call"
     lark = "\n".join([start, *rules]) + "\n"
-    return StructuredOutputsParams(grammar=lark)
+    return {"grammar": lark}
 
 
 def parse_tool_calls(text: str, parser: str) -> tuple[str | None, list[dict]]:

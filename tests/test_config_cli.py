@@ -140,14 +140,20 @@ def test_generate_passes_the_flags_to_llm(monkeypatch):
 
 def test_serve_builds_the_engine_config_from_the_flags(monkeypatch):
     import jaxinfer.engine_factory
-    from serve.cli import build_engine
+    from serve.cli import SERVE_STEP_TOKENS_PER_REQUEST, build_engine
 
     seen = {}
     monkeypatch.setattr(jaxinfer.engine_factory, "create_engine", lambda model, config: seen.update(m=model, c=config))
     build_engine(_parse("serve", "--model", "m", "--no-warmup", "--max-num-seqs", "4", "--kv-cache-dtype", "fp8",
                         "--speculative-method", "ngram"))
     assert seen["m"] == "m"
-    assert seen["c"] == EngineConfig(max_num_seqs=4, kv_cache_dtype="fp8", speculative_method="ngram")
+    # jaxinfer serve's own default: the step share (the engine's default is off)
+    assert seen["c"] == EngineConfig(max_num_seqs=4, kv_cache_dtype="fp8", speculative_method="ngram",
+                                     max_step_tokens_per_request=SERVE_STEP_TOKENS_PER_REQUEST)
+    build_engine(_parse("serve", "--model", "m", "--no-warmup", "--max-step-tokens-per-request", "0"))
+    assert seen["c"] == EngineConfig()  # 0: off
+    build_engine(_parse("serve", "--model", "m", "--no-warmup", "--max-step-tokens-per-request", "5"))
+    assert seen["c"] == EngineConfig(max_step_tokens_per_request=5)
 
 
 def test_choice_tables_match_the_jax_side():

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxinfer.launch import process_env
@@ -81,6 +82,47 @@ def test_two_processes_two_devices_each_equal_one_process(model_and_reference, t
         m = re.search(r"process (\d) of 2 read (\d+) of (\d+) checkpoint bytes", _read(tmp_path / f"p{i}.err"))
         assert m and int(m[1]) == i, _read(tmp_path / f"p{i}.err")[-3000:]
         assert (int(m[2]), int(m[3])) == ((total - replicated) // 2 + replicated, total)
+
+
+def test_quantized_checkpoint_two_processes_read_half(tiny_model_dir, tmp_path):
+    """A quantized checkpoint (int4 g32 asymmetric) at TP 2 over 2 processes x 1 device: both print what one
+    process prints, and each read from the memory-mapped files only its half of every split array (packed
+    values, group scales and offsets, the float embedding and head) plus the replicated norms."""
+    from jaxinfer.loader import load_model
+    from jaxinfer.quantized_checkpoint import save_quantized
+    from pallas_kernels.quantized_matmul.config import QuantConfig
+    from quantize.model_quant import quantize_model
+
+    model, _ = tiny_model_dir("llama")
+    m = load_model(str(model))
+    q = quantize_model(m.model, m.params, "rtn", QuantConfig("int4", group_size=32, symmetric=False), progress=False)
+    ckpt_dir = save_quantized(tmp_path / "q", m.model, q.params, info=q.info, tokenizer=m.tokenizer)
+    gen = ["--max-tokens", "8", "--max-model-len", "128"]
+    procs = spawn_group(["-v", "generate", "--distributed", "--tensor-parallel-size", "2", "--model", str(ckpt_dir),
+                         *gen, PROMPT], 2, 1, tmp_path)
+    procs.append(_spawn(["generate", "--model", str(ckpt_dir), *gen, PROMPT], _base_env(1), tmp_path, "ref"))
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        for name, p in zip(["p0", "p1", "ref"], procs):
+            rc = _wait(p, max(1.0, deadline - time.monotonic()), name, tmp_path / f"{name}.err")
+            assert rc == 0, _read(tmp_path / f"{name}.err")[-3000:]
+    finally:
+        _kill_all(procs)
+    ref = _read(tmp_path / "ref.out")
+    assert ref.strip()
+    stored = SafetensorsCheckpoint(ckpt_dir / "params")
+    total = half = 0
+    for k in stored.keys():
+        n = stored.nbytes(k)
+        assert n == int(np.prod(stored.shape(k))) * stored.dtype(k).itemsize
+        total += n
+        half += n if k.endswith("norm/scale") else n // 2  # every other array splits over TP 2
+    for i in range(2):
+        assert _text(_read(tmp_path / f"p{i}.out")) == ref, f"process {i} differs from one process"
+        m = re.search(r"process (\d) of 2 read (\d+) of (\d+) checkpoint bytes", _read(tmp_path / f"p{i}.err"))
+        assert m and int(m[1]) == i, _read(tmp_path / f"p{i}.err")[-3000:]
+        assert (int(m[2]), int(m[3])) == (half, total)
+    assert half < 0.52 * total
 
 
 def test_launcher_four_processes_one_device_each_equal_one_process(model_and_reference, tmp_path):

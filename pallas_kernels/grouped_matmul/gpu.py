@@ -17,7 +17,6 @@ Compiled for an H100 (sm_90a) in ``tests/kernels/test_aot_kernels.py``; never ru
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -28,28 +27,14 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.grouped_matmul.metadata import work_items
 from pallas_kernels.grouped_matmul.tuning import gpu_group_blocks
 from pallas_kernels.quantized_matmul.config import QuantConfig
-from pallas_kernels.quantized_matmul.gpu import _group_scale, _load
+from pallas_kernels.quantized_matmul.gpu import GpuSpec, group_scale, masked_load
 from pallas_kernels.quantized_matmul.packing import unpack_int4_halves
 from pallas_kernels.quantized_matmul.qarray import QArray
-from pallas_kernels.quantized_matmul.quantizer import quantize_activations
+from pallas_kernels.quantized_matmul.quantizer import kernel_activations
 from pallas_kernels.quantized_matmul.tuning import Blocks, check_gpu_blocks, gpu_num_warps
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    cfg: QuantConfig | None  # None: dense expert weights
-    m: int
-    k: int
-    n: int
-    blocks: Blocks
-    cdt: jnp.dtype
-
-    @property
-    def acc_dtype(self):
-        return jnp.int32 if self.cfg is not None and self.cfg.act == "int8" else jnp.float32
-
-
-def _kernel(tile_ref, group_ref, lo_ref, hi_ref, compute_ref, *refs, spec: _Spec):
+def _kernel(tile_ref, group_ref, lo_ref, hi_ref, compute_ref, *refs, spec: GpuSpec):
     cfg = spec.cfg
     refs = list(refs)
     x_ref = refs.pop(0)
@@ -76,29 +61,29 @@ def _kernel(tile_ref, group_ref, lo_ref, hi_ref, compute_ref, *refs, spec: _Spec
         grp_ok = (gidx + jnp.arange(ng)) < spec.k // g
         mask = grp_ok[:, None] & col_ok[None, :]
         idx = (grp, pl.ds(gidx, ng), pl.ds(n0, bn))
-        scales = _load(s_ref, idx, mask).astype(jnp.float32)
-        offsets = None if m_ref is None else _load(m_ref, idx, mask).astype(jnp.float32)
+        scales = masked_load(s_ref, idx, mask).astype(jnp.float32)
+        offsets = None if m_ref is None else masked_load(m_ref, idx, mask).astype(jnp.float32)
         return scales, offsets, grp_ok
 
     def int4_step(kk, acc):
         h = g // 2
         scales, offsets, grp_ok = load_params(kk)
         xmask = jnp.broadcast_to(row_ok[:, None, None] & grp_ok[None, :, None], (bm, ng, h))
-        x_lo = _load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(0, h)), xmask).reshape(bm, bk // 2)
-        x_hi = _load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(h, h)), xmask).reshape(bm, bk // 2)
+        x_lo = masked_load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(0, h)), xmask).reshape(bm, bk // 2)
+        x_hi = masked_load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(h, h)), xmask).reshape(bm, bk // 2)
         prow_ok = (kk * (bk // 2) + jnp.arange(bk // 2)) < spec.k // 2
         pidx = (grp, pl.ds(kk * (bk // 2), bk // 2), pl.ds(n0, bn))
-        lo_q, hi_q = unpack_int4_halves(_load(q_ref, pidx, prow_ok[:, None] & col_ok[None, :]), cfg.symmetric)
-        acc = acc + jnp.dot(x_lo, _group_scale(lo_q, scales, offsets, spec.cdt), preferred_element_type=jnp.float32)
-        return acc + jnp.dot(x_hi, _group_scale(hi_q, scales, offsets, spec.cdt), preferred_element_type=jnp.float32)
+        lo_q, hi_q = unpack_int4_halves(masked_load(q_ref, pidx, prow_ok[:, None] & col_ok[None, :]), cfg.symmetric)
+        acc = acc + jnp.dot(x_lo, group_scale(lo_q, scales, offsets, spec.cdt), preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x_hi, group_scale(hi_q, scales, offsets, spec.cdt), preferred_element_type=jnp.float32)
 
     def dense_step(kk, acc):
         k_ok = (kk * bk + jnp.arange(bk)) < spec.k
-        x = _load(x_ref, (pl.ds(m0, bm), pl.ds(kk * bk, bk)), row_ok[:, None] & k_ok[None, :])
-        q = _load(q_ref, (grp, pl.ds(kk * bk, bk), pl.ds(n0, bn)), k_ok[:, None] & col_ok[None, :])
+        x = masked_load(x_ref, (pl.ds(m0, bm), pl.ds(kk * bk, bk)), row_ok[:, None] & k_ok[None, :])
+        q = masked_load(q_ref, (grp, pl.ds(kk * bk, bk), pl.ds(n0, bn)), k_ok[:, None] & col_ok[None, :])
         if g:
             scales, offsets, _ = load_params(kk)
-            wt = _group_scale(q, scales, offsets, spec.cdt)
+            wt = group_scale(q, scales, offsets, spec.cdt)
         elif cfg is not None and cfg.act is not None:
             wt = q
         else:
@@ -112,9 +97,9 @@ def _kernel(tile_ref, group_ref, lo_ref, hi_ref, compute_ref, *refs, spec: _Spec
     acc = jax.lax.fori_loop(jnp.int32(0), trips, step, jnp.zeros((bm, bn), spec.acc_dtype))
     out = acc.astype(jnp.float32)
     if xs_ref is not None:
-        out = out * _load(xs_ref, (pl.ds(m0, bm), pl.ds(0, 1)), row_ok[:, None])
+        out = out * masked_load(xs_ref, (pl.ds(m0, bm), pl.ds(0, 1)), row_ok[:, None])
     if cfg is not None and not g:
-        out = out * _load(s_ref, (grp, pl.ds(0, 1), pl.ds(n0, bn)), col_ok[None, :]).astype(jnp.float32)
+        out = out * masked_load(s_ref, (grp, pl.ds(0, 1), pl.ds(n0, bn)), col_ok[None, :]).astype(jnp.float32)
     plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], out.astype(o_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -132,13 +117,10 @@ def grouped_matmul_gpu(
     cfg = rhs.config if isinstance(rhs, QArray) else None
     m, k = lhs.shape
     num_groups, _, n = rhs.shape
-    if cfg is not None and cfg.act is not None:
-        x, xs = quantize_activations(lhs, cfg.act)
-    else:
-        x, xs = lhs, None
+    x, xs = kernel_activations(lhs, cfg)
     blocks = blocks or gpu_group_blocks(m, k, n, num_groups, cfg)
     check_gpu_blocks(blocks, cfg or QuantConfig("int8"))
-    spec = _Spec(cfg, m, k, n, blocks, jnp.dtype(x.dtype))
+    spec = GpuSpec(cfg, m, k, n, blocks, jnp.dtype(x.dtype))
     items = work_items(group_sizes, m, blocks.bm)
     if cfg is not None and cfg.weight == "int4":
         x = x.reshape(m, k // cfg.group_size, cfg.group_size)  # free view: halves of each group

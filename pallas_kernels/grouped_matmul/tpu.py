@@ -31,16 +31,16 @@ from pallas_kernels.grouped_matmul.metadata import work_items
 from pallas_kernels.grouped_matmul.tuning import check_tpu_blocks, tpu_blocks
 from pallas_kernels.quantized_matmul.config import QuantConfig
 from pallas_kernels.quantized_matmul.qarray import QArray
-from pallas_kernels.quantized_matmul.quantizer import quantize_activations
+from pallas_kernels.quantized_matmul.quantizer import kernel_activations
 from pallas_kernels.quantized_matmul.reference import compute_precision
-from pallas_kernels.quantized_matmul.tpu import _dequant_tile
+from pallas_kernels.quantized_matmul.tpu import dequant_tile
 from pallas_kernels.quantized_matmul.tuning import Blocks
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     cfg: QuantConfig | None  # None: dense expert weights
-    blocks: Blocks  # .bk and .cfg are what quantized_matmul.tpu._dequant_tile reads
+    blocks: Blocks  # .bk and .cfg are what quantized_matmul.tpu.dequant_tile reads
     cdt: jnp.dtype  # dot operand dtype
     nk: int
 
@@ -76,7 +76,7 @@ def _kernel(tile_ref, group_ref, lo_ref, hi_ref, compute_ref, *refs, spec: _Spec
     @pl.when(compute_ref[w] == 1)
     def _dot():
         if spec.grouped:
-            _dequant_tile(q_ref, s_ref, m_ref, w_ref, spec)
+            dequant_tile(q_ref, s_ref, m_ref, w_ref, spec)
             wt = w_ref[...]
         elif cfg is not None and cfg.act is not None:
             wt = q_ref[...]
@@ -122,10 +122,7 @@ def grouped_matmul_tpu(
     cfg = rhs.config if isinstance(rhs, QArray) else None
     m, k = lhs.shape
     num_groups, _, n = rhs.shape
-    if cfg is not None and cfg.act is not None:
-        x, xs = quantize_activations(lhs, cfg.act)
-    else:
-        x, xs = lhs, None
+    x, xs = kernel_activations(lhs, cfg)
     blocks = blocks or tpu_blocks(m, k, n, num_groups, cfg, x.dtype)
     check_tpu_blocks(blocks, m, k, n, cfg, x.dtype)
     bm, bn, bk = blocks.bm, blocks.bn, blocks.bk

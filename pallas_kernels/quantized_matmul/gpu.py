@@ -31,13 +31,16 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.quantized_matmul.config import QuantConfig
 from pallas_kernels.quantized_matmul.packing import unpack_int4_halves
 from pallas_kernels.quantized_matmul.qarray import QArray
-from pallas_kernels.quantized_matmul.quantizer import quantize_activations
+from pallas_kernels.quantized_matmul.quantizer import kernel_activations
 from pallas_kernels.quantized_matmul.tuning import Blocks, check_gpu_blocks, gpu_blocks, gpu_num_warps
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
-    cfg: QuantConfig
+class GpuSpec:
+    """A GPU matmul's static shape: its format (``None``: dense weights, grouped matmul only), sizes,
+    blocks and the dtype the tiles are multiplied in."""
+
+    cfg: QuantConfig | None
     m: int
     k: int
     n: int
@@ -46,15 +49,15 @@ class _Spec:
 
     @property
     def acc_dtype(self):
-        return jnp.int32 if self.cfg.act == "int8" else jnp.float32
+        return jnp.int32 if self.cfg is not None and self.cfg.act == "int8" else jnp.float32
 
 
-def _load(ref, idx, mask):
+def masked_load(ref, idx, mask):
     """Masked load; masked-off elements read as zero (a typed zero: Triton cannot cast int to fp8)."""
     return plgpu.load(ref.at[idx], mask=mask, other=jnp.zeros((), ref.dtype))
 
 
-def _group_scale(levels, scales, offsets, cdt):
+def group_scale(levels, scales, offsets, cdt):
     """``levels (ng*r, bn)`` scaled per group of ``r`` rows by ``scales (ng, bn)``; cast to ``cdt``."""
     ng, bn = scales.shape
     rows = levels.shape[0]
@@ -64,7 +67,7 @@ def _group_scale(levels, scales, offsets, cdt):
     return w.reshape(rows, bn).astype(cdt)
 
 
-def _kernel(*refs, spec: _Spec):
+def _kernel(*refs, spec: GpuSpec):
     refs = list(refs)
     x_ref = refs.pop(0)
     xs_ref = refs.pop(0) if spec.cfg.act is not None else None
@@ -86,8 +89,8 @@ def _kernel(*refs, spec: _Spec):
         grp_ok = (gidx + jnp.arange(ng)) < spec.k // g
         mask = grp_ok[:, None] & col_ok[None, :]
         idx = (pl.ds(gidx, ng), pl.ds(n0, bn))
-        scales = _load(s_ref, idx, mask).astype(jnp.float32)
-        offsets = None if m_ref is None else _load(m_ref, idx, mask).astype(jnp.float32)
+        scales = masked_load(s_ref, idx, mask).astype(jnp.float32)
+        offsets = None if m_ref is None else masked_load(m_ref, idx, mask).astype(jnp.float32)
         return scales, offsets, grp_ok
 
     def int4_step(kk, acc):
@@ -95,24 +98,24 @@ def _kernel(*refs, spec: _Spec):
         scales, offsets, grp_ok = load_params(kk)
         xmask = row_ok[:, None, None] & grp_ok[None, :, None]
         xmask = jnp.broadcast_to(xmask, (bm, ng, h))
-        x_lo = _load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(0, h)), xmask).reshape(bm, bk // 2)
-        x_hi = _load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(h, h)), xmask).reshape(bm, bk // 2)
+        x_lo = masked_load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(0, h)), xmask).reshape(bm, bk // 2)
+        x_hi = masked_load(x_ref, (pl.ds(m0, bm), pl.ds(kk * ng, ng), pl.ds(h, h)), xmask).reshape(bm, bk // 2)
         prow_ok = (kk * (bk // 2) + jnp.arange(bk // 2)) < spec.k // 2
         pidx = (pl.ds(kk * (bk // 2), bk // 2), pl.ds(n0, bn))
-        packed = _load(q_ref, pidx, prow_ok[:, None] & col_ok[None, :])
+        packed = masked_load(q_ref, pidx, prow_ok[:, None] & col_ok[None, :])
         lo, hi = unpack_int4_halves(packed, signed=cfg.symmetric)
-        w_lo = _group_scale(lo, scales, offsets, spec.cdt)
-        w_hi = _group_scale(hi, scales, offsets, spec.cdt)
+        w_lo = group_scale(lo, scales, offsets, spec.cdt)
+        w_hi = group_scale(hi, scales, offsets, spec.cdt)
         acc = acc + jnp.dot(x_lo, w_lo, preferred_element_type=jnp.float32)
         return acc + jnp.dot(x_hi, w_hi, preferred_element_type=jnp.float32)
 
     def dense_step(kk, acc):
         k_ok = (kk * bk + jnp.arange(bk)) < spec.k
-        x = _load(x_ref, (pl.ds(m0, bm), pl.ds(kk * bk, bk)), row_ok[:, None] & k_ok[None, :])
-        q = _load(q_ref, (pl.ds(kk * bk, bk), pl.ds(n0, bn)), k_ok[:, None] & col_ok[None, :])
+        x = masked_load(x_ref, (pl.ds(m0, bm), pl.ds(kk * bk, bk)), row_ok[:, None] & k_ok[None, :])
+        q = masked_load(q_ref, (pl.ds(kk * bk, bk), pl.ds(n0, bn)), k_ok[:, None] & col_ok[None, :])
         if g:
             scales, offsets, _ = load_params(kk)
-            w = _group_scale(q, scales, offsets, spec.cdt)
+            w = group_scale(q, scales, offsets, spec.cdt)
         elif cfg.act is not None:
             w = q
         else:
@@ -129,9 +132,9 @@ def _kernel(*refs, spec: _Spec):
     acc = jax.lax.fori_loop(0, pl.cdiv(spec.k, bk), step, jnp.zeros((bm, bn), spec.acc_dtype))
     out = acc.astype(jnp.float32)
     if xs_ref is not None:
-        out = out * _load(xs_ref, (pl.ds(m0, bm), pl.ds(0, 1)), row_ok[:, None])
+        out = out * masked_load(xs_ref, (pl.ds(m0, bm), pl.ds(0, 1)), row_ok[:, None])
     if not g:
-        out = out * _load(s_ref, (pl.ds(0, 1), pl.ds(n0, bn)), col_ok[None, :]).astype(jnp.float32)
+        out = out * masked_load(s_ref, (pl.ds(0, 1), pl.ds(n0, bn)), col_ok[None, :]).astype(jnp.float32)
     plgpu.store(
         o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)],
         out.astype(o_ref.dtype),
@@ -147,13 +150,10 @@ def quantized_matmul_gpu(
     cfg = w.config
     m, k = x.shape
     n = w.shape[-1]
-    if cfg.act is not None:
-        lhs, xs = quantize_activations(x, cfg.act)
-    else:
-        lhs, xs = x, None
+    lhs, xs = kernel_activations(x, cfg)
     blocks = blocks or gpu_blocks(m, k, n, cfg)
     check_gpu_blocks(blocks, cfg)
-    spec = _Spec(cfg, m, k, n, blocks, jnp.dtype(lhs.dtype))
+    spec = GpuSpec(cfg, m, k, n, blocks, jnp.dtype(lhs.dtype))
     if cfg.weight == "int4":
         lhs = lhs.reshape(m, k // cfg.group_size, cfg.group_size)  # free view: halves of each group
     operands = [lhs] + ([xs] if xs is not None else []) + [w.value, w.scale]

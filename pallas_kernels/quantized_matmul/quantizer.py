@@ -115,6 +115,14 @@ def fake_quantize(w: jnp.ndarray, cfg: QuantConfig, clip: jnp.ndarray | float | 
     return dequantize_values(quantize_values(w, scale, offset, cfg), scale, offset)
 
 
+def kernel_activations(x: jnp.ndarray, cfg) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """The left operand a kernel multiplies: ``(xq, scale[M, 1])`` for W8A8 formats (``cfg.act`` set), else
+    ``(x, None)`` (weight-only formats and dense weights, ``cfg`` ``None``)."""
+    if cfg is not None and cfg.act is not None:
+        return quantize_activations(x, cfg.act)
+    return x, None
+
+
 def quantize_activations(x: jnp.ndarray, act: str) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Dynamic per-token (per-row) symmetric quantization of ``x[M, K]``.
 

@@ -32,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.quantized_matmul.config import QuantConfig
 from pallas_kernels.quantized_matmul.packing import unpack_int4_halves
 from pallas_kernels.quantized_matmul.qarray import QArray
-from pallas_kernels.quantized_matmul.quantizer import quantize_activations
+from pallas_kernels.quantized_matmul.quantizer import kernel_activations
 from pallas_kernels.quantized_matmul.reference import compute_precision
 from pallas_kernels.quantized_matmul.tuning import Blocks, check_tpu_blocks, tpu_blocks
 
@@ -57,7 +57,7 @@ class _Spec:
         return self.k % self.blocks.bk != 0
 
 
-def _dequant_tile(q_ref, s_ref, m_ref, w_ref, spec: _Spec) -> None:
+def dequant_tile(q_ref, s_ref, m_ref, w_ref, spec: _Spec) -> None:
     """Write the dequantized weight tile ``(bk, bn)`` into ``w_ref``, one group at a time."""
     g = spec.cfg.group_size
     ng = spec.blocks.bk // g
@@ -100,7 +100,7 @@ def _kernel(*refs, spec: _Spec):
 
     x = x_ref[...]
     if spec.grouped:
-        _dequant_tile(q_ref, s_ref, m_ref, w_ref, spec)
+        dequant_tile(q_ref, s_ref, m_ref, w_ref, spec)
         w = w_ref[...]
     else:
         w = q_ref[...]
@@ -136,10 +136,7 @@ def quantized_matmul_tpu(
     cfg = w.config
     m, k = x.shape
     n = w.shape[-1]
-    if cfg.act is not None:
-        lhs, xs = quantize_activations(x, cfg.act)
-    else:
-        lhs, xs = x, None
+    lhs, xs = kernel_activations(x, cfg)
     blocks = blocks or tpu_blocks(m, k, n, cfg)
     check_tpu_blocks(blocks, m, k, n, cfg, lhs.dtype)
     bm, bn, bk = blocks.bm, blocks.bn, blocks.bk

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ejaxinfer.proto\x12\x0bjaxinfer.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc7\x05\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\t\n\x01n\x18\x0e \x01(\r\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\t\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x42\n\nlogit_bias\x18\x11 \x03(\x0b\x32..jaxinfer.v1.SamplingParameters.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\rH\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x99\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.jaxinfer.v1.SamplingParametersB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxinfer.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x86\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\"\x0f\n\rHealthRequest\"W\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\r2\x99\x01\n\tInference\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12\x41\n\x06Health\x12\x1a.jaxinfer.v1.HealthRequest\x1a\x1b.jaxinfer.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ejaxinfer.proto\x12\x0bjaxinfer.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x81\x06\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\t\n\x01n\x18\x0e \x01(\r\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\t\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x42\n\nlogit_bias\x18\x11 \x03(\x0b\x32..jaxinfer.v1.SamplingParameters.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\rH\n\x88\x01\x01\x12\x38\n\x11structured_output\x18\x13 \x01(\x0b\x32\x1d.jaxinfer.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xca\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.jaxinfer.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x06 \x01(\tH\x00\x12\x1a\n\x12whitespace_pattern\x18\x07 \x01(\tB\x06\n\x04kind\"\xbc\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x11.jaxinfer.v1.ChatH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.jaxinfer.v1.SamplingParametersB\x08\n\x06prompt\"\xc3\x01\n\x04\x43hat\x12\x15\n\rmessages_json\x18\x01 \x01(\t\x12\x12\n\ntools_json\x18\x02 \x01(\t\x12\x18\n\x10tool_choice_json\x18\x03 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x16\n\x14_parallel_tool_callsB\x18\n\x16_add_generation_prompt\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxinfer.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xb1\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12+\n\x08logprobs\x18\x05 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\x12)\n\ntool_calls\x18\n \x03(\x0b\x32\x15.jaxinfer.v1.ToolCall\"\x0f\n\rHealthRequest\"W\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\r2\x99\x01\n\tInference\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12\x41\n\x06Health\x12\x1a.jaxinfer.v1.HealthRequest\x1a\x1b.jaxinfer.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=31
   _globals['_TOKENIDS']._serialized_end=54
   _globals['_SAMPLINGPARAMETERS']._serialized_start=57
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=768
-  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=551
-  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=599
-  _globals['_GENERATEREQUEST']._serialized_start=771
-  _globals['_GENERATEREQUEST']._serialized_end=924
-  _globals['_TOPLOGPROB']._serialized_start=926
-  _globals['_TOPLOGPROB']._serialized_end=973
-  _globals['_TOKENLOGPROB']._serialized_start=975
-  _globals['_TOKENLOGPROB']._serialized_end=1062
-  _globals['_USAGE']._serialized_start=1064
-  _globals['_USAGE']._serialized_end=1143
-  _globals['_GENERATERESPONSE']._serialized_start=1146
-  _globals['_GENERATERESPONSE']._serialized_end=1408
-  _globals['_HEALTHREQUEST']._serialized_start=1410
-  _globals['_HEALTHREQUEST']._serialized_end=1425
-  _globals['_HEALTHRESPONSE']._serialized_start=1427
-  _globals['_HEALTHRESPONSE']._serialized_end=1514
-  _globals['_INFERENCE']._serialized_start=1517
-  _globals['_INFERENCE']._serialized_end=1670
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=826
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=609
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=657
+  _globals['_CHOICES']._serialized_start=828
+  _globals['_CHOICES']._serialized_end=854
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=857
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1059
+  _globals['_GENERATEREQUEST']._serialized_start=1062
+  _globals['_GENERATEREQUEST']._serialized_end=1250
+  _globals['_CHAT']._serialized_start=1253
+  _globals['_CHAT']._serialized_end=1448
+  _globals['_TOOLCALL']._serialized_start=1450
+  _globals['_TOOLCALL']._serialized_end=1505
+  _globals['_TOPLOGPROB']._serialized_start=1507
+  _globals['_TOPLOGPROB']._serialized_end=1554
+  _globals['_TOKENLOGPROB']._serialized_start=1556
+  _globals['_TOKENLOGPROB']._serialized_end=1643
+  _globals['_USAGE']._serialized_start=1645
+  _globals['_USAGE']._serialized_end=1724
+  _globals['_GENERATERESPONSE']._serialized_start=1727
+  _globals['_GENERATERESPONSE']._serialized_end=2032
+  _globals['_HEALTHREQUEST']._serialized_start=2034
+  _globals['_HEALTHREQUEST']._serialized_end=2049
+  _globals['_HEALTHRESPONSE']._serialized_start=2051
+  _globals['_HEALTHRESPONSE']._serialized_end=2138
+  _globals['_INFERENCE']._serialized_start=2141
+  _globals['_INFERENCE']._serialized_end=2294
 # @@protoc_insertion_point(module_scope)

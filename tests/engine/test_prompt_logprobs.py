@@ -166,9 +166,11 @@ def test_spans_and_buffer_rows():
 
     class Out:
         logprobs = np.arange(8, dtype=np.float32) * -1
+        ranks = np.arange(8, dtype=np.int32) + 10
         top_ids = np.tile(np.array([[7, 105, 3]]), (8, 1))
         top_logprobs = np.tile(np.array([[-0.1, -0.2, -0.3]], np.float32), (8, 1))
 
     e = entries(Out, spans[1], 2)
     assert [list(x) for x in e] == [[106, 7, 105], [107, 7, 105], [108, 7, 105], [109, 7, 105]]
     assert e[0][106] == -4.0 and e[1][7] == pytest.approx(-0.1)
+    assert [x.rank for x in e] == [14, 15, 16, 17]

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax.traverse_util import flatten_dict
 from safetensors.torch import save_file
 
@@ -26,29 +25,9 @@ from jaxinfer.models.moe import expert_ffn, route
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.sharding import make_mesh
 from tests.engine.test_engine import GREEDY, _run, count_compilations
-from tests.models.dense_steps import decode_one, ragged_prefill
+from tests.models.dense_steps import ragged_prefill
+from tests.models.hf_checks import check_incremental_decode_vs_full, check_ragged_prefill_vs_hf, hf_greedy
 from tests.tiny_models import MOE_ARCHS
-
-RTOL = 1e-4
-
-
-def _hf_logits(hf, ids):
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0].numpy()
-
-
-def _hf_greedy(hf, prompt, n):
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module", params=sorted(MOE_ARCHS))
@@ -71,26 +50,12 @@ def test_config_layers_and_parameter_count(moe_model):
 
 def test_logits_match_hf_on_ragged_batch(moe_model):
     arch, _, m, hf = moe_model
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(3, 300, size=n).tolist() for n in (21, 7, 1)]  # > sliding window (8) for mixtral
-    ours, _ = ragged_prefill(m.model, m.params, seqs)
-    for ids, got in zip(seqs, ours):
-        ref = _hf_logits(hf, ids)
-        np.testing.assert_allclose(got, ref, atol=RTOL * np.abs(ref).max(), rtol=0, err_msg=arch)
+    check_ragged_prefill_vs_hf(m, hf, arch)
 
 
 def test_incremental_decode_equals_full_forward(moe_model):
     arch, _, m, _ = moe_model
-    rng = np.random.default_rng(1)
-    seqs = [rng.integers(3, 300, size=n).tolist() for n in (17, 12)]
-    full, _ = ragged_prefill(m.model, m.params, seqs)
-    prefix = 5
-    _, caches = ragged_prefill(m.model, m.params, [s[:prefix] for s in seqs])
-    for p in range(prefix, 12):
-        logits, caches = decode_one(m.model, m.params, caches, [s[p] for s in seqs], [p, p])
-        for i in range(2):
-            scale = np.abs(full[i][p]).max()
-            np.testing.assert_allclose(logits[i], full[i][p], atol=RTOL * scale, rtol=0, err_msg=f"{arch} pos {p}")
+    check_incremental_decode_vs_full(m, arch)
 
 
 SHARED = [1, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9, 8, 7, 9]  # two full pages of 8: prefix-cache hits
@@ -122,7 +87,7 @@ def test_engine_greedy_equals_hf(moe_model, method="ngram"):
     reqs = [(f"r{i}", p, SamplingParams(max_tokens=32, **GREEDY)) for i, p in enumerate(PROMPTS)]
     out = _run(eng, reqs, ARRIVALS)
     for rid, prompt, _ in reqs:
-        assert out[rid][0][0] == _hf_greedy(hf, prompt, 32), (arch, method, rid)
+        assert out[rid][0][0] == hf_greedy(hf, prompt, 32), (arch, method, rid)
     stats = eng.stats()
     assert stats.prefix_cache_hits > 0
     if method == "ngram":

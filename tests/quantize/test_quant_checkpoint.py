@@ -1,4 +1,4 @@
-"""Quantized checkpoints: orbax round trip into shardings, manifest content, LLM(dir), CLI end to end."""
+"""Quantized checkpoints: round trip into shardings, manifest content, LLM(dir), CLI end to end."""
 
 import json
 
@@ -57,7 +57,7 @@ def test_round_trip_identical_logits_and_shardings(saved):
 def test_manifest_content(saved):
     m, q, out = saved
     man = json.loads((out / MANIFEST).read_text())
-    assert man["format_version"] == 1 and man["jaxinfer_version"]
+    assert man["format_version"] == 2 and man["jaxinfer_version"]
     assert man["method"] == "rtn" and man["format"] == "int4-g128-asym"
     assert man["group_size"] == 128 and man["source_model"].endswith("llama_mha_tied")
     assert man["model_config"]["num_layers"] == m.config.num_layers
@@ -109,3 +109,25 @@ def test_cli_quantize_then_eval_ppl(tiny_model_dir, tmp_path, capsys):
     assert r[str(out)]["num_tokens"] == r["float"]["num_tokens"] == 10 * 63
     assert r[str(out)]["bytes"] < r["float"]["bytes"]
     assert main(["quantize", "--model", str(path), "--method", "awq", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_format_version_1_orbax_checkpoint_still_loads(saved, tmp_path):
+    """Checkpoints written before format version 2 (the storage tree as an orbax checkpoint) load as before."""
+    import orbax.checkpoint as ocp
+    from flax.traverse_util import unflatten_dict
+
+    from jaxinfer.quantized_checkpoint import _storage
+
+    m, q, out = saved
+    old = tmp_path / "v1"
+    old.mkdir()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(old / "params", unflatten_dict(_storage(q.params)[0]))
+    ckptr.wait_until_finished()
+    man = json.loads((out / MANIFEST).read_text())
+    (old / MANIFEST).write_text(json.dumps({**man, "format_version": 1}))
+    model, params, _ = load_quantized(old)
+    np.testing.assert_array_equal(_logits(model, params), _logits(m.model, q.params))
+    (old / MANIFEST).write_text(json.dumps({**man, "format_version": 3}))
+    with pytest.raises(WeightLoadError, match="format_version 3"):
+        load_quantized(old)

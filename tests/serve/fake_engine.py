@@ -132,7 +132,7 @@ class FakeEngine:
 
     # -- interface -----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt, sampling_params: SamplingParams, *,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, client: str | None = None) -> None:
         if request_id in self._ids:
             raise InvalidRequestError(f"duplicate request id {request_id!r}", "request_id")
         if isinstance(prompt, str):

@@ -152,6 +152,11 @@ def test_vllm_prompt_logprobs_field_and_grpc(served):
         assert next(iter(e)) == str(ids[j]) and len(e) in (2, 3)
         for t, v in e.items():
             assert v["logprob"] == pytest.approx(ref[j - 1, int(t)], abs=TOL)
+        # vLLM's rank: 1 + the tokens more likely than this one (HF float64; near-ties within TOL either way)
+        lp = ref[j - 1, ids[j]]
+        assert 1 + np.sum(ref[j - 1] > lp + TOL) <= e[str(ids[j])]["rank"] <= 1 + np.sum(ref[j - 1] > lp - TOL)
+        alts = sorted((t for t in e if t != str(ids[j]) or len(e) == 2), key=lambda t: -e[t]["logprob"])
+        assert [e[t]["rank"] for t in alts] == list(range(1, len(alts) + 1))
     bad = httpx.post(url + "/v1/completions", json={"prompt": ids, "prompt_logprobs": 21}, timeout=300)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
     zero = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 0}, timeout=300)
@@ -167,6 +172,28 @@ def test_vllm_prompt_logprobs_field_and_grpc(served):
         [p.logprob for p in scored[0]], [ref[j - 1, ids[j]] for j in range(1, len(ids))], atol=TOL
     )
     assert all(len(p.top) == 1 and p.top[0].token_id == int(np.argmax(ref[j])) for j, p in enumerate(scored[0]))
+
+
+def test_chat_prompt_logprobs(served):
+    """vLLM's ``prompt_logprobs`` on /v1/chat/completions: one top-level list over the templated prompt
+    (tokens from HF's ``apply_chat_template``, logprobs from HF transformers)."""
+    url, _, path, hf = served
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    ids = _tokenizer(path).apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    ref = _log_softmax(hf, ids)
+    r = httpx.post(url + "/v1/chat/completions", timeout=300,
+                   json={"messages": messages, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 1}).json()
+    pl = r["prompt_logprobs"]
+    assert "prompt_logprobs" not in r["choices"][0] and r["usage"]["prompt_tokens"] == len(ids)
+    assert pl[0] is None and [int(next(iter(e))) for e in pl[1:]] == ids[1:]
+    for j in range(1, len(ids)):
+        for t, v in pl[j].items():
+            assert v["logprob"] == pytest.approx(ref[j - 1, int(t)], abs=TOL)
+        assert str(int(np.argmax(ref[j - 1]))) in pl[j]  # the best alternative
+    bad = httpx.post(url + "/v1/chat/completions", timeout=300,
+                     json={"messages": messages, "prompt_logprobs": 1, "stream": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
 
 
 # ---- lm-eval against the server ------------------------------------------------------------------------

@@ -217,3 +217,104 @@ def test_grpc_logit_bias(srv):
             with pytest.raises(grpc.RpcError) as e:
                 run(logit_bias=bias)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
+
+
+def test_structural_tag(srv):
+    """vLLM's structural_tag response_format: every trigger in the text continues as a structure whose JSON
+    validates (jsonschema). logit_bias pushes the tiny model to type the trigger's characters often."""
+    tok = srv.async_engine.tokenizer
+    bias = {str(t): 30 for t in {*tok.encode("<f="), *(tok.encode(c)[0] for c in "<f=")}}
+    fmt = {"type": "structural_tag", "triggers": ["<f="],
+           "structures": [{"begin": "<f=weather>", "schema": SCHEMA, "end": "</f>"}]}
+    text = ""
+    for body in ({"response_format": fmt}, {"structured_outputs": {"structural_tag": json.dumps(fmt)}}):
+        r = _post(srv, "/v1/completions", {"prompt": "fox", "max_tokens": 250, "temperature": 1.0, "seed": 5,
+                                          "logit_bias": bias, **body})
+        text = r["choices"][0]["text"]
+        parts = text.split("<f=")[1:]
+        complete = [p for p in parts if "</f>" in p]
+        assert complete, text  # the constraint was exercised (the bias made the model type the trigger)
+        assert len(parts) - len(complete) <= 1 and (parts[-1] in complete or "weather>".startswith(parts[-1][:8]))
+        for part in complete:  # every trigger became a whole structure (the last may be cut by max_tokens)
+            assert part.startswith("weather>"), part
+            payload, _, _ = part[len("weather>"):].partition("</f>")
+            jsonschema.validate(json.loads(payload), SCHEMA)
+    bad = httpx.post(srv.http_url + "/v1/completions", timeout=60, json={
+        "prompt": "x", "response_format": {"type": "structural_tag", "format": {"type": "const_string"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "unsupported"
+    bad = httpx.post(srv.http_url + "/v1/completions", timeout=60, json={
+        "prompt": "x", "response_format": {**fmt, "triggers": ["<g="]}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+
+
+def test_grpc_structured_output_matches_http(srv):
+    """gRPC ``structured_output``: the same constrained greedy output as the HTTP path for each kind, and the
+    JSON one validates (jsonschema)."""
+    cases = [  # (gRPC StructuredOutput fields, the HTTP structured_outputs object)
+        ({"json_schema": json.dumps(SCHEMA)}, {"json": SCHEMA}),
+        ({"json_object": True}, {"json_object": True}),
+        ({"regex": "[a-z]{2,5}-[0-9]{3}"}, {"regex": "[a-z]{2,5}-[0-9]{3}"}),
+        ({"choice": pb.Choices(choices=["alpha", "beta", "gamma"])}, {"choice": ["alpha", "beta", "gamma"]}),
+        ({"grammar": 'start: "x" ("y" | "z")+'}, {"grammar": 'start: "x" ("y" | "z")+'}),
+    ]
+    with grpc.insecure_channel(srv.grpc_target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+
+        def run(**so):
+            sp = pb.SamplingParameters(max_tokens=60, structured_output=pb.StructuredOutput(**so))
+            return "".join(m.text for m in stub.Generate(pb.GenerateRequest(text="fox", sampling=sp), timeout=120))
+
+        for so, http in cases:
+            text = run(**so)
+            ref = _post(srv, "/v1/completions", {"prompt": "fox", "max_tokens": 60, "temperature": 0,
+                                                "structured_outputs": http})["choices"][0]["text"]
+            assert text == ref, (so, text, ref)
+            if "json_schema" in so:
+                jsonschema.validate(json.loads(text), SCHEMA)
+        assert re.fullmatch("[a-z]{2,5}-[0-9]{3}", run(regex="[a-z]{2,5}-[0-9]{3}"))
+        for so, needle in [({"json_schema": "{not json"}, "structured_output"), ({"regex": "("}, "structured_output"),
+                           ({"structural_tag": json.dumps({"structures": [], "triggers": []})}, "structures"),
+                           ({}, "structured_output")]:
+            with pytest.raises(grpc.RpcError) as e:
+                run(**so)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details()
+
+
+def test_grpc_chat_tools_match_http(srv):
+    """gRPC ``chat`` with tools: the same prompt as HTTP (usage), a forced call parsed into ``tool_calls`` equal
+    to HTTP's (greedy) with arguments valid against the tool's schema (jsonschema)."""
+    history = USER + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "noop", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"},
+    ]
+    with grpc.insecure_channel(srv.grpc_target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+
+        def run(choice, **chat):
+            req = pb.GenerateRequest(chat=pb.Chat(messages_json=json.dumps(history), tools_json=json.dumps(TOOLS),
+                                                  tool_choice_json=json.dumps(choice), **chat),
+                                     sampling=pb.SamplingParameters(max_tokens=200))
+            return list(stub.Generate(req, timeout=120))
+
+        for choice in ({"type": "function", "function": {"name": "weather"}}, "required"):
+            msgs = run(choice, parallel_tool_calls=False)
+            ref = _post(srv, "/v1/chat/completions", {"messages": history, "tools": TOOLS, "tool_choice": choice,
+                                                      "parallel_tool_calls": False, "temperature": 0,
+                                                      "max_tokens": 200})
+            assert msgs[-1].usage.prompt_tokens == ref["usage"]["prompt_tokens"]
+            last = msgs[-1]
+            assert last.finish_reason == "tool_calls" == ref["choices"][0]["finish_reason"]
+            calls = [{"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+                     for t in last.tool_calls]
+            _check_calls(calls, {"weather"} if isinstance(choice, dict) else {"weather", "noop"})
+            want = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                    for c in ref["choices"][0]["message"]["tool_calls"]]
+            assert [(t.name, json.loads(t.arguments)) for t in last.tool_calls] == want
+        plain = run("none")
+        assert not plain[-1].tool_calls and plain[-1].finish_reason in ("stop", "length")
+        for chat, needle in [({"messages_json": "[{"}, "messages"), ({"messages_json": "[]"}, "messages"),
+                             ({"messages_json": json.dumps(USER), "tool_choice_json": '"required"'}, "tools")]:
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(pb.GenerateRequest(chat=pb.Chat(**chat)), timeout=60))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details(), e.value.details()
