@@ -11,6 +11,7 @@ from jaxinfer.compile_cli import register as register_compile
 from jaxinfer.config_cli import add_engine_args, engine_config_kwargs
 from jaxinfer.errors import JaxinferError
 from jaxinfer.launch import register as register_launch
+from jaxinfer.train.train_draft import register as register_train_draft
 from quantize.cli import register as register_quantize_commands
 from serve.cli import register as register_serve
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_quantize_commands(sub)  # quantize, eval-ppl
     register_launch(sub)  # launch: N local processes of one --distributed run
     register_compile(sub)
+    register_train_draft(sub)
     return parser
 
 

@@ -214,3 +214,23 @@ def test_file_checks(tmp_path):
                       moe_intermediate_size=16)
     assert EagleHeadConfig.from_target(moe).architecture == "qwen3"
     assert shipped_head_path("not-a-registered-model") is None
+
+
+def test_shipped_head_for_the_default_model():
+    """The package carries a head for the default model that fits its configuration and records its training."""
+    from jaxinfer.loader import load_config
+    from jaxinfer.model_registry import resolve_model
+
+    path = shipped_head_path(None)
+    assert path is not None and path.is_file() and path.stat().st_size < 11 * 2**20
+    cfg, params = load_eagle_head(path)
+    target, _ = load_config(resolve_model(None))
+    assert cfg == EagleHeadConfig.from_target(target, cfg.draft_vocab_size, "smollm2-135m-instruct")
+    assert params["lm_head"]["kernel"].dtype == np.float16
+    d2t = params["d2t"]
+    assert len(np.unique(d2t)) == len(d2t) == cfg.draft_vocab_size and set(target.eos_token_ids) <= set(d2t)
+    _, meta = read_eagle_metadata(path)
+    assert meta["command"].startswith("jaxinfer train-draft") and meta["steps_run"] > 0
+    assert meta["data"]["train_reply_tokens"] > 10_000 and meta["time_s"]["train_this_run"] > 0
+    acc = meta["held_out_acceptance"]
+    assert acc["k"] == 4 and sum(acc["histogram"]) == acc["positions"] > 1000 and acc["mean_length"] > 1.2

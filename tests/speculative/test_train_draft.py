@@ -1,0 +1,76 @@
+"""``jaxinfer train-draft`` end to end on a tiny random Llama: data, training (loss goes down), orbax resume
+(the resumed run reproduces the uninterrupted one), held-out acceptance, curves, the head file. Plus the
+prompt set and draft-vocabulary helpers."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from jaxinfer.cli import main
+from jaxinfer.speculative.eagle_head import load_eagle_head, read_eagle_metadata
+from jaxinfer.train import data, prompts
+
+
+def _args(model, out, steps, *extra):
+    return ["train-draft", "--model", str(model), "--out", str(out), "--num-prompts", "8", "--held-out-prompts", "3",
+            "--max-tokens", "12", "--draft-vocab", "48", "--steps", str(steps), "--batch-size", "8", "--warmup", "1",
+            "--lr", "3e-3", "--eval-every", "3", "--checkpoint-every", "3", "--dtype", "float32",
+            "--max-num-seqs", "16", *extra]
+
+
+def test_train_draft_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
+    model, _ = tiny_model_dir("llama")
+    out = tmp_path / "run"
+    assert main(_args(model, out, 6)) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    hist = json.loads((out / "history.json").read_text())
+    loss = hist["loss"]
+    assert len(loss) == 6 and loss[-1] < 0.9 * loss[0], loss  # one fixed batch (all 8 replies): must go down
+    assert [e["step"] for e in hist["eval"]] == [3, 6]
+    assert (out / "curves.png").stat().st_size > 0
+
+    cfg, params = load_eagle_head(out / "eagle-head.safetensors")
+    _, meta = read_eagle_metadata(out / "eagle-head.safetensors")
+    assert cfg.draft_vocab_size == 48 and params["lm_head"]["kernel"].shape == (64, 48)
+    assert meta["command"].startswith("jaxinfer train-draft") and "--steps 6" in meta["command"]
+    assert meta["data"]["train_replies"] == 8 and meta["steps_run"] == 6
+    acc = meta["held_out_acceptance"]
+    assert acc == result["held_out_acceptance"] and acc["k"] == 4 and acc["positions"] > 0
+    assert sum(acc["histogram"]) == acc["positions"] and 1.0 <= acc["mean_length"] <= 5.0
+
+    # without --resume an existing run is refused
+    assert main(_args(model, out, 6)) == 2
+    # drop the last checkpoint, resume from step 3: the same batches and updates give the same losses
+    shutil.rmtree(out / "ckpt" / "6")
+    assert main(_args(model, out, 6, "--resume")) == 0
+    hist2 = json.loads((out / "history.json").read_text())
+    np.testing.assert_allclose(hist2["loss"], loss, rtol=1e-4)
+    _, meta2 = read_eagle_metadata(out / "eagle-head.safetensors")
+    assert meta2["steps_run"] == 3
+    assert meta2["held_out_acceptance"]["mean_length"] == pytest.approx(acc["mean_length"], abs=0.05)
+
+
+def test_prompt_sets_are_varied_and_held_out_topics_disjoint():
+    train_topics, held_topics = prompts.split_topics(7)
+    assert not set(train_topics) & set(held_topics) and len(held_topics) == 7
+    train = prompts.prompt_set(300, 0, train_topics)
+    assert len(set(train)) == 300
+    assert not any(t in p for p in train for t in held_topics)
+    assert len({p.split()[0] for p in train}) >= 15  # many instruction styles
+    assert prompts.prompt_set(50, 3) == prompts.prompt_set(50, 3)
+    with pytest.raises(ValueError, match="at most"):
+        prompts.prompt_set(10_000, 0, ["one topic"])
+
+
+def test_draft_vocabulary_and_coverage():
+    seqs = [data.Sequence(np.array([9, 9, 1, 2, 2, 3, 2]), 2, True, None, np.array([0, 1, 2, 2, 3, 2, 5]))]
+    counts = data.token_counts(seqs, 10)
+    # reply tokens 1, 2, 2, 3, 2 plus greedy predictions at reply positions 1 .. 5: 1, 2, 2, 3, 2
+    assert counts.tolist() == [0, 2, 6, 2, 0, 0, 0, 0, 0, 0]
+    d2t = data.draft_vocabulary(counts, 2, always=(7,))
+    assert d2t.tolist() == [2, 7]
+    assert data.coverage(seqs, d2t) == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="draft vocabulary size"):
+        data.draft_vocabulary(counts, 0)
