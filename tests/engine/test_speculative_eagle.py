@@ -217,3 +217,19 @@ def test_vllm_style_speculative_config():
     with pytest.raises(ValueError, match="conflicts"):
         _speculative_options({"method": "eagle"}, {"speculative_method": "ngram"})
     assert EngineConfig(speculative_method="ngram+eagle", speculative_model="h.safetensors").speculative_model
+
+
+def test_default_model_shipped_head_greedy_equals_plain(default_llm):
+    """``speculative_method="eagle"`` without a head file uses the head shipped for the default model."""
+    tok = default_llm.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "Why do cats purr?"}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    cfg = dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=32, page_size=16, min_token_bucket=8)
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    reqs = [("a", ids, sp), ("b", ids[:-2], sp)]
+    plain = _run(Engine(default_llm.loaded, EngineConfig(**cfg)), reqs)
+    eng = Engine(default_llm.loaded, EngineConfig(**cfg, speculative_method="eagle", num_speculative_tokens=3))
+    out = _run(eng, reqs)
+    assert {r: v[0][0] for r, v in out.items()} == {r: v[0][0] for r, v in plain.items()}
+    st = eng.stats()
+    assert st.spec_verified > 0 and st.spec_accepted_tokens > 0  # the trained head gets some drafts right
