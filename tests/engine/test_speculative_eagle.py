@@ -221,9 +221,9 @@ def test_vllm_style_speculative_config():
 
 def test_default_model_shipped_head_greedy_equals_plain(default_llm):
     """``speculative_method="eagle"`` without a head file uses the head shipped for the default model."""
-    tok = default_llm.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": "Why do cats purr?"}], add_generation_prompt=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    from jaxinfer.tokenizer import encode_chat
+
+    ids = encode_chat(default_llm.tokenizer, [{"role": "user", "content": "Why do cats purr?"}])
     cfg = dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=32, page_size=16, min_token_bucket=8)
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     reqs = [("a", ids, sp), ("b", ids[:-2], sp)]
