@@ -37,12 +37,13 @@ CASES = [
     ("Llama-3-8B-shaped", LLAMA8B, "h100", "int8", "int8"),
 ]
 
-# decode HBM traffic vs the minimum (README "Decode traffic"): 32 layers, batch 1 and max_num_seqs
+# decode HBM traffic vs the minimum (README "Decode traffic"): all layers, batch 1 and max_num_seqs
 TRAFFIC_CASES = [
+    ("SmolLM2-135M", None, "tpu-v5e-1", None, "auto"),
     ("Llama-3-8B-shaped", LLAMA8B, "tpu-v6e-1", None, "auto"),
-    ("Llama-3-8B-shaped", LLAMA8B, "tpu-v6e-1", "int8", "auto"),
+    ("Llama-3-8B-shaped", LLAMA8B, "tpu-v6e-1", "int8", "int8"),
     ("Llama-3-8B-shaped", LLAMA8B, "tpu-v5e-8", None, "auto"),
-    ("Llama-3-8B-shaped", LLAMA8B, "tpu-v5e-8", "int8", "auto"),
+    ("Llama-3-8B-shaped", LLAMA8B, "tpu-v5e-8", "int8", "int8"),
 ]
 
 
@@ -60,17 +61,21 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--buckets", default="smallest", choices=("all", "decode", "smallest"))
-    p.add_argument("--traffic", action="store_true", help="only the decode-traffic cases (Llama-3-8B-shaped on "
-                   "tpu-v6e-1 / v5e-8, bf16 and int8, batch 1 and max-num-seqs) with --buckets decode")
+    p.add_argument("--traffic", action="store_true", help="only the decode-traffic cases (SmolLM2 on tpu-v5e-1; "
+                   "Llama-3-8B-shaped on tpu-v6e-1 / v5e-8, bf16 and int8 weights + int8 KV) with --buckets decode")
+    p.add_argument("--cases", default=None, help="comma-separated indices into the case list (default: all); "
+                   "rows are appended to --out when it exists")
     args = p.parse_args()
 
     from jaxinfer.aot import compile_for_target
     from jaxinfer.config import EngineConfig
 
-    rows = []
     cases = CASES
     if args.traffic:
         cases, args.buckets = TRAFFIC_CASES, "decode"
+    if args.cases is not None:
+        cases = [cases[int(i)] for i in args.cases.split(",")]
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.cases is not None and Path(args.out).exists() else []
     for label, model, target, quant, kv in cases:
         start = time.perf_counter()
         cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, kv_cache_dtype=kv)
@@ -82,7 +87,7 @@ def main() -> int:
         for b in report.buckets:
             sys.stdout.write(f"  T={b.tokens} S={b.seqs}: compiler bytes accessed {b.bytes_accessed / 1e9:.2f} GB, "
                              f"estimated {b.estimated_bytes / 1e9:.2f} GB, minimum {b.minimum_bytes / 1e9:.2f} GB "
-                             f"({b.traffic_ratio:.3f}x)\n")
+                             f"({b.traffic_ratio:.3f}x; every optional branch {b.traffic_ratio_max:.3f}x)\n")
         sys.stdout.write(f"{label:18} {target:10} {quant or 'bf16':5} kv {kv:4} ok={report.ok} "
                          f"weights {report.weight_bytes_per_device / 2**30:.2f} GiB/chip, KV "
                          f"{report.kv_capacity_tokens} tok, roofline b1 {r1.tokens_per_s:.0f} tok/s\n")

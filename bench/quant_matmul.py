@@ -10,6 +10,11 @@ Usage::
 
     python bench/quant_matmul.py                 # on a GPU / TPU
     python bench/quant_matmul.py --quick         # tiny shapes; runs anywhere (kernels interpreted on CPU)
+    python bench/quant_matmul.py --shapes smollm2 --dtype bfloat16 --formats int8 int4 int4-g32 \
+        --batches 1 4 64 512                     # the CPU: the default model's projections, C++ kernel vs XLA
+
+On the CPU the peers are the float32 and bfloat16 XLA dots of the float weight (bfloat16 as the model runs
+it: float32 accumulation, then rounded), and the kernels are ``xla`` (the reference) and ``cpu``.
 
 Writes ``bench/results/quant_matmul_<device>_<date>.json``.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import pathlib
 import re
 import statistics
@@ -38,6 +44,9 @@ from pallas_kernels.quantized_matmul.qarray import QArray  # noqa: E402
 
 LLAMA3_8B_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 QUICK_SHAPES = [(256, 512), (512, 256)]
+# SmolLM2-135M (the default model): q/o, k/v, gate/up, down, tied LM head.
+SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]
+SHAPE_SETS = {"llama3-8b": LLAMA3_8B_SHAPES, "smollm2": SMOLLM2_SHAPES, "quick": QUICK_SHAPES}
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 QUICK_BATCHES = [1, 8]
 FORMATS = ["int8", "int4", "int4-asym", "fp8", "int8-w8a8", "fp8-w8a8"]
@@ -85,14 +94,21 @@ def run(args) -> dict:
     kind = device.device_kind
     platform = device.platform
     peak = args.peak_gbps or peak_gbps(kind)
-    shapes = QUICK_SHAPES if args.quick else LLAMA3_8B_SHAPES
+    shapes = SHAPE_SETS[args.shapes or ("quick" if args.quick else "llama3-8b")]
     batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
     kernel = default_impl(platform)
     impls = args.impls or (["xla", kernel] if kernel != "xla" else ["xla"])
     if args.quick and kernel == "xla" and not args.impls:
         impls = ["xla", "pallas_tpu", "pallas_gpu"]  # interpreted: checks they run, not their speed
     reps = 3 if args.quick else args.reps
-    dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16  # bf16 dots are slow on XLA:CPU
+    if args.dtype:
+        dtype = jnp.dtype(args.dtype)
+    else:
+        dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
+    # Dense peers: the float weight in the activation dtype; on the CPU also the other float dtype.
+    dense_dtypes = [jnp.dtype(dtype)]
+    if platform == "cpu":
+        dense_dtypes = [jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)]
 
     rows = []
     rng = np.random.default_rng(0)
@@ -101,24 +117,17 @@ def run(args) -> dict:
         qws = {fmt: QArray.quantize(w, fmt) for fmt in args.formats}
         for m in batches:
             x = jnp.asarray(rng.standard_normal((m, k)), dtype)
-            dense = jax.jit(lambda x, w: x @ w)
+            # As jaxinfer.models.ops.linear runs a float weight: 16-bit inputs accumulate in float32.
+            dense = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
             ref = dense(x, w)
             t_dense = time_fn(dense, x, w, reps=reps)
-            moved = nbytes(x, w, ref)
-            rows.append(
-                _row(
-                    k,
-                    n,
-                    m,
-                    "bf16" if dtype == jnp.bfloat16 else "f32",
-                    "xla",
-                    t_dense,
-                    moved,
-                    peak,
-                    t_dense,
-                    0.0,
-                )
-            )
+            rows.append(_row(k, n, m, _short(dtype), "xla", t_dense, nbytes(x, w, ref), peak, t_dense, 0.0))
+            for other in dense_dtypes:
+                if other != jnp.dtype(dtype):
+                    xo, wo = x.astype(other), w.astype(other)
+                    t = time_fn(dense, xo, wo, reps=reps)
+                    rows.append(_row(k, n, m, _short(other), "xla", t, nbytes(xo, wo, dense(xo, wo)), peak, t_dense,
+                                     float("nan")))
             for fmt, qw in qws.items():
                 for impl in impls:
                     fn = jax.jit(lambda x, w, impl=impl: quantized_matmul(x, w, impl=impl))
@@ -147,6 +156,8 @@ def run(args) -> dict:
             print(f"[{k}x{n}] M={m} done", file=sys.stderr)
     return {
         "benchmark": "quant_matmul",
+        "cpu": _cpu_name() if platform == "cpu" else None,
+        "load_average": list(os.getloadavg()),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device_kind": kind,
         "platform": platform,
@@ -155,9 +166,23 @@ def run(args) -> dict:
         "quick": bool(args.quick),
         "activation_dtype": jnp.dtype(dtype).name,
         "peak_hbm_gbps": peak,
-        "interpreted_kernels": platform == "cpu",
+        "interpreted_kernels": platform == "cpu" and any(i.startswith("pallas") for i in impls),
         "results": rows,
     }
+
+
+def _short(dtype) -> str:
+    return "bf16" if jnp.dtype(dtype) == jnp.bfloat16 else "f32"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def _row(k, n, m, fmt, impl, t, moved, peak, t_dense, err) -> dict:
@@ -181,7 +206,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes and batches (CPU smoke run)")
     p.add_argument("--formats", nargs="+", default=FORMATS)
-    p.add_argument("--impls", nargs="+", choices=["xla", "pallas_tpu", "pallas_gpu"])
+    p.add_argument("--impls", nargs="+", choices=["xla", "cpu", "pallas_tpu", "pallas_gpu"])
+    p.add_argument("--shapes", choices=sorted(SHAPE_SETS), help="weight shapes (default: llama3-8b; quick)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="activations (default: f32 on CPU)")
     p.add_argument("--batches", nargs="+", type=int)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--peak-gbps", type=float, help="override the device's peak memory bandwidth")

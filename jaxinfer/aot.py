@@ -118,15 +118,23 @@ class BucketResult:
     alias_bytes: int = 0
     temp_bytes: int = 0
     bytes_accessed: int = 0  # the compiler's cost analysis, per device (kernels' operands as it counts them)
-    hlo_bytes: int = 0  # HBM bytes of the compiled program's XLA ops, attention kernels left out (hlo_traffic)
+    hlo_bytes: int = 0  # HBM bytes of the compiled program's XLA ops, attention kernels left out (hlo_traffic),
+    # on the plain path (the cheapest branch of each conditional: no penalties, filtering or prompt logprobs)
+    hlo_bytes_max: int = 0  # the same with the costliest branch of each conditional (every option on)
     minimum_bytes: int = 0  # weights once + embedding rows + KV read of the context + KV write (per device)
     estimated_bytes: int = 0  # hlo_bytes + the attention kernels' page reads at the context (padding included)
+    estimated_bytes_max: int = 0  # hlo_bytes_max + the same page reads
     top_ops: list = field(default_factory=list)  # [(source op, bytes)] of the largest XLA ops
 
     @property
     def traffic_ratio(self) -> float:
-        """``estimated_bytes / minimum_bytes`` (0 when not measured)."""
+        """``estimated_bytes / minimum_bytes``: the plain path (0 when not measured)."""
         return self.estimated_bytes / self.minimum_bytes if self.minimum_bytes else 0.0
+
+    @property
+    def traffic_ratio_max(self) -> float:
+        """``estimated_bytes_max / minimum_bytes``: every optional branch taken (0 when not measured)."""
+        return self.estimated_bytes_max / self.minimum_bytes if self.minimum_bytes else 0.0
 
     @property
     def peak_bytes(self) -> int:
@@ -185,7 +193,7 @@ class CompileReport:
         d = asdict(self)
         d.update(ok=self.ok, fits=self.fits)
         for b, j in zip(self.buckets, d["buckets"]):
-            j.update(peak_bytes=b.peak_bytes, traffic_ratio=b.traffic_ratio)
+            j.update(peak_bytes=b.peak_bytes, traffic_ratio=b.traffic_ratio, traffic_ratio_max=b.traffic_ratio_max)
         for r, j in zip(self.rooflines, d["rooflines"]):
             j.update(step_seconds=r.step_seconds, tokens_per_s=r.tokens_per_s)
         return d
@@ -363,7 +371,8 @@ def _decode_traffic(
     if not c.tie_word_embeddings:
         weights += b.tokens * embed_bytes // c.vocab_size - embed_bytes
     b.minimum_bytes = weights + (b.seqs * context + b.tokens) * logical // kv_shards
-    b.estimated_bytes = b.hlo_bytes + b.seqs * context * spec.bytes_per_token // kv_shards
+    pages = b.seqs * context * spec.bytes_per_token // kv_shards
+    b.estimated_bytes, b.estimated_bytes_max = b.hlo_bytes + pages, b.hlo_bytes_max + pages
 
 
 def _compile_one(runner: ModelRunner, t: int, s: int) -> BucketResult:
@@ -376,8 +385,10 @@ def _compile_one(runner: ModelRunner, t: int, s: int) -> BucketResult:
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
-    ops = op_traffic(compiled.as_text())
+    text = compiled.as_text()
+    ops = op_traffic(text, branches="min")
     top = list(traffic_by_source([o for o in ops if not o.kernel]).items())[:TOP_OPS]
+    hlo_max = sum(o.bytes for o in op_traffic(text, branches="max") if not o.kernel)
     return BucketResult(
         t,
         s,
@@ -390,5 +401,6 @@ def _compile_one(runner: ModelRunner, t: int, s: int) -> BucketResult:
         int(m.temp_size_in_bytes),
         bytes_accessed=int(cost.get("bytes accessed", 0)),
         hlo_bytes=sum(o.bytes for o in ops if not o.kernel),
+        hlo_bytes_max=hlo_max,
         top_ops=top,
     )

@@ -57,7 +57,7 @@ def run(args) -> int:
                 out.write(f"    decode traffic at --context {args.context}: compiler bytes accessed "
                           f"{compiler}; XLA ops {b.hlo_bytes / 1e9:.2f} GB + attention pages -> "
                           f"{b.estimated_bytes / 1e9:.2f} GB vs minimum {b.minimum_bytes / 1e9:.2f} GB "
-                          f"({b.traffic_ratio:.3f}x)\n")
+                          f"({b.traffic_ratio:.3f}x; every optional branch: {b.traffic_ratio_max:.3f}x)\n")
                 for name, n in b.top_ops[:4]:
                     out.write(f"      {n / 1e9:8.3f} GB  {name[:110]}\n")
             if b.error:

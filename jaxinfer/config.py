@@ -76,7 +76,8 @@ class EngineConfig:
       tensor_parallel_size: devices each model replica is split over (mesh axis "model").
       data_parallel_size: engine replicas, each on its own ``tensor_parallel_size`` devices (mesh axis
         "data"); requests go to the least loaded replica.
-      quantization: ``None`` loads a GGUF model dequantized to float (the fastest path on the CPU);
+      quantization: ``None`` loads a GGUF model dequantized to float (``dtype="auto"`` on a CPU turns it into
+        ``"gguf"`` when the C++ quantized-matmul kernel can be built, see :func:`resolve_auto_settings`);
         ``"gguf"`` keeps its Q8_0 / Q4_0 / Q4_1 weights quantized (see ``jaxinfer.loader.load_model``).
         A quantized checkpoint directory (``jaxinfer quantize``) always loads quantized.
     """
@@ -197,7 +198,8 @@ def cpu_has_bf16_matmul(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_auto_settings(config: EngineConfig, backend: str | None = None, *,
-                          bf16_cpu: bool | None = None) -> EngineConfig:
+                          bf16_cpu: bool | None = None, gguf_model: bool = False,
+                          cpu_matmul_kernel: bool | None = None) -> EngineConfig:
     """``config`` with ``dtype="auto"`` made concrete for ``backend`` (``None``: JAX's default backend).
 
     On accelerators ``"auto"`` is bfloat16. On a CPU with bfloat16 matrix instructions (``bf16_cpu``;
@@ -206,6 +208,12 @@ def resolve_auto_settings(config: EngineConfig, backend: str | None = None, *,
     WikiText-2 perplexity within 1% of float32 (README, Benchmarks); XLA:CPU converts a bfloat16 cache to
     float32 as a whole in every step, so bfloat16 pages are not used. Other CPUs compute in float32. The
     environment variable ``JAXINFER_AUTO_DTYPE`` (``float32`` or ``bfloat16``) overrides the CPU choice.
+    On the CPU, a GGUF model (``gguf_model``) also keeps its Q8_0 / Q4_0 / Q4_1 weights quantized
+    (``quantization="gguf"``) when the C++ quantized-matmul kernel can be built (``cpu_matmul_kernel``;
+    ``None``: :func:`pallas_kernels.quantized_matmul.cpu.buildable`) and nothing else was asked for
+    (``quantization=None``, one device, no ``JAXINFER_AUTO_DTYPE``): the kernel reads the file's own 4- /
+    8-bit weights, several times
+    fewer bytes per decode step than the dequantized bfloat16 weights (README, Benchmarks).
     An explicit ``dtype`` is returned unchanged.
 
     Raises:
@@ -227,4 +235,13 @@ def resolve_auto_settings(config: EngineConfig, backend: str | None = None, *,
     else:
         dtype = "bfloat16" if (cpu_has_bf16_matmul() if bf16_cpu is None else bf16_cpu) else "float32"
     kv = "int8" if dtype == "bfloat16" and config.kv_cache_dtype == "auto" else config.kv_cache_dtype
-    return dataclasses.replace(config, dtype=dtype, kv_cache_dtype=kv)
+    quantization = config.quantization
+    if (gguf_model and quantization is None and not forced and config.tensor_parallel_size == 1
+            and config.data_parallel_size == 1):
+        if cpu_matmul_kernel is None:
+            from pallas_kernels.quantized_matmul import cpu as qmm_cpu
+
+            cpu_matmul_kernel = qmm_cpu.buildable()
+        if cpu_matmul_kernel:
+            quantization = "gguf"
+    return dataclasses.replace(config, dtype=dtype, kv_cache_dtype=kv, quantization=quantization)

@@ -10,6 +10,7 @@ from jaxinfer.config import EngineConfig, resolve_auto_settings, resolve_dtype
 from jaxinfer.dp_engine import DataParallelEngine
 from jaxinfer.engine import Engine
 from jaxinfer.loader import load_model
+from jaxinfer.model_registry import resolve_model
 from jaxinfer.sharding import make_mesh
 
 
@@ -22,7 +23,9 @@ def create_engine(model: str | None = None, config: EngineConfig | None = None, 
     ``compilation_cache``: the persistent XLA cache switch (``None``: the environment's default, on).
     """
     enable_compilation_cache(compilation_cache)
-    config = resolve_auto_settings(config or EngineConfig())  # dtype "auto" -> this machine's fast setting
+    config = config or EngineConfig()
+    gguf = config.dtype == "auto" and jax.default_backend() == "cpu" and resolve_model(model).kind == "gguf"
+    config = resolve_auto_settings(config, gguf_model=gguf)  # dtype "auto" -> this machine's fast setting
     if config.data_parallel_size > 1 and jax.process_count() > 1:
         raise ValueError("data_parallel_size > 1 is not supported across processes (--distributed): each replica "
                          "would run on some processes only; use tensor parallelism across processes, or one "

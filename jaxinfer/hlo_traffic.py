@@ -9,7 +9,9 @@ every top-level instruction with the bytes of its operands and results that live
 * a fusion reads a parameter only through a gather / slice / dynamic-slice inside it: charged the sliced
   bytes, not the whole parameter (an embedding lookup reads its rows, not the table);
 * a fusion whose root updates a parameter in place (scatter, dynamic-update-slice): charged the update,
-  not the whole buffer twice (a KV-cache write);
+  not the whole buffer twice (a KV-cache write); an unfused dynamic-update-slice / scatter likewise:
+  the update read and written (plus a scatter's indices);
+* one branch of each conditional (the costliest by default, or the cheapest: the plain path);
 * while loops count their body once (the trip count is not in the text); custom calls (Pallas kernels)
   are charged their operands and results as the program passes them (right for a quantized-matmul kernel,
   which reads its whole weight); a paged-attention kernel's whole cache operand is *not* what it reads,
@@ -180,28 +182,44 @@ def _op_name(attrs: str) -> str:
     return m.group(1) if m else ""
 
 
-def op_traffic(hlo_text: str, data_dependent: tuple[str, ...] = ("paged_attention",)) -> list[OpBytes]:
+def op_traffic(hlo_text: str, data_dependent: tuple[str, ...] = ("paged_attention",),
+               branches: str = "max") -> list[OpBytes]:
     """HBM bytes of every top-level instruction of a compiled module (``compiled.as_text()``), biggest
-    first; while / conditional / call bodies are walked (once each). Instructions whose source op name
-    contains one of ``data_dependent`` (the paged-attention kernels, which read only the pages a step
-    needs) are marked ``kernel=True``."""
-    comps, entry = parse_hlo(hlo_text)
-    out: list[OpBytes] = []
+    first; while / call bodies are walked (once each). Instructions whose source op name contains one of
+    ``data_dependent`` (the paged-attention kernels, which read only the pages a step needs) are marked
+    ``kernel=True``.
 
-    def walk(comp: str, seen: set[str]):
+    ``branches``: which branch of each ``conditional`` is charged (one runs per execution): ``"max"`` the
+    one moving the most bytes (an upper bound of the step), ``"min"`` the one moving the fewest (the plain
+    path: optional work such as penalties, top-k / top-p filtering, sampled rather than greedy tokens or
+    prompt logprobs skipped), ``"all"`` every branch.
+    """
+    if branches not in ("max", "min", "all"):
+        raise ValueError(f"branches must be 'max', 'min' or 'all', got {branches!r}")
+    comps, entry = parse_hlo(hlo_text)
+
+    def walk(comp: str, seen: frozenset[str]) -> list[OpBytes]:
         if comp in seen or comp not in comps:
-            return
+            return []
         seen = seen | {comp}
+        out: list[OpBytes] = []
         shapes = {i.name: i.shape for i in comps[comp]}
         for ins in comps[comp]:
             if ins.opcode in _SKIP:
                 continue
-            if ins.opcode in ("while", "conditional", "call", "async-start", "call-start"):
-                for callee in re.findall(r"(?:body|branch_computations|to_apply|calls)=\{?%([\w.\-]+)", ins.attrs):
-                    walk(callee, seen)
-                for callee in re.findall(r"branch_computations=\{([^}]*)\}", ins.attrs):
-                    for c in re.findall(r"%([\w.\-]+)", callee):
-                        walk(c, seen)
+            if ins.opcode == "conditional":
+                arms = [walk(c, seen) for group in re.findall(r"branch_computations=\{([^}]*)\}", ins.attrs)
+                        for c in re.findall(r"%([\w.\-]+)", group)]
+                arms += [walk(c, seen) for c in re.findall(r"(?:true|false)_computation=%([\w.\-]+)", ins.attrs)]
+                if branches == "all":
+                    out.extend(o for arm in arms for o in arm)
+                elif arms:
+                    pick = max if branches == "max" else min
+                    out.extend(pick(arms, key=lambda arm: sum(o.bytes for o in arm)))
+                continue
+            if ins.opcode in ("while", "call", "async-start", "call-start"):
+                for callee in re.findall(r"(?:body|to_apply|calls)=%([\w.\-]+)", ins.attrs):
+                    out.extend(walk(callee, seen))
                 continue
             operand_shapes = [shapes.get(o, "") for o in ins.operands]
             kernel = any(k in _op_name(ins.attrs) for k in data_dependent)
@@ -212,13 +230,18 @@ def op_traffic(hlo_text: str, data_dependent: tuple[str, ...] = ("paged_attentio
                 b = _array_bytes(_ARRAY.findall(ins.shape)[1][0] + "[" + _ARRAY.findall(ins.shape)[1][1] + "]")
             elif ins.opcode == "copy-start":  # (destination, source, ...): the source is read once
                 b = sum(_array_bytes(s) for s in operand_shapes)
+            elif ins.opcode in _INPLACE and len(operand_shapes) > 2:  # in place: the update read and written
+                if ins.opcode == "scatter":  # (operand, indices, updates)
+                    b = _array_bytes(operand_shapes[1]) + 2 * _array_bytes(operand_shapes[2])
+                else:  # (operand, update, start indices...)
+                    b = 2 * _array_bytes(operand_shapes[1])
             else:
                 b = sum(_array_bytes(s) for s in operand_shapes) + _array_bytes(ins.shape)
             if b:
                 out.append(OpBytes(ins.name, ins.opcode, _op_name(ins.attrs), b, kernel))
+        return out
 
-    walk(entry, set())
-    return sorted(out, key=lambda o: -o.bytes)
+    return sorted(walk(entry, frozenset()), key=lambda o: -o.bytes)
 
 
 def traffic_by_source(ops: list[OpBytes], depth: int = 0) -> dict[str, int]:

@@ -20,7 +20,8 @@ class Kernels:
 
     Attributes:
       attention: ragged paged attention ("xla", "cpu", "pallas_tpu" or "pallas_gpu").
-      matmul: quantized matmul ("xla", "pallas_tpu" or "pallas_gpu").
+      matmul: quantized matmul ("xla", "cpu", "pallas_tpu" or "pallas_gpu"; the grouped expert matmul runs
+        "xla" for "cpu").
       attention_interpret / matmul_interpret: run that Pallas kernel in interpret mode (it was named for a
         platform other than the one the model is placed on, e.g. a TPU kernel tested on the CPU).
     """
@@ -43,6 +44,13 @@ class Kernels:
         attention = attention or default_impl(platform, attention=True)
         matmul = matmul or default_impl(platform)
         return cls(attention, matmul, _interpreted(attention, platform), _interpreted(matmul, platform))
+
+    @property
+    def compiled_for_tpu(self) -> bool:
+        """Whether a kernel here is the compiled Pallas TPU one, i.e. the model is placed on TPUs (where
+        arrays take the TPU compiler's tiled layouts)."""
+        return (self.attention == "pallas_tpu" and not self.attention_interpret) or (
+            self.matmul == "pallas_tpu" and not self.matmul_interpret)
 
 
 _KERNEL_PLATFORMS = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm")}

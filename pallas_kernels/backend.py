@@ -5,9 +5,11 @@ The kernel entry points (:func:`pallas_kernels.ragged_paged_attention.api.ragged
 ``{"xla", "pallas_tpu", "pallas_gpu"}`` or ``None``; ``None`` resolves through :func:`default_impl` from
 the default JAX backend: the Pallas kernel on a TPU or GPU, the pure-jnp ``"xla"`` reference elsewhere
 (Pallas runs on the CPU only in interpret mode, which is for tests, not speed). Ragged paged attention
-also takes ``"cpu"``, a C++ kernel behind ``jax.ffi`` (:mod:`pallas_kernels.ragged_paged_attention.cpu`),
-its default on the CPU when a C++ compiler is found. Choosing builds nothing: the C++ kernel is built
-where it is first called, and the default falls back to ``"xla"`` there if the build fails.
+and the quantized matmul also take ``"cpu"``, C++ kernels behind ``jax.ffi``
+(:mod:`pallas_kernels.ragged_paged_attention.cpu`, :mod:`pallas_kernels.quantized_matmul.cpu`), their
+default on the CPU when a C++ compiler is found (the grouped matmul has no C++ kernel and runs ``"xla"``
+for ``"cpu"``). Choosing builds nothing: a C++ kernel is built where it is first called, and the default
+falls back to ``"xla"`` there if the build fails.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import os
 
 import jax
 
-IMPLS = ("xla", "pallas_tpu", "pallas_gpu")
-ATTENTION_IMPLS = ("xla", "cpu", "pallas_tpu", "pallas_gpu")
+IMPLS = ("xla", "cpu", "pallas_tpu", "pallas_gpu")
+ATTENTION_IMPLS = IMPLS
 
 
 class KernelUnavailableError(RuntimeError):
@@ -27,25 +29,26 @@ class KernelUnavailableError(RuntimeError):
 def default_impl(platform: str | None = None, *, attention: bool = False) -> str:
     """Implementation used when an op gets ``impl=None`` (``attention=True``: ragged paged attention).
 
-    ``JAXINFER_KERNEL_IMPL`` overrides the choice (e.g. ``xla`` to force the reference path; ``cpu``
-    applies to attention, other ops then use ``xla``). On the CPU, attention uses the C++ kernel when
-    it can be built (:func:`pallas_kernels.ragged_paged_attention.cpu.buildable`: built already, or not
-    tried yet and a compiler exists), else ``"xla"``. This only decides and builds nothing; the build
-    happens on the kernel's first call, which falls back to ``"xla"`` if it fails.
+    ``JAXINFER_KERNEL_IMPL`` overrides the choice (e.g. ``xla`` to force the reference path). On the
+    CPU, attention and the quantized matmul use their C++ kernels when they can be built
+    (``buildable()`` of :mod:`pallas_kernels.ragged_paged_attention.cpu` /
+    :mod:`pallas_kernels.quantized_matmul.cpu`: built already, or not tried yet and a compiler exists),
+    else ``"xla"``. This only decides and builds nothing; the build happens on the kernel's first call,
+    which falls back to ``"xla"`` if it fails.
     """
     forced = os.environ.get("JAXINFER_KERNEL_IMPL")
     if forced:
-        if attention:
-            return check_impl(forced, ATTENTION_IMPLS)
-        return "xla" if check_impl(forced, ATTENTION_IMPLS) == "cpu" else forced
+        return check_impl(forced)
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return "pallas_tpu"
     if platform in ("gpu", "cuda", "rocm"):
         return "pallas_gpu"
-    if attention and platform == "cpu":
-        from pallas_kernels.ragged_paged_attention import cpu
-
+    if platform == "cpu":
+        if attention:
+            from pallas_kernels.ragged_paged_attention import cpu
+        else:
+            from pallas_kernels.quantized_matmul import cpu
         return "cpu" if cpu.buildable() else "xla"
     return "xla"
 

@@ -42,7 +42,8 @@ def register(sub) -> None:
                    help="also score the float weights over a paged KV cache of this dtype (repeatable)")
     e.add_argument("--compute-dtype", action="append", default=[], choices=["bfloat16", "float16"],
                    help="also score the model loaded and computed in this dtype, over the dense cache and over "
-                        "each --kv-cache-dtype (repeatable; e.g. bfloat16 with int8 KV, the CPU default)")
+                        "each --kv-cache-dtype (repeatable; e.g. bfloat16 with int8 KV, the CPU default); with "
+                        "--quantized gguf also the GGUF's quantized weights in this dtype")
     e.add_argument("--text", required=True, help="UTF-8 text file to score (e.g. WikiText-2 test)")
     e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     e.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
@@ -118,6 +119,12 @@ def run_eval(args: argparse.Namespace) -> int:
             name = dt if kv is None else f"{dt}+kv-{kv}"
             variants[name] = Variant(low.params, kv, model=low.model)
             sizes[name] = param_bytes(low.params)["total_bytes"]
+        if "gguf" in args.quantized:  # the GGUF's own quantized weights, computed in this dtype
+            native = load_model(args.model, dtype=resolve_dtype(dt), quantization="gguf", load_tokenizer_too=False)
+            for kv in [None, *args.kv_cache_dtype]:
+                name = f"gguf+{dt}" if kv is None else f"gguf+{dt}+kv-{kv}"
+                variants[name] = Variant(native.params, kv, model=native.model)
+                sizes[name] = param_bytes(native.params)["total_bytes"]
     ids = ref.tokenizer(_read_text(args.text))["input_ids"]
     windows = token_windows(ids, args.seq_len, args.max_tokens)
     start = args.seq_len // 2 if args.second_half else 0

@@ -10,11 +10,14 @@ README's table has the 32-layer figures from ``jaxinfer compile``.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from jaxinfer import aot
 from jaxinfer.aot import compile_for_target, parse_target
 from jaxinfer.config import EngineConfig
+from jaxinfer.hlo_traffic import op_traffic
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
@@ -58,10 +61,21 @@ def test_parse_target():
         parse_target("tpu-v9x-4")
 
 
-def test_default_model_on_one_v5e_chip():
+def test_default_model_on_one_v5e_chip(monkeypatch):
+    texts = []
+    monkeypatch.setattr(aot, "op_traffic", lambda text, **kw: texts.append(text) or op_traffic(text, **kw))
     report = compile_for_target(None, "tpu-v5e-1", EngineConfig(**SMALL), buckets="decode")
     _check(report, chips=1)
     assert report.dtype == "bfloat16"
+    assert len(texts) == 2 * len(report.buckets) == 4  # the plain-path and every-branch counts of each bucket
+    table = 49152 * 576 * 2  # the tied bf16 embedding table, which is also the LM head
+    for b, text in zip(report.buckets, texts[::2]):
+        # the lookup reads its rows in the LM head's layout: no op copies the table
+        assert not [name for name, n in b.top_ops if "embed_tokens" in name and n >= table // 2], b.top_ops
+        # the attention kernels' step metadata (searchsorted over cu_q_lens) is computed once per step, not
+        # per layer: the compiler keeps layer 0's and shares it with the other 29 layers' kernels
+        owners = set(re.findall(r"(layers_\d+)/self_attn/jit\(ragged_paged_attention_tpu\)/jit\(searchsorted\)", text))
+        assert owners == {"layers_0"}, owners
 
 
 @pytest.mark.parametrize("target,chips", [("tpu-v6e-1", 1), ("tpu-v5e-4", 4), ("tpu-v5e-8", 8), ("h100", 1)])

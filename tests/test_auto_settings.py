@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import pytest
 
 from jaxinfer.config import AUTO_DTYPE_ENV, EngineConfig, cpu_has_bf16_matmul, resolve_auto_settings
+from pallas_kernels.quantized_matmul import cpu as qmm_cpu
+from pallas_kernels.quantized_matmul.qarray import QArray
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n"
@@ -30,6 +32,21 @@ def test_auto_on_cpus(monkeypatch):
     assert (gpu.dtype, gpu.kv_cache_dtype) == ("bfloat16", "auto")
 
 
+def test_gguf_weights_stay_quantized_on_the_cpu_with_the_kernel(monkeypatch):
+    monkeypatch.delenv(AUTO_DTYPE_ENV, raising=False)
+    kw = dict(bf16_cpu=True, gguf_model=True)
+    assert resolve_auto_settings(EngineConfig(), "cpu", cpu_matmul_kernel=True, **kw).quantization == "gguf"
+    assert resolve_auto_settings(EngineConfig(), "cpu", cpu_matmul_kernel=False, **kw).quantization is None
+    assert resolve_auto_settings(EngineConfig(), "cpu", bf16_cpu=True, cpu_matmul_kernel=True).quantization is None
+    assert resolve_auto_settings(EngineConfig(tensor_parallel_size=2), "cpu", cpu_matmul_kernel=True,
+                                 **kw).quantization is None
+    assert resolve_auto_settings(EngineConfig(), "gpu", cpu_matmul_kernel=True, **kw).quantization is None
+    explicit = EngineConfig(dtype="bfloat16")
+    assert resolve_auto_settings(explicit, "cpu", cpu_matmul_kernel=True, **kw) is explicit
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "bfloat16")  # a forced dtype keeps the weights as loaded
+    assert resolve_auto_settings(EngineConfig(), "cpu", cpu_matmul_kernel=True, **kw).quantization is None
+
+
 def test_env_override(monkeypatch):
     monkeypatch.setenv(AUTO_DTYPE_ENV, "float32")
     assert resolve_auto_settings(EngineConfig(), "cpu", bf16_cpu=True).dtype == "float32"
@@ -43,7 +60,8 @@ def test_env_override(monkeypatch):
 
 def test_llm_default_follows_this_cpu(monkeypatch):
     """``LLM()`` with no dtype builds this CPU's choice: bf16 weights and int8 pages where the CPU has bf16
-    instructions, float32 otherwise; and it generates."""
+    instructions, float32 otherwise, the GGUF's own quantized weights with the C++ matmul kernel; and it
+    generates."""
     from jaxinfer import LLM, SamplingParams
 
     monkeypatch.delenv(AUTO_DTYPE_ENV, raising=False)
@@ -51,7 +69,13 @@ def test_llm_default_follows_this_cpu(monkeypatch):
     want_bf16 = cpu_has_bf16_matmul()
     assert llm.engine.loaded.model.dtype == (jnp.bfloat16 if want_bf16 else jnp.float32)
     assert llm.engine.kv_spec.quant_dtype == (jnp.int8 if want_bf16 else None)
-    assert llm.engine.runner.params["layers_0"]["mlp"]["up_proj"]["kernel"].dtype == llm.engine.loaded.model.dtype
+    # the default model is a Q4_1 GGUF: its weights stay quantized for the C++ matmul kernel when it can be built
+    up = llm.engine.runner.params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    if qmm_cpu.buildable():
+        assert isinstance(up, QArray) and up.config.name == "int4-g32-asym"
+        assert up.dtype == llm.engine.loaded.model.dtype
+    else:
+        assert up.dtype == llm.engine.loaded.model.dtype
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     a = llm.generate("The capital of France is", sp)[0].outputs[0]
     assert len(a.token_ids) == 8 and a.text.strip()

@@ -57,3 +57,49 @@ def test_kernels_marked_and_grouped_by_source():
 def test_parse_hlo_refuses_text_without_entry():
     with pytest.raises(ValueError, match="no ENTRY"):
         parse_hlo("HloModule m\n")
+
+
+def test_unfused_dynamic_update_slice_charges_the_update_twice():
+    # hand-written compiled HLO: a [33, 49152] s32 buffer updated in place with one [1, 49152] row
+    text = """HloModule m, is_scheduled=true
+
+ENTRY %main (p0: s32[33,49152], p1: s32[1,49152], p2: s32[]) -> s32[33,49152] {
+  %p0 = s32[33,49152]{1,0} parameter(0)
+  %p1 = s32[1,49152]{1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %c = s32[] constant(0)
+  ROOT %dus = s32[33,49152]{1,0} dynamic-update-slice(%p0, %p1, %p2, %c), metadata={op_name="jit(f)/scatter"}
+}
+"""
+    ops = op_traffic(text)
+    assert [(o.opcode, o.bytes) for o in ops] == [("dynamic-update-slice", 2 * 49152 * 4)]
+
+
+_COND = """HloModule m, is_scheduled=true
+
+%cheap (a0: f32[1024]) -> f32[1024] {
+  %a0 = f32[1024]{0} parameter(0)
+  ROOT %n = f32[1024]{0} negate(%a0)
+}
+
+%costly (b0: f32[1024]) -> f32[1024] {
+  %b0 = f32[1024]{0} parameter(0)
+  %e = f32[1024]{0} exponential(%b0)
+  ROOT %l = f32[1024]{0} log(%e)
+}
+
+ENTRY %main (p: pred[], x: f32[1024]) -> f32[1024] {
+  %p = pred[] parameter(0)
+  %x = f32[1024]{0} parameter(1)
+  ROOT %c = f32[1024]{0} conditional(%p, %x, %x), branch_computations={%cheap, %costly}
+}
+"""
+
+
+@pytest.mark.parametrize("branches,ops", [("min", 1), ("max", 2), ("all", 3)])
+def test_conditional_charges_one_branch(branches, ops):
+    # each elementwise op reads and writes 1024 f32: 8 KiB
+    found = op_traffic(_COND, branches=branches)
+    assert len(found) == ops and sum(o.bytes for o in found) == ops * 2 * 1024 * 4
+    with pytest.raises(ValueError, match="branches"):
+        op_traffic(_COND, branches="first")

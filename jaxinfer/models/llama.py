@@ -20,6 +20,7 @@ from jaxinfer.attention import AttentionMetadata, attention
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.models.layers import Linear, RMSNorm, embed, matmul_options, rope, swiglu, unembed, weight_param
 from jaxinfer.models.moe import SparseMoeBlock
+from jaxinfer.models.ops import tpu_vocab_minor
 from jaxinfer.sharding import ShardingPlan
 from jaxinfer.target import Kernels
 
@@ -115,7 +116,11 @@ class CausalTransformer(nn.Module):
         c = self.config
         emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         embedding = weight_param(self, "embed_tokens", emb_init, (c.vocab_size, c.hidden_size), self.dtype)
-        x = embed(embedding, tokens, self.dtype)
+        # a tied table is also the LM head: on a TPU that lays it out vocabulary-minor, look rows up in that
+        # layout rather than have the compiler copy the table for a row gather (not for a vocabulary-split table)
+        strips = c.tie_word_embeddings and self.kernels is not None and self.kernels.compiled_for_tpu
+        strips = strips and self.plan is None and tpu_vocab_minor((c.vocab_size, c.hidden_size))
+        x = embed(embedding, tokens, self.dtype, lane_strips=strips)
         inv_freq = jnp.asarray(c.inv_freq())
         new_caches = []
         for i in range(c.num_layers):

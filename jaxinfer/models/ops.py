@@ -65,12 +65,57 @@ def sharded_quantized_matmul(x: jax.Array, w: QArray, plan: ShardingPlan, axes: 
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None) -> jax.Array:
-    """Token embeddings ``[T, E]`` for ``tokens i32[T]`` from a float ``table[V, E]`` or a QEmbedding."""
+def embed(table: jax.Array | QEmbedding, tokens: jax.Array, dtype=None, *, lane_strips: bool = False) -> jax.Array:
+    """Token embeddings ``[T, E]`` for ``tokens i32[T]`` from a float ``table[V, E]`` or a QEmbedding.
+
+    ``lane_strips``: read the rows as :func:`lane_strip_rows` (a tied table the TPU lays out
+    vocabulary-minor, :func:`tpu_vocab_minor`).
+    """
     if isinstance(table, QEmbedding):
         return table.lookup(tokens, dtype)
-    out = jnp.take(table, tokens, axis=0)
+    if lane_strips and tokens.shape[0] * STRIP < table.shape[0]:
+        out = lane_strip_rows(table, tokens)
+    else:
+        out = jnp.take(table, tokens, axis=0)
     return out if dtype is None else out.astype(dtype)
+
+
+STRIP = 128  # TPU lanes
+
+
+def tpu_vocab_minor(shape: tuple[int, int]) -> bool:
+    """Whether the TPU compiler lays a ``[V, E]`` table out vocabulary-minor (``table.T`` row-major).
+
+    It picks the layout of a 2D parameter whose tiles (8 sublanes x 128 lanes) waste the least: the
+    vocabulary goes to the lanes when ``E`` is not a multiple of 128 and ``V`` pads less (SmolLM2's
+    ``[49152, 576]``: vocabulary-minor; ``[49152, 512]`` or ``[128256, 4096]``: row-major). Compiled for
+    v5e (libtpu 0.0.42.1) with a row gather and the tied LM head, 2026-12-06.
+    """
+    v, e = shape
+    row_major = -(-v // 8) * 8 * (-(-e // STRIP) * STRIP)
+    vocab_minor = -(-e // 8) * 8 * (-(-v // STRIP) * STRIP)
+    return vocab_minor < row_major
+
+
+def lane_strip_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows ``table[tokens]`` (``[V, E]``, ``i32[T]`` -> ``[T, E]``) read as 128-column strips of ``table.T``.
+
+    A tied embedding table is also the LM head's right operand, for which the TPU compiler lays it out
+    vocabulary-minor (``table.T`` row-major, tiles of 8 x 128 vocabulary lanes). A row gather
+    (``jnp.take``) on that layout makes it copy the whole table into row-major order every step. Reading,
+    for each token, the ``[E, 128]`` strip of ``table.T`` that holds its column is a tile-aligned slice of
+    the layout the LM head already uses: ``T x E x 128`` elements read, no copy (worth it while
+    ``T x 128 < V``). Out-of-range tokens are clamped into ``[0, V)`` (``jnp.take`` fills them with NaN);
+    needs ``V >= 128``.
+    """
+    v, e = table.shape
+    if v < STRIP:
+        raise ValueError(f"lane_strip_rows needs at least {STRIP} rows, got a table of shape {table.shape}")
+    tok = jnp.clip(tokens.astype(jnp.int32), 0, v - 1)
+    start = jnp.minimum((tok // STRIP) * STRIP, v - STRIP)
+    columns = table.T  # [E, V]
+    strips = jax.vmap(lambda s: jax.lax.dynamic_slice(columns, (0, s), (e, STRIP)))(start)  # [T, E, 128]
+    return jnp.take_along_axis(strips, (tok - start)[:, None, None], axis=2)[..., 0]
 
 
 def unembed(x: jax.Array, table: jax.Array | QEmbedding, *, impl: str | None = None,

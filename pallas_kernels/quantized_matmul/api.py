@@ -29,8 +29,12 @@ def quantized_matmul(
     Args:
       x: activations ``[..., K]`` (float32, bfloat16 or float16); any leading batch dims.
       w: quantized weight ``QArray`` of logical shape ``[K, N]`` (2-D; slice stacked layers first).
-      impl: ``"xla"`` (pure-jnp reference), ``"pallas_tpu"``, ``"pallas_gpu"``, or ``None`` for the
-        backend default (:func:`pallas_kernels.backend.default_impl`).
+      impl: ``"xla"`` (pure-jnp reference), ``"cpu"`` (C++ kernel, :mod:`.cpu`), ``"pallas_tpu"``,
+        ``"pallas_gpu"``, or ``None`` for the backend default (:func:`pallas_kernels.backend.default_impl`:
+        ``"cpu"`` on the CPU when a compiler is found). ``"cpu"`` runs the XLA path for operands the C++
+        kernel does not take (fp8, W8A8, float16 activations: a model may mix formats); if the kernel's
+        build failed, the default falls back to ``"xla"`` and an explicit ``"cpu"`` raises
+        :class:`~pallas_kernels.backend.KernelUnavailableError`.
       interpret: run a Pallas kernel in interpret mode (``None``: exactly when the backend cannot
         compile it, e.g. on the CPU).
       out_dtype: output dtype (default ``x.dtype``).
@@ -50,11 +54,20 @@ def quantized_matmul(
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"x last dim {x.shape[-1:]} does not match the weight's K={k}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    explicit = impl is not None
     impl = check_impl(impl or default_impl())
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), out_dtype)
+    if impl == "cpu":
+        from pallas_kernels.quantized_matmul import cpu
+
+        # Operands the C++ kernel does not take run the XLA path; so does the default choice when building
+        # the kernel (done here, on first use: default_impl() only checks for a compiler) fails.
+        if cpu.unsupported_reason(x2, w) is None and (explicit or cpu.available()):
+            return cpu.quantized_matmul_cpu(x2, w, out_dtype).reshape(*lead, n)
+        impl = "xla"
     if impl == "xla":
         y = quantized_matmul_reference(x2, w, out_dtype)
     elif impl == "pallas_tpu":

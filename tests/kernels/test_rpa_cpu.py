@@ -134,12 +134,12 @@ def test_traced_lengths_compile_once():
 def test_default_on_cpu_is_the_kernel_and_env_forces_xla(monkeypatch):
     monkeypatch.delenv("JAXINFER_KERNEL_IMPL", raising=False)
     assert backend.default_impl("cpu", attention=True) == "cpu"
-    assert backend.default_impl("cpu") == "xla"  # other ops have no CPU kernel
+    assert backend.default_impl("cpu") == "cpu"  # the quantized-matmul kernel (tests/kernels/test_qmm_cpu.py)
     monkeypatch.setenv("JAXINFER_KERNEL_IMPL", "xla")
     assert backend.default_impl("cpu", attention=True) == "xla"
     monkeypatch.setenv("JAXINFER_KERNEL_IMPL", "cpu")
     assert backend.default_impl("cpu", attention=True) == "cpu"
-    assert backend.default_impl("cpu") == "xla"
+    assert backend.default_impl("cpu") == "cpu"
 
 
 def test_unsupported_inputs_fall_back_by_default_and_raise_when_asked(monkeypatch):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.models.ops import linear, unembed
+from jaxinfer.models.ops import embed, lane_strip_rows, linear, tpu_vocab_minor, unembed
 
 
 def _bf16_round(a: np.ndarray) -> np.ndarray:
@@ -38,3 +38,25 @@ def test_unembed_float_table_gives_float32_logits(dtype):
 def test_unembed_rejects_mismatched_table():
     with pytest.raises(ValueError, match="unembed"):
         unembed(jnp.ones((3, 64)), jnp.ones((300, 32)))
+
+
+@pytest.mark.parametrize("vocab", [1024, 1000])  # a multiple of 128 lanes, and a ragged last strip
+def test_lane_strip_lookup_equals_row_indexing(vocab):
+    # the TPU form of the tied-embedding lookup (128-column strips of table.T) reads the same rows
+    rng = np.random.default_rng(2)
+    table = rng.standard_normal((vocab, 48)).astype(np.float32)
+    tokens = np.array([0, 5, 127, 128, 511, vocab - 129, vocab - 1], np.int32)
+    out = embed(jnp.asarray(table), jnp.asarray(tokens), jnp.float32, lane_strips=True)
+    np.testing.assert_array_equal(np.asarray(out), table[tokens])
+    np.testing.assert_array_equal(np.asarray(lane_strip_rows(jnp.asarray(table), jnp.asarray(tokens))), table[tokens])
+
+
+def test_lane_strip_lookup_refuses_a_table_narrower_than_a_strip():
+    with pytest.raises(ValueError, match="at least 128 rows"):
+        lane_strip_rows(jnp.ones((100, 8)), jnp.zeros((1,), jnp.int32))
+
+
+def test_tpu_vocab_minor_follows_the_tile_padding():
+    assert tpu_vocab_minor((49152, 576))  # SmolLM2: 576 is 4.5 lanes tiles, the vocabulary pads nothing
+    assert tpu_vocab_minor((49152, 960))
+    assert not tpu_vocab_minor((49152, 512)) and not tpu_vocab_minor((128256, 4096))

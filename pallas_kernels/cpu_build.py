@@ -1,0 +1,119 @@
+"""Build, cache and register the project's C++ CPU kernels (called through ``jax.ffi``).
+
+A kernel source is compiled on first use with the system C++ compiler (``$CXX``, else
+``c++``/``g++``/``clang++``) against jax's FFI headers (``jax.ffi.include_dir()``), for the host CPU
+(``-march=native``), and cached under ``$JAXINFER_CACHE_DIR/cpu_kernels`` (default: the user cache
+directory). The cache key covers the source, the flags, the compiler, jaxlib's version and the CPU's
+feature flags, so a changed source or another CPU builds anew.
+
+Each kernel module keeps a ``state`` dict (``{}``: not tried; ``{"ok": True}``; ``{"error": reason}``)
+and a lock, and calls :func:`buildable` (cheap, builds nothing) when choosing an implementation and
+:func:`ensure_loaded` (builds and registers once, remembers a failure) where the kernel is about to run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jaxlib
+
+logger = logging.getLogger(__name__)
+
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-mprefer-vector-width=512",
+         "-fno-math-errno")
+
+
+def cache_dir() -> Path:
+    """Where built kernels live (the same root as ``jaxinfer.compilation_cache.cache_root``; pallas_kernels
+    does not import jaxinfer)."""
+    override = os.environ.get("JAXINFER_CACHE_DIR")
+    if override:
+        return Path(override) / "cpu_kernels"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("jaxinfer")) / "cpu_kernels"
+
+
+def compiler() -> str | None:
+    """Path of the C++ compiler to use, or ``None`` when there is none."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cpu_flags() -> str:
+    """The host CPU's feature-flag line (part of the cache key)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(source: Path, prefix: str, cxx: str) -> Path:
+    """Compile ``source`` into a shared library (or find it cached); returns its path.
+
+    Raises:
+      RuntimeError: the compiler failed (its error output is in the message).
+    """
+    include = jax.ffi.include_dir()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, jaxlib.__version__,
+                                    platform.machine(), cpu_flags()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{prefix}_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, f"-I{include}", str(source), "-o", tmp]
+    logger.info("building a CPU kernel: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file
+    return out
+
+
+def buildable(state: dict) -> bool:
+    """Whether the kernel is built, or not tried yet and a C++ compiler is on the path (builds nothing)."""
+    if "ok" in state:
+        return True
+    if "error" in state:
+        return False
+    return compiler() is not None
+
+
+def ensure_loaded(state: dict, lock: threading.Lock, *, source: Path, prefix: str, symbol: str, target: str,
+                  what: str) -> bool:
+    """Build ``source`` and register its FFI handler ``symbol`` as ``target`` on the CPU, once.
+
+    A failure is logged (``what`` names the kernel), remembered in ``state`` and reported as ``False``.
+    """
+    with lock:
+        if not state:
+            try:
+                cxx = compiler()
+                if cxx is None:
+                    raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+                lib = ctypes.cdll.LoadLibrary(str(build(source, prefix, cxx)))
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                state["ok"] = True
+            except Exception as e:  # noqa: BLE001 - any build / load failure means "fall back"
+                state["error"] = f"{type(e).__name__}: {e}"
+                logger.warning("%s unavailable, using the XLA path: %s", what, state["error"])
+        return "ok" in state

@@ -1,0 +1,102 @@
+"""Weight-only quantized matmul on the CPU: a C++ kernel (``cpu_kernel.cc``) called through ``jax.ffi``.
+
+XLA:CPU runs the pure-jnp path (:mod:`.reference`) by converting the whole int8 / int4 weight to the
+activations' dtype in every call and then running a float dot, so a decode step reads (and writes) far
+more than the packed weight. The C++ kernel streams the packed weight once and dequantizes it in
+registers for small M (decode), and for larger M (prefill) dequantizes one block of columns at a time
+into a cache-resident panel multiplied with bfloat16 dot instructions (AVX512-BF16) or float32 FMAs
+(see the comment at the top of ``cpu_kernel.cc``). Work is spread over XLA's intra-op thread pool.
+
+Formats: ``int8`` (per channel or group-wise, e.g. GGUF Q8_0 as ``int8-g32``), ``int4`` symmetric and
+asymmetric (GGUF Q4_0 / Q4_1 as ``int4-g32`` / ``int4-g32-asym``), with float32, float16 or bfloat16
+scales; activations float32 or bfloat16. fp8 weights and W8A8 formats are not taken
+(:func:`unsupported_reason`); the dispatcher runs the XLA path for them.
+
+Building, caching and the fallback follow the CPU attention kernel (:mod:`pallas_kernels.cpu_build`):
+:func:`buildable` is cheap and builds nothing, :func:`available` builds and registers once.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import cpu_build
+from pallas_kernels.backend import KernelUnavailableError
+from pallas_kernels.quantized_matmul.qarray import QArray
+
+_SOURCE = Path(__file__).with_name("cpu_kernel.cc")
+_SYMBOL = "JaxinferQuantizedMatmulCpu"
+_TARGET = "jaxinfer_quantized_matmul_cpu"
+_X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+#: Largest M run by the streaming (decode) path; larger M dequantizes panels (bench/quant_matmul.py).
+GEMV_MAX_M = 8
+#: Products with fewer weight bytes x rows than this run on the calling thread only.
+PARALLEL_MIN_BYTES = 128 * 1024
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": True, or "error": reason
+
+
+def buildable() -> bool:
+    """Whether the kernel is built, or not tried yet and a C++ compiler is on the path (builds nothing)."""
+    return cpu_build.buildable(_state)
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it on the first call) and registered with XLA."""
+    return cpu_build.ensure_loaded(_state, _lock, source=_SOURCE, prefix="qmm_cpu", symbol=_SYMBOL,
+                                   target=_TARGET, what="CPU quantized-matmul kernel")
+
+
+def unsupported_reason(x: jax.Array, w: QArray) -> str | None:
+    """Why the kernel cannot take these operands (``None`` if it can)."""
+    cfg = w.config
+    if cfg.act is not None:
+        return f"impl='cpu' takes weight-only formats, not {cfg.name}"
+    if cfg.weight not in ("int8", "int4"):
+        return f"impl='cpu' takes int8 / int4 weights, not {cfg.weight}"
+    if jnp.dtype(x.dtype) not in _X_DTYPES:
+        return f"impl='cpu' takes float32 or bfloat16 activations, got {x.dtype}"
+    if w.ndim != 2:
+        return "impl='cpu' takes a 2-D weight"
+    return None
+
+
+def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int = GEMV_MAX_M,
+                         parallel_min_bytes: int | None = None) -> jax.Array:
+    """``x[M, K] @ dequantize(w)[K, N] -> [M, N]`` in ``out_dtype`` through the C++ kernel.
+
+    Args:
+      x: float32 or bfloat16 activations ``[M, K]``.
+      w: int8 / int4 weight-only :class:`QArray` of logical shape ``[K, N]``.
+      out_dtype: any float dtype (float32 / bfloat16 are written by the kernel, others cast after).
+      gemv_max_m: largest M run by the streaming path (a tuning knob; both paths give the same math).
+      parallel_min_bytes: products with fewer weight bytes x M run on the calling thread alone (default
+        :data:`PARALLEL_MIN_BYTES`).
+
+    Raises:
+      KernelUnavailableError: the kernel could not be built here.
+      ValueError: the operands are of a kind the kernel does not take.
+    """
+    if not available():
+        raise KernelUnavailableError(f"the CPU quantized-matmul kernel could not be built: {_state['error']}")
+    reason = unsupported_reason(x, w)
+    if reason:
+        raise ValueError(reason)
+    cfg = w.config
+    out_dtype = jnp.dtype(out_dtype)
+    kernel_out = out_dtype if out_dtype in _X_DTYPES else jnp.dtype(jnp.float32)
+    m, n = x.shape[0], w.shape[1]
+    offset = w.offset if w.offset is not None else jnp.zeros((1,), w.scale.dtype)
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), kernel_out), vmap_method="sequential")
+    y = call(x, w.value, w.scale, offset, group_size=np.int64(cfg.group_size or 0),
+             int4=np.int64(cfg.weight == "int4"), asymmetric=np.int64(not cfg.symmetric),
+             gemv_max_m=np.int64(gemv_max_m),
+             parallel_min_bytes=np.int64(PARALLEL_MIN_BYTES if parallel_min_bytes is None else parallel_min_bytes))
+    return y.astype(out_dtype)

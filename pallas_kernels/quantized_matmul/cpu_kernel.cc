@@ -1,0 +1,689 @@
+// Weight-only quantized matmul for the CPU, as an XLA FFI custom call (see cpu.py, which builds and
+// registers it).
+//
+//   x      [M, K]  float32 or bfloat16
+//   value  int8 [K, N] (int8 levels) or int8 [K/2, N] (int4, split-half per group, see packing.py)
+//   scale  [G, N]  float32, float16 or bfloat16 (G = K / g; G = 1 for per-channel int8)
+//   offset [G, N]  same dtype as scale (asymmetric int4), else a 1-element dummy
+//   out    [M, N]  float32 or bfloat16
+//   out[m, n] = sum_k x[m, k] * (scale[k / g, n] * q[k, n] (+ offset[k / g, n]))
+//
+// Two paths, chosen by M (attribute gemv_max_m):
+//  * M <= gemv_max_m (decode): the packed weights are streamed once (a row of K is N contiguous bytes)
+//    in chunks of rows across ranges of up to 512 output columns. Each 16-byte piece is sign-extended /
+//    unpacked to int32 and converted to float32 in registers and multiplied into per-group float32
+//    accumulators for up to 4 activation rows at a time; at the end of a group the accumulators are
+//    scaled (and the asymmetric offset added as offset * sum(x over the group)). Nothing the size of
+//    the weight is written anywhere.
+//  * larger M (prefill): per block of 64 output columns the weight is dequantized once into a panel
+//    (scale * q (+ offset), exactly the reference's float32 dequantization) that stays in the L2 cache,
+//    then multiplied with blocks of 6 activation rows. With bfloat16 activations on a CPU with
+//    AVX512-BF16 the panel is stored as bfloat16 pairs of adjacent K rows (the reference also rounds the
+//    dequantized weight to the activations' dtype) and the product uses vdpbf16ps (float32
+//    accumulation); otherwise it is a float32 panel with float32 FMAs.
+// Work items (column blocks, and row blocks for the decode path) are spread over XLA's intra-op
+// thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;   // floats per vector (512 bits; the compiler splits it where narrower)
+constexpr int kNV = 4;       // vectors per column block
+constexpr int kNB = kNV * kLanes;  // 64 output columns per block
+constexpr int kMB = 4;       // activation rows per decode-path block
+constexpr int kPanelMB = 6;  // activation rows per prefill-path block
+
+typedef float VF __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef uint32_t VU __attribute__((vector_size(64)));
+
+enum class WKind { kI8, kI4S, kI4A };  // int8, signed int4, unsigned int4 (+ offset)
+enum class SKind { kF32, kF16, kBf16 };
+
+inline VF Splat(float x) { return VF{} + x; }
+
+inline VF LoadF(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void StoreF(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float Bf16ToF32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float F16ToF32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
+  if (e == 0x1f) {
+    u = sign | 0x7f800000u | (m << 13);
+  } else if (e == 0) {
+    if (m == 0) {
+      u = sign;
+    } else {  // subnormal: normalize
+      int shift = 0;
+      while (!(m & 0x400u)) {
+        m <<= 1;
+        ++shift;
+      }
+      u = sign | (static_cast<uint32_t>(113 - shift) << 23) | ((m & 0x3ffu) << 13);
+    }
+  } else {
+    u = sign | ((e + 112) << 23) | (m << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// 16 int8 values, sign-extended to int32.
+inline VI LoadI8(const int8_t* src) {
+  VI v;
+#if defined(__AVX512F__)
+  const __m512i r = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  std::memcpy(&v, &r, sizeof(v));
+#elif defined(__AVX2__)
+  const __m256i lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  const __m256i hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+#else
+  for (int i = 0; i < kLanes; ++i) v[i] = src[i];
+#endif
+  return v;
+}
+
+inline VF ToF(VI v) { return __builtin_convertvector(v, VF); }
+
+template <SKind S>
+inline float ScalarScale(const void* base, int64_t i) {
+  if constexpr (S == SKind::kF32) return static_cast<const float*>(base)[i];
+  if constexpr (S == SKind::kBf16) return Bf16ToF32(static_cast<const uint16_t*>(base)[i]);
+  return F16ToF32(static_cast<const uint16_t*>(base)[i]);
+}
+
+// 16 scales (or offsets) starting at element i, as float32.
+template <SKind S>
+inline VF LoadScale(const void* base, int64_t i) {
+  if constexpr (S == SKind::kF32) {
+    return LoadF(static_cast<const float*>(base) + i);
+  } else if constexpr (S == SKind::kBf16) {
+    typedef uint16_t VH __attribute__((vector_size(32)));
+    VH h;
+    std::memcpy(&h, static_cast<const uint16_t*>(base) + i, sizeof(h));
+    return (VF)(__builtin_convertvector(h, VU) << 16);
+  } else {
+#if defined(__AVX512F__)
+    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+        static_cast<const uint16_t*>(base) + i)));
+    VF v;
+    std::memcpy(&v, &f, sizeof(v));
+    return v;
+#else
+    VF v;
+    for (int l = 0; l < kLanes; ++l) v[l] = F16ToF32(static_cast<const uint16_t*>(base)[i + l]);
+    return v;
+#endif
+  }
+}
+
+struct Problem {
+  int64_t m, k, n, g, groups;
+  const int8_t* value;
+  const void* scale;
+  const void* offset;  // asymmetric int4 only
+  const float* x;      // float32 [M, K] (a converted copy when the input is bfloat16)
+  const uint16_t* xb;  // bfloat16 [M, K] input (prefill bf16 path), else null
+  const float* xsum;   // [M, groups] sums of x over each group (asymmetric only)
+  void* out;
+  bool out_bf16;
+};
+
+inline void StoreOut(const Problem& p, int64_t row, int64_t col, VF y, int valid) {
+  if (p.out_bf16) {
+    uint16_t* o = static_cast<uint16_t*>(p.out) + row * p.n + col;
+    for (int l = 0; l < valid; ++l) o[l] = F32ToBf16(y[l]);
+  } else {
+    float* o = static_cast<float*>(p.out) + row * p.n + col;
+    if (valid == kLanes) {
+      StoreF(o, y);
+    } else {
+      for (int l = 0; l < valid; ++l) o[l] = y[l];
+    }
+  }
+}
+
+// Level(s) of packed row `r` at column `col`: int8 -> lo; int4 -> lo (first half of the group) and hi.
+template <WKind W>
+inline void Levels(const int8_t* src, VF* lo, VF* hi) {
+  const VI v = LoadI8(src);
+  if constexpr (W == WKind::kI8) {
+    *lo = ToF(v);
+  } else if constexpr (W == WKind::kI4S) {
+    *lo = ToF((v << 28) >> 28);
+    *hi = ToF(v >> 4);
+  } else {
+    *lo = ToF(v & 15);
+    *hi = ToF((v >> 4) & 15);
+  }
+}
+
+template <WKind W>
+inline float ScalarLevel(const Problem& p, int64_t k, int64_t col) {
+  if constexpr (W == WKind::kI8) {
+    return p.value[k * p.n + col];
+  } else {
+    const int64_t j = k / p.g, r = k % p.g, h = p.g / 2;
+    const int32_t b = p.value[(j * h + (r % h)) * p.n + col];
+    const bool high = r >= h;
+    if constexpr (W == WKind::kI4S) return static_cast<float>(high ? (b >> 4) : ((b << 28) >> 28));
+    return static_cast<float>(high ? ((b >> 4) & 15) : (b & 15));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Decode path. An item is rows [m0, m0 + MB) and a range of up to kItemCols columns. It sweeps the
+// packed weight in chunks of kRowChunk packed rows across the whole column range (runs of contiguous
+// bytes, friendly to the prefetcher and the TLB even when a row of N is many pages long), keeping the
+// float32 partial sums of the current group and the scaled totals in two small L1-resident buffers.
+constexpr int kItemCols = 512;
+constexpr int kRowChunk = 32;
+
+// Packed rows [r0, r1) of group j into acc[MB][kItemCols] for the NV vectors at column n0 (acc points
+// at that column block's first lane; rows of acc are kItemCols apart).
+template <WKind W, int MB, int NV>
+inline void GemvChunk(const Problem& p, int64_t m0, int64_t n0, int64_t j, int64_t r0, int64_t r1, float* acc) {
+  constexpr bool kI4 = W != WKind::kI8;
+  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  VF a[MB][NV];
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NV; ++v) a[i][v] = LoadF(acc + i * kItemCols + v * kLanes);
+  const float* xr[MB];
+  for (int i = 0; i < MB; ++i) xr[i] = p.x + (m0 + i) * p.k + j * p.g;
+  const int8_t* base = p.value + j * prow * p.n + n0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = base + r * p.n;
+    VF lo[NV], hi[NV];
+    for (int v = 0; v < NV; ++v) Levels<W>(row + v * kLanes, &lo[v], &hi[v]);
+    for (int i = 0; i < MB; ++i) {
+      const VF xl = Splat(xr[i][r]);
+      for (int v = 0; v < NV; ++v) a[i][v] += xl * lo[v];
+      if constexpr (kI4) {
+        const VF xh = Splat(xr[i][p.g / 2 + r]);
+        for (int v = 0; v < NV; ++v) a[i][v] += xh * hi[v];
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NV; ++v) StoreF(acc + i * kItemCols + v * kLanes, a[i][v]);
+}
+
+// Whole groups [j0, j1) for the NV vectors at column n0: each group's partial sums stay in registers and
+// are scaled into y (y points at that column block's first lane; rows of y are kItemCols apart).
+template <WKind W, SKind S, int MB, int NV>
+inline void GemvGroups(const Problem& p, int64_t m0, int64_t n0, int64_t j0, int64_t j1, float* y) {
+  constexpr bool kI4 = W != WKind::kI8;
+  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  for (int64_t j = j0; j < j1; ++j) {
+    VF a[MB][NV];
+    for (int i = 0; i < MB; ++i)
+      for (int v = 0; v < NV; ++v) a[i][v] = VF{};
+    const float* xr[MB];
+    for (int i = 0; i < MB; ++i) xr[i] = p.x + (m0 + i) * p.k + j * p.g;
+    const int8_t* base = p.value + j * prow * p.n + n0;
+    for (int64_t r = 0; r < prow; ++r) {
+      const int8_t* row = base + r * p.n;
+      VF lo[NV], hi[NV];
+      for (int v = 0; v < NV; ++v) Levels<W>(row + v * kLanes, &lo[v], &hi[v]);
+      for (int i = 0; i < MB; ++i) {
+        const VF xl = Splat(xr[i][r]);
+        for (int v = 0; v < NV; ++v) a[i][v] += xl * lo[v];
+        if constexpr (kI4) {
+          const VF xh = Splat(xr[i][p.g / 2 + r]);
+          for (int v = 0; v < NV; ++v) a[i][v] += xh * hi[v];
+        }
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const VF sc = LoadScale<S>(p.scale, j * p.n + n0 + v * kLanes);
+      VF off = VF{};
+      if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + n0 + v * kLanes);
+      for (int i = 0; i < MB; ++i) {
+        float* yp = y + i * kItemCols + v * kLanes;
+        VF t = LoadF(yp) + a[i][v] * sc;
+        if constexpr (W == WKind::kI4A) t += off * p.xsum[(m0 + i) * p.groups + j];
+        StoreF(yp, t);
+      }
+    }
+  }
+}
+
+// Columns [n0, n1) (fewer than 16) for rows [m0, m1), scalar.
+template <WKind W, SKind S>
+void ScalarColumns(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    VF y = VF{};
+    for (int64_t c = n0; c < n1; ++c) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < p.groups; ++j) {
+        float part = 0.0f;
+        for (int64_t k = j * p.g; k < (j + 1) * p.g; ++k) part += p.x[m * p.k + k] * ScalarLevel<W>(p, k, c);
+        acc += part * ScalarScale<S>(p.scale, j * p.n + c);
+        if constexpr (W == WKind::kI4A) acc += ScalarScale<S>(p.offset, j * p.n + c) * p.xsum[m * p.groups + j];
+      }
+      y[c - n0] = acc;
+    }
+    StoreOut(p, m, n0, y, static_cast<int>(n1 - n0));
+  }
+}
+
+template <WKind W, SKind S, int MB>
+void GemvRows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr bool kI4 = W != WKind::kI8;
+  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  const int64_t nvec = (n1 - n0) / kLanes;  // whole vectors; the rest is ScalarColumns' job
+  const int64_t nfull = nvec / kNV;         // whole blocks of kNV vectors
+  alignas(64) float acc[MB * kItemCols];
+  alignas(64) float y[MB * kItemCols];
+  std::memset(y, 0, sizeof(float) * MB * kItemCols);
+  if (prow <= kRowChunk) {
+    // Small groups: sweep a few whole groups at a time, each group's sums in registers.
+    const int64_t per = std::max<int64_t>(kRowChunk / prow, 1);
+    for (int64_t j0 = 0; j0 < p.groups; j0 += per) {
+      const int64_t j1 = std::min<int64_t>(j0 + per, p.groups);
+      for (int64_t b = 0; b < nfull; ++b) GemvGroups<W, S, MB, kNV>(p, m0, n0 + b * kNB, j0, j1, y + b * kNB);
+      for (int64_t v = nfull * kNV; v < nvec; ++v)
+        GemvGroups<W, S, MB, 1>(p, m0, n0 + v * kLanes, j0, j1, y + v * kLanes);
+    }
+  }
+  for (int64_t j = 0; j < p.groups && prow > kRowChunk; ++j) {
+    std::memset(acc, 0, sizeof(float) * MB * kItemCols);
+    for (int64_t r0 = 0; r0 < prow; r0 += kRowChunk) {
+      const int64_t r1 = std::min<int64_t>(r0 + kRowChunk, prow);
+      for (int64_t b = 0; b < nfull; ++b) GemvChunk<W, MB, kNV>(p, m0, n0 + b * kNB, j, r0, r1, acc + b * kNB);
+      for (int64_t v = nfull * kNV; v < nvec; ++v)
+        GemvChunk<W, MB, 1>(p, m0, n0 + v * kLanes, j, r0, r1, acc + v * kLanes);
+    }
+    for (int64_t v = 0; v < nvec; ++v) {
+      const VF sc = LoadScale<S>(p.scale, j * p.n + n0 + v * kLanes);
+      VF off = VF{};
+      if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + n0 + v * kLanes);
+      for (int i = 0; i < MB; ++i) {
+        float* yp = y + i * kItemCols + v * kLanes;
+        VF t = LoadF(yp) + LoadF(acc + i * kItemCols + v * kLanes) * sc;
+        if constexpr (W == WKind::kI4A) t += off * p.xsum[(m0 + i) * p.groups + j];
+        StoreF(yp, t);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int64_t v = 0; v < nvec; ++v) StoreOut(p, m0 + i, n0 + v * kLanes, LoadF(y + i * kItemCols + v * kLanes), kLanes);
+}
+
+// One decode item: rows [m0, m1) (at most kMB), columns [n0, n1) (at most kItemCols).
+template <WKind W, SKind S>
+void GemvItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t nv_end = n0 + (n1 - n0) / kLanes * kLanes;
+  if (nv_end > n0) {
+    switch (m1 - m0) {
+      case 1: GemvRows<W, S, 1>(p, m0, n0, nv_end); break;
+      case 2: GemvRows<W, S, 2>(p, m0, n0, nv_end); break;
+      case 3: GemvRows<W, S, 3>(p, m0, n0, nv_end); break;
+      default: GemvRows<W, S, 4>(p, m0, n0, nv_end); break;
+    }
+  }
+  if (nv_end < n1) ScalarColumns<W, S>(p, m0, m1, nv_end, n1);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Prefill path. The panel holds the dequantized weight of one column block: float32 [K, 64], or
+// bfloat16 pairs [K/2, 64] (32-bit lane c of pair-row q = w[2q, c] | w[2q + 1, c] << 16).
+
+// Dequantized float32 weights of K row k for the 16 columns starting at c (lanes past N are zero).
+template <WKind W, SKind S>
+inline void DequantGroupRows(const Problem& p, int64_t j, int64_t c, int valid, float* dst, int64_t ld) {
+  // Writes rows k = j*g .. (j+1)*g - 1 of column lanes [c, c + 16) to dst[(k - j*g) * ld + lane].
+  constexpr bool kI4 = W != WKind::kI8;
+  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  if (valid == kLanes) {
+    const VF sc = LoadScale<S>(p.scale, j * p.n + c);
+    VF off = VF{};
+    if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + c);
+    for (int64_t r = 0; r < prow; ++r) {
+      VF lo, hi;
+      Levels<W>(p.value + (j * prow + r) * p.n + c, &lo, &hi);
+      StoreF(dst + r * ld, sc * lo + off);
+      if constexpr (kI4) StoreF(dst + (r + p.g / 2) * ld, sc * hi + off);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < p.g; ++r) {
+    for (int l = 0; l < kLanes; ++l) {
+      float w = 0.0f;
+      if (l < valid) {
+        w = ScalarScale<S>(p.scale, j * p.n + c + l) * ScalarLevel<W>(p, j * p.g + r, c + l);
+        if constexpr (W == WKind::kI4A) w += ScalarScale<S>(p.offset, j * p.n + c + l);
+      }
+      dst[r * ld + l] = w;
+    }
+  }
+}
+
+// Float32 panel [K, 64] of the column block at n0.
+template <WKind W, SKind S>
+void BuildPanelF32(const Problem& p, int64_t n0, float* panel) {
+  for (int v = 0; v < kNV; ++v) {
+    const int64_t c = n0 + v * kLanes;
+    const int valid = static_cast<int>(std::clamp<int64_t>(p.n - c, 0, kLanes));
+    for (int64_t j = 0; j < p.groups; ++j) {
+      DequantGroupRows<W, S>(p, j, c, valid, panel + j * p.g * kNB + v * kLanes, kNB);
+    }
+  }
+}
+
+template <int MB>
+void PanelDotF32(const Problem& p, const float* panel, int64_t m0, int64_t n0) {
+  VF acc[MB][kNV];
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < kNV; ++v) acc[i][v] = VF{};
+  for (int64_t k = 0; k < p.k; ++k) {
+    VF w[kNV];
+    for (int v = 0; v < kNV; ++v) w[v] = LoadF(panel + k * kNB + v * kLanes);
+    for (int i = 0; i < MB; ++i) {
+      const VF xv = Splat(p.x[(m0 + i) * p.k + k]);
+      for (int v = 0; v < kNV; ++v) acc[i][v] += xv * w[v];
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < kNV; ++v) {
+      const int64_t c = n0 + v * kLanes;
+      const int valid = static_cast<int>(std::clamp<int64_t>(p.n - c, 0, kLanes));
+      if (valid > 0) StoreOut(p, m0 + i, c, acc[i][v], valid);
+    }
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kHaveBf16Dot = true;
+
+// bfloat16 pair panel [K/2, 64] from a float32 panel (round to nearest even; weights are finite).
+void PairPanel(const float* f32, int64_t k, uint32_t* pairs) {
+  for (int64_t q = 0; q < k / 2; ++q) {
+    for (int v = 0; v < kNV; ++v) {
+      VU a, b;
+      std::memcpy(&a, f32 + (2 * q) * kNB + v * kLanes, sizeof(a));
+      std::memcpy(&b, f32 + (2 * q + 1) * kNB + v * kLanes, sizeof(b));
+      a = (a + 0x7fffu + ((a >> 16) & 1u)) >> 16;
+      b = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+      const VU pair = a | b;
+      std::memcpy(pairs + q * kNB + v * kLanes, &pair, sizeof(pair));
+    }
+  }
+}
+
+template <int MB>
+void PanelDotBf16(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t n0) {
+  __m512 acc[MB][kNV];
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < kNV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const int64_t kp = p.k / 2;
+  for (int64_t q = 0; q < kp; ++q) {
+    __m512bh w[kNV];
+    for (int v = 0; v < kNV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(pairs + q * kNB + v * kLanes);
+    for (int i = 0; i < MB; ++i) {
+      int32_t xx;
+      std::memcpy(&xx, p.xb + (m0 + i) * p.k + 2 * q, 4);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(xx);
+      for (int v = 0; v < kNV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], xv, w[v]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < kNV; ++v) {
+      const int64_t c = n0 + v * kLanes;
+      const int valid = static_cast<int>(std::clamp<int64_t>(p.n - c, 0, kLanes));
+      VF y;
+      std::memcpy(&y, &acc[i][v], sizeof(y));
+      if (valid > 0) StoreOut(p, m0 + i, c, y, valid);
+    }
+}
+#else
+constexpr bool kHaveBf16Dot = false;
+#endif
+
+template <int MB>
+void PanelRows(const Problem& p, const void* panel, bool bf16, int64_t m0, int64_t n0) {
+#if defined(__AVX512BF16__)
+  if (bf16) return PanelDotBf16<MB>(p, static_cast<const uint32_t*>(panel), m0, n0);
+#endif
+  (void)bf16;
+  PanelDotF32<MB>(p, static_cast<const float*>(panel), m0, n0);
+}
+
+// One prefill item: rows [m0, m1), the column block at n0.
+template <WKind W, SKind S>
+void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
+  thread_local std::vector<float> f32;
+  thread_local std::vector<uint32_t> pairs;
+  f32.resize(static_cast<size_t>(p.k * kNB));
+  BuildPanelF32<W, S>(p, n0, f32.data());
+  const bool bf16 = kHaveBf16Dot && p.xb != nullptr;
+  const void* panel = f32.data();
+#if defined(__AVX512BF16__)
+  if (bf16) {
+    pairs.resize(static_cast<size_t>(p.k / 2 * kNB));
+    PairPanel(f32.data(), p.k, pairs.data());
+    panel = pairs.data();
+  }
+#endif
+  int64_t m = m0;
+  for (; m + kPanelMB <= m1; m += kPanelMB) PanelRows<kPanelMB>(p, panel, bf16, m, n0);
+  for (; m < m1; ++m) PanelRows<1>(p, panel, bf16, m, n0);
+}
+
+// ---------------------------------------------------------------------------------------------------
+struct Item {
+  int64_t m0, m1, n0, n1;
+};
+
+template <WKind W, SKind S>
+void RunItem(const Problem& p, const Item& it, bool gemv) {
+  if (gemv) {
+    GemvItem<W, S>(p, it.m0, it.m1, it.n0, it.n1);
+  } else {
+    PanelItem<W, S>(p, it.m0, it.m1, it.n0);
+  }
+}
+
+template <WKind W>
+void RunItemS(const Problem& p, const Item& it, bool gemv, SKind s) {
+  switch (s) {
+    case SKind::kF32: return RunItem<W, SKind::kF32>(p, it, gemv);
+    case SKind::kF16: return RunItem<W, SKind::kF16>(p, it, gemv);
+    case SKind::kBf16: return RunItem<W, SKind::kBf16>(p, it, gemv);
+  }
+}
+
+void RunItemAny(const Problem& p, const Item& it, bool gemv, WKind w, SKind s) {
+  switch (w) {
+    case WKind::kI8: return RunItemS<WKind::kI8>(p, it, gemv, s);
+    case WKind::kI4S: return RunItemS<WKind::kI4S>(p, it, gemv, s);
+    case WKind::kI4A: return RunItemS<WKind::kI4A>(p, it, gemv, s);
+  }
+}
+
+// Items run on the caller and on up to `pool.num_threads() - 1` pool tasks that pull from a shared
+// counter; the caller returns once every item has finished.
+struct WorkQueue {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  std::function<void(int64_t)> run;
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void Drain() {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      run(i);
+      if (done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> value,
+                              ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> out,
+                              int64_t group_size, int64_t int4, int64_t asymmetric, int64_t gemv_max_m,
+                              int64_t parallel_min_bytes) {
+  auto xd = x.dimensions();
+  auto vd = value.dimensions();
+  auto sd = scale.dimensions();
+  if (xd.size() != 2 || vd.size() != 2 || sd.size() != 2) {
+    return ffi::Error::InvalidArgument("expected x [M, K], value [K or K/2, N], scale [G, N]");
+  }
+  Problem p{};
+  p.m = xd[0];
+  p.k = xd[1];
+  p.n = vd[1];
+  p.g = group_size > 0 ? group_size : p.k;
+  if (p.k <= 0 || p.n <= 0 || p.g <= 0 || p.k % p.g != 0 || (int4 && p.g % 2 != 0)) {
+    return ffi::Error::InvalidArgument("K must be a positive multiple of the (even, for int4) group size");
+  }
+  p.groups = p.k / p.g;
+  if (vd[0] != (int4 ? p.k / 2 : p.k) || sd[0] != p.groups || sd[1] != p.n) {
+    return ffi::Error::InvalidArgument("value / scale shapes do not match x and the group size");
+  }
+  SKind s;
+  switch (scale.element_type()) {
+    case ffi::F32: s = SKind::kF32; break;
+    case ffi::F16: s = SKind::kF16; break;
+    case ffi::BF16: s = SKind::kBf16; break;
+    default: return ffi::Error::InvalidArgument("scale must be float32, float16 or bfloat16");
+  }
+  const WKind w = !int4 ? WKind::kI8 : (asymmetric ? WKind::kI4A : WKind::kI4S);
+  if (w == WKind::kI4A && (offset.element_type() != scale.element_type() ||
+                           offset.element_count() != scale.element_count())) {
+    return ffi::Error::InvalidArgument("offset must match scale");
+  }
+  if (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16) {
+    return ffi::Error::InvalidArgument("x must be float32 or bfloat16");
+  }
+  if ((out->element_type() != ffi::F32 && out->element_type() != ffi::BF16) ||
+      out->element_count() != static_cast<size_t>(p.m * p.n)) {
+    return ffi::Error::InvalidArgument("out must be float32 or bfloat16 [M, N]");
+  }
+  if (p.m == 0) return ffi::Error::Success();
+  p.value = value.typed_data();
+  p.scale = scale.untyped_data();
+  p.offset = w == WKind::kI4A ? offset.untyped_data() : nullptr;
+  p.out = out->untyped_data();
+  p.out_bf16 = out->element_type() == ffi::BF16;
+
+  const bool gemv = p.m <= gemv_max_m;
+  const bool x_bf16 = x.element_type() == ffi::BF16;
+  // The bfloat16 dot reads x as stored; every other path reads a float32 copy.
+  const bool panel_bf16 = !gemv && x_bf16 && kHaveBf16Dot && p.k % 2 == 0;
+  std::vector<float> xf;
+  if (panel_bf16) {
+    p.xb = static_cast<const uint16_t*>(x.untyped_data());
+  } else if (x_bf16) {
+    const uint16_t* xh = static_cast<const uint16_t*>(x.untyped_data());
+    xf.resize(static_cast<size_t>(p.m * p.k));
+    for (int64_t i = 0; i < p.m * p.k; ++i) xf[i] = Bf16ToF32(xh[i]);
+    p.x = xf.data();
+  } else {
+    p.x = static_cast<const float*>(x.untyped_data());
+  }
+  std::vector<float> xsum;
+  if (w == WKind::kI4A && gemv) {  // the panel path adds the offset into the dequantized weight
+    xsum.resize(static_cast<size_t>(p.m * p.groups));
+    for (int64_t m = 0; m < p.m; ++m)
+      for (int64_t j = 0; j < p.groups; ++j) {
+        float s0 = 0.0f;
+        for (int64_t k = j * p.g; k < (j + 1) * p.g; ++k) s0 += p.x[m * p.k + k];
+        xsum[m * p.groups + j] = s0;
+      }
+    p.xsum = xsum.data();
+  }
+
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t nblocks = (p.n + kNB - 1) / kNB;
+  std::vector<Item> items;
+  if (gemv) {
+    // Column ranges of whole blocks, wide enough for long sequential runs, narrow enough for ~8 items
+    // per thread.
+    const int64_t width = std::clamp<int64_t>(nblocks / (8 * threads), 1, kItemCols / kNB) * kNB;
+    for (int64_t m0 = 0; m0 < p.m; m0 += kMB)
+      for (int64_t c = 0; c < p.n; c += width)
+        items.push_back(Item{m0, std::min(m0 + kMB, p.m), c, std::min(c + width, p.n)});
+  } else {
+    // Split rows only when there are too few column blocks to keep the pool busy (each row split
+    // dequantizes the panel again).
+    int64_t splits = 1;
+    while (nblocks * splits < 4 * threads && p.m / (splits * 2) >= 4 * kPanelMB) splits *= 2;
+    const int64_t rows = (p.m + splits - 1) / splits;
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int64_t m0 = 0; m0 < p.m; m0 += rows) items.push_back(Item{m0, std::min(m0 + rows, p.m), b * kNB, std::min((b + 1) * kNB, p.n)});
+  }
+
+  auto queue = std::make_shared<WorkQueue>();
+  queue->n = static_cast<int64_t>(items.size());
+  queue->run = [&p, &items, gemv, w, s](int64_t i) { RunItemAny(p, items[i], gemv, w, s); };
+  // Small products run on the calling thread alone: waking pool threads costs more than they save.
+  const int64_t weight_bytes = vd[0] * vd[1];
+  const int64_t helpers = weight_bytes * std::max<int64_t>(p.m, 1) < parallel_min_bytes
+                              ? 0 : std::min<int64_t>(threads, queue->n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([queue] { queue->Drain(); });
+  }
+  queue->Drain();
+  std::unique_lock<std::mutex> lock(queue->mu);
+  queue->cv.wait(lock, [&] { return queue->done.load() == queue->n; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQuantizedMatmulCpu, QuantizedMatmulCpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // x
+                                  .Arg<ffi::Buffer<ffi::S8>>()    // value
+                                  .Arg<ffi::AnyBuffer>()          // scale
+                                  .Arg<ffi::AnyBuffer>()          // offset
+                                  .Ret<ffi::AnyBuffer>()          // out
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("int4")
+                                  .Attr<int64_t>("asymmetric")
+                                  .Attr<int64_t>("gemv_max_m")
+                                  .Attr<int64_t>("parallel_min_bytes"));
