@@ -17,8 +17,14 @@ Draft model: the default model is the smallest of its family here, so the draft 
 model, no extra training); ``--draft-self`` also runs the whole target as its own draft (every draft
 accepted: the acceptance ceiling, never faster).
 
+EAGLE (``--methods ... eagle ngram+eagle``): the head shipped for the default model (or ``--eagle-head``).
+``--workload chat`` runs chat prompts instead (bench/chat_eval_prompts.json, written apart from the head's
+training prompts, rendered with the chat template); ``--temperatures 0 0.7`` adds seeded sampled runs
+(outputs then differ from speculation off by design: only speed and acceptance are compared).
+
 Usage: ``python bench/speculative.py [--batches 1 4 16] [--new-tokens 64] [--k 3] [--ngram-min 1 2]
-[--draft-layers 12] [--draft-self] [--reps 3]``
+[--draft-layers 12] [--draft-self] [--reps 3] [--methods off ngram draft eagle ngram+eagle]
+[--workload repetitive|chat] [--temperatures 0 0.7] [--eagle-head FILE]``
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 from machine import machine_info, result_path
 
@@ -54,14 +61,17 @@ def early_exit_draft(loaded, num_layers: int):
                        loaded.mesh, loaded.plan)
 
 
-def run_once(engine, prompts, new_tokens: int) -> dict:
+CHAT_PROMPTS = Path(__file__).parent / "chat_eval_prompts.json"
+
+
+def run_once(engine, prompts, new_tokens: int, temperature: float = 0.0) -> dict:
     """All ``prompts`` at once; raw counts (tokens, decode tokens and time, speculation totals)."""
     from jaxinfer.sampling_params import SamplingParams
 
-    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     engine.flush_prefix_cache()
     s0 = engine.stats()
     for i, p in enumerate(prompts):
+        sp = SamplingParams(temperature=temperature, max_tokens=new_tokens, ignore_eos=True, seed=i)
         engine.add_request(f"b{i}", p, sp)
     tokens, first, finish = {}, {}, {}
     t0 = time.perf_counter()
@@ -80,9 +90,9 @@ def run_once(engine, prompts, new_tokens: int) -> dict:
             "verified": s1.spec_verified - s0.spec_verified}
 
 
-def run_batch(engine, groups, new_tokens: int) -> dict:
+def run_batch(engine, groups, new_tokens: int, temperature: float = 0.0) -> dict:
     """Each group of prompts as one batch, one group after another; totals over the groups."""
-    runs = [run_once(engine, g, new_tokens) for g in groups]
+    runs = [run_once(engine, g, new_tokens, temperature) for g in groups]
     total = {k: sum(r[k] for r in runs) for k in ("elapsed", "decode_tokens", "decode_time", "drafts", "accepted",
                                                   "verified")}
     n = sum(len(t) for r in runs for t in r["tokens"])
@@ -90,6 +100,34 @@ def run_batch(engine, groups, new_tokens: int) -> dict:
             "acceptance_length": 1 + total["accepted"] / total["verified"] if total["verified"] else None,
             "draft_acceptance_rate": total["accepted"] / total["drafts"] if total["drafts"] else None,
             "tokens": [t for r in runs for t in r["tokens"]]}
+
+
+def engine_configs(args, target) -> dict:
+    """Name -> ``(speculative_method, draft model, extra EngineConfig fields)`` for ``args.methods``."""
+    out = {}
+    for m in args.methods:
+        if m == "off":
+            out["off"] = (None, None, {})
+        elif m == "ngram":
+            out.update({f"ngram_min{n}": ("ngram", None, {"ngram_min": n}) for n in args.ngram_min})
+        elif m == "draft":
+            out[f"draft_{args.draft_layers}_layers"] = ("draft", early_exit_draft(target, args.draft_layers), {})
+        elif m == "draft_self":
+            out["draft_self"] = ("draft", target, {})
+        elif m in ("eagle", "ngram+eagle"):
+            out[m] = (m, None, {"speculative_model": args.eagle_head})
+        else:
+            raise SystemExit(f"unknown method {m!r}")
+    return out
+
+
+def load_prompts(workload: str, tokenizer) -> tuple[list[str], list[list[int]]]:
+    from jaxinfer.tokenizer import encode_chat, encode_prompt
+
+    if workload == "chat":
+        texts = json.loads(CHAT_PROMPTS.read_text())["prompts"]
+        return texts, [encode_chat(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    return PROMPTS, [encode_prompt(tokenizer, p) for p in PROMPTS]
 
 
 def main() -> None:
@@ -102,57 +140,67 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ngram-min", type=int, nargs="+", default=[1, 2],
                     help="one n-gram configuration per value of the proposer's ngram_min")
+    ap.add_argument("--methods", nargs="+", default=["off", "ngram", "draft"],
+                    help="off ngram draft draft_self eagle ngram+eagle")
+    ap.add_argument("--workload", choices=["repetitive", "chat"], default="repetitive")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0])
+    ap.add_argument("--eagle-head", default=None, help="EAGLE head file (default: the shipped head)")
+    ap.add_argument("--max-model-len", type=int, default=256)
     args = ap.parse_args()
+    if args.draft_self and "draft_self" not in args.methods:
+        args.methods.append("draft_self")
+    if "off" not in args.methods:  # the reference of every speed-up
+        args.methods.insert(0, "off")
 
+    from jaxinfer.compilation_cache import enable_compilation_cache
     from jaxinfer.config import EngineConfig
     from jaxinfer.engine import Engine
     from jaxinfer.loader import load_model
-    from jaxinfer.tokenizer import encode_prompt
 
+    enable_compilation_cache()
     target = load_model(None)
-    prompts_all = [encode_prompt(target.tokenizer, p) for p in PROMPTS]
+    texts, prompts_all = load_prompts(args.workload, target.tokenizer)
     max_b = max(args.batches)
-    base = dict(max_model_len=256, max_num_seqs=max_b, max_num_batched_tokens=max(128, 8 * max_b), page_size=16)
-    configs = {"off": (None, None, None), **{f"ngram_min{n}": ("ngram", None, n) for n in args.ngram_min},
-               f"draft_{args.draft_layers}_layers": ("draft", early_exit_draft(target, args.draft_layers), None)}
-    if args.draft_self:
-        configs["draft_self"] = ("draft", target, None)
+    base = dict(max_model_len=args.max_model_len, max_num_seqs=max_b, max_num_batched_tokens=max(128, 8 * max_b),
+                page_size=16)
     engines, results = {}, {}
-    for name, (method, draft, ngram_min) in configs.items():
-        cfg = EngineConfig(**base, speculative_method=method, num_speculative_tokens=args.k,
-                           **({"ngram_min": ngram_min} if ngram_min else {}))
+    for name, (method, draft, extra) in engine_configs(args, target).items():
+        cfg = EngineConfig(**base, speculative_method=method, num_speculative_tokens=args.k, **extra)
         engines[name] = Engine(target, cfg, draft=draft)
         t = time.perf_counter()
         engines[name].warmup()
-        results[name] = {"warmup_s": time.perf_counter() - t, "batches": {}}
-    for b in args.batches:
-        # batch 1: four prompts one after another (one prompt alone is too particular); else one batch
-        groups = [[p] for p in prompts_all[:4]] if b == 1 else [
-            [prompts_all[i % len(prompts_all)] for i in range(b)]]
-        for engine in engines.values():
-            run_batch(engine, groups[:1], args.new_tokens)  # untimed: first touch of this batch's buckets
-        # reps interleaved across configurations, so a drift in machine speed hits all of them alike
-        runs = {name: [] for name in engines}
-        for _ in range(args.reps):
-            for name, engine in engines.items():
-                runs[name].append(run_batch(engine, groups, args.new_tokens))
-        for name in engines:
-            rs = runs[name]
-            r = {k: statistics.median(x[k] for x in rs) if rs[0][k] is not None else None
-                 for k in ("decode_tok_s", "e2e_tok_s", "acceptance_length", "draft_acceptance_rate")}
-            r["same_as_off"] = all(x["tokens"] == runs["off"][0]["tokens"] for x in rs)
-            r["decode_speedup"] = r["decode_tok_s"] / statistics.median(x["decode_tok_s"] for x in runs["off"])
-            results[name]["batches"][b] = r
-            acc = "-" if r["acceptance_length"] is None else f"{r['acceptance_length']:.2f}"
-            print(f"{name:16s} batch {b:3d}: decode {r['decode_tok_s']:7.1f} tok/s  e2e {r['e2e_tok_s']:7.1f} tok/s"
-                  f"  speed-up {r['decode_speedup']:.2f}x  acceptance length {acc}  same as off: {r['same_as_off']}",
-                  flush=True)
+        results[name] = {"warmup_s": time.perf_counter() - t}
+    for temp in args.temperatures:
+        key = "batches" if temp == 0 else f"batches_temperature_{temp:g}"
+        for b in args.batches:
+            # batch 1: four prompts one after another (one prompt alone is too particular); else one batch
+            groups = [[p] for p in prompts_all[:4]] if b == 1 else [
+                [prompts_all[i % len(prompts_all)] for i in range(b)]]
+            for engine in engines.values():
+                run_batch(engine, groups[:1], args.new_tokens, temp)  # untimed: first touch of this batch's buckets
+            # reps interleaved across configurations, so a drift in machine speed hits all of them alike
+            runs = {name: [] for name in engines}
+            for _ in range(args.reps):
+                for name, engine in engines.items():
+                    runs[name].append(run_batch(engine, groups, args.new_tokens, temp))
+            for name in engines:
+                rs = runs[name]
+                r = {k: statistics.median(x[k] for x in rs) if rs[0][k] is not None else None
+                     for k in ("decode_tok_s", "e2e_tok_s", "acceptance_length", "draft_acceptance_rate")}
+                r["same_as_off"] = all(x["tokens"] == runs["off"][0]["tokens"] for x in rs) if temp == 0 else None
+                r["decode_speedup"] = r["decode_tok_s"] / statistics.median(x["decode_tok_s"] for x in runs["off"])
+                results[name].setdefault(key, {})[b] = r
+                acc = "-" if r["acceptance_length"] is None else f"{r['acceptance_length']:.2f}"
+                print(f"{name:16s} T={temp:g} batch {b:3d}: decode {r['decode_tok_s']:7.1f} tok/s  "
+                      f"e2e {r['e2e_tok_s']:7.1f} tok/s  speed-up {r['decode_speedup']:.2f}x  acceptance length "
+                      f"{acc}  same as off: {r['same_as_off']}", flush=True)
     record = {"benchmark": "speculative", "model": "smollm2-135m-instruct", "machine": machine_info(),
-              "workload": {"prompts": PROMPTS, "new_tokens": args.new_tokens, "greedy": True, "ignore_eos": True,
-                           "num_speculative_tokens": args.k, "ngram_min": args.ngram_min,
+              "workload": {"kind": args.workload, "prompts": texts, "new_tokens": args.new_tokens,
+                           "temperatures": args.temperatures, "ignore_eos": True, "num_speculative_tokens": args.k,
+                           "ngram_min": args.ngram_min, "methods": args.methods, "eagle_head": args.eagle_head,
                            "reps": args.reps, "reps_interleaved": True, "engine": base},
               "results": results}
-    path = result_path("speculative")
+    path = result_path("speculative" if args.workload == "repetitive" else "speculative-chat")
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
 

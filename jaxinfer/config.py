@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPE_CHOICES = ("auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")  # = jaxinfer.kv_cache.KV_CACHE_DTYPES
 ATTENTION_IMPLS = ("xla", "cpu", "pallas_tpu", "pallas_gpu")  # = pallas_kernels.backend.ATTENTION_IMPLS
-SPECULATIVE_METHODS = (None, "ngram", "draft")
+SPECULATIVE_METHODS = (None, "ngram", "draft", "eagle", "ngram+eagle")
 QUANTIZATION_OPTIONS = (None, "gguf")
 
 
@@ -60,9 +60,12 @@ class EngineConfig:
       dtype: "auto" | "float32" | "bfloat16" | "float16"; for "auto" see :func:`resolve_auto_settings`.
       seed: seed for requests that do not set one.
       min_token_bucket: smallest padded token count of a step.
-      speculative_method: ``None`` (off), ``"ngram"`` (prompt lookup) or ``"draft"`` (a draft model).
-      speculative_model: the draft model (name, directory, GGUF file or hub id) for ``"draft"``; it must
-        share the target's tokenizer.
+      speculative_method: ``None`` (off), ``"ngram"`` (prompt lookup), ``"draft"`` (a draft model),
+        ``"eagle"`` (an EAGLE head fed with the target's hidden states) or ``"ngram+eagle"`` (the n-gram
+        proposal where the lookup finds one, EAGLE's otherwise).
+      speculative_model: the draft model (name, directory, GGUF file or hub id) for ``"draft"``, it must
+        share the target's tokenizer; the EAGLE head file for the EAGLE methods (default: the head shipped
+        for the target, if any).
       num_speculative_tokens: ``K``, the most draft tokens verified per sequence and step, and the
         default per request (``Engine.add_request(..., num_speculative_tokens=k)`` picks ``0 <= k <= K``).
         Default 3: a batch-1 verify step (``k + 1 = 4`` tokens) then fills a power-of-two bucket.
@@ -103,10 +106,12 @@ class EngineConfig:
     # Flag --engine-seed: generate and chat already have --seed, the seed of the request they send.
     seed: int = _opt(0, "seed of requests that do not set one", flag="--engine-seed")
     min_token_bucket: int = _opt(2, "smallest padded token count of a step")
-    speculative_method: str | None = _opt(None, "speculative decoding: ngram (prompt lookup) or draft "
-                                                "(--speculative-model) (default: off)",
+    speculative_method: str | None = _opt(None, "speculative decoding: ngram (prompt lookup), draft "
+                                                "(--speculative-model), eagle (a draft head; default: the "
+                                                "shipped one) or ngram+eagle (default: off)",
                                           choices=SPECULATIVE_METHODS[1:])
-    speculative_model: str | None = _opt(None, "draft model for --speculative-method draft (same tokenizer)")
+    speculative_model: str | None = _opt(None, "draft model for --speculative-method draft (same tokenizer), or "
+                                               "EAGLE head file for eagle / ngram+eagle")
     num_speculative_tokens: int = _opt(3, "most draft tokens verified per sequence and step")
     ngram_min: int = _opt(1, "shortest n-gram the prompt-lookup proposer matches")
     ngram_max: int = _opt(4, "longest n-gram the prompt-lookup proposer matches")
@@ -139,15 +144,15 @@ class EngineConfig:
         if not 0 < self.kv_cache_memory_fraction <= 1:
             bad("kv_cache_memory_fraction", "must be in (0, 1]")
         if self.speculative_method not in SPECULATIVE_METHODS:
-            bad("speculative_method", "must be None, 'ngram' or 'draft'")
+            bad("speculative_method", "must be None, 'ngram', 'draft', 'eagle' or 'ngram+eagle'")
         for name in ("num_speculative_tokens", "ngram_min", "ngram_max"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "must be a positive integer")
         if self.ngram_max < self.ngram_min:
             bad("ngram_max", f"must be >= ngram_min ({self.ngram_min})")
-        if self.speculative_model is not None and self.speculative_method != "draft":
-            bad("speculative_model", "needs speculative_method='draft'")
+        if self.speculative_model is not None and self.speculative_method not in ("draft", "eagle", "ngram+eagle"):
+            bad("speculative_model", "needs speculative_method 'draft', 'eagle' or 'ngram+eagle'")
         if self.quantization not in QUANTIZATION_OPTIONS:
             raise QuantizationError(f"unknown quantization {self.quantization!r}; expected None or 'gguf'")
 

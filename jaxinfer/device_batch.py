@@ -21,7 +21,7 @@ from jaxinfer.prompt_logprobs import PromptLogprobInputs, build_inputs, empty_in
 from jaxinfer.sampling import TOKEN_OUTPUT, TOKEN_PAD, TOKEN_PROMPT, SamplingTensors
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.scheduler import ScheduledSeq
-from jaxinfer.speculative.rejection import VerifyInputs
+from jaxinfer.speculative.rejection import POINT_MASS, VerifyInputs
 from jaxinfer.step_inputs import StepBuckets, StepInputs, pack_rows
 
 
@@ -146,10 +146,14 @@ class BatchBuilder:
         prompt = _prompt_inputs(x.rows, infos, x)
         return StepBatch(x.tokens, x.positions, token_slot, token_kind, _metadata(x), x.logits_indices, st, prompt)
 
-    def verify(self, rows: list[ScheduledSeq], drafts: list[list[int]], infos: list[RowInfo]) -> VerifyBatch:
+    def verify(self, rows: list[ScheduledSeq], drafts: list[list[int]], infos: list[RowInfo],
+               point_mass: list[bool] | None = None) -> VerifyBatch:
         """The verify step: scheduled ``rows`` with ``drafts[i]`` appended to row ``i``
-        (``len <= num_lookahead``); logits at every position of a speculating row."""
+        (``len <= num_lookahead``); logits at every position of a speculating row. ``point_mass[i]``: row
+        ``i``'s drafts are point masses (n-gram) in a step whose other rows have draft probabilities (their
+        ``q_index`` is :data:`~jaxinfer.speculative.rejection.POINT_MASS`)."""
         k = self.num_speculative_tokens
+        point_mass = point_mass or []
         packed, given = [], []
         for r, d, info in zip(rows, drafts, infos):
             if d:
@@ -182,7 +186,7 @@ class BatchBuilder:
                 if j < m:
                     draft_tokens[n] = d[j]
                     has_draft[n] = True
-                    q_index[n] = info.slot * k + j
+                    q_index[n] = POINT_MASS if i < len(point_mass) and point_mass[i] else info.slot * k + j
                 params.append(info.params)
                 seeds.append(info.seed)
                 steps.append(info.step + j)

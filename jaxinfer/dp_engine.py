@@ -73,7 +73,7 @@ class DataParallelEngine:
         return s.num_running + s.num_waiting
 
     def add_request(self, request_id: str, prompt, sampling_params=None, *, arrival_time=None,
-                    num_speculative_tokens=None, client=None) -> None:
+                    num_speculative_tokens=None, client=None, speculative_method=None) -> None:
         """As :meth:`Engine.add_request`; the request goes to the least loaded replica."""
         if request_id in self._where:
             from jaxinfer.errors import InvalidRequestError
@@ -81,7 +81,8 @@ class DataParallelEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         eng = min(self.replicas, key=self._load)
         eng.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time,
-                        num_speculative_tokens=num_speculative_tokens, client=client)
+                        num_speculative_tokens=num_speculative_tokens, client=client,
+                        speculative_method=speculative_method)
         self._where[request_id] = eng
 
     def abort_request(self, request_id: str) -> bool:

@@ -134,6 +134,7 @@ class Engine:
         self.eos_token_ids = tuple(sorted(eos))
         self.kernels = Kernels.for_mesh(self.loaded.mesh, config.attention_impl)
         self.draft_loaded = self._check_draft(draft)
+        self.eagle_head = self._load_eagle_head()
         spec = size_kv_cache(config, mc, self.max_model_len, self.loaded.model.dtype, self.kernels, self.loaded.plan,
                              params_bytes=params_bytes(self.loaded.params),
                              extra_bytes_per_token=self._draft_bytes_per_token(config.page_size))
@@ -166,7 +167,23 @@ class Engine:
             raise UnsupportedModelError(f"the draft model's vocabulary ({dv}) does not match the target's ({tv})")
         return draft
 
+    def _load_eagle_head(self):
+        """``(EagleHeadConfig, params)`` for the EAGLE methods (see :func:`jaxinfer.speculative.eagle.resolve_head`)."""
+        if self.config.speculative_method not in ("eagle", "ngram+eagle"):
+            return None
+        if self.loaded.plan is not None and self.loaded.plan.tp > 1:
+            raise UnsupportedModelError("EAGLE speculation runs on one device per model replica; it does not "
+                                        "support tensor_parallel_size > 1 yet")
+        from jaxinfer.speculative.eagle import resolve_head
+
+        return resolve_head(self.config.speculative_model, self.model_config, self.loaded.source.name)
+
     def _draft_bytes_per_token(self, page_size: int) -> int:
+        if self.eagle_head is not None:
+            from jaxinfer.speculative.eagle import eagle_bytes_per_token
+
+            return eagle_bytes_per_token(self.eagle_head[0], page_size, self.loaded.model.dtype,
+                                         self.config.kv_cache_dtype, self.kernels.attention)
         if self.draft_loaded is None:
             return 0
         from jaxinfer.speculative.draft import draft_bytes_per_token
@@ -185,13 +202,23 @@ class Engine:
         if d is not None:
             self.runner.attach_draft(d.model, d.params, draft_kv_spec(d.config, self.kv_spec),
                                      cfg.num_speculative_tokens, d.plan)
+        if self.eagle_head is not None:
+            import jax.numpy as jnp
+
+            from jaxinfer.speculative.eagle import EagleHead, eagle_kv_spec
+
+            hcfg, hparams = self.eagle_head
+            dtype = self.loaded.model.dtype
+            hparams = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32 if a.dtype.kind in "iu" else dtype), hparams)
+            self.runner.attach_eagle(EagleHead(hcfg, np.asarray(hparams["d2t"]), dtype, self.kernels), hparams,
+                                     eagle_kv_spec(hcfg, self.kv_spec), cfg.num_speculative_tokens)
         return SpeculativeDecoder(cfg.speculative_method, cfg.num_speculative_tokens, self.batches, self.runner,
                                   ngram_min=cfg.ngram_min, ngram_max=cfg.ngram_max, max_num_seqs=cfg.max_num_seqs)
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     *, arrival_time: float | None = None, num_speculative_tokens: int | None = None,
-                    client: str | None = None) -> None:
+                    client: str | None = None, speculative_method: str | None = None) -> None:
         """Queue a request (``prompt``: text, tokenized as is, or token ids).
 
         ``client``: the client request this one is part of (a server's batch of prompts): the scheduler
@@ -199,6 +226,9 @@ class Engine:
 
         ``num_speculative_tokens``: draft tokens verified per step for this request (``None``: the engine's
         ``num_speculative_tokens``, or 0 with penalties; 0: no speculation; at most the engine's).
+        ``speculative_method``: this request's proposer (``None``: the engine's ``speculative_method``); one
+        the engine can run: "ngram" on any speculating engine, "eagle" / "ngram+eagle" with an EAGLE head,
+        "draft" with a draft model.
 
         Raises:
           InvalidRequestError / PromptTooLongError: nothing is queued then.
@@ -212,6 +242,10 @@ class Engine:
             raise InvalidRequestError("sampling_params must be a SamplingParams", "sampling_params")
         k = resolve_num_speculative_tokens(num_speculative_tokens, params, self.config.speculative_method,
                                            self.config.num_speculative_tokens)
+        if speculative_method is not None and (self.spec is None or speculative_method not in self.spec.methods()):
+            can = "none (speculation is off)" if self.spec is None else ", ".join(self.spec.methods())
+            raise InvalidRequestError(f"speculative_method {speculative_method!r} is not available on this engine "
+                                      f"(available: {can})", "speculative_method")
         text, ids = self._encode(prompt)
         vocab = self.model_config.vocab_size
         if params.logit_bias and params.logit_bias[-1][0] >= vocab:
@@ -236,6 +270,9 @@ class Engine:
             raise
         for seq, matcher in zip(seqs, matchers):
             self.grammars.add(seq.request_id, matcher)
+        if speculative_method is not None:
+            for seq in seqs:
+                self.spec.set_method(seq.request_id, speculative_method)
         self.outputs.add(request_id, text, ids, params, seqs, seeds, arrival)
 
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
@@ -282,7 +319,7 @@ class Engine:
         outputs = self.outputs.take_pending()
         sched = self.scheduler.schedule(exclude_groups=exclude)
         for seq in sched.preempted:
-            self._release_slot(seq.request_id)
+            self._release_slot(seq.request_id, finished=False)
         if sched.is_empty:
             return outputs, None
         rows = sched.scheduled
@@ -292,7 +329,10 @@ class Engine:
             if drafts is not None and any(drafts):
                 return outputs, (sched, infos, self.spec.dispatch_verify(rows, drafts, infos))
             x = pack_step_inputs(sched, self.buckets)
-            return outputs, (sched, infos, self.runner.dispatch(self.batches.plain(x, infos)))
+            launched = self.runner.dispatch(self.batches.plain(x, infos))
+            if self.spec is not None:
+                self.spec.target_step(x.rows, x.cu_q_lens)
+            return outputs, (sched, infos, launched)
         except BaseException:
             # Nothing ran: the rows keep their state for a retry (a fresh slot is still cleared), and the
             # aborts' final outputs are reported by the next step.
@@ -364,9 +404,9 @@ class Engine:
             self._fresh.discard(sid)
         return infos
 
-    def _release_slot(self, seq_id: str) -> None:
+    def _release_slot(self, seq_id: str, finished: bool = True) -> None:
         if self.spec is not None:
-            self.spec.forget(seq_id)
+            self.spec.forget(seq_id, finished)
         slot = self._slot.pop(seq_id, None)
         if slot is not None:
             self._free_slots.append(slot)
@@ -384,8 +424,10 @@ class Engine:
             shapes = sorted({self.buckets.bucket(n, 1) for n in token_counts})
         if self.spec is None:
             return self.runner.compile_all(shapes)
-        return self.runner.compile_all(shapes, self.spec.verify_shapes(token_counts),
-                                       self.spec.draft_shapes(token_counts))
+        model_shapes = self.spec.draft_shapes(token_counts)
+        eagle = self.runner.eagle is not None
+        return self.runner.compile_all(shapes, self.spec.verify_shapes(token_counts), [] if eagle else model_shapes,
+                                       model_shapes if eagle else [])
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()

@@ -26,13 +26,19 @@ class LLM:
       quantization: ``EngineConfig.quantization``: ``"gguf"`` keeps a GGUF model's Q8_0 / Q4_0 / Q4_1
         weights quantized (default ``None``: dequantized to float, the fastest path on the CPU). A quantized
         checkpoint directory (``jaxinfer quantize``) passed as ``model`` always loads quantized.
+      speculative_config: vLLM-style ``{"method": ..., "model": ..., "num_speculative_tokens": k}`` (also
+        ``"ngram_min"`` / ``"ngram_max"``; ``"prompt_lookup_min"`` / ``"prompt_lookup_max"``): the same as the
+        ``speculative_method`` / ``speculative_model`` / ``num_speculative_tokens`` options.
       **engine_options: further :class:`~jaxinfer.config.EngineConfig` fields (``max_num_seqs``,
-        ``max_num_batched_tokens``, ``kv_cache_memory``, ``kv_cache_dtype``, ``enable_prefix_caching`` ...).
+        ``max_num_batched_tokens``, ``kv_cache_memory``, ``kv_cache_dtype``, ``enable_prefix_caching``,
+        ``speculative_method="eagle"`` ...).
     """
 
     def __init__(self, model: str | None = None, *, dtype="auto", max_model_len: int | None = None,
                  seed: int = 0, compilation_cache: bool | None = None, quantization: str | None = None,
-                 **engine_options):
+                 speculative_config: dict | None = None, **engine_options):
+        if speculative_config is not None:
+            engine_options.update(_speculative_options(speculative_config, engine_options))
         config = EngineConfig(max_model_len=max_model_len, dtype=dtype, seed=seed, quantization=quantization,
                               **engine_options)
         self.engine = create_engine(model, config, compilation_cache=compilation_cache)
@@ -151,3 +157,23 @@ class LLM:
         """Drop every cached KV page no running request uses (the automatic prefix cache); returns how many
         pages were dropped. Later requests recompute those prompt pages."""
         return self.engine.flush_prefix_cache()
+
+
+_SPEC_KEYS = {"method": "speculative_method", "model": "speculative_model",
+              "num_speculative_tokens": "num_speculative_tokens", "ngram_min": "ngram_min", "ngram_max": "ngram_max",
+              "prompt_lookup_min": "ngram_min", "prompt_lookup_max": "ngram_max"}
+
+
+def _speculative_options(spec: dict, given: dict) -> dict:
+    """EngineConfig fields of a vLLM-style ``speculative_config`` (unknown keys and conflicts are errors)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"speculative_config must be a dict, got {type(spec).__name__}")
+    out = {}
+    for key, value in spec.items():
+        field = _SPEC_KEYS.get(key)
+        if field is None:
+            raise ValueError(f"speculative_config: unknown key {key!r} (known: {', '.join(_SPEC_KEYS)})")
+        if field in given and given[field] != value:
+            raise ValueError(f"speculative_config[{key!r}] = {value!r} conflicts with {field}={given[field]!r}")
+        out[field] = value
+    return out

@@ -9,7 +9,11 @@ Steps (each a pure function, caches and penalty state donated, so they are updat
   LM head block by block, only when there are any;
 - the verify step (speculative decoding): the same forward pass with rejection sampling of the drafts;
 - the draft step (draft-model speculation): the draft model's forward pass over its own cache, one draft
-  token per row, the draft distribution kept in a device buffer for the verify step.
+  token per row, the draft distribution kept in a device buffer for the verify step;
+- the EAGLE step (:mod:`jaxinfer.speculative.eagle`): the head's forward pass over its own one-layer cache,
+  fed with the target's last hidden states. With an EAGLE head attached, the target and verify steps also
+  return the last decoder layer's output (before the final norm) of all their tokens, padded to the largest
+  token bucket and kept on the device (:attr:`EagleState.hidden`).
 
 The runner carries the kernel choice (:class:`~jaxinfer.target.Kernels`) and applies it to every step, and
 places each batch's structured-output token mask (:meth:`ModelRunner.place_mask`).
@@ -50,6 +54,21 @@ class DraftState:
     params: object
     kv_cache: object
     probs: jax.Array
+
+
+@dataclass
+class EagleState:
+    """The EAGLE head's device state: the head (its forward functions), parameters, one-layer paged cache
+    (the target's page ids), the draft-probability buffer (as :class:`DraftState`'s), ``hidden``: the last
+    target step's hidden states ``[T_max, D]`` (row = token row of that step) and ``features``: the last
+    EAGLE step's output features ``[T_max, D]``."""
+
+    head: object
+    params: object
+    kv_cache: object
+    probs: jax.Array
+    hidden: jax.Array
+    features: jax.Array
 
 
 class ModelRunner:
@@ -94,24 +113,48 @@ class ModelRunner:
         self._verify = jax.jit(self._verify_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, ps_sh))
         self.draft: DraftState | None = None
         self._draft_step = None
+        self.eagle: EagleState | None = None
+        self._eagle_step = None
         self.num_steps = 0
         self._abstract = abstract
         self._all_allowed: dict[int, jax.Array] = {}  # rows -> all-ones token mask kept on the device
 
     # ---- the target step ---------------------------------------------------------------------------
     def _forward(self, params, kv_cache, batch: StepBatch):
-        """``(logits, kv_cache, PromptLogprobs)`` of one batch."""
+        """``(logits, kv_cache, PromptLogprobs, hidden)`` of one batch; ``hidden``: with an EAGLE head, the
+        last layer's output of every token row padded to ``[T_max, D]``, else ``None``."""
+        indices = batch.prompt.indices
+        t = batch.tokens.shape[0]
+        if self.eagle is not None:  # every token row, then the prompt rows
+            indices = jnp.concatenate([jnp.arange(t, dtype=jnp.int32), indices.astype(jnp.int32)])
         logits, kv_cache, hidden = self.model.forward(params, batch.tokens, batch.positions, kv_cache, batch.md,
                                                       batch.logits_indices, kernels=self.kernels,
-                                                      hidden_indices=batch.prompt.indices)
+                                                      hidden_indices=indices)
+        rows = None
+        if self.eagle is not None:
+            rows, hidden = hidden[:t], hidden[t:]
+            rows = jnp.pad(rows, ((0, self.batches.buckets.token_buckets[-1] - t), (0, 0)))
         prompt = score(lambda h: self.model.logits(params, h, self.kernels), hidden, batch.prompt)
-        return logits, kv_cache, prompt
+        return logits, kv_cache, prompt, rows
+
+    def _with_hidden(self, outputs, hidden):
+        return outputs if self.eagle is None else (*outputs, hidden)
 
     def _step_fn(self, params, kv_cache, penalty_state, batch: StepBatch):
-        logits, kv_cache, prompt = self._forward(params, kv_cache, batch)
+        logits, kv_cache, prompt, hidden = self._forward(params, kv_cache, batch)
         penalty_state = update_penalty_state(penalty_state, batch.sampling, batch.tokens, batch.token_slot,
                                              batch.token_kind)
-        return sample(logits, batch.sampling, penalty_state).replace(prompt=prompt), kv_cache, penalty_state
+        out = sample(logits, batch.sampling, penalty_state).replace(prompt=prompt)
+        return self._with_hidden((out, kv_cache, penalty_state), hidden)
+
+    def _run_target(self, fn, *args):
+        """Call a compiled target / verify step; keeps the hidden states it returns with an EAGLE head."""
+        res = fn(self.params, self.kv_cache, self.penalty_state, *args)
+        if self.eagle is not None:
+            *res, self.eagle.hidden = res
+        out, self.kv_cache, self.penalty_state = res
+        self.num_steps += 1
+        return out
 
     def place_mask(self, batch: StepBatch) -> StepBatch:
         """The batch with its token mask ``i32[L, W]`` on the device, replicated: the host array when some
@@ -133,10 +176,7 @@ class ModelRunner:
 
     def dispatch(self, batch: StepBatch) -> SamplerOutput:
         """Launch one step (asynchronously); returns the sampler output still on the device."""
-        batch = self.place_mask(batch)
-        out, self.kv_cache, self.penalty_state = self._step(self.params, self.kv_cache, self.penalty_state, batch)
-        self.num_steps += 1
-        return out
+        return self._run_target(self._step, self.place_mask(batch))
 
     def run(self, batch: StepBatch) -> SamplerOutput:
         """Execute one step; returns the sampler output on the host (one device-to-host copy)."""
@@ -144,20 +184,17 @@ class ModelRunner:
 
     # ---- the verify step ---------------------------------------------------------------------------
     def _verify_fn(self, params, kv_cache, penalty_state, batch: StepBatch, vin: VerifyInputs, draft_probs):
-        logits, kv_cache, prompt = self._forward(params, kv_cache, batch)
+        logits, kv_cache, prompt, hidden = self._forward(params, kv_cache, batch)
         penalty_state = update_penalty_state(penalty_state, batch.sampling, batch.tokens, batch.token_slot,
                                              batch.token_kind)
         out = rejection_sample(logits, batch.sampling, penalty_state, vin, draft_probs).replace(prompt=prompt)
-        return out, kv_cache, penalty_state
+        return self._with_hidden((out, kv_cache, penalty_state), hidden)
 
     def dispatch_verify(self, vb: VerifyBatch) -> VerifyOutput:
-        """Launch one verify step (asynchronously; drafts with the draft model's probabilities when there
-        is a draft model, else as point masses); the output stays on the device."""
-        probs = self.draft.probs if self.draft is not None else None
-        out, self.kv_cache, self.penalty_state = self._verify(self.params, self.kv_cache, self.penalty_state,
-                                                              self.place_mask(vb.batch), vb.vin, probs)
-        self.num_steps += 1
-        return out
+        """Launch one verify step (asynchronously; drafts with the draft model's or the EAGLE head's
+        probabilities when there is one, else as point masses); the output stays on the device."""
+        probs = self.draft.probs if self.draft is not None else self.eagle.probs if self.eagle is not None else None
+        return self._run_target(self._verify, self.place_mask(vb.batch), vb.vin, probs)
 
     # ---- the draft step ----------------------------------------------------------------------------
     def attach_draft(self, model: CausalLM, params, kv_spec: KVCacheSpec, num_speculative_tokens: int,
@@ -188,7 +225,63 @@ class ModelRunner:
     @property
     def num_draft_rows(self) -> int:
         """Rows of the draft-probability buffer (a ``q_rows`` entry this large is dropped)."""
-        return 0 if self.draft is None else int(self.draft.probs.shape[0])
+        state = self.draft if self.draft is not None else self.eagle
+        return 0 if state is None else int(state.probs.shape[0])
+
+    # ---- the EAGLE step ----------------------------------------------------------------------------
+    def attach_eagle(self, head, params, kv_spec: KVCacheSpec, num_speculative_tokens: int) -> None:
+        """Give the runner an EAGLE head (:class:`jaxinfer.speculative.eagle.EagleHead`, its parameters and
+        its cache geometry, :func:`jaxinfer.speculative.eagle.eagle_kv_spec`); from now on the target and
+        verify steps also return their hidden states."""
+        rep = self.plan.replicated()
+        vocab = self.model.config.vocab_size
+        width = (self.batches.buckets.token_buckets[-1], self.model.config.hidden_size)
+        probs = jax.device_put(jnp.zeros((self.num_slots * num_speculative_tokens, vocab), jnp.float32), rep)
+        zeros = jax.device_put(jnp.zeros(width, self.model.dtype), rep)
+        self.eagle = EagleState(head, jax.device_put(params, rep), init_kv_cache(kv_spec, self.plan), probs, zeros,
+                                zeros)
+        kv_sh = jax.tree.map(lambda x: x.sharding, self.kv_cache)
+        ps_sh = jax.tree.map(lambda x: x.sharding, self.penalty_state)
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, ps_sh, rep))
+        self._verify = jax.jit(self._verify_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, ps_sh, rep))
+        ekv_sh = jax.tree.map(lambda a: a.sharding, self.eagle.kv_cache)
+        self._eagle_step = jax.jit(self._eagle_fn, donate_argnums=(2, 3), out_shardings=(rep, ekv_sh, rep, rep))
+
+    def _eagle_fn(self, hparams, embed_table, kv_cache, probs, source, batch: StepBatch, source_rows, q_rows):
+        head = self.eagle.head
+        hidden = jnp.take(source, source_rows, axis=0)
+        f, cache = head.features(hparams, embed_table, batch.tokens, hidden, batch.positions + 1, kv_cache[0],
+                                 batch.md)
+        logits = head.draft_logits(hparams, jnp.take(f, batch.logits_indices, axis=0))
+
+        def greedy():  # the draft vocabulary's argmax (q is not read for greedy rows)
+            return hparams["d2t"][jnp.argmax(logits, axis=-1)].astype(jnp.int32), probs
+
+        def sampled():
+            tokens, q = draft_sample(head.on_target_vocab(hparams, logits), batch.sampling)
+            return tokens, probs.at[q_rows].set(q, mode="drop")
+
+        tokens, probs = jax.lax.cond(jnp.all(batch.sampling.temperature <= 0), greedy, sampled)
+        f = jnp.pad(f, ((0, source.shape[0] - f.shape[0]), (0, 0)))
+        return tokens, (cache,), probs, f
+
+    def run_eagle(self, batch: StepBatch, source_rows: np.ndarray, q_rows: np.ndarray, from_target: bool
+                  ) -> np.ndarray:
+        """One EAGLE step over ``batch`` (entry ``t`` of a row at the slot of position ``t``, token ``x_{t+1}``).
+
+        Args:
+          source_rows: ``i32[T]`` row of each token's input feature in the source: the last target step's
+            hidden states (``from_target``) or the last EAGLE step's output features.
+          q_rows: ``i32[S]`` buffer row for each row's ``q`` (out of range: not kept).
+        Returns:
+          the drafted tokens ``i32[S]`` on the host.
+        """
+        e = self.eagle
+        source = e.hidden if from_target else e.features
+        tokens, e.kv_cache, e.probs, e.features = self._eagle_step(
+            e.params, self.params["embed_tokens"], e.kv_cache, e.probs, source, self.place_mask(batch),
+            source_rows, q_rows)
+        return np.asarray(jax.device_get(tokens))
 
     # ---- compilation -------------------------------------------------------------------------------
     def lower(self, num_tokens: int, num_seqs: int):
@@ -200,7 +293,7 @@ class ModelRunner:
         batch = self.place_mask(batch)
         return self._step.lower(self.params, self.kv_cache, self.penalty_state, batch)
 
-    def compile_all(self, shapes=(), verify_shapes=(), draft_shapes=()) -> float:
+    def compile_all(self, shapes=(), verify_shapes=(), draft_shapes=(), eagle_shapes=()) -> float:
         """Compile every step for its ``(T, S)`` buckets by running all-padding batches (the step
         counter is reset afterwards). Returns the seconds spent."""
         start = time.perf_counter()
@@ -211,10 +304,12 @@ class ModelRunner:
             jax.device_get(self.dispatch_verify(b.padding_verify(t, s)))
         for t, s in draft_shapes:
             self.run_draft(b.padding(t, s), np.full(s, self.num_draft_rows, np.int32))
+        for t, s in eagle_shapes:  # both sources have one shape: one program per bucket
+            self.run_eagle(b.padding(t, s), np.zeros(t, np.int32), np.full(s, self.num_draft_rows, np.int32), True)
         self.num_steps = 0
         elapsed = time.perf_counter() - start
-        logger.info("compiled %d step, %d verify and %d draft shapes in %.1f s", len(shapes), len(verify_shapes),
-                    len(draft_shapes), elapsed)
+        logger.info("compiled %d step, %d verify, %d draft and %d EAGLE shapes in %.1f s", len(shapes),
+                    len(verify_shapes), len(draft_shapes), len(eagle_shapes), elapsed)
         return elapsed
 
 

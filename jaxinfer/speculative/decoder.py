@@ -4,7 +4,10 @@ Per step, on the scheduler's rows (decode rows carry ``num_lookahead`` granted s
 
 1. ``k_i`` per row: the granted slots, cut (last rows first) so the verify step fits the largest verify
    bucket (``K + 1`` tokens per running sequence at most); a step over it (prefill-heavy) does not speculate.
-2. Proposals. n-gram: host lookup. Draft model: draft step 1 mirrors the target's prefill chunks (so
+2. Proposals. n-gram: host lookup. EAGLE head: :mod:`jaxinfer.speculative.eagle_proposer` (a catch-up step
+   fed with the last target step's hidden states, then ``k - 1`` steps on the head's own features).
+   "ngram+eagle": the n-gram proposal where the lookup finds one, EAGLE's otherwise (point-mass rows
+   are marked for the rejection sampler). Draft model: draft step 1 mirrors the target's prefill chunks (so
    the draft cache follows the target), feeds each speculating sequence's tokens the draft has not seen
    (its last token, and the last accepted draft after a fully accepted run) and drafts ``d_1``; draft steps
    ``2 .. max k_i`` feed ``d_{j-1}`` and draft ``d_j`` (one token per row, decode buckets).
@@ -29,6 +32,8 @@ from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import logprob_entry
 from jaxinfer.scheduler import ScheduledSeq
 from jaxinfer.speculative.ngram import NgramProposer
+
+METHODS = ("ngram", "draft", "eagle", "ngram+eagle")
 
 
 @dataclass
@@ -73,30 +78,41 @@ class SpeculativeDecoder:
     """Proposes and verifies drafts for the engine.
 
     Args:
-      method: "ngram" or "draft".
+      method: "ngram", "draft", "eagle" or "ngram+eagle" (the engine's default; requests may choose
+        another the engine can run, see :meth:`set_method`).
       num_speculative_tokens: ``K``.
       batches: the engine's batch builder (its buckets bound the verify buckets).
-      runner: the target runner (with a draft model attached for method "draft").
+      runner: the target runner (with a draft model attached for method "draft", an EAGLE head for the
+        EAGLE methods).
       ngram_min / ngram_max: n-gram lengths (method "ngram").
       max_num_seqs: running sequences at most.
     """
 
     def __init__(self, method: str, num_speculative_tokens: int, batches: BatchBuilder, runner: ModelRunner, *,
                  ngram_min: int = 1, ngram_max: int = 4, max_num_seqs: int):
-        if method not in ("ngram", "draft"):
-            raise ValueError(f"speculative method must be 'ngram' or 'draft', got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {method!r}")
         if method == "draft" and runner.draft is None:
             raise ValueError("the draft method needs a draft model")
+        if "eagle" in method and runner.eagle is None:
+            raise ValueError("the EAGLE methods need an EAGLE head")
         self.method = method
         self.k = num_speculative_tokens
         self.batches = batches
         self.buckets = buckets = batches.buckets
         self.runner = runner
-        self.ngram = NgramProposer(ngram_min, ngram_max) if method == "ngram" else None
+        self.ngram = NgramProposer(ngram_min, ngram_max)
+        self.eagle = None
+        if runner.eagle is not None:
+            from jaxinfer.speculative.eagle_proposer import EagleProposer
+
+            self.eagle = EagleProposer(runner, batches, num_speculative_tokens)
+        self._method: dict[str, str] = {}  # sequences with a method of their own
         cap = min(buckets.token_buckets[-1], max_num_seqs * (num_speculative_tokens + 1))
         self.verify_token_cap = buckets.token_bucket(cap)
         self.stats = SpecStats()
         self._draft_done: dict[str, int] = {}  # tokens of each sequence whose draft K/V is valid
+        self._point_mass: list[bool] = []  # rows of the latest proposal drafted by n-gram lookup
 
     # ---- shapes ------------------------------------------------------------------------------------
     def verify_shapes(self, token_counts=None) -> list[tuple[int, int]]:
@@ -107,19 +123,40 @@ class SpeculativeDecoder:
             ts = {t for t in self.buckets.token_buckets if t <= self.verify_token_cap}
         return sorted(self.buckets.bucket(t, 1) for t in ts)
 
+    def methods(self) -> tuple[str, ...]:
+        """The methods a request may choose on this engine."""
+        if self.method == "draft":
+            return ("draft", "ngram")
+        return ("ngram", "eagle", "ngram+eagle") if self.eagle is not None else ("ngram",)
+
+    def set_method(self, seq_id: str, method: str | None) -> None:
+        """A sequence's own method (``None``: the engine's); kept until :meth:`forget` with ``finished``."""
+        if method is None or method == self.method:
+            self._method.pop(seq_id, None)
+        else:
+            self._method[seq_id] = method
+
     def draft_shapes(self, token_counts=None) -> list[tuple[int, int]]:
-        """Draft-step buckets: every step bucket, or those of ``n`` and ``2 n`` tokens."""
-        if self.method != "draft":
+        """Draft-step (or EAGLE-step) buckets: every step bucket, or those of ``n`` and ``2 n`` tokens."""
+        if self.method != "draft" and self.eagle is None:
             return []
         if token_counts is None:
             return self.buckets.shapes()
         return sorted({self.buckets.bucket(m, 1) for n in token_counts for m in (n, 2 * n)})
 
-    def forget(self, seq_id: str) -> None:
-        """A sequence finished or was preempted: drop its proposer state."""
-        if self.ngram is not None:
-            self.ngram.forget(seq_id)
+    def forget(self, seq_id: str, finished: bool = True) -> None:
+        """A sequence finished or was preempted: drop its proposer state (its method too when finished)."""
+        self.ngram.forget(seq_id)
         self._draft_done.pop(seq_id, None)
+        if self.eagle is not None:
+            self.eagle.forget(seq_id)
+        if finished:
+            self._method.pop(seq_id, None)
+
+    def target_step(self, rows: list[ScheduledSeq], cu_q_lens) -> None:
+        """The engine launched a plain target step over ``rows``: EAGLE catches up on it next step."""
+        if self.eagle is not None:
+            self.eagle.target_step(rows, cu_q_lens)
 
     # ---- one step ----------------------------------------------------------------------------------
     def _plan(self, rows: list[ScheduledSeq]) -> list[int]:
@@ -132,12 +169,24 @@ class SpeculativeDecoder:
         return ks
 
     def propose(self, rows: list[ScheduledSeq], infos: list[RowInfo]) -> list[list[int]]:
-        """Draft tokens per row (possibly none); with a draft model this also runs its mirror steps."""
+        """Draft tokens per row (possibly none); with a draft model or an EAGLE head this also runs their
+        steps (mirroring / catching up the target)."""
         ks = self._plan(rows)
-        if self.ngram is not None:
-            return [self.ngram.propose(r.seq.request_id, r.seq.all_token_ids, k) if k else []
-                    for r, k in zip(rows, ks)]
-        return self._draft_propose(rows, infos, ks)
+        methods = [self._method.get(r.seq.request_id, self.method) for r in rows]
+        drafts = [[] for _ in rows]
+        for i, (r, k, m) in enumerate(zip(rows, ks, methods)):
+            if k and m.startswith("ngram"):
+                drafts[i] = self.ngram.propose(r.seq.request_id, r.seq.all_token_ids, k)
+        if self.method == "draft":
+            model = self._draft_propose(rows, infos, [k if m == "draft" else 0 for k, m in zip(ks, methods)])
+        elif self.eagle is not None:
+            ks_e = [k if m == "eagle" or (m == "ngram+eagle" and not d) else 0 for k, m, d in zip(ks, methods, drafts)]
+            ks_e = [k if r.num_new_tokens == 1 else 0 for k, r in zip(ks_e, rows)]  # drafts follow decode rows only
+            model = self.eagle.propose(rows, infos, ks_e)
+        else:
+            return drafts
+        self._point_mass = [bool(d) for d in drafts]
+        return [d or e for d, e in zip(drafts, model)]
 
     def _q_rows(self, slots_js, s: int) -> np.ndarray:
         out = np.full(s, self.runner.num_draft_rows, np.int32)  # out of range: not stored
@@ -195,7 +244,10 @@ class SpeculativeDecoder:
     def dispatch_verify(self, rows: list[ScheduledSeq], drafts: list[list[int]], infos: list[RowInfo]
                         ) -> PendingVerify:
         """Launch the verify step without waiting for it (:meth:`collect` finishes it)."""
-        vb = self.batches.verify(rows, drafts, infos)
+        point_mass = self._point_mass if self.method != "ngram" else None
+        vb = self.batches.verify(rows, drafts, infos, point_mass)
+        if self.eagle is not None:
+            self.eagle.target_step(rows, vb.batch.md.cu_q_lens)
         return PendingVerify(rows, drafts, infos, vb, self.runner.dispatch_verify(vb))
 
     @staticmethod

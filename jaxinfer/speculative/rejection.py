@@ -37,6 +37,7 @@ from jaxinfer.sampling import (
 )
 
 DRAFT_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM = 1, 2, 3
+POINT_MASS = 2**30  # a q_index past every draft-probability buffer: the row's draft is a point mass
 
 
 def stream_key(seed: jax.Array, step: jax.Array, stream: int) -> jax.Array:
@@ -63,7 +64,8 @@ class VerifyInputs:
     Attributes:
       draft_tokens: ``i32[L]`` draft token checked by each row (0 where ``has_draft`` is False).
       has_draft: ``bool[L]`` the row checks a draft (False: bonus row, plain sampling row, padding).
-      q_index: ``i32[L]`` row of the flattened draft-probability buffer holding ``q`` for the row.
+      q_index: ``i32[L]`` row of the flattened draft-probability buffer holding ``q`` for the row
+        (:data:`POINT_MASS`: ``q = one_hot(draft)``, an n-gram draft among draft-model rows).
       row_map: ``i32[S, K + 1]`` logits row of each sequence's ``j``-th verified position (padding 0).
       num_drafts: ``i32[S]`` drafts of each sequence (0 for plain rows and padding).
     """
@@ -120,7 +122,9 @@ def rejection_sample(logits: jax.Array, st: SamplingTensors, penalty_state: Pena
             y = warp_logits(x, st)
             t = gumbel_draw(y, st)
             p = jax.nn.softmax(y, axis=-1)
-            q = draft_probs[vin.q_index]
+            n_q = draft_probs.shape[0]
+            q = jnp.where((vin.q_index >= n_q)[:, None], jax.nn.one_hot(d, v, dtype=jnp.float32),
+                          draft_probs[jnp.minimum(vin.q_index, n_q - 1)])
             p_d = jnp.take_along_axis(p, d[:, None], axis=-1)[:, 0]
             q_d = jnp.take_along_axis(q, d[:, None], axis=-1)[:, 0]
             u = jax.vmap(lambda s, k: jax.random.uniform(stream_key(s, k, ACCEPT_STREAM)))(st.seed, st.step)

@@ -1,8 +1,10 @@
 """Sampled speculative decoding through the engine follows the target's distribution: a tiny model with a
-32-token vocabulary, a perturbed copy as draft (about half its drafts rejected), thousands of seeded
-requests; the token at the first verified position, given the token before it, is compared with the
-target's warped softmax computed by HF transformers in float64 (stratified chi-square)."""
+32-token vocabulary, a perturbed copy as draft model (about half its drafts rejected) or an untrained
+EAGLE head warm-started from the target over 24 of the 32 ids (the others have draft probability 0),
+thousands of seeded requests; the token at the first verified position, given the token before it, is
+compared with the target's warped softmax computed by HF transformers in float64 (stratified chi-square)."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from jaxinfer.config import EngineConfig
 from jaxinfer.engine import Engine
 from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.speculative.eagle_head import init_eagle_head, save_eagle_head
 from tests.engine.test_speculative_sampler import _probs
 from tests.tiny_models import make_tiny_model
 
@@ -23,10 +26,16 @@ N = 2048  # requests per setting
 
 @pytest.fixture(scope="module")
 def vocab32(tmp_path_factory):
+    """``(hf target, loaded target, loaded draft model, EAGLE head file)``."""
     root = tmp_path_factory.mktemp("vocab32")
     hf = make_tiny_model("llama", root / "target", vocab_size=32)
     make_tiny_model("llama", root / "draft", vocab_size=32, perturb=0.2)
-    return hf, load_model(str(root / "target")), load_model(str(root / "draft"))
+    target = load_model(str(root / "target"))
+    draft_vocab = np.random.default_rng(1).permutation(32)[:24]
+    cfg, params = init_eagle_head(jax.random.key(1), target.config, draft_vocab, target_params=target.params,
+                                  target_model=str(root / "target"))
+    save_eagle_head(root / "head.safetensors", cfg, params, dtype="float32")
+    return hf, target, load_model(str(root / "draft")), str(root / "head.safetensors")
 
 
 def _stratified_pvalue(pairs, cond_probs):
@@ -52,11 +61,13 @@ def _stratified_pvalue(pairs, cond_probs):
     return stats.chi2.sf(chi2, dof), dof
 
 
-def test_sampled_speculation_matches_target_distribution(vocab32):
-    hf, target, draft = vocab32
+@pytest.mark.parametrize("method", ["draft", "eagle"])
+def test_sampled_speculation_matches_target_distribution(vocab32, method):
+    hf, target, draft, head = vocab32
     cfg = EngineConfig(max_model_len=16, max_num_seqs=64, max_num_batched_tokens=256, page_size=8,
-                       min_token_bucket=128, speculative_method="draft", num_speculative_tokens=1)
-    eng = Engine(target, cfg, draft=draft)
+                       min_token_bucket=128, speculative_method=method, num_speculative_tokens=1,
+                       speculative_model=head if method == "eagle" else None)
+    eng = Engine(target, cfg, draft=draft if method == "draft" else None)
     pairs = {name: [] for name in SETTINGS}
     outs: dict[str, list[int]] = {}
     for name, sp in SETTINGS.items():
@@ -69,7 +80,8 @@ def test_sampled_speculation_matches_target_distribution(vocab32):
         assert len(toks) == 3
         pairs[rid.rstrip("0123456789")].append((toks[0], toks[1]))
     st = eng.stats()
-    assert 0.2 < st.spec_accepted_tokens / st.spec_draft_tokens < 0.8  # drafts both accepted and rejected
+    # drafts both accepted and rejected, hundreds of each (draft model about 0.5, EAGLE head about 0.17)
+    assert 0.1 < st.spec_accepted_tokens / st.spec_draft_tokens < 0.8 and st.spec_draft_tokens > 1000
     with torch.no_grad():
         ctx = torch.tensor([PROMPT + [t] for t in range(32)])
         logits = hf(ctx).logits[:, -1].double().numpy()

@@ -1,0 +1,135 @@
+"""The EAGLE head inside the engine: choosing and checking the head file, its paged cache geometry and its
+paged forward pass (the head's definition, dense reference and file format are
+:mod:`jaxinfer.speculative.eagle_head`).
+
+Cache layout: the head's entry ``t`` (input ``(x_{t+1}, h_t)``, RoPE position ``t + 1``) is stored at the
+target's cache slot of position ``t``, in a one-layer cache with the target's page count, page size, layout
+and storage dtype, so the target's block tables and page ids serve it (like the draft model's cache,
+:mod:`jaxinfer.speculative.draft`). Entry ``t`` exists once the target has computed position ``t`` and token
+``x_{t+1}`` is known.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.attention import AttentionMetadata
+from jaxinfer.errors import UnsupportedModelError
+from jaxinfer.kv_cache import KVCacheSpec
+from jaxinfer.models.causal_lm import ATTENTION_CLASSES
+from jaxinfer.models.layers import embed, linear
+from jaxinfer.models.llama import DecoderLayer
+from jaxinfer.speculative.draft import draft_bytes_per_token
+from jaxinfer.speculative.eagle_head import EagleHeadConfig, draft_logits, load_eagle_head, shipped_head_path
+from jaxinfer.target import Kernels
+
+# The fields of EagleHeadConfig that must equal the target's (the head's decoder layer and fc are built on them).
+_SHAPE_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
+                 "rms_norm_eps", "rope_theta", "rope_scaling", "rope_freq_factors", "attention_bias", "mlp_bias",
+                 "qk_norm", "sliding_window")
+
+
+def _short(name: str | None) -> str:
+    return "" if not name else Path(str(name).rstrip("/")).name.lower()
+
+
+def resolve_head(speculative_model: str | None, target_config, target_name: str | None):
+    """The head for a target: ``(EagleHeadConfig, params)`` read from ``speculative_model`` (a head file), or the
+    shipped head of ``target_name`` (a registered model name; ``None``: the default model) when it is ``None``.
+
+    Raises:
+      ValueError: no head given and none shipped for the target.
+      UnsupportedModelError: the head was trained for another model (its shapes or its recorded target name
+        differ from the target's).
+    """
+    if speculative_model is None:
+        path = shipped_head_path(target_name)
+        if path is None:
+            raise ValueError(f"speculative_method 'eagle' needs speculative_model=<head file>: no EAGLE head is "
+                             f"shipped for {target_name!r} (train one with `jaxinfer train-draft`)")
+    else:
+        path = Path(os.path.expanduser(str(speculative_model)))
+    cfg, params = load_eagle_head(path)
+    check_head(cfg, target_config, target_name, path)
+    return cfg, params
+
+
+def check_head(cfg: EagleHeadConfig, target_config, target_name: str | None, path) -> None:
+    """Refuse a head trained for another target (see :func:`resolve_head`)."""
+    from jaxinfer.model_registry import DEFAULT_MODEL
+
+    want = EagleHeadConfig.from_target(target_config, cfg.draft_vocab_size, cfg.target_model)
+    bad = [f for f in _SHAPE_FIELDS if getattr(want, f) != getattr(cfg, f)] + (
+        ["architecture"] if want.architecture != cfg.architecture else [])
+    name = DEFAULT_MODEL if target_name is None else target_name
+    head_for, target = _short(cfg.target_model), _short(name)
+    if bad or (head_for and target and head_for != target):
+        what = f"different {', '.join(bad)}" if bad else "a different model name"
+        raise UnsupportedModelError(
+            f"the EAGLE head {path} was trained for {cfg.target_model or 'an unnamed model'!r}, not for the "
+            f"target {name!r} ({what})")
+
+
+def eagle_kv_spec(cfg: EagleHeadConfig, target_spec: KVCacheSpec) -> KVCacheSpec:
+    """The head's one-layer cache on the target's pages."""
+    return KVCacheSpec(1, target_spec.num_pages, target_spec.page_size, cfg.num_kv_heads, cfg.head_dim,
+                       target_spec.dtype, target_spec.quant_dtype, target_spec.layout)
+
+
+def eagle_bytes_per_token(cfg: EagleHeadConfig, page_size: int, dtype, kv_cache_dtype: str, impl: str | None) -> int:
+    """Cache bytes per token of the head (to share the KV memory budget with the target)."""
+    return draft_bytes_per_token(cfg.layer_config(), page_size, dtype, kv_cache_dtype, impl)
+
+
+class EagleHead:
+    """The head's paged forward pass (pure functions of their arguments, traced inside the runner's step).
+
+    Args:
+      cfg: the head's :class:`EagleHeadConfig`.
+      d2t: ``int[Vd]`` target id of each draft id.
+      dtype: activations and parameters (the target's).
+      kernels: the runner's kernel choice.
+    """
+
+    def __init__(self, cfg: EagleHeadConfig, d2t: np.ndarray, dtype, kernels: Kernels | None):
+        self.cfg = cfg
+        lc = cfg.layer_config()
+        self.layer = DecoderLayer(lc, ATTENTION_CLASSES[lc.architecture], jnp.dtype(dtype), kernels=kernels)
+        self.inv_freq = np.asarray(lc.inv_freq(), np.float32)
+        self.kernels = kernels
+        self.vocab = cfg.vocab_size
+        self.full_vocab = len(d2t) == cfg.vocab_size and bool(np.all(d2t == np.arange(len(d2t))))
+
+    def features(self, params, embed_table, tokens, hidden, positions, cache, md: AttentionMetadata):
+        """``f = layer(fc([embed(tokens); hidden]))`` over a ragged batch, the new K/V written to ``cache``.
+
+        Args:
+          params: head parameters; embed_table: the target's embedding.
+          tokens: ``i32[T]`` (``x_{t+1}``), hidden: ``[T, D]`` (``h_t`` or the head's own feature),
+          positions: ``i32[T]`` (``t + 1``); cache: the head's one-layer cache; md: the step's metadata
+            (entry ``t`` at the slot of position ``t``).
+        Returns:
+          ``(features [T, D], cache)``.
+        """
+        x = embed(embed_table, tokens, hidden.dtype)
+        x = linear(jnp.concatenate([x, hidden], axis=-1), params["fc"]["kernel"], params["fc"]["bias"])
+        if self.kernels is not None:
+            md = md.replace(impl=self.kernels.attention, interpret=self.kernels.attention_interpret)
+        return self.layer.apply({"params": params["layer"]}, x, positions, cache, md, jnp.asarray(self.inv_freq))
+
+    def draft_logits(self, params, features) -> jax.Array:
+        """Draft logits over the draft vocabulary, ``[N, D] -> f32[N, Vd]``."""
+        return draft_logits(params, self.cfg, features)
+
+    def on_target_vocab(self, params, logits) -> jax.Array:
+        """Draft logits on the target's vocabulary, ``f32[N, Vd] -> f32[N, V]`` (ids outside the draft
+        vocabulary get ``-inf``)."""
+        if self.full_vocab:
+            return logits
+        out = jnp.full((logits.shape[0], self.vocab), -jnp.inf, jnp.float32)
+        return out.at[:, params["d2t"]].set(logits)
