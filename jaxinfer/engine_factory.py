@@ -9,6 +9,7 @@ from jaxinfer.compilation_cache import enable_compilation_cache
 from jaxinfer.config import EngineConfig, resolve_auto_settings, resolve_dtype
 from jaxinfer.dp_engine import DataParallelEngine
 from jaxinfer.engine import Engine
+from jaxinfer.errors import ModelNotFoundError
 from jaxinfer.loader import load_model
 from jaxinfer.model_registry import resolve_model
 from jaxinfer.sharding import make_mesh
@@ -24,12 +25,12 @@ def create_engine(model: str | None = None, config: EngineConfig | None = None, 
     """
     enable_compilation_cache(compilation_cache)
     config = config or EngineConfig()
-    gguf = config.dtype == "auto" and jax.default_backend() == "cpu" and resolve_model(model).kind == "gguf"
-    config = resolve_auto_settings(config, gguf_model=gguf)  # dtype "auto" -> this machine's fast setting
     if config.data_parallel_size > 1 and jax.process_count() > 1:
         raise ValueError("data_parallel_size > 1 is not supported across processes (--distributed): each replica "
                          "would run on some processes only; use tensor parallelism across processes, or one "
                          "server per host behind a load balancer")
+    # dtype "auto" -> this machine's fast setting
+    config = resolve_auto_settings(config, gguf_model=_auto_keeps_gguf(model, config))
     dtype = resolve_dtype(config.dtype)
     mesh = make_mesh(config.tensor_parallel_size, config.data_parallel_size)
     loaded = load_model(model, dtype=dtype, mesh=mesh, quantization=config.quantization)
@@ -40,3 +41,14 @@ def create_engine(model: str | None = None, config: EngineConfig | None = None, 
     if config.data_parallel_size > 1:
         return DataParallelEngine(loaded, config, draft=draft, model_name=name)
     return Engine(loaded, config, draft=draft, model_name=name)
+
+
+def _auto_keeps_gguf(model: str | None, config: EngineConfig) -> bool:
+    """Whether ``dtype="auto"`` may keep this model's GGUF weights quantized: a GGUF model on the CPU with
+    nothing else asked for. A model that does not resolve is left to :func:`load_model` to report."""
+    if config.dtype != "auto" or config.quantization is not None or jax.default_backend() != "cpu":
+        return False
+    try:
+        return resolve_model(model).kind == "gguf"
+    except ModelNotFoundError:
+        return False
