@@ -171,7 +171,7 @@ def test_killed_process_ends_the_front_end(model_and_reference, tmp_path):
         2,
         2,
         tmp_path,
-        {"JAXINFER_HEARTBEAT_TIMEOUT": "120"},
+        {"JAXINFER_HEARTBEAT_TIMEOUT": "30"},
     )
     try:
         url, _ = _wait_ready(procs, tmp_path / "p0.err")
@@ -188,7 +188,7 @@ def test_killed_process_ends_the_front_end(model_and_reference, tmp_path):
             except httpx.HTTPError:
                 pass  # the connection dies with process 0
         assert start is not None, "no token arrived before the kill"
-        rc = wait(procs[0], 60, "process 0 after process 1 was killed", tmp_path / "p0.err")
+        rc = wait(procs[0], 120, "process 0 after process 1 was killed", tmp_path / "p0.err")
         took = time.monotonic() - start
     finally:
         kill_all(procs)
@@ -196,10 +196,10 @@ def test_killed_process_ends_the_front_end(model_and_reference, tmp_path):
     assert rc != 0
     # either jaxinfer's own message (the failed collective) or, when the runtime's heartbeat check notices the
     # dead task first (a loaded machine), the distributed runtime's fatal error naming the unhealthy task
-    clear = ("another process probably died or stalled" in err
+    clear = ("another process probably died or stalled" in err or "stopped sending heartbeats" in err
              or "JAX distributed service detected fatal errors" in err and "unhealthy" in err)
     assert clear, err[-3000:]
-    assert took < 55, f"process 0 took {took:.1f} s to exit"
+    assert took < 100, f"process 0 took {took:.1f} s to exit"
 
 
 def test_killed_process_of_an_idle_group_ends_the_front_end(model_and_reference, tmp_path):
