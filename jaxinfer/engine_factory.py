@@ -11,7 +11,7 @@ from jaxinfer.dp_engine import DataParallelEngine
 from jaxinfer.engine import Engine
 from jaxinfer.errors import ModelNotFoundError
 from jaxinfer.loader import load_model
-from jaxinfer.model_registry import resolve_model
+from jaxinfer.model_registry import KNOWN_MODELS, resolve_model
 from jaxinfer.sharding import make_mesh
 
 
@@ -48,6 +48,8 @@ def _auto_keeps_gguf(model: str | None, config: EngineConfig) -> bool:
     nothing else asked for. A model that does not resolve is left to :func:`load_model` to report."""
     if config.dtype != "auto" or config.quantization is not None or jax.default_backend() != "cpu":
         return False
+    if model is None or str(model) in KNOWN_MODELS:  # registered models are GGUF: no fetch + checksum twice
+        return True
     try:
         return resolve_model(model).kind == "gguf"
     except ModelNotFoundError:
