@@ -53,7 +53,7 @@ class EngineConfig:
       page_size: tokens per KV page (power of two).
       kv_cache_memory: KV cache budget per device (bytes or "2GiB"; under tensor parallelism each device holds
         its share of the KV heads); ``None`` = ``kv_cache_memory_fraction`` of free device memory, or 1 GiB on
-        the CPU.
+        the CPU for all of a replica's devices together (they share the host's memory).
       kv_cache_dtype: "auto" (model dtype), "int8" or "fp8".
       enable_prefix_caching / enable_chunked_prefill: scheduler switches.
       attention_impl: "xla" | "cpu" | "pallas_tpu" | "pallas_gpu" | None (backend default).
@@ -93,7 +93,7 @@ class EngineConfig:
     page_size: int = _opt(16, "tokens per KV-cache page (a power of two)")
     kv_cache_memory: int | str | None = _opt(
         None, "KV-cache budget per device, bytes or e.g. '2GiB' (default: --kv-cache-memory-fraction of free "
-        "device memory, 1 GiB on the CPU)")
+        "device memory; on the CPU 1 GiB for all of a replica's devices together)")
     kv_cache_memory_fraction: float = _opt(0.9, "share of free device memory for the KV cache when "
                                                 "--kv-cache-memory is not given")
     kv_cache_dtype: str = _opt("auto", "KV-cache storage: auto (the model dtype), int8 or fp8",

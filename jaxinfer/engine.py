@@ -80,14 +80,16 @@ class EngineStats:
 def size_kv_cache(config: EngineConfig, mc, max_model_len: int, dtype, kernels: Kernels, plan, *,
                   memory: int | str | None = None, params_bytes: int = 0, extra_bytes_per_token: int = 0):
     """The :class:`~jaxinfer.kv_cache.KVCacheSpec` an engine with ``config`` gets for model config ``mc``
-    placed by ``plan`` (the budget is per device; ``memory`` overrides ``config.kv_cache_memory``)."""
+    placed by ``plan`` (the budget is per device; ``memory`` overrides ``config.kv_cache_memory``; the CPU's
+    default budget is for the whole mesh)."""
     shards = plan.tp if plan is not None and plan.shard_attention else 1
+    devices = plan.mesh.size if plan is not None else 1
     return plan_kv_cache(mc, page_size=config.page_size, dtype=dtype, kv_cache_dtype=config.kv_cache_dtype,
                          memory=config.kv_cache_memory if memory is None else memory,
                          memory_fraction=config.kv_cache_memory_fraction, params_bytes=params_bytes,
                          impl=kernels.attention, min_tokens=min(max_model_len, config.max_num_batched_tokens),
                          max_useful_tokens=2 * config.max_num_seqs * max_model_len,
-                         extra_bytes_per_token=extra_bytes_per_token, kv_shards=shards)
+                         extra_bytes_per_token=extra_bytes_per_token, kv_shards=shards, devices=devices)
 
 
 def scheduler_config(config: EngineConfig, max_model_len: int, num_pages: int) -> SchedulerConfig:

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 KV_CACHE_DTYPES = {"auto": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
                    "fp8_e5m2": jnp.float8_e5m2}
-CPU_DEFAULT_BUDGET = 1 << 30  # 1 GiB when the device cannot report its memory (the CPU)
+CPU_DEFAULT_BUDGET = 1 << 30  # 1 GiB in all when the devices cannot report their memory (the CPU)
 
 
 def parse_bytes(text: str | int) -> int:
@@ -95,12 +95,13 @@ def available_device_memory(params_bytes: int) -> int | None:
 def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype: str = "auto",
                   memory: int | str | None = None, memory_fraction: float = 0.9, params_bytes: int = 0,
                   impl: str | None = None, min_tokens: int = 0, max_useful_tokens: int | None = None,
-                  extra_bytes_per_token: int = 0, kv_shards: int = 1) -> KVCacheSpec:
+                  extra_bytes_per_token: int = 0, kv_shards: int = 1, devices: int = 1) -> KVCacheSpec:
     """Size the cache.
 
     Args:
       memory: explicit budget per device (bytes or a string like "2GiB"); ``None`` uses ``memory_fraction``
-        of the first device's free memory, or 1 GiB on backends that cannot report memory (the CPU).
+        of the first device's free memory, or, on backends that cannot report memory (the CPU), 1 GiB for the
+        cache on all ``devices`` together (virtual CPU devices share the host's memory).
       kv_shards: devices the cache's KV heads are split over (tensor parallelism): each holds
         ``1 / kv_shards`` of every token, so the per-device budget holds ``kv_shards`` times the tokens.
       kv_cache_dtype: "auto" (the model dtype), "int8" or "fp8" (e4m3).
@@ -121,7 +122,7 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
         budget = parse_bytes(memory)
     else:
         free = available_device_memory(params_bytes)
-        budget = CPU_DEFAULT_BUDGET if free is None else int(free * memory_fraction)
+        budget = CPU_DEFAULT_BUDGET // max(devices, 1) if free is None else int(free * memory_fraction)
     per_page = -(-(probe.bytes_per_token + extra_bytes_per_token) * page_size // kv_shards)
     num_pages = budget // per_page
     if max_useful_tokens is not None:

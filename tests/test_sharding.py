@@ -5,6 +5,7 @@ Every sharded configuration must generate exactly the TP=1 tokens (greedy) with 
 (staggered arrivals). Shardings of parameters and KV cache are asserted on ``.sharding``.
 """
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -147,3 +148,28 @@ def test_quantized_weights_shard_with_their_scales(tiny_model_dir, fmt):
     got = generate(Engine(LoadedModel(base.source, model, placed, base.tokenizer, mesh, plan),
                           EngineConfig(**CFG, tensor_parallel_size=2)))
     assert_same(ref, got)
+
+
+def test_cpu_default_kv_budget_is_for_the_whole_mesh(tiny_model_dir):
+    """Virtual CPU devices share the host's memory: with no budget given, a replica's cache takes 1 GiB in all,
+    however many devices it is split over (not 1 GiB per device)."""
+    from jaxinfer.kv_cache import CPU_DEFAULT_BUDGET, plan_kv_cache
+    from jaxinfer.model_config import ModelConfig
+
+    mc = ModelConfig(architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                     num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
+    per_token = 32 * 2 * 8 * 128 * 2  # layers x (k, v) x kv heads x head_dim x bf16 bytes
+    one = plan_kv_cache(mc, page_size=16, dtype="bfloat16")
+    assert one.capacity_tokens == CPU_DEFAULT_BUDGET // (16 * per_token) * 16
+    for tp, devices in ((1, 4), (4, 4), (2, 6)):  # replicated cache on 4 devices, split over 4, TP 2 of 6 devices
+        spec = plan_kv_cache(mc, page_size=16, dtype="bfloat16", kv_shards=tp, devices=devices)
+        held = spec.total_bytes * devices // tp  # every device holds 1/tp of each page
+        assert CPU_DEFAULT_BUDGET - 16 * per_token * devices < held <= CPU_DEFAULT_BUDGET, (tp, devices)
+    # through the engine: TP 2 on 2 virtual devices
+    path, _ = tiny_model_dir("llama")
+    eng = Engine(load_model(str(path), mesh=make_mesh(2, 1)),
+                 EngineConfig(max_model_len=256, max_num_seqs=4096, max_num_batched_tokens=4096,
+                              tensor_parallel_size=2))
+    kv = eng.runner.kv_cache
+    held = sum(s.data.nbytes for layer in kv for leaf in jax.tree.leaves(layer) for s in leaf.addressable_shards)
+    assert CPU_DEFAULT_BUDGET // 2 < held <= CPU_DEFAULT_BUDGET
