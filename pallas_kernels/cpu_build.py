@@ -2,9 +2,11 @@
 
 A kernel source is compiled on first use with the system C++ compiler (``$CXX``, else
 ``c++``/``g++``/``clang++``) against jax's FFI headers (``jax.ffi.include_dir()``), for the host CPU
-(``-march=native``), and cached under ``$JAXINFER_CACHE_DIR/cpu_kernels`` (default: the user cache
-directory). The cache key covers the source, the flags, the compiler, jaxlib's version and the CPU's
-feature flags, so a changed source or another CPU builds anew.
+(``-march=native``), with this folder on the include path for the headers the kernels share
+(``cpu_simd.h``: vector types and conversions; ``cpu_parallel.h``: spreading work items over XLA's
+intra-op thread pool), and cached under ``$JAXINFER_CACHE_DIR/cpu_kernels`` (default: the user cache
+directory). The cache key covers the source, the shared headers, the flags, the compiler, jaxlib's
+version and the CPU's feature flags, so a changed source or header, or another CPU, builds anew.
 
 Each kernel module keeps a ``state`` dict (``{}``: not tried; ``{"ok": True}``; ``{"error": reason}``)
 and a lock, and calls :func:`buildable` (cheap, builds nothing) when choosing an implementation and
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-mprefer-vector-width=512",
          "-fno-math-errno")
+#: Where the headers shared by the kernels live (``#include "cpu_simd.h"``).
+HEADER_DIR = Path(__file__).parent
 
 
 def cache_dir() -> Path:
@@ -71,7 +75,8 @@ def build(source: Path, prefix: str, cxx: str) -> Path:
     """
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, jaxlib.__version__,
+    headers = [f"{h.name}\0{h.read_text()}" for h in sorted(HEADER_DIR.glob("*.h"))]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, " ".join(FLAGS), version, jaxlib.__version__,
                                     platform.machine(), cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{prefix}_{key}.so"
     if out.exists():
@@ -79,7 +84,7 @@ def build(source: Path, prefix: str, cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{include}", str(source), "-o", tmp]
+    cmd = [cxx, *FLAGS, f"-I{HEADER_DIR}", f"-I{include}", str(source), "-o", tmp]
     logger.info("building a CPU kernel: %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
