@@ -136,7 +136,7 @@ def test_engine_drafts_equal_dense_reference(eagle):
         seq_h[0, :c] = h
         want = []
         for j in range(len(drafts)):
-            f, lg = dense(seq_t, seq_h, np.arange(1, width + 1, dtype=np.int32)[None])
+            f, lg, _ = dense(seq_t, seq_h, np.arange(1, width + 1, dtype=np.int32)[None])
             want.append(int(d2t[int(jnp.argmax(lg[0, c + j - 1]))]))
             seq_t[0, c + j] = want[-1]
             seq_h[0, c + j] = np.asarray(f[0, c + j - 1])

@@ -21,8 +21,8 @@ def _naive_chain(params, cfg, table, tokens, hidden, positions, r, k):
     toks, hid, pos = list(tokens[: r + 1]), list(hidden[: r + 1]), list(positions[: r + 1])
     out = []
     for _ in range(k):
-        f, logits = eagle_forward_dense(params, cfg, table, jnp.asarray([toks]), jnp.asarray(np.stack(hid))[None],
-                                        jnp.asarray([pos]))
+        f, logits, _ = eagle_forward_dense(params, cfg, table, jnp.asarray([toks]),
+                                           jnp.asarray(np.stack(hid))[None], jnp.asarray([pos]))
         d = int(d2t[int(jnp.argmax(logits[0, -1]))])
         out.append(d)
         toks.append(d)
