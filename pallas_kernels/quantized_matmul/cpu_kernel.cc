@@ -141,6 +141,14 @@ inline void Levels(const int8_t* src, VF* lo, VF* hi) {
   }
 }
 
+// Group j's scales of the 16 columns at col, and its offsets (asymmetric int4; zero otherwise).
+template <WKind W, SKind S>
+inline void GroupScale(const Problem& p, int64_t j, int64_t col, VF* sc, VF* off) {
+  *sc = LoadScale<S>(p.scale, j * p.n + col);
+  *off = VF{};
+  if constexpr (W == WKind::kI4A) *off = LoadScale<S>(p.offset, j * p.n + col);
+}
+
 template <WKind W>
 inline float ScalarLevel(const Problem& p, int64_t k, int64_t col) {
   if constexpr (W == WKind::kI8) {
@@ -194,9 +202,8 @@ inline __attribute__((always_inline)) void AccumulateRows(const Problem& p, int6
 template <WKind W, SKind S, int MB>
 inline __attribute__((always_inline)) void AddGroup(const Problem& p, int64_t m0, int64_t j, int64_t col,
                                                     const VF (&a)[MB], float* y) {
-  const VF sc = LoadScale<S>(p.scale, j * p.n + col);
-  VF off = VF{};
-  if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + col);
+  VF sc, off;
+  GroupScale<W, S>(p, j, col, &sc, &off);
   for (int i = 0; i < MB; ++i) {
     float* yp = y + i * kItemCols;
     VF t = LoadF(yp) + a[i] * sc;
@@ -316,9 +323,8 @@ inline void DequantGroupRows(const Problem& p, int64_t j, int64_t c, int valid, 
   constexpr bool kI4 = W != WKind::kI8;
   const int64_t prow = kI4 ? p.g / 2 : p.g;
   if (valid == kLanes) {
-    const VF sc = LoadScale<S>(p.scale, j * p.n + c);
-    VF off = VF{};
-    if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + c);
+    VF sc, off;
+    GroupScale<W, S>(p, j, c, &sc, &off);
     for (int64_t r = 0; r < prow; ++r) {
       VF lo, hi;
       Levels<W>(p.value + (j * prow + r) * p.n + c, &lo, &hi);
