@@ -1,6 +1,6 @@
 """The EAGLE head inside the engine: choosing and checking the head file, its paged cache geometry and its
-paged forward pass (the head's definition, dense reference and file format are
-:mod:`jaxinfer.speculative.eagle_head`).
+paged forward pass (the head's definition and file format are :mod:`jaxinfer.speculative.eagle_head`, its
+dense reference forward :mod:`jaxinfer.speculative.eagle_dense`).
 
 Cache layout: the head's entry ``t`` (input ``(x_{t+1}, h_t)``, RoPE position ``t + 1``) is stored at the
 target's cache slot of position ``t``, in a one-layer cache with the target's page count, page size, layout
@@ -25,13 +25,8 @@ from jaxinfer.models.causal_lm import ATTENTION_CLASSES
 from jaxinfer.models.layers import embed, linear
 from jaxinfer.models.llama import DecoderLayer
 from jaxinfer.speculative.draft import draft_bytes_per_token
-from jaxinfer.speculative.eagle_head import (
-    LAYER_FIELDS,
-    EagleHeadConfig,
-    draft_logits,
-    load_eagle_head,
-    shipped_head_path,
-)
+from jaxinfer.speculative.eagle_dense import draft_logits
+from jaxinfer.speculative.eagle_head import LAYER_FIELDS, EagleHeadConfig, load_eagle_head, shipped_head_path
 from jaxinfer.target import Kernels
 
 

@@ -1,6 +1,6 @@
 """Dense multi-step EAGLE drafting from every position of a sequence at once (training and evaluation).
 
-Row ``r`` of a teacher-forced pass (:func:`~jaxinfer.speculative.eagle_head.eagle_forward_dense`) feeds
+Row ``r`` of a teacher-forced pass (:func:`~jaxinfer.speculative.eagle_dense.eagle_forward_dense`) feeds
 ``(x_p, h_{p-1})`` at position ``p = positions[r]`` and its logits draft ``d_1``, the token after ``x_p``.
 A chain starting at row ``r`` continues as drafting does in the engine: step ``j >= 2`` feeds
 ``(token_j, f_{j-1})`` (the previous step's own feature) at position ``p + j - 1``, attending to the
@@ -13,14 +13,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.speculative.eagle_head import (
-    EagleHeadConfig,
+from jaxinfer.speculative.eagle_dense import (
     draft_logits,
     eagle_forward_dense,
     fc_input,
     layer_finish,
     layer_qkv,
 )
+from jaxinfer.speculative.eagle_head import EagleHeadConfig
 
 
 def chain_step(params, cfg: EagleHeadConfig, embed_table, tokens, feats, positions, context, own):

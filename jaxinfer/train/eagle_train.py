@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from jaxinfer.speculative.eagle_chain import acceptance_counts, chain_step, greedy_chain, shift_rows
-from jaxinfer.speculative.eagle_head import EagleHeadConfig, eagle_forward_dense
+from jaxinfer.speculative.eagle_dense import eagle_forward_dense
+from jaxinfer.speculative.eagle_head import EagleHeadConfig
 from jaxinfer.train.settings import TrainSettings
 
 

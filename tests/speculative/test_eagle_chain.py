@@ -8,7 +8,8 @@ import pytest
 
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.speculative.eagle_chain import acceptance_counts, greedy_chain
-from jaxinfer.speculative.eagle_head import eagle_forward_dense, init_eagle_head
+from jaxinfer.speculative.eagle_dense import eagle_forward_dense
+from jaxinfer.speculative.eagle_head import init_eagle_head
 from tests.speculative.test_eagle_head import _perturb
 
 V, D = 97, 32

@@ -13,9 +13,9 @@ from jaxinfer.attention import AttentionMetadata, init_dense_cache
 from jaxinfer.model_config import ModelConfig, RopeScaling
 from jaxinfer.models.causal_lm import ATTENTION_CLASSES, CausalLM
 from jaxinfer.models.llama import DecoderLayer
+from jaxinfer.speculative.eagle_dense import eagle_forward_dense
 from jaxinfer.speculative.eagle_head import (
     EagleHeadConfig,
-    eagle_forward_dense,
     expected_layer_shapes,
     init_eagle_head,
     load_eagle_head,
@@ -135,7 +135,7 @@ def test_layer_params_are_the_target_decoder_layer(name):
     hidden = jax.random.normal(jax.random.PRNGKey(4), (1, t, D))
     positions = jnp.arange(t, dtype=jnp.int32)[None]
     f, _, _ = eagle_forward_dense(params, cfg, table, tokens, hidden, positions)
-    from jaxinfer.speculative.eagle_head import fc_input
+    from jaxinfer.speculative.eagle_dense import fc_input
 
     x = fc_input(params, table, tokens, hidden)[0]
     lc = cfg.layer
@@ -163,7 +163,7 @@ def test_warm_start_from_target():
                                   np.asarray(tp["layers_1"]["mlp"]["up_proj"]["kernel"]))
     np.testing.assert_array_equal(np.asarray(params["fc"]["kernel"])[D:], np.eye(D))
     # the draft logits equal the target's LM head logits on the draft ids when fed the same features
-    from jaxinfer.speculative.eagle_head import draft_logits
+    from jaxinfer.speculative.eagle_dense import draft_logits
 
     h = jax.random.normal(jax.random.PRNGKey(9), (3, D))
     np.testing.assert_allclose(np.asarray(draft_logits(params, cfg, h)), np.asarray(lm.logits(tp, h))[:, d2t],
