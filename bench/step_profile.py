@@ -101,7 +101,6 @@ def profile_batch(llm, batch, iters: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxinfer.models.ops import unembed
     from jaxinfer.sampling import sample
 
     runner = llm.engine.runner
@@ -118,7 +117,7 @@ def profile_batch(llm, batch, iters: int) -> dict:
             f.lower(runner.params, state["kv"], batch)  # trace under the patch
 
             def run():
-                logits, state["kv"] = f(runner.params, state["kv"], batch)
+                logits, state["kv"], _, _ = f(runner.params, state["kv"], batch)
                 return jax.block_until_ready(logits)
             run()
         return run
@@ -130,16 +129,21 @@ def profile_batch(llm, batch, iters: int) -> dict:
     samp = jax.jit(sample)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((t, llm.config.hidden_size)) * 0.1,
                     params["norm"]["scale"].dtype)
-    chain, fused = matmul_chain(layer_weights(params), False), matmul_chain(layer_weights(params), True)
-    head = jax.jit(unembed)
+    weights = layer_weights(params)
+    quantized = any(not isinstance(w, jax.Array) for lay in weights for w in lay.values())
+    chain = matmul_chain(weights, False)
+    fused = None if quantized else matmul_chain(weights, True)  # quantized parts do not concatenate
+    head = jax.jit(lambda p, h: runner.model.logits(p, h, runner.kernels))
     pieces = {
         "step": full, "forward": fwd,
         "forward_no_attention_kernel": forward_fn(kernel=False),
         "forward_no_attention": forward_fn(kernel=False, write=False),
         "sampler_alone": lambda: jax.block_until_ready(samp(logits, batch.sampling, state["ps"])),
         "matmul_chain": lambda: chain(x), "matmul_chain_fused": lambda: fused(x),
-        "lm_head": lambda: jax.block_until_ready(head(x[:s], params["embed_tokens"])),
+        "lm_head": lambda: jax.block_until_ready(head(params, x[:s])),
     }
+    if fused is None:
+        del pieces["matmul_chain_fused"]
     times = {k: [] for k in pieces}
     for _ in range(iters):
         for k, fn in pieces.items():
@@ -264,7 +268,7 @@ def main() -> None:
         for name, v in r.items():
             if isinstance(v, dict) and "step_ms" in v:
                 print(f"  {name} (T={v['tokens_padded']}, S={v['rows_padded']}): "
-                      + ", ".join(f"{k[:-3]} {v[k]:.2f}" for k in keys))
+                      + ", ".join(f"{k[:-3]} {v[k]:.2f}" for k in keys if k in v))
     print(f"wrote {path}")
 
 

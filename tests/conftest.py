@@ -25,6 +25,16 @@ enable_compilation_cache()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Tests that start their own big processes (notebook kernels with a served model, ~7 GB together): run first,
+# while the xdist workers are small. A worker's resident memory grows to ~9 GB over the suite (the compiled
+# programs of hundreds of engines); two grown workers beside these processes outgrew a 24 GB machine.
+FIRST = ("tests/test_notebooks.py::test_notebook_executes",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """``arch -> (directory, torch model)``, built lazily once per session."""
