@@ -53,7 +53,8 @@ class KVCacheSpec:
     Attributes:
       num_pages, page_size: pages per layer and tokens per page.
       dtype: storage dtype of a float cache; quant_dtype: int8 / fp8 storage (then dtype is unused).
-      layout: physical page layout (token-major on CPU/GPU, head-major for the TPU kernel).
+      layout: physical page layout (token-major on CPU/GPU, head-major or, for head_dim <= 64, fused
+        K|V rows for the TPU kernel).
     """
 
     num_layers: int
@@ -115,7 +116,7 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
     """
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
-    layout = default_layout(impl)
+    layout = default_layout(impl, config.head_dim)
     probe = KVCacheSpec(config.num_layers, 1, page_size, config.num_kv_heads, config.head_dim,
                         jnp.dtype(dtype), KV_CACHE_DTYPES[kv_cache_dtype], layout)
     if memory is not None:
