@@ -117,7 +117,7 @@ def _paged(q, k, v, cache: KVPages, md: AttentionMetadata, *, sm_scale, sliding_
 def kv_pages_specs(cache: KVPages, axis: str | None = "model") -> KVPages:
     """``PartitionSpec`` of each ``KVPages`` leaf with the KV-head dimension split over ``axis``."""
     if cache.layout.head_major:
-        values, scales = P(None, axis, None, None), P(None, axis, None)
+        values, scales = P(None, axis, None, None), P(None, axis)  # scale rows: heads-major lanes
     else:
         values, scales = P(None, None, axis, None), P(None, None, axis)
     return KVPages(values, None if cache.v is None else values, scales if cache.quantized else None, scales if cache.quantized else None,

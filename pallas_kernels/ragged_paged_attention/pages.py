@@ -37,8 +37,14 @@ the two head-major ones.
 
 Quantized KV (``init_kv_pages(..., quant_dtype=jnp.int8 | jnp.float8_e4m3fn | jnp.float8_e5m2)``):
 ``k`` / ``v`` hold the quantized values and ``k_scale`` / ``v_scale`` one float32 absmax scale per
-(token, KV head), shaped like ``k.shape[:3]`` in every layout (token-major
-``[num_pages, page_size, num_kv_heads]``, head-major and fused ``[num_pages, num_kv_heads, page_size]``).
+(token, KV head): token-major ``[num_pages, page_size, num_kv_heads]``; head-major and fused one
+row per page, ``[num_pages, num_kv_heads * page_size]`` (head ``h``'s scales at lanes
+``h * page_size ...``). A TPU lays a 2-D f32 array out row-major in (8, 128) tiles when its rows are
+a multiple of 128 lanes, which is then the layout the kernel DMAs a page's row from; a 3-D
+``[pages, heads, page_size]`` array (16 lanes) was instead laid out pages-minor by the compiler and
+relaid out around every layer's kernel and write. Under tensor parallelism the row splits into
+contiguous per-device head groups; rows of fewer than 128 lanes per device (e.g. one KV head of 16
+tokens) still get relaid out.
 :func:`write_kv` quantizes; every implementation applies the scales inside (see :mod:`.kv_quant`).
 """
 
@@ -79,7 +85,7 @@ class KVPages(NamedTuple):
       k, v: token-major ``[num_pages, page_size, num_kv_heads, head_dim]`` or head-major
         ``[num_pages, num_kv_heads, page_size, padded_head_dim]``; fused: ``k`` is
         ``[num_pages, num_kv_heads, page_size, 128]`` (K in lanes 0-63, V in 64-127) and ``v`` is ``None``.
-      k_scale, v_scale: ``f32[k.shape[:3]]`` per-(token, head) scales of a quantized cache, else ``None``.
+      k_scale, v_scale: per-(token, head) f32 scales of a quantized cache (:func:`scale_shape`), else ``None``.
       layout: :class:`KVLayout`.
     """
 
@@ -126,6 +132,13 @@ def _as_layout(layout: KVLayout | str | None) -> KVLayout:
         raise ValueError(
             f"unknown KV layout {layout!r}; expected one of {[m.value for m in KVLayout]}"
         ) from None
+
+
+def scale_shape(layout: KVLayout, num_pages: int, page_size: int, num_kv_heads: int) -> tuple[int, ...]:
+    """Shape of ``k_scale`` / ``v_scale``: ``[P, ps, Hkv]`` token-major, ``[P, Hkv * ps]`` otherwise."""
+    if layout.head_major:
+        return (num_pages, num_kv_heads * page_size)
+    return (num_pages, page_size, num_kv_heads)
 
 
 def padded_head_dim(head_dim: int, layout: KVLayout) -> int:
@@ -202,9 +215,9 @@ def init_kv_pages(
     fused = layout is KVLayout.HEAD_MAJOR_FUSED
     if quant_dtype is not None:
         qdt = kv_quant.check_quant_dtype(quant_dtype)
-        scale = jnp.zeros(shape[:3], jnp.float32)
-        return KVPages(jnp.zeros(shape, qdt), None if fused else jnp.zeros(shape, qdt), scale,
-                       jnp.zeros(shape[:3], jnp.float32), layout=layout)
+        sshape = scale_shape(layout, num_pages, page_size, num_kv_heads)
+        return KVPages(jnp.zeros(shape, qdt), None if fused else jnp.zeros(shape, qdt),
+                       jnp.zeros(sshape, jnp.float32), jnp.zeros(sshape, jnp.float32), layout=layout)
     return KVPages(k=jnp.zeros(shape, dtype), v=None if fused else jnp.zeros(shape, dtype), layout=layout)
 
 
@@ -225,10 +238,10 @@ def check_cache(kv: KVPages) -> None:
         raise ValueError("k_scale and v_scale must both be set or both be None")
     if kv.k_scale is not None:
         kv_quant.check_quant_dtype(kv.k.dtype)
+        want = scale_shape(kv.layout, kv.num_pages, kv.page_size, kv.num_kv_heads)
         for name, sc in (("k_scale", kv.k_scale), ("v_scale", kv.v_scale)):
-            if sc.shape != kv.k.shape[:3] or sc.dtype != jnp.float32:
-                raise ValueError(
-                    f"{name} must be float32 of shape {kv.k.shape[:3]}, got {sc.dtype}{list(sc.shape)}")
+            if sc.shape != want or sc.dtype != jnp.float32:
+                raise ValueError(f"{name} must be float32 of shape {want}, got {sc.dtype}{list(sc.shape)}")
     if kv.page_size & (kv.page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {kv.page_size}")
 
@@ -289,5 +302,12 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
     else:
         out = kv._replace(k=scatter(kv.k, k_new), v=scatter(kv.v, v_new))
     if scales is not None:
-        out = out._replace(k_scale=scatter(kv.k_scale, scales[0]), v_scale=scatter(kv.v_scale, scales[1]))
+        def scatter_scales(cache, new):  # new [T, Hkv]
+            if kv.layout.head_major:  # [P, Hkv * ps] rows: token t of head h at lane h * ps + t
+                lanes = jnp.arange(hkv, dtype=jnp.int32)[None, :] * ps + offset[:, None]
+                return cache.at[page[:, None], lanes].set(new, mode="drop", unique_indices=True)
+            return cache.at[page, offset].set(new, mode="drop", unique_indices=True)
+
+        out = out._replace(k_scale=scatter_scales(kv.k_scale, scales[0]),
+                           v_scale=scatter_scales(kv.v_scale, scales[1]))
     return out

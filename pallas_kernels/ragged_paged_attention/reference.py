@@ -48,6 +48,8 @@ def gather_kv_block(kv: KVPages, which: str, pages: jax.Array, head_dim: int) ->
         blk = getattr(kv, which)[pages]
     scale = getattr(kv, which + "_scale")
     scale = None if scale is None else scale[pages]
+    if scale is not None and kv.layout.head_major:  # [N, nb, Hkv * ps] -> [N, nb, Hkv, ps]
+        scale = scale.reshape(n, nb, kv.num_kv_heads, kv.page_size)
     if kv.layout.head_major:
         # [N, nb, Hkv, ps, Dp] -> [N, nb, ps, Hkv, D]; scales [N, nb, Hkv, ps] -> [N, nb, ps, Hkv].
         blk = jnp.swapaxes(blk, 2, 3)[..., :head_dim]

@@ -25,15 +25,15 @@ to 128, ``acc`` in f32) lives in VMEM scratch for all KV heads; the output block
 grid step. Grid steps are independent (all DMAs are waited within a step), so the grid dimension is
 ``PARALLEL`` (megacore-shardable).
 
-Quantized caches (int8 / fp8 with f32 scales ``[P, Hkv, ps]``): scale pages are DMA'd next to the
-value pages; tiles go to the MXU in the query dtype and the scales multiply score / probability
-columns.
+Quantized caches (int8 / fp8 with f32 scale rows ``[P, Hkv * ps]``): a page's scale row is DMA'd
+next to its value pages; tiles go to the MXU in the query dtype and the scales multiply score /
+probability columns.
 
 Mosaic constraints as far as they can be checked off-TPU (the jax-side lowering to the Mosaic dialect
 is tested; Mosaic's own layout passes only run on a TPU): ``block_q * G`` rows are a multiple of 16
 (bf16 sublane tile), ``Dp`` a multiple of 128, page windows in the KV buffers start at multiples of
 ``page_size`` sublanes, so ``page_size >= 16`` keeps bf16 page DMAs tile-aligned (8 is enough for
-f32). Quantized scale pages land at lane offsets that are multiples of ``page_size``.
+f32). A head's scales are read at lane offsets that are multiples of ``page_size``.
 
 Metadata in SMEM: ``kv_lens [S]``, ``page_indices`` flattened to ``[S * pages_per_seq]``, ``cu_q_lens``
 cleaned past ``num_seqs``, ``seq_lo / seq_hi [num_q_blocks]``. Very large ``S * pages_per_seq`` may
@@ -71,10 +71,10 @@ def _precision(dtype) -> lax.Precision:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _scale_row(buf, slot, h):
-    """Scales of head ``h`` for the KV block in ``slot``: ``[nb, Hkv, ps]`` -> ``[1, nb * ps]``."""
-    nb, _, ps = buf.shape[1:]
-    return buf[slot, :, h, :].reshape(1, nb * ps)
+def _scale_row(buf, slot, h, ps):
+    """Scales of head ``h`` for the KV block in ``slot``: ``[nb, Hkv * ps]`` -> ``[1, nb * ps]``."""
+    nb = buf.shape[1]
+    return buf[slot, :, pl.ds(h * ps, ps)].reshape(1, nb * ps)
 
 
 def _kernel(
@@ -99,8 +99,9 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
 ):
-    # refs: k_hbm, v_hbm [P, Hkv, ps, Dp] (HBM); (ks_hbm, vs_hbm f32[P, Hkv, ps] if quantized);
-    # o_ref [Hkv, R, Dp]; scratch: k_buf, v_buf [2, Hkv, bkv, Dp]; (ks_buf, vs_buf f32[2, Hkv, bkv]);
+    # refs: k_hbm, v_hbm [P, Hkv, ps, Dp] (HBM; no v_hbm when fused); (ks_hbm, vs_hbm f32[P, Hkv * ps]
+    # if quantized); o_ref [Hkv, R, Dp]; scratch: k_buf, v_buf [2, Hkv, bkv, Dp] (no v_buf when fused);
+    # (ks_buf, vs_buf f32[2, nb, Hkv * ps]);
     # sems DMA[2 or 4, 2 slots]; m_ref, l_ref f32[Hkv, R, 128]; acc_ref f32[Hkv, R, Dp].
     # A fused cache has no separate V array: V is read from the K tile (its upper lanes).
     refs = list(refs)
@@ -154,9 +155,10 @@ def _kernel(
             if not fused:
                 copies.append(pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, :, dst, :], sems.at[1, slot]))
             if quantized:
+                row, brow = pl.ds(page, 1), pl.ds(i, 1)  # one [1, Hkv * ps] scale row per page
                 copies += [
-                    pltpu.make_async_copy(ks_hbm.at[page], ks_buf.at[slot, i], sems.at[2, slot]),
-                    pltpu.make_async_copy(vs_hbm.at[page], vs_buf.at[slot, i], sems.at[3, slot]),
+                    pltpu.make_async_copy(ks_hbm.at[row], ks_buf.at[slot, brow], sems.at[2, slot]),
+                    pltpu.make_async_copy(vs_hbm.at[row], vs_buf.at[slot, brow], sems.at[3, slot]),
                 ]
             out.append((p < n_pages, copies))
         return out
@@ -196,7 +198,7 @@ def _kernel(
             sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                                  precision=_precision(q.dtype))
             if quantized:
-                sc = sc * _scale_row(ks_buf, slot, h)
+                sc = sc * _scale_row(ks_buf, slot, h, ps)
             sc = sc * sm_scale
             if soft_cap is not None:
                 sc = soft_cap * jnp.tanh(sc / soft_cap)
@@ -209,7 +211,7 @@ def _kernel(
             l_ref[h] = alpha * l_ref[h] + jnp.sum(p, axis=1, keepdims=True)
             m_ref[h] = m_new
             if quantized:
-                p = p * jnp.where(key_ok_row, _scale_row(vs_buf, slot, h), 0.0)
+                p = p * jnp.where(key_ok_row, _scale_row(vs_buf, slot, h, ps), 0.0)
             pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_precision(v.dtype))
             acc_ref[h] = _lanes(alpha, dp) * acc_ref[h] + pv
 
@@ -314,7 +316,7 @@ def ragged_paged_attention_tpu(
         soft_cap=soft_cap)
     q_spec = pl.BlockSpec((hkv, rows, dp), lambda b, *_: (0, b, 0))
     kv_buf = pltpu.VMEM((2, hkv, nb * ps, dp), kv.k.dtype)
-    scale_buf = [pltpu.VMEM((2, nb, hkv, ps), jnp.float32)] * 2 if quantized else []
+    scale_buf = [pltpu.VMEM((2, nb, hkv * ps), jnp.float32)] * 2 if quantized else []
     scratch = [
         kv_buf,
         *([] if fused else [kv_buf]),

@@ -184,13 +184,16 @@ def token_major_pages(kv, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     def deq(x, scale):
         return np.asarray((x.astype(jnp.float32) if scale is None else kv_quant.dequantize(x, scale)), np.float64)
 
+    ks, vs = kv.k_scale, kv.v_scale
+    if ks is not None and kv.layout.value != "token_major":  # [P, Hkv * ps] rows -> [P, Hkv, ps]
+        ks, vs = (x.reshape(kv.num_pages, kv.num_kv_heads, kv.page_size) for x in (ks, vs))
     if kv.layout.value == "head_major_fused":
-        both = deq(kv.k, None if kv.k_scale is None else jnp.ones_like(kv.k_scale))
+        both = deq(kv.k, None)
         k, v = both[..., :64], both[..., 64:]
-        if kv.k_scale is not None:
-            k, v = k * np.asarray(kv.k_scale)[..., None], v * np.asarray(kv.v_scale)[..., None]
+        if ks is not None:
+            k, v = k * np.asarray(ks)[..., None], v * np.asarray(vs)[..., None]
     else:
-        k, v = deq(kv.k, kv.k_scale), deq(kv.v, kv.v_scale)
+        k, v = deq(kv.k, ks), deq(kv.v, vs)
     if kv.layout.value != "token_major":
         k, v = np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2)
     return k[..., :head_dim], v[..., :head_dim]

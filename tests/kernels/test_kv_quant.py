@@ -32,7 +32,8 @@ def test_write_kv_quantizes_per_token_and_head(layout, qdtype):
     rng = np.random.default_rng(0)
     num_pages, ps, hkv, d, t = 4, 8, 2, 64, 12
     kv = init_kv_pages(num_pages, ps, hkv, d, layout=layout, quant_dtype=qdtype)
-    assert kv.k.dtype == qdtype and kv.k_scale.shape == kv.k.shape[:3] and kv.k_scale.dtype == jnp.float32
+    want_scale = (num_pages, ps, hkv) if layout == "token_major" else (num_pages, hkv * ps)  # one row per page
+    assert kv.k.dtype == qdtype and kv.k_scale.shape == want_scale and kv.k_scale.dtype == jnp.float32
     x = rng.standard_normal((t, hkv, d)).astype(np.float32) * rng.uniform(0.1, 10, size=(t, hkv, 1))
     x[3] = 0.0  # an all-zero token decodes to exactly zero
     slots = rng.choice(num_pages * ps, size=t, replace=False).astype(np.int32)
@@ -48,7 +49,9 @@ def test_write_kv_quantizes_per_token_and_head(layout, qdtype):
     assert np.all(k[slots[3]] == 0)
     untouched = np.setdiff1d(np.arange(num_pages * ps), slots[keep])
     assert not np.any(k[untouched]) and not np.any(v[untouched])
-    scales = np.asarray(out.k_scale if layout == "token_major" else np.swapaxes(out.k_scale, 1, 2))
+    scales = np.asarray(out.k_scale)
+    if layout != "token_major":
+        scales = np.swapaxes(scales.reshape(num_pages, hkv, ps), 1, 2)
     np.testing.assert_allclose(scales.reshape(-1, hkv)[slots[keep]],
                                absmax[keep, :, 0] / kv_quant.qmax(qdtype), rtol=1e-6)
 
