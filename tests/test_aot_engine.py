@@ -76,6 +76,10 @@ def test_default_model_on_one_v5e_chip(monkeypatch):
         # per layer: the compiler keeps layer 0's and shares it with the other 29 layers' kernels
         owners = set(re.findall(r"(layers_\d+)/self_attn/jit\(ragged_paged_attention_tpu\)/jit\(searchsorted\)", text))
         assert owners == {"layers_0"}, owners
+        # head_dim 64: K and V share one 128-lane row of the pages (no lane padding), so the decode step moves
+        # within 10% of the minimum bytes (the rest is sampling)
+        assert "bf16[%d,3,16,128]" % (report.kv_capacity_tokens // 16) in text
+        assert b.traffic_ratio < 1.10, b.traffic_ratio
 
 
 @pytest.mark.parametrize("target,chips", [("tpu-v6e-1", 1), ("tpu-v5e-4", 4), ("tpu-v5e-8", 8), ("h100", 1)])
@@ -93,6 +97,22 @@ def test_llama8b_shaped_quantized(llama8b, target, quantization, kv):
     report = compile_for_target(llama8b, target, EngineConfig(**SMALL, kv_cache_dtype=kv), quantization=quantization,
                                 buckets="smallest")
     _check(report, chips=1, quantized=quantization is not None)
+
+
+def test_int8_kv_scales_are_not_relaid_out(llama8b, monkeypatch):
+    """The int8 KV cache's scale rows ([pages, 8 KV heads x 16 tokens] f32) are laid out as the attention
+    kernel and the write read them: every value of that shape in the compiled step is row-major, so no op
+    relays a scale array out (a [pages, 8, 16] array was laid out pages-minor and copied around every layer).
+    The compiler may still stage a row-major array in VMEM (a copy-start with the same layout)."""
+    texts = []
+    monkeypatch.setattr(aot, "op_traffic", lambda text, **kw: texts.append(text) or op_traffic(text, **kw))
+    report = compile_for_target(llama8b, "tpu-v6e-1", EngineConfig(**SMALL, kv_cache_dtype="int8"), buckets="smallest")
+    _check(report, chips=1)
+    scales = "f32[%d,128]" % (report.kv_capacity_tokens // 16)
+    text = texts[0]
+    assert text.count(scales) >= 4, "the scale rows are the step's arguments"
+    layouts = set(re.findall(re.escape(scales) + r"\{([0-9,]+)", text))
+    assert layouts == {"1,0"}, layouts
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
