@@ -20,6 +20,7 @@ from jaxinfer.attention import kv_pages_specs
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.sharding import ShardingPlan, make_mesh
 from pallas_kernels.ragged_paged_attention.pages import (
+    FUSED_HALF,
     KVLayout,
     KVPages,
     default_layout,
@@ -65,6 +66,12 @@ class KVCacheSpec:
     dtype: jnp.dtype
     quant_dtype: jnp.dtype | None
     layout: KVLayout
+
+    def __post_init__(self):
+        # Fused K|V rows hold head_dim <= 64; a cache sharing a fused cache's pages with wider heads (a
+        # speculative draft's) takes the padded head-major pages the same TPU kernel reads.
+        if self.layout is KVLayout.HEAD_MAJOR_FUSED and self.head_dim > FUSED_HALF:
+            object.__setattr__(self, "layout", KVLayout.HEAD_MAJOR)
 
     @property
     def bytes_per_token(self) -> int:

@@ -78,7 +78,7 @@ def test_default_model_on_one_v5e_chip(monkeypatch):
         assert owners == {"layers_0"}, owners
         # head_dim 64: K and V share one 128-lane row of the pages (no lane padding), so the decode step moves
         # within 10% of the minimum bytes (the rest is sampling)
-        assert "bf16[%d,3,16,128]" % (report.kv_capacity_tokens // 16) in text
+        assert f"bf16[{report.kv_capacity_tokens // 16},3,16,128]" in text
         assert b.traffic_ratio < 1.10, b.traffic_ratio
 
 
@@ -108,7 +108,7 @@ def test_int8_kv_scales_are_not_relaid_out(llama8b, monkeypatch):
     monkeypatch.setattr(aot, "op_traffic", lambda text, **kw: texts.append(text) or op_traffic(text, **kw))
     report = compile_for_target(llama8b, "tpu-v6e-1", EngineConfig(**SMALL, kv_cache_dtype="int8"), buckets="smallest")
     _check(report, chips=1)
-    scales = "f32[%d,128]" % (report.kv_capacity_tokens // 16)
+    scales = f"f32[{report.kv_capacity_tokens // 16},128]"
     text = texts[0]
     assert text.count(scales) >= 4, "the scale rows are the step's arguments"
     layouts = set(re.findall(re.escape(scales) + r"\{([0-9,]+)", text))
