@@ -13,7 +13,7 @@ Layouts. The cache comes in two physical layouts, named by ``KVPages.layout``:
 
 * ``KVLayout.TOKEN_MAJOR`` (default off TPU): ``k, v: [num_pages, page_size, num_kv_heads, head_dim]``.
   A page is a contiguous run of tokens with all heads; the GPU kernel gathers key rows from it.
-* ``KVLayout.HEAD_MAJOR`` (default on TPU, required by ``"pallas_tpu"``):
+* ``KVLayout.HEAD_MAJOR`` (default on TPU for ``head_dim > 64``; ``"pallas_tpu"`` reads it or the fused one):
   ``k, v: [num_pages, num_kv_heads, page_size, round_up(head_dim, 128)]``, the pad lanes are zero.
   On a TPU the two minor dimensions of an array are tiled (8 or 16 sublanes x 128 lanes). With the
   token-major layout those would be ``(num_kv_heads, head_dim)``: 3 KV heads x 64 dims would be padded to
