@@ -25,7 +25,8 @@ from jaxinfer.engine import Engine
 from jaxinfer.errors import InvalidRequestError, UnsupportedModelError
 from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import SamplingParams
-from jaxinfer.speculative.eagle_head import EagleHeadConfig, eagle_forward_dense, init_eagle_head, save_eagle_head
+from jaxinfer.speculative.eagle_dense import eagle_forward_dense
+from jaxinfer.speculative.eagle_head import EagleHeadConfig, init_eagle_head, save_eagle_head
 from tests.engine.test_engine import GREEDY, _loaded, _run, count_compilations
 from tests.engine.test_speculative_engine import CFG, PAGES, _run_k, _workload
 from tests.tiny_models import make_tiny_model
@@ -136,7 +137,7 @@ def test_engine_drafts_equal_dense_reference(eagle):
         seq_h[0, :c] = h
         want = []
         for j in range(len(drafts)):
-            f, lg = dense(seq_t, seq_h, np.arange(1, width + 1, dtype=np.int32)[None])
+            f, lg, _ = dense(seq_t, seq_h, np.arange(1, width + 1, dtype=np.int32)[None])
             want.append(int(d2t[int(jnp.argmax(lg[0, c + j - 1]))]))
             seq_t[0, c + j] = want[-1]
             seq_h[0, c + j] = np.asarray(f[0, c + j - 1])
