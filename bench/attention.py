@@ -41,7 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pallas_kernels.ragged_paged_attention import kv_quant  # noqa: E402
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention  # noqa: E402
-from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages  # noqa: E402
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages, default_layout  # noqa: E402
 
 MODELS = {  # (num_q_heads, num_kv_heads, head_dim)
     "llama3-8b": (32, 8, 128),
@@ -91,12 +91,18 @@ def make_inputs(key, lengths: list[tuple[int, int]], heads, dtype, kv_quant_dtyp
 
 
 def to_head_major(cache: KVPages) -> KVPages:
-    """Token-major cache -> the head-major layout the TPU kernel reads (lanes padded to 128)."""
+    """Token-major cache -> the layout the TPU kernel reads by default: head-major with lanes padded to 128,
+    or K|V fused in one 128-lane row at head_dim <= 64; scales as one [Hkv * page_size] row per page."""
     d = cache.k.shape[-1]
-    pad = ((0, 0), (0, 0), (0, 0), (0, -d % 128))
+    layout = default_layout("pallas_tpu", d)
+    width = 64 if layout is KVLayout.HEAD_MAJOR_FUSED else d + (-d % 128)
+    pad = ((0, 0), (0, 0), (0, 0), (0, width - d))
     k, v = (jnp.pad(jnp.swapaxes(x, 1, 2), pad) for x in (cache.k, cache.v))
-    scales = [None if s is None else jnp.swapaxes(s, 1, 2) for s in (cache.k_scale, cache.v_scale)]
-    return KVPages(k, v, *scales, layout=KVLayout.HEAD_MAJOR)
+    if layout is KVLayout.HEAD_MAJOR_FUSED:
+        k, v = jnp.concatenate([k, v], axis=-1), None
+    scales = [None if s is None else jnp.swapaxes(s, 1, 2).reshape(s.shape[0], -1)
+              for s in (cache.k_scale, cache.v_scale)]
+    return KVPages(k, v, *scales, layout=layout)
 
 
 def dense_peer(q, cache, kv_lens, page_indices, lengths, causal: bool):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
-from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages, write_kv
+from pallas_kernels.ragged_paged_attention.pages import KVPages, write_kv
 
 
 @flax.struct.dataclass
@@ -116,12 +116,12 @@ def _paged(q, k, v, cache: KVPages, md: AttentionMetadata, *, sm_scale, sliding_
 
 def kv_pages_specs(cache: KVPages, axis: str | None = "model") -> KVPages:
     """``PartitionSpec`` of each ``KVPages`` leaf with the KV-head dimension split over ``axis``."""
-    if cache.layout is KVLayout.HEAD_MAJOR:
-        values, scales = P(None, axis, None, None), P(None, axis, None)
+    if cache.layout.head_major:
+        values, scales = P(None, axis, None, None), P(None, axis)  # scale rows: heads-major lanes
     else:
         values, scales = P(None, None, axis, None), P(None, None, axis)
-    return KVPages(values, values, scales if cache.quantized else None, scales if cache.quantized else None,
-                   layout=cache.layout)
+    scales = scales if cache.quantized else None
+    return KVPages(values, None if cache.v is None else values, scales, scales, layout=cache.layout)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, cache, md: AttentionMetadata, *, sm_scale: float,

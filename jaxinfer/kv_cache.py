@@ -20,6 +20,7 @@ from jaxinfer.attention import kv_pages_specs
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.sharding import ShardingPlan, make_mesh
 from pallas_kernels.ragged_paged_attention.pages import (
+    FUSED_HALF,
     KVLayout,
     KVPages,
     default_layout,
@@ -53,7 +54,8 @@ class KVCacheSpec:
     Attributes:
       num_pages, page_size: pages per layer and tokens per page.
       dtype: storage dtype of a float cache; quant_dtype: int8 / fp8 storage (then dtype is unused).
-      layout: physical page layout (token-major on CPU/GPU, head-major for the TPU kernel).
+      layout: physical page layout (token-major on CPU/GPU, head-major or, for head_dim <= 64, fused
+        K|V rows for the TPU kernel).
     """
 
     num_layers: int
@@ -64,6 +66,12 @@ class KVCacheSpec:
     dtype: jnp.dtype
     quant_dtype: jnp.dtype | None
     layout: KVLayout
+
+    def __post_init__(self):
+        # Fused K|V rows hold head_dim <= 64; a cache sharing a fused cache's pages with wider heads (a
+        # speculative draft's) takes the padded head-major pages the same TPU kernel reads.
+        if self.layout is KVLayout.HEAD_MAJOR_FUSED and self.head_dim > FUSED_HALF:
+            object.__setattr__(self, "layout", KVLayout.HEAD_MAJOR)
 
     @property
     def bytes_per_token(self) -> int:
@@ -115,7 +123,7 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
     """
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
-    layout = default_layout(impl)
+    layout = default_layout(impl, config.head_dim)
     probe = KVCacheSpec(config.num_layers, 1, page_size, config.num_kv_heads, config.head_dim,
                         jnp.dtype(dtype), KV_CACHE_DTYPES[kv_cache_dtype], layout)
     if memory is not None:

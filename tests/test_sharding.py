@@ -173,3 +173,39 @@ def test_cpu_default_kv_budget_is_for_the_whole_mesh(tiny_model_dir):
     kv = eng.runner.kv_cache
     held = sum(s.data.nbytes for layer in kv for leaf in jax.tree.leaves(layer) for s in leaf.addressable_shards)
     assert CPU_DEFAULT_BUDGET // 2 < held <= CPU_DEFAULT_BUDGET
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tpu_int8_kv_cache_splits_over_kv_heads(head_dim):
+    """The TPU kernel's cache (fused K|V rows at head_dim 64, head-major at 128; int8 with one scale row per
+    page) split over 2 devices: each device's values and scale rows are the same KV heads, as written by
+    write_kv on the whole cache."""
+    import jax.numpy as jnp
+
+    from jaxinfer.kv_cache import init_kv_cache, plan_kv_cache
+    from jaxinfer.model_config import ModelConfig
+    from jaxinfer.sharding import ShardingPlan
+    from pallas_kernels.ragged_paged_attention.pages import KVLayout, write_kv
+
+    mc = ModelConfig(architecture="llama", vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=1,
+                     num_heads=8, num_kv_heads=4, head_dim=head_dim)
+    spec = plan_kv_cache(mc, page_size=16, dtype="bfloat16", kv_cache_dtype="int8", impl="pallas_tpu",
+                         memory="1MiB", max_useful_tokens=64, kv_shards=2)
+    assert spec.layout is (KVLayout.HEAD_MAJOR_FUSED if head_dim == 64 else KVLayout.HEAD_MAJOR)
+    (kv,) = init_kv_cache(spec, ShardingPlan(make_mesh(2, 1)))
+    rng = np.random.default_rng(0)
+    k, v = (jnp.asarray(rng.standard_normal((40, 4, head_dim)), jnp.float32) for _ in range(2))
+    slots = jnp.arange(40, dtype=jnp.int32)
+    out = jax.jit(write_kv, donate_argnums=0)(kv, k, v, slots)
+    whole = jax.tree.map(np.asarray, out)
+    assert whole.k_scale.shape == (spec.num_pages, 4 * 16)
+    for shard_k, shard_s in zip(out.k.addressable_shards, out.k_scale.addressable_shards):
+        heads = shard_k.index[1]  # KV heads held by this device
+        assert (heads.start, heads.stop) in ((0, 2), (2, 4))
+        np.testing.assert_array_equal(np.asarray(shard_k.data), whole.k[:, heads])
+        assert shard_s.index[1] == slice(heads.start * 16, heads.stop * 16)
+        np.testing.assert_array_equal(np.asarray(shard_s.data), whole.k_scale[:, heads.start * 16:heads.stop * 16])
+    # the scale rows hold each head's 16 token scales in order: head h, token t at lane h * 16 + t
+    absmax = np.abs(np.asarray(k)).max(-1) / 127  # [40 tokens, 4 heads]
+    rows = whole.k_scale.reshape(spec.num_pages, 4, 16).transpose(0, 2, 1).reshape(-1, 4)
+    np.testing.assert_allclose(rows[:40], absmax, rtol=1e-6)

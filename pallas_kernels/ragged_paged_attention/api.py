@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import ATTENTION_IMPLS, check_impl, default_impl, needs_interpret
-from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages, check_cache, padded_head_dim
+from pallas_kernels.ragged_paged_attention.pages import FUSED_HALF, KVLayout, KVPages, check_cache, padded_head_dim
 
 
 def _check_attention_args(q, kv, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, sliding_window,
@@ -31,7 +31,8 @@ def _check_attention_args(q, kv, kv_lens, page_indices, cu_q_lens, num_seqs, sm_
     hkv = kv.num_kv_heads
     if hq % hkv:
         raise ValueError(f"num_q_heads ({hq}) must be a multiple of num_kv_heads ({hkv})")
-    if padded_head_dim(d, kv.layout) != kv.k.shape[-1]:
+    if (d > FUSED_HALF if kv.layout is KVLayout.HEAD_MAJOR_FUSED
+            else padded_head_dim(d, kv.layout) != kv.k.shape[-1]):
         raise ValueError(f"q head_dim {d} does not match the cache's head_dim {kv.k.shape[-1]} "
                          f"(layout {kv.layout.value})")
     if page_indices.ndim != 2:
@@ -115,8 +116,8 @@ def ragged_paged_attention(
         return reference.ragged_paged_attention_xla(q, kv, *meta, **opts)
     interp = needs_interpret(impl, interpret)
     if impl == "pallas_tpu":
-        if kv.layout is not KVLayout.HEAD_MAJOR:
-            raise ValueError("impl='pallas_tpu' needs a head-major cache: create it with "
+        if not kv.layout.head_major:
+            raise ValueError("impl='pallas_tpu' needs a head-major or fused cache: create it with "
                              "init_kv_pages(..., layout='head_major')")
         from pallas_kernels.ragged_paged_attention import tpu
 

@@ -13,23 +13,38 @@ Layouts. The cache comes in two physical layouts, named by ``KVPages.layout``:
 
 * ``KVLayout.TOKEN_MAJOR`` (default off TPU): ``k, v: [num_pages, page_size, num_kv_heads, head_dim]``.
   A page is a contiguous run of tokens with all heads; the GPU kernel gathers key rows from it.
-* ``KVLayout.HEAD_MAJOR`` (default on TPU, required by ``"pallas_tpu"``):
+* ``KVLayout.HEAD_MAJOR`` (default on TPU for ``head_dim > 64``; ``"pallas_tpu"`` reads it or the fused one):
   ``k, v: [num_pages, num_kv_heads, page_size, round_up(head_dim, 128)]``, the pad lanes are zero.
   On a TPU the two minor dimensions of an array are tiled (8 or 16 sublanes x 128 lanes). With the
   token-major layout those would be ``(num_kv_heads, head_dim)``: 3 KV heads x 64 dims would be padded to
   8-16 x 128 in HBM and VMEM (5-10x the bytes) and every per-head load in the kernel a sublane-strided
   gather. Head-major pages make each (page, head) a dense ``[page_size, 128k]`` tile, so one DMA per
   page fetches all heads and per-head operands are plain 2D tiles feeding the MXU. Padding
-  ``head_dim`` to 128 costs nothing extra on a TPU (the lanes would be padded anyway).
+  ``head_dim`` to 128 costs nothing extra in VMEM, but for ``head_dim <= 64`` it doubles the HBM bytes
+  of every page read, hence:
+* ``KVLayout.HEAD_MAJOR_FUSED`` (default on TPU for ``head_dim <= 64``): one array
+  ``k: [num_pages, num_kv_heads, page_size, 128]`` holding a (token, head)'s key in lanes ``0..63`` and
+  its value in lanes ``64..127`` (each zero-padded to 64); ``v`` is ``None``. A page row is then all
+  payload, and the page has exactly the shape (and DMA) of a head-major page, so the TPU kernel reads
+  half the bytes without any new alignment constraint: it multiplies queries zero-padded to 128 lanes
+  by the fused tile (only the key lanes count) and probabilities by the same tile (only the value
+  lanes of the product are kept).
 
 The layout is a static part of the pytree (it never becomes a traced leaf). Code that only uses
 :func:`init_kv_pages`, :func:`write_kv` and :func:`~.api.ragged_paged_attention` never needs to look at
-it. The XLA path reads both layouts; the GPU and CPU kernels read token-major only.
+it. The XLA path reads every layout; the GPU and CPU kernels read token-major only, the TPU kernel
+the two head-major ones.
 
 Quantized KV (``init_kv_pages(..., quant_dtype=jnp.int8 | jnp.float8_e4m3fn | jnp.float8_e5m2)``):
 ``k`` / ``v`` hold the quantized values and ``k_scale`` / ``v_scale`` one float32 absmax scale per
-(token, KV head), shaped like ``k.shape[:3]`` in either layout (token-major
-``[num_pages, page_size, num_kv_heads]``, head-major ``[num_pages, num_kv_heads, page_size]``).
+(token, KV head): token-major ``[num_pages, page_size, num_kv_heads]``; head-major and fused one
+row per page, ``[num_pages, num_kv_heads * page_size]`` (head ``h``'s scales at lanes
+``h * page_size ...``). A TPU lays a 2-D f32 array out row-major in (8, 128) tiles when its rows are
+a multiple of 128 lanes, which is then the layout the kernel DMAs a page's row from; a 3-D
+``[pages, heads, page_size]`` array (16 lanes) was instead laid out pages-minor by the compiler and
+relaid out around every layer's kernel and write. Under tensor parallelism the row splits into
+contiguous per-device head groups; rows of fewer than 128 lanes per device (e.g. one KV head of 16
+tokens) still get relaid out.
 :func:`write_kv` quantizes; every implementation applies the scales inside (see :mod:`.kv_quant`).
 """
 
@@ -46,6 +61,7 @@ from pallas_kernels.backend import ATTENTION_IMPLS, check_impl, default_impl
 from pallas_kernels.ragged_paged_attention import kv_quant
 
 TPU_LANES = 128
+FUSED_HALF = TPU_LANES // 2  # lanes of K (and of V) in a fused row; the largest head_dim it takes
 
 
 @jax.tree_util.register_static
@@ -54,6 +70,12 @@ class KVLayout(enum.Enum):
 
     TOKEN_MAJOR = "token_major"
     HEAD_MAJOR = "head_major"
+    HEAD_MAJOR_FUSED = "head_major_fused"
+
+    @property
+    def head_major(self) -> bool:
+        """Pages are ``[num_pages, num_kv_heads, page_size, lanes]`` (head-major or fused)."""
+        return self is not KVLayout.TOKEN_MAJOR
 
 
 class KVPages(NamedTuple):
@@ -61,8 +83,9 @@ class KVPages(NamedTuple):
 
     Attributes:
       k, v: token-major ``[num_pages, page_size, num_kv_heads, head_dim]`` or head-major
-        ``[num_pages, num_kv_heads, page_size, padded_head_dim]``.
-      k_scale, v_scale: ``f32[k.shape[:3]]`` per-(token, head) scales of a quantized cache, else ``None``.
+        ``[num_pages, num_kv_heads, page_size, padded_head_dim]``; fused: ``k`` is
+        ``[num_pages, num_kv_heads, page_size, 128]`` (K in lanes 0-63, V in 64-127) and ``v`` is ``None``.
+      k_scale, v_scale: per-(token, head) f32 scales of a quantized cache (:func:`scale_shape`), else ``None``.
       layout: :class:`KVLayout`.
     """
 
@@ -78,21 +101,26 @@ class KVPages(NamedTuple):
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2] if self.layout is KVLayout.HEAD_MAJOR else self.k.shape[1]
+        return self.k.shape[2] if self.layout.head_major else self.k.shape[1]
 
     @property
     def num_kv_heads(self) -> int:
-        return self.k.shape[1] if self.layout is KVLayout.HEAD_MAJOR else self.k.shape[2]
+        return self.k.shape[1] if self.layout.head_major else self.k.shape[2]
 
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
 
 
-def default_layout(impl: str | None = None) -> KVLayout:
-    """Layout :func:`init_kv_pages` uses by default: head-major for ``"pallas_tpu"``, else token-major."""
+def default_layout(impl: str | None = None, head_dim: int | None = None) -> KVLayout:
+    """The layout for ``impl``'s kernel: for ``"pallas_tpu"`` fused when ``head_dim <= 64`` (given),
+    else head-major; token-major for every other implementation."""
     impl = check_impl(impl, ATTENTION_IMPLS) if impl is not None else default_impl()
-    return KVLayout.HEAD_MAJOR if impl == "pallas_tpu" else KVLayout.TOKEN_MAJOR
+    if impl != "pallas_tpu":
+        return KVLayout.TOKEN_MAJOR
+    if head_dim is not None and head_dim <= FUSED_HALF:
+        return KVLayout.HEAD_MAJOR_FUSED
+    return KVLayout.HEAD_MAJOR
 
 
 def _as_layout(layout: KVLayout | str | None) -> KVLayout:
@@ -106,28 +134,46 @@ def _as_layout(layout: KVLayout | str | None) -> KVLayout:
         ) from None
 
 
+def scale_shape(layout: KVLayout, num_pages: int, page_size: int, num_kv_heads: int) -> tuple[int, ...]:
+    """Shape of ``k_scale`` / ``v_scale``: ``[P, ps, Hkv]`` token-major, ``[P, Hkv * ps]`` otherwise."""
+    if layout.head_major:
+        return (num_pages, num_kv_heads * page_size)
+    return (num_pages, page_size, num_kv_heads)
+
+
 def padded_head_dim(head_dim: int, layout: KVLayout) -> int:
-    """The stored (minor) head dim: ``head_dim`` rounded up to 128 lanes head-major, unchanged token-major."""
+    """Lanes one of K or V takes: ``head_dim`` rounded up to 128 head-major, 64 fused (``ValueError``
+    past 64), unchanged token-major."""
+    if layout is KVLayout.HEAD_MAJOR_FUSED:
+        if head_dim > FUSED_HALF:
+            raise ValueError(f"the fused KV layout takes head_dim <= {FUSED_HALF}, got {head_dim}")
+        return FUSED_HALF
     if layout is KVLayout.HEAD_MAJOR:
         return -(-head_dim // TPU_LANES) * TPU_LANES
     return head_dim
+
+
+def stored_minor_dim(head_dim: int, layout: KVLayout) -> int:
+    """The minor dim of ``KVPages.k``: :func:`padded_head_dim`, or 128 (K and V) for the fused layout."""
+    d = padded_head_dim(head_dim, layout)
+    return 2 * d if layout is KVLayout.HEAD_MAJOR_FUSED else d
 
 
 def page_bytes_per_token(layout: KVLayout, num_kv_heads: int, head_dim: int, dtype, quant_dtype=None) -> int:
     """Bytes one token occupies in one layer's :class:`KVPages` (K and V, lane padding and scales included).
 
     Args:
-      layout: the cache's :class:`KVLayout` (head-major pads ``head_dim`` to 128 lanes).
+      layout: the cache's :class:`KVLayout` (head-major pads ``head_dim`` to 128 lanes, fused to 64).
       num_kv_heads, head_dim: the model's KV heads and logical head dim.
       dtype: storage dtype of a float cache; unused when ``quant_dtype`` is set.
       quant_dtype: int8 / fp8 storage; each (token, head) then also holds one float32 scale.
     """
-    d = padded_head_dim(head_dim, layout)
+    d = 2 * padded_head_dim(head_dim, layout)  # K and V lanes
     if quant_dtype is not None:
-        per_head = d * jnp.dtype(quant_dtype).itemsize + 4  # + f32 scale
+        per_head = d * jnp.dtype(quant_dtype).itemsize + 8  # + f32 scales of K and V
     else:
         per_head = d * jnp.dtype(dtype).itemsize
-    return 2 * num_kv_heads * per_head
+    return num_kv_heads * per_head
 
 
 def init_kv_pages(
@@ -151,7 +197,8 @@ def init_kv_pages(
 
     Returns:
       ``KVPages`` with ``k, v`` of shape ``[num_pages, page_size, num_kv_heads, head_dim]``
-      (token-major) or ``[num_pages, num_kv_heads, page_size, round_up(head_dim, 128)]`` (head-major).
+      (token-major) or ``[num_pages, num_kv_heads, page_size, round_up(head_dim, 128)]`` (head-major);
+      fused: ``k`` ``[num_pages, num_kv_heads, page_size, 128]``, ``v`` ``None``.
     """
     for name, value in (("num_pages", num_pages), ("page_size", page_size),
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -160,35 +207,41 @@ def init_kv_pages(
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
     layout = _as_layout(layout)
-    dp = padded_head_dim(head_dim, layout)
-    if layout is KVLayout.HEAD_MAJOR:
+    dp = stored_minor_dim(head_dim, layout)
+    if layout.head_major:
         shape = (num_pages, num_kv_heads, page_size, dp)
     else:
         shape = (num_pages, page_size, num_kv_heads, dp)
+    fused = layout is KVLayout.HEAD_MAJOR_FUSED
     if quant_dtype is not None:
         qdt = kv_quant.check_quant_dtype(quant_dtype)
-        scale = jnp.zeros(shape[:3], jnp.float32)
-        return KVPages(jnp.zeros(shape, qdt), jnp.zeros(shape, qdt), scale, jnp.zeros(shape[:3], jnp.float32),
-                       layout=layout)
-    return KVPages(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), layout=layout)
+        sshape = scale_shape(layout, num_pages, page_size, num_kv_heads)
+        return KVPages(jnp.zeros(shape, qdt), None if fused else jnp.zeros(shape, qdt),
+                       jnp.zeros(sshape, jnp.float32), jnp.zeros(sshape, jnp.float32), layout=layout)
+    return KVPages(k=jnp.zeros(shape, dtype), v=None if fused else jnp.zeros(shape, dtype), layout=layout)
 
 
 def check_cache(kv: KVPages) -> None:
     """Validate a cache's type, shapes, dtypes and scales (``TypeError`` / ``ValueError``)."""
     if not isinstance(kv, KVPages):
         raise TypeError(f"kv must be a KVPages, got {type(kv).__name__}")
-    if kv.k.ndim != 4 or kv.k.shape != kv.v.shape:
-        raise ValueError(f"kv.k and kv.v must be 4-D and of equal shape, got {kv.k.shape} and {kv.v.shape}")
-    if kv.k.dtype != kv.v.dtype:
+    if kv.layout is KVLayout.HEAD_MAJOR_FUSED:
+        if kv.v is not None or kv.k.ndim != 4 or kv.k.shape[-1] != 2 * FUSED_HALF:
+            raise ValueError(f"a fused cache holds k [P, Hkv, page_size, {2 * FUSED_HALF}] and v=None, got "
+                             f"k {getattr(kv.k, 'shape', None)} and v {getattr(kv.v, 'shape', None)}")
+    elif kv.v is None or kv.k.ndim != 4 or kv.k.shape != kv.v.shape:
+        raise ValueError(f"kv.k and kv.v must be 4-D and of equal shape, got {kv.k.shape} and "
+                         f"{getattr(kv.v, 'shape', None)}")
+    elif kv.k.dtype != kv.v.dtype:
         raise ValueError(f"kv.k and kv.v must share a dtype, got {kv.k.dtype} and {kv.v.dtype}")
     if (kv.k_scale is None) != (kv.v_scale is None):
         raise ValueError("k_scale and v_scale must both be set or both be None")
     if kv.k_scale is not None:
         kv_quant.check_quant_dtype(kv.k.dtype)
+        want = scale_shape(kv.layout, kv.num_pages, kv.page_size, kv.num_kv_heads)
         for name, sc in (("k_scale", kv.k_scale), ("v_scale", kv.v_scale)):
-            if sc.shape != kv.k.shape[:3] or sc.dtype != jnp.float32:
-                raise ValueError(
-                    f"{name} must be float32 of shape {kv.k.shape[:3]}, got {sc.dtype}{list(sc.shape)}")
+            if sc.shape != want or sc.dtype != jnp.float32:
+                raise ValueError(f"{name} must be float32 of shape {want}, got {sc.dtype}{list(sc.shape)}")
     if kv.page_size & (kv.page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {kv.page_size}")
 
@@ -200,7 +253,7 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
     Args:
       kv: the cache; donate it (``jax.jit(..., donate_argnums=...)``) so XLA updates it in place.
       k_new, v_new: ``[T, num_kv_heads, head_dim]``; cast to the cache dtype, or quantized (absmax
-        per token and head) for a quantized cache.
+        per token and head) for a quantized cache. A fused cache gets ``[k_new | v_new]`` rows.
       slot_mapping: ``i32[T]``; token ``t`` goes to page ``slot // page_size``, offset
         ``slot % page_size``. A negative slot marks a padding token: nothing is written for it.
         Slots must be unique among non-negative entries.
@@ -213,8 +266,8 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
         raise ValueError(
             f"k_new and v_new must be [T, num_kv_heads, head_dim], got {k_new.shape}, {v_new.shape}")
     t, hkv, d = k_new.shape
-    dp = padded_head_dim(d, kv.layout)
-    if hkv != kv.num_kv_heads or dp != kv.k.shape[-1]:
+    fused = kv.layout is KVLayout.HEAD_MAJOR_FUSED
+    if hkv != kv.num_kv_heads or (d > FUSED_HALF if fused else padded_head_dim(d, kv.layout) != kv.k.shape[-1]):
         raise ValueError(
             f"k_new [T, num_kv_heads, head_dim] = {k_new.shape} does not match the cache "
             f"(num_kv_heads={kv.num_kv_heads}, head_dim={kv.k.shape[-1]}, layout={kv.layout.value})"
@@ -230,20 +283,31 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
     scales = None
     if kv.quantized:
         k_new, k_sc = kv_quant.quantize(k_new, kv.k.dtype)
-        v_new, v_sc = kv_quant.quantize(v_new, kv.v.dtype)
+        v_new, v_sc = kv_quant.quantize(v_new, kv.k.dtype)
         scales = (k_sc, v_sc)
+    dp = padded_head_dim(d, kv.layout)
     if dp != d:
         pad = ((0, 0), (0, 0), (0, dp - d))
         k_new, v_new = jnp.pad(k_new, pad), jnp.pad(v_new, pad)
-    k_new, v_new = k_new.astype(kv.k.dtype), v_new.astype(kv.v.dtype)
+    k_new, v_new = k_new.astype(kv.k.dtype), v_new.astype(kv.k.dtype)
 
     def scatter(cache, new):
-        if kv.layout is KVLayout.HEAD_MAJOR:
+        if kv.layout.head_major:
             # Advanced indices separated by a slice: the token axis comes first ([T, Hkv, ...]).
             return cache.at[page, :, offset].set(new, mode="drop", unique_indices=True)
         return cache.at[page, offset].set(new, mode="drop", unique_indices=True)
 
-    out = kv._replace(k=scatter(kv.k, k_new), v=scatter(kv.v, v_new))
+    if fused:
+        out = kv._replace(k=scatter(kv.k, jnp.concatenate([k_new, v_new], axis=-1)))
+    else:
+        out = kv._replace(k=scatter(kv.k, k_new), v=scatter(kv.v, v_new))
     if scales is not None:
-        out = out._replace(k_scale=scatter(kv.k_scale, scales[0]), v_scale=scatter(kv.v_scale, scales[1]))
+        def scatter_scales(cache, new):  # new [T, Hkv]
+            if kv.layout.head_major:  # [P, Hkv * ps] rows: token t of head h at lane h * ps + t
+                lanes = jnp.arange(hkv, dtype=jnp.int32)[None, :] * ps + offset[:, None]
+                return cache.at[page[:, None], lanes].set(new, mode="drop", unique_indices=True)
+            return cache.at[page, offset].set(new, mode="drop", unique_indices=True)
+
+        out = out._replace(k_scale=scatter_scales(kv.k_scale, scales[0]),
+                           v_scale=scatter_scales(kv.v_scale, scales[1]))
     return out

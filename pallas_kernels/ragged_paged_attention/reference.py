@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.ragged_paged_attention import metadata, shared_prefix, tuning
-from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages
+from pallas_kernels.ragged_paged_attention.pages import FUSED_HALF, KVLayout, KVPages
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -32,7 +32,7 @@ def gather_kv_block(kv: KVPages, which: str, pages: jax.Array, head_dim: int) ->
     """Gather pages of K or V into float32 key rows (dequantized for a quantized cache).
 
     Args:
-      kv: the cache (either layout).
+      kv: the cache (any layout).
       which: ``"k"`` or ``"v"``.
       pages: ``i32[N, nb]`` page ids.
       head_dim: logical head dim (head-major caches are lane-padded).
@@ -41,10 +41,16 @@ def gather_kv_block(kv: KVPages, which: str, pages: jax.Array, head_dim: int) ->
       f32 ``[N, nb * page_size, num_kv_heads, head_dim]``.
     """
     n, nb = pages.shape
-    blk = getattr(kv, which)[pages]
+    if kv.layout is KVLayout.HEAD_MAJOR_FUSED:  # K in lanes [0, 64), V in [64, 128)
+        lo = 0 if which == "k" else FUSED_HALF
+        blk = kv.k[pages][..., lo:lo + head_dim]
+    else:
+        blk = getattr(kv, which)[pages]
     scale = getattr(kv, which + "_scale")
     scale = None if scale is None else scale[pages]
-    if kv.layout is KVLayout.HEAD_MAJOR:
+    if scale is not None and kv.layout.head_major:  # [N, nb, Hkv * ps] -> [N, nb, Hkv, ps]
+        scale = scale.reshape(n, nb, kv.num_kv_heads, kv.page_size)
+    if kv.layout.head_major:
         # [N, nb, Hkv, ps, Dp] -> [N, nb, ps, Hkv, D]; scales [N, nb, Hkv, ps] -> [N, nb, ps, Hkv].
         blk = jnp.swapaxes(blk, 2, 3)[..., :head_dim]
         scale = None if scale is None else jnp.swapaxes(scale, 2, 3)
@@ -181,7 +187,7 @@ def ragged_paged_attention_xla(
 ) -> jax.Array:
     """Pure-jnp ragged paged attention (arguments as in :func:`.api.ragged_paged_attention`).
 
-    ``q [T, Hq, D]``, ``kv`` in either layout, ``kv_lens i32[S]``, ``page_indices i32[S, P]``,
+    ``q [T, Hq, D]``, ``kv`` in any layout, ``kv_lens i32[S]``, ``page_indices i32[S, P]``,
     ``cu_q_lens i32[S+1]``, ``num_seqs i32[1]`` -> ``[T, Hq, D]`` in ``q.dtype``.
     """
     t, hq, d = q.shape

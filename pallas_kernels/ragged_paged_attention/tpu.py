@@ -2,7 +2,11 @@
 
 Cache layout: head-major pages ``[num_pages, num_kv_heads, page_size, Dp]`` with ``Dp`` a multiple of 128
 (see :mod:`.pages` for why). One DMA per page and K/V moves all heads; each (page, head) is a dense
-``[page_size, Dp]`` tile.
+``[page_size, Dp]`` tile. Fused pages (``head_dim <= 64``) are one array of the same shape with
+``Dp = 128``, K in lanes 0-63 and V in lanes 64-127: one DMA per page moves both, the scores are
+``q . tile`` with ``q`` zero past lane 64 (so only K lanes count), the output is ``p . tile`` whose lanes
+64-127 are ``p . V`` (lanes 0-63, ``p . K``, are dropped by the wrapper). Same MXU work as a
+head-major 64-wide head padded to 128, half the HBM and VMEM bytes.
 
 Work decomposition. The flattened token axis is cut into blocks of ``block_q`` tokens; grid step ``b``
 owns block ``b``. Queries are laid out per KV head as ``[Hkv, T * G, Dp]`` (row ``t * G + g`` is
@@ -21,15 +25,15 @@ to 128, ``acc`` in f32) lives in VMEM scratch for all KV heads; the output block
 grid step. Grid steps are independent (all DMAs are waited within a step), so the grid dimension is
 ``PARALLEL`` (megacore-shardable).
 
-Quantized caches (int8 / fp8 with f32 scales ``[P, Hkv, ps]``): scale pages are DMA'd next to the
-value pages; tiles go to the MXU in the query dtype and the scales multiply score / probability
-columns.
+Quantized caches (int8 / fp8 with f32 scale rows ``[P, Hkv * ps]``): a page's scale row is DMA'd
+next to its value pages; tiles go to the MXU in the query dtype and the scales multiply score /
+probability columns.
 
 Mosaic constraints as far as they can be checked off-TPU (the jax-side lowering to the Mosaic dialect
 is tested; Mosaic's own layout passes only run on a TPU): ``block_q * G`` rows are a multiple of 16
 (bf16 sublane tile), ``Dp`` a multiple of 128, page windows in the KV buffers start at multiples of
 ``page_size`` sublanes, so ``page_size >= 16`` keeps bf16 page DMAs tile-aligned (8 is enough for
-f32). Quantized scale pages land at lane offsets that are multiples of ``page_size``.
+f32). A head's scales are read at lane offsets that are multiples of ``page_size``.
 
 Metadata in SMEM: ``kv_lens [S]``, ``page_indices`` flattened to ``[S * pages_per_seq]``, ``cu_q_lens``
 cleaned past ``num_seqs``, ``seq_lo / seq_hi [num_q_blocks]``. Very large ``S * pages_per_seq`` may
@@ -67,10 +71,10 @@ def _precision(dtype) -> lax.Precision:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _scale_row(buf, slot, h):
-    """Scales of head ``h`` for the KV block in ``slot``: ``[nb, Hkv, ps]`` -> ``[1, nb * ps]``."""
-    nb, _, ps = buf.shape[1:]
-    return buf[slot, :, h, :].reshape(1, nb * ps)
+def _scale_row(buf, slot, h, ps):
+    """Scales of head ``h`` for the KV block in ``slot``: ``[nb, Hkv * ps]`` -> ``[1, nb * ps]``."""
+    nb = buf.shape[1]
+    return buf[slot, :, pl.ds(h * ps, ps)].reshape(1, nb * ps)
 
 
 def _kernel(
@@ -84,6 +88,7 @@ def _kernel(
     q_ref,  # [Hkv, R, Dp] VMEM block, R = block_q * G
     *refs,
     quantized: bool,
+    fused: bool,
     block_q: int,
     group: int,
     pages_per_block: int,
@@ -94,14 +99,19 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
 ):
-    # refs: k_hbm, v_hbm [P, Hkv, ps, Dp] (HBM); (ks_hbm, vs_hbm f32[P, Hkv, ps] if quantized);
-    # o_ref [Hkv, R, Dp]; scratch: k_buf, v_buf [2, Hkv, bkv, Dp]; (ks_buf, vs_buf f32[2, Hkv, bkv]);
+    # refs: k_hbm, v_hbm [P, Hkv, ps, Dp] (HBM; no v_hbm when fused); (ks_hbm, vs_hbm f32[P, Hkv * ps]
+    # if quantized); o_ref [Hkv, R, Dp]; scratch: k_buf, v_buf [2, Hkv, bkv, Dp] (no v_buf when fused);
+    # (ks_buf, vs_buf f32[2, nb, Hkv * ps]);
     # sems DMA[2 or 4, 2 slots]; m_ref, l_ref f32[Hkv, R, 128]; acc_ref f32[Hkv, R, Dp].
-    if quantized:
-        (k_hbm, v_hbm, ks_hbm, vs_hbm, o_ref, k_buf, v_buf, ks_buf, vs_buf, sems, m_ref, l_ref,
-         acc_ref) = refs
-    else:
-        k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, m_ref, l_ref, acc_ref = refs
+    # A fused cache has no separate V array: V is read from the K tile (its upper lanes).
+    refs = list(refs)
+    k_hbm = refs.pop(0)
+    v_hbm = None if fused else refs.pop(0)
+    ks_hbm, vs_hbm = (refs.pop(0), refs.pop(0)) if quantized else (None, None)
+    o_ref, k_buf = refs.pop(0), refs.pop(0)
+    v_buf = k_buf if fused else refs.pop(0)
+    ks_buf, vs_buf = (refs.pop(0), refs.pop(0)) if quantized else (None, None)
+    sems, m_ref, l_ref, acc_ref = refs
     hkv, rows, dp = q_ref.shape
     nb, ps = pages_per_block, page_size
     bkv = nb * ps
@@ -141,14 +151,14 @@ def _kernel(
             p = j * nb + i
             page = pages_ref[s * pages_per_seq + jnp.minimum(p, pages_per_seq - 1)]
             dst = pl.ds(i * ps, ps)
-            copies = [
-                pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, :, dst, :], sems.at[0, slot]),
-                pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, :, dst, :], sems.at[1, slot]),
-            ]
+            copies = [pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, :, dst, :], sems.at[0, slot])]
+            if not fused:
+                copies.append(pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, :, dst, :], sems.at[1, slot]))
             if quantized:
+                row, brow = pl.ds(page, 1), pl.ds(i, 1)  # one [1, Hkv * ps] scale row per page
                 copies += [
-                    pltpu.make_async_copy(ks_hbm.at[page], ks_buf.at[slot, i], sems.at[2, slot]),
-                    pltpu.make_async_copy(vs_hbm.at[page], vs_buf.at[slot, i], sems.at[3, slot]),
+                    pltpu.make_async_copy(ks_hbm.at[row], ks_buf.at[slot, brow], sems.at[2, slot]),
+                    pltpu.make_async_copy(vs_hbm.at[row], vs_buf.at[slot, brow], sems.at[3, slot]),
                 ]
             out.append((p < n_pages, copies))
         return out
@@ -188,7 +198,7 @@ def _kernel(
             sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                                  precision=_precision(q.dtype))
             if quantized:
-                sc = sc * _scale_row(ks_buf, slot, h)
+                sc = sc * _scale_row(ks_buf, slot, h, ps)
             sc = sc * sm_scale
             if soft_cap is not None:
                 sc = soft_cap * jnp.tanh(sc / soft_cap)
@@ -201,7 +211,7 @@ def _kernel(
             l_ref[h] = alpha * l_ref[h] + jnp.sum(p, axis=1, keepdims=True)
             m_ref[h] = m_new
             if quantized:
-                p = p * jnp.where(key_ok_row, _scale_row(vs_buf, slot, h), 0.0)
+                p = p * jnp.where(key_ok_row, _scale_row(vs_buf, slot, h, ps), 0.0)
             pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_precision(v.dtype))
             acc_ref[h] = _lanes(alpha, dp) * acc_ref[h] + pv
 
@@ -275,12 +285,13 @@ def ragged_paged_attention_tpu(
 ) -> jax.Array:
     """Pallas TPU ragged paged attention (arguments as in :func:`.api.ragged_paged_attention`).
 
-    ``q [T, Hq, D]``; ``kv`` head-major ``[P, Hkv, ps, Dp]``; ``kv_lens i32[S]``;
+    ``q [T, Hq, D]``; ``kv`` head-major ``[P, Hkv, ps, Dp]`` or fused ``[P, Hkv, ps, 128]``; ``kv_lens i32[S]``;
     ``page_indices i32[S, pages_per_seq]``; ``cu_q_lens i32[S+1]``; ``num_seqs i32[1]`` ->
     ``[T, Hq, D]`` in ``q.dtype``. ``interpret``: ``False``, ``True`` or a ``pltpu.InterpretParams``.
     """
-    if kv.layout is not KVLayout.HEAD_MAJOR:
-        raise ValueError("the Pallas TPU kernel needs a head-major KV cache")
+    if not kv.layout.head_major:
+        raise ValueError("the Pallas TPU kernel needs a head-major or fused KV cache")
+    fused = kv.layout is KVLayout.HEAD_MAJOR_FUSED
     t, hq, d = q.shape
     _, hkv, ps, dp = kv.k.shape
     s_max, pps = page_indices.shape
@@ -300,24 +311,25 @@ def ragged_paged_attention_tpu(
 
     quantized = kv.quantized
     kernel = functools.partial(
-        _kernel, quantized=quantized, block_q=bq, group=group, pages_per_block=nb, page_size=ps,
+        _kernel, quantized=quantized, fused=fused, block_q=bq, group=group, pages_per_block=nb, page_size=ps,
         pages_per_seq=pps, max_seqs=s_max, sm_scale=sm_scale, sliding_window=sliding_window,
         soft_cap=soft_cap)
     q_spec = pl.BlockSpec((hkv, rows, dp), lambda b, *_: (0, b, 0))
     kv_buf = pltpu.VMEM((2, hkv, nb * ps, dp), kv.k.dtype)
-    scale_buf = [pltpu.VMEM((2, nb, hkv, ps), jnp.float32)] * 2 if quantized else []
+    scale_buf = [pltpu.VMEM((2, nb, hkv * ps), jnp.float32)] * 2 if quantized else []
     scratch = [
         kv_buf,
-        kv_buf,
+        *([] if fused else [kv_buf]),
         *scale_buf,
         pltpu.SemaphoreType.DMA((4 if quantized else 2, 2)),
         pltpu.VMEM((hkv, rows, LANES), jnp.float32),
         pltpu.VMEM((hkv, rows, LANES), jnp.float32),
         pltpu.VMEM((hkv, rows, dp), jnp.float32),
     ]
-    caches = (kv.k, kv.v, kv.k_scale, kv.v_scale) if quantized else (kv.k, kv.v)
+    caches = (kv.k,) if fused else (kv.k, kv.v)
+    caches += (kv.k_scale, kv.v_scale) if quantized else ()
     itemsize = jnp.dtype(kv.k.dtype).itemsize
-    vmem_bytes = (4 * hkv * nb * ps * dp * itemsize  # K/V double buffers
+    vmem_bytes = ((2 if fused else 4) * hkv * nb * ps * dp * itemsize  # K/V double buffers
                   + 4 * hkv * rows * dp * q.dtype.itemsize  # q / out blocks, double-buffered
                   + hkv * rows * (2 * LANES + dp) * 4)  # m, l, acc
     params = pltpu.CompilerParams(
@@ -339,4 +351,5 @@ def ragged_paged_attention_tpu(
         name="ragged_paged_attention_tpu",
     )(*prefetch, qp, *caches)
     out = out.reshape(hkv, tp, group, dp).transpose(1, 0, 2, 3).reshape(tp, hq, dp)
-    return out[:t, :, :d]
+    lo = dp // 2 if fused else 0  # fused: lanes [64, 128) hold p . V
+    return out[:t, :, lo:lo + d]

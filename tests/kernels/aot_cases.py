@@ -22,7 +22,7 @@ from pallas_kernels.quantized_matmul.config import as_config
 from pallas_kernels.quantized_matmul.experts import abstract_expert_qarray
 from pallas_kernels.quantized_matmul.qarray import abstract_qarray
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
-from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages, padded_head_dim
+from pallas_kernels.ragged_paged_attention.pages import KVLayout, default_layout, init_kv_pages
 from pallas_kernels.targets import get_target, target_devices
 
 # Engine-shaped buckets (EngineConfig defaults: page_size 16, max_num_seqs 32, max_num_batched_tokens 512;
@@ -44,11 +44,12 @@ class AttnCase:
     heads: str = "gqa3-d64"
     sliding_window: int | None = None
     soft_cap: float | None = None
+    layout: str | None = None  # None: the target's default for the head_dim (fused K|V on TPU at d <= 64)
 
     @property
     def id(self) -> str:
         extra = (f"-sw{self.sliding_window}" if self.sliding_window else "") + (
-            f"-cap{self.soft_cap:g}" if self.soft_cap else "")
+            f"-cap{self.soft_cap:g}" if self.soft_cap else "") + (f"-{self.layout}" if self.layout else "")
         return f"{self.bucket}-{self.kv}-{self.heads}{extra}"
 
 
@@ -70,14 +71,10 @@ def attention_lowered(target: str, case: AttnCase):
     kv_dtype = KV_DTYPES[case.kv]
     quantized = case.kv in ("int8", "fp8")
     q_dtype = jnp.float32 if case.kv == "f32" else jnp.bfloat16
-    layout = KVLayout.HEAD_MAJOR if tgt.impl == "pallas_tpu" else KVLayout.TOKEN_MAJOR
-    dp = padded_head_dim(d, layout)
-    if layout is KVLayout.HEAD_MAJOR:
-        shape = (NUM_PAGES, hkv, PAGE_SIZE, dp)
-    else:
-        shape = (NUM_PAGES, PAGE_SIZE, hkv, dp)
-    scale = _sds(mesh, shape[:3], jnp.float32) if quantized else None
-    kv = KVPages(_sds(mesh, shape, kv_dtype), _sds(mesh, shape, kv_dtype), scale, scale, layout=layout)
+    layout = KVLayout(case.layout) if case.layout else default_layout(tgt.impl, d)
+    kv = jax.eval_shape(lambda: init_kv_pages(NUM_PAGES, PAGE_SIZE, hkv, d, kv_dtype, layout=layout,
+                                              quant_dtype=kv_dtype if quantized else None))
+    kv = jax.tree.map(lambda a: _sds(mesh, a.shape, a.dtype), kv)
     i32 = jnp.int32
     args = (_sds(mesh, (t, hq, d), q_dtype), kv, _sds(mesh, (s,), i32), _sds(mesh, (s, PAGES_PER_SEQ), i32),
             _sds(mesh, (s + 1,), i32), _sds(mesh, (1,), i32))

@@ -168,9 +168,35 @@ def device_args(batch: Batch, dtype, layout: str = "token_major"):
     if layout == "head_major":
         dp = -(-k.shape[-1] // 128) * 128
         k, v = to_head_major(k, dp), to_head_major(v, dp)
-    kv = KVPages(jnp.asarray(k, dtype), jnp.asarray(v, dtype), layout=KVLayout(layout))
+    if layout == "head_major_fused":  # K in lanes [0, 64), V in [64, 128)
+        k, v = np.concatenate([to_head_major(k, 64), to_head_major(v, 64)], axis=-1), None
+    kv = KVPages(jnp.asarray(k, dtype), None if v is None else jnp.asarray(v, dtype), layout=KVLayout(layout))
     return (jnp.asarray(batch.q, dtype), kv, jnp.asarray(batch.kv_lens), jnp.asarray(batch.page_indices),
             jnp.asarray(batch.cu_q_lens), jnp.asarray(batch.num_seqs))
+
+
+def token_major_pages(kv, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A cache's K and V as float64 token-major ``[P, ps, Hkv, head_dim]`` (dequantized), any layout."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.ragged_paged_attention import kv_quant
+
+    def deq(x, scale):
+        return np.asarray((x.astype(jnp.float32) if scale is None else kv_quant.dequantize(x, scale)), np.float64)
+
+    ks, vs = kv.k_scale, kv.v_scale
+    if ks is not None and kv.layout.value != "token_major":  # [P, Hkv * ps] rows -> [P, Hkv, ps]
+        ks, vs = (x.reshape(kv.num_pages, kv.num_kv_heads, kv.page_size) for x in (ks, vs))
+    if kv.layout.value == "head_major_fused":
+        both = deq(kv.k, None)
+        k, v = both[..., :64], both[..., 64:]
+        if ks is not None:
+            k, v = k * np.asarray(ks)[..., None], v * np.asarray(vs)[..., None]
+    else:
+        k, v = deq(kv.k, ks), deq(kv.v, vs)
+    if kv.layout.value != "token_major":
+        k, v = np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2)
+    return k[..., :head_dim], v[..., :head_dim]
 
 
 def rounded(batch: Batch, dtype) -> Batch:

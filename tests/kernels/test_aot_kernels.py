@@ -52,7 +52,8 @@ def _require(target: str) -> None:
 
 
 # Every page dtype and bucket (f32 pages only at decode and prefill, fp8 at decode and mixed), then
-# head shapes, sliding window and soft cap.
+# head shapes, sliding window and soft cap. head_dim 64 uses the TPU's default fused K|V pages
+# (test_attention_compiles_head_major_d64 the 128-lane padded ones).
 ATTN_CASES = [
     *(AttnCase(bucket=b, kv=kv) for kv in ("bf16", "int8") for b in aot_cases.BUCKETS),
     AttnCase(bucket="decode", kv="f32"),
@@ -77,6 +78,14 @@ def test_attention_compiles(target, case):
     # The Pallas kernel is in the compiled program (a Mosaic custom call / a Triton fusion), not an
     # XLA fallback.
     assert "ragged_paged_attention" in text
+
+
+@pytest.mark.parametrize("target", TPU_TARGETS)
+def test_attention_compiles_head_major_d64(target):
+    """head_dim 64 in 128-lane padded head-major pages (a cache made with layout='head_major')."""
+    _require(target)
+    case = AttnCase(bucket="mixed", kv="int8", layout="head_major")
+    assert "ragged_paged_attention" in aot_cases.attention_lowered(target, case).compile().as_text()
 
 
 # Every format at batch 1 and 64 on SmolLM2's down_proj (K=1536: a masked K tail for int4 g128 on the

@@ -4,30 +4,46 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from rpa_testlib import GEO_A, draw_lengths, make_batch, num_real_rows, oracle
+from rpa_testlib import GEO_A, draw_lengths, make_batch, num_real_rows, oracle, token_major_pages
 
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
-from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages, init_kv_pages, write_kv
+from pallas_kernels.ragged_paged_attention.pages import (
+    KVLayout,
+    default_layout,
+    init_kv_pages,
+    page_bytes_per_token,
+    write_kv,
+)
 
-LAYOUTS = ["token_major", "head_major"]
-
-
-def _to_token_major(kv: KVPages, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    k, v = np.asarray(kv.k.astype(jnp.float32)), np.asarray(kv.v.astype(jnp.float32))
-    if kv.layout is KVLayout.HEAD_MAJOR:
-        k, v = np.swapaxes(k, 1, 2)[..., :head_dim], np.swapaxes(v, 1, 2)[..., :head_dim]
-    return k, v
+LAYOUTS = ["token_major", "head_major", "head_major_fused"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_init_kv_pages_shapes(layout):
     kv = init_kv_pages(5, 16, 3, 64, jnp.bfloat16, layout=layout)
     want = (5, 16, 3, 64) if layout == "token_major" else (5, 3, 16, 128)
-    assert kv.k.shape == kv.v.shape == want and kv.k.dtype == jnp.bfloat16
+    fused = layout == "head_major_fused"
+    assert kv.k.shape == want and kv.k.dtype == jnp.bfloat16
+    assert (kv.v is None) if fused else (kv.v.shape == want)
     assert kv.layout is KVLayout(layout) and (kv.page_size, kv.num_kv_heads, kv.num_pages) == (16, 3, 5)
     assert kv.k_scale is None and not np.any(np.asarray(kv.k.astype(jnp.float32)))
-    # The layout is static: the pytree's leaves are the two arrays only.
-    assert len(jax.tree.leaves(kv)) == 2
+    # The layout is static: the pytree's leaves are the arrays only (one when K and V are fused).
+    assert len(jax.tree.leaves(kv)) == (1 if fused else 2)
+
+
+def test_default_layout_and_page_bytes():
+    """The TPU kernel's default layout fuses K and V for head_dim <= 64 (half the bytes of 128-lane
+    padded head-major pages, the same as token-major); other kernels stay token-major."""
+    assert default_layout("pallas_tpu", 64) is KVLayout.HEAD_MAJOR_FUSED
+    assert default_layout("pallas_tpu", 32) is KVLayout.HEAD_MAJOR_FUSED
+    assert default_layout("pallas_tpu", 128) is KVLayout.HEAD_MAJOR
+    assert default_layout("pallas_tpu") is KVLayout.HEAD_MAJOR
+    assert default_layout("pallas_gpu", 64) is default_layout("xla", 64) is KVLayout.TOKEN_MAJOR
+    per = {lay: page_bytes_per_token(KVLayout(lay), 3, 64, jnp.bfloat16) for lay in LAYOUTS}
+    assert per == {"token_major": 768, "head_major": 1536, "head_major_fused": 768}
+    assert page_bytes_per_token(KVLayout.HEAD_MAJOR_FUSED, 3, 64, None, jnp.int8) == 3 * (128 + 8)
+    with pytest.raises(ValueError, match="head_dim <= 64"):
+        init_kv_pages(4, 16, 1, 80, layout="head_major_fused")
 
 
 def test_init_kv_pages_bad_args():
@@ -62,12 +78,15 @@ def test_write_kv_matches_numpy_scatter(layout, dtype):
     keep = slots >= 0
     want_k[slots[keep]] = rnd(k_new)[keep]
     want_v[slots[keep]] = rnd(v_new)[keep]
-    got_k, got_v = _to_token_major(out, d)
+    got_k, got_v = token_major_pages(out, d)
     np.testing.assert_array_equal(got_k.reshape(-1, hkv, d), want_k)
     np.testing.assert_array_equal(got_v.reshape(-1, hkv, d), want_v)
     assert out.layout is kv.layout and out.k.dtype == dtype
     if layout == "head_major":
         assert not np.any(np.asarray(out.k[..., d:].astype(jnp.float32))), "pad lanes stay zero"
+    if layout == "head_major_fused":  # K then V, unpadded at head_dim 64
+        np.testing.assert_array_equal(np.swapaxes(np.asarray(out.k.astype(jnp.float32)), 1, 2).reshape(-1, hkv, 2 * d),
+                                      np.concatenate([want_k, want_v], axis=-1))
 
 
 def test_write_kv_donated_in_jit():
@@ -89,7 +108,8 @@ def test_write_kv_bad_shapes():
 
 
 @pytest.mark.parametrize("impl,layout", [("xla", "token_major"), ("xla", "head_major"),
-                                         ("pallas_tpu", "head_major"), ("pallas_gpu", "token_major")])
+                                         ("xla", "head_major_fused"), ("pallas_tpu", "head_major"),
+                                         ("pallas_tpu", "head_major_fused"), ("pallas_gpu", "token_major")])
 def test_write_then_attend_matches_oracle(impl, layout):
     """Fill a fresh cache with write_kv (padding slots included), then attend with the public API and
     the default block sizes of each implementation."""

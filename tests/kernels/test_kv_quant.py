@@ -10,7 +10,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from rpa_testlib import GEO_A, draw_lengths, make_batch, num_real_rows, oracle, quantized_cache
+from rpa_testlib import GEO_A, draw_lengths, make_batch, num_real_rows, oracle, quantized_cache, token_major_pages
 
 from pallas_kernels.ragged_paged_attention import cpu, kv_quant
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
@@ -23,20 +23,17 @@ HALF_STEP = {jnp.dtype(jnp.int8): 1 / 254, jnp.dtype(jnp.float8_e4m3fn): 2.0**-4
 
 
 def _dequantized_token_major(kv, head_dim):
-    k = np.asarray(kv_quant.dequantize(kv.k, kv.k_scale), np.float64)
-    v = np.asarray(kv_quant.dequantize(kv.v, kv.v_scale), np.float64)
-    if kv.layout.value == "head_major":
-        k, v = np.swapaxes(k, 1, 2)[..., :head_dim], np.swapaxes(v, 1, 2)[..., :head_dim]
-    return k, v
+    return token_major_pages(kv, head_dim)
 
 
-@pytest.mark.parametrize("layout", ["token_major", "head_major"])
+@pytest.mark.parametrize("layout", ["token_major", "head_major", "head_major_fused"])
 @pytest.mark.parametrize("qdtype", [jnp.int8, jnp.float8_e4m3fn])
 def test_write_kv_quantizes_per_token_and_head(layout, qdtype):
     rng = np.random.default_rng(0)
     num_pages, ps, hkv, d, t = 4, 8, 2, 64, 12
     kv = init_kv_pages(num_pages, ps, hkv, d, layout=layout, quant_dtype=qdtype)
-    assert kv.k.dtype == qdtype and kv.k_scale.shape == kv.k.shape[:3] and kv.k_scale.dtype == jnp.float32
+    want_scale = (num_pages, ps, hkv) if layout == "token_major" else (num_pages, hkv * ps)  # one row per page
+    assert kv.k.dtype == qdtype and kv.k_scale.shape == want_scale and kv.k_scale.dtype == jnp.float32
     x = rng.standard_normal((t, hkv, d)).astype(np.float32) * rng.uniform(0.1, 10, size=(t, hkv, 1))
     x[3] = 0.0  # an all-zero token decodes to exactly zero
     slots = rng.choice(num_pages * ps, size=t, replace=False).astype(np.int32)
@@ -52,14 +49,17 @@ def test_write_kv_quantizes_per_token_and_head(layout, qdtype):
     assert np.all(k[slots[3]] == 0)
     untouched = np.setdiff1d(np.arange(num_pages * ps), slots[keep])
     assert not np.any(k[untouched]) and not np.any(v[untouched])
-    scales = np.asarray(out.k_scale if layout == "token_major" else np.swapaxes(out.k_scale, 1, 2))
+    scales = np.asarray(out.k_scale)
+    if layout != "token_major":
+        scales = np.swapaxes(scales.reshape(num_pages, hkv, ps), 1, 2)
     np.testing.assert_allclose(scales.reshape(-1, hkv)[slots[keep]],
                                absmax[keep, :, 0] / kv_quant.qmax(qdtype), rtol=1e-6)
 
 
 @pytest.mark.parametrize("qdtype", [jnp.int8, jnp.float8_e4m3fn])
 @pytest.mark.parametrize("impl,layout", [
-    ("xla", "token_major"), ("pallas_tpu", "head_major"), ("pallas_gpu", "token_major"),
+    ("xla", "token_major"), ("xla", "head_major_fused"), ("pallas_tpu", "head_major"),
+    ("pallas_tpu", "head_major_fused"), ("pallas_gpu", "token_major"),
     pytest.param("cpu", "token_major", marks=pytest.mark.skipif(
         not cpu.available(), reason="no C++ compiler: the CPU kernel cannot be built"))])
 def test_attention_on_quantized_cache(impl, layout, qdtype):

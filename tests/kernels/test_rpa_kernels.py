@@ -12,6 +12,7 @@ from rpa_testlib import GEO_A, GEO_B, GEO_C, KINDS, device_args, draw_lengths, m
 
 from pallas_kernels.backend import needs_interpret
 from pallas_kernels.ragged_paged_attention import gpu, reference, tpu
+from pallas_kernels.ragged_paged_attention.pages import default_layout
 from pallas_kernels.ragged_paged_attention.tuning import GpuBlockSizes, TpuBlockSizes
 
 SM_SCALE = 0.125
@@ -31,8 +32,8 @@ CONFIGS = {
 
 def _kernel_out(impl, batch, dtype, config, **opts):
     geo, tpu_bs, gpu_bs = CONFIGS[config]
-    if impl == "pallas_tpu":
-        args = device_args(batch, dtype, "head_major")
+    if impl == "pallas_tpu":  # the engine's layout: fused K|V rows at head_dim 64, head-major at 128
+        args = device_args(batch, dtype, default_layout(impl, geo.head_dim).value)
         out = tpu.ragged_paged_attention_tpu(*args, sm_scale=SM_SCALE, block_sizes=tpu_bs,
                                              interpret=needs_interpret(impl, None), **opts)
     else:

@@ -30,13 +30,14 @@ def tpu_interpreter():
     pltpu.reset_tpu_interpret_mode_state()
 
 
-def test_tpu_kernel_no_dma_races(tpu_interpreter):
+@pytest.mark.parametrize("layout", ["head_major", "head_major_fused"])
+def test_tpu_kernel_no_dma_races(tpu_interpreter, layout):
     # Two q blocks, one-page KV blocks, sequences crossing the q-block boundary, an empty KV tail:
     # every prefetch path (next KV block, next sequence, first block of a grid step) is exercised.
     geo = Geometry(num_tokens=16, max_seqs=4, num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=8,
                    pages_per_seq=4, num_pages=16)
     batch = make_batch(np.random.default_rng(1), geo, [(1, 9), (1, 17), (5, 24), (3, 3)])
-    args = device_args(batch, jnp.float32, "head_major")
+    args = device_args(batch, jnp.float32, layout)
     got = tpu.ragged_paged_attention_tpu(*args, sm_scale=0.125, interpret=RACE_PARAMS,
                                          block_sizes=TpuBlockSizes(block_q=8, kv_pages_per_block=1))
     assert mosaic_interpret.races is not None and not mosaic_interpret.races.races_found
@@ -71,14 +72,15 @@ def _lower(fn, platform, hq, hkv, d, dtype, layout, quant=None, t=48, s=8, pps=1
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-@pytest.mark.parametrize("hq,hkv,d,dtype,quant,opts", [
-    (9, 3, 64, jnp.float32, None, {}),
-    (32, 8, 128, jnp.bfloat16, None, dict(sliding_window=64, soft_cap=30.0)),
-    (32, 8, 128, jnp.bfloat16, jnp.int8, {}),
-], ids=["smollm2_f32", "llama8b_bf16_window_cap", "llama8b_int8_kv"])
-def test_tpu_kernel_lowers_to_mosaic(hq, hkv, d, dtype, quant, opts):
+@pytest.mark.parametrize("hq,hkv,d,dtype,quant,opts,layout", [
+    (9, 3, 64, jnp.float32, None, {}, "head_major"),
+    (9, 3, 64, jnp.bfloat16, jnp.int8, {}, "head_major_fused"),
+    (32, 8, 128, jnp.bfloat16, None, dict(sliding_window=64, soft_cap=30.0), "head_major"),
+    (32, 8, 128, jnp.bfloat16, jnp.int8, {}, "head_major"),
+], ids=["smollm2_f32", "smollm2_fused_int8_kv", "llama8b_bf16_window_cap", "llama8b_int8_kv"])
+def test_tpu_kernel_lowers_to_mosaic(hq, hkv, d, dtype, quant, opts, layout):
     fn = functools.partial(tpu.ragged_paged_attention_tpu, sm_scale=0.1, interpret=False, **opts)
-    assert "tpu_custom_call" in _lower(fn, "tpu", hq, hkv, d, dtype, "head_major", quant)
+    assert "tpu_custom_call" in _lower(fn, "tpu", hq, hkv, d, dtype, layout, quant)
 
 
 @pytest.mark.parametrize("hq,hkv,d,dtype,quant,splits", [
