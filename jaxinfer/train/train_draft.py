@@ -30,6 +30,8 @@ def register(subparsers):
     p.add_argument("--head-out", default=None, help="head file to write (default: <out>/eagle-head.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--dtype", default="auto", help="target dtype for generation and hidden states")
+    p.add_argument("--init-head", default=None,
+                   help="start from this head file (its draft vocabulary and weights) instead of a fresh head")
     g = p.add_argument_group("data")
     g.add_argument("--num-prompts", type=int, default=480)
     g.add_argument("--held-out-prompts", type=int, default=32)
@@ -184,18 +186,34 @@ def run(args) -> int:
     n_train = sum(len(q.tokens) - q.prompt_len for q in train)
     log(f"data: {len(train)} training replies ({n_train} reply tokens), {len(held)} held-out replies")
 
-    vocab = tc.vocab_size if args.draft_vocab in (0, None) else args.draft_vocab
+    name = args.model or "smollm2-135m-instruct"
     eos = tuple(t for t in tc.eos_token_ids if t < tc.vocab_size)
-    d2t = data.draft_vocabulary(data.token_counts(train, tc.vocab_size), vocab, eos)
+    if args.init_head:
+        from jaxinfer.speculative.eagle import check_head
+        from jaxinfer.speculative.eagle_head import load_eagle_head, read_eagle_metadata
+
+        cfg, params = load_eagle_head(args.init_head)
+        check_head(cfg, tc, name, args.init_head)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32 if a.dtype.kind in "iu" else jnp.float32), params)
+        d2t = np.asarray(params["d2t"])
+        vocab = len(d2t)
+        init_record = {"file": str(args.init_head), "training": read_eagle_metadata(args.init_head)[1]}
+        log(f"starting from {args.init_head} (draft vocabulary {vocab})")
+    else:
+        vocab = tc.vocab_size if args.draft_vocab in (0, None) else args.draft_vocab
+        d2t = data.draft_vocabulary(data.token_counts(train, tc.vocab_size), vocab, eos)
+        init_record = None
     coverage = {str(n): round(data.coverage(held, data.draft_vocabulary(data.token_counts(train, tc.vocab_size), n,
                                                                         eos)), 4)
                 for n in sorted({512, 1024, 2048, 4096, 8192, vocab}) if n <= tc.vocab_size}
+    if args.init_head:  # the head's own vocabulary (the coverage of the sizes above is for this data's)
+        coverage["init_head"] = round(data.coverage(held, d2t), 4)
     log(f"draft vocabulary {vocab}: held-out reply tokens covered {coverage}")
 
     s = _settings(args)
-    name = args.model or "smollm2-135m-instruct"
-    cfg, params = init_eagle_head(jax.random.PRNGKey(s.seed), tc, d2t, target_params=loaded.params,
-                                  target_model=name)
+    if init_record is None:
+        cfg, params = init_eagle_head(jax.random.PRNGKey(s.seed), tc, d2t, target_params=loaded.params,
+                                      target_model=name)
     # everything on the target's mesh, replicated (the update's outputs come back with that sharding)
     rep = jax.sharding.NamedSharding(loaded.mesh, jax.sharding.PartitionSpec())
     d2t_dev = jax.device_put(params["d2t"], rep)
@@ -261,6 +279,7 @@ def run(args) -> int:
             "time_s": {"total_this_run": round(time.perf_counter() - t_start, 1), "train_this_run": round(train_s, 1),
                        "process_cpu_this_run": round(time.process_time() - cpu_start, 1), **timing},
             "final_loss": history["loss"][-1] if history["loss"] else None, "held_out_acceptance": final,
+            "init_head": init_record,
             "devices": str(jax.devices()[0].device_kind)}
     save_eagle_head(head_out, cfg, dict(trainable, d2t=d2t_dev), meta)
     log(f"wrote {head_out} ({head_out.stat().st_size / 2**20:.1f} MiB)")
