@@ -61,6 +61,7 @@ def eagle(tiny_model_dir, tmp_path_factory):
 def _engine(target, method=None, head=None, **kw):
     """``PAGES`` pages whatever the model (256 B per token and layer; the head has one layer)."""
     memory = PAGES * CFG["page_size"] * 256 * (target.config.num_layers + (1 if method else 0))
+    kw.setdefault("eagle_draft_threshold", 0.0)  # full chains unless a test asks for the early stop
     cfg = EngineConfig(**{**CFG, "kv_cache_memory": memory, **kw}, speculative_method=method,
                        speculative_model=head)
     return Engine(target, cfg)
