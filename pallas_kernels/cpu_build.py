@@ -2,13 +2,15 @@
 
 A kernel source is compiled on first use with the system C++ compiler (``$CXX``, else
 ``c++``/``g++``/``clang++``) against jax's FFI headers (``jax.ffi.include_dir()``), for the host CPU
-(``-march=native``), and cached under ``$JAXINFER_CACHE_DIR/cpu_kernels`` (default: the user cache
-directory). The cache key covers the source, the flags, the compiler, jaxlib's version and the CPU's
-feature flags, so a changed source or another CPU builds anew.
+(``-march=native``), with this folder on the include path for the headers the kernels share
+(``cpu_simd.h``: vector types and conversions; ``cpu_parallel.h``: spreading work items over XLA's
+intra-op thread pool), and cached under ``$JAXINFER_CACHE_DIR/cpu_kernels`` (default: the user cache
+directory). The cache key covers the source, the shared headers, the flags, the compiler, jaxlib's
+version and the CPU's feature flags, so a changed source or header, or another CPU, builds anew.
 
-Each kernel module keeps a ``state`` dict (``{}``: not tried; ``{"ok": True}``; ``{"error": reason}``)
-and a lock, and calls :func:`buildable` (cheap, builds nothing) when choosing an implementation and
-:func:`ensure_loaded` (builds and registers once, remembers a failure) where the kernel is about to run.
+Each kernel module holds one :class:`CpuKernel` and exposes its :meth:`~CpuKernel.buildable` (cheap,
+builds nothing: asked when choosing an implementation) and :meth:`~CpuKernel.available` (builds and
+registers once, remembers a failure: called where the kernel is about to run).
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ from pathlib import Path
 import jax
 import jaxlib
 
+from pallas_kernels.backend import KernelUnavailableError
+
 logger = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-mprefer-vector-width=512",
          "-fno-math-errno")
+#: Where the headers shared by the kernels live (``#include "cpu_simd.h"``).
+HEADER_DIR = Path(__file__).parent
 
 
 def cache_dir() -> Path:
@@ -71,7 +77,8 @@ def build(source: Path, prefix: str, cxx: str) -> Path:
     """
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, jaxlib.__version__,
+    headers = [f"{h.name}\0{h.read_text()}" for h in sorted(HEADER_DIR.glob("*.h"))]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, " ".join(FLAGS), version, jaxlib.__version__,
                                     platform.machine(), cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{prefix}_{key}.so"
     if out.exists():
@@ -79,7 +86,7 @@ def build(source: Path, prefix: str, cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{include}", str(source), "-o", tmp]
+    cmd = [cxx, *FLAGS, f"-I{HEADER_DIR}", f"-I{include}", str(source), "-o", tmp]
     logger.info("building a CPU kernel: %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -89,31 +96,51 @@ def build(source: Path, prefix: str, cxx: str) -> Path:
     return out
 
 
-def buildable(state: dict) -> bool:
-    """Whether the kernel is built, or not tried yet and a C++ compiler is on the path (builds nothing)."""
-    if "ok" in state:
-        return True
-    if "error" in state:
-        return False
-    return compiler() is not None
+class CpuKernel:
+    """One C++ kernel: its source, the FFI handler ``symbol`` it exports and the XLA ``target`` it is
+    registered as; ``what`` names it in messages.
 
-
-def ensure_loaded(state: dict, lock: threading.Lock, *, source: Path, prefix: str, symbol: str, target: str,
-                  what: str) -> bool:
-    """Build ``source`` and register its FFI handler ``symbol`` as ``target`` on the CPU, once.
-
-    A failure is logged (``what`` names the kernel), remembered in ``state`` and reported as ``False``.
+    ``state`` is ``{}`` (not tried), ``{"ok": True}`` or ``{"error": reason}``.
     """
-    with lock:
-        if not state:
-            try:
-                cxx = compiler()
-                if cxx is None:
-                    raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
-                lib = ctypes.cdll.LoadLibrary(str(build(source, prefix, cxx)))
-                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-                state["ok"] = True
-            except Exception as e:  # noqa: BLE001 - any build / load failure means "fall back"
-                state["error"] = f"{type(e).__name__}: {e}"
-                logger.warning("%s unavailable, using the XLA path: %s", what, state["error"])
-        return "ok" in state
+
+    def __init__(self, source: Path, *, prefix: str, symbol: str, target: str, what: str):
+        self.source, self.prefix, self.symbol, self.target, self.what = source, prefix, symbol, target, what
+        self.state: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def buildable(self) -> bool:
+        """Whether the kernel is built, or not tried yet and a C++ compiler is on the path (builds nothing)."""
+        if "ok" in self.state:
+            return True
+        if "error" in self.state:
+            return False
+        return compiler() is not None
+
+    def available(self) -> bool:
+        """Whether the kernel is built (building it on the first call) and registered with XLA.
+
+        A failure is logged, remembered and reported as ``False``.
+        """
+        with self._lock:
+            if not self.state:
+                try:
+                    cxx = compiler()
+                    if cxx is None:
+                        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+                    lib = ctypes.cdll.LoadLibrary(str(build(self.source, self.prefix, cxx)))
+                    jax.ffi.register_ffi_target(self.target, jax.ffi.pycapsule(getattr(lib, self.symbol)),
+                                                platform="cpu")
+                    self.state["ok"] = True
+                except Exception as e:  # noqa: BLE001 - any build / load failure means "fall back"
+                    self.state["error"] = f"{type(e).__name__}: {e}"
+                    logger.warning("%s unavailable, using the XLA path: %s", self.what, self.state["error"])
+            return "ok" in self.state
+
+    def require(self) -> None:
+        """Build and register the kernel if need be.
+
+        Raises:
+          KernelUnavailableError: it could not be built here (the reason is in the message).
+        """
+        if not self.available():
+            raise KernelUnavailableError(f"the {self.what} could not be built: {self.state['error']}")

@@ -24,13 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
-import numpy as np
 
 from jaxinfer.device_batch import BatchBuilder, RowInfo, VerifyBatch
 from jaxinfer.outputs import acceptance_length
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import logprob_entry
 from jaxinfer.scheduler import ScheduledSeq
+from jaxinfer.speculative.draft import probs_rows
 from jaxinfer.speculative.ngram import NgramProposer
 
 METHODS = ("ngram", "draft", "eagle", "ngram+eagle")
@@ -189,13 +189,6 @@ class SpeculativeDecoder:
         self._point_mass = [bool(d) for d in drafts]
         return [d or e for d, e in zip(drafts, model)]
 
-    def _q_rows(self, slots_js, s: int) -> np.ndarray:
-        out = np.full(s, self.runner.num_draft_rows, np.int32)  # out of range: not stored
-        for i, (slot, j) in enumerate(slots_js):
-            if j is not None:
-                out[i] = slot * self.k + j
-        return out
-
     def _draft_propose(self, rows, infos, ks) -> list[list[int]]:
         done = self._draft_done
         drafts: list[list[int]] = [[] for _ in rows]
@@ -217,8 +210,8 @@ class SpeculativeDecoder:
             return drafts
         infos1 = [infos[i] for i in sel]
         b1 = self.batches.draft(rows1, infos1, [info.step for info in infos1])
-        q1 = self._q_rows([(info.slot, 0 if ks[i] else None) for i, info in zip(sel, infos1)],
-                          b1.logits_indices.shape[0])
+        q1 = probs_rows([(info.slot, 0 if ks[i] else None) for i, info in zip(sel, infos1)], self.k,
+                        self.runner.num_draft_rows, b1.logits_indices.shape[0])
         tokens = self.runner.run_draft(b1, q1)
         for n, (i, r1) in enumerate(zip(sel, rows1)):
             done[r1.seq.request_id] = r1.kv_len
@@ -231,8 +224,8 @@ class SpeculativeDecoder:
             infos_j = [infos[i] for i in idx]
             b = self.batches.draft(rows_j, infos_j, [info.step + j for info in infos_j],
                                    [[drafts[i][-1]] for i in idx])
-            tokens = self.runner.run_draft(b, self._q_rows([(info.slot, j) for info in infos_j],
-                                                           b.logits_indices.shape[0]))
+            tokens = self.runner.run_draft(b, probs_rows([(info.slot, j) for info in infos_j], self.k,
+                                                         self.runner.num_draft_rows, b.logits_indices.shape[0]))
             for n, i in enumerate(idx):
                 drafts[i].append(int(tokens[n]))
                 done[rows[i].seq.request_id] = rows[i].start + j + 1

@@ -16,11 +16,23 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.kv_cache import KV_CACHE_DTYPES, KVCacheSpec
 from jaxinfer.sampling import SamplingTensors, process_logits, warp_logits
 from jaxinfer.speculative.rejection import DRAFT_STREAM, stream_gumbel
 from pallas_kernels.ragged_paged_attention.pages import default_layout
+
+
+def probs_rows(slots_js, k: int, num_rows: int, size: int) -> np.ndarray:
+    """Where a draft step stores the draft distributions of its logits rows: ``i32[size]``, row ``n`` is
+    ``slot * k + j`` for the ``n``-th ``(slot, j)`` of ``slots_js``, and ``num_rows`` (out of the buffer's
+    range: not stored) where ``j`` is ``None`` and for the padding rows past ``slots_js``."""
+    out = np.full(size, num_rows, np.int32)
+    for n, (slot, j) in enumerate(slots_js):
+        if j is not None:
+            out[n] = slot * k + j
+    return out
 
 
 def draft_kv_spec(draft_config, target_spec: KVCacheSpec) -> KVCacheSpec:

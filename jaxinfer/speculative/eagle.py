@@ -1,6 +1,6 @@
 """The EAGLE head inside the engine: choosing and checking the head file, its paged cache geometry and its
-paged forward pass (the head's definition, dense reference and file format are
-:mod:`jaxinfer.speculative.eagle_head`).
+paged forward pass (the head's definition and file format are :mod:`jaxinfer.speculative.eagle_head`, its
+dense reference forward :mod:`jaxinfer.speculative.eagle_dense`).
 
 Cache layout: the head's entry ``t`` (input ``(x_{t+1}, h_t)``, RoPE position ``t + 1``) is stored at the
 target's cache slot of position ``t``, in a one-layer cache with the target's page count, page size, layout
@@ -25,13 +25,9 @@ from jaxinfer.models.causal_lm import ATTENTION_CLASSES
 from jaxinfer.models.layers import embed, linear
 from jaxinfer.models.llama import DecoderLayer
 from jaxinfer.speculative.draft import draft_bytes_per_token, draft_sample
-from jaxinfer.speculative.eagle_head import EagleHeadConfig, draft_logits, load_eagle_head, shipped_head_path
+from jaxinfer.speculative.eagle_dense import draft_logits
+from jaxinfer.speculative.eagle_head import LAYER_FIELDS, EagleHeadConfig, load_eagle_head, shipped_head_path
 from jaxinfer.target import Kernels
-
-# The fields of EagleHeadConfig that must equal the target's (the head's decoder layer and fc are built on them).
-_SHAPE_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
-                 "rms_norm_eps", "rope_theta", "rope_scaling", "rope_freq_factors", "attention_bias", "mlp_bias",
-                 "qk_norm", "sliding_window")
 
 
 def _short(name: str | None) -> str:
@@ -64,8 +60,10 @@ def check_head(cfg: EagleHeadConfig, target_config, target_name: str | None, pat
     from jaxinfer.model_registry import DEFAULT_MODEL
 
     want = EagleHeadConfig.from_target(target_config, cfg.draft_vocab_size, cfg.target_model)
-    bad = [f for f in _SHAPE_FIELDS if getattr(want, f) != getattr(cfg, f)] + (
-        ["architecture"] if want.architecture != cfg.architecture else [])
+    # Every field the head keeps must be the target's, but the context length (the head reads no position
+    # past the target's own).
+    bad = [f for f in LAYER_FIELDS
+           if f != "max_position_embeddings" and getattr(want.layer, f) != getattr(cfg.layer, f)]
     name = DEFAULT_MODEL if target_name is None else target_name
     head_for, target = _short(cfg.target_model), _short(name)
     if bad or (head_for and target and head_for != target):
@@ -77,13 +75,14 @@ def check_head(cfg: EagleHeadConfig, target_config, target_name: str | None, pat
 
 def eagle_kv_spec(cfg: EagleHeadConfig, target_spec: KVCacheSpec) -> KVCacheSpec:
     """The head's one-layer cache on the target's pages."""
-    return KVCacheSpec(1, target_spec.num_pages, target_spec.page_size, cfg.num_kv_heads, cfg.head_dim,
+    lc = cfg.layer
+    return KVCacheSpec(1, target_spec.num_pages, target_spec.page_size, lc.num_kv_heads, lc.head_dim,
                        target_spec.dtype, target_spec.quant_dtype, target_spec.layout)
 
 
 def eagle_bytes_per_token(cfg: EagleHeadConfig, page_size: int, dtype, kv_cache_dtype: str, impl: str | None) -> int:
     """Cache bytes per token of the head (to share the KV memory budget with the target)."""
-    return draft_bytes_per_token(cfg.layer_config(), page_size, dtype, kv_cache_dtype, impl)
+    return draft_bytes_per_token(cfg.layer, page_size, dtype, kv_cache_dtype, impl)
 
 
 class EagleHead:
@@ -98,12 +97,12 @@ class EagleHead:
 
     def __init__(self, cfg: EagleHeadConfig, d2t: np.ndarray, dtype, kernels: Kernels | None):
         self.cfg = cfg
-        lc = cfg.layer_config()
+        lc = cfg.layer
         self.layer = DecoderLayer(lc, ATTENTION_CLASSES[lc.architecture], jnp.dtype(dtype), kernels=kernels)
         self.inv_freq = np.asarray(lc.inv_freq(), np.float32)
         self.kernels = kernels
-        self.vocab = cfg.vocab_size
-        self.full_vocab = len(d2t) == cfg.vocab_size and bool(np.all(d2t == np.arange(len(d2t))))
+        self.vocab = lc.vocab_size
+        self.full_vocab = len(d2t) == lc.vocab_size and bool(np.all(d2t == np.arange(len(d2t))))
 
     def features(self, params, embed_table, tokens, hidden, positions, cache, md: AttentionMetadata):
         """``f = layer(fc([embed(tokens); hidden]))`` over a ragged batch, the new K/V written to ``cache``.

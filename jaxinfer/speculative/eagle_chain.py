@@ -1,6 +1,6 @@
 """Dense multi-step EAGLE drafting from every position of a sequence at once (training and evaluation).
 
-Row ``r`` of a teacher-forced pass (:func:`~jaxinfer.speculative.eagle_head.eagle_forward_dense`) feeds
+Row ``r`` of a teacher-forced pass (:func:`~jaxinfer.speculative.eagle_dense.eagle_forward_dense`) feeds
 ``(x_p, h_{p-1})`` at position ``p = positions[r]`` and its logits draft ``d_1``, the token after ``x_p``.
 A chain starting at row ``r`` continues as drafting does in the engine: step ``j >= 2`` feeds
 ``(token_j, f_{j-1})`` (the previous step's own feature) at position ``p + j - 1``, attending to the
@@ -13,25 +13,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.speculative.eagle_head import (
-    EagleHeadConfig,
-    causal_mask,
+from jaxinfer.speculative.eagle_dense import (
     draft_logits,
+    eagle_forward_dense,
     fc_input,
     layer_finish,
     layer_qkv,
 )
-
-
-def teacher_forced(params, cfg: EagleHeadConfig, embed_table, tokens, hidden, positions):
-    """Step 1 of every chain: ``(features [B, T, D], logits f32[B, T, Vd], (k, v) [B, T, Hkv, Dh])``."""
-    from jaxinfer.speculative.eagle_head import attend
-
-    x = fc_input(params, embed_table, tokens, hidden)
-    q, k, v = layer_qkv(params["layer"], cfg, x, positions)
-    o = attend(q, k, v, causal_mask(positions, cfg.sliding_window), cfg.layer_config().sm_scale)
-    f = layer_finish(params["layer"], cfg, x, o)
-    return f, draft_logits(params, cfg, f), (k, v)
+from jaxinfer.speculative.eagle_head import EagleHeadConfig
 
 
 def chain_step(params, cfg: EagleHeadConfig, embed_table, tokens, feats, positions, context, own):
@@ -54,17 +43,18 @@ def chain_step(params, cfg: EagleHeadConfig, embed_table, tokens, feats, positio
     ck, cv, cpos = context
     hkv = ck.shape[2]
     qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, dh)
-    scale = cfg.layer_config().sm_scale
+    scale = cfg.layer.sm_scale
     s_ctx = jnp.einsum("btkgd,bskd->bkgts", qg, ck.astype(jnp.float32)) * scale
     idx = jnp.arange(t)
     mask = idx[None, :] <= idx[:, None]
     mask = jnp.broadcast_to(mask, (b, t, t))
-    if cfg.sliding_window is not None:
-        mask = mask & (positions[:, :, None] - cpos[:, None, :] < cfg.sliding_window)
+    window = cfg.layer.sliding_window
+    if window is not None:
+        mask = mask & (positions[:, :, None] - cpos[:, None, :] < window)
     s_ctx = jnp.where(mask[:, None, None], s_ctx, -jnp.inf)
     s_own = jnp.stack([jnp.einsum("btkgd,btkd->bkgt", qg, ok.astype(jnp.float32)) * scale for ok, _, _ in own], -1)
-    if cfg.sliding_window is not None:
-        ok_mask = jnp.stack([positions - op < cfg.sliding_window for _, _, op in own], -1)  # [B, T, E]
+    if window is not None:
+        ok_mask = jnp.stack([positions - op < window for _, _, op in own], -1)  # [B, T, E]
         s_own = jnp.where(ok_mask[:, None, None], s_own, -jnp.inf)
     p = jax.nn.softmax(jnp.concatenate([s_ctx, s_own], -1), axis=-1)
     p_ctx, p_own = p[..., :t], p[..., t:]
@@ -87,7 +77,7 @@ def greedy_chain(params, cfg: EagleHeadConfig, embed_table, tokens, hidden, posi
     """``k`` greedy drafts from every row: ``i32[B, T, k]`` target token ids (draft ``j`` of the chain that
     starts at row ``r`` drafts the token ``j`` places after ``tokens[:, r]``)."""
     d2t = jnp.asarray(params["d2t"])
-    f, logits, (ck, cv) = teacher_forced(params, cfg, embed_table, tokens, hidden, positions)
+    f, logits, (ck, cv) = eagle_forward_dense(params, cfg, embed_table, tokens, hidden, positions)
     context = (ck, cv, positions)
     drafts = [d2t[jnp.argmax(logits, -1)]]
     own = []

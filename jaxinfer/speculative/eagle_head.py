@@ -30,90 +30,90 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxinfer.model_config import ModelConfig, RopeScaling
+
 FORMAT = "jaxinfer-eagle-1"
 HEADS_DIR = Path(__file__).parent / "heads"
 # Registered target model name -> shipped head file under HEADS_DIR.
 SHIPPED_HEADS = {"smollm2-135m-instruct": "smollm2-135m-instruct-eagle.safetensors"}
 
 
+# The target's ModelConfig fields the head keeps (its decoder layer, fc and norms are built on them); the
+# file's ``eagle_config`` metadata holds these, ``draft_vocab_size`` and ``target_model``.
+LAYER_FIELDS = ("architecture", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_freq_factors",
+                "max_position_embeddings", "attention_bias", "mlp_bias", "qk_norm", "sliding_window")
+_DENSE_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+_MOE_TO_DENSE = {"qwen3_moe": "qwen3", "mixtral": "mistral", "qwen2_moe": "qwen2"}
+
+
 @dataclass(frozen=True)
 class EagleHeadConfig:
-    """The target fields the head needs, its draft vocabulary size and the target's identity.
+    """The head's decoder layer (derived from the target's config), its draft vocabulary and its target.
 
-    Attributes mirror :class:`jaxinfer.model_config.ModelConfig` (``rope_scaling`` as ``(name, value)`` pairs
-    of ``RopeScaling`` fields, so the config stays hashable for ``jit``); ``vocab_size`` is the target's,
-    ``draft_vocab_size`` the head's ``Vd``;
-    ``target_model`` names the target (registered name, path or hub id) the head was trained on.
+    Attributes:
+      layer: a one-layer dense :class:`~jaxinfer.model_config.ModelConfig` with the target's
+        :data:`LAYER_FIELDS` (a mixture-of-experts target's dense family, ``intermediate_size`` wide);
+        ``layer.vocab_size`` is the target's ``V``. Build ``DecoderLayer(cfg.layer, ...)`` with it; RoPE
+        frequencies and ``sm_scale`` come from it too.
+      draft_vocab_size: the head's ``Vd`` (``1 <= Vd <= V``).
+      target_model: the target (registered name, path or hub id) the head was trained on.
     """
 
-    architecture: str
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
+    layer: ModelConfig
     draft_vocab_size: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: tuple = ()
-    rope_freq_factors: tuple[float, ...] | None = None
-    max_position_embeddings: int = 4096
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    sliding_window: int | None = None
     target_model: str = ""
 
     def __post_init__(self):
-        if not 1 <= self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"draft_vocab_size must be in [1, {self.vocab_size}], got {self.draft_vocab_size}")
-        if self.architecture not in _DENSE_ARCHITECTURES:
-            raise ValueError(f"no EAGLE head for architecture {self.architecture!r} "
-                             f"(supported: {', '.join(sorted(_DENSE_ARCHITECTURES))})")
+        lc = self.layer
+        if lc.architecture not in _DENSE_ARCHITECTURES or lc.num_layers != 1 or lc.num_experts:
+            raise ValueError(f"an EAGLE head's layer is one dense decoder layer of {sorted(_DENSE_ARCHITECTURES)}, "
+                             f"got {lc.num_layers} layer(s) of {lc.architecture!r}")
+        if not 1 <= self.draft_vocab_size <= lc.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [1, {lc.vocab_size}], got {self.draft_vocab_size}")
 
     @classmethod
-    def from_target(cls, config, draft_vocab_size: int | None = None, target_model: str = "") -> EagleHeadConfig:
-        """From the target's :class:`~jaxinfer.model_config.ModelConfig` (``None``: the full vocabulary).
+    def from_target(cls, config: ModelConfig, draft_vocab_size: int | None = None,
+                    target_model: str = "") -> EagleHeadConfig:
+        """From the target's config (``draft_vocab_size=None``: the full vocabulary).
 
-        A mixture-of-experts target gets a dense head layer of the target's family
-        (``intermediate_size`` wide).
+        Raises:
+          ValueError: a target family without an EAGLE head, or a draft vocabulary out of range.
         """
         arch = _MOE_TO_DENSE.get(config.architecture, config.architecture)
-        return cls(arch, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
-                   config.intermediate_size, config.vocab_size,
-                   config.vocab_size if draft_vocab_size is None else int(draft_vocab_size),
-                   config.rms_norm_eps, config.rope_theta, tuple(asdict(config.rope_scaling).items()),
-                   config.rope_freq_factors,
-                   config.max_position_embeddings, config.attention_bias, config.mlp_bias, config.qk_norm,
-                   config.sliding_window, target_model)
-
-    def layer_config(self):
-        """A one-layer dense :class:`~jaxinfer.model_config.ModelConfig` describing the head's decoder layer
-        (build ``DecoderLayer(head_cfg.layer_config(), ...)`` with it; RoPE frequencies and ``sm_scale``
-        come from it too)."""
-        from jaxinfer.model_config import ModelConfig, RopeScaling
-
-        return ModelConfig(self.architecture, self.vocab_size, self.hidden_size, self.intermediate_size, 1,
-                           self.num_heads, self.num_kv_heads, self.head_dim, self.rms_norm_eps, self.rope_theta,
-                           RopeScaling(**dict(self.rope_scaling)), self.rope_freq_factors, self.max_position_embeddings,
-                           attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, qk_norm=self.qk_norm,
-                           sliding_window=self.sliding_window)
+        if arch not in _DENSE_ARCHITECTURES:
+            raise ValueError(f"no EAGLE head for architecture {config.architecture!r} "
+                             f"(supported: {', '.join(sorted(_DENSE_ARCHITECTURES))})")
+        fields = {f: getattr(config, f) for f in LAYER_FIELDS}
+        layer = ModelConfig(**dict(fields, architecture=arch), num_layers=1)
+        return cls(layer, config.vocab_size if draft_vocab_size is None else int(draft_vocab_size), target_model)
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), rope_scaling=dict(self.rope_scaling))
+        """The ``eagle_config`` metadata (JSON-serialisable)."""
+        d = {f: getattr(self.layer, f) for f in LAYER_FIELDS}
+        return dict(d, rope_scaling=asdict(self.layer.rope_scaling), draft_vocab_size=self.draft_vocab_size,
+                    target_model=self.target_model)
 
     @classmethod
     def from_dict(cls, d: dict) -> EagleHeadConfig:
+        """Inverse of :meth:`to_dict` (fields left out take ``ModelConfig``'s defaults).
+
+        Raises:
+          ValueError: unknown or missing keys, or values the config refuses.
+        """
         d = dict(d)
-        d["rope_scaling"] = tuple(dict(d.get("rope_scaling") or {}).items())
+        unknown = set(d) - set(LAYER_FIELDS) - {"draft_vocab_size", "target_model"}
+        if unknown or "draft_vocab_size" not in d:
+            raise ValueError(f"EAGLE head config: unknown keys {sorted(unknown)} or no draft_vocab_size")
+        draft, target = d.pop("draft_vocab_size"), d.pop("target_model", "")
+        d["rope_scaling"] = RopeScaling(**(d.get("rope_scaling") or {}))
         if d.get("rope_freq_factors") is not None:
             d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
-        return cls(**d)
-
-
-_DENSE_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
-_MOE_TO_DENSE = {"qwen3_moe": "qwen3", "mixtral": "mistral", "qwen2_moe": "qwen2"}
+        try:
+            layer = ModelConfig(**d, num_layers=1)
+        except TypeError as e:
+            raise ValueError(f"EAGLE head config: {e}") from None
+        return cls(layer, int(draft), str(target))
 
 
 # ---- initialisation (jax) ------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def init_layer_params(key, cfg: EagleHeadConfig, dtype=None) -> dict:
     from jaxinfer.models.causal_lm import ATTENTION_CLASSES
     from jaxinfer.models.llama import DecoderLayer
 
-    lc = cfg.layer_config()
+    lc = cfg.layer
     dtype = jnp.float32 if dtype is None else dtype
     layer = DecoderLayer(lc, ATTENTION_CLASSES[lc.architecture], dtype)
     cache = init_dense_cache(1, 1, 1, lc.num_kv_heads, lc.head_dim, dtype)[0]
@@ -165,7 +165,7 @@ def init_eagle_head(key, target_config, draft_vocab=None, *, target_params=None,
     if d2t.ndim != 1 or len(np.unique(d2t)) != len(d2t) or d2t.min() < 0 or d2t.max() >= v:
         raise ValueError(f"draft_vocab must be distinct target token ids in [0, {v}), got shape {d2t.shape}")
     cfg = EagleHeadConfig.from_target(target_config, len(d2t), target_model)
-    d = cfg.hidden_size
+    d = cfg.layer.hidden_size
     k_fc, k_layer, k_lm = jax.random.split(key, 3)
     lecun = jax.nn.initializers.lecun_normal()
     params = {
@@ -203,7 +203,7 @@ def _warm_start(params, cfg, target_config, tp, dtype):
                               is_leaf=lambda a: not isinstance(a, dict))
         if jax.tree.structure(copied) == jax.tree.structure(params["layer"]):
             out["layer"] = copied
-    d = cfg.hidden_size
+    d = cfg.layer.hidden_size
     fc = np.asarray(params["fc"]["kernel"], np.float32) * 0.1
     fc[d:] = np.eye(d, dtype=np.float32)
     out["fc"] = {"kernel": jnp.asarray(fc, dtype), "bias": params["fc"]["bias"]}
@@ -217,118 +217,6 @@ def _dense(w):
     if isinstance(w, QArray):
         return np.asarray(w.dequantize(), np.float32)
     return np.asarray(w, np.float32)
-
-
-# ---- dense reference forward (jax) ---------------------------------------------------------------
-def layer_qkv(lp: dict, cfg: EagleHeadConfig, x, positions):
-    """The layer's attention inputs: ``x[B, T, D]`` -> ``q[B, T, Hq, Dh]``, ``k, v [B, T, Hkv, Dh]`` (input
-    norm, projections, q/k norm when the architecture has it, RoPE at ``positions i32[B, T]``)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxinfer.models.layers import linear, rms_norm, rope
-
-    a = lp["self_attn"]
-    b, t, _ = x.shape
-    h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
-
-    def proj(name, heads):
-        p = a[name]
-        return linear(h, p["kernel"], p.get("bias")).reshape(b, t, heads, cfg.head_dim)
-
-    q, k, v = proj("q_proj", cfg.num_heads), proj("k_proj", cfg.num_kv_heads), proj("v_proj", cfg.num_kv_heads)
-    if cfg.qk_norm:
-        q = rms_norm(q, a["q_norm"]["scale"], cfg.rms_norm_eps)
-        k = rms_norm(k, a["k_norm"]["scale"], cfg.rms_norm_eps)
-    inv_freq = jnp.asarray(cfg.layer_config().inv_freq())
-    q = jax.vmap(rope, in_axes=(0, 0, None))(q, positions, inv_freq)
-    k = jax.vmap(rope, in_axes=(0, 0, None))(k, positions, inv_freq)
-    return q, k, v
-
-
-def attend(q, k, v, mask, sm_scale: float):
-    """Grouped-query attention in float32: ``q[B, T, Hq, Dh]``, ``k, v [B, S, Hkv, Dh]``, ``mask bool[B, T, S]``
-    (True = visible) -> ``[B, T, Hq * Dh]`` in ``q.dtype``."""
-    import jax
-    import jax.numpy as jnp
-
-    b, t, hq, dh = q.shape
-    hkv = k.shape[2]
-    qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, dh)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * sm_scale
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
-    return o.reshape(b, t, hq * dh).astype(q.dtype)
-
-
-def layer_finish(lp: dict, cfg: EagleHeadConfig, x, attn_out):
-    """The rest of the layer after attention: ``x + o_proj(attn)``, then the MLP block with its residual."""
-    from jaxinfer.models.layers import linear, rms_norm, swiglu
-
-    a = lp["self_attn"]["o_proj"]
-    x = x + linear(attn_out, a["kernel"], a.get("bias"))
-    m = lp["mlp"]
-    h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    gate = linear(h, m["gate_proj"]["kernel"], m["gate_proj"].get("bias"))
-    up = linear(h, m["up_proj"]["kernel"], m["up_proj"].get("bias"))
-    return x + linear(swiglu(gate, up), m["down_proj"]["kernel"], m["down_proj"].get("bias"))
-
-
-def causal_mask(positions, sliding_window: int | None = None):
-    """``bool[B, T, T]``: query row ``i`` sees key rows ``j <= i`` (within ``sliding_window`` positions)."""
-    import jax.numpy as jnp
-
-    t = positions.shape[1]
-    idx = jnp.arange(t)
-    mask = idx[None, :] <= idx[:, None]
-    if sliding_window is not None:
-        mask = mask & (positions[:, :, None] - positions[:, None, :] < sliding_window)
-    return jnp.broadcast_to(mask, (positions.shape[0], t, t))
-
-
-def fc_input(params, embed_table, tokens, hidden):
-    """``fc([embed(tokens); hidden])``: ``tokens i32[B, T]``, ``hidden[B, T, D]`` -> ``[B, T, D]`` in
-    ``hidden.dtype`` (``embed_table``: the target's ``[V, D]`` table or its ``QEmbedding``)."""
-    import jax.numpy as jnp
-
-    from jaxinfer.models.layers import embed, linear
-
-    b, t = tokens.shape
-    e = embed(embed_table, tokens.reshape(-1), hidden.dtype).reshape(b, t, -1)
-    return linear(jnp.concatenate([e, hidden], axis=-1), params["fc"]["kernel"], params["fc"]["bias"])
-
-
-def draft_logits(params, cfg: EagleHeadConfig, features):
-    """``lm_head(norm(features))``: ``[..., D]`` -> ``f32[..., Vd]``."""
-    import jax.numpy as jnp
-
-    from jaxinfer.models.layers import linear, rms_norm
-
-    x = rms_norm(features, params["norm"]["scale"], cfg.rms_norm_eps)
-    return linear(x, params["lm_head"]["kernel"]).astype(jnp.float32)
-
-
-def eagle_forward_dense(params, cfg: EagleHeadConfig, embed_table, tokens, hidden, positions):
-    """The head over whole sequences with causal attention over its own K/V.
-
-    Args:
-      params: head parameters (see the module docstring).
-      cfg: its :class:`EagleHeadConfig`.
-      embed_table: the target's token embedding ``[V, D]`` (or ``QEmbedding``).
-      tokens: ``i32[B, T]``: row ``t`` holds token ``x_{p+1}``.
-      hidden: ``[B, T, D]``: row ``t`` holds the feature at ``p`` (the target's ``h_p``, or the head's own).
-      positions: ``i32[B, T]``: ``p + 1`` (the position of ``tokens``' row).
-    Returns:
-      ``(features[B, T, D] in hidden.dtype, logits f32[B, T, Vd])``. Rows attend to earlier rows of their
-      sequence (right padding is harmless).
-    """
-    x = fc_input(params, embed_table, tokens, hidden)
-    q, k, v = layer_qkv(params["layer"], cfg, x, positions)
-    lc = cfg.layer_config()
-    o = attend(q, k, v, causal_mask(positions, cfg.sliding_window), lc.sm_scale)
-    f = layer_finish(params["layer"], cfg, x, o)
-    return f, draft_logits(params, cfg, f)
 
 
 # ---- file format (numpy + safetensors only) ------------------------------------------------------
@@ -406,7 +294,7 @@ def load_eagle_head(path) -> tuple[EagleHeadConfig, dict]:
 
 
 def _check_params(cfg: EagleHeadConfig, params) -> None:
-    d, vd = cfg.hidden_size, cfg.draft_vocab_size
+    d, vd = cfg.layer.hidden_size, cfg.draft_vocab_size
     want = {"fc.kernel": (2 * d, d), "fc.bias": (d,), "norm.scale": (d,), "lm_head.kernel": (d, vd), "d2t": (vd,)}
     flat = _flatten(params, "")
     for name, shape in want.items():
@@ -414,8 +302,8 @@ def _check_params(cfg: EagleHeadConfig, params) -> None:
         if got != shape:
             raise ValueError(f"EAGLE head tensor {name}: shape {got}, expected {shape}")
     d2t = np.asarray(flat["d2t"])
-    if d2t.min() < 0 or d2t.max() >= cfg.vocab_size:
-        raise ValueError(f"EAGLE head d2t has ids outside the target vocabulary [0, {cfg.vocab_size})")
+    if d2t.min() < 0 or d2t.max() >= cfg.layer.vocab_size:
+        raise ValueError(f"EAGLE head d2t has ids outside the target vocabulary [0, {cfg.layer.vocab_size})")
     want_layer = {f"layer.{k}": v for k, v in expected_layer_shapes(cfg).items()}
     got_layer = {k: tuple(np.shape(v)) for k, v in flat.items() if k.startswith("layer.")}
     if got_layer != want_layer:
@@ -425,18 +313,18 @@ def _check_params(cfg: EagleHeadConfig, params) -> None:
 
 def expected_layer_shapes(cfg: EagleHeadConfig) -> dict[str, tuple[int, ...]]:
     """``'.'``-joined path -> shape of every parameter of the head's decoder layer (no jax needed)."""
-    d, q, kv, m = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
-        cfg.intermediate_size
+    lc = cfg.layer
+    d, q, kv, m = lc.hidden_size, lc.q_size, lc.kv_size, lc.intermediate_size
     out = {"input_layernorm.scale": (d,), "post_attention_layernorm.scale": (d,),
            "self_attn.q_proj.kernel": (d, q), "self_attn.k_proj.kernel": (d, kv), "self_attn.v_proj.kernel": (d, kv),
            "self_attn.o_proj.kernel": (q, d), "mlp.gate_proj.kernel": (d, m), "mlp.up_proj.kernel": (d, m),
            "mlp.down_proj.kernel": (m, d)}
-    if cfg.attention_bias:
+    if lc.attention_bias:
         out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-    if cfg.mlp_bias:
+    if lc.mlp_bias:
         out.update({"mlp.gate_proj.bias": (m,), "mlp.up_proj.bias": (m,), "mlp.down_proj.bias": (d,)})
-    if cfg.qk_norm:
-        out.update({"self_attn.q_norm.scale": (cfg.head_dim,), "self_attn.k_norm.scale": (cfg.head_dim,)})
+    if lc.qk_norm:
+        out.update({"self_attn.q_norm.scale": (lc.head_dim,), "self_attn.k_norm.scale": (lc.head_dim,)})
     return out
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from jaxinfer.device_batch import BatchBuilder, RowInfo
 from jaxinfer.runner import ModelRunner
 from jaxinfer.scheduler import ScheduledSeq
+from jaxinfer.speculative.draft import probs_rows
 
 
 class EagleProposer:
@@ -65,11 +66,7 @@ class EagleProposer:
                       for i, r in enumerate(rows)}
 
     def _q_rows(self, infos, js, s: int) -> np.ndarray:
-        out = np.full(s, self.runner.num_draft_rows, np.int32)  # out of range: not stored
-        for n, (info, j) in enumerate(zip(infos, js)):
-            if j is not None:
-                out[n] = info.slot * self.k + j
-        return out
+        return probs_rows([(info.slot, j) for info, j in zip(infos, js)], self.k, self.runner.num_draft_rows, s)
 
     def propose(self, rows: list[ScheduledSeq], infos: list[RowInfo], ks: list[int]) -> list[list[int]]:
         """Catch up and draft ``ks[i]`` tokens for row ``i`` (``0``: catch-up only); returns the drafts (a row

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxinfer.speculative.eagle_chain import acceptance_counts, chain_step, greedy_chain, shift_rows, teacher_forced
+from jaxinfer.speculative.eagle_chain import acceptance_counts, chain_step, greedy_chain, shift_rows
+from jaxinfer.speculative.eagle_dense import eagle_forward_dense
 from jaxinfer.speculative.eagle_head import EagleHeadConfig
 from jaxinfer.train.settings import TrainSettings
 
@@ -82,7 +83,7 @@ def _step_loss(f, logits, target, labels, mask, ce_weight):
 def loss_fn(trainable, d2t, cfg: EagleHeadConfig, table, batch, ce_weight: float, unroll: int):
     """Mean loss over the ``unroll`` steps and per-step ``(regression, cross-entropy, top-1 accuracy)``."""
     params = dict(trainable, d2t=d2t)
-    f, logits, (k, v) = teacher_forced(params, cfg, table, batch["tokens"], batch["hidden"], batch["positions"])
+    f, logits, (k, v) = eagle_forward_dense(params, cfg, table, batch["tokens"], batch["hidden"], batch["positions"])
     total, m = _step_loss(f, logits, batch["target"], batch["labels"], batch["mask"], ce_weight)
     metrics = [m]
     context, own = (k, v, batch["positions"]), []
@@ -124,7 +125,7 @@ def held_out_acceptance(params, cfg: EagleHeadConfig, table, seqs, k: int = 4, b
     if not seqs:
         raise ValueError("held-out acceptance needs greedy replies")
     run = jax.jit(lambda p, b: greedy_chain(p, cfg, table, b["tokens"], b["hidden"], b["positions"], k))
-    t2d = target_to_draft(np.asarray(params["d2t"]), cfg.vocab_size)
+    t2d = target_to_draft(np.asarray(params["d2t"]), cfg.layer.vocab_size)
     hist = np.zeros(k + 1, np.int64)
     for i in range(0, len(seqs), batch_size):
         b = make_batch(seqs[i:i + batch_size], max_rows, t2d)

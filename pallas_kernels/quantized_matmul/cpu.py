@@ -18,7 +18,6 @@ Building, caching and the fallback follow the CPU attention kernel (:mod:`pallas
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import jax
@@ -26,11 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cpu_build
-from pallas_kernels.backend import KernelUnavailableError
 from pallas_kernels.quantized_matmul.qarray import QArray
 
-_SOURCE = Path(__file__).with_name("cpu_kernel.cc")
-_SYMBOL = "JaxinferQuantizedMatmulCpu"
 _TARGET = "jaxinfer_quantized_matmul_cpu"
 _X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -39,19 +35,11 @@ GEMV_MAX_M = 8
 #: Products with fewer weight bytes x rows than this run on the calling thread only.
 PARALLEL_MIN_BYTES = 128 * 1024
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": True, or "error": reason
-
-
-def buildable() -> bool:
-    """Whether the kernel is built, or not tried yet and a C++ compiler is on the path (builds nothing)."""
-    return cpu_build.buildable(_state)
-
-
-def available() -> bool:
-    """Whether the kernel is built (building it on the first call) and registered with XLA."""
-    return cpu_build.ensure_loaded(_state, _lock, source=_SOURCE, prefix="qmm_cpu", symbol=_SYMBOL,
-                                   target=_TARGET, what="CPU quantized-matmul kernel")
+#: The C++ kernel (built on first use; :mod:`pallas_kernels.cpu_build`).
+KERNEL = cpu_build.CpuKernel(Path(__file__).with_name("cpu_kernel.cc"), prefix="qmm_cpu",
+                             symbol="JaxinferQuantizedMatmulCpu", target=_TARGET, what="CPU quantized-matmul kernel")
+buildable = KERNEL.buildable
+available = KERNEL.available
 
 
 def unsupported_reason(x: jax.Array, w: QArray) -> str | None:
@@ -84,8 +72,7 @@ def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int 
       KernelUnavailableError: the kernel could not be built here.
       ValueError: the operands are of a kind the kernel does not take.
     """
-    if not available():
-        raise KernelUnavailableError(f"the CPU quantized-matmul kernel could not be built: {_state['error']}")
+    KERNEL.require()
     reason = unsupported_reason(x, w)
     if reason:
         raise ValueError(reason)

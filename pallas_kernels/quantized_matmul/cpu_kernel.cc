@@ -25,62 +25,27 @@
 // thread pool.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
+#include "cpu_parallel.h"
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;   // floats per vector (512 bits; the compiler splits it where narrower)
+using namespace jaxinfer_cpu;  // NOLINT: the shared vector types and helpers
+
 constexpr int kNV = 4;       // vectors per column block
 constexpr int kNB = kNV * kLanes;  // 64 output columns per block
 constexpr int kMB = 4;       // activation rows per decode-path block
 constexpr int kPanelMB = 6;  // activation rows per prefill-path block
 
-typedef float VF __attribute__((vector_size(64)));
-typedef int32_t VI __attribute__((vector_size(64)));
-typedef uint32_t VU __attribute__((vector_size(64)));
-
 enum class WKind { kI8, kI4S, kI4A };  // int8, signed int4, unsigned int4 (+ offset)
 enum class SKind { kF32, kF16, kBf16 };
-
-inline VF Splat(float x) { return VF{} + x; }
-
-inline VF LoadF(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void StoreF(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline float Bf16ToF32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 inline float F16ToF32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -106,25 +71,6 @@ inline float F16ToF32(uint16_t h) {
   return f;
 }
 
-// 16 int8 values, sign-extended to int32.
-inline VI LoadI8(const int8_t* src) {
-  VI v;
-#if defined(__AVX512F__)
-  const __m512i r = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  std::memcpy(&v, &r, sizeof(v));
-#elif defined(__AVX2__)
-  const __m256i lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  const __m256i hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
-  std::memcpy(&v, &lo, sizeof(lo));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
-#else
-  for (int i = 0; i < kLanes; ++i) v[i] = src[i];
-#endif
-  return v;
-}
-
-inline VF ToF(VI v) { return __builtin_convertvector(v, VF); }
-
 template <SKind S>
 inline float ScalarScale(const void* base, int64_t i) {
   if constexpr (S == SKind::kF32) return static_cast<const float*>(base)[i];
@@ -138,10 +84,7 @@ inline VF LoadScale(const void* base, int64_t i) {
   if constexpr (S == SKind::kF32) {
     return LoadF(static_cast<const float*>(base) + i);
   } else if constexpr (S == SKind::kBf16) {
-    typedef uint16_t VH __attribute__((vector_size(32)));
-    VH h;
-    std::memcpy(&h, static_cast<const uint16_t*>(base) + i, sizeof(h));
-    return (VF)(__builtin_convertvector(h, VU) << 16);
+    return LoadBf16(static_cast<const uint16_t*>(base) + i);
   } else {
 #if defined(__AVX512F__)
     const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
@@ -198,6 +141,14 @@ inline void Levels(const int8_t* src, VF* lo, VF* hi) {
   }
 }
 
+// Group j's scales of the 16 columns at col, and its offsets (asymmetric int4; zero otherwise).
+template <WKind W, SKind S>
+inline void GroupScale(const Problem& p, int64_t j, int64_t col, VF* sc, VF* off) {
+  *sc = LoadScale<S>(p.scale, j * p.n + col);
+  *off = VF{};
+  if constexpr (W == WKind::kI4A) *off = LoadScale<S>(p.offset, j * p.n + col);
+}
+
 template <WKind W>
 inline float ScalarLevel(const Problem& p, int64_t k, int64_t col) {
   if constexpr (W == WKind::kI8) {
@@ -216,18 +167,18 @@ inline float ScalarLevel(const Problem& p, int64_t k, int64_t col) {
 // packed weight in chunks of kRowChunk packed rows across the whole column range (runs of contiguous
 // bytes, friendly to the prefetcher and the TLB even when a row of N is many pages long), keeping the
 // float32 partial sums of the current group and the scaled totals in two small L1-resident buffers.
+// Groups of at most kRowChunk packed rows are instead swept a few whole groups at a time, each group's
+// partial sums staying in registers.
 constexpr int kItemCols = 512;
 constexpr int kRowChunk = 32;
 
-// Packed rows [r0, r1) of group j into acc[MB][kItemCols] for the NV vectors at column n0 (acc points
-// at that column block's first lane; rows of acc are kItemCols apart).
+// a[i][v] += sum over packed rows r in [r0, r1) of group j of x[m0 + i, k(r)] * level(r, n0 + 16 v + lane)
+// (int4: both halves of the group, rows r and g/2 + r of x).
 template <WKind W, int MB, int NV>
-inline void GemvChunk(const Problem& p, int64_t m0, int64_t n0, int64_t j, int64_t r0, int64_t r1, float* acc) {
+inline __attribute__((always_inline)) void AccumulateRows(const Problem& p, int64_t m0, int64_t n0, int64_t j,
+                                                          int64_t r0, int64_t r1, VF (&a)[MB][NV]) {
   constexpr bool kI4 = W != WKind::kI8;
   const int64_t prow = kI4 ? p.g / 2 : p.g;
-  VF a[MB][NV];
-  for (int i = 0; i < MB; ++i)
-    for (int v = 0; v < NV; ++v) a[i][v] = LoadF(acc + i * kItemCols + v * kLanes);
   const float* xr[MB];
   for (int i = 0; i < MB; ++i) xr[i] = p.x + (m0 + i) * p.k + j * p.g;
   const int8_t* base = p.value + j * prow * p.n + n0;
@@ -244,46 +195,49 @@ inline void GemvChunk(const Problem& p, int64_t m0, int64_t n0, int64_t j, int64
       }
     }
   }
+}
+
+// Group j's partial sums a[i] (the 16 columns at col) scaled into y[i * kItemCols + lane]; the
+// asymmetric offset adds offset * sum(x over the group).
+template <WKind W, SKind S, int MB>
+inline __attribute__((always_inline)) void AddGroup(const Problem& p, int64_t m0, int64_t j, int64_t col,
+                                                    const VF (&a)[MB], float* y) {
+  VF sc, off;
+  GroupScale<W, S>(p, j, col, &sc, &off);
+  for (int i = 0; i < MB; ++i) {
+    float* yp = y + i * kItemCols;
+    VF t = LoadF(yp) + a[i] * sc;
+    if constexpr (W == WKind::kI4A) t += off * p.xsum[(m0 + i) * p.groups + j];
+    StoreF(yp, t);
+  }
+}
+
+// Packed rows [r0, r1) of group j into acc[MB][kItemCols] for the NV vectors at column n0 (acc points
+// at that column block's first lane; rows of acc are kItemCols apart).
+template <WKind W, int MB, int NV>
+inline void GemvChunk(const Problem& p, int64_t m0, int64_t n0, int64_t j, int64_t r0, int64_t r1, float* acc) {
+  VF a[MB][NV];
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NV; ++v) a[i][v] = LoadF(acc + i * kItemCols + v * kLanes);
+  AccumulateRows<W, MB, NV>(p, m0, n0, j, r0, r1, a);
   for (int i = 0; i < MB; ++i)
     for (int v = 0; v < NV; ++v) StoreF(acc + i * kItemCols + v * kLanes, a[i][v]);
 }
 
-// Whole groups [j0, j1) for the NV vectors at column n0: each group's partial sums stay in registers and
-// are scaled into y (y points at that column block's first lane; rows of y are kItemCols apart).
+// Whole groups [j0, j1) for the NV vectors at column n0, scaled into y (y points at that column
+// block's first lane; rows of y are kItemCols apart).
 template <WKind W, SKind S, int MB, int NV>
 inline void GemvGroups(const Problem& p, int64_t m0, int64_t n0, int64_t j0, int64_t j1, float* y) {
-  constexpr bool kI4 = W != WKind::kI8;
-  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  const int64_t prow = W != WKind::kI8 ? p.g / 2 : p.g;
   for (int64_t j = j0; j < j1; ++j) {
     VF a[MB][NV];
     for (int i = 0; i < MB; ++i)
       for (int v = 0; v < NV; ++v) a[i][v] = VF{};
-    const float* xr[MB];
-    for (int i = 0; i < MB; ++i) xr[i] = p.x + (m0 + i) * p.k + j * p.g;
-    const int8_t* base = p.value + j * prow * p.n + n0;
-    for (int64_t r = 0; r < prow; ++r) {
-      const int8_t* row = base + r * p.n;
-      VF lo[NV], hi[NV];
-      for (int v = 0; v < NV; ++v) Levels<W>(row + v * kLanes, &lo[v], &hi[v]);
-      for (int i = 0; i < MB; ++i) {
-        const VF xl = Splat(xr[i][r]);
-        for (int v = 0; v < NV; ++v) a[i][v] += xl * lo[v];
-        if constexpr (kI4) {
-          const VF xh = Splat(xr[i][p.g / 2 + r]);
-          for (int v = 0; v < NV; ++v) a[i][v] += xh * hi[v];
-        }
-      }
-    }
+    AccumulateRows<W, MB, NV>(p, m0, n0, j, 0, prow, a);
     for (int v = 0; v < NV; ++v) {
-      const VF sc = LoadScale<S>(p.scale, j * p.n + n0 + v * kLanes);
-      VF off = VF{};
-      if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + n0 + v * kLanes);
-      for (int i = 0; i < MB; ++i) {
-        float* yp = y + i * kItemCols + v * kLanes;
-        VF t = LoadF(yp) + a[i][v] * sc;
-        if constexpr (W == WKind::kI4A) t += off * p.xsum[(m0 + i) * p.groups + j];
-        StoreF(yp, t);
-      }
+      VF av[MB];
+      for (int i = 0; i < MB; ++i) av[i] = a[i][v];
+      AddGroup<W, S, MB>(p, m0, j, n0 + v * kLanes, av, y + v * kLanes);
     }
   }
 }
@@ -317,7 +271,6 @@ void GemvRows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
   alignas(64) float y[MB * kItemCols];
   std::memset(y, 0, sizeof(float) * MB * kItemCols);
   if (prow <= kRowChunk) {
-    // Small groups: sweep a few whole groups at a time, each group's sums in registers.
     const int64_t per = std::max<int64_t>(kRowChunk / prow, 1);
     for (int64_t j0 = 0; j0 < p.groups; j0 += per) {
       const int64_t j1 = std::min<int64_t>(j0 + per, p.groups);
@@ -335,15 +288,9 @@ void GemvRows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
         GemvChunk<W, MB, 1>(p, m0, n0 + v * kLanes, j, r0, r1, acc + v * kLanes);
     }
     for (int64_t v = 0; v < nvec; ++v) {
-      const VF sc = LoadScale<S>(p.scale, j * p.n + n0 + v * kLanes);
-      VF off = VF{};
-      if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + n0 + v * kLanes);
-      for (int i = 0; i < MB; ++i) {
-        float* yp = y + i * kItemCols + v * kLanes;
-        VF t = LoadF(yp) + LoadF(acc + i * kItemCols + v * kLanes) * sc;
-        if constexpr (W == WKind::kI4A) t += off * p.xsum[(m0 + i) * p.groups + j];
-        StoreF(yp, t);
-      }
+      VF av[MB];
+      for (int i = 0; i < MB; ++i) av[i] = LoadF(acc + i * kItemCols + v * kLanes);
+      AddGroup<W, S, MB>(p, m0, j, n0 + v * kLanes, av, y + v * kLanes);
     }
   }
   for (int i = 0; i < MB; ++i)
@@ -376,9 +323,8 @@ inline void DequantGroupRows(const Problem& p, int64_t j, int64_t c, int valid, 
   constexpr bool kI4 = W != WKind::kI8;
   const int64_t prow = kI4 ? p.g / 2 : p.g;
   if (valid == kLanes) {
-    const VF sc = LoadScale<S>(p.scale, j * p.n + c);
-    VF off = VF{};
-    if constexpr (W == WKind::kI4A) off = LoadScale<S>(p.offset, j * p.n + c);
+    VF sc, off;
+    GroupScale<W, S>(p, j, c, &sc, &off);
     for (int64_t r = 0; r < prow; ++r) {
       VF lo, hi;
       Levels<W>(p.value + (j * prow + r) * p.n + c, &lo, &hi);
@@ -540,27 +486,6 @@ void RunItemAny(const Problem& p, const Item& it, bool gemv, WKind w, SKind s) {
   }
 }
 
-// Items run on the caller and on up to `pool.num_threads() - 1` pool tasks that pull from a shared
-// counter; the caller returns once every item has finished.
-struct WorkQueue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n = 0;
-  std::function<void(int64_t)> run;
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void Drain() {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-      run(i);
-      if (done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
 ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> value,
                               ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> out,
                               int64_t group_size, int64_t int4, int64_t asymmetric, int64_t gemv_max_m,
@@ -656,19 +581,11 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
       for (int64_t m0 = 0; m0 < p.m; m0 += rows) items.push_back(Item{m0, std::min(m0 + rows, p.m), b * kNB, std::min((b + 1) * kNB, p.n)});
   }
 
-  auto queue = std::make_shared<WorkQueue>();
-  queue->n = static_cast<int64_t>(items.size());
-  queue->run = [&p, &items, gemv, w, s](int64_t i) { RunItemAny(p, items[i], gemv, w, s); };
   // Small products run on the calling thread alone: waking pool threads costs more than they save.
   const int64_t weight_bytes = vd[0] * vd[1];
-  const int64_t helpers = weight_bytes * std::max<int64_t>(p.m, 1) < parallel_min_bytes
-                              ? 0 : std::min<int64_t>(threads, queue->n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([queue] { queue->Drain(); });
-  }
-  queue->Drain();
-  std::unique_lock<std::mutex> lock(queue->mu);
-  queue->cv.wait(lock, [&] { return queue->done.load() == queue->n; });
+  const int64_t helpers = weight_bytes * std::max<int64_t>(p.m, 1) < parallel_min_bytes ? 0 : threads - 1;
+  ParallelFor(pool, static_cast<int64_t>(items.size()), helpers,
+              [&p, &items, gemv, w, s](int64_t i) { RunItemAny(p, items[i], gemv, w, s); });
   return ffi::Error::Success();
 }
 

@@ -20,7 +20,6 @@ Without a compiler the default implementation on the CPU is ``"xla"``; if the bu
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import jax
@@ -28,11 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cpu_build
-from pallas_kernels.backend import KernelUnavailableError
 from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages
 
-_SOURCE = Path(__file__).with_name("cpu_kernel.cc")
-_SYMBOL = "JaxinferRaggedPagedAttentionCpu"
 _TARGET = "jaxinfer_ragged_paged_attention_cpu"
 _Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _KV_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8),
@@ -40,19 +36,11 @@ _KV_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int
 
 _MAX_HEAD_DIM = 256  # kMaxVecs * kLanes in cpu_kernel.cc
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": True, or "error": reason
-
-
-def buildable() -> bool:
-    """Whether the kernel is built, or not tried yet and a C++ compiler is on the path (builds nothing)."""
-    return cpu_build.buildable(_state)
-
-
-def available() -> bool:
-    """Whether the CPU kernel is built (building it on the first call) and registered with XLA."""
-    return cpu_build.ensure_loaded(_state, _lock, source=_SOURCE, prefix="rpa_cpu", symbol=_SYMBOL,
-                                   target=_TARGET, what="CPU attention kernel")
+#: The C++ kernel (built on first use; :mod:`pallas_kernels.cpu_build`).
+KERNEL = cpu_build.CpuKernel(Path(__file__).with_name("cpu_kernel.cc"), prefix="rpa_cpu",
+                             symbol="JaxinferRaggedPagedAttentionCpu", target=_TARGET, what="CPU attention kernel")
+buildable = KERNEL.buildable
+available = KERNEL.available
 
 
 def unsupported_reason(q: jax.Array, kv: KVPages) -> str | None:
@@ -76,8 +64,7 @@ def ragged_paged_attention_cpu(q: jax.Array, kv: KVPages, kv_lens: jax.Array, pa
     ``q [T, Hq, D]`` (f32 / bf16), token-major ``kv``, ``kv_lens i32[S]``, ``page_indices i32[S, P]``,
     ``cu_q_lens i32[S+1]``, ``num_seqs i32[1]`` -> ``[T, Hq, D]`` in ``q.dtype``.
     """
-    if not available():
-        raise KernelUnavailableError(f"the CPU attention kernel could not be built: {_state['error']}")
+    KERNEL.require()
     reason = unsupported_reason(q, kv)
     if reason:
         raise ValueError(reason)

@@ -18,37 +18,26 @@
 // can never read outside the buffers.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
+#include "cpu_parallel.h"
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;     // floats per vector (512 bits; the compiler splits it where narrower)
+using namespace jaxinfer_cpu;  // NOLINT: the shared vector types and helpers
+
 constexpr int kKeyBlock = 16;  // keys per online-softmax step: one score vector per query
 constexpr int kRowBlock = 8;   // query rows (tokens) per work item
 constexpr int kMaxVecs = 16;   // head_dim <= 256
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-typedef float VF __attribute__((vector_size(64)));
-typedef int32_t VI __attribute__((vector_size(64)));
-typedef uint32_t VU __attribute__((vector_size(64)));
-typedef uint16_t VH __attribute__((vector_size(32)));
 
 #if defined(__clang__)
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -65,47 +54,6 @@ inline VF SHUFFLE_VAR(VF a, VI idx) {
 #else
 #define SHUFFLE_VAR(a, idx) __builtin_shuffle(a, idx)
 #endif
-
-inline VF Splat(float x) { return VF{} + x; }
-
-inline VF LoadF(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// 16 int8 values to float32 (GCC does not vectorize __builtin_convertvector for this).
-inline VF I8ToF32(const int8_t* src) {
-  VF v;
-#if defined(__AVX512F__)
-  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
-  std::memcpy(&v, &f, sizeof(v));
-#elif defined(__AVX2__)
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src))));
-  const __m256 hi =
-      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8))));
-  std::memcpy(&v, &lo, sizeof(lo));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
-#else
-  for (int i = 0; i < kLanes; ++i) v[i] = src[i];
-#endif
-  return v;
-}
-
-inline float Bf16ToF32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
 
 struct Fp8Tables {
   float e4m3fn[256];
@@ -232,12 +180,9 @@ inline void LoadRow(const void* base, int64_t row, int64_t d, int nv, VF* dst) {
       if constexpr (kT == KvType::kF32) {
         dst[c] = LoadF(static_cast<const float*>(base) + off + i0);
       } else if constexpr (kT == KvType::kBf16) {
-        VH h;
-        std::memcpy(&h, static_cast<const uint16_t*>(base) + off + i0, sizeof(h));
-        VU u = __builtin_convertvector(h, VU) << 16;
-        dst[c] = (VF)u;
+        dst[c] = LoadBf16(static_cast<const uint16_t*>(base) + off + i0);
       } else if constexpr (kT == KvType::kI8) {
-        dst[c] = I8ToF32(static_cast<const int8_t*>(base) + off + i0);
+        dst[c] = ToF(LoadI8(static_cast<const int8_t*>(base) + off + i0));
       } else {
         const float* table = kT == KvType::kE4M3 ? Fp8().e4m3fn : Fp8().e5m2;
         const uint8_t* src = static_cast<const uint8_t*>(base) + off + i0;
@@ -469,28 +414,6 @@ void RunItemAny(const Params& p, const Item& it) {
   }
 }
 
-// Items run on the caller and on up to `pool.num_threads() - 1` pool tasks that pull from a shared
-// counter. The caller returns once every item has finished; a task that starts late finds no item
-// left and touches nothing but the shared state it owns a reference to.
-struct WorkQueue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n = 0;
-  std::function<void(int64_t)> run;
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void Drain() {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-      run(i);
-      if (done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
-  }
-};
-
 ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                    ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scale,
                                    ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> kv_lens,
@@ -597,16 +520,8 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   if (items.empty()) return ffi::Error::Success();
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
-  auto queue = std::make_shared<WorkQueue>();
-  queue->n = static_cast<int64_t>(items.size());
-  queue->run = [&p, &items](int64_t i) { RunItemAny(p, items[i]); };
-  const int64_t helpers = std::min<int64_t>(threads, queue->n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([queue] { queue->Drain(); });
-  }
-  queue->Drain();
-  std::unique_lock<std::mutex> lock(queue->mu);
-  queue->cv.wait(lock, [&] { return queue->done.load() == queue->n; });
+  ParallelFor(pool, static_cast<int64_t>(items.size()), threads - 1,
+              [&p, &items](int64_t i) { RunItemAny(p, items[i]); });
   return ffi::Error::Success();
 }
 

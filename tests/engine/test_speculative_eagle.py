@@ -25,7 +25,8 @@ from jaxinfer.engine import Engine
 from jaxinfer.errors import InvalidRequestError, UnsupportedModelError
 from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import SamplingParams
-from jaxinfer.speculative.eagle_head import EagleHeadConfig, eagle_forward_dense, init_eagle_head, save_eagle_head
+from jaxinfer.speculative.eagle_dense import eagle_forward_dense
+from jaxinfer.speculative.eagle_head import EagleHeadConfig, init_eagle_head, save_eagle_head
 from tests.engine.test_engine import GREEDY, _loaded, _run, count_compilations
 from tests.engine.test_speculative_engine import CFG, PAGES, _run_k, _workload
 from tests.tiny_models import make_tiny_model
@@ -144,7 +145,7 @@ def test_engine_drafts_equal_dense_reference(eagle, threshold):
         seq_h[0, :c] = h
         want, cum = [], 1.0
         for j in range(k):
-            f, lg = dense(seq_t, seq_h, np.arange(1, width + 1, dtype=np.int32)[None])
+            f, lg, _ = dense(seq_t, seq_h, np.arange(1, width + 1, dtype=np.int32)[None])
             row = np.asarray(lg[0, c + j - 1], np.float64)
             want.append(int(d2t[int(np.argmax(row))]))
             cum *= 1.0 / np.exp(row - row.max()).sum()

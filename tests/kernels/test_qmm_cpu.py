@@ -112,7 +112,7 @@ def test_unsupported_operands_run_the_xla_path():
 
 def test_build_failure_falls_back_to_xla(monkeypatch):
     monkeypatch.delenv("JAXINFER_KERNEL_IMPL", raising=False)
-    monkeypatch.setattr(cpu, "_state", {"error": "RuntimeError: no C++ compiler found"})
+    monkeypatch.setattr(cpu.KERNEL, "state", {"error": "RuntimeError: no C++ compiler found"})
     assert backend.default_impl("cpu") == "xla"
     x, w = _case(2, 128, 32, "int8", jnp.float32, seed=5)
     _check(quantized_matmul(x, w), _oracle(x, w), F32_TOL)

@@ -158,7 +158,7 @@ def test_unsupported_inputs_fall_back_by_default_and_raise_when_asked(monkeypatc
 
 def test_build_failure_falls_back_to_xla(monkeypatch):
     monkeypatch.delenv("JAXINFER_KERNEL_IMPL", raising=False)
-    monkeypatch.setattr(cpu, "_state", {"error": "RuntimeError: no C++ compiler found"})
+    monkeypatch.setattr(cpu.KERNEL, "state", {"error": "RuntimeError: no C++ compiler found"})
     assert backend.default_impl("cpu", attention=True) == "xla"
     rng = np.random.default_rng(8)
     batch = make_batch(rng, GEO_A, draw_lengths(rng, GEO_A, "decode"))

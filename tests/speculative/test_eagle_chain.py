@@ -8,7 +8,8 @@ import pytest
 
 from jaxinfer.model_config import ModelConfig
 from jaxinfer.speculative.eagle_chain import acceptance_counts, greedy_chain
-from jaxinfer.speculative.eagle_head import eagle_forward_dense, init_eagle_head
+from jaxinfer.speculative.eagle_dense import eagle_forward_dense
+from jaxinfer.speculative.eagle_head import init_eagle_head
 from tests.speculative.test_eagle_head import _perturb
 
 V, D = 97, 32
@@ -21,8 +22,8 @@ def _naive_chain(params, cfg, table, tokens, hidden, positions, r, k):
     toks, hid, pos = list(tokens[: r + 1]), list(hidden[: r + 1]), list(positions[: r + 1])
     out = []
     for _ in range(k):
-        f, logits = eagle_forward_dense(params, cfg, table, jnp.asarray([toks]), jnp.asarray(np.stack(hid))[None],
-                                        jnp.asarray([pos]))
+        f, logits, _ = eagle_forward_dense(params, cfg, table, jnp.asarray([toks]),
+                                           jnp.asarray(np.stack(hid))[None], jnp.asarray([pos]))
         d = int(d2t[int(jnp.argmax(logits[0, -1]))])
         out.append(d)
         toks.append(d)

@@ -1,6 +1,7 @@
 """EAGLE head: dense forward vs a float64 numpy re-implementation, the layer vs the target's own decoder layer,
 file round trip and its checks."""
 
+import json
 import math
 
 import jax
@@ -12,9 +13,9 @@ from jaxinfer.attention import AttentionMetadata, init_dense_cache
 from jaxinfer.model_config import ModelConfig, RopeScaling
 from jaxinfer.models.causal_lm import ATTENTION_CLASSES, CausalLM
 from jaxinfer.models.llama import DecoderLayer
+from jaxinfer.speculative.eagle_dense import eagle_forward_dense
 from jaxinfer.speculative.eagle_head import (
     EagleHeadConfig,
-    eagle_forward_dense,
     expected_layer_shapes,
     init_eagle_head,
     load_eagle_head,
@@ -59,29 +60,30 @@ def _np_head(p, cfg: EagleHeadConfig, table, tokens, hidden, positions):
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     lp = jax.tree.map(f64, p["layer"])
     a = lp["self_attn"]
-    eps = cfg.rms_norm_eps
+    lc = cfg.layer
+    eps = lc.rms_norm_eps
     x = np.concatenate([f64(table)[tokens], f64(hidden)], -1) @ f64(p["fc"]["kernel"]) + f64(p["fc"]["bias"])
     h = _np_rms(x, lp["input_layernorm"]["scale"], eps)
     t = len(tokens)
 
     def proj(name, heads):
         y = h @ a[name]["kernel"] + (a[name]["bias"] if "bias" in a[name] else 0.0)
-        return y.reshape(t, heads, cfg.head_dim)
+        return y.reshape(t, heads, lc.head_dim)
 
-    q, k, v = proj("q_proj", cfg.num_heads), proj("k_proj", cfg.num_kv_heads), proj("v_proj", cfg.num_kv_heads)
-    if cfg.qk_norm:
+    q, k, v = proj("q_proj", lc.num_heads), proj("k_proj", lc.num_kv_heads), proj("v_proj", lc.num_kv_heads)
+    if lc.qk_norm:
         q, k = _np_rms(q, a["q_norm"]["scale"], eps), _np_rms(k, a["k_norm"]["scale"], eps)
-    inv = np.asarray(cfg.layer_config().inv_freq(), np.float64)
+    inv = np.asarray(lc.inv_freq(), np.float64)
     pos = np.asarray(positions, np.float64)
     q, k = _np_rope(q, pos, inv), _np_rope(k, pos, inv)
-    g = cfg.num_heads // cfg.num_kv_heads
-    out = np.zeros((t, cfg.num_heads, cfg.head_dim))
+    g = lc.num_heads // lc.num_kv_heads
+    out = np.zeros((t, lc.num_heads, lc.head_dim))
     for i in range(t):
-        for hh in range(cfg.num_heads):
+        for hh in range(lc.num_heads):
             kv = hh // g
-            js = [j for j in range(i + 1) if cfg.sliding_window is None or positions[i] - positions[j]
-                  < cfg.sliding_window]
-            s = np.array([q[i, hh] @ k[j, kv] for j in js]) / math.sqrt(cfg.head_dim)
+            js = [j for j in range(i + 1) if lc.sliding_window is None or positions[i] - positions[j]
+                  < lc.sliding_window]
+            s = np.array([q[i, hh] @ k[j, kv] for j in js]) / math.sqrt(lc.head_dim)
             w = np.exp(s - s.max())
             w /= w.sum()
             out[i, hh] = sum(wj * v[j, kv] for wj, j in zip(w, js))
@@ -104,7 +106,7 @@ def test_dense_forward_matches_float64_numpy(name):
     tokens = jax.random.randint(jax.random.PRNGKey(3), (b, t), 0, V)
     hidden = 3.0 * jax.random.normal(jax.random.PRNGKey(4), (b, t, D))
     positions = jnp.stack([jnp.arange(t) + 1, jnp.arange(t) + 5]).astype(jnp.int32)
-    f, logits = jax.jit(eagle_forward_dense, static_argnums=1)(params, cfg, table, tokens, hidden, positions)
+    f, logits, _ = jax.jit(eagle_forward_dense, static_argnums=1)(params, cfg, table, tokens, hidden, positions)
     assert f.shape == (b, t, D) and logits.shape == (b, t, 7) and logits.dtype == jnp.float32
     for i in range(b):
         rf, rl = _np_head(params, cfg, np.asarray(table), np.asarray(tokens[i]), np.asarray(hidden[i]),
@@ -132,11 +134,11 @@ def test_layer_params_are_the_target_decoder_layer(name):
     tokens = jax.random.randint(jax.random.PRNGKey(3), (1, t), 0, V)
     hidden = jax.random.normal(jax.random.PRNGKey(4), (1, t, D))
     positions = jnp.arange(t, dtype=jnp.int32)[None]
-    f, _ = eagle_forward_dense(params, cfg, table, tokens, hidden, positions)
-    from jaxinfer.speculative.eagle_head import fc_input
+    f, _, _ = eagle_forward_dense(params, cfg, table, tokens, hidden, positions)
+    from jaxinfer.speculative.eagle_dense import fc_input
 
     x = fc_input(params, table, tokens, hidden)[0]
-    lc = cfg.layer_config()
+    lc = cfg.layer
     cache = init_dense_cache(1, 1, t, lc.num_kv_heads, lc.head_dim, jnp.float32)[0]
     md = AttentionMetadata(cu_q_lens=jnp.array([0, t], jnp.int32), kv_lens=jnp.array([t], jnp.int32),
                            num_seqs=jnp.array([1], jnp.int32), slot_mapping=jnp.arange(t, dtype=jnp.int32),
@@ -161,7 +163,7 @@ def test_warm_start_from_target():
                                   np.asarray(tp["layers_1"]["mlp"]["up_proj"]["kernel"]))
     np.testing.assert_array_equal(np.asarray(params["fc"]["kernel"])[D:], np.eye(D))
     # the draft logits equal the target's LM head logits on the draft ids when fed the same features
-    from jaxinfer.speculative.eagle_head import draft_logits
+    from jaxinfer.speculative.eagle_dense import draft_logits
 
     h = jax.random.normal(jax.random.PRNGKey(9), (3, D))
     np.testing.assert_allclose(np.asarray(draft_logits(params, cfg, h)), np.asarray(lm.logits(tp, h))[:, d2t],
@@ -212,12 +214,17 @@ def test_file_checks(tmp_path):
         EagleHeadConfig.from_target(tc, V + 1)
     moe = ModelConfig("qwen3_moe", V, D, 48, 2, 4, 2, 8, qk_norm=True, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=16)
-    assert EagleHeadConfig.from_target(moe).architecture == "qwen3"
+    head_layer = EagleHeadConfig.from_target(moe).layer
+    assert head_layer.architecture == "qwen3" and head_layer.num_experts == 0 and head_layer.num_layers == 1
+    with pytest.raises(ValueError, match="unknown keys"):
+        EagleHeadConfig.from_dict(dict(EagleHeadConfig.from_target(tc).to_dict(), num_experts=4))
     assert shipped_head_path("not-a-registered-model") is None
 
 
 def test_shipped_head_for_the_default_model():
     """The package carries a head for the default model that fits its configuration and records its training."""
+    from safetensors import safe_open
+
     from jaxinfer.loader import load_config
     from jaxinfer.model_registry import resolve_model
 
@@ -226,6 +233,8 @@ def test_shipped_head_for_the_default_model():
     cfg, params = load_eagle_head(path)
     target, _ = load_config(resolve_model(None))
     assert cfg == EagleHeadConfig.from_target(target, cfg.draft_vocab_size, "smollm2-135m-instruct")
+    with safe_open(str(path), framework="numpy") as f:  # the config writes back the metadata it was read from
+        assert cfg.to_dict() == json.loads(f.metadata()["eagle_config"])
     assert params["lm_head"]["kernel"].dtype == np.float16
     d2t = params["d2t"]
     assert len(np.unique(d2t)) == len(d2t) == cfg.draft_vocab_size and set(target.eos_token_ids) <= set(d2t)

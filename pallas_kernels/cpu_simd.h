@@ -1,0 +1,74 @@
+// 16-lane float / int vectors and bfloat16 / int8 conversions shared by the C++ CPU kernels
+// (pallas_kernels/*/cpu_kernel.cc). cpu_build.py puts this folder on the include path and hashes its
+// headers into the build cache key, so an edit here rebuilds every kernel.
+
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace jaxinfer_cpu {
+
+constexpr int kLanes = 16;  // floats per vector (512 bits; the compiler splits it where narrower)
+
+typedef float VF __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef uint32_t VU __attribute__((vector_size(64)));
+typedef uint16_t VH __attribute__((vector_size(32)));
+
+inline VF Splat(float x) { return VF{} + x; }
+
+inline VF LoadF(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void StoreF(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float Bf16ToF32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// 16 bfloat16 values as float32 (exact: a bfloat16 is the top half of a float32).
+inline VF LoadBf16(const uint16_t* src) {
+  VH h;
+  std::memcpy(&h, src, sizeof(h));
+  return (VF)(__builtin_convertvector(h, VU) << 16);  // a same-size vector cast reinterprets the bits
+}
+
+// 16 int8 values, sign-extended to int32.
+inline VI LoadI8(const int8_t* src) {
+  VI v;
+#if defined(__AVX512F__)
+  const __m512i r = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  std::memcpy(&v, &r, sizeof(v));
+#elif defined(__AVX2__)
+  const __m256i lo = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+  const __m256i hi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8)));
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+#else
+  for (int i = 0; i < kLanes; ++i) v[i] = src[i];
+#endif
+  return v;
+}
+
+inline VF ToF(VI v) { return __builtin_convertvector(v, VF); }
+
+}  // namespace jaxinfer_cpu

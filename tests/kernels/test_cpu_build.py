@@ -1,0 +1,33 @@
+"""pallas_kernels.cpu_build: the shared headers are on the include path and in the cache key."""
+
+import ctypes
+
+import pytest
+
+from pallas_kernels import cpu_build
+
+pytestmark = pytest.mark.skipif(cpu_build.compiler() is None, reason="no C++ compiler")
+
+SOURCE = '#include "probe_shared.h"\nextern "C" int probe() { return kProbe; }\n'
+
+
+def _build_and_call(source):
+    path = cpu_build.build(source, "probe", cpu_build.compiler())
+    return path, ctypes.CDLL(str(path)).probe()
+
+
+def test_a_header_edit_rebuilds(tmp_path, monkeypatch):
+    headers = tmp_path / "include"
+    headers.mkdir()
+    monkeypatch.setattr(cpu_build, "HEADER_DIR", headers)
+    monkeypatch.setenv("JAXINFER_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "probe.cc"
+    source.write_text(SOURCE)
+    (headers / "probe_shared.h").write_text("constexpr int kProbe = 7;\n")
+    first, value = _build_and_call(source)
+    assert value == 7 and first.parent == tmp_path / "cache" / "cpu_kernels"
+    assert cpu_build.build(source, "probe", cpu_build.compiler()) == first  # unchanged: the cached file
+    (headers / "probe_shared.h").write_text("constexpr int kProbe = 11;\n")
+    second, value = _build_and_call(source)
+    assert second != first and value == 11
+
