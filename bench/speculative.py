@@ -17,14 +17,15 @@ Draft model: the default model is the smallest of its family here, so the draft 
 model, no extra training); ``--draft-self`` also runs the whole target as its own draft (every draft
 accepted: the acceptance ceiling, never faster).
 
-EAGLE (``--methods ... eagle ngram+eagle``): the head shipped for the default model (or ``--eagle-head``).
+EAGLE (``--methods ... eagle ngram+eagle``): the head shipped for the default model (or ``--eagle-head``),
+once per ``--eagle-thresholds`` value (the early-stop threshold; named ``eagle@0.3`` etc. when not 0).
 ``--workload chat`` runs chat prompts instead (bench/chat_eval_prompts.json, written apart from the head's
 training prompts, rendered with the chat template); ``--temperatures 0 0.7`` adds seeded sampled runs
 (outputs then differ from speculation off by design: only speed and acceptance are compared).
 
 Usage: ``python bench/speculative.py [--batches 1 4 16] [--new-tokens 64] [--k 3] [--ngram-min 1 2]
 [--draft-layers 12] [--draft-self] [--reps 3] [--methods off ngram draft eagle ngram+eagle]
-[--workload repetitive|chat] [--temperatures 0 0.7] [--eagle-head FILE]``
+[--workload repetitive|chat] [--temperatures 0 0.7] [--eagle-head FILE] [--eagle-thresholds 0 0.3]``
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def engine_configs(args, target) -> dict:
         elif m == "draft_self":
             out["draft_self"] = ("draft", target, {})
         elif m in ("eagle", "ngram+eagle"):
-            out[m] = (m, None, {"speculative_model": args.eagle_head})
+            out.update({m if th == 0 else f"{m}@{th:g}": (m, None, {"speculative_model": args.eagle_head,
+                                                                   "eagle_draft_threshold": th})
+                        for th in args.eagle_thresholds})
         else:
             raise SystemExit(f"unknown method {m!r}")
     return out
@@ -145,6 +148,8 @@ def main() -> None:
     ap.add_argument("--workload", choices=["repetitive", "chat"], default="repetitive")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0])
     ap.add_argument("--eagle-head", default=None, help="EAGLE head file (default: the shipped head)")
+    ap.add_argument("--eagle-thresholds", type=float, nargs="+", default=[0.0],
+                    help="one EAGLE configuration per early-stop threshold (eagle_draft_threshold)")
     ap.add_argument("--max-model-len", type=int, default=256)
     args = ap.parse_args()
     if args.draft_self and "draft_self" not in args.methods:
@@ -198,6 +203,7 @@ def main() -> None:
               "workload": {"kind": args.workload, "prompts": texts, "new_tokens": args.new_tokens,
                            "temperatures": args.temperatures, "ignore_eos": True, "num_speculative_tokens": args.k,
                            "ngram_min": args.ngram_min, "methods": args.methods, "eagle_head": args.eagle_head,
+                           "eagle_thresholds": args.eagle_thresholds,
                            "reps": args.reps, "reps_interleaved": True, "engine": base},
               "results": results}
     path = result_path("speculative" if args.workload == "repetitive" else "speculative-chat")

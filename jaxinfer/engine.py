@@ -215,7 +215,8 @@ class Engine:
             self.runner.attach_eagle(EagleHead(hcfg, np.asarray(hparams["d2t"]), dtype, self.kernels), hparams,
                                      eagle_kv_spec(hcfg, self.kv_spec), cfg.num_speculative_tokens)
         return SpeculativeDecoder(cfg.speculative_method, cfg.num_speculative_tokens, self.batches, self.runner,
-                                  ngram_min=cfg.ngram_min, ngram_max=cfg.ngram_max, max_num_seqs=cfg.max_num_seqs)
+                                  ngram_min=cfg.ngram_min, ngram_max=cfg.ngram_max, max_num_seqs=cfg.max_num_seqs,
+                                  eagle_threshold=cfg.eagle_draft_threshold)
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], sampling_params: SamplingParams | None = None,

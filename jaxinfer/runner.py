@@ -59,16 +59,14 @@ class DraftState:
 @dataclass
 class EagleState:
     """The EAGLE head's device state: the head (its forward functions), parameters, one-layer paged cache
-    (the target's page ids), the draft-probability buffer (as :class:`DraftState`'s), ``hidden``: the last
-    target step's hidden states ``[T_max, D]`` (row = token row of that step) and ``features``: the last
-    EAGLE step's output features ``[T_max, D]``."""
+    (the target's page ids), the draft-probability buffer (as :class:`DraftState`'s) and ``hidden``: the last
+    target step's hidden states ``[T_max, D]`` (row = token row of that step)."""
 
     head: object
     params: object
     kv_cache: object
     probs: jax.Array
     hidden: jax.Array
-    features: jax.Array
 
 
 class ModelRunner:
@@ -238,50 +236,46 @@ class ModelRunner:
         width = (self.batches.buckets.token_buckets[-1], self.model.config.hidden_size)
         probs = jax.device_put(jnp.zeros((self.num_slots * num_speculative_tokens, vocab), jnp.float32), rep)
         zeros = jax.device_put(jnp.zeros(width, self.model.dtype), rep)
-        self.eagle = EagleState(head, jax.device_put(params, rep), init_kv_cache(kv_spec, self.plan), probs, zeros,
-                                zeros)
+        self.eagle = EagleState(head, jax.device_put(params, rep), init_kv_cache(kv_spec, self.plan), probs, zeros)
         kv_sh = jax.tree.map(lambda x: x.sharding, self.kv_cache)
         ps_sh = jax.tree.map(lambda x: x.sharding, self.penalty_state)
         self._step = jax.jit(self._step_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, ps_sh, rep))
         self._verify = jax.jit(self._verify_fn, donate_argnums=(1, 2), out_shardings=(rep, kv_sh, ps_sh, rep))
         ekv_sh = jax.tree.map(lambda a: a.sharding, self.eagle.kv_cache)
-        self._eagle_step = jax.jit(self._eagle_fn, donate_argnums=(2, 3), out_shardings=(rep, ekv_sh, rep, rep))
+        self._eagle_step = jax.jit(self._eagle_fn, donate_argnums=(2, 3), out_shardings=(rep, rep, ekv_sh, rep))
 
-    def _eagle_fn(self, hparams, embed_table, kv_cache, probs, source, batch: StepBatch, source_rows, q_rows):
-        head = self.eagle.head
-        hidden = jnp.take(source, source_rows, axis=0)
-        f, cache = head.features(hparams, embed_table, batch.tokens, hidden, batch.positions + 1, kv_cache[0],
-                                 batch.md)
-        logits = head.draft_logits(hparams, jnp.take(f, batch.logits_indices, axis=0))
+    def _eagle_fn(self, hparams, embed_table, kv_cache, probs, source, batch: StepBatch, source_rows, q_rows, chain,
+                  chain_q_rows, active, num_steps, threshold):
+        drafts, counts, kv_cache, probs = self.eagle.head.draft(
+            hparams, embed_table, kv_cache[0], probs, source, batch, source_rows, q_rows, chain, chain_q_rows,
+            active, num_steps, threshold)
+        return drafts, counts, kv_cache, probs
 
-        def greedy():  # the draft vocabulary's argmax (q is not read for greedy rows)
-            return hparams["d2t"][jnp.argmax(logits, axis=-1)].astype(jnp.int32), probs
+    def run_eagle(self, batch: StepBatch, source_rows: np.ndarray, q_rows: np.ndarray, chain: StepBatch,
+                  chain_q_rows: np.ndarray, active: np.ndarray, num_steps: int, threshold: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """The EAGLE catch-up step over ``batch`` (entry ``t`` of a row at the slot of position ``t``, token
+        ``x_{t+1}``, input states the last target step's ``source_rows i32[T]``) and up to ``num_steps`` further
+        draft steps ``chain`` (stacked ``[K - 1, ...]``), all in one call
+        (:meth:`jaxinfer.speculative.eagle.EagleHead.draft`).
 
-        def sampled():
-            tokens, q = draft_sample(head.on_target_vocab(hparams, logits), batch.sampling)
-            return tokens, probs.at[q_rows].set(q, mode="drop")
-
-        tokens, probs = jax.lax.cond(jnp.all(batch.sampling.temperature <= 0), greedy, sampled)
-        f = jnp.pad(f, ((0, source.shape[0] - f.shape[0]), (0, 0)))
-        return tokens, (cache,), probs, f
-
-    def run_eagle(self, batch: StepBatch, source_rows: np.ndarray, q_rows: np.ndarray, from_target: bool
-                  ) -> np.ndarray:
-        """One EAGLE step over ``batch`` (entry ``t`` of a row at the slot of position ``t``, token ``x_{t+1}``).
-
-        Args:
-          source_rows: ``i32[T]`` row of each token's input feature in the source: the last target step's
-            hidden states (``from_target``) or the last EAGLE step's output features.
-          q_rows: ``i32[S]`` buffer row for each row's ``q`` (out of range: not kept).
         Returns:
-          the drafted tokens ``i32[S]`` on the host.
+          ``(drafts i32[S, K], counts i32[S])`` on the host: row ``n`` proposes ``drafts[n, :counts[n]]``.
         """
         e = self.eagle
-        source = e.hidden if from_target else e.features
-        tokens, e.kv_cache, e.probs, e.features = self._eagle_step(
-            e.params, self.params["embed_tokens"], e.kv_cache, e.probs, source, self.place_mask(batch),
-            source_rows, q_rows)
-        return np.asarray(jax.device_get(tokens))
+        chain = chain.replace(sampling=chain.sampling.replace(token_mask=None))
+        drafts, counts, e.kv_cache, e.probs = self._eagle_step(
+            e.params, self.params["embed_tokens"], e.kv_cache, e.probs, e.hidden, self.place_mask(batch),
+            source_rows, q_rows, chain, chain_q_rows, active, np.int32(num_steps), np.float32(threshold))
+        drafts, counts = jax.device_get((drafts, counts))
+        return np.asarray(drafts), np.asarray(counts)
+
+    def padding_chain(self, num_seqs: int) -> StepBatch:
+        """The all-padding chain (``K - 1`` steps) that goes with an EAGLE step of ``num_seqs`` rows."""
+        b = self.batches.padding(*self.batches.buckets.bucket(num_seqs, num_seqs))
+        k = self.eagle.probs.shape[0] // self.num_slots
+        return jax.tree.map(lambda *xs: np.stack(xs), *([b] * (k - 1))) if k > 1 else jax.tree.map(
+            lambda x: np.zeros((0, *np.shape(x)), np.asarray(x).dtype), b)
 
     # ---- compilation -------------------------------------------------------------------------------
     def lower(self, num_tokens: int, num_seqs: int):
@@ -304,8 +298,11 @@ class ModelRunner:
             jax.device_get(self.dispatch_verify(b.padding_verify(t, s)))
         for t, s in draft_shapes:
             self.run_draft(b.padding(t, s), np.full(s, self.num_draft_rows, np.int32))
-        for t, s in eagle_shapes:  # both sources have one shape: one program per bucket
-            self.run_eagle(b.padding(t, s), np.zeros(t, np.int32), np.full(s, self.num_draft_rows, np.int32), True)
+        for t, s in eagle_shapes:  # one program per catch-up bucket (its chain's bucket follows from it)
+            chain = self.padding_chain(s)
+            k1, s2 = chain.logits_indices.shape
+            self.run_eagle(b.padding(t, s), np.zeros(t, np.int32), np.full(s, self.num_draft_rows, np.int32), chain,
+                           np.full((k1, s2), self.num_draft_rows, np.int32), np.zeros((k1, s), bool), 0, 0.0)
         self.num_steps = 0
         elapsed = time.perf_counter() - start
         logger.info("compiled %d step, %d verify, %d draft and %d EAGLE shapes in %.1f s", len(shapes),

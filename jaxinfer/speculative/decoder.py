@@ -86,10 +86,11 @@ class SpeculativeDecoder:
         EAGLE methods).
       ngram_min / ngram_max: n-gram lengths (method "ngram").
       max_num_seqs: running sequences at most.
+      eagle_threshold: EAGLE early stop (:class:`~jaxinfer.speculative.eagle_proposer.EagleProposer`).
     """
 
     def __init__(self, method: str, num_speculative_tokens: int, batches: BatchBuilder, runner: ModelRunner, *,
-                 ngram_min: int = 1, ngram_max: int = 4, max_num_seqs: int):
+                 ngram_min: int = 1, ngram_max: int = 4, max_num_seqs: int, eagle_threshold: float = 0.0):
         if method not in METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(METHODS)}, got {method!r}")
         if method == "draft" and runner.draft is None:
@@ -106,7 +107,7 @@ class SpeculativeDecoder:
         if runner.eagle is not None:
             from jaxinfer.speculative.eagle_proposer import EagleProposer
 
-            self.eagle = EagleProposer(runner, batches, num_speculative_tokens)
+            self.eagle = EagleProposer(runner, batches, num_speculative_tokens, eagle_threshold)
         self._method: dict[str, str] = {}  # sequences with a method of their own
         cap = min(buckets.token_buckets[-1], max_num_seqs * (num_speculative_tokens + 1))
         self.verify_token_cap = buckets.token_bucket(cap)

@@ -24,7 +24,7 @@ from jaxinfer.kv_cache import KVCacheSpec
 from jaxinfer.models.causal_lm import ATTENTION_CLASSES
 from jaxinfer.models.layers import embed, linear
 from jaxinfer.models.llama import DecoderLayer
-from jaxinfer.speculative.draft import draft_bytes_per_token
+from jaxinfer.speculative.draft import draft_bytes_per_token, draft_sample
 from jaxinfer.speculative.eagle_dense import draft_logits
 from jaxinfer.speculative.eagle_head import LAYER_FIELDS, EagleHeadConfig, load_eagle_head, shipped_head_path
 from jaxinfer.target import Kernels
@@ -132,3 +132,76 @@ class EagleHead:
             return logits
         out = jnp.full((logits.shape[0], self.vocab), -jnp.inf, jnp.float32)
         return out.at[:, params["d2t"]].set(logits)
+
+    def sample(self, params, logits, st, probs, q_rows):
+        """Draft tokens from ``logits f32[S, Vd]``: greedy rows the draft vocabulary's argmax, sampled rows a
+        draw from the warped draft distribution ``q`` (kept at ``probs[q_rows]``, out-of-range rows dropped).
+
+        Returns:
+          ``(tokens i32[S], probs, confidence f32[S])``: the confidence is the drawn token's probability
+          (greedy rows: the softmax maximum of the draft logits; sampled rows: ``q`` at the token).
+        """
+        greedy_conf = 1.0 / jnp.sum(jnp.exp(logits - jnp.max(logits, -1, keepdims=True)), -1)
+
+        def greedy():  # q is not read for greedy rows
+            return params["d2t"][jnp.argmax(logits, axis=-1)].astype(jnp.int32), probs, greedy_conf
+
+        def sampled():
+            tokens, q = draft_sample(self.on_target_vocab(params, logits), st)
+            conf = jnp.take_along_axis(q, tokens[:, None], axis=1)[:, 0]
+            return tokens, probs.at[q_rows].set(q, mode="drop"), jnp.where(st.temperature <= 0, greedy_conf, conf)
+
+        return jax.lax.cond(jnp.all(st.temperature <= 0), greedy, sampled)
+
+    def draft(self, params, embed_table, cache, probs, source, batch, source_rows, q_rows, chain, chain_q_rows,
+              active, num_steps, threshold):
+        """The catch-up step and up to ``K - 1`` further draft steps in one program (a ``while_loop``).
+
+        Step 1 runs ``batch`` (``S`` rows; ``source[source_rows]`` its input states) and drafts ``d_1`` per row.
+        Chain step ``j`` (``0 .. K - 2``) feeds each row its previous draft and the feature of its previous
+        entry, with the host-built ``chain`` (a ``StepBatch`` stacked ``[K - 1, ...]``, row ``n`` = row ``n`` of
+        ``batch``, one token each; rows that do not draft there have no slot and write nothing).
+
+        Early stop (EAGLE-2's confidence for a chain): a row proposes draft ``j + 2`` only while the product of
+        its drafts' confidences (:meth:`sample`) is at least ``threshold``; the loop ends after ``num_steps``
+        steps or when no row proposes any more.
+
+        Args:
+          chain_q_rows: ``i32[K - 1, S2]`` ``q`` rows per chain step; active: ``bool[K - 1, S]`` row ``n`` may
+            draft at chain step ``j`` (its ``k > j + 1``); num_steps: ``i32`` chain steps at most;
+            threshold: ``f32`` (0: never stop early).
+        Returns:
+          ``(drafts i32[S, K], counts i32[S], (cache,), probs)``: row ``n`` proposes ``drafts[n, :counts[n]]``
+          (``counts`` counts from the first draft on; rows with no drafts at all are the host's to drop).
+        """
+        hidden = jnp.take(source, source_rows, axis=0)
+        f, cache = self.features(params, embed_table, batch.tokens, hidden, batch.positions + 1, cache, batch.md)
+        first = jnp.take(f, batch.logits_indices, axis=0)
+        tokens, probs, conf = self.sample(params, self.draft_logits(params, first), batch.sampling, probs, q_rows)
+        s = tokens.shape[0]
+        k1, t2 = chain.tokens.shape
+        out = jnp.zeros((k1 + 1, s), jnp.int32).at[0].set(tokens)
+        counts = jnp.ones(s, jnp.int32)
+        alive = conf >= threshold
+        if k1 == 0:
+            return out.T, counts, (cache,), probs
+        feats = jnp.zeros((t2, first.shape[-1]), first.dtype).at[:s].set(first)
+        prev = jnp.zeros(t2, jnp.int32).at[:s].set(tokens)
+
+        def body(state):
+            j, cache, probs, prev, feats, out, counts, cum, alive = state
+            b = jax.tree.map(lambda a: a[j], chain)
+            f, cache = self.features(params, embed_table, prev, feats, b.positions + 1, cache, b.md)
+            logits = self.draft_logits(params, jnp.take(f, b.logits_indices, axis=0))
+            tok, probs, c = self.sample(params, logits, b.sampling, probs, chain_q_rows[j])
+            go = alive & active[j]
+            cum = cum * c[:s]
+            return (j + 1, cache, probs, prev.at[:s].set(tok[:s]), f, out.at[j + 1].set(tok[:s]),
+                    counts + go.astype(jnp.int32), cum, go & (cum >= threshold))
+
+        def cond(state):
+            return (state[0] < num_steps) & jnp.any(state[-1])
+
+        state = (jnp.int32(0), cache, probs, prev, feats, out, counts, conf, alive)
+        _, cache, probs, _, _, out, counts, _, _ = jax.lax.while_loop(cond, body, state)
+        return out.T, counts, (cache,), probs

@@ -12,7 +12,10 @@ behind the target:
    decode row.
 2. Steps ``2 .. k`` feed ``(d_{j-1}, f)`` with the head's own output feature ``f`` of the row's previous
    entry (entries at ``c .. c + k - 2``, slots the scheduler granted as lookahead); they are overwritten by
-   the next catch-up (rollback needs nothing else).
+   the next catch-up (rollback needs nothing else). Both stages run in one device call
+   (:meth:`jaxinfer.speculative.eagle.EagleHead.draft`): the host builds every step's batch up front and
+   reads the drafts back once. With a ``threshold`` a row stops drafting once the product of its drafts'
+   probabilities falls under it (EAGLE-2's confidence, for a chain), so its verify is shorter.
 
 Entries whose hidden states were never seen (a sequence not scheduled in the step after one of its
 chunks, or the prefix-cache pages another sequence filled, whose last entry saw that sequence's next
@@ -22,6 +25,7 @@ exact). A row with no entry to catch up proposes nothing this step.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jaxinfer.device_batch import BatchBuilder, RowInfo
@@ -37,9 +41,14 @@ class EagleProposer:
       runner: the target runner with an EAGLE head attached.
       batches: the engine's batch builder.
       k: ``K`` (rows of the draft-probability buffer per slot).
+      threshold: early stop: a row's drafts after the first are proposed while the product of their
+        draft probabilities is at least this (0: always ``k`` drafts).
     """
 
-    def __init__(self, runner: ModelRunner, batches: BatchBuilder, k: int):
+    def __init__(self, runner: ModelRunner, batches: BatchBuilder, k: int, threshold: float = 0.0):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"the EAGLE draft threshold must be in [0, 1], got {threshold}")
+        self.threshold = float(threshold)
         self.runner = runner
         self.batches = batches
         self.k = k
@@ -88,27 +97,36 @@ class EagleProposer:
         source = np.zeros(b1.tokens.shape[0], np.int32)
         cat = np.concatenate(src)
         source[: len(cat)] = cat
-        tokens = self.runner.run_eagle(b1, source, self._q_rows(infos1, [0 if ks[i] else None for i in sel],
-                                                                 b1.logits_indices.shape[0]), True)
-        feat_row = {}  # row i -> its last token row in the latest EAGLE batch
+        s1 = b1.logits_indices.shape[0]
+        k_sel = [ks[i] for i in sel]
+        chain, chain_q, active = self._chain([rows[i] for i in sel], infos1, k_sel, s1)
+        out, counts = self.runner.run_eagle(b1, source, self._q_rows(infos1, [0 if k else None for k in k_sel], s1),
+                                            chain, chain_q, active, max(k_sel) - 1, self.threshold)
         for n, (i, r1) in enumerate(zip(sel, rows1)):
             self._valid[r1.seq.request_id] = r1.kv_len
-            feat_row[i] = int(b1.logits_indices[n])
             if ks[i]:
-                drafts[i].append(int(tokens[n]))
-        for j in range(1, max(ks, default=0)):
-            idx = [i for i in range(len(rows)) if ks[i] > j and drafts[i]]
-            if not idx:
-                break
-            rows_j = [ScheduledSeq(rows[i].seq, rows[i].start + j - 1, 1, True) for i in idx]
-            infos_j = [infos[i] for i in idx]
-            b = self.batches.draft(rows_j, infos_j, [info.step + j for info in infos_j],
-                                   [[drafts[i][-1]] for i in idx])
-            source = np.zeros(b.tokens.shape[0], np.int32)
-            source[: len(idx)] = [feat_row[i] for i in idx]
-            tokens = self.runner.run_eagle(b, source, self._q_rows(infos_j, [j] * len(idx),
-                                                                   b.logits_indices.shape[0]), False)
-            for n, i in enumerate(idx):
-                drafts[i].append(int(tokens[n]))
-                feat_row[i] = int(b.logits_indices[n])
+                drafts[i] = [int(t) for t in out[n, : min(ks[i], int(counts[n]))]]
         return drafts
+
+    def _chain(self, rows: list[ScheduledSeq], infos: list[RowInfo], ks: list[int], s1: int):
+        """The ``K - 1`` chain steps after a catch-up of ``s1`` rows (``rows`` first, then copies of the last
+        row as padding, so the bucket depends on ``s1`` only): ``(StepBatch stacked [K - 1, ...],
+        q rows i32[K - 1, S2], active bool[K - 1, s1])``. Chain step ``j`` (1-based) feeds row ``n`` at
+        position ``start + j - 1`` when it drafts there (``ks[n] > j + 1``); other rows feed the position before their
+        start (already computed) with no slot, so they write nothing."""
+        steps, q_rows, active = [], [], np.zeros((max(self.k - 1, 0), s1), bool)
+        pad = rows + [rows[-1]] * (s1 - len(rows))
+        pad_infos = infos + [infos[-1]] * (s1 - len(rows))
+        for j in range(1, self.k):
+            act = [n < len(rows) and ks[n] > j for n in range(s1)]
+            active[j - 1] = act
+            rows_j = [ScheduledSeq(r.seq, r.start + j - 1 if a else r.start - 1, 1, True) for r, a in zip(pad, act)]
+            b = self.batches.draft(rows_j, pad_infos, [info.step + j for info in pad_infos], [[0]] * s1)
+            slots = np.array(b.md.slot_mapping)
+            slots[: s1][~np.asarray(act)] = -1
+            steps.append(b.replace(md=b.md.replace(slot_mapping=slots)))
+            q_rows.append(self._q_rows(pad_infos, [j if a else None for a in act], b.logits_indices.shape[0]))
+        if not steps:
+            chain = self.runner.padding_chain(s1)
+            return chain, np.zeros((0, chain.logits_indices.shape[1]), np.int32), active
+        return jax.tree.map(lambda *xs: np.stack(xs), *steps), np.stack(q_rows), active

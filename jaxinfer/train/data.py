@@ -29,11 +29,14 @@ class Sequence:
 
 
 def generate_replies(llm, prompts: list[str], *, max_tokens: int, greedy_fraction: float,
-                     temperatures: tuple[float, ...] = (0.7, 1.0), seed: int = 0) -> list[Sequence]:
+                     temperatures: tuple[float, ...] = (0.7, 1.0), seed: int = 0,
+                     start: int = 0) -> list[Sequence]:
     """The target's replies to ``prompts`` (one user message each), all submitted at once.
 
     A ``greedy_fraction`` of the prompts (every ``1 / greedy_fraction``-th) are answered greedily, the others
-    sampled with ``top_p = 0.95`` at the ``temperatures`` in turn, each with its own seed.
+    sampled with ``top_p = 0.95`` at the ``temperatures`` in turn, each with its own seed. ``start`` is the
+    index of ``prompts[0]`` in the whole prompt set (a set generated in parts gets the same choices and
+    seeds as one generated at once).
     """
     from jaxinfer.sampling_params import SamplingParams
     from jaxinfer.tokenizer import encode_chat
@@ -42,7 +45,7 @@ def generate_replies(llm, prompts: list[str], *, max_tokens: int, greedy_fractio
         raise ValueError(f"greedy_fraction must be in [0, 1], got {greedy_fraction}")
     convs = [encode_chat(llm.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     params, greedy = [], []
-    for i in range(len(prompts)):
+    for i in range(start, start + len(prompts)):
         g = int((i + 1) * greedy_fraction) > int(i * greedy_fraction)
         t = 0.0 if g else temperatures[i % len(temperatures)]
         params.append(SamplingParams(temperature=t, top_p=1.0 if g else 0.95, max_tokens=max_tokens,

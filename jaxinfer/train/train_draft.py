@@ -30,12 +30,15 @@ def register(subparsers):
     p.add_argument("--head-out", default=None, help="head file to write (default: <out>/eagle-head.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--dtype", default="auto", help="target dtype for generation and hidden states")
+    p.add_argument("--init-head", default=None,
+                   help="start from this head file (its draft vocabulary and weights) instead of a fresh head")
     g = p.add_argument_group("data")
     g.add_argument("--num-prompts", type=int, default=480)
     g.add_argument("--held-out-prompts", type=int, default=32)
     g.add_argument("--max-tokens", type=int, default=160, help="reply tokens per prompt at most")
     g.add_argument("--greedy-fraction", type=float, default=0.5, help="training replies decoded greedily")
     g.add_argument("--max-num-seqs", type=int, default=64, help="replies generated at once")
+    g.add_argument("--data-chunk", type=int, default=128, help="replies generated and saved per part")
     g.add_argument("--draft-vocab", type=int, default=2048, help="draft vocabulary size (0: the full vocabulary)")
     t = p.add_argument_group("training")
     d = TrainSettings()
@@ -61,37 +64,58 @@ def _settings(args) -> TrainSettings:
 
 
 def _data(args, out: Path, log):
-    """The target (loaded) and the training / held-out sequences (generated once, then read back)."""
+    """The target (loaded) and the training / held-out sequences.
+
+    Replies are generated in parts of ``--data-chunk`` prompts, each appended to ``data.npz`` as soon as its
+    hidden states are recorded, so a stopped run keeps what it made; a later run with a larger
+    ``--num-prompts`` generates only the prompts the file lacks (the prompt set's first ``n`` prompts are
+    the same for every larger ``n``). Returns ``(llm, train, held, timing)``.
+    """
     from jaxinfer.llm import LLM
     from jaxinfer.train import data, prompts
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, seed=args.seed)
     files = out / "data.npz", out / "held_out.npz"
-    if all(f.is_file() for f in files):
-        log(f"reading the recorded data in {out}")
-        timing = out / "data_timing.json"
-        return (llm, data.load_dataset(files[0]), data.load_dataset(files[1]),
-                json.loads(timing.read_text()) if timing.is_file() else {})
-    from tqdm import tqdm
-
+    timing_path = out / "data_timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     train_topics, held_topics = prompts.split_topics(max(4, len(prompts.TOPICS) // 10), args.seed)
     train_p = prompts.prompt_set(args.num_prompts, args.seed, train_topics)
-    held_p = [q for q in prompts.prompt_set(args.held_out_prompts * 3, args.seed + 7, held_topics)
-              if q not in set(train_p)][:args.held_out_prompts]
-    t0 = time.perf_counter()
-    log(f"generating {len(train_p)} + {len(held_p)} replies (max {args.max_tokens} tokens each)")
-    train = data.generate_replies(llm, train_p, max_tokens=args.max_tokens, greedy_fraction=args.greedy_fraction,
-                                  seed=args.seed)
-    held = data.generate_replies(llm, held_p, max_tokens=args.max_tokens, greedy_fraction=1.0, seed=args.seed + 1)
-    t_gen = time.perf_counter() - t0
+    train = data.load_dataset(files[0]) if files[0].is_file() else []
+    if train:
+        log(f"read {len(train)} recorded training replies from {files[0]}")
+    from tqdm import tqdm
+
     loaded = llm.loaded
-    with tqdm(total=len(train) + len(held), desc="hidden states", unit="seq", file=sys.stderr) as bar:
-        data.record_hidden(loaded.model, loaded.params, train + held, progress=bar.update)
-    t_rec = time.perf_counter() - t0 - t_gen
-    data.save_dataset(files[0], train)
-    data.save_dataset(files[1], held)
-    timing = {"generate_s": round(t_gen, 1), "hidden_states_s": round(t_rec, 1)}
-    (out / "data_timing.json").write_text(json.dumps(timing))
+
+    def make(part_prompts, *, greedy_fraction, seed, start):
+        t0 = time.perf_counter()
+        part = data.generate_replies(llm, part_prompts, max_tokens=args.max_tokens, greedy_fraction=greedy_fraction,
+                                     seed=seed, start=start)
+        t1 = time.perf_counter()
+        with tqdm(total=len(part), desc="hidden states", unit="seq", file=sys.stderr) as bar:
+            data.record_hidden(loaded.model, loaded.params, part, progress=bar.update)
+        timing["generate_s"] = round(timing.get("generate_s", 0.0) + t1 - t0, 1)
+        timing["hidden_states_s"] = round(timing.get("hidden_states_s", 0.0) + time.perf_counter() - t1, 1)
+        return part
+
+    if files[1].is_file():
+        held = data.load_dataset(files[1])
+    else:
+        held_p = [q for q in prompts.prompt_set(args.held_out_prompts * 3, args.seed + 7, held_topics)
+                  if q not in set(train_p)][:args.held_out_prompts]
+        log(f"generating {len(held_p)} held-out replies (max {args.max_tokens} tokens each)")
+        held = make(held_p, greedy_fraction=1.0, seed=args.seed + 1, start=0)
+        data.save_dataset(files[1], held)
+        timing_path.write_text(json.dumps(timing))
+    if len(train) < len(train_p):
+        log(f"generating {len(train_p) - len(train)} training replies (max {args.max_tokens} tokens each, "
+            f"{args.data_chunk} at a time)")
+    while len(train) < len(train_p):
+        n = len(train)
+        train += make(train_p[n:n + args.data_chunk], greedy_fraction=args.greedy_fraction, seed=args.seed, start=n)
+        data.save_dataset(files[0], train)
+        timing_path.write_text(json.dumps(timing))
+        log(f"{len(train)} / {len(train_p)} training replies recorded")
     return llm, train, held, timing
 
 
@@ -152,8 +176,8 @@ def run(args) -> int:
     ckpt_dir = out / "ckpt"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()) and not args.resume:
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose a new --out")
-    if args.steps < 1 or args.batch_size < 1 or args.unroll < 1:
-        raise ValueError("--steps, --batch-size and --unroll must be >= 1")
+    if args.steps < 1 or args.batch_size < 1 or args.unroll < 1 or args.data_chunk < 1:
+        raise ValueError("--steps, --batch-size, --unroll and --data-chunk must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     llm, train, held, timing = _data(args, out, log)
@@ -162,18 +186,34 @@ def run(args) -> int:
     n_train = sum(len(q.tokens) - q.prompt_len for q in train)
     log(f"data: {len(train)} training replies ({n_train} reply tokens), {len(held)} held-out replies")
 
-    vocab = tc.vocab_size if args.draft_vocab in (0, None) else args.draft_vocab
+    name = args.model or "smollm2-135m-instruct"
     eos = tuple(t for t in tc.eos_token_ids if t < tc.vocab_size)
-    d2t = data.draft_vocabulary(data.token_counts(train, tc.vocab_size), vocab, eos)
+    if args.init_head:
+        from jaxinfer.speculative.eagle import check_head
+        from jaxinfer.speculative.eagle_head import load_eagle_head, read_eagle_metadata
+
+        cfg, params = load_eagle_head(args.init_head)
+        check_head(cfg, tc, name, args.init_head)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.int32 if a.dtype.kind in "iu" else jnp.float32), params)
+        d2t = np.asarray(params["d2t"])
+        vocab = len(d2t)
+        init_record = {"file": str(args.init_head), "training": read_eagle_metadata(args.init_head)[1]}
+        log(f"starting from {args.init_head} (draft vocabulary {vocab})")
+    else:
+        vocab = tc.vocab_size if args.draft_vocab in (0, None) else args.draft_vocab
+        d2t = data.draft_vocabulary(data.token_counts(train, tc.vocab_size), vocab, eos)
+        init_record = None
     coverage = {str(n): round(data.coverage(held, data.draft_vocabulary(data.token_counts(train, tc.vocab_size), n,
                                                                         eos)), 4)
                 for n in sorted({512, 1024, 2048, 4096, 8192, vocab}) if n <= tc.vocab_size}
+    if args.init_head:  # the head's own vocabulary (the coverage of the sizes above is for this data's)
+        coverage["init_head"] = round(data.coverage(held, d2t), 4)
     log(f"draft vocabulary {vocab}: held-out reply tokens covered {coverage}")
 
     s = _settings(args)
-    name = args.model or "smollm2-135m-instruct"
-    cfg, params = init_eagle_head(jax.random.PRNGKey(s.seed), tc, d2t, target_params=loaded.params,
-                                  target_model=name)
+    if init_record is None:
+        cfg, params = init_eagle_head(jax.random.PRNGKey(s.seed), tc, d2t, target_params=loaded.params,
+                                      target_model=name)
     # everything on the target's mesh, replicated (the update's outputs come back with that sharding)
     rep = jax.sharding.NamedSharding(loaded.mesh, jax.sharding.PartitionSpec())
     d2t_dev = jax.device_put(params["d2t"], rep)
@@ -239,6 +279,7 @@ def run(args) -> int:
             "time_s": {"total_this_run": round(time.perf_counter() - t_start, 1), "train_this_run": round(train_s, 1),
                        "process_cpu_this_run": round(time.process_time() - cpu_start, 1), **timing},
             "final_loss": history["loss"][-1] if history["loss"] else None, "held_out_acceptance": final,
+            "init_head": init_record,
             "devices": str(jax.devices()[0].device_kind)}
     save_eagle_head(head_out, cfg, dict(trainable, d2t=d2t_dev), meta)
     log(f"wrote {head_out} ({head_out.stat().st_size / 2**20:.1f} MiB)")

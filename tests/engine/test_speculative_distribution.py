@@ -61,25 +61,35 @@ def _stratified_pvalue(pairs, cond_probs):
     return stats.chi2.sf(chi2, dof), dof
 
 
-@pytest.mark.parametrize("method", ["draft", "eagle"])
+@pytest.mark.parametrize("method", ["draft", "eagle", "eagle_stop"])
 def test_sampled_speculation_matches_target_distribution(vocab32, method):
+    """``eagle_stop``: k = 2 with the early stop, which ends some proposals after their first draft; the
+    second verified position (given the two tokens before it) is checked too."""
     hf, target, draft, head = vocab32
+    stop = method == "eagle_stop"
     cfg = EngineConfig(max_model_len=16, max_num_seqs=64, max_num_batched_tokens=256, page_size=8,
-                       min_token_bucket=128, speculative_method=method, num_speculative_tokens=1,
-                       speculative_model=head if method == "eagle" else None)
+                       min_token_bucket=128, speculative_method="eagle" if stop else method,
+                       num_speculative_tokens=2 if stop else 1, eagle_draft_threshold=0.2 if stop else 0.0,
+                       speculative_model=head if method != "draft" else None)
     eng = Engine(target, cfg, draft=draft if method == "draft" else None)
     pairs = {name: [] for name in SETTINGS}
+    triples = {name: [] for name in SETTINGS}
     outs: dict[str, list[int]] = {}
     for name, sp in SETTINGS.items():
         for i in range(N):
-            eng.add_request(f"{name}{i}", PROMPT, sp.__class__(**{**sp.__dict__, "seed": 10_000 + i}))
+            # eagle_stop: 4 tokens, so that the first verify may take 2 drafts (it yields at most k + 1 tokens)
+            eng.add_request(f"{name}{i}", PROMPT, sp.__class__(**{**sp.__dict__, "seed": 10_000 + i,
+                                                                  "max_tokens": 4 if stop else 3}))
     while eng.has_unfinished_requests():
         for out in eng.step():
             outs.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
     for rid, toks in outs.items():
-        assert len(toks) == 3
+        assert len(toks) == (4 if stop else 3)
         pairs[rid.rstrip("0123456789")].append((toks[0], toks[1]))
+        triples[rid.rstrip("0123456789")].append((toks[0] * 32 + toks[1], toks[2]))
     st = eng.stats()
+    if stop:  # some proposals stopped after one draft, others went on to two
+        assert 1.1 * st.spec_verified < st.spec_draft_tokens < 1.9 * st.spec_verified, st
     # drafts both accepted and rejected, hundreds of each (draft model about 0.5, EAGLE head about 0.17)
     assert 0.1 < st.spec_accepted_tokens / st.spec_draft_tokens < 0.8 and st.spec_draft_tokens > 1000
     with torch.no_grad():
@@ -90,6 +100,12 @@ def test_sampled_speculation_matches_target_distribution(vocab32, method):
         cond = {t: _probs(logits[t], sp) for t in range(32)}
         pval, dof = _stratified_pvalue(pairs[name], cond)
         assert dof > 10 and pval > 1e-3, (name, pval, dof)
+        if stop:
+            with torch.no_grad():
+                ctx2 = torch.tensor([PROMPT + [a, b] for a in range(32) for b in range(32)])
+                logits2 = hf(ctx2).logits[:, -1].double().numpy()
+            pval, dof = _stratified_pvalue(triples[name], {t: _probs(logits2[t], sp) for t in range(32 * 32)})
+            assert dof > 10 and pval > 1e-3, (name, "second position", pval, dof)
         t1 = np.array([a for a, _ in pairs[name]])
         assert stats.chisquare(*_pooled(np.bincount(t1, minlength=32), _probs(first, sp) * N)).pvalue > 1e-3
 

@@ -62,6 +62,7 @@ def eagle(tiny_model_dir, tmp_path_factory):
 def _engine(target, method=None, head=None, **kw):
     """``PAGES`` pages whatever the model (256 B per token and layer; the head has one layer)."""
     memory = PAGES * CFG["page_size"] * 256 * (target.config.num_layers + (1 if method else 0))
+    kw.setdefault("eagle_draft_threshold", 0.0)  # full chains unless a test asks for the early stop
     cfg = EngineConfig(**{**CFG, "kv_cache_memory": memory, **kw}, speculative_method=method,
                        speculative_model=head)
     return Engine(target, cfg)
@@ -103,12 +104,16 @@ def _hf_hidden(hf, tokens: list[int]) -> np.ndarray:
     return got["h"][0].double().numpy()
 
 
-def test_engine_drafts_equal_dense_reference(eagle):
-    """The paged head (catch-up over chunked prefill and verify steps, k-step drafting) proposes what the
-    dense reference head proposes from HF's hidden states of the same history."""
+@pytest.mark.parametrize("threshold", [0.0, 0.002])  # the random head: ~0.05 / 0.002 / 1e-4 after 1 / 2 / 3
+def test_engine_drafts_equal_dense_reference(eagle, threshold):
+    """The paged head (catch-up over chunked prefill and verify steps, k-step drafting in one device call)
+    proposes what the dense reference head proposes from HF's hidden states of the same history. With an
+    early-stop threshold the proposal ends after the first draft at which the product of the reference's
+    draft probabilities (softmax maximum, float64) falls under it; greedy output still equals plain decoding."""
     from jaxinfer.speculative.eagle_head import load_eagle_head
 
-    eng = _engine(eagle["target"], "eagle", eagle["head"], enable_prefix_caching=False)
+    eng = _engine(eagle["target"], "eagle", eagle["head"], enable_prefix_caching=False,
+                  eagle_draft_threshold=threshold)
     hcfg, hp = load_eagle_head(eagle["head"])
     hp = jax.tree.map(jnp.asarray, hp)
     table = eagle["target"].params["embed_tokens"]
@@ -116,32 +121,45 @@ def test_engine_drafts_equal_dense_reference(eagle):
     propose = eng.spec.propose
 
     def spy(rows, infos):
+        ks = eng.spec._plan(rows)
         drafts = propose(rows, infos)
-        records.extend((list(r.seq.all_token_ids), r.start, d) for r, d in zip(rows, drafts) if d)
+        records.extend((list(r.seq.all_token_ids), r.start, d, k) for r, d, k in zip(rows, drafts, ks) if d)
         return drafts
 
     eng.spec.propose = spy
     rng = np.random.default_rng(3)
     reqs = [(f"d{i}", [1] + rng.integers(3, 300, size=n).tolist(), SamplingParams(max_tokens=12, **GREEDY))
             for i, n in enumerate([45, 5, 20])]
-    _run(eng, reqs, [0, 1, 3])
+    out = _run(eng, reqs, [0, 1, 3])
+    assert out == _run(_engine(eagle["target"]), reqs, [0, 1, 3])
     assert len(records) >= 10
     d2t = np.asarray(hp["d2t"])
     width = 96  # right padding is harmless (causal): one compiled reference for every history
     dense = jax.jit(lambda t, h, p: eagle_forward_dense(hp, hcfg, table, t, h, p))
-    for toks, c, drafts in records:
+    lengths = []
+    for toks, c, drafts, k in records:
         h = _hf_hidden(eagle["hf"], toks[:c])  # the target's h_0 .. h_{c-1}
         seq_t = np.zeros((1, width), np.int32)
         seq_h = np.zeros((1, width, h.shape[1]), np.float32)
         seq_t[0, :c] = toks[1 : c + 1]
         seq_h[0, :c] = h
-        want = []
-        for j in range(len(drafts)):
+        want, cum = [], 1.0
+        for j in range(k):
             f, lg, _ = dense(seq_t, seq_h, np.arange(1, width + 1, dtype=np.int32)[None])
-            want.append(int(d2t[int(jnp.argmax(lg[0, c + j - 1]))]))
+            row = np.asarray(lg[0, c + j - 1], np.float64)
+            want.append(int(d2t[int(np.argmax(row))]))
+            cum *= 1.0 / np.exp(row - row.max()).sum()
+            if cum < threshold:
+                assert abs(cum / threshold - 1) > 1e-3, "too close to the threshold to compare"
+                break
             seq_t[0, c + j] = want[-1]
             seq_h[0, c + j] = np.asarray(f[0, c + j - 1])
         assert drafts == want, (c, drafts, want)
+        lengths.append((len(drafts), k))
+    if threshold == 0:
+        assert all(n == k for n, k in lengths)
+    else:  # some proposals stopped early, some went on past the first draft
+        assert any(n < k for n, k in lengths) and any(n > 1 for n, _ in lengths), lengths
 
 
 def test_acceptance_bookkeeping_and_per_request_proposer(eagle):

@@ -51,6 +51,22 @@ def test_train_draft_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     assert meta2["steps_run"] == 3
     assert meta2["held_out_acceptance"]["mean_length"] == pytest.approx(acc["mean_length"], abs=0.05)
 
+    # --init-head: a new run (same recorded data) starts from the trained head: same draft vocabulary, a
+    # first loss below the fresh head's, and with a negligible learning rate the same held-out acceptance
+    init = tmp_path / "init"
+    init.mkdir()
+    for f in ("data.npz", "held_out.npz"):
+        shutil.copy(out / f, init / f)
+    assert main(_args(model, init, 2, "--init-head", str(out / "eagle-head.safetensors"), "--lr", "1e-9")) == 0
+    _, params3 = load_eagle_head(init / "eagle-head.safetensors")
+    np.testing.assert_array_equal(params3["d2t"], params["d2t"])
+    _, meta3 = read_eagle_metadata(init / "eagle-head.safetensors")
+    assert meta3["init_head"]["file"] == str(out / "eagle-head.safetensors")
+    assert meta3["init_head"]["training"]["steps_run"] == 3
+    hist3 = json.loads((init / "history.json").read_text())
+    assert hist3["loss"][0] < 0.9 * loss[0], (hist3["loss"], loss)
+    assert meta3["held_out_acceptance"]["mean_length"] == pytest.approx(acc["mean_length"], abs=0.05)
+
 
 def test_prompt_sets_are_varied_and_held_out_topics_disjoint():
     train_topics, held_topics = prompts.split_topics(7)
