@@ -10,7 +10,8 @@ per scenario, the attacker stops when the victim is done (and after ``--max-seco
 Victim: sequential non-streamed completions (``max_tokens`` 32, greedy); reported: median / p90 latency.
 Attacks (defaults of ``jaxinfer serve``'s limits): n=128 x 2 prompts with 64 stop strings totalling
 4096 bytes (HTTP and gRPC), 256 distinct 200-token prompts in one request, requests whose step fails
-(FakeEngine ``[fail]``), int32-overflowing fields, 300 slowloris sockets, non-JSON posts. The big requests
+(FakeEngine ``[fail]``), int32-overflowing fields, 300 slowloris sockets, non-JSON posts; beside them, as the
+yardstick, one ordinary request from another client (one 200-token prompt, 200 tokens out). The big requests
 are streamed and dropped as soon as the victim is done (the server aborts them); the next scenario starts
 once the server is idle. ``--rounds``: baseline and attacks repeated in turn, so the baseline's spread
 across rounds (``round_medians_s``) shows what the shared machine's load moves.
@@ -77,6 +78,13 @@ def _many_prompts_http(url, stop):
     _stream_until(url, {"prompt": prompts, "max_tokens": 200, "temperature": 1, "stop": STOPS}, stop)
 
 
+def _one_ordinary_http(url, stop):
+    # not an attack: one ordinary request (one 200-token prompt, 200 tokens out) from another client, the
+    # yardstick for what any concurrent client costs the victim on a compute-bound device
+    prompt = [(i * 104729) % 40000 + 100 for i in range(200)]
+    _stream_until(url, {"prompt": prompt, "max_tokens": 200, "temperature": 1}, stop)
+
+
 def _big_grpc(target, stop):
     import grpc
 
@@ -134,7 +142,8 @@ def _slowloris(url, stop, count=300):
         s.close()
 
 
-ATTACKS = {"n128x2_prompts_64_stops_http": _big_http, "n128_64_stops_grpc": _big_grpc,
+ATTACKS = {"one_ordinary_request_http": _one_ordinary_http,
+           "n128x2_prompts_64_stops_http": _big_http, "n128_64_stops_grpc": _big_grpc,
            "256_prompts_of_200_tokens_http": _many_prompts_http,
            "failing_step": _failing, "int32_overflow_fields": _overflow, "non_json_posts": _junk,
            "slowloris_300_sockets": _slowloris}
@@ -239,7 +248,7 @@ def main() -> None:
         from machine import machine_info, result_path
 
         path = result_path("serving_isolation" + (f"-{args.tag}" if args.tag else ""))
-        info = {"machine": machine_info(), "note": "2-core machine shared with other jobs during the run",
+        info = {"machine": machine_info(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                 "model": "default (smollm2-135m-instruct)", "server": REAL_SERVER_ARGS + extra,
                 "victim_requests_per_scenario_and_round": args.count, "rounds": args.rounds,
                 "max_attack_seconds": args.max_seconds, "latency": out}

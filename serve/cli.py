@@ -17,7 +17,7 @@ DEFAULT_MAX_NUM_SEQS = 64
 # jaxinfer serve's --max-step-tokens-per-request when not given (the engine's default is no limit): while
 # another request has work, a request with several sequences puts at most this many tokens in a step
 # (bench/serving_isolation.py; serve/README.md, "Limits"). 0 turns it off.
-SERVE_STEP_TOKENS_PER_REQUEST = 2
+SERVE_STEP_TOKENS_PER_REQUEST = 1
 _DESCRIPTION = ("Serve one model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
                 "/v1/models, /health, /metrics) and/or gRPC. SIGINT/SIGTERM shut down gracefully: new requests "
                 "get 503, in-flight ones may finish for --shutdown-timeout seconds, then are aborted; a second "
