@@ -5,7 +5,9 @@ bytes beyond the minimum, :func:`op_traffic` walks the compiled module (``compil
 every top-level instruction with the bytes of its operands and results that live in device memory (HBM):
 
 * buffers placed in another memory space (a layout with ``S(n)``, n > 0: TPU VMEM / SMEM, prefetched
-  copies) are on-chip and not charged;
+  copies) are on-chip and not charged; an asynchronous copy (``copy-start``) is charged its HBM ends: the
+  source of a prefetch into VMEM, the destination of a write-back from VMEM (a buffer the compiler kept
+  in VMEM and updated there is written back whole), both of a copy within HBM;
 * a fusion reads a parameter only through a gather / slice / dynamic-slice inside it: charged the sliced
   bytes, not the whole parameter (an embedding lookup reads its rows, not the table);
 * a fusion whose root updates a parameter in place (scatter, dynamic-update-slice): charged the update,
@@ -228,8 +230,9 @@ def op_traffic(hlo_text: str, data_dependent: tuple[str, ...] = ("paged_attentio
                 b = _fusion_bytes(comps.get(m.group(1), []), operand_shapes, ins.shape) if m else 0
             elif ins.opcode == "slice-start":  # ((source), destination slice, ...): the slice moves
                 b = _array_bytes(_ARRAY.findall(ins.shape)[1][0] + "[" + _ARRAY.findall(ins.shape)[1][1] + "]")
-            elif ins.opcode == "copy-start":  # (destination, source, ...): the source is read once
-                b = sum(_array_bytes(s) for s in operand_shapes)
+            elif ins.opcode == "copy-start":  # (destination, source, ...): the source read, the destination written
+                dtype, dims, layout = _ARRAY.findall(ins.shape)[0]
+                b = sum(_array_bytes(s) for s in operand_shapes) + _array_bytes(f"{dtype}[{dims}]{layout}")
             elif ins.opcode in _INPLACE and len(operand_shapes) > 2:  # in place: the update read and written
                 if ins.opcode == "scatter":  # (operand, indices, updates)
                     b = _array_bytes(operand_shapes[1]) + 2 * _array_bytes(operand_shapes[2])

@@ -79,8 +79,8 @@ class ModelRunner:
       kernels: the attention and matmul kernels every step runs with.
       batches: builds the padding batches that compile each bucket.
       plan: the model's sharding plan; the cache is placed by it (KV heads split over "model" when
-        attention is), the penalty state replicated, and every step returns both with the same
-        shardings, so compiled steps are reused.
+        attention is), the penalty state split over the vocabulary as the logits are, and every step
+        returns both with the same shardings, so compiled steps are reused.
       abstract: hold ``ShapeDtypeStruct`` state instead of arrays (``params`` abstract too): nothing is
         allocated, and :meth:`lower` compiles steps for the plan's devices, which may be a TPU or GPU
         topology this machine does not have (:mod:`pallas_kernels.targets`).
@@ -97,13 +97,17 @@ class ModelRunner:
         self.plan = plan or model.plan or ShardingPlan(make_mesh())
         rep = self.plan.replicated()
         zeros = lambda: PenaltyState.zeros(num_slots, model.config.vocab_size)  # noqa: E731
+        # The penalty state is split over the vocabulary as the LM head's logits are (replicated when they
+        # are), so the sampler reads and updates each chip's part in place: kept replicated, the compiled
+        # step would gather the whole [slots, V] state back onto every chip after each update.
+        ps = self.plan.sharding((None, "vocab"))
         if abstract:
             self.kv_cache = abstract_kv_cache(kv_spec, self.plan)
-            self.penalty_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+            self.penalty_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ps),
                                               jax.eval_shape(zeros))
         else:
             self.kv_cache = init_kv_cache(kv_spec, self.plan)
-            self.penalty_state = jax.device_put(zeros(), rep)
+            self.penalty_state = jax.device_put(zeros(), ps)
         kv_sh = jax.tree.map(lambda x: x.sharding, self.kv_cache)
         ps_sh = jax.tree.map(lambda x: x.sharding, self.penalty_state)
         # Sampler outputs replicated: every process (multi-host) can read them from a local device.

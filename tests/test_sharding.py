@@ -1,8 +1,9 @@
 """Tensor and data parallelism on 8 virtual CPU devices (tests/conftest.py sets the device count).
 
-Every sharded configuration must generate exactly the TP=1 tokens (greedy) with log-probabilities within
-2e-4, through the full engine: paged cache, chunked prefill (small token budget), continuous batching
-(staggered arrivals). Shardings of parameters and KV cache are asserted on ``.sharding``.
+Every sharded configuration must generate exactly the TP=1 tokens (greedy, with repetition / presence /
+frequency penalties) with log-probabilities within 2e-4, through the full engine: paged cache, chunked
+prefill (small token budget), continuous batching (staggered arrivals). Shardings of parameters and KV
+cache are asserted on ``.sharding``.
 """
 
 import jax
@@ -30,7 +31,9 @@ ARRIVALS = [0, 0, 2, 5]
 
 
 def generate(engine, prompts=PROMPTS, arrivals=ARRIVALS, max_tokens=6):
-    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
+    # penalties on: the penalty state is split over the vocabulary with the logits under TP
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2, repetition_penalty=1.3,
+                        presence_penalty=0.5, frequency_penalty=0.3)
     pending = sorted(zip(arrivals, range(len(prompts))))
     toks, lps, step = {}, {}, 0
     while pending or engine.has_unfinished_requests():
@@ -95,6 +98,9 @@ def test_parameter_and_cache_shardings(tiny_model_dir):
         assert len(leaf.sharding.device_set) == 4
     assert m.params["embed_tokens"].sharding.spec == P("model", None)
     assert m.params["lm_head"]["kernel"].sharding.spec == P(None, "model")
+    # the penalty state is split over the vocabulary as the logits are: the sampler updates it in place
+    for leaf in (eng.runner.penalty_state.output_counts, eng.runner.penalty_state.prompt_mask):
+        assert leaf.sharding.spec == P(None, "model") and len(leaf.sharding.device_set) == 4
     kv = eng.runner.kv_cache[0]
     assert kv.k.shape[2] == 4 and kv.k.sharding.spec == P(None, None, "model", None)
     # each device holds exactly one (repeated) KV head

@@ -17,13 +17,13 @@ rows can see (causal end, sliding-window start), as one flat loop over (sequence
 of the block that belong to other sequences are masked out (their position is -1), so state never
 needs resetting between sequences; padding rows stay at zero.
 
-Memory. K/V stay in HBM (``pl.ANY``). KV blocks of ``kv_pages_per_block`` pages are copied with
-``pltpu.make_async_copy`` into a 2-slot VMEM buffer: while one (sequence, KV block) is computed, the
-next one (possibly the next sequence's first block) is already in flight. Pages past a sequence's
-``kv_len`` are not fetched (their slots are masked). Online-softmax state (``m``, ``l`` lane-replicated
-to 128, ``acc`` in f32) lives in VMEM scratch for all KV heads; the output block is written once per
-grid step. Grid steps are independent (all DMAs are waited within a step), so the grid dimension is
-``PARALLEL`` (megacore-shardable).
+Memory. K/V stay in HBM (``pl.ANY``, pinned to HBM when compiled). KV blocks of ``kv_pages_per_block``
+pages are copied with ``pltpu.make_async_copy`` into a 2-slot VMEM buffer: while one (sequence, KV
+block) is computed, the next one (possibly the next sequence's first block) is already in flight. Pages
+past a sequence's ``kv_len`` are not fetched (their slots are masked). Online-softmax state (``m``,
+``l`` lane-replicated to 128, ``acc`` in f32) lives in VMEM scratch for all KV heads; the output block
+is written once per grid step. Grid steps are independent (all DMAs are waited within a step), so the
+grid dimension is ``PARALLEL`` (megacore-shardable).
 
 Quantized caches (int8 / fp8 with f32 scale rows ``[P, Hkv * ps]``): a page's scale row is DMA'd
 next to its value pages; tiles go to the MXU in the query dtype and the scales multiply score /
@@ -327,6 +327,12 @@ def ragged_paged_attention_tpu(
         pltpu.VMEM((hkv, rows, dp), jnp.float32),
     ]
     caches = (kv.k,) if fused else (kv.k, kv.v)
+    if not interpret:
+        # The pages stay in HBM: left to the compiler, it may stage a layer's whole cache in VMEM around the
+        # cache write when it fits (an int8 layer's 32 MiB per v5e chip under TP 8), i.e. read and write all
+        # of it every step for the few pages the kernel reads. (Not the scale rows: a row narrower than 128
+        # lanes is laid out pages-minor, and pinning it to HBM turns the kernel's relayout into an HBM copy.)
+        caches = tuple(pltpu.with_memory_space_constraint(c, pltpu.HBM) for c in caches)
     caches += (kv.k_scale, kv.v_scale) if quantized else ()
     itemsize = jnp.dtype(kv.k.dtype).itemsize
     vmem_bytes = ((2 if fused else 4) * hkv * nb * ps * dp * itemsize  # K/V double buffers
