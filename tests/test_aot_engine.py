@@ -83,9 +83,17 @@ def test_default_model_on_one_v5e_chip(monkeypatch):
 
 
 @pytest.mark.parametrize("target,chips", [("tpu-v6e-1", 1), ("tpu-v5e-4", 4), ("tpu-v5e-8", 8), ("h100", 1)])
-def test_llama8b_shaped_bf16(llama8b, target, chips):
+def test_llama8b_shaped_bf16(llama8b, target, chips, monkeypatch):
+    texts = []
+    monkeypatch.setattr(aot, "op_traffic", lambda text, **kw: texts.append(text) or op_traffic(text, **kw))
     report = compile_for_target(llama8b, target, EngineConfig(**SMALL), buckets="smallest")
     _check(report, chips=chips)
+    if chips > 1:
+        # the penalty state ([max_num_seqs + 1, vocab]) is split over the vocabulary like the logits: no chip
+        # holds (gathers and relays out) the whole of it after the sampler's update
+        slots, local = SMALL["max_num_seqs"] + 1, 128256 // chips
+        assert f"s32[{slots},{local}]" in texts[0] and f"pred[{slots},{local}]" in texts[0]
+        assert f"s32[{slots},128256]" not in texts[0] and f"pred[{slots},128256]" not in texts[0]
     # weights split over the chips: the per-chip share shrinks with tensor parallelism
     total = (2 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336) + 2 * 128256 * 4096) * 2
     assert report.weight_bytes_per_device == pytest.approx(total / chips, rel=0.02)
@@ -108,6 +116,14 @@ def test_llama8b_shaped_quantized(llama8b, target, quantization, kv, monkeypatch
         assert texts[0].count(scales) >= 4, "the scale rows are the step's arguments"
         layouts = set(re.findall(re.escape(scales) + r"\{([0-9,]+)", texts[0]))
         assert layouts == {"1,0"}, layouts
+    if target.startswith("tpu"):
+        # the attention kernel's K and V pages are pinned to HBM (the compiler may not stage a whole cache in VMEM)
+        calls = [line for line in texts[0].splitlines() if "= " in line and "ragged_paged_attention_tpu/pallas_call" in
+                 line and "custom-call(" in line]
+        assert len(calls) >= 2, len(calls)  # one per layer
+        for line in calls:
+            colors = re.search(r'"input_memory_space_colors":\[([^\]]*)\]', line).group(1)
+            assert colors.count('"color":"0"') == 2, colors
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
