@@ -122,8 +122,8 @@ def test_llama8b_shaped_quantized(llama8b, target, quantization, kv, monkeypatch
                  line and "custom-call(" in line]
         assert len(calls) >= 2, len(calls)  # one per layer
         for line in calls:
-            colors = re.search(r'"input_memory_space_colors":\[([^\]]*)\]', line).group(1)
-            assert colors.count('"color":"0"') == 2, colors
+            hbm = re.findall(r'\{"operand_index":"(\d+)","color":"0"', line)  # memory space color 0: HBM
+            assert len(hbm) == 2, hbm
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
