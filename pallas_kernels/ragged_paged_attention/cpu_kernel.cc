@@ -168,6 +168,7 @@ struct Item {
   int64_t q_start;                // first row of the sequence
   int64_t q_len, kv_len;
   int64_t cost;
+  bool blocked;  // prefill rows of one KV head on the blocked path (RunBlockedItem)
 };
 
 // One (token, head) row of the cache, unscaled, as `nv` float vectors (zero past head_dim).
@@ -414,6 +415,227 @@ void RunItemAny(const Params& p, const Item& it) {
   }
 }
 
+// One key / value row of any cache type, as `nv` float vectors (zero past head_dim).
+inline void LoadRowAny(KvType t, const void* base, int64_t row, int64_t d, int nv, VF* dst) {
+  switch (t) {
+    case KvType::kF32: return LoadRow<KvType::kF32>(base, row, d, nv, dst);
+    case KvType::kBf16: return LoadRow<KvType::kBf16>(base, row, d, nv, dst);
+    case KvType::kI8: return LoadRow<KvType::kI8>(base, row, d, nv, dst);
+    case KvType::kE4M3: return LoadRow<KvType::kE4M3>(base, row, d, nv, dst);
+    case KvType::kE5M2: return LoadRow<KvType::kE5M2>(base, row, d, nv, dst);
+  }
+}
+
+constexpr int kBlockVecs = 4;    // query vectors per blocked item: up to 64 (row, group member) lanes
+constexpr int kMinBlockLanes = 16;  // a sequence with q_len * group >= this takes the blocked path
+constexpr int kKeyGroup = 4;     // keys per register block in Q K^T
+constexpr int kDimGroup = 4;     // head_dim entries per register block in P V
+
+// A blocked work item (prefill rows): one KV head and up to 16 * kQV query lanes, lane m being row
+// row0 + m / g, group member m % g. Queries and outputs are held transposed ([head_dim][lanes]), so
+// Q K^T is a sum over head_dim of a broadcast key entry times a query vector, P V a sum over keys of
+// a broadcast value entry times a weight vector, and the online softmax runs lane-wise over key
+// vectors (no horizontal reductions). Each dequantized key / value tile serves every lane.
+template <int kD, int kQV>
+void RunBlockedItem(const Params& p, const Item& it) {
+  const int64_t d = kD > 0 ? kD : p.d;
+  const int nv = static_cast<int>((d + kLanes - 1) / kLanes);
+  const int64_t g = p.hq / p.hkv;
+  const int64_t h = it.head0;
+  const int64_t nrows = it.row1 - it.row0;
+  const int64_t nm = nrows * g;  // <= kLanes * kQV
+  const int64_t ps = p.page_size;
+  const bool scaled = p.k_scale != nullptr;
+
+  thread_local std::vector<VF> buf;
+  buf.resize(static_cast<size_t>(2 * d * kQV + kKeyBlock * kQV + 2 * kKeyBlock * nv));
+  VF* qt = buf.data();                 // [d][kQV] scaled queries
+  VF* ot = qt + d * kQV;               // [d][kQV] unnormalized outputs
+  VF* sc = ot + d * kQV;               // [kKeyBlock][kQV] scores, then weights
+  VF* kt = sc + kKeyBlock * kQV;       // [kKeyBlock][nv] keys (unscaled)
+  VF* vt = kt + kKeyBlock * nv;        // [kKeyBlock][nv] values (unscaled)
+  const float* ktf = reinterpret_cast<const float*>(kt);
+  const float* vtf = reinterpret_cast<const float*>(vt);
+  float ks[kKeyBlock], vs[kKeyBlock];
+  const int64_t rowf = nv * kLanes;    // floats per tile row
+
+  // Lane positions; lanes past nm repeat the last row (their output is dropped).
+  const int64_t pos0 = it.kv_len - it.q_len + (it.row0 - it.q_start);
+  VF posv[kQV];
+  for (int c = 0; c < kQV; ++c) {
+    for (int i = 0; i < kLanes; ++i) {
+      const int64_t m = std::min<int64_t>(c * kLanes + i, nm - 1);
+      posv[c][i] = static_cast<float>(pos0 + m / g);  // exact: positions < 2^24
+    }
+  }
+  float* qtf = reinterpret_cast<float*>(qt);
+  for (int64_t i = 0; i < d * kQV * kLanes; ++i) qtf[i] = 0.0f;
+  for (int64_t m = 0; m < nm; ++m) {
+    const int64_t src = ((it.row0 + m / g) * p.hq + h * g + m % g) * d;
+    for (int64_t dd = 0; dd < d; ++dd) {
+      const float x = p.q_bf16 ? Bf16ToF32(static_cast<const uint16_t*>(p.q)[src + dd])
+                               : static_cast<const float*>(p.q)[src + dd];
+      qtf[dd * kQV * kLanes + m] = x * p.sm_scale;
+    }
+  }
+  for (int64_t i = 0; i < d * kQV; ++i) ot[i] = VF{};
+  VF mrun[kQV], lsum[kQV];
+  for (int c = 0; c < kQV; ++c) {
+    mrun[c] = Splat(kNegInf);
+    lsum[c] = VF{};
+  }
+
+  const int64_t min_pos = pos0, max_pos = pos0 + nrows - 1;
+  const int64_t hi = std::min(it.kv_len, max_pos + 1);
+  const int64_t lo = p.window > 0 ? std::max<int64_t>(0, min_pos - p.window + 1) : 0;
+  const size_t elem = p.kv_type == KvType::kF32 ? 4 : p.kv_type == KvType::kBf16 ? 2 : 1;
+  const size_t row_bytes = d * elem;
+  auto cache_row = [&](int64_t key) {
+    int64_t page = p.page_indices[it.seq * p.pages_per_seq + key / ps];
+    page = std::min<int64_t>(std::max<int64_t>(page, 0), p.num_pages - 1);
+    return (page * ps + key % ps) * p.hkv + h;
+  };
+  for (int64_t kb = lo; kb < hi; kb += kKeyBlock) {
+    const int64_t nk = std::min<int64_t>(kKeyBlock, hi - kb);
+    for (int64_t key = kb + kKeyBlock; key < std::min<int64_t>(kb + 2 * kKeyBlock, hi); ++key) {
+      const int64_t row = cache_row(key);
+      for (size_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(static_cast<const char*>(p.k) + row * row_bytes + b);
+        __builtin_prefetch(static_cast<const char*>(p.v) + row * row_bytes + b);
+      }
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t row = cache_row(kb + j);
+      LoadRowAny(p.kv_type, p.k, row, d, nv, kt + j * nv);
+      LoadRowAny(p.kv_type, p.v, row, d, nv, vt + j * nv);
+      ks[j] = scaled ? p.k_scale[row] : 1.0f;
+      vs[j] = scaled ? p.v_scale[row] : 1.0f;
+    }
+    for (int64_t j = nk; j < kKeyBlock; ++j) {
+      for (int c = 0; c < nv; ++c) kt[j * nv + c] = vt[j * nv + c] = VF{};
+      ks[j] = vs[j] = 0.0f;
+    }
+
+    // Scores: sc[j][c] = sum_dd k[j][dd] * q[dd][c], kKeyGroup keys x kQV vectors per register block.
+    for (int64_t j0 = 0; j0 < nk; j0 += kKeyGroup) {
+      VF acc[kKeyGroup][kQV];
+      for (int jj = 0; jj < kKeyGroup; ++jj) {
+        for (int c = 0; c < kQV; ++c) acc[jj][c] = VF{};
+      }
+      const float* kr = ktf + j0 * rowf;
+      for (int64_t dd = 0; dd < d; ++dd) {
+        const VF* qd = qt + dd * kQV;
+        for (int jj = 0; jj < kKeyGroup; ++jj) {
+          const VF b = Splat(kr[jj * rowf + dd]);
+          for (int c = 0; c < kQV; ++c) acc[jj][c] += b * qd[c];
+        }
+      }
+      for (int jj = 0; jj < kKeyGroup; ++jj) {
+        for (int c = 0; c < kQV; ++c) sc[(j0 + jj) * kQV + c] = acc[jj][c] * ks[j0 + jj];
+      }
+    }
+    if (p.soft_cap > 0) {
+      float* f = reinterpret_cast<float*>(sc);
+      for (int64_t i = 0; i < kKeyBlock * kQV * kLanes; ++i) f[i] = p.soft_cap * std::tanh(f[i] / p.soft_cap);
+    }
+    // Masking is needed where a key can be invisible to some lane: the causal diagonal, the window's
+    // edge, or a partial block.
+    const bool masked = kb + kKeyBlock - 1 > min_pos || nk < kKeyBlock || (p.window > 0 && kb <= max_pos - p.window);
+    if (masked) {
+      for (int64_t j = 0; j < kKeyBlock; ++j) {
+        const float kp = static_cast<float>(kb + j);
+        for (int c = 0; c < kQV; ++c) {
+          VI ok = posv[c] >= kp;
+          if (j >= nk) ok = VI{};
+          if (p.window > 0) ok &= posv[c] < kp + static_cast<float>(p.window);
+          sc[j * kQV + c] = ok ? sc[j * kQV + c] : Splat(kNegInf);
+        }
+      }
+    }
+    VF alpha[kQV], muse[kQV];
+    for (int c = 0; c < kQV; ++c) {
+      VF mx = sc[c];
+      for (int64_t j = 1; j < kKeyBlock; ++j) mx = mx > sc[j * kQV + c] ? mx : sc[j * kQV + c];
+      const VF mnew = mrun[c] > mx ? mrun[c] : mx;
+      muse[c] = mnew == kNegInf ? Splat(0.0f) : mnew;  // lanes that have seen no key yet
+      alpha[c] = Exp(mrun[c] - muse[c]);  // -inf -> ~0, and acc, lsum are 0 there
+      mrun[c] = mnew;
+    }
+    for (int c = 0; c < kQV; ++c) {
+      VF l = lsum[c] * alpha[c];
+      for (int64_t j = 0; j < kKeyBlock; ++j) {
+        const VF s = sc[j * kQV + c];
+        VF e = Exp(s - muse[c]);
+        if (masked) e = s == kNegInf ? Splat(0.0f) : e;
+        l += e;
+        sc[j * kQV + c] = e * vs[j];  // zero past nk
+      }
+      lsum[c] = l;
+    }
+    // P V: ot[dd][c] = alpha * ot[dd][c] + sum_j w[j][c] * v[j][dd], kDimGroup entries x kQV vectors.
+    int64_t d0 = 0;
+    for (; d0 + kDimGroup <= d; d0 += kDimGroup) {
+      VF acc[kDimGroup][kQV];
+      for (int i = 0; i < kDimGroup; ++i) {
+        for (int c = 0; c < kQV; ++c) acc[i][c] = ot[(d0 + i) * kQV + c] * alpha[c];
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* vr = vtf + j * rowf + d0;
+        for (int i = 0; i < kDimGroup; ++i) {
+          const VF b = Splat(vr[i]);
+          for (int c = 0; c < kQV; ++c) acc[i][c] += b * sc[j * kQV + c];
+        }
+      }
+      for (int i = 0; i < kDimGroup; ++i) {
+        for (int c = 0; c < kQV; ++c) ot[(d0 + i) * kQV + c] = acc[i][c];
+      }
+    }
+    for (; d0 < d; ++d0) {
+      for (int c = 0; c < kQV; ++c) {
+        VF a = ot[d0 * kQV + c] * alpha[c];
+        for (int64_t j = 0; j < nk; ++j) a += Splat(vtf[j * rowf + d0]) * sc[j * kQV + c];
+        ot[d0 * kQV + c] = a;
+      }
+    }
+  }
+  // Normalize and store.
+  const float* otf = reinterpret_cast<const float*>(ot);
+  const float* lf = reinterpret_cast<const float*>(lsum);
+  for (int64_t m = 0; m < nm; ++m) {
+    const float l = lf[m];
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+    const int64_t dst = ((it.row0 + m / g) * p.hq + h * g + m % g) * d;
+    for (int64_t dd = 0; dd < d; ++dd) {
+      const float o = otf[dd * kQV * kLanes + m] * inv;
+      if (p.q_bf16) {
+        static_cast<uint16_t*>(p.out)[dst + dd] = F32ToBf16(o);
+      } else {
+        static_cast<float*>(p.out)[dst + dd] = o;
+      }
+    }
+  }
+}
+
+template <int kD>
+void RunBlockedForDim(const Params& p, const Item& it) {
+  const int64_t nm = (it.row1 - it.row0) * (p.hq / p.hkv);
+  switch ((nm + kLanes - 1) / kLanes) {
+    case 1: return RunBlockedItem<kD, 1>(p, it);
+    case 2: return RunBlockedItem<kD, 2>(p, it);
+    case 3: return RunBlockedItem<kD, 3>(p, it);
+    default: return RunBlockedItem<kD, kBlockVecs>(p, it);
+  }
+}
+
+void RunAny(const Params& p, const Item& it) {
+  if (!it.blocked) return RunItemAny(p, it);
+  switch (p.d) {
+    case 64: return RunBlockedForDim<64>(p, it);
+    case 128: return RunBlockedForDim<128>(p, it);
+    default: return RunBlockedForDim<0>(p, it);
+  }
+}
+
 ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                    ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scale,
                                    ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> kv_lens,
@@ -488,31 +710,44 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   const int32_t* cu = cu_q_lens.typed_data();
   const int64_t n_seqs = std::min<int64_t>(std::max<int32_t>(num_seqs.typed_data()[0], 0), s_max);
   const int64_t max_kv = p.pages_per_seq * p.page_size;
-  // A unit is (sequence, block of rows). With enough units for the pool, an item takes all KV heads
-  // of a unit (a token's rows for all heads are adjacent in a page); otherwise one head each.
-  std::vector<Item> units;
+  // Sequences with many query lanes per KV head (q_len * group >= kMinBlockLanes: prefill) take the
+  // blocked path, one item per (sequence, block of rows, KV head). The rest are units (sequence,
+  // block of kRowBlock rows): with enough work items for the pool, an item takes all KV heads of a
+  // unit (a token's rows for all heads are adjacent in a page); otherwise one head each.
+  const int64_t g = p.hq / p.hkv;
+  const int64_t block_rows = std::max<int64_t>(kLanes * kBlockVecs / g, 1);
+  std::vector<Item> units, blocked;
   for (int64_t s = 0; s < n_seqs; ++s) {
     const int64_t q0 = std::min<int64_t>(std::max<int32_t>(cu[s], 0), p.t);
     const int64_t q1 = std::min<int64_t>(std::max<int64_t>(cu[s + 1], q0), p.t);
     const int64_t kv_len = std::min<int64_t>(std::max<int32_t>(lens[s], 0), max_kv);
     if (q1 == q0 || kv_len == 0) continue;
-    for (int64_t r0 = q0; r0 < q1; r0 += kRowBlock) {
-      const int64_t r1 = std::min<int64_t>(r0 + kRowBlock, q1);
+    const bool block = (q1 - q0) * g >= kMinBlockLanes && g <= kLanes * kBlockVecs;
+    const int64_t n_blocks = block ? (q1 - q0 + block_rows - 1) / block_rows : 0;
+    const int64_t step = block ? (q1 - q0 + n_blocks - 1) / n_blocks : kRowBlock;  // even blocks
+    for (int64_t r0 = q0; r0 < q1; r0 += step) {
+      const int64_t r1 = std::min<int64_t>(r0 + step, q1);
       const int64_t last_pos = kv_len - (q1 - q0) + (r1 - 1 - q0);
       const int64_t keys = std::max<int64_t>(std::min(last_pos + 1, kv_len), 0);
-      units.push_back(Item{s, 0, p.hkv, r0, r1, q0, q1 - q0, kv_len, keys * (r1 - r0) + 64});
+      const int64_t cost = keys * (r1 - r0) + 64;  // per KV head
+      if (block) {
+        for (int64_t h = 0; h < p.hkv; ++h) blocked.push_back(Item{s, h, h + 1, r0, r1, q0, q1 - q0, kv_len, cost, true});
+      } else {
+        units.push_back(Item{s, 0, p.hkv, r0, r1, q0, q1 - q0, kv_len, cost * p.hkv, false});
+      }
     }
   }
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  std::vector<Item> items;
-  if (static_cast<int64_t>(units.size()) >= 8 * threads) {
-    items = std::move(units);
+  std::vector<Item> items = std::move(blocked);
+  if (static_cast<int64_t>(units.size() + items.size()) >= 8 * threads) {
+    items.insert(items.end(), units.begin(), units.end());
   } else {
     for (const Item& u : units) {
       for (int64_t h = 0; h < p.hkv; ++h) {
         Item it = u;
         it.head0 = h;
         it.head1 = h + 1;
+        it.cost = u.cost / p.hkv;
         items.push_back(it);
       }
     }
@@ -521,7 +756,7 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
   ParallelFor(pool, static_cast<int64_t>(items.size()), threads - 1,
-              [&p, &items](int64_t i) { RunItemAny(p, items[i]); });
+              [&p, &items](int64_t i) { RunAny(p, items[i]); });
   return ffi::Error::Success();
 }
 
