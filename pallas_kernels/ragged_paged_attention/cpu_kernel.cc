@@ -431,33 +431,61 @@ constexpr int kMinBlockLanes = 16;  // a sequence with q_len * group >= this tak
 constexpr int kKeyGroup = 4;     // keys per register block in Q K^T
 constexpr int kDimGroup = 4;     // head_dim entries per register block in P V
 
+#if defined(__AVX512BF16__)
+constexpr bool kHaveBf16Dot = true;
+// acc + a[2i] * b[2i] + a[2i+1] * b[2i+1] lane-wise, a and b holding bfloat16 pairs (vdpbf16ps).
+inline VF DotBf16(VF acc, VU a, VU b) { return (VF)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b); }
+#else
+constexpr bool kHaveBf16Dot = false;
+inline VF DotBf16(VF acc, VU, VU) { return acc; }  // never called (kHaveBf16Dot is false)
+#endif
+
+// Round to the nearest bfloat16, kept in the top half of each lane (finite, non-negative x).
+inline VU RoundBf16High(VF x) {
+  const VU u = (VU)x;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+}
+
 // A blocked work item (prefill rows): one KV head and up to 16 * kQV query lanes, lane m being row
 // row0 + m / g, group member m % g. Queries and outputs are held transposed ([head_dim][lanes]), so
 // Q K^T is a sum over head_dim of a broadcast key entry times a query vector, P V a sum over keys of
 // a broadcast value entry times a weight vector, and the online softmax runs lane-wise over key
 // vectors (no horizontal reductions). Each dequantized key / value tile serves every lane.
-template <int kD, int kQV>
+//
+// kBf16 (bfloat16 queries, a 16- or 8-bit cache, even head_dim, AVX512-BF16): both products run on
+// vdpbf16ps over bfloat16 pairs with float32 accumulation. Queries and cache entries are bfloat16
+// values already (int8 and fp8 values are exact in bfloat16), so Q K^T is exact products summed in
+// float32; the softmax stays float32 and only the weights are rounded to bfloat16 (relative error
+// <= 2^-9 each) before P V.
+template <int kD, int kQV, bool kBf16>
 void RunBlockedItem(const Params& p, const Item& it) {
   const int64_t d = kD > 0 ? kD : p.d;
   const int nv = static_cast<int>((d + kLanes - 1) / kLanes);
+  const int64_t dp = int64_t{nv} * kLanes;  // head_dim padded to whole vectors
   const int64_t g = p.hq / p.hkv;
   const int64_t h = it.head0;
   const int64_t nrows = it.row1 - it.row0;
   const int64_t nm = nrows * g;  // <= kLanes * kQV
   const int64_t ps = p.page_size;
   const bool scaled = p.k_scale != nullptr;
+  const int64_t qrows = kBf16 ? dp / 2 : d;  // rows of the transposed queries (pairs of entries in bf16)
 
   thread_local std::vector<VF> buf;
-  buf.resize(static_cast<size_t>(2 * d * kQV + kKeyBlock * kQV + 2 * kKeyBlock * nv));
-  VF* qt = buf.data();                 // [d][kQV] scaled queries
-  VF* ot = qt + d * kQV;               // [d][kQV] unnormalized outputs
-  VF* sc = ot + d * kQV;               // [kKeyBlock][kQV] scores, then weights
-  VF* kt = sc + kKeyBlock * kQV;       // [kKeyBlock][nv] keys (unscaled)
+  buf.resize(static_cast<size_t>((qrows + dp) * kQV + kKeyBlock * kQV + kKeyBlock / 2 * kQV + 4 * kKeyBlock * nv));
+  VF* qt = buf.data();                 // [qrows][kQV] queries (f32, scaled; or raw bf16 pairs)
+  VF* ot = qt + qrows * kQV;           // [dp][kQV] unnormalized outputs
+  VF* sc = ot + dp * kQV;              // [kKeyBlock][kQV] scores, then weights
+  VU* wp = reinterpret_cast<VU*>(sc + kKeyBlock * kQV);  // [kKeyBlock / 2][kQV] bf16 weight pairs
+  VF* kt = reinterpret_cast<VF*>(wp + kKeyBlock / 2 * kQV);  // [kKeyBlock][nv] keys (unscaled)
   VF* vt = kt + kKeyBlock * nv;        // [kKeyBlock][nv] values (unscaled)
+  VU* pt = reinterpret_cast<VU*>(vt + kKeyBlock * nv);  // bf16: keys [kKeyBlock][kw] as pairs of
+  // entries, then values [kKeyBlock / 2][dp] as pairs of keys
   const float* ktf = reinterpret_cast<const float*>(kt);
   const float* vtf = reinterpret_cast<const float*>(vt);
+  const uint32_t* kpw = reinterpret_cast<const uint32_t*>(pt);
+  const int64_t kw = (nv + 1) / 2 * kLanes;  // words per key row in bf16 pairs
+  const uint32_t* vpw = kpw + kKeyBlock * kw;
   float ks[kKeyBlock], vs[kKeyBlock];
-  const int64_t rowf = nv * kLanes;    // floats per tile row
 
   // Lane positions; lanes past nm repeat the last row (their output is dropped).
   const int64_t pos0 = it.kv_len - it.q_len + (it.row0 - it.q_start);
@@ -468,17 +496,25 @@ void RunBlockedItem(const Params& p, const Item& it) {
       posv[c][i] = static_cast<float>(pos0 + m / g);  // exact: positions < 2^24
     }
   }
-  float* qtf = reinterpret_cast<float*>(qt);
-  for (int64_t i = 0; i < d * kQV * kLanes; ++i) qtf[i] = 0.0f;
+  for (int64_t i = 0; i < qrows * kQV; ++i) qt[i] = VF{};
   for (int64_t m = 0; m < nm; ++m) {
     const int64_t src = ((it.row0 + m / g) * p.hq + h * g + m % g) * d;
-    for (int64_t dd = 0; dd < d; ++dd) {
-      const float x = p.q_bf16 ? Bf16ToF32(static_cast<const uint16_t*>(p.q)[src + dd])
-                               : static_cast<const float*>(p.q)[src + dd];
-      qtf[dd * kQV * kLanes + m] = x * p.sm_scale;
+    if constexpr (kBf16) {
+      uint32_t* qw = reinterpret_cast<uint32_t*>(qt);
+      const uint16_t* qs = static_cast<const uint16_t*>(p.q) + src;
+      for (int64_t i = 0; i < d / 2; ++i) {
+        qw[i * kQV * kLanes + m] = qs[2 * i] | (static_cast<uint32_t>(qs[2 * i + 1]) << 16);
+      }
+    } else {
+      float* qf = reinterpret_cast<float*>(qt);
+      for (int64_t dd = 0; dd < d; ++dd) {
+        const float x = p.q_bf16 ? Bf16ToF32(static_cast<const uint16_t*>(p.q)[src + dd])
+                                 : static_cast<const float*>(p.q)[src + dd];
+        qf[dd * kQV * kLanes + m] = x * p.sm_scale;
+      }
     }
   }
-  for (int64_t i = 0; i < d * kQV; ++i) ot[i] = VF{};
+  for (int64_t i = 0; i < dp * kQV; ++i) ot[i] = VF{};
   VF mrun[kQV], lsum[kQV];
   for (int c = 0; c < kQV; ++c) {
     mrun[c] = Splat(kNegInf);
@@ -490,6 +526,7 @@ void RunBlockedItem(const Params& p, const Item& it) {
   const int64_t lo = p.window > 0 ? std::max<int64_t>(0, min_pos - p.window + 1) : 0;
   const size_t elem = p.kv_type == KvType::kF32 ? 4 : p.kv_type == KvType::kBf16 ? 2 : 1;
   const size_t row_bytes = d * elem;
+  const float score_scale = kBf16 ? p.sm_scale : 1.0f;  // f32 queries are scaled up front
   auto cache_row = [&](int64_t key) {
     int64_t page = p.page_indices[it.seq * p.pages_per_seq + key / ps];
     page = std::min<int64_t>(std::max<int64_t>(page, 0), p.num_pages - 1);
@@ -508,12 +545,33 @@ void RunBlockedItem(const Params& p, const Item& it) {
       const int64_t row = cache_row(kb + j);
       LoadRowAny(p.kv_type, p.k, row, d, nv, kt + j * nv);
       LoadRowAny(p.kv_type, p.v, row, d, nv, vt + j * nv);
-      ks[j] = scaled ? p.k_scale[row] : 1.0f;
+      ks[j] = (scaled ? p.k_scale[row] : 1.0f) * score_scale;
       vs[j] = scaled ? p.v_scale[row] : 1.0f;
     }
     for (int64_t j = nk; j < kKeyBlock; ++j) {
       for (int c = 0; c < nv; ++c) kt[j * nv + c] = vt[j * nv + c] = VF{};
       ks[j] = vs[j] = 0.0f;
+    }
+    if constexpr (kBf16) {  // exact: every entry is a bfloat16 value
+      VU* kp = pt;
+      for (int64_t j = 0; j < kKeyBlock; ++j) {  // word i of key j: entries (2i, 2i + 1)
+        for (int c = 0; c < nv; c += 2) {
+          const VU lo_h = (VU)kt[j * nv + c], hi_h = c + 1 < nv ? (VU)kt[j * nv + c + 1] : VU{};
+          VU a = lo_h >> 16, b = hi_h >> 16;  // bf16 bits of entries c*16 .. c*16+31
+          VU w;
+          for (int i = 0; i < kLanes / 2; ++i) {
+            w[i] = a[2 * i] | (a[2 * i + 1] << 16);
+            w[i + kLanes / 2] = b[2 * i] | (b[2 * i + 1] << 16);
+          }
+          kp[j * kw / kLanes + c / 2] = w;
+        }
+      }
+      VU* vp = pt + kKeyBlock * kw / kLanes;  // word dd of pair jp: keys (2jp, 2jp + 1)
+      for (int64_t jp = 0; jp < kKeyBlock / 2; ++jp) {
+        for (int c = 0; c < nv; ++c) {
+          vp[jp * nv + c] = ((VU)vt[2 * jp * nv + c] >> 16) | ((VU)vt[(2 * jp + 1) * nv + c] & 0xffff0000u);
+        }
+      }
     }
 
     // Scores: sc[j][c] = sum_dd k[j][dd] * q[dd][c], kKeyGroup keys x kQV vectors per register block.
@@ -522,12 +580,23 @@ void RunBlockedItem(const Params& p, const Item& it) {
       for (int jj = 0; jj < kKeyGroup; ++jj) {
         for (int c = 0; c < kQV; ++c) acc[jj][c] = VF{};
       }
-      const float* kr = ktf + j0 * rowf;
-      for (int64_t dd = 0; dd < d; ++dd) {
-        const VF* qd = qt + dd * kQV;
-        for (int jj = 0; jj < kKeyGroup; ++jj) {
-          const VF b = Splat(kr[jj * rowf + dd]);
-          for (int c = 0; c < kQV; ++c) acc[jj][c] += b * qd[c];
+      if constexpr (kBf16) {
+        const uint32_t* kr = kpw + j0 * kw;
+        for (int64_t i = 0; i < d / 2; ++i) {
+          const VU* qd = reinterpret_cast<const VU*>(qt) + i * kQV;
+          for (int jj = 0; jj < kKeyGroup; ++jj) {
+            const VU b = VU{} + kr[jj * kw + i];
+            for (int c = 0; c < kQV; ++c) acc[jj][c] = DotBf16(acc[jj][c], b, qd[c]);
+          }
+        }
+      } else {
+        const float* kr = ktf + j0 * dp;
+        for (int64_t dd = 0; dd < d; ++dd) {
+          const VF* qd = qt + dd * kQV;
+          for (int jj = 0; jj < kKeyGroup; ++jj) {
+            const VF b = Splat(kr[jj * dp + dd]);
+            for (int c = 0; c < kQV; ++c) acc[jj][c] += b * qd[c];
+          }
         }
       }
       for (int jj = 0; jj < kKeyGroup; ++jj) {
@@ -539,7 +608,7 @@ void RunBlockedItem(const Params& p, const Item& it) {
       for (int64_t i = 0; i < kKeyBlock * kQV * kLanes; ++i) f[i] = p.soft_cap * std::tanh(f[i] / p.soft_cap);
     }
     // Masking is needed where a key can be invisible to some lane: the causal diagonal, the window's
-    // edge, or a partial block.
+    // edge, or a partial block (whose unused scores are stale).
     const bool masked = kb + kKeyBlock - 1 > min_pos || nk < kKeyBlock || (p.window > 0 && kb <= max_pos - p.window);
     if (masked) {
       for (int64_t j = 0; j < kKeyBlock; ++j) {
@@ -573,28 +642,45 @@ void RunBlockedItem(const Params& p, const Item& it) {
       lsum[c] = l;
     }
     // P V: ot[dd][c] = alpha * ot[dd][c] + sum_j w[j][c] * v[j][dd], kDimGroup entries x kQV vectors.
-    int64_t d0 = 0;
-    for (; d0 + kDimGroup <= d; d0 += kDimGroup) {
-      VF acc[kDimGroup][kQV];
-      for (int i = 0; i < kDimGroup; ++i) {
-        for (int c = 0; c < kQV; ++c) acc[i][c] = ot[(d0 + i) * kQV + c] * alpha[c];
-      }
-      for (int64_t j = 0; j < nk; ++j) {
-        const float* vr = vtf + j * rowf + d0;
-        for (int i = 0; i < kDimGroup; ++i) {
-          const VF b = Splat(vr[i]);
-          for (int c = 0; c < kQV; ++c) acc[i][c] += b * sc[j * kQV + c];
+    if constexpr (kBf16) {
+      const int64_t npairs = (nk + 1) / 2;
+      for (int64_t jp = 0; jp < npairs; ++jp) {
+        for (int c = 0; c < kQV; ++c) {
+          wp[jp * kQV + c] = (RoundBf16High(sc[2 * jp * kQV + c]) >> 16) | RoundBf16High(sc[(2 * jp + 1) * kQV + c]);
         }
       }
-      for (int i = 0; i < kDimGroup; ++i) {
-        for (int c = 0; c < kQV; ++c) ot[(d0 + i) * kQV + c] = acc[i][c];
+      for (int64_t d0 = 0; d0 < dp; d0 += kDimGroup) {
+        VF acc[kDimGroup][kQV];
+        for (int i = 0; i < kDimGroup; ++i) {
+          for (int c = 0; c < kQV; ++c) acc[i][c] = ot[(d0 + i) * kQV + c] * alpha[c];
+        }
+        for (int64_t jp = 0; jp < npairs; ++jp) {
+          const uint32_t* vr = vpw + jp * dp + d0;
+          for (int i = 0; i < kDimGroup; ++i) {
+            const VU b = VU{} + vr[i];
+            for (int c = 0; c < kQV; ++c) acc[i][c] = DotBf16(acc[i][c], b, wp[jp * kQV + c]);
+          }
+        }
+        for (int i = 0; i < kDimGroup; ++i) {
+          for (int c = 0; c < kQV; ++c) ot[(d0 + i) * kQV + c] = acc[i][c];
+        }
       }
-    }
-    for (; d0 < d; ++d0) {
-      for (int c = 0; c < kQV; ++c) {
-        VF a = ot[d0 * kQV + c] * alpha[c];
-        for (int64_t j = 0; j < nk; ++j) a += Splat(vtf[j * rowf + d0]) * sc[j * kQV + c];
-        ot[d0 * kQV + c] = a;
+    } else {
+      for (int64_t d0 = 0; d0 < dp; d0 += kDimGroup) {
+        VF acc[kDimGroup][kQV];
+        for (int i = 0; i < kDimGroup; ++i) {
+          for (int c = 0; c < kQV; ++c) acc[i][c] = ot[(d0 + i) * kQV + c] * alpha[c];
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          const float* vr = vtf + j * dp + d0;
+          for (int i = 0; i < kDimGroup; ++i) {
+            const VF b = Splat(vr[i]);
+            for (int c = 0; c < kQV; ++c) acc[i][c] += b * sc[j * kQV + c];
+          }
+        }
+        for (int i = 0; i < kDimGroup; ++i) {
+          for (int c = 0; c < kQV; ++c) ot[(d0 + i) * kQV + c] = acc[i][c];
+        }
       }
     }
   }
@@ -616,24 +702,30 @@ void RunBlockedItem(const Params& p, const Item& it) {
   }
 }
 
-template <int kD>
+template <int kD, bool kBf16>
 void RunBlockedForDim(const Params& p, const Item& it) {
   const int64_t nm = (it.row1 - it.row0) * (p.hq / p.hkv);
   switch ((nm + kLanes - 1) / kLanes) {
-    case 1: return RunBlockedItem<kD, 1>(p, it);
-    case 2: return RunBlockedItem<kD, 2>(p, it);
-    case 3: return RunBlockedItem<kD, 3>(p, it);
-    default: return RunBlockedItem<kD, kBlockVecs>(p, it);
+    case 1: return RunBlockedItem<kD, 1, kBf16>(p, it);
+    case 2: return RunBlockedItem<kD, 2, kBf16>(p, it);
+    case 3: return RunBlockedItem<kD, 3, kBf16>(p, it);
+    default: return RunBlockedItem<kD, kBlockVecs, kBf16>(p, it);
+  }
+}
+
+template <bool kBf16>
+void RunBlocked(const Params& p, const Item& it) {
+  switch (p.d) {
+    case 64: return RunBlockedForDim<64, kBf16>(p, it);
+    case 128: return RunBlockedForDim<128, kBf16>(p, it);
+    default: return RunBlockedForDim<0, kBf16>(p, it);
   }
 }
 
 void RunAny(const Params& p, const Item& it) {
   if (!it.blocked) return RunItemAny(p, it);
-  switch (p.d) {
-    case 64: return RunBlockedForDim<64>(p, it);
-    case 128: return RunBlockedForDim<128>(p, it);
-    default: return RunBlockedForDim<0>(p, it);
-  }
+  const bool bf16 = kHaveBf16Dot && p.q_bf16 && p.kv_type != KvType::kF32 && p.d % 2 == 0;
+  return bf16 ? RunBlocked<true>(p, it) : RunBlocked<false>(p, it);
 }
 
 ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
