@@ -31,3 +31,16 @@ def test_a_header_edit_rebuilds(tmp_path, monkeypatch):
     second, value = _build_and_call(source)
     assert second != first and value == 11
 
+
+
+def test_an_edit_of_a_header_next_to_the_source_rebuilds(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_build, "HEADER_DIR", tmp_path / "none")
+    monkeypatch.setenv("JAXINFER_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "probe.cc"
+    source.write_text(SOURCE)
+    (tmp_path / "probe_shared.h").write_text("constexpr int kProbe = 3;\n")
+    first, value = _build_and_call(source)
+    assert value == 3
+    (tmp_path / "probe_shared.h").write_text("constexpr int kProbe = 5;\n")
+    second, value = _build_and_call(source)
+    assert second != first and value == 5
