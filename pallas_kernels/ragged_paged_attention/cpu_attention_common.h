@@ -17,6 +17,12 @@ namespace jaxinfer_rpa_cpu {
 
 using namespace jaxinfer_cpu;  // NOLINT: the shared vector types and helpers
 
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, VI{__VA_ARGS__})
+#endif
+
 constexpr int kKeyBlock = 16;  // keys per online-softmax step: one score vector per query
 constexpr int kMaxVecs = 16;   // head_dim <= 256
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -139,14 +145,19 @@ inline void LoadRow(const void* base, int64_t row, int64_t d, int nv, VF* dst) {
 
 // One work item. kNV: float vectors per head (head_dim / 16 rounded up), 0 = runtime.
 
-// One key / value row of any cache type, as `nv` float vectors (zero past head_dim).
-inline void LoadRowAny(KvType t, const void* base, int64_t row, int64_t d, int nv, VF* dst) {
+// Rows rows[0 .. n) of a cache of any type, as `nv` float vectors each (zero past head_dim).
+template <KvType kT>
+void LoadRows(const void* base, const int64_t* rows, int64_t n, int64_t d, int nv, VF* dst) {
+  for (int64_t j = 0; j < n; ++j) LoadRow<kT>(base, rows[j], d, nv, dst + j * nv);
+}
+
+inline void LoadRowsAny(KvType t, const void* base, const int64_t* rows, int64_t n, int64_t d, int nv, VF* dst) {
   switch (t) {
-    case KvType::kF32: return LoadRow<KvType::kF32>(base, row, d, nv, dst);
-    case KvType::kBf16: return LoadRow<KvType::kBf16>(base, row, d, nv, dst);
-    case KvType::kI8: return LoadRow<KvType::kI8>(base, row, d, nv, dst);
-    case KvType::kE4M3: return LoadRow<KvType::kE4M3>(base, row, d, nv, dst);
-    case KvType::kE5M2: return LoadRow<KvType::kE5M2>(base, row, d, nv, dst);
+    case KvType::kF32: return LoadRows<KvType::kF32>(base, rows, n, d, nv, dst);
+    case KvType::kBf16: return LoadRows<KvType::kBf16>(base, rows, n, d, nv, dst);
+    case KvType::kI8: return LoadRows<KvType::kI8>(base, rows, n, d, nv, dst);
+    case KvType::kE4M3: return LoadRows<KvType::kE4M3>(base, rows, n, d, nv, dst);
+    case KvType::kE5M2: return LoadRows<KvType::kE5M2>(base, rows, n, d, nv, dst);
   }
 }
 

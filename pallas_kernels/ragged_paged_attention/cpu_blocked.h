@@ -121,13 +121,14 @@ void RunBlockedItem(const Params& p, const Item& it) {
         __builtin_prefetch(static_cast<const char*>(p.v) + row * row_bytes + b);
       }
     }
+    int64_t rows[kKeyBlock];
     for (int64_t j = 0; j < nk; ++j) {
-      const int64_t row = cache_row(kb + j);
-      LoadRowAny(p.kv_type, p.k, row, d, nv, kt + j * nv);
-      LoadRowAny(p.kv_type, p.v, row, d, nv, vt + j * nv);
-      ks[j] = (scaled ? p.k_scale[row] : 1.0f) * score_scale;
-      vs[j] = scaled ? p.v_scale[row] : 1.0f;
+      rows[j] = cache_row(kb + j);
+      ks[j] = (scaled ? p.k_scale[rows[j]] : 1.0f) * score_scale;
+      vs[j] = scaled ? p.v_scale[rows[j]] : 1.0f;
     }
+    LoadRowsAny(p.kv_type, p.k, rows, nk, d, nv, kt);
+    LoadRowsAny(p.kv_type, p.v, rows, nk, d, nv, vt);
     for (int64_t j = nk; j < kKeyBlock; ++j) {
       for (int c = 0; c < nv; ++c) kt[j * nv + c] = vt[j * nv + c] = VF{};
       ks[j] = vs[j] = 0.0f;
@@ -137,12 +138,9 @@ void RunBlockedItem(const Params& p, const Item& it) {
       for (int64_t j = 0; j < kKeyBlock; ++j) {  // word i of key j: entries (2i, 2i + 1)
         for (int c = 0; c < nv; c += 2) {
           const VU lo_h = (VU)kt[j * nv + c], hi_h = c + 1 < nv ? (VU)kt[j * nv + c + 1] : VU{};
-          VU a = lo_h >> 16, b = hi_h >> 16;  // bf16 bits of entries c*16 .. c*16+31
-          VU w;
-          for (int i = 0; i < kLanes / 2; ++i) {
-            w[i] = a[2 * i] | (a[2 * i + 1] << 16);
-            w[i + kLanes / 2] = b[2 * i] | (b[2 * i + 1] << 16);
-          }
+          const VU even = SHUFFLE(lo_h, hi_h, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+          const VU odd = SHUFFLE(lo_h, hi_h, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+          const VU w = (even >> 16) | (odd & 0xffff0000u);  // bf16 bits of entries c*16 .. c*16+31
           kp[j * kw / kLanes + c / 2] = w;
         }
       }

@@ -41,11 +41,6 @@ using namespace jaxinfer_rpa_cpu;  // NOLINT: the attention kernel's shared piec
 
 constexpr int kRowBlock = 8;   // query rows (tokens) per work item on the row path
 
-#if defined(__clang__)
-#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, VI{__VA_ARGS__})
-#endif
 // Lane permutation by a runtime index vector.
 #if defined(__clang__)
 inline VF SHUFFLE_VAR(VF a, VI idx) {
