@@ -23,6 +23,7 @@ from rpa_testlib import (
     make_batch,
     quantized_cache,
     rounded,
+    with_garbage_metadata,
 )
 
 from pallas_kernels.ragged_paged_attention import cpu, kv_quant
@@ -75,3 +76,17 @@ def test_blocked_sliding_window_and_soft_cap(cache, window, cap):
     batch = make_batch(np.random.default_rng(3), geo, LENGTHS)
     ref, got, tol = _run(batch, geo, cache, sliding_window=window, soft_cap=cap)
     check_against_oracle(ref, got, tol, sliding_window=window, soft_cap=cap)
+
+
+def test_blocked_ignores_garbage_metadata_and_stays_in_bounds():
+    """Page-table entries past a sequence's pages do not matter; lengths past the page table, pages past
+    the cache, kv_len < q_len and rows past T give finite output without a crash."""
+    geo = GEOS["gqa3_d64"]
+    a, b = with_garbage_metadata(5, geo, [(30, 40), (20, 20)], (-10**6, 10**6))
+    np.testing.assert_array_equal(_run(a, geo, "f32")[1], _run(b, geo, "f32")[1])
+    batch = make_batch(np.random.default_rng(6), geo, [(30, 60), (20, 30), (40, 50)], nan_padding=False)
+    batch.kv_lens[:3] = [10**6, 8, 50]  # past the page table; kv_len < q_len
+    batch.page_indices[2] = [10**6, -3, 10**9, 2, 1, 0, 5]
+    batch.cu_q_lens[3] = 10**6
+    got = _run(batch, geo, "f32")[1]
+    assert np.all(np.isfinite(got))
