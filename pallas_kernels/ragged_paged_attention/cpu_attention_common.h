@@ -145,19 +145,22 @@ inline void LoadRow(const void* base, int64_t row, int64_t d, int nv, VF* dst) {
 
 // One work item. kNV: float vectors per head (head_dim / 16 rounded up), 0 = runtime.
 
-// Rows rows[0 .. n) of a cache of any type, as `nv` float vectors each (zero past head_dim).
-template <KvType kT>
+// Rows rows[0 .. n) of a cache of any type, as `nv` float vectors each (zero past head_dim). kD > 0:
+// head_dim is kD (a compile-time constant, so the per-vector tail checks fold away).
+template <KvType kT, int kD>
 void LoadRows(const void* base, const int64_t* rows, int64_t n, int64_t d, int nv, VF* dst) {
-  for (int64_t j = 0; j < n; ++j) LoadRow<kT>(base, rows[j], d, nv, dst + j * nv);
+  const int64_t dd = kD > 0 ? kD : d;
+  for (int64_t j = 0; j < n; ++j) LoadRow<kT>(base, rows[j], dd, nv, dst + j * nv);
 }
 
-inline void LoadRowsAny(KvType t, const void* base, const int64_t* rows, int64_t n, int64_t d, int nv, VF* dst) {
+template <int kD>
+void LoadRowsAny(KvType t, const void* base, const int64_t* rows, int64_t n, int64_t d, int nv, VF* dst) {
   switch (t) {
-    case KvType::kF32: return LoadRows<KvType::kF32>(base, rows, n, d, nv, dst);
-    case KvType::kBf16: return LoadRows<KvType::kBf16>(base, rows, n, d, nv, dst);
-    case KvType::kI8: return LoadRows<KvType::kI8>(base, rows, n, d, nv, dst);
-    case KvType::kE4M3: return LoadRows<KvType::kE4M3>(base, rows, n, d, nv, dst);
-    case KvType::kE5M2: return LoadRows<KvType::kE5M2>(base, rows, n, d, nv, dst);
+    case KvType::kF32: return LoadRows<KvType::kF32, kD>(base, rows, n, d, nv, dst);
+    case KvType::kBf16: return LoadRows<KvType::kBf16, kD>(base, rows, n, d, nv, dst);
+    case KvType::kI8: return LoadRows<KvType::kI8, kD>(base, rows, n, d, nv, dst);
+    case KvType::kE4M3: return LoadRows<KvType::kE4M3, kD>(base, rows, n, d, nv, dst);
+    case KvType::kE5M2: return LoadRows<KvType::kE5M2, kD>(base, rows, n, d, nv, dst);
   }
 }
 

@@ -127,8 +127,8 @@ void RunBlockedItem(const Params& p, const Item& it) {
       ks[j] = (scaled ? p.k_scale[rows[j]] : 1.0f) * score_scale;
       vs[j] = scaled ? p.v_scale[rows[j]] : 1.0f;
     }
-    LoadRowsAny(p.kv_type, p.k, rows, nk, d, nv, kt);
-    LoadRowsAny(p.kv_type, p.v, rows, nk, d, nv, vt);
+    LoadRowsAny<kD>(p.kv_type, p.k, rows, nk, d, nv, kt);
+    LoadRowsAny<kD>(p.kv_type, p.v, rows, nk, d, nv, vt);
     for (int64_t j = nk; j < kKeyBlock; ++j) {
       for (int c = 0; c < nv; ++c) kt[j * nv + c] = vt[j * nv + c] = VF{};
       ks[j] = vs[j] = 0.0f;

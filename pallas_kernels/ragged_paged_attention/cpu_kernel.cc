@@ -94,7 +94,7 @@ inline VF TransposeSum(const VF* p) {
 template <KvType kT, int kNV>
 void RunItem(const Params& p, const Item& it) {
   const int nv = kNV > 0 ? kNV : static_cast<int>((p.d + kLanes - 1) / kLanes);
-  const int64_t d = p.d;
+  const int64_t d = kNV > 0 ? int64_t{kNV} * kLanes : p.d;  // kNV > 0: head_dim is exactly kNV vectors
   const int64_t g = p.hq / p.hkv;
   const int64_t nh = it.head1 - it.head0;
   const int64_t nrows = it.row1 - it.row0;
