@@ -439,7 +439,7 @@ void PanelRows(const Problem& p, const void* panel, bool bf16, int64_t m0, int64
 }
 
 #if defined(JAXINFER_HAVE_VNNI)
-constexpr int kVnniMB = 4;  // activation rows per int8 register block
+constexpr int kVnniMB = 3;  // activation rows per int8 register block
 constexpr int kVnniNV = 4;  // 16-column vectors per int8 register block
 
 template <bool kPerChannel, bool kAsym, int MB>
@@ -455,18 +455,22 @@ void VnniRows(const Problem& p, const uint8_t* panel, const float* ws, const flo
     }
 }
 
+// A row tail of r < kVnniMB rows (MB counts down to the one that matches).
+template <bool kPerChannel, bool kAsym, int MB>
+void VnniTail(const Problem& p, const uint8_t* panel, const float* ws, const float* wo, int64_t m, int64_t r,
+              int64_t n0) {
+  if constexpr (MB > 0) {
+    if (r == MB) return VnniRows<kPerChannel, kAsym, MB>(p, panel, ws, wo, m, n0);
+    VnniTail<kPerChannel, kAsym, MB - 1>(p, panel, ws, wo, m, r, n0);
+  }
+}
+
 template <bool kPerChannel, bool kAsym>
 void VnniBlock(const Problem& p, const uint8_t* panel, const float* ws, const float* wo, int64_t m0, int64_t m1,
                int64_t n0) {
   int64_t m = m0;
   for (; m + kVnniMB <= m1; m += kVnniMB) VnniRows<kPerChannel, kAsym, kVnniMB>(p, panel, ws, wo, m, n0);
-  switch (m1 - m) {
-    case 1: VnniRows<kPerChannel, kAsym, 1>(p, panel, ws, wo, m, n0); break;
-    case 2: VnniRows<kPerChannel, kAsym, 2>(p, panel, ws, wo, m, n0); break;
-    case 3: VnniRows<kPerChannel, kAsym, 3>(p, panel, ws, wo, m, n0); break;
-    default: break;
-  }
-  static_assert(kVnniMB <= 4, "the switch above covers row tails of up to 3");
+  VnniTail<kPerChannel, kAsym, kVnniMB - 1>(p, panel, ws, wo, m, m1 - m, n0);
 }
 
 // One int8-path item: the column block at n0 as a vpdpbusd panel with float32 scales (and offsets),

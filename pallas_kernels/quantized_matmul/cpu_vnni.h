@@ -77,17 +77,10 @@ inline void QuantizeRows(const float* xf, const uint16_t* xb, int64_t m0, int64_
   }
 }
 
-// 16 unsigned levels of K row kk at columns [c, c + valid) (the rest zero). value: int8 [K, N] (int8)
-// or int8 [K/2, N] (int4, split-half per group g, see packing.py).
+// 16 unsigned levels at columns [c, c + valid) (the rest zero) of packed row `row` of value (int8 [K, N]:
+// K row `row`; int4 [K/2, N]: the low or `high` nibbles, see packing.py).
 template <bool kI4, bool kAsym>
-inline __m128i ULevels(const int8_t* value, int64_t n, int64_t g, int64_t kk, int64_t c, int valid) {
-  int64_t row = kk;
-  bool high = false;
-  if constexpr (kI4) {
-    const int64_t j = kk / g, r = kk % g, h = g / 2;
-    row = j * h + r % h;
-    high = r >= h;
-  }
+inline __m128i ULevels(const int8_t* value, int64_t n, int64_t row, bool high, int64_t c, int valid) {
   __m128i v;
   if (valid == 16) {
     v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(value + row * n + c));
@@ -102,22 +95,31 @@ inline __m128i ULevels(const int8_t* value, int64_t n, int64_t g, int64_t kk, in
   return _mm_xor_si128(nib, _mm_set1_epi8(8));  // two's-complement nibble q -> q + 8
 }
 
-// The panel of the column block at n0 (K % 4 == 0; lanes past N are zero, never stored).
+// The panel of the column block at n0 (K and g multiples of 32; lanes past N are zero, never stored).
+// value: int8 [K, N] or int4 [K/2, N] with groups of g (split-half per group, see packing.py).
 template <bool kI4, bool kAsym>
 void BuildPanel(const int8_t* value, int64_t k, int64_t n, int64_t g, int64_t n0, uint8_t* panel) {
+  const int64_t h = g / 2;
   for (int v = 0; v < kCols / 16; ++v) {
     const int64_t c = n0 + 16 * v;
     const int valid = static_cast<int>(c >= n ? 0 : (n - c < 16 ? n - c : 16));
-    for (int64_t q4 = 0; q4 < k / 4; ++q4) {
-      __m128i* dst = reinterpret_cast<__m128i*>(panel + (q4 * 4 + v) * 64);
+    for (int64_t kk = 0; kk < k; kk += 4) {
+      __m128i* dst = reinterpret_cast<__m128i*>(panel + (kk + v) * 64);  // quad kk / 4, vector v
       if (valid == 0) {
         for (int t = 0; t < 4; ++t) _mm_storeu_si128(dst + t, _mm_setzero_si128());
         continue;
       }
-      const __m128i r0 = ULevels<kI4, kAsym>(value, n, g, 4 * q4, c, valid);
-      const __m128i r1 = ULevels<kI4, kAsym>(value, n, g, 4 * q4 + 1, c, valid);
-      const __m128i r2 = ULevels<kI4, kAsym>(value, n, g, 4 * q4 + 2, c, valid);
-      const __m128i r3 = ULevels<kI4, kAsym>(value, n, g, 4 * q4 + 3, c, valid);
+      int64_t row = kk;
+      bool high = false;
+      if constexpr (kI4) {  // K rows kk..kk+3 lie in one half of one group (h is a multiple of 16)
+        const int64_t j = kk / g, r = kk - j * g;
+        high = r >= h;
+        row = j * h + (high ? r - h : r);
+      }
+      const __m128i r0 = ULevels<kI4, kAsym>(value, n, row, high, c, valid);
+      const __m128i r1 = ULevels<kI4, kAsym>(value, n, row + 1, high, c, valid);
+      const __m128i r2 = ULevels<kI4, kAsym>(value, n, row + 2, high, c, valid);
+      const __m128i r3 = ULevels<kI4, kAsym>(value, n, row + 3, high, c, valid);
       // 4 x 16 byte transpose into 16 x 4: column l's 4 K bytes at bytes 4l..4l+3.
       const __m128i a_lo = _mm_unpacklo_epi8(r0, r1), a_hi = _mm_unpackhi_epi8(r0, r1);
       const __m128i b_lo = _mm_unpacklo_epi8(r2, r3), b_hi = _mm_unpackhi_epi8(r2, r3);
