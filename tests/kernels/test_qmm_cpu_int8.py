@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.models.layers import matmul_options
+from jaxinfer.models.ops import linear
+from jaxinfer.target import Kernels
 from pallas_kernels.quantized_matmul import cpu
 from pallas_kernels.quantized_matmul.api import quantized_matmul
 from pallas_kernels.quantized_matmul.config import QuantConfig, as_config
@@ -121,3 +124,16 @@ def test_int8_path_taken_rules():
     assert cpu.int8_path_taken(128, w, 9) == cpu.has_vnni()
     assert not cpu.int8_path_taken(128, w, cpu.GEMV_MAX_M)
     assert not cpu.int8_path_taken(112, QArray.quantize(jnp.ones((112, 32), jnp.float32), "int8"), 64)
+
+
+def test_model_linear_follows_the_kernels_switch():
+    """Kernels.matmul_int8_activations reaches the kernel through the model's linear(); only with matmul='cpu'."""
+    x, w = _case(12, 128, 40, "int4-g32", jnp.bfloat16, seed=8)
+    on = linear(x, w, **matmul_options(Kernels("cpu", "cpu", matmul_int8_activations=True)))
+    off = linear(x, w, **matmul_options(Kernels("cpu", "cpu")))
+    want_on = cpu.quantized_matmul_cpu(x, w, jnp.bfloat16, int8_activations=True)
+    np.testing.assert_array_equal(np.asarray(on.astype(jnp.float32)), np.asarray(want_on.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(off.astype(jnp.float32)),
+                                  np.asarray(cpu.quantized_matmul_cpu(x, w, jnp.bfloat16).astype(jnp.float32)))
+    with pytest.raises(ValueError, match="matmul='cpu'"):
+        Kernels("xla", "xla", matmul_int8_activations=True)
