@@ -38,6 +38,9 @@ GEMV_MAX_M = 8
 PARALLEL_MIN_BYTES = 128 * 1024
 #: Activation quantization block along K of the int8 dot path (``int8_activations``).
 INT8_BLOCK = 32
+#: With ``int8_activations``, the largest M run by the streaming path: the int8 panel path is already
+#: faster at 8 rows (bench/quant_matmul.py; about even at 4).
+INT8_GEMV_MAX_M = 4
 
 #: The C++ kernel (built on first use; :mod:`pallas_kernels.cpu_build`).
 KERNEL = cpu_build.CpuKernel(Path(__file__).with_name("cpu_kernel.cc"), prefix="qmm_cpu",
@@ -66,7 +69,7 @@ def has_vnni() -> bool:
     return "avx512_vnni" in cpu_build.cpu_flags().split()
 
 
-def int8_path_taken(k: int, w: QArray, m: int, *, gemv_max_m: int = GEMV_MAX_M) -> bool:
+def int8_path_taken(k: int, w: QArray, m: int, *, gemv_max_m: int = INT8_GEMV_MAX_M) -> bool:
     """Whether ``quantized_matmul_cpu(..., int8_activations=True)`` of ``x[m, k]`` runs the int8 dot (else
     the float path, with the float path's numerics): AVX512-VNNI, the panel path (``m > gemv_max_m``),
     ``K`` a multiple of 32 and the weight's groups (if any) multiples of 32."""
@@ -74,7 +77,7 @@ def int8_path_taken(k: int, w: QArray, m: int, *, gemv_max_m: int = GEMV_MAX_M) 
     return has_vnni() and m > gemv_max_m and k % INT8_BLOCK == 0 and g % INT8_BLOCK == 0
 
 
-def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int = GEMV_MAX_M,
+def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int | None = None,
                          parallel_min_bytes: int | None = None, int8_activations: bool = False) -> jax.Array:
     """``x[M, K] @ dequantize(w)[K, N] -> [M, N]`` in ``out_dtype`` through the C++ kernel.
 
@@ -82,7 +85,8 @@ def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int 
       x: float32 or bfloat16 activations ``[M, K]``.
       w: int8 / int4 weight-only :class:`QArray` of logical shape ``[K, N]``.
       out_dtype: any float dtype (float32 / bfloat16 are written by the kernel, others cast after).
-      gemv_max_m: largest M run by the streaming path (a tuning knob; both paths give the same math).
+      gemv_max_m: largest M run by the streaming path (a tuning knob; both float paths give the same math;
+        default :data:`GEMV_MAX_M`, with ``int8_activations`` :data:`INT8_GEMV_MAX_M`).
       parallel_min_bytes: products with fewer weight bytes x M run on the calling thread alone (default
         :data:`PARALLEL_MIN_BYTES`).
       int8_activations: where :func:`int8_path_taken`, quantize each row of ``x`` to int8 per block of
@@ -106,7 +110,8 @@ def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int 
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), kernel_out), vmap_method="sequential")
     y = call(x, w.value, w.scale, offset, group_size=np.int64(cfg.group_size or 0),
              int4=np.int64(cfg.weight == "int4"), asymmetric=np.int64(not cfg.symmetric),
-             gemv_max_m=np.int64(gemv_max_m),
+             gemv_max_m=np.int64(gemv_max_m if gemv_max_m is not None
+                                 else INT8_GEMV_MAX_M if int8_activations else GEMV_MAX_M),
              parallel_min_bytes=np.int64(PARALLEL_MIN_BYTES if parallel_min_bytes is None else parallel_min_bytes),
              int8_activations=np.int64(bool(int8_activations)))
     return y.astype(out_dtype)

@@ -6,7 +6,8 @@
 //   scale  [G, N]  float32, float16 or bfloat16 (G = K / g; G = 1 for per-channel int8)
 //   offset [G, N]  same dtype as scale (asymmetric int4), else a 1-element dummy
 //   out    [M, N]  float32 or bfloat16
-//   out[m, n] = sum_k x[m, k] * (scale[k / g, n] * q[k, n] (+ offset[k / g, n]))
+//   out[m, n] = sum_k x[m, k] * (scale[k / g, n] * q[k, n] (+ offset[k / g, n]))  (int8_activations:
+//   x quantized per 32-block first, see below)
 //
 // Two paths, chosen by M (attribute gemv_max_m):
 //  * M <= gemv_max_m (decode): the packed weights are streamed once (a row of K is N contiguous bytes)
@@ -21,6 +22,10 @@
 //    AVX512-BF16 the panel is stored as bfloat16 pairs of adjacent K rows (the reference also rounds the
 //    dequantized weight to the activations' dtype) and the product uses vdpbf16ps (float32
 //    accumulation); otherwise it is a float32 panel with float32 FMAs.
+//  * int8_activations (attribute), AVX512-VNNI, M > gemv_max_m, K and the group size multiples of 32:
+//    instead of the panel above, each row of x is quantized to int8 per block of 32 (once per call) and
+//    the column block's weight levels go into a vpdpbusd panel (cpu_vnni.h, which states the numerics),
+//    3 activation rows x 64 columns per register block.
 // Work items (column blocks, and row blocks for the decode path) are spread over XLA's intra-op
 // thread pool.
 

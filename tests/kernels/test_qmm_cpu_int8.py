@@ -8,9 +8,9 @@ integer levels per block, and combines the blocks in float64:
 and the activation rounding is reproduced bit for bit, so the only difference left is the kernel's float32
 accumulation: ``INT8_TOL`` relative to the output's largest magnitude. Covers every format the path takes
 (int8 per channel and g32, int4 symmetric / asymmetric g32 and g64, float32 / float16 / bfloat16 scales,
-GGUF Q8_0 / Q4_0 / Q4_1 as their QuantConfigs), M tails (rows not a multiple of the 4-row register block,
+GGUF Q8_0 / Q4_0 / Q4_1 as their QuantConfigs), M tails (rows not a multiple of the 3-row register block,
 M = 9 and 512), N tails (N not a multiple of 16 / 64), float32 and bfloat16 activations, and the float
-path taken where the int8 path must not run (K % 32 != 0, groups of 32 not dividing, M <= GEMV_MAX_M).
+path taken where the int8 path must not run (K % 32 != 0, M <= INT8_GEMV_MAX_M: the streaming path).
 """
 
 import jax.numpy as jnp
@@ -43,9 +43,10 @@ FORMATS = [
     QuantConfig("int4", group_size=32, symmetric=False, scale_dtype="float16"),  # GGUF Q4_1
 ]
 IDS = [as_config(f).name + "-" + as_config(f).scale_dtype for f in FORMATS]
-# (M, K, N): M = 9 (2 register blocks + 1 row), 14 (tail of 2), 31 (tail of 3), 512; N tails 40 (2 vectors
-# + 8 columns), 200 (3 blocks + 8), 72 (one block + 8), 16 (one vector); K of one 128-group or several.
-SHAPES = [(9, 128, 40), (14, 128, 200), (31, 256, 16), (512, 384, 72)]
+# (M, K, N): M = 9 (3 register blocks of 3 rows), 14 (tail of 2), 31 (tail of 1), 512, 5 (the smallest M on
+# the int8 path); N tails 40 (2 vectors + 8 columns), 200 (3 blocks + 8), 72 (one block + 8), 16 (one
+# vector); K of one 128-group or several.
+SHAPES = [(9, 128, 40), (14, 128, 200), (31, 256, 16), (512, 384, 72), (5, 128, 64)]
 INT8_TOL = 2e-6  # float32 accumulation of exactly computed block products
 
 
@@ -108,7 +109,7 @@ def test_int8_path_matches_its_oracle(fmt, dtype):
         assert _err(yb, expected) <= 2.0**-8  # + the bfloat16 output rounding
 
 
-@pytest.mark.parametrize("fmt,k,m", [("int8", 96 + 16, 9), ("int4-g32", 64, 8), ("int8", 128, 1)],
+@pytest.mark.parametrize("fmt,k,m", [("int8", 96 + 16, 9), ("int4-g32", 64, cpu.INT8_GEMV_MAX_M), ("int8", 128, 1)],
                          ids=["k-not-32-multiple", "m-at-gemv-max", "m-1"])
 def test_float_path_where_int8_cannot_run(fmt, k, m):
     """K % 32 != 0, or M on the streaming path: int8_activations=True gives the float path's result bit for bit."""
@@ -122,7 +123,8 @@ def test_float_path_where_int8_cannot_run(fmt, k, m):
 def test_int8_path_taken_rules():
     w = QArray.quantize(jnp.ones((128, 32), jnp.float32), "int8-g32")
     assert cpu.int8_path_taken(128, w, 9) == cpu.has_vnni()
-    assert not cpu.int8_path_taken(128, w, cpu.GEMV_MAX_M)
+    assert not cpu.int8_path_taken(128, w, cpu.INT8_GEMV_MAX_M)
+    assert cpu.int8_path_taken(128, w, cpu.INT8_GEMV_MAX_M + 1) == cpu.has_vnni()
     assert not cpu.int8_path_taken(112, QArray.quantize(jnp.ones((112, 32), jnp.float32), "int8"), 64)
 
 
