@@ -69,8 +69,12 @@ def weight_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dty
 
 
 def matmul_options(kernels: Kernels | None) -> dict:
-    """``impl`` / ``interpret`` keywords of :func:`linear` / :func:`unembed` for a kernel choice."""
-    return {} if kernels is None else {"impl": kernels.matmul, "interpret": kernels.matmul_interpret}
+    """``impl`` / ``interpret`` / ``int8_activations`` keywords of :func:`linear` / :func:`unembed` for a
+    kernel choice."""
+    if kernels is None:
+        return {}
+    return {"impl": kernels.matmul, "interpret": kernels.matmul_interpret,
+            "int8_activations": kernels.matmul_int8_activations}
 
 
 class Linear(nn.Module):
