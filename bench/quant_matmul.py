@@ -14,7 +14,9 @@ Usage::
         --batches 1 4 64 512                     # the CPU: the default model's projections, C++ kernel vs XLA
 
 On the CPU the peers are the float32 and bfloat16 XLA dots of the float weight (bfloat16 as the model runs
-it: float32 accumulation, then rounded), and the kernels are ``xla`` (the reference) and ``cpu``.
+it: float32 accumulation, then rounded), and the kernels are ``xla`` (the reference), ``cpu`` and, on a CPU
+with AVX512-VNNI, ``cpu-int8`` (the C++ kernel with ``int8_activations=True``: activations quantized per
+32-block, int8 dot for M > GEMV_MAX_M; the float path below). Rows carry GFLOP/s (2 M K N / time).
 
 Writes ``bench/results/quant_matmul_<device>_<date>.json``.
 """
@@ -38,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pallas_kernels.backend import default_impl  # noqa: E402
+from pallas_kernels.quantized_matmul import cpu as cpu_kernel  # noqa: E402
 from pallas_kernels.quantized_matmul.api import quantized_matmul  # noqa: E402
 from pallas_kernels.quantized_matmul.config import as_config  # noqa: E402
 from pallas_kernels.quantized_matmul.qarray import QArray  # noqa: E402
@@ -98,6 +101,8 @@ def run(args) -> dict:
     batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
     kernel = default_impl(platform)
     impls = args.impls or (["xla", kernel] if kernel != "xla" else ["xla"])
+    if kernel == "cpu" and not args.impls and cpu_kernel.has_vnni():
+        impls.append("cpu-int8")
     if args.quick and kernel == "xla" and not args.impls:
         impls = ["xla", "pallas_tpu", "pallas_gpu"]  # interpreted: checks they run, not their speed
     reps = 3 if args.quick else args.reps
@@ -130,7 +135,9 @@ def run(args) -> dict:
                                      float("nan")))
             for fmt, qw in qws.items():
                 for impl in impls:
-                    fn = jax.jit(lambda x, w, impl=impl: quantized_matmul(x, w, impl=impl))
+                    int8 = impl == "cpu-int8"
+                    fn = jax.jit(lambda x, w, impl=impl, int8=int8: quantized_matmul(
+                        x, w, impl="cpu" if int8 else impl, int8_activations=int8))
                     try:
                         y = fn(x, qw)
                         t = time_fn(fn, x, qw, reps=reps)
@@ -196,6 +203,7 @@ def _row(k, n, m, fmt, impl, t, moved, peak, t_dense, err) -> dict:
         "time_us": round(t * 1e6, 2),
         "bytes": moved,
         "gbps": round(gbps, 2),
+        "gflops": round(2 * m * k * n / t / 1e9, 2),
         "frac_of_peak_bw": None if peak is None else round(gbps / peak, 4),
         "speedup_vs_dense": round(t_dense / t, 3),
         "rel_err_vs_dense": err,
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes and batches (CPU smoke run)")
     p.add_argument("--formats", nargs="+", default=FORMATS)
-    p.add_argument("--impls", nargs="+", choices=["xla", "cpu", "pallas_tpu", "pallas_gpu"])
+    p.add_argument("--impls", nargs="+", choices=["xla", "cpu", "cpu-int8", "pallas_tpu", "pallas_gpu"])
     p.add_argument("--shapes", choices=sorted(SHAPE_SETS), help="weight shapes (default: llama3-8b; quick)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="activations (default: f32 on CPU)")
     p.add_argument("--batches", nargs="+", type=int)
@@ -226,7 +234,8 @@ def main(argv=None) -> int:
         else:
             print(
                 f"{r['k']}x{r['n']} M={r['m']:<4} {r['format']:<14} {r['impl']:<11} {r['time_us']:>10.1f} us "
-                f"{r['gbps']:>8.1f} GB/s  x{r['speedup_vs_dense']:<6} err {r['rel_err_vs_dense']:.2e}"
+                f"{r['gbps']:>8.1f} GB/s {r['gflops']:>7.1f} GFLOP/s  x{r['speedup_vs_dense']:<6} "
+                f"err {r['rel_err_vs_dense']:.2e}"
             )
     print(f"wrote {out}")
     return 0

@@ -42,14 +42,15 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[li
     return [rng.integers(100, vocab, size=int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
 
 
-def run_jaxinfer(prompts, output_len: int, args, dtype: str, kv_cache_dtype: str, quantization: str | None = None
-                 ) -> dict:
+def run_jaxinfer(prompts, output_len: int, args, dtype: str, kv_cache_dtype: str, quantization: str | None = None,
+                 int8_activations: str = "auto") -> dict:
     from jaxinfer import LLM, SamplingParams
     from pallas_kernels.backend import default_impl
 
     llm = LLM(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_input + output_len + 16, kv_cache_memory=args.kv_cache_memory,
-              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+              dtype=dtype, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+              int8_activations=int8_activations)
     t = time.perf_counter()
     llm.engine.warmup()
     warm = time.perf_counter() - t
@@ -141,10 +142,10 @@ def main() -> None:
                     help="jaxinfer weights / activations (auto: bfloat16 on a CPU with bf16 instructions, "
                          "else float32)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="jaxinfer KV pages (auto: see jaxinfer.config)")
-    ap.add_argument("--jaxinfer-settings", nargs="+", default=None, metavar="DTYPE/KV[/gguf]",
+    ap.add_argument("--jaxinfer-settings", nargs="+", default=None, metavar="DTYPE/KV[/gguf][/noint8]",
                     help="several jaxinfer runs in this run, e.g. float32/auto auto/auto auto/auto/gguf (result keys "
-                         "jaxinfer_DTYPE_KV[_gguf]; /gguf keeps the GGUF's quantized weights; default: one run of "
-                         "--dtype / --kv-cache-dtype, key jaxinfer)")
+                         "jaxinfer_DTYPE_KV[_gguf][_noint8]; /gguf keeps the GGUF's quantized weights, /noint8 sets "
+                         "int8_activations='off'; default: one run of --dtype / --kv-cache-dtype, key jaxinfer)")
     ap.add_argument("--tag", default="", help="suffix of the result file name (keeps runs apart)")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
@@ -165,10 +166,12 @@ def main() -> None:
               "machine": machine_info(), "results": {}, "ratios": {}}
     path = result_path("throughput" + (f"-{args.tag}" if args.tag else ""))
     settings = [x.split("/") for x in args.jaxinfer_settings or [f"{args.dtype}/{args.kv_cache_dtype}"]]
-    if any(len(x) not in (2, 3) or (len(x) == 3 and x[2] != "gguf") for x in settings):
-        ap.error("--jaxinfer-settings takes DTYPE/KV or DTYPE/KV/gguf, e.g. float32/auto")
+    if any(len(x) < 2 or not set(x[2:]) <= {"gguf", "noint8"} for x in settings):
+        ap.error("--jaxinfer-settings takes DTYPE/KV with optional /gguf and /noint8, e.g. float32/auto")
     ours = ["jaxinfer"] if len(settings) == 1 else ["_".join(["jaxinfer", *x]) for x in settings]
-    runs = [(name, lambda x=x: run_jaxinfer(prompts, args.output_len, args, x[0], x[1], (x[2:] or [None])[0]))
+    runs = [(name, lambda x=x: run_jaxinfer(prompts, args.output_len, args, x[0], x[1],
+                                            "gguf" if "gguf" in x[2:] else None,
+                                            "off" if "noint8" in x[2:] else "auto"))
             for name, x in zip(ours, settings)]
     if not args.skip_hf:
         runs += [(f"hf_transformers_{dtype}",

@@ -25,6 +25,7 @@ KV_CACHE_DTYPE_CHOICES = ("auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")  # = ja
 ATTENTION_IMPLS = ("xla", "cpu", "pallas_tpu", "pallas_gpu")  # = pallas_kernels.backend.ATTENTION_IMPLS
 SPECULATIVE_METHODS = (None, "ngram", "draft", "eagle", "ngram+eagle")
 QUANTIZATION_OPTIONS = (None, "gguf")
+INT8_ACTIVATIONS_CHOICES = ("auto", "on", "off")
 
 
 def _opt(default, help: str, **metadata):
@@ -84,6 +85,11 @@ class EngineConfig:
         ``"gguf"`` when the C++ quantized-matmul kernel can be built, see :func:`resolve_auto_settings`);
         ``"gguf"`` keeps its Q8_0 / Q4_0 / Q4_1 weights quantized (see ``jaxinfer.loader.load_model``).
         A quantized checkpoint directory (``jaxinfer quantize``) always loads quantized.
+      int8_activations: ``"auto"``, ``"on"`` or ``"off"``: whether quantized weights on the C++ CPU matmul
+        kernel run its int8 dot path, which quantizes the activations to int8 per block of 32 (W8A8-style
+        numerics, as llama.cpp; AVX512-VNNI, prefill-sized products). ``"auto"`` turns it on for bfloat16
+        compute on a CPU with AVX512-VNNI (see :func:`resolve_int8_activations`); ``"off"`` keeps the
+        weight-only numerics (activations as they are, bfloat16 / float32 dot).
     """
 
     max_model_len: int | None = _opt(None, "context window, prompt + output (default: the model's)")
@@ -126,6 +132,10 @@ class EngineConfig:
     data_parallel_size: int = _opt(1, "engine replicas (requests go to the least loaded)")
     quantization: str | None = _opt(None, "gguf: keep a GGUF model's Q8_0/Q4_0/Q4_1 weights quantized "
                                           "(default: dequantize to float)", choices=QUANTIZATION_OPTIONS[1:])
+    int8_activations: str = _opt("auto", "quantized weights on the C++ CPU matmul: int8 dot with activations "
+                                         "quantized per 32-block (auto: on for bfloat16 compute on a CPU with "
+                                         "AVX512-VNNI; off: weight-only numerics)",
+                                 choices=INT8_ACTIVATIONS_CHOICES)
 
     def __post_init__(self):
         def bad(name, why):
@@ -162,6 +172,8 @@ class EngineConfig:
             bad("eagle_draft_threshold", "must be in [0, 1]")
         if self.speculative_model is not None and self.speculative_method not in ("draft", "eagle", "ngram+eagle"):
             bad("speculative_model", "needs speculative_method 'draft', 'eagle' or 'ngram+eagle'")
+        if self.int8_activations not in INT8_ACTIVATIONS_CHOICES:
+            bad("int8_activations", "must be 'auto', 'on' or 'off'")
         if self.quantization not in QUANTIZATION_OPTIONS:
             raise QuantizationError(f"unknown quantization {self.quantization!r}; expected None or 'gguf'")
 
@@ -254,3 +266,38 @@ def resolve_auto_settings(config: EngineConfig, backend: str | None = None, *,
         if cpu_matmul_kernel:
             quantization = "gguf"
     return dataclasses.replace(config, dtype=dtype, kv_cache_dtype=kv, quantization=quantization)
+
+
+def resolve_int8_activations(setting: str, matmul_impl: str, dtype, *, vnni: bool | None = None) -> bool:
+    """Whether the quantized matmul runs the C++ CPU kernel's int8 dot path (``EngineConfig.int8_activations``).
+
+    ``"off"``: never. ``"on"``: yes (the matmul must be the C++ kernel, ``matmul_impl == "cpu"``).
+    ``"auto"``: yes when the matmul is the C++ kernel, the model computes in bfloat16 (``dtype``) and the
+    CPU has AVX512-VNNI (``vnni``; ``None``: :func:`pallas_kernels.quantized_matmul.cpu.has_vnni`): the
+    int8 dot does twice the multiply-adds per instruction of the bfloat16 one, and the activations'
+    8-bit blocks are closer to bfloat16's 8-bit mantissa than the speed suggests (README, Benchmarks:
+    perplexity). Float32 compute keeps float activations. It changes only products the kernel runs on
+    its int8 path (:func:`pallas_kernels.quantized_matmul.cpu.int8_path_taken`); float weights are not
+    affected.
+
+    Raises:
+      ValueError: ``"on"`` without the C++ kernel, or an unknown setting.
+    """
+    if setting not in INT8_ACTIVATIONS_CHOICES:
+        raise ValueError(f"int8_activations must be one of {INT8_ACTIVATIONS_CHOICES}, got {setting!r}")
+    if setting == "off":
+        return False
+    if setting == "on":
+        if matmul_impl != "cpu":
+            raise ValueError(f"int8_activations='on' needs the C++ CPU quantized matmul, the matmul here is "
+                             f"{matmul_impl!r}")
+        return True
+    import jax.numpy as jnp
+
+    if matmul_impl != "cpu" or jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+        return False
+    if vnni is None:
+        from pallas_kernels.quantized_matmul import cpu as qmm_cpu
+
+        vnni = qmm_cpu.has_vnni()
+    return bool(vnni)

@@ -17,6 +17,7 @@ Engines are built by :func:`jaxinfer.engine_factory.create_engine`, which loads 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Collection
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 
 from jaxinfer.block_manager import BlockManagerStats
-from jaxinfer.config import EngineConfig
+from jaxinfer.config import EngineConfig, resolve_int8_activations
 from jaxinfer.device_batch import BatchBuilder, RowInfo
 from jaxinfer.errors import InvalidRequestError, UnsupportedModelError
 from jaxinfer.grammar_matcher import GrammarMatchers
@@ -134,7 +135,9 @@ class Engine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = tuple(sorted(eos))
-        self.kernels = Kernels.for_mesh(self.loaded.mesh, config.attention_impl)
+        kernels = Kernels.for_mesh(self.loaded.mesh, config.attention_impl)
+        self.kernels = dataclasses.replace(kernels, matmul_int8_activations=resolve_int8_activations(
+            config.int8_activations, kernels.matmul, self.loaded.model.dtype))
         self.draft_loaded = self._check_draft(draft)
         self.eagle_head = self._load_eagle_head()
         spec = size_kv_cache(config, mc, self.max_model_len, self.loaded.model.dtype, self.kernels, self.loaded.plan,

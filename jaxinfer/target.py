@@ -24,16 +24,21 @@ class Kernels:
         "xla" for "cpu").
       attention_interpret / matmul_interpret: run that Pallas kernel in interpret mode (it was named for a
         platform other than the one the model is placed on, e.g. a TPU kernel tested on the CPU).
+      matmul_int8_activations: the C++ CPU quantized matmul runs its int8 dot path (activations quantized
+        per 32-block, AVX512-VNNI; ``jaxinfer.config.resolve_int8_activations``); only with ``matmul="cpu"``.
     """
 
     attention: str
     matmul: str
     attention_interpret: bool = False
     matmul_interpret: bool = False
+    matmul_int8_activations: bool = False
 
     def __post_init__(self):
         check_impl(self.attention, ATTENTION_IMPLS)
         check_impl(self.matmul, IMPLS)
+        if self.matmul_int8_activations and self.matmul != "cpu":
+            raise ValueError(f"int8 activations need the C++ CPU quantized matmul (matmul='cpu'), not {self.matmul!r}")
 
     @classmethod
     def for_mesh(cls, mesh: Mesh, attention: str | None = None, matmul: str | None = None) -> Kernels:

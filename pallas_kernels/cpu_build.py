@@ -5,8 +5,8 @@ A kernel source is compiled on first use with the system C++ compiler (``$CXX``,
 (``-march=native``), with this folder on the include path for the headers the kernels share
 (``cpu_simd.h``: vector types and conversions; ``cpu_parallel.h``: spreading work items over XLA's
 intra-op thread pool), and cached under ``$JAXINFER_CACHE_DIR/cpu_kernels`` (default: the user cache
-directory). The cache key covers the source, the shared headers, the flags, the compiler, jaxlib's
-version and the CPU's feature flags, so a changed source or header, or another CPU, builds anew.
+directory). The cache key covers the source, the shared headers and those beside the source, the flags,
+the compiler, jaxlib's version and the CPU's feature flags, so a changed source or header, or another CPU, builds anew.
 
 Each kernel module holds one :class:`CpuKernel` and exposes its :meth:`~CpuKernel.buildable` (cheap,
 builds nothing: asked when choosing an implementation) and :meth:`~CpuKernel.available` (builds and
@@ -77,7 +77,9 @@ def build(source: Path, prefix: str, cxx: str) -> Path:
     """
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    headers = [f"{h.name}\0{h.read_text()}" for h in sorted(HEADER_DIR.glob("*.h"))]
+    # The shared headers and those beside the source (a kernel's own, e.g. quantized_matmul/cpu_vnni.h).
+    header_files = sorted({*HEADER_DIR.glob("*.h"), *source.parent.glob("*.h")})
+    headers = [f"{h.parent.name}/{h.name}\0{h.read_text()}" for h in header_files]
     key = hashlib.sha256("\0".join([source.read_text(), *headers, " ".join(FLAGS), version, jaxlib.__version__,
                                     platform.machine(), cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{prefix}_{key}.so"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -44,6 +45,13 @@ def register(sub) -> None:
                    help="also score the model loaded and computed in this dtype, over the dense cache and over "
                         "each --kv-cache-dtype (repeatable; e.g. bfloat16 with int8 KV, the CPU default); with "
                         "--quantized gguf also the GGUF's quantized weights in this dtype")
+    e.add_argument("--int8-activations", action="store_true",
+                   help="with --quantized gguf and --compute-dtype: also score the GGUF's weights on the C++ CPU "
+                        "matmul's int8 dot path (activations quantized per 32-block; needs AVX512-VNNI), "
+                        "named '...+int8act'")
+    e.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                   help="score only the variants whose names match one of these fnmatch patterns (the float "
+                        "reference is always scored)")
     e.add_argument("--text", required=True, help="UTF-8 text file to score (e.g. WikiText-2 test)")
     e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     e.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
@@ -91,6 +99,23 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int8_kernels(mesh):
+    """The model's default kernels on ``mesh`` with the C++ CPU matmul's int8 dot path on.
+
+    Raises:
+      QuantizationError: the matmul there is not the C++ CPU kernel, or the CPU has no AVX512-VNNI.
+    """
+    import dataclasses
+
+    from jaxinfer.target import Kernels
+    from pallas_kernels.quantized_matmul import cpu as qmm_cpu
+
+    kernels = Kernels.for_mesh(mesh)
+    if kernels.matmul != "cpu" or not qmm_cpu.has_vnni():
+        raise QuantizationError("--int8-activations needs the C++ CPU quantized matmul on a CPU with AVX512-VNNI")
+    return dataclasses.replace(kernels, matmul_int8_activations=True)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Score the reference and every ``--quantized`` variant on the same windows; table on stdout."""
     from jaxinfer.config import resolve_dtype
@@ -125,6 +150,16 @@ def run_eval(args: argparse.Namespace) -> int:
                 name = f"gguf+{dt}" if kv is None else f"gguf+{dt}+kv-{kv}"
                 variants[name] = Variant(native.params, kv, model=native.model)
                 sizes[name] = param_bytes(native.params)["total_bytes"]
+                if args.int8_activations:
+                    variants[f"{name}+int8act"] = Variant(native.params, kv, model=native.model,
+                                                          kernels=_int8_kernels(ref.mesh))
+                    sizes[f"{name}+int8act"] = sizes[name]
+    if args.int8_activations and not any(n.endswith("+int8act") for n in variants):
+        raise QuantizationError("--int8-activations needs --quantized gguf and a --compute-dtype")
+    if args.only:
+        variants = {n: v for n, v in variants.items() if any(fnmatch.fnmatchcase(n, p) for p in args.only)}
+        if not variants:
+            raise QuantizationError(f"--only {' '.join(args.only)} matches no variant")
     ids = ref.tokenizer(_read_text(args.text))["input_ids"]
     windows = token_windows(ids, args.seq_len, args.max_tokens)
     start = args.seq_len // 2 if args.second_half else 0

@@ -73,11 +73,14 @@ def token_windows(ids, seq_len: int, max_tokens: int | None = None) -> np.ndarra
 class Variant:
     """A parameter tree to score, optionally over a paged KV cache of ``kv_cache_dtype``
     (``"auto"``, ``"int8"``, ``"fp8"``; ``None``: the dense float cache), optionally through another
-    ``model`` of the same architecture (e.g. the model computing in bfloat16; ``None``: the reference's)."""
+    ``model`` of the same architecture (e.g. the model computing in bfloat16; ``None``: the reference's),
+    optionally with explicit ``kernels`` (a :class:`jaxinfer.target.Kernels`, e.g. the C++ CPU matmul's int8
+    activations; ``None``: the model's defaults)."""
 
     params: dict
     kv_cache_dtype: str | None = None
     model: object | None = None
+    kernels: object | None = None
 
 
 PAGE_SIZE = 16
@@ -86,9 +89,10 @@ PAGE_SIZE = 16
 class _Scorer:
     """Jitted forward over ``B`` windows of ``L`` tokens (one cache slot / page run each) -> per-token stats."""
 
-    def __init__(self, model, batch: int, seq_len: int, kv_cache_dtype: str | None = None):
+    def __init__(self, model, batch: int, seq_len: int, kv_cache_dtype: str | None = None, kernels=None):
         c = model.config
         self.model = model
+        self.kernels = kernels
         b, length = batch, seq_len
         self.positions = jnp.asarray(np.tile(np.arange(length, dtype=np.int32), b))
         cu = (np.arange(b + 1) * length).astype(np.int32)
@@ -124,7 +128,7 @@ class _Scorer:
 
     def _logp(self, params, tokens):
         caches = self._caches()
-        logits, _ = self.model.forward(params, tokens, self.positions, caches, self.md)
+        logits, _ = self.model.forward(params, tokens, self.positions, caches, self.md, kernels=self.kernels)
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
     def _ref(self, params, tokens, targets):
@@ -196,10 +200,10 @@ def evaluate(model, ref_params, variants: Mapping[str, dict | Variant], windows:
         if v.model is not None and v.model.config != model.config:
             raise QuantizationError("a variant's model must have the reference model's configuration")
     models = {id(model): model} | {id(v.model): v.model for v in variants.values() if v.model is not None}
-    key = lambda v: (v.kv_cache_dtype, id(v.model if v.model is not None else model))  # noqa: E731
-    scorers = {k: _Scorer(models[k[1]], batch, length, k[0])
-               for k in {(None, id(model))} | {key(v) for v in variants.values()}}
-    scorer = scorers[(None, id(model))]
+    key = lambda v: (v.kv_cache_dtype, id(v.model if v.model is not None else model), v.kernels)  # noqa: E731
+    scorers = {k: _Scorer(models[k[1]], batch, length, k[0], k[2])
+               for k in {(None, id(model), None)} | {key(v) for v in variants.values()}}
+    scorer = scorers[(None, id(model), None)]
     names = [ref_name, *variants]
     state = resume or EvalProgress(0, 0, {n: [0.0, 0.0, 0.0] for n in names}, dict.fromkeys(names, 0.0))
     if sorted(state.sums) != sorted(names) or not 0 <= state.windows_done <= w:

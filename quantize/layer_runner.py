@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxinfer.attention import AttentionMetadata, init_dense_cache
 from jaxinfer.errors import QuantizationError
-from jaxinfer.models.layers import Linear
+from jaxinfer.models.layers import Linear, Rotary
 from jaxinfer.models.llama import DecoderLayer
 from jaxinfer.models.ops import embed
 
@@ -58,7 +58,7 @@ class LayerRunner:
         self.md = AttentionMetadata(cu, np.full(n, length, np.int32), np.array([n], np.int32), slots,
                                     max_q_len=length)
         self.cache = init_dense_cache(1, n, length, c.num_kv_heads, c.head_dim, model.dtype)[0]
-        self.inv_freq = jnp.asarray(c.inv_freq())
+        self.rotary = Rotary.at(self.positions, c.inv_freq())
         attn_cls = model.module.attention_cls
         self.layer = DecoderLayer(c, attn_cls, model.dtype)
         self._run = jax.jit(self._run_impl, static_argnames=("capture",))
@@ -78,8 +78,7 @@ class LayerRunner:
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
-            y, _ = self.layer.apply({"params": layer_params}, x, self.positions, self.cache, self.md,
-                                    self.inv_freq)
+            y, _ = self.layer.apply({"params": layer_params}, x, self.rotary, self.cache, self.md)
         return y, captured
 
     def run(self, layer_params, x: jax.Array, capture: bool = True):

@@ -3,7 +3,13 @@
 import jax.numpy as jnp
 import pytest
 
-from jaxinfer.config import AUTO_DTYPE_ENV, EngineConfig, cpu_has_bf16_matmul, resolve_auto_settings
+from jaxinfer.config import (
+    AUTO_DTYPE_ENV,
+    EngineConfig,
+    cpu_has_bf16_matmul,
+    resolve_auto_settings,
+    resolve_int8_activations,
+)
 from pallas_kernels.quantized_matmul import cpu as qmm_cpu
 from pallas_kernels.quantized_matmul.qarray import QArray
 
@@ -47,6 +53,23 @@ def test_gguf_weights_stay_quantized_on_the_cpu_with_the_kernel(monkeypatch):
     assert resolve_auto_settings(EngineConfig(), "cpu", cpu_matmul_kernel=True, **kw).quantization is None
 
 
+def test_int8_activations_setting():
+    """int8 activations: "auto" is on for bfloat16 compute on the C++ matmul kernel with AVX512-VNNI only."""
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert resolve_int8_activations("auto", "cpu", bf16, vnni=True)
+    assert not resolve_int8_activations("auto", "cpu", bf16, vnni=False)
+    assert not resolve_int8_activations("auto", "cpu", f32, vnni=True)
+    assert not resolve_int8_activations("auto", "xla", bf16, vnni=True)
+    assert not resolve_int8_activations("off", "cpu", bf16, vnni=True)
+    assert resolve_int8_activations("on", "cpu", f32, vnni=True)
+    with pytest.raises(ValueError, match="needs the C\\+\\+ CPU quantized matmul"):
+        resolve_int8_activations("on", "xla", bf16)
+    with pytest.raises(ValueError, match="int8_activations"):
+        resolve_int8_activations("yes", "cpu", bf16)
+    with pytest.raises(ValueError, match="int8_activations"):
+        EngineConfig(int8_activations="yes")
+
+
 def test_env_override(monkeypatch):
     monkeypatch.setenv(AUTO_DTYPE_ENV, "float32")
     assert resolve_auto_settings(EngineConfig(), "cpu", bf16_cpu=True).dtype == "float32"
@@ -76,6 +99,9 @@ def test_llm_default_follows_this_cpu(monkeypatch):
         assert up.dtype == llm.engine.loaded.model.dtype
     else:
         assert up.dtype == llm.engine.loaded.model.dtype
+    # bfloat16 compute on the C++ matmul kernel with AVX512-VNNI: the int8 dot path ("auto")
+    want_int8 = want_bf16 and llm.engine.kernels.matmul == "cpu" and qmm_cpu.has_vnni()
+    assert llm.engine.kernels.matmul_int8_activations == want_int8
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     a = llm.generate("The capital of France is", sp)[0].outputs[0]
     assert len(a.token_ids) == 8 and a.text.strip()

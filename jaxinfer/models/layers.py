@@ -5,7 +5,10 @@ Shapes: ``T`` tokens (flattened over sequences), ``E`` hidden size, ``H`` heads,
 
 from __future__ import annotations
 
-__all__ = ["Linear", "RMSNorm", "embed", "weight_param", "linear", "rms_norm", "rope", "swiglu", "unembed"]
+__all__ = ["Linear", "RMSNorm", "Rotary", "apply_rope", "embed", "weight_param", "linear", "rms_norm", "rope", "swiglu",
+           "unembed"]
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -27,28 +30,59 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+class Rotary(NamedTuple):
+    """RoPE tables of one step's tokens, computed once and shared by every layer: ``cos``, ``sin`` ``f32[T, D // 2]``.
+
+    Built once per forward (:meth:`at`) and materialised: XLA:CPU otherwise fuses the angle computation into
+    each layer's rotation and evaluates the sines and cosines again per head and per layer (5-6% of a
+    512-token step of the default model on the CPU).
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+
+    @classmethod
+    def at(cls, positions: jax.Array, inv_freq) -> Rotary:
+        """Tables for ``positions i32[T]`` and ``inv_freq f32[D // 2]``."""
+        angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+
+        def tables(a):
+            return jnp.cos(a), jnp.sin(a)
+
+        # A conditional's results are materialised, so its two (identical) branches keep the compiler from
+        # fusing the tables, and recomputing them, into each consumer (an optimization barrier does not).
+        return cls(*jax.lax.cond(jnp.any(positions >= 0), tables, tables, angles))
+
+
+def apply_rope(x: jax.Array, rotary: Rotary) -> jax.Array:
     """Rotary embedding, half-split ("rotate_half") convention.
 
     Args:
       x: ``[T, H, D]``.
-      positions: ``i32[T]`` absolute positions.
-      inv_freq: ``f32[D // 2]``.
+      rotary: the tables of ``x``'s ``T`` positions.
     Returns:
       ``[T, H, D]`` in ``x.dtype`` (rotation computed in float32).
     """
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
+    cos, sin = rotary.cos[:, None, :], rotary.sin[:, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
 
 
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """:func:`apply_rope` with tables computed here: ``x[T, H, D]``, ``positions i32[T]``, ``inv_freq f32[D // 2]``."""
+    return apply_rope(x, Rotary.at(positions, inv_freq))
+
+
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """``silu(gate) * up``."""
-    return jax.nn.silu(gate) * up
+    """``silu(gate) * up`` computed in float32, in ``gate``'s dtype (``[..., F]`` both).
+
+    One rounding at the end: bfloat16 operands would otherwise round after every op of the SiLU, which
+    XLA:CPU also runs about twice as slowly as the float32 expression.
+    """
+    g = gate.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
 def weight_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype):
@@ -69,8 +103,12 @@ def weight_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dty
 
 
 def matmul_options(kernels: Kernels | None) -> dict:
-    """``impl`` / ``interpret`` keywords of :func:`linear` / :func:`unembed` for a kernel choice."""
-    return {} if kernels is None else {"impl": kernels.matmul, "interpret": kernels.matmul_interpret}
+    """``impl`` / ``interpret`` / ``int8_activations`` keywords of :func:`linear` / :func:`unembed` for a
+    kernel choice."""
+    if kernels is None:
+        return {}
+    return {"impl": kernels.matmul, "interpret": kernels.matmul_interpret,
+            "int8_activations": kernels.matmul_int8_activations}
 
 
 class Linear(nn.Module):

@@ -18,7 +18,17 @@ from jax.sharding import Mesh
 
 from jaxinfer.attention import AttentionMetadata, attention
 from jaxinfer.model_config import ModelConfig
-from jaxinfer.models.layers import Linear, RMSNorm, embed, matmul_options, rope, swiglu, unembed, weight_param
+from jaxinfer.models.layers import (
+    Linear,
+    RMSNorm,
+    Rotary,
+    apply_rope,
+    embed,
+    matmul_options,
+    swiglu,
+    unembed,
+    weight_param,
+)
 from jaxinfer.models.moe import SparseMoeBlock
 from jaxinfer.models.ops import tpu_vocab_minor
 from jaxinfer.sharding import ShardingPlan
@@ -37,7 +47,7 @@ class LlamaAttention(nn.Module):
         return q, k
 
     @nn.compact
-    def __call__(self, x, positions, cache, md: AttentionMetadata, inv_freq):
+    def __call__(self, x, rotary: Rotary, cache, md: AttentionMetadata):
         c = self.config
         t = x.shape[0]
         dense = dict(use_bias=c.attention_bias, param_dtype=self.dtype, kernels=self.kernels, plan=self.plan)
@@ -48,8 +58,8 @@ class LlamaAttention(nn.Module):
         k = k.reshape(t, c.num_kv_heads, c.head_dim)
         v = v.reshape(t, c.num_kv_heads, c.head_dim)
         q, k = self.qk_transform(q, k)
-        q = rope(q, positions, inv_freq)
-        k = rope(k, positions, inv_freq)
+        q = apply_rope(q, rotary)
+        k = apply_rope(k, rotary)
         out, cache = attention(q, k, v, cache, md, sm_scale=c.sm_scale, sliding_window=c.sliding_window,
                                mesh=self.mesh)
         o = Linear(c.hidden_size, ("heads", "embed"), name="o_proj", param_dtype=self.dtype, kernels=self.kernels,
@@ -84,11 +94,12 @@ class DecoderLayer(nn.Module):
     moe: bool = False  # the MLP is a sparse mixture-of-experts block (jaxinfer.models.moe)
 
     @nn.compact
-    def __call__(self, x, positions, cache, md, inv_freq):
+    def __call__(self, x, rotary: Rotary, cache, md):
+        """``x[T, E]``, ``rotary`` the step's RoPE tables (:class:`Rotary`) -> ``(x[T, E], cache)``."""
         c = self.config
         h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="input_layernorm")(x)
         attn = self.attention_cls(c, self.dtype, self.mesh, kernels=self.kernels, plan=self.plan, name="self_attn")
-        a, cache = attn(h, positions, cache, md, inv_freq)
+        a, cache = attn(h, rotary, cache, md)
         x = x + a
         h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="post_attention_layernorm")(x)
         mlp_cls = SparseMoeBlock if self.moe else LlamaMLP
@@ -121,12 +132,12 @@ class CausalTransformer(nn.Module):
         strips = c.tie_word_embeddings and self.kernels is not None and self.kernels.compiled_for_tpu
         strips = strips and self.plan is None and tpu_vocab_minor((c.vocab_size, c.hidden_size))
         x = embed(embedding, tokens, self.dtype, lane_strips=strips)
-        inv_freq = jnp.asarray(c.inv_freq())
+        rotary = Rotary.at(positions, c.inv_freq())  # once for all layers
         new_caches = []
         for i in range(c.num_layers):
             layer = DecoderLayer(c, self.attention_cls, self.dtype, self.mesh, self.kernels, self.plan,
                                  moe=c.is_moe_layer(i), name=f"layers_{i}")
-            x, cache = layer(x, positions, caches[i], md, inv_freq)
+            x, cache = layer(x, rotary, caches[i], md)
             new_caches.append(cache)
         hidden = None if hidden_indices is None else jnp.take(x, hidden_indices, axis=0)
         if logits_indices is not None:

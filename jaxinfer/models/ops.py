@@ -16,7 +16,8 @@ _PALLAS = ("pallas_tpu", "pallas_gpu")
 
 
 def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *, impl: str | None = None,
-           interpret: bool | None = None, plan: ShardingPlan | None = None, axes: tuple[str, str] | None = None):
+           interpret: bool | None = None, plan: ShardingPlan | None = None, axes: tuple[str, str] | None = None,
+           int8_activations: bool = False):
     """``x @ w (+ bias)``, dispatching on the weight's type.
 
     Args:
@@ -28,6 +29,8 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
       plan, axes: the sharding plan and the weight's logical axis names. A compiled Pallas kernel cannot be
         partitioned by XLA, so on a multi-device plan a QArray weight runs it once per shard
         (:func:`sharded_quantized_matmul`).
+      int8_activations: QArray weights on the C++ CPU kernel (``impl="cpu"``) run its int8 dot path with
+        activations quantized per 32-block (:func:`pallas_kernels.quantized_matmul.api.quantized_matmul`).
 
     Returns:
       ``[..., N]`` in ``x.dtype``.
@@ -36,7 +39,7 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
         if plan is not None and axes is not None and plan.tp > 1 and impl in _PALLAS and not interpret:
             y = sharded_quantized_matmul(x, w, plan, axes, impl=impl)
         else:
-            y = quantized_matmul(x, w, impl=impl, interpret=interpret)
+            y = quantized_matmul(x, w, impl=impl, interpret=interpret, int8_activations=int8_activations)
     else:
         if w.ndim != 2 or x.shape[-1] != w.shape[0]:
             raise ValueError(f"linear: x {x.shape} and w {w.shape} do not match as [..., K] @ [K, N]")
@@ -119,14 +122,15 @@ def lane_strip_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def unembed(x: jax.Array, table: jax.Array | QEmbedding, *, impl: str | None = None,
-            interpret: bool | None = None) -> jax.Array:
+            interpret: bool | None = None, int8_activations: bool = False) -> jax.Array:
     """Tied LM head ``x[..., E] @ table.T -> f32[..., V]`` (a QEmbedding's QArray is already ``[E, V]``).
 
     A float table is contracted over its last axis as stored: with a bf16 table, ``x @ table.T`` made
     XLA:CPU convert the whole table to float32 every step.
     """
     if isinstance(table, QEmbedding):
-        return linear(x, table.table, impl=impl, interpret=interpret).astype(jnp.float32)
+        return linear(x, table.table, impl=impl, interpret=interpret,
+                      int8_activations=int8_activations).astype(jnp.float32)
     if table.ndim != 2 or x.shape[-1] != table.shape[1]:
         raise ValueError(f"unembed: x {x.shape} and table {table.shape} do not match as [..., E] @ [V, E].T")
     return jax.lax.dot_general(x, table.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),

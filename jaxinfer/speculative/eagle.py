@@ -22,7 +22,7 @@ from jaxinfer.attention import AttentionMetadata
 from jaxinfer.errors import UnsupportedModelError
 from jaxinfer.kv_cache import KVCacheSpec
 from jaxinfer.models.causal_lm import ATTENTION_CLASSES
-from jaxinfer.models.layers import embed, linear
+from jaxinfer.models.layers import Rotary, embed, linear
 from jaxinfer.models.llama import DecoderLayer
 from jaxinfer.speculative.draft import draft_bytes_per_token, draft_sample
 from jaxinfer.speculative.eagle_dense import draft_logits
@@ -119,7 +119,7 @@ class EagleHead:
         x = linear(jnp.concatenate([x, hidden], axis=-1), params["fc"]["kernel"], params["fc"]["bias"])
         if self.kernels is not None:
             md = md.replace(impl=self.kernels.attention, interpret=self.kernels.attention_interpret)
-        return self.layer.apply({"params": params["layer"]}, x, positions, cache, md, jnp.asarray(self.inv_freq))
+        return self.layer.apply({"params": params["layer"]}, x, Rotary.at(positions, self.inv_freq), cache, md)
 
     def draft_logits(self, params, features) -> jax.Array:
         """Draft logits over the draft vocabulary, ``[N, D] -> f32[N, Vd]``."""

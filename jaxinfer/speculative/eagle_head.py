@@ -124,6 +124,7 @@ def init_layer_params(key, cfg: EagleHeadConfig, dtype=None) -> dict:
 
     from jaxinfer.attention import AttentionMetadata, init_dense_cache
     from jaxinfer.models.causal_lm import ATTENTION_CLASSES
+    from jaxinfer.models.layers import Rotary
     from jaxinfer.models.llama import DecoderLayer
 
     lc = cfg.layer
@@ -133,7 +134,7 @@ def init_layer_params(key, cfg: EagleHeadConfig, dtype=None) -> dict:
     one = jnp.ones((1,), jnp.int32)
     md = AttentionMetadata(cu_q_lens=jnp.array([0, 1], jnp.int32), kv_lens=one, num_seqs=one, slot_mapping=one - 1)
     x = jnp.zeros((1, lc.hidden_size), dtype)
-    params = layer.init(key, x, one, cache, md, jnp.asarray(lc.inv_freq()))["params"]
+    params = layer.init(key, x, Rotary.at(one, lc.inv_freq()), cache, md)["params"]
     return nn.unbox(params)
 
 

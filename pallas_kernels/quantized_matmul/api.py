@@ -23,6 +23,7 @@ def quantized_matmul(
     interpret: bool | None = None,
     out_dtype=None,
     blocks: Blocks | None = None,
+    int8_activations: bool = False,
 ) -> jax.Array:
     """``x @ dequantize(w)`` with dequantization fused into the matmul.
 
@@ -39,6 +40,9 @@ def quantized_matmul(
         compile it, e.g. on the CPU).
       out_dtype: output dtype (default ``x.dtype``).
       blocks: optional kernel tile sizes (see :mod:`pallas_kernels.quantized_matmul.tuning`).
+      int8_activations: ``impl="cpu"`` only (ignored by the others): the C++ kernel's int8 dot path with
+        activations quantized per 32-block (W8A8-style numerics; where it applies, see
+        :func:`pallas_kernels.quantized_matmul.cpu.int8_path_taken`).
 
     Returns:
       ``[..., N]`` in ``out_dtype``.
@@ -66,7 +70,7 @@ def quantized_matmul(
         # Operands the C++ kernel does not take run the XLA path; so does the default choice when building
         # the kernel (done here, on first use: default_impl() only checks for a compiler) fails.
         if cpu.unsupported_reason(x2, w) is None and (explicit or cpu.available()):
-            return cpu.quantized_matmul_cpu(x2, w, out_dtype).reshape(*lead, n)
+            return cpu.quantized_matmul_cpu(x2, w, out_dtype, int8_activations=int8_activations).reshape(*lead, n)
         impl = "xla"
     if impl == "xla":
         y = quantized_matmul_reference(x2, w, out_dtype)

@@ -6,6 +6,8 @@ more than the packed weight. The C++ kernel streams the packed weight once and d
 registers for small M (decode), and for larger M (prefill) dequantizes one block of columns at a time
 into a cache-resident panel multiplied with bfloat16 dot instructions (AVX512-BF16) or float32 FMAs
 (see the comment at the top of ``cpu_kernel.cc``). Work is spread over XLA's intra-op thread pool.
+With ``int8_activations`` on a CPU with AVX512-VNNI the prefill path instead quantizes the activations to
+int8 per 32-block and runs an integer dot (``vpdpbusd``, ``cpu_vnni.h``): W8A8-style numerics, opt-in.
 
 Formats: ``int8`` (per channel or group-wise, e.g. GGUF Q8_0 as ``int8-g32``), ``int4`` symmetric and
 asymmetric (GGUF Q4_0 / Q4_1 as ``int4-g32`` / ``int4-g32-asym``), with float32, float16 or bfloat16
@@ -34,6 +36,11 @@ _X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 GEMV_MAX_M = 8
 #: Products with fewer weight bytes x rows than this run on the calling thread only.
 PARALLEL_MIN_BYTES = 128 * 1024
+#: Activation quantization block along K of the int8 dot path (``int8_activations``).
+INT8_BLOCK = 32
+#: With ``int8_activations``, the largest M run by the streaming path: the int8 panel path is already
+#: faster at 8 rows (bench/quant_matmul.py; about even at 4).
+INT8_GEMV_MAX_M = 4
 
 #: The C++ kernel (built on first use; :mod:`pallas_kernels.cpu_build`).
 KERNEL = cpu_build.CpuKernel(Path(__file__).with_name("cpu_kernel.cc"), prefix="qmm_cpu",
@@ -56,17 +63,36 @@ def unsupported_reason(x: jax.Array, w: QArray) -> str | None:
     return None
 
 
-def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int = GEMV_MAX_M,
-                         parallel_min_bytes: int | None = None) -> jax.Array:
+def has_vnni() -> bool:
+    """Whether this CPU has AVX512-VNNI (``vpdpbusd``), which the int8 dot path needs (the kernel is built
+    for the host CPU, ``-march=native``)."""
+    return "avx512_vnni" in cpu_build.cpu_flags().split()
+
+
+def int8_path_taken(k: int, w: QArray, m: int, *, gemv_max_m: int = INT8_GEMV_MAX_M) -> bool:
+    """Whether ``quantized_matmul_cpu(..., int8_activations=True)`` of ``x[m, k]`` runs the int8 dot (else
+    the float path, with the float path's numerics): AVX512-VNNI, the panel path (``m > gemv_max_m``),
+    ``K`` a multiple of 32 and the weight's groups (if any) multiples of 32."""
+    g = w.config.group_size or k
+    return has_vnni() and m > gemv_max_m and k % INT8_BLOCK == 0 and g % INT8_BLOCK == 0
+
+
+def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int | None = None,
+                         parallel_min_bytes: int | None = None, int8_activations: bool = False) -> jax.Array:
     """``x[M, K] @ dequantize(w)[K, N] -> [M, N]`` in ``out_dtype`` through the C++ kernel.
 
     Args:
       x: float32 or bfloat16 activations ``[M, K]``.
       w: int8 / int4 weight-only :class:`QArray` of logical shape ``[K, N]``.
       out_dtype: any float dtype (float32 / bfloat16 are written by the kernel, others cast after).
-      gemv_max_m: largest M run by the streaming path (a tuning knob; both paths give the same math).
+      gemv_max_m: largest M run by the streaming path (a tuning knob; both float paths give the same math;
+        default :data:`GEMV_MAX_M`, with ``int8_activations`` :data:`INT8_GEMV_MAX_M`).
       parallel_min_bytes: products with fewer weight bytes x M run on the calling thread alone (default
         :data:`PARALLEL_MIN_BYTES`).
+      int8_activations: where :func:`int8_path_taken`, quantize each row of ``x`` to int8 per block of
+        :data:`INT8_BLOCK` along K (``d = max|x| / 127``, round to nearest even) and multiply the integer
+        levels with AVX512-VNNI (W8A8-style numerics, as llama.cpp runs its quantized formats; see
+        ``cpu_vnni.h``). Elsewhere the float path runs as with ``False``.
 
     Raises:
       KernelUnavailableError: the kernel could not be built here.
@@ -84,6 +110,8 @@ def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int 
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), kernel_out), vmap_method="sequential")
     y = call(x, w.value, w.scale, offset, group_size=np.int64(cfg.group_size or 0),
              int4=np.int64(cfg.weight == "int4"), asymmetric=np.int64(not cfg.symmetric),
-             gemv_max_m=np.int64(gemv_max_m),
-             parallel_min_bytes=np.int64(PARALLEL_MIN_BYTES if parallel_min_bytes is None else parallel_min_bytes))
+             gemv_max_m=np.int64(gemv_max_m if gemv_max_m is not None
+                                 else INT8_GEMV_MAX_M if int8_activations else GEMV_MAX_M),
+             parallel_min_bytes=np.int64(PARALLEL_MIN_BYTES if parallel_min_bytes is None else parallel_min_bytes),
+             int8_activations=np.int64(bool(int8_activations)))
     return y.astype(out_dtype)

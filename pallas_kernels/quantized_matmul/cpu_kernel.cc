@@ -6,7 +6,8 @@
 //   scale  [G, N]  float32, float16 or bfloat16 (G = K / g; G = 1 for per-channel int8)
 //   offset [G, N]  same dtype as scale (asymmetric int4), else a 1-element dummy
 //   out    [M, N]  float32 or bfloat16
-//   out[m, n] = sum_k x[m, k] * (scale[k / g, n] * q[k, n] (+ offset[k / g, n]))
+//   out[m, n] = sum_k x[m, k] * (scale[k / g, n] * q[k, n] (+ offset[k / g, n]))  (int8_activations:
+//   x quantized per 32-block first, see below)
 //
 // Two paths, chosen by M (attribute gemv_max_m):
 //  * M <= gemv_max_m (decode): the packed weights are streamed once (a row of K is N contiguous bytes)
@@ -21,6 +22,10 @@
 //    AVX512-BF16 the panel is stored as bfloat16 pairs of adjacent K rows (the reference also rounds the
 //    dequantized weight to the activations' dtype) and the product uses vdpbf16ps (float32
 //    accumulation); otherwise it is a float32 panel with float32 FMAs.
+//  * int8_activations (attribute), AVX512-VNNI, M > gemv_max_m, K and the group size multiples of 32:
+//    instead of the panel above, each row of x is quantized to int8 per block of 32 (once per call) and
+//    the column block's weight levels go into a vpdpbusd panel (cpu_vnni.h, which states the numerics),
+//    3 activation rows x 64 columns per register block.
 // Work items (column blocks, and row blocks for the decode path) are spread over XLA's intra-op
 // thread pool.
 
@@ -31,6 +36,7 @@
 
 #include "cpu_parallel.h"
 #include "cpu_simd.h"
+#include "cpu_vnni.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -110,6 +116,9 @@ struct Problem {
   const float* xsum;   // [M, groups] sums of x over each group (asymmetric only)
   void* out;
   bool out_bf16;
+#if defined(JAXINFER_HAVE_VNNI)
+  const vnni::Acts* acts;  // quantized activations: the int8 dot path (cpu_vnni.h), else null
+#endif
 };
 
 inline void StoreOut(const Problem& p, int64_t row, int64_t col, VF y, int valid) {
@@ -434,9 +443,84 @@ void PanelRows(const Problem& p, const void* panel, bool bf16, int64_t m0, int64
   PanelDotF32<MB>(p, static_cast<const float*>(panel), m0, n0);
 }
 
+#if defined(JAXINFER_HAVE_VNNI)
+constexpr int kVnniMB = 3;  // activation rows per int8 register block
+constexpr int kVnniNV = 4;  // 16-column vectors per int8 register block
+
+template <bool kPerChannel, bool kAsym, int MB>
+void VnniRows(const Problem& p, const uint8_t* panel, const float* ws, const float* wo, int64_t m0, int64_t n0) {
+  alignas(64) float y[MB * vnni::kCols];
+  const int nvec = static_cast<int>(std::min<int64_t>((p.n - n0 + kLanes - 1) / kLanes, kNV));
+  for (int vb = 0; vb < nvec; vb += kVnniNV)
+    vnni::Dot<kPerChannel, kAsym, MB, kVnniNV>(*p.acts, panel, ws, wo, p.g / vnni::kBlock, m0, vb, y);
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < nvec; ++v) {
+      const int64_t c = n0 + v * kLanes;
+      StoreOut(p, m0 + i, c, LoadF(y + i * vnni::kCols + v * kLanes), static_cast<int>(std::min<int64_t>(p.n - c, kLanes)));
+    }
+}
+
+// A row tail of r < kVnniMB rows (MB counts down to the one that matches).
+template <bool kPerChannel, bool kAsym, int MB>
+void VnniTail(const Problem& p, const uint8_t* panel, const float* ws, const float* wo, int64_t m, int64_t r,
+              int64_t n0) {
+  if constexpr (MB > 0) {
+    if (r == MB) return VnniRows<kPerChannel, kAsym, MB>(p, panel, ws, wo, m, n0);
+    VnniTail<kPerChannel, kAsym, MB - 1>(p, panel, ws, wo, m, r, n0);
+  }
+}
+
+template <bool kPerChannel, bool kAsym>
+void VnniBlock(const Problem& p, const uint8_t* panel, const float* ws, const float* wo, int64_t m0, int64_t m1,
+               int64_t n0) {
+  int64_t m = m0;
+  for (; m + kVnniMB <= m1; m += kVnniMB) VnniRows<kPerChannel, kAsym, kVnniMB>(p, panel, ws, wo, m, n0);
+  VnniTail<kPerChannel, kAsym, kVnniMB - 1>(p, panel, ws, wo, m, m1 - m, n0);
+}
+
+// One int8-path item: the column block at n0 as a vpdpbusd panel with float32 scales (and offsets),
+// rows [m0, m1).
+template <WKind W, SKind S>
+void VnniPanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
+  constexpr bool kI4 = W != WKind::kI8, kAsym = W == WKind::kI4A;
+  thread_local std::vector<uint8_t> panel;
+  thread_local std::vector<float> ws, wo;
+  panel.resize(static_cast<size_t>(p.k * vnni::kCols));
+  ws.resize(static_cast<size_t>(p.groups * vnni::kCols));
+  wo.resize(kAsym ? ws.size() : 0);
+  vnni::BuildPanel<kI4, kAsym>(p.value, p.k, p.n, p.g, n0, panel.data());
+  for (int64_t j = 0; j < p.groups; ++j)
+    for (int v = 0; v < kNV; ++v) {
+      const int64_t c = n0 + v * kLanes;
+      float* dst = ws.data() + j * vnni::kCols + v * kLanes;
+      float* odst = kAsym ? wo.data() + j * vnni::kCols + v * kLanes : nullptr;
+      if (p.n - c >= kLanes) {
+        VF sc, off;
+        GroupScale<W, S>(p, j, c, &sc, &off);
+        StoreF(dst, sc);
+        if (kAsym) StoreF(odst, off);
+        continue;
+      }
+      for (int l = 0; l < kLanes; ++l) {
+        const bool in = c + l < p.n;
+        dst[l] = in ? ScalarScale<S>(p.scale, j * p.n + c + l) : 0.0f;
+        if (kAsym) odst[l] = in ? ScalarScale<S>(p.offset, j * p.n + c + l) : 0.0f;
+      }
+    }
+  if (W == WKind::kI8 && p.groups == 1) {
+    VnniBlock<true, false>(p, panel.data(), ws.data(), nullptr, m0, m1, n0);
+  } else {
+    VnniBlock<false, kAsym>(p, panel.data(), ws.data(), wo.data(), m0, m1, n0);
+  }
+}
+#endif
+
 // One prefill item: rows [m0, m1), the column block at n0.
 template <WKind W, SKind S>
 void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
+#if defined(JAXINFER_HAVE_VNNI)
+  if (p.acts != nullptr) return VnniPanelItem<W, S>(p, m0, m1, n0);
+#endif
   thread_local std::vector<float> f32;
   thread_local std::vector<uint32_t> pairs;
   f32.resize(static_cast<size_t>(p.k * kNB));
@@ -489,7 +573,7 @@ void RunItemAny(const Problem& p, const Item& it, bool gemv, WKind w, SKind s) {
 ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> value,
                               ffi::AnyBuffer scale, ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> out,
                               int64_t group_size, int64_t int4, int64_t asymmetric, int64_t gemv_max_m,
-                              int64_t parallel_min_bytes) {
+                              int64_t parallel_min_bytes, int64_t int8_activations) {
   auto xd = x.dimensions();
   auto vd = value.dimensions();
   auto sd = scale.dimensions();
@@ -536,10 +620,50 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
 
   const bool gemv = p.m <= gemv_max_m;
   const bool x_bf16 = x.element_type() == ffi::BF16;
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t weight_bytes = vd[0] * vd[1];
+  // Small products run on the calling thread alone: waking pool threads costs more than they save.
+  const int64_t helpers = weight_bytes * std::max<int64_t>(p.m, 1) < parallel_min_bytes ? 0 : threads - 1;
+#if defined(JAXINFER_HAVE_VNNI)
+  // The int8 dot path (cpu_vnni.h): asked for, panel path, K and the weight groups in whole 32-blocks.
+  vnni::Acts acts;
+  std::vector<int8_t> xq;
+  std::vector<float> xscale, xdsum;
+  std::vector<int32_t> xcorr;
+  p.acts = nullptr;
+  if (int8_activations && !gemv && p.k % vnni::kBlock == 0 && p.g % vnni::kBlock == 0) {
+    acts.k = p.k;
+    acts.kb = p.k / vnni::kBlock;
+    xq.resize(static_cast<size_t>(p.m * p.k));
+    xscale.resize(static_cast<size_t>(p.m * acts.kb));
+    xcorr.resize(xscale.size());
+    if (w == WKind::kI4A) xdsum.resize(xscale.size());
+    const int32_t bias = w == WKind::kI8 ? 128 : (w == WKind::kI4S ? 8 : 0);
+    const float* xf = x_bf16 ? nullptr : static_cast<const float*>(x.untyped_data());
+    const uint16_t* xb = x_bf16 ? static_cast<const uint16_t*>(x.untyped_data()) : nullptr;
+    constexpr int64_t kRowsPerTask = 32;
+    float* dsum = xdsum.empty() ? nullptr : xdsum.data();
+    ParallelFor(pool, (p.m + kRowsPerTask - 1) / kRowsPerTask, helpers, [&](int64_t t) {
+      vnni::QuantizeRows(xf, xb, t * kRowsPerTask, std::min(p.m, (t + 1) * kRowsPerTask), p.k, bias, xq.data(),
+                         xscale.data(), xcorr.data(), dsum);
+    });
+    acts.q = xq.data();
+    acts.d = xscale.data();
+    acts.corr = xcorr.data();
+    acts.dsum = dsum;
+    p.acts = &acts;
+  }
+  const bool int8_path = p.acts != nullptr;
+#else
+  (void)int8_activations;
+  const bool int8_path = false;
+#endif
   // The bfloat16 dot reads x as stored; every other path reads a float32 copy.
   const bool panel_bf16 = !gemv && x_bf16 && kHaveBf16Dot && p.k % 2 == 0;
   std::vector<float> xf;
-  if (panel_bf16) {
+  if (int8_path) {
+    // reads only the quantized activations
+  } else if (panel_bf16) {
     p.xb = static_cast<const uint16_t*>(x.untyped_data());
   } else if (x_bf16) {
     const uint16_t* xh = static_cast<const uint16_t*>(x.untyped_data());
@@ -561,7 +685,6 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
     p.xsum = xsum.data();
   }
 
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   const int64_t nblocks = (p.n + kNB - 1) / kNB;
   std::vector<Item> items;
   if (gemv) {
@@ -581,9 +704,6 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
       for (int64_t m0 = 0; m0 < p.m; m0 += rows) items.push_back(Item{m0, std::min(m0 + rows, p.m), b * kNB, std::min((b + 1) * kNB, p.n)});
   }
 
-  // Small products run on the calling thread alone: waking pool threads costs more than they save.
-  const int64_t weight_bytes = vd[0] * vd[1];
-  const int64_t helpers = weight_bytes * std::max<int64_t>(p.m, 1) < parallel_min_bytes ? 0 : threads - 1;
   ParallelFor(pool, static_cast<int64_t>(items.size()), helpers,
               [&p, &items, gemv, w, s](int64_t i) { RunItemAny(p, items[i], gemv, w, s); });
   return ffi::Error::Success();
@@ -603,4 +723,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQuantizedMatmulCpu, QuantizedMatmulCpu,
                                   .Attr<int64_t>("int4")
                                   .Attr<int64_t>("asymmetric")
                                   .Attr<int64_t>("gemv_max_m")
-                                  .Attr<int64_t>("parallel_min_bytes"));
+                                  .Attr<int64_t>("parallel_min_bytes")
+                                  .Attr<int64_t>("int8_activations"));

@@ -10,12 +10,14 @@
 // Row i of sequence s sits at position kv_lens[s] - q_len + i and attends to keys j <= position
 // (and j > position - sliding_window when sliding_window > 0).
 //
-// Work is split into items (sequence, block of up to kRowBlock query rows, and all KV heads, or one
-// when there are too few items to keep the pool busy); each item runs
-// a flash-style online softmax over blocks of kKeyBlock keys read straight from the pages
-// (dequantized into float32 tiles), so nothing the size of the cache is ever copied. Items are
-// spread over XLA's intra-op thread pool, longest first. Metadata is clamped so that bad indices
-// can never read outside the buffers.
+// Work is split into items spread over XLA's intra-op thread pool, longest first:
+// - rows (decode, short chunks): (sequence, block of up to kRowBlock query rows, and all KV heads, or
+//   one when there are too few items to keep the pool busy), a flash-style online softmax over
+//   blocks of kKeyBlock keys read straight from the pages (dequantized into float32 tiles);
+// - blocked (prefill: q_len * group >= kMinBlockLanes): (sequence, block of rows, one KV head), with
+//   all of its query vectors sharing each key / value tile (cpu_blocked.h).
+// Nothing the size of the cache is ever copied. Metadata is clamped so that bad indices can never
+// read outside the buffers.
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +26,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_attention_common.h"
+#include "cpu_blocked.h"
 #include "cpu_parallel.h"
 #include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
@@ -32,18 +36,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace jaxinfer_cpu;  // NOLINT: the shared vector types and helpers
+using namespace jaxinfer_cpu;      // NOLINT: the shared vector types and helpers
+using namespace jaxinfer_rpa_cpu;  // NOLINT: the attention kernel's shared pieces
 
-constexpr int kKeyBlock = 16;  // keys per online-softmax step: one score vector per query
-constexpr int kRowBlock = 8;   // query rows (tokens) per work item
-constexpr int kMaxVecs = 16;   // head_dim <= 256
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kRowBlock = 8;   // query rows (tokens) per work item on the row path
 
-#if defined(__clang__)
-#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, VI{__VA_ARGS__})
-#endif
 // Lane permutation by a runtime index vector.
 #if defined(__clang__)
 inline VF SHUFFLE_VAR(VF a, VI idx) {
@@ -54,58 +51,6 @@ inline VF SHUFFLE_VAR(VF a, VI idx) {
 #else
 #define SHUFFLE_VAR(a, idx) __builtin_shuffle(a, idx)
 #endif
-
-struct Fp8Tables {
-  float e4m3fn[256];
-  float e5m2[256];
-  Fp8Tables() {
-    for (int b = 0; b < 256; ++b) {
-      float sign = (b & 0x80) ? -1.0f : 1.0f;
-      int e = (b >> 3) & 0xf, m = b & 7;  // e4m3fn: bias 7, no infinities, S.1111.111 is NaN
-      if (e == 0xf && m == 7) {
-        e4m3fn[b] = std::numeric_limits<float>::quiet_NaN();
-      } else if (e == 0) {
-        e4m3fn[b] = sign * std::ldexp(m / 8.0f, -6);
-      } else {
-        e4m3fn[b] = sign * std::ldexp(1.0f + m / 8.0f, e - 7);
-      }
-      e = (b >> 2) & 0x1f;  // e5m2: bias 15, IEEE-style infinities and NaNs
-      m = b & 3;
-      if (e == 0x1f) {
-        e5m2[b] = m ? std::numeric_limits<float>::quiet_NaN() : sign * std::numeric_limits<float>::infinity();
-      } else if (e == 0) {
-        e5m2[b] = sign * std::ldexp(m / 4.0f, -14);
-      } else {
-        e5m2[b] = sign * std::ldexp(1.0f + m / 4.0f, e - 15);
-      }
-    }
-  }
-};
-
-const Fp8Tables& Fp8() {
-  static const Fp8Tables tables;
-  return tables;
-}
-
-// exp(x) lane-wise for x <= 0 (-inf -> ~0): Cody-Waite range reduction and a degree-6 polynomial,
-// relative error ~2e-7. Lanes above 0 are clamped to 0 (they are masked by the caller).
-inline VF Exp(VF x) {
-  x = x < -87.0f ? Splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38, the smallest value produced
-  x = x > 0.0f ? Splat(0.0f) : x;
-  const VF magic = Splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  VF n = (x * 1.44269504088896341f + magic) - magic;
-  VF r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  VF p = Splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  return p * (VF)bits;  // a cast between same-size vector types reinterprets the bits
-}
 
 inline float HorizontalMax(VF x) {
   x = x > SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7) ? x
@@ -145,75 +90,11 @@ inline VF TransposeSum(const VF* p) {
          SHUFFLE(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-enum class KvType { kF32, kBf16, kI8, kE4M3, kE5M2 };
-
-struct Params {
-  const void* q;
-  bool q_bf16;
-  const void* k;
-  const void* v;
-  const float* k_scale;  // nullptr for float caches
-  const float* v_scale;
-  KvType kv_type;
-  void* out;
-  int64_t t, hq, hkv, d, num_pages, page_size, pages_per_seq;
-  const int32_t* page_indices;
-  float sm_scale;
-  int64_t window;   // <= 0: none
-  float soft_cap;   // <= 0: none
-};
-
-struct Item {
-  int64_t seq, head0, head1, row0, row1;  // KV heads [head0, head1); rows index q / out
-  int64_t q_start;                // first row of the sequence
-  int64_t q_len, kv_len;
-  int64_t cost;
-};
-
-// One (token, head) row of the cache, unscaled, as `nv` float vectors (zero past head_dim).
-template <KvType kT>
-inline void LoadRow(const void* base, int64_t row, int64_t d, int nv, VF* dst) {
-  const int64_t off = row * d;
-  for (int c = 0; c < nv; ++c) {
-    const int64_t i0 = int64_t{c} * kLanes;
-    if (i0 + kLanes <= d) {
-      if constexpr (kT == KvType::kF32) {
-        dst[c] = LoadF(static_cast<const float*>(base) + off + i0);
-      } else if constexpr (kT == KvType::kBf16) {
-        dst[c] = LoadBf16(static_cast<const uint16_t*>(base) + off + i0);
-      } else if constexpr (kT == KvType::kI8) {
-        dst[c] = ToF(LoadI8(static_cast<const int8_t*>(base) + off + i0));
-      } else {
-        const float* table = kT == KvType::kE4M3 ? Fp8().e4m3fn : Fp8().e5m2;
-        const uint8_t* src = static_cast<const uint8_t*>(base) + off + i0;
-        for (int i = 0; i < kLanes; ++i) dst[c][i] = table[src[i]];
-      }
-      continue;
-    }
-    VF x{};
-    for (int64_t i = i0; i < d; ++i) {
-      float f;
-      if constexpr (kT == KvType::kF32) {
-        f = static_cast<const float*>(base)[off + i];
-      } else if constexpr (kT == KvType::kBf16) {
-        f = Bf16ToF32(static_cast<const uint16_t*>(base)[off + i]);
-      } else if constexpr (kT == KvType::kI8) {
-        f = static_cast<const int8_t*>(base)[off + i];
-      } else {
-        f = (kT == KvType::kE4M3 ? Fp8().e4m3fn : Fp8().e5m2)[static_cast<const uint8_t*>(base)[off + i]];
-      }
-      x[i - i0] = f;
-    }
-    dst[c] = x;
-  }
-}
-
-// One work item. kNV: float vectors per head (head_dim / 16 rounded up), 0 = runtime.
 // Query slot q = (row * nh + kv head) * g + group member; its KV head is (q / g) % nh.
 template <KvType kT, int kNV>
 void RunItem(const Params& p, const Item& it) {
   const int nv = kNV > 0 ? kNV : static_cast<int>((p.d + kLanes - 1) / kLanes);
-  const int64_t d = p.d;
+  const int64_t d = kNV > 0 ? int64_t{kNV} * kLanes : p.d;  // kNV > 0: head_dim is exactly kNV vectors
   const int64_t g = p.hq / p.hkv;
   const int64_t nh = it.head1 - it.head0;
   const int64_t nrows = it.row1 - it.row0;
@@ -414,6 +295,13 @@ void RunItemAny(const Params& p, const Item& it) {
   }
 }
 
+
+void RunAny(const Params& p, const Item& it) {
+  if (!it.blocked) return RunItemAny(p, it);
+  const bool bf16 = kHaveBf16Dot && p.q_bf16 && p.kv_type != KvType::kF32 && p.d % 2 == 0;
+  return bf16 ? RunBlocked<true>(p, it) : RunBlocked<false>(p, it);
+}
+
 ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                    ffi::AnyBuffer v, ffi::Buffer<ffi::F32> k_scale,
                                    ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> kv_lens,
@@ -488,31 +376,44 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   const int32_t* cu = cu_q_lens.typed_data();
   const int64_t n_seqs = std::min<int64_t>(std::max<int32_t>(num_seqs.typed_data()[0], 0), s_max);
   const int64_t max_kv = p.pages_per_seq * p.page_size;
-  // A unit is (sequence, block of rows). With enough units for the pool, an item takes all KV heads
-  // of a unit (a token's rows for all heads are adjacent in a page); otherwise one head each.
-  std::vector<Item> units;
+  // Sequences with many query lanes per KV head (q_len * group >= kMinBlockLanes: prefill) take the
+  // blocked path, one item per (sequence, block of rows, KV head). The rest are units (sequence,
+  // block of kRowBlock rows): with enough work items for the pool, an item takes all KV heads of a
+  // unit (a token's rows for all heads are adjacent in a page); otherwise one head each.
+  const int64_t g = p.hq / p.hkv;
+  const int64_t block_rows = std::max<int64_t>(kLanes * kBlockVecs / g, 1);
+  std::vector<Item> units, blocked;
   for (int64_t s = 0; s < n_seqs; ++s) {
     const int64_t q0 = std::min<int64_t>(std::max<int32_t>(cu[s], 0), p.t);
     const int64_t q1 = std::min<int64_t>(std::max<int64_t>(cu[s + 1], q0), p.t);
     const int64_t kv_len = std::min<int64_t>(std::max<int32_t>(lens[s], 0), max_kv);
     if (q1 == q0 || kv_len == 0) continue;
-    for (int64_t r0 = q0; r0 < q1; r0 += kRowBlock) {
-      const int64_t r1 = std::min<int64_t>(r0 + kRowBlock, q1);
+    const bool block = (q1 - q0) * g >= kMinBlockLanes && g <= kLanes * kBlockVecs;
+    const int64_t n_blocks = block ? (q1 - q0 + block_rows - 1) / block_rows : 0;
+    const int64_t step = block ? (q1 - q0 + n_blocks - 1) / n_blocks : kRowBlock;  // even blocks
+    for (int64_t r0 = q0; r0 < q1; r0 += step) {
+      const int64_t r1 = std::min<int64_t>(r0 + step, q1);
       const int64_t last_pos = kv_len - (q1 - q0) + (r1 - 1 - q0);
       const int64_t keys = std::max<int64_t>(std::min(last_pos + 1, kv_len), 0);
-      units.push_back(Item{s, 0, p.hkv, r0, r1, q0, q1 - q0, kv_len, keys * (r1 - r0) + 64});
+      const int64_t cost = keys * (r1 - r0) + 64;  // per KV head
+      if (block) {
+        for (int64_t h = 0; h < p.hkv; ++h) blocked.push_back(Item{s, h, h + 1, r0, r1, q0, q1 - q0, kv_len, cost, true});
+      } else {
+        units.push_back(Item{s, 0, p.hkv, r0, r1, q0, q1 - q0, kv_len, cost * p.hkv, false});
+      }
     }
   }
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  std::vector<Item> items;
-  if (static_cast<int64_t>(units.size()) >= 8 * threads) {
-    items = std::move(units);
+  std::vector<Item> items = std::move(blocked);
+  if (static_cast<int64_t>(units.size() + items.size()) >= 8 * threads) {
+    items.insert(items.end(), units.begin(), units.end());
   } else {
     for (const Item& u : units) {
       for (int64_t h = 0; h < p.hkv; ++h) {
         Item it = u;
         it.head0 = h;
         it.head1 = h + 1;
+        it.cost = u.cost / p.hkv;
         items.push_back(it);
       }
     }
@@ -521,7 +422,7 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
   ParallelFor(pool, static_cast<int64_t>(items.size()), threads - 1,
-              [&p, &items](int64_t i) { RunItemAny(p, items[i]); });
+              [&p, &items](int64_t i) { RunAny(p, items[i]); });
   return ffi::Error::Success();
 }
 

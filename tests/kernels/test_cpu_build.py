@@ -31,3 +31,32 @@ def test_a_header_edit_rebuilds(tmp_path, monkeypatch):
     second, value = _build_and_call(source)
     assert second != first and value == 11
 
+
+
+def test_an_edit_of_a_header_next_to_the_source_rebuilds(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_build, "HEADER_DIR", tmp_path / "none")
+    monkeypatch.setenv("JAXINFER_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "probe.cc"
+    source.write_text(SOURCE)
+    (tmp_path / "probe_shared.h").write_text("constexpr int kProbe = 3;\n")
+    first, value = _build_and_call(source)
+    assert value == 3
+    (tmp_path / "probe_shared.h").write_text("constexpr int kProbe = 5;\n")
+    second, value = _build_and_call(source)
+    assert second != first and value == 5
+
+
+def test_every_kernel_source_is_package_data():
+    """A wheel must carry every C++ source and header the CPU kernels compile from on first use."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(cpu_build.__file__).resolve().parent
+    project = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["pallas_kernels"]
+    sources = [p.relative_to(root).as_posix() for ext in ("*.cc", "*.h") for p in root.rglob(ext)]
+    assert len(sources) >= 6
+    missing = [s for s in sources if not any(fnmatch.fnmatch(s, pat) and s.count("/") == pat.count("/")
+                                             for pat in patterns)]
+    assert not missing, f"not in [tool.setuptools.package-data] pallas_kernels: {missing}"

@@ -129,3 +129,49 @@ def test_variant_computed_in_bfloat16(tiny_model_dir):
     other = CausalLM(dataclasses.replace(m.config, num_layers=m.config.num_layers + 1), jnp.float32)
     with pytest.raises(QuantizationError, match="configuration"):
         evaluate(m.model, m.params, {"x": Variant(m.params, None, model=other)}, windows, progress=False)
+
+
+def test_variant_with_int8_activation_kernels(tiny_model_dir):
+    """A variant with explicit kernels (the C++ CPU matmul's int8 activations) is scored with them: its
+    perplexity differs from the same weights on the default kernels (the activation rounding shows) and
+    stays within 5% of it."""
+    import dataclasses
+
+    from jaxinfer.target import Kernels
+    from pallas_kernels.quantized_matmul import cpu
+    from quantize.evaluate import Variant
+
+    if not (cpu.available() and cpu.has_vnni()):
+        pytest.skip("needs the C++ CPU matmul kernel on a CPU with AVX512-VNNI")
+    path, _ = tiny_model_dir("llama")
+    m = load_model(str(path), load_tokenizer_too=False)
+    q = quantize_model(m.model, m.params, "rtn", "int8-g32", progress=False).params
+    kernels = dataclasses.replace(Kernels.for_mesh(m.mesh), matmul_int8_activations=True)
+    windows = token_windows(np.random.default_rng(3).integers(3, 320, 2 * 32), 32)
+    res = evaluate(m.model, m.params, {"int8": Variant(q, None, kernels=Kernels.for_mesh(m.mesh)),
+                                       "int8act": Variant(q, None, kernels=kernels)}, windows, progress=False)
+    assert res["int8act"].perplexity != res["int8"].perplexity and res["int8act"].kl != res["int8"].kl
+    assert res["int8act"].perplexity == pytest.approx(res["int8"].perplexity, rel=0.05)
+
+
+def test_eval_ppl_only_and_int8_activations_flags(tiny_model_dir, tmp_path, capsys):
+    """``eval-ppl --only`` scores the matching variants (and the reference) alone; ``--int8-activations``
+    without GGUF weights in a compute dtype, or an ``--only`` that matches nothing, is refused."""
+    import json
+
+    from jaxinfer.cli import main
+    from tests.quantize.text_data import generated_text
+
+    path, _ = tiny_model_dir("llama")
+    text = tmp_path / "t.txt"
+    text.write_text(generated_text(200))
+    out = tmp_path / "r.json"
+    base = ["eval-ppl", "--model", str(path), "--kv-cache-dtype", "int8", "--kv-cache-dtype", "fp8", "--text",
+            str(text), "--seq-len", "32", "--max-tokens", "64"]
+    assert main([*base, "--only", "kv-i*", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["results"]) == {"float", "kv-int8"}
+    capsys.readouterr()
+    assert main([*base, "--int8-activations"]) == 2
+    assert "--int8-activations needs" in capsys.readouterr().err
+    assert main([*base, "--only", "nothing*"]) == 2
+    assert "matches no variant" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import pytest
 from jaxinfer.attention import AttentionMetadata, init_dense_cache
 from jaxinfer.model_config import ModelConfig, RopeScaling
 from jaxinfer.models.causal_lm import ATTENTION_CLASSES, CausalLM
+from jaxinfer.models.layers import Rotary
 from jaxinfer.models.llama import DecoderLayer
 from jaxinfer.speculative.eagle_dense import eagle_forward_dense
 from jaxinfer.speculative.eagle_head import (
@@ -144,7 +145,7 @@ def test_layer_params_are_the_target_decoder_layer(name):
                            num_seqs=jnp.array([1], jnp.int32), slot_mapping=jnp.arange(t, dtype=jnp.int32),
                            max_q_len=t)
     layer = DecoderLayer(lc, ATTENTION_CLASSES[lc.architecture])
-    ref, _ = layer.apply({"params": params["layer"]}, x, positions[0], cache, md, jnp.asarray(lc.inv_freq()))
+    ref, _ = layer.apply({"params": params["layer"]}, x, Rotary.at(positions[0], lc.inv_freq()), cache, md)
     np.testing.assert_allclose(np.asarray(f[0]), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
 
 
