@@ -43,7 +43,7 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[li
 
 
 def run_jaxinfer(prompts, output_len: int, args, dtype: str, kv_cache_dtype: str, quantization: str | None = None,
-                 int8_activations: str = "auto") -> dict:
+                 int8_activations: str = "off") -> dict:
     from jaxinfer import LLM, SamplingParams
     from pallas_kernels.backend import default_impl
 
@@ -142,10 +142,11 @@ def main() -> None:
                     help="jaxinfer weights / activations (auto: bfloat16 on a CPU with bf16 instructions, "
                          "else float32)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="jaxinfer KV pages (auto: see jaxinfer.config)")
-    ap.add_argument("--jaxinfer-settings", nargs="+", default=None, metavar="DTYPE/KV[/gguf][/noint8]",
+    ap.add_argument("--jaxinfer-settings", nargs="+", default=None, metavar="DTYPE/KV[/gguf][/int8]",
                     help="several jaxinfer runs in this run, e.g. float32/auto auto/auto auto/auto/gguf (result keys "
-                         "jaxinfer_DTYPE_KV[_gguf][_noint8]; /gguf keeps the GGUF's quantized weights, /noint8 sets "
-                         "int8_activations='off'; default: one run of --dtype / --kv-cache-dtype, key jaxinfer)")
+                         "jaxinfer_DTYPE_KV[_gguf][_int8]; /gguf keeps the GGUF's quantized weights, /int8 sets "
+                         "int8_activations='auto' (the int8 dot); default: one run of --dtype / --kv-cache-dtype, "
+                         "key jaxinfer)")
     ap.add_argument("--tag", default="", help="suffix of the result file name (keeps runs apart)")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--hf-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
@@ -166,12 +167,12 @@ def main() -> None:
               "machine": machine_info(), "results": {}, "ratios": {}}
     path = result_path("throughput" + (f"-{args.tag}" if args.tag else ""))
     settings = [x.split("/") for x in args.jaxinfer_settings or [f"{args.dtype}/{args.kv_cache_dtype}"]]
-    if any(len(x) < 2 or not set(x[2:]) <= {"gguf", "noint8"} for x in settings):
-        ap.error("--jaxinfer-settings takes DTYPE/KV with optional /gguf and /noint8, e.g. float32/auto")
+    if any(len(x) < 2 or not set(x[2:]) <= {"gguf", "int8"} for x in settings):
+        ap.error("--jaxinfer-settings takes DTYPE/KV with optional /gguf and /int8, e.g. float32/auto")
     ours = ["jaxinfer"] if len(settings) == 1 else ["_".join(["jaxinfer", *x]) for x in settings]
     runs = [(name, lambda x=x: run_jaxinfer(prompts, args.output_len, args, x[0], x[1],
                                             "gguf" if "gguf" in x[2:] else None,
-                                            "off" if "noint8" in x[2:] else "auto"))
+                                            "auto" if "int8" in x[2:] else "off"))
             for name, x in zip(ours, settings)]
     if not args.skip_hf:
         runs += [(f"hf_transformers_{dtype}",
