@@ -43,19 +43,25 @@ SERVE_ARGS = [
 pytestmark = pytest.mark.slow
 
 
-def _wait_ready(procs, err_log, timeout=START_TIMEOUT_S) -> tuple[str, str]:
-    """The HTTP URL and gRPC target process 0 announces once it listens."""
+def _wait_log(procs, err_log, *patterns, timeout=START_TIMEOUT_S) -> list[re.Match]:
+    """The first match of each regex in ``err_log`` once all have appeared (the processes log as they go)."""
     deadline = time.monotonic() + timeout
     while True:
         text = read(err_log)
-        http = re.search(r"OpenAI-compatible API on (\S+)/v1", text)
-        grpc_target = re.search(r"gRPC on (\S+)", text)
-        if http and grpc_target:
-            return http.group(1), grpc_target.group(1)
+        found = [re.search(pat, text) for pat in patterns]
+        if all(found):
+            return found
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             kill_all(procs)
-            pytest.fail(f"the server did not start; stderr tail:\n{text[-3000:]}")
+            pytest.fail(f"{err_log.name} never showed {patterns}; stderr tail:\n{text[-3000:]}")
         time.sleep(0.2)
+
+
+def _wait_ready(procs, err_log, timeout=START_TIMEOUT_S) -> tuple[str, str]:
+    """The HTTP URL and gRPC target process 0 announces once it listens."""
+    http, grpc_target = _wait_log(procs, err_log, r"OpenAI-compatible API on (\S+)/v1", r"gRPC on (\S+)",
+                                  timeout=timeout)
+    return http.group(1), grpc_target.group(1)
 
 
 def _grpc_text(target: str, text: str, max_tokens: int) -> str:
@@ -148,7 +154,8 @@ def test_two_processes_serve_like_one(model_and_reference, tmp_path):
     )
     try:
         url, target = _wait_ready(procs, tmp_path / "p0.err")
-        assert "following process 0's engine" in read(tmp_path / "p1.err")
+        # process 0 may listen before process 1 has logged that it follows: wait for the line, do not race it
+        _wait_log(procs, tmp_path / "p1.err", re.escape("following process 0's engine"))
         answers = asyncio.run(_workload(url, target))
         procs[0].send_signal(signal.SIGINT)  # graceful stop: process 0 tells process 1 to stop
         for i, p in enumerate(procs):
