@@ -76,8 +76,13 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """``silu(gate) * up``."""
-    return jax.nn.silu(gate) * up
+    """``silu(gate) * up`` with PyTorch's roundings: ``silu`` evaluated in float32 and rounded once to the
+    inputs' dtype, then the product rounded (16-bit inputs; ``jax.nn.silu`` on bf16 would round after each
+    of its negate / exp / add / divide / multiply)."""
+    if jnp.dtype(gate.dtype).itemsize >= 4:
+        return jax.nn.silu(gate) * up
+    g = gate.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g)).astype(gate.dtype) * up
 
 
 def weight_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype):
