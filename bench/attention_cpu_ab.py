@@ -7,10 +7,10 @@ shared). Each case reports the minimum and the median of ``--iters`` calls per k
 of the minima, attention GFLOP/s (``4 * Hq * D * visible (query, key) pairs``) and the largest
 difference between the two outputs. Shapes are the default engine's on a CPU (SmolLM2-135M heads:
 9 q, 3 KV, head_dim 64; pages of 16; bf16 queries): a 512-token prefill step as 1, 2 or 8
-sequences with 400-512 tokens of context, and a 64-row decode step with 64-512 tokens of context;
-bf16 and int8 pages.
+sequences with 400-512 tokens of context, and decode steps of 64 or 32 rows with 64-512 or 64-640
+tokens of context; bf16 and int8 pages (``--pages``, ``--cases`` and ``--heads`` pick others).
 
-Usage: ``python bench/attention_cpu_ab.py [--rev main] [--heads 9,3,64] [--iters 15]``; writes
+Usage: ``python bench/attention_cpu_ab.py [--rev main] [--heads 9,3,64] [--iters 15] [--cases decode]``; writes
 ``bench/results/attention_cpu_ab-<date>-<machine>.json``.
 """
 
@@ -76,6 +76,8 @@ def cases(rng: np.random.Generator) -> dict[str, list[tuple[int, int]]]:
         "prefill_2x256_ctx480-500": [(256, 480), (256, 500)],
         "prefill_8x64_ctx400-512": [(64, 400 + 16 * i) for i in range(8)],
         "decode_64_ctx64-512": [(1, int(c)) for c in rng.integers(64, 513, 64)],
+        "decode_64_ctx64-640": [(1, int(c)) for c in rng.integers(64, 641, 64)],
+        "decode_32_ctx64-640": [(1, int(c)) for c in rng.integers(64, 641, 32)],
     }
 
 
@@ -84,6 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--rev", default="main", help="git revision of the baseline kernel")
     p.add_argument("--heads", default="9,3,64", help="num_q_heads,num_kv_heads,head_dim")
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--cases", default="", help="only cases whose name contains this (e.g. decode)")
+    p.add_argument("--pages", default="bfloat16,int8", help="KV page dtypes (bfloat16, int8, float8_e4m3fn)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     heads = tuple(int(x) for x in a.heads.split(","))
@@ -96,8 +100,11 @@ def main(argv=None) -> int:
                          check=True).stdout.strip()
     load_before = os.getloadavg()
     rows = []
-    for kv_quant in (None, "int8"):
+    for pages in a.pages.split(","):
+        kv_quant = None if pages == "bfloat16" else pages
         for name, lengths in cases(np.random.default_rng(0)).items():
+            if a.cases not in name:
+                continue
             args = make_inputs(jax.random.key(0), lengths, heads, jnp.bfloat16,
                                None if kv_quant is None else jnp.dtype(kv_quant))
             outs = [np.asarray(f(*args).astype(jnp.float32)) for f in (base, new)]
