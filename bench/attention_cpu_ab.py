@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--heads", default="9,3,64", help="num_q_heads,num_kv_heads,head_dim")
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--cases", default="", help="only cases whose name contains this (e.g. decode)")
+    p.add_argument("--caches", type=int, default=1,
+                   help="inputs with this many caches called in turn, so that with several the cache is not "
+                        "sitting in L3 (as in a model with many layers); the two kernels read different ones")
     p.add_argument("--pages", default="bfloat16,int8", help="KV page dtypes (bfloat16, int8, float8_e4m3fn)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -105,12 +108,13 @@ def main(argv=None) -> int:
         for name, lengths in cases(np.random.default_rng(0)).items():
             if a.cases not in name:
                 continue
-            args = make_inputs(jax.random.key(0), lengths, heads, jnp.bfloat16,
-                               None if kv_quant is None else jnp.dtype(kv_quant))
-            outs = [np.asarray(f(*args).astype(jnp.float32)) for f in (base, new)]
+            inputs = [make_inputs(jax.random.key(i), lengths, heads, jnp.bfloat16,
+                                  None if kv_quant is None else jnp.dtype(kv_quant)) for i in range(a.caches)]
+            outs = [np.asarray(f(*inputs[0]).astype(jnp.float32)) for f in (base, new)]
             times: list[list[float]] = [[], []]
-            for _ in range(a.iters):
-                for f, ts in zip((base, new), times, strict=True):
+            for i in range(a.iters):
+                for k, (f, ts) in enumerate(zip((base, new), times, strict=True)):
+                    args = inputs[(i + k * (a.caches // 2)) % a.caches]
                     t0 = time.perf_counter()
                     jax.block_until_ready(f(*args))
                     ts.append(time.perf_counter() - t0)
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(benchmark="attention_cpu_ab", baseline_rev=rev, **machine_info(),
                                    heads=dict(zip(("num_q_heads", "num_kv_heads", "head_dim"), heads, strict=True)),
-                                   page_size=16, q_dtype="bfloat16", iters=a.iters,
+                                   page_size=16, q_dtype="bfloat16", iters=a.iters, caches=a.caches,
                                    load_average_1_5_15={"before": load_before, "after": os.getloadavg()},
                                    note="shared 2-core machine: compare the two kernels within this run only",
                                    results=rows), indent=1))

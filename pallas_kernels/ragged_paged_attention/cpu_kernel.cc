@@ -11,10 +11,11 @@
 // (and j > position - sliding_window when sliding_window > 0).
 //
 // Work is split into items spread over XLA's intra-op thread pool, longest first:
-// - rows (decode, short chunks): (sequence, block of up to kRowBlock query rows, one KV head) with
-//   all of that head's query vectors. With head_dim 64, 128 or 256 and up to 16 query vectors the
-//   decode path runs them (cpu_decode.h: each key / value row widened once, in registers, for every
-//   query vector); otherwise a flash-style online softmax over blocks of kKeyBlock keys read
+// - rows (decode, short chunks): (sequence, block of up to kRowBlock query rows, and all KV heads, or
+//   one when there are too few items to keep the pool busy) with all their query vectors. With
+//   head_dim 64, 128 or 256 and up to 16 query vectors per KV head the decode path runs them
+//   (cpu_decode.h: each key / value row widened once, in registers, for every query vector of its
+//   head); otherwise a flash-style online softmax over blocks of kKeyBlock keys read
 //   straight from the pages (dequantized into float32 tiles; RunItem below);
 // - blocked (prefill: q_len * group >= kMinBlockLanes): (sequence, block of rows, one KV head), with
 //   all of its query vectors sharing each key / value tile (cpu_blocked.h).
@@ -361,8 +362,9 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   const int64_t n_seqs = std::min<int64_t>(std::max<int32_t>(num_seqs.typed_data()[0], 0), s_max);
   const int64_t max_kv = p.pages_per_seq * p.page_size;
   // Sequences with many query lanes per KV head (q_len * group >= kMinBlockLanes: prefill) take the
-  // blocked path, one item per (sequence, block of rows, KV head); the rest one item per (sequence,
-  // block of kRowBlock rows, KV head), which keeps the pool busy at a few dozen decode rows.
+  // blocked path, one item per (sequence, block of rows, KV head). The rest are units (sequence,
+  // block of kRowBlock rows): with enough work items for the pool, an item takes all KV heads of a
+  // unit (a token's rows for all heads are adjacent in a page); otherwise one head each.
   const int64_t g = p.hq / p.hkv;
   const int64_t block_rows = std::max<int64_t>(kLanes * kBlockVecs / g, 1);
   std::vector<Item> units, blocked;
@@ -388,13 +390,17 @@ ffi::Error RaggedPagedAttentionCpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::
   }
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   std::vector<Item> items = std::move(blocked);
-  for (const Item& u : units) {
-    for (int64_t h = 0; h < p.hkv; ++h) {
-      Item it = u;
-      it.head0 = h;
-      it.head1 = h + 1;
-      it.cost = u.cost / p.hkv;
-      items.push_back(it);
+  if (static_cast<int64_t>(units.size() + items.size()) >= 8 * threads) {
+    items.insert(items.end(), units.begin(), units.end());
+  } else {
+    for (const Item& u : units) {
+      for (int64_t h = 0; h < p.hkv; ++h) {
+        Item it = u;
+        it.head0 = h;
+        it.head1 = h + 1;
+        it.cost = u.cost / p.hkv;
+        items.push_back(it);
+      }
     }
   }
   if (items.empty()) return ffi::Error::Success();
