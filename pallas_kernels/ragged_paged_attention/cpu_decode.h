@@ -88,13 +88,23 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
     vs[j] = kScaled ? p.v_scale[rows[j] + hh] : 1.0f;
   }
   for (int64_t j = nk; j < kKeyBlock; ++j) ks[j] = vs[j] = 0.0f;
+  // The block's raw rows first, copied with independent loads so that their cache misses overlap
+  // (the products below would otherwise wait on one row at a time).
+  constexpr size_t kRowBytes = d * (kT == KvType::kF32 ? 4 : kT == KvType::kBf16 ? 2 : 1);
+  alignas(64) char kraw[kKeyBlock][kRowBytes], vraw[kKeyBlock][kRowBytes];
+  for (int64_t j = 0; j < nk; ++j) {
+    std::memcpy(kraw[j], static_cast<const char*>(p.k) + (rows[j] + hh) * kRowBytes, kRowBytes);
+    std::memcpy(vraw[j], static_cast<const char*>(p.v) + (rows[j] + hh) * kRowBytes, kRowBytes);
+  }
+  const void* kbase = kraw;
+  const void* vbase = vraw;
 
   // Q K^T: one key row in registers at a time, used by every query.
   for (int64_t j = 0; j < nk; ++j) {
-    const int64_t off = (rows[j] + hh) * d;
+    const int64_t off = j * d;
     if constexpr (kDot) {
       VU kr[kW];
-      for (int c = 0; c < kW; ++c) std::memcpy(&kr[c], static_cast<const uint16_t*>(p.k) + off + c * 2 * kLanes, sizeof(VU));
+      for (int c = 0; c < kW; ++c) std::memcpy(&kr[c], static_cast<const uint16_t*>(kbase) + off + c * 2 * kLanes, sizeof(VU));
       for (int m = 0; m < kNQ; ++m) {
         VF a0 = DotBf16(VF{}, kr[0], st.qw[m][0]), a1{};
         for (int c = 1; c < kW; ++c) {
@@ -108,7 +118,7 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
       }
     } else {
       VF kr[kNV];
-      for (int c = 0; c < kNV; ++c) kr[c] = Widen<kT>(p.k, off + c * kLanes);
+      for (int c = 0; c < kNV; ++c) kr[c] = Widen<kT>(kbase, off + c * kLanes);
       for (int m = 0; m < kNQ; ++m) {
         VF a0 = st.qf[m][0] * kr[0], a1 = st.qf[m][1] * kr[1];
         for (int c = 2; c < kNV; c += 2) {
@@ -155,9 +165,9 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
       for (int cc = 0; cc < kC; ++cc) o[m][cc] = st.acc[m][c0 + cc] * alpha[m];
     }
     for (int64_t j = 0; j < nk; ++j) {
-      const int64_t off = (rows[j] + hh) * d + c0 * kLanes;
+      const int64_t off = j * d + c0 * kLanes;
       VF vr[kC];
-      for (int cc = 0; cc < kC; ++cc) vr[cc] = Widen<kT>(p.v, off + cc * kLanes);
+      for (int cc = 0; cc < kC; ++cc) vr[cc] = Widen<kT>(vbase, off + cc * kLanes);
       for (int m = 0; m < kNQ; ++m) {
         const VF wm = Splat(w[m][j]);
         for (int cc = 0; cc < kC; ++cc) o[m][cc] += wm * vr[cc];
@@ -249,7 +259,7 @@ void RunDecodeItem(const Params& p, const Item& it) {
   };
   // Pages are scattered, so the hardware prefetcher cannot see the next blocks coming: each block
   // prefetches the one kAhead blocks on (its key / value rows and scales).
-  constexpr int kAhead = 2;
+  constexpr int kAhead = 1;
   auto prefetch_block = [&](int64_t k0) {
     int64_t next[kKeyBlock];
     const int64_t n = std::min<int64_t>(kKeyBlock, hi - k0);
