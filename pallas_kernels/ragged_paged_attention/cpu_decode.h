@@ -259,7 +259,7 @@ void RunDecodeItem(const Params& p, const Item& it) {
   };
   // Pages are scattered, so the hardware prefetcher cannot see the next blocks coming: each block
   // prefetches the one kAhead blocks on (its key / value rows and scales).
-  constexpr int kAhead = 1;
+  constexpr int kAhead = 2;
   auto prefetch_block = [&](int64_t k0) {
     int64_t next[kKeyBlock];
     const int64_t n = std::min<int64_t>(kKeyBlock, hi - k0);
