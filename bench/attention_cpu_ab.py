@@ -9,6 +9,8 @@ difference between the two outputs. Shapes are the default engine's on a CPU (Sm
 9 q, 3 KV, head_dim 64; pages of 16; bf16 queries): a 512-token prefill step as 1, 2 or 8
 sequences with 400-512 tokens of context, and decode steps of 64 or 32 rows with 64-512 or 64-640
 tokens of context; bf16 and int8 pages (``--pages``, ``--cases`` and ``--heads`` pick others).
+``--caches N`` calls N input sets in turn (the two kernels on different ones), so that the KV cache is
+read from DRAM rather than L3, as in a model with many layers.
 
 Usage: ``python bench/attention_cpu_ab.py [--rev main] [--heads 9,3,64] [--iters 15] [--cases decode]``; writes
 ``bench/results/attention_cpu_ab-<date>-<machine>.json``.
