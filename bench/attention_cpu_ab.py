@@ -7,10 +7,12 @@ shared). Each case reports the minimum and the median of ``--iters`` calls per k
 of the minima, attention GFLOP/s (``4 * Hq * D * visible (query, key) pairs``) and the largest
 difference between the two outputs. Shapes are the default engine's on a CPU (SmolLM2-135M heads:
 9 q, 3 KV, head_dim 64; pages of 16; bf16 queries): a 512-token prefill step as 1, 2 or 8
-sequences with 400-512 tokens of context, and a 64-row decode step with 64-512 tokens of context;
-bf16 and int8 pages.
+sequences with 400-512 tokens of context, and decode steps of 64 or 32 rows with 64-512 or 64-640
+tokens of context; bf16 and int8 pages (``--pages``, ``--cases`` and ``--heads`` pick others).
+``--caches N`` calls N input sets in turn (the two kernels on different ones), so that the KV cache is
+read from DRAM rather than L3, as in a model with many layers.
 
-Usage: ``python bench/attention_cpu_ab.py [--rev main] [--heads 9,3,64] [--iters 15]``; writes
+Usage: ``python bench/attention_cpu_ab.py [--rev main] [--heads 9,3,64] [--iters 15] [--cases decode]``; writes
 ``bench/results/attention_cpu_ab-<date>-<machine>.json``.
 """
 
@@ -76,6 +78,8 @@ def cases(rng: np.random.Generator) -> dict[str, list[tuple[int, int]]]:
         "prefill_2x256_ctx480-500": [(256, 480), (256, 500)],
         "prefill_8x64_ctx400-512": [(64, 400 + 16 * i) for i in range(8)],
         "decode_64_ctx64-512": [(1, int(c)) for c in rng.integers(64, 513, 64)],
+        "decode_64_ctx64-640": [(1, int(c)) for c in rng.integers(64, 641, 64)],
+        "decode_32_ctx64-640": [(1, int(c)) for c in rng.integers(64, 641, 32)],
     }
 
 
@@ -84,6 +88,11 @@ def main(argv=None) -> int:
     p.add_argument("--rev", default="main", help="git revision of the baseline kernel")
     p.add_argument("--heads", default="9,3,64", help="num_q_heads,num_kv_heads,head_dim")
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--cases", default="", help="only cases whose name contains this (e.g. decode)")
+    p.add_argument("--caches", type=int, default=1,
+                   help="inputs with this many caches called in turn, so that with several the cache is not "
+                        "sitting in L3 (as in a model with many layers); the two kernels read different ones")
+    p.add_argument("--pages", default="bfloat16,int8", help="KV page dtypes (bfloat16, int8, float8_e4m3fn)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     heads = tuple(int(x) for x in a.heads.split(","))
@@ -96,14 +105,18 @@ def main(argv=None) -> int:
                          check=True).stdout.strip()
     load_before = os.getloadavg()
     rows = []
-    for kv_quant in (None, "int8"):
+    for pages in a.pages.split(","):
+        kv_quant = None if pages == "bfloat16" else pages
         for name, lengths in cases(np.random.default_rng(0)).items():
-            args = make_inputs(jax.random.key(0), lengths, heads, jnp.bfloat16,
-                               None if kv_quant is None else jnp.dtype(kv_quant))
-            outs = [np.asarray(f(*args).astype(jnp.float32)) for f in (base, new)]
+            if a.cases not in name:
+                continue
+            inputs = [make_inputs(jax.random.key(i), lengths, heads, jnp.bfloat16,
+                                  None if kv_quant is None else jnp.dtype(kv_quant)) for i in range(a.caches)]
+            outs = [np.asarray(f(*inputs[0]).astype(jnp.float32)) for f in (base, new)]
             times: list[list[float]] = [[], []]
-            for _ in range(a.iters):
-                for f, ts in zip((base, new), times, strict=True):
+            for i in range(a.iters):
+                for k, (f, ts) in enumerate(zip((base, new), times, strict=True)):
+                    args = inputs[(i + k * (a.caches // 2)) % a.caches]
                     t0 = time.perf_counter()
                     jax.block_until_ready(f(*args))
                     ts.append(time.perf_counter() - t0)
@@ -122,7 +135,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(benchmark="attention_cpu_ab", baseline_rev=rev, **machine_info(),
                                    heads=dict(zip(("num_q_heads", "num_kv_heads", "head_dim"), heads, strict=True)),
-                                   page_size=16, q_dtype="bfloat16", iters=a.iters,
+                                   page_size=16, q_dtype="bfloat16", iters=a.iters, caches=a.caches,
                                    load_average_1_5_15={"before": load_before, "after": os.getloadavg()},
                                    note="shared 2-core machine: compare the two kernels within this run only",
                                    results=rows), indent=1))

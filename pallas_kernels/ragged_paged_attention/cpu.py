@@ -4,11 +4,12 @@ XLA:CPU runs the pure-jnp path (:mod:`.reference`) by gathering pages into float
 16-bit or 8-bit cache it converts far more of the cache than a step reads. The C++ kernel reads each
 sequence's pages in place, dequantizes one block of keys at a time into float32 tiles and runs an
 online softmax over them, spread over XLA's intra-op thread pool (see the comment at the top of
-``cpu_kernel.cc``). Decode rows take a row path; prefill rows (``q_len * group >= 16``) a blocked path
-(``cpu_blocked.h``) where all query heads of a KV head over a block of rows share each tile, with
-register-blocked products and, for bfloat16 queries on a 16- or 8-bit cache where the CPU has
-AVX512-BF16, bf16 dot products with float32 accumulation (the softmax weights are rounded to bfloat16
-before P @ V; everything else is exact or float32).
+``cpu_kernel.cc``). Decode rows take a decode path (``cpu_decode.h``: each key / value row widened
+once in registers for all query heads of its KV head; bf16 dot products for Q K^T on a bf16 cache);
+prefill rows (``q_len * group >= 16``) a blocked path (``cpu_blocked.h``) where all query heads of a KV
+head over a block of rows share each tile, with register-blocked products and, for bfloat16 queries on a
+16- or 8-bit cache where the CPU has AVX512-BF16, bf16 dot products with float32 accumulation (the
+softmax weights are rounded to bfloat16 before P @ V; everything else is exact or float32).
 
 The kernel is compiled on first use with the system C++ compiler and cached
 (:mod:`pallas_kernels.cpu_build`, shared with the quantized-matmul kernel).

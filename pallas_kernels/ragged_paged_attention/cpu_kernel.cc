@@ -12,8 +12,11 @@
 //
 // Work is split into items spread over XLA's intra-op thread pool, longest first:
 // - rows (decode, short chunks): (sequence, block of up to kRowBlock query rows, and all KV heads, or
-//   one when there are too few items to keep the pool busy), a flash-style online softmax over
-//   blocks of kKeyBlock keys read straight from the pages (dequantized into float32 tiles);
+//   one when there are too few items to keep the pool busy) with all their query vectors. With
+//   head_dim 64, 128 or 256 and up to 16 query vectors per KV head the decode path runs them
+//   (cpu_decode.h: each key / value row widened once, in registers, for every query vector of its
+//   head); otherwise a flash-style online softmax over blocks of kKeyBlock keys read
+//   straight from the pages (dequantized into float32 tiles; RunItem below);
 // - blocked (prefill: q_len * group >= kMinBlockLanes): (sequence, block of rows, one KV head), with
 //   all of its query vectors sharing each key / value tile (cpu_blocked.h).
 // Nothing the size of the cache is ever copied. Metadata is clamped so that bad indices can never
@@ -28,6 +31,7 @@
 
 #include "cpu_attention_common.h"
 #include "cpu_blocked.h"
+#include "cpu_decode.h"
 #include "cpu_parallel.h"
 #include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
@@ -68,26 +72,6 @@ inline float HorizontalSum(VF x) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += x[i];
   return s;
-}
-
-// Lane j of the result is the sum of the lanes of p[j] (16 vectors in, one out): a transposing
-// reduction tree, 15 pairs of shuffles instead of 16 separate horizontal sums.
-inline VF TransposeSum(const VF* p) {
-  VF c[8], d[4], e[2];
-  for (int i = 0; i < 8; ++i) {
-    c[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           SHUFFLE(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  }
-  for (int i = 0; i < 4; ++i) {
-    d[i] = SHUFFLE(c[2 * i], c[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           SHUFFLE(c[2 * i], c[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  }
-  for (int i = 0; i < 2; ++i) {
-    e[i] = SHUFFLE(d[2 * i], d[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           SHUFFLE(d[2 * i], d[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  }
-  return SHUFFLE(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         SHUFFLE(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 // Query slot q = (row * nh + kv head) * g + group member; its KV head is (q / g) % nh.
@@ -297,6 +281,7 @@ void RunItemAny(const Params& p, const Item& it) {
 
 
 void RunAny(const Params& p, const Item& it) {
+  if (DecodeFits(p, it)) return RunDecode(p, it);
   if (!it.blocked) return RunItemAny(p, it);
   const bool bf16 = kHaveBf16Dot && p.q_bf16 && p.kv_type != KvType::kF32 && p.d % 2 == 0;
   return bf16 ? RunBlocked<true>(p, it) : RunBlocked<false>(p, it);
