@@ -51,13 +51,14 @@ tokens) still get relaid out.
 from __future__ import annotations
 
 import enum
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.backend import ATTENTION_IMPLS, check_impl, default_impl
+from pallas_kernels.backend import ATTENTION_IMPLS, check_impl, default_impl, needs_interpret
 from pallas_kernels.ragged_paged_attention import kv_quant
 
 TPU_LANES = 128
@@ -246,8 +247,9 @@ def check_cache(kv: KVPages) -> None:
         raise ValueError(f"page_size must be a power of two, got {kv.page_size}")
 
 
-@jax.jit
-def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.Array) -> KVPages:
+@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
+def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.Array, *,
+             impl: str | None = None, interpret: bool | None = None) -> KVPages:
     """Scatter this step's keys and values into the cache.
 
     Args:
@@ -257,6 +259,11 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
       slot_mapping: ``i32[T]``; token ``t`` goes to page ``slot // page_size``, offset
         ``slot % page_size``. A negative slot marks a padding token: nothing is written for it.
         Slots must be unique among non-negative entries.
+      impl: the attention implementation that reads the cache (``None``: the backend's default). With
+        ``"pallas_tpu"`` the scale rows of a quantized head-major / fused cache are written by a Pallas
+        kernel in place in HBM (:mod:`.tpu_scales`: an XLA scatter lets the TPU compiler stage the whole
+        scale arrays in VMEM); everything else is an XLA scatter.
+      interpret: Pallas interpret mode for that kernel (``None``: interpret off a TPU).
 
     Returns:
       The updated ``KVPages`` (same layout).
@@ -302,9 +309,20 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
     else:
         out = kv._replace(k=scatter(kv.k, k_new), v=scatter(kv.v, v_new))
     if scales is not None:
+        kernel = None
+        if kv.layout.head_major:
+            impl = check_impl(impl, ATTENTION_IMPLS) if impl is not None else default_impl(attention=True)
+            from pallas_kernels.ragged_paged_attention import tpu_scales
+
+            if impl == "pallas_tpu" and tpu_scales.supported(kv.k_scale.shape[1]):
+                kernel = functools.partial(tpu_scales.write_scale_rows,
+                                           interpret=needs_interpret("pallas_tpu", interpret))
+
         def scatter_scales(cache, new):  # new [T, Hkv]
             if kv.layout.head_major:  # [P, Hkv * ps] rows: token t of head h at lane h * ps + t
                 lanes = jnp.arange(hkv, dtype=jnp.int32)[None, :] * ps + offset[:, None]
+                if kernel is not None:
+                    return kernel(cache, page, lanes, new)
                 return cache.at[page[:, None], lanes].set(new, mode="drop", unique_indices=True)
             return cache.at[page, offset].set(new, mode="drop", unique_indices=True)
 

@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged_paged_attention import tuning
+from pallas_kernels.ragged_paged_attention import tpu_scales, tuning
 from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages
 
 LANES = 128
@@ -333,7 +333,12 @@ def ragged_paged_attention_tpu(
         # of it every step for the few pages the kernel reads. (Not the scale rows: a row narrower than 128
         # lanes is laid out pages-minor, and pinning it to HBM turns the kernel's relayout into an HBM copy.)
         caches = tuple(pltpu.with_memory_space_constraint(c, pltpu.HBM) for c in caches)
-    caches += (kv.k_scale, kv.v_scale) if quantized else ()
+    scales = (kv.k_scale, kv.v_scale) if quantized else ()
+    if not interpret and quantized and tpu_scales.supported(kv.k_scale.shape[1]):
+        # Rows of a multiple of 128 lanes are laid out row-major; pinned like the pages, and written in place
+        # by tpu_scales (an XLA scatter into them had the compiler stage the whole arrays in VMEM).
+        scales = tuple(pltpu.with_memory_space_constraint(c, pltpu.HBM) for c in scales)
+    caches += scales
     itemsize = jnp.dtype(kv.k.dtype).itemsize
     vmem_bytes = ((2 if fused else 4) * hkv * nb * ps * dp * itemsize  # K/V double buffers
                   + 4 * hkv * rows * dp * q.dtype.itemsize  # q / out blocks, double-buffered
