@@ -85,16 +85,20 @@ def test_tpu_scale_row_write_equals_the_scatter(layout, ps, hkv):
 
 
 @pytest.mark.parametrize("qdtype", [jnp.int8, jnp.float8_e4m3fn])
-@pytest.mark.parametrize("impl,layout", [
-    ("xla", "token_major"), ("xla", "head_major_fused"), ("pallas_tpu", "head_major"),
-    ("pallas_tpu", "head_major_fused"), ("pallas_gpu", "token_major"),
-    pytest.param("cpu", "token_major", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("impl,layout,group", [
+    ("xla", "token_major", 1), ("xla", "head_major_fused", 1), ("xla", "head_major_fused", 8),
+    ("pallas_tpu", "head_major", 1), ("pallas_tpu", "head_major_fused", 1), ("pallas_tpu", "head_major", 8),
+    ("pallas_tpu", "head_major_fused", 8), ("pallas_gpu", "token_major", 1),
+    pytest.param("cpu", "token_major", 1, marks=pytest.mark.skipif(
         not cpu.available(), reason="no C++ compiler: the CPU kernel cannot be built"))])
-def test_attention_on_quantized_cache(impl, layout, qdtype):
+def test_attention_on_quantized_cache(impl, layout, group, qdtype):
+    """``group``: pages per head-major scale row (8: 3 heads x 16 tokens x 8 = 384 lanes, written by the
+    TPU scale-row kernel when ``impl="pallas_tpu"``, and each page's scales picked out of its row)."""
     geo = GEO_A
     rng = np.random.default_rng(9)
     batch = make_batch(rng, geo, draw_lengths(rng, geo, "mixed"))
-    kv, k_tok, v_tok = quantized_cache(batch, geo, qdtype, layout)
+    kv, k_tok, v_tok = quantized_cache(batch, geo, qdtype, layout, group, impl=impl if impl == "pallas_tpu" else None)
+    assert kv.scale_pages_per_row == group
     out = ragged_paged_attention(jnp.asarray(batch.q, jnp.float32), kv, jnp.asarray(batch.kv_lens),
                                  jnp.asarray(batch.page_indices), jnp.asarray(batch.cu_q_lens),
                                  jnp.asarray(batch.num_seqs), sm_scale=SM_SCALE, impl=impl)
