@@ -348,13 +348,14 @@ def ragged_paged_attention_tpu(
     if not interpret:
         # The pages stay in HBM: left to the compiler, it may stage a layer's whole cache in VMEM around the
         # cache write when it fits (an int8 layer's 32 MiB per v5e chip under TP 8), i.e. read and write all
-        # of it every step for the few pages the kernel reads. (Not the scale rows: a row narrower than 128
-        # lanes is laid out pages-minor, and pinning it to HBM turns the kernel's relayout into an HBM copy.)
+        # of it every step for the few pages the kernel reads.
         caches = tuple(pltpu.with_memory_space_constraint(c, pltpu.HBM) for c in caches)
     scales = (kv.k_scale, kv.v_scale) if quantized else ()
     if not interpret and quantized and tpu_scales.supported(kv.k_scale.shape[1]):
         # Rows of a multiple of 128 lanes are laid out row-major; pinned like the pages, and written in place
-        # by tpu_scales (an XLA scatter into them had the compiler stage the whole arrays in VMEM).
+        # by tpu_scales (an XLA scatter into them had the compiler stage the whole arrays in VMEM). A narrower
+        # row (scale_pages_per_row 1 with fewer than 128 lanes per device) stays unpinned: it is laid out
+        # pages-minor, and pinning it turns the kernel's relayout into an HBM copy.
         scales = tuple(pltpu.with_memory_space_constraint(c, pltpu.HBM) for c in scales)
     caches += scales
     itemsize = jnp.dtype(kv.k.dtype).itemsize
