@@ -115,6 +115,7 @@ class Linear(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     kernels: Kernels | None = None  # the runner's kernel choice (its matmul kernel runs QArray weights)
     plan: ShardingPlan | None = None  # set on a multi-device plan: compiled kernels then run per shard
+    out_dtype: jnp.dtype | None = None  # result dtype (None: the input's); float32 for the LM head's logits
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,7 +125,8 @@ class Linear(nn.Module):
         if self.use_bias:
             binit = nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],))
             bias = self.param("bias", binit, (self.features,), self.param_dtype)
-        return linear(x, kernel, bias, plan=self.plan, axes=self.axes, **matmul_options(self.kernels))
+        return linear(x, kernel, bias, plan=self.plan, axes=self.axes, out_dtype=self.out_dtype,
+                      **matmul_options(self.kernels))
 
 
 class RMSNorm(nn.Module):

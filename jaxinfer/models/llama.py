@@ -154,9 +154,9 @@ def _lm_head(module: nn.Module, x: jax.Array, embedding) -> jax.Array:
     c = module.config
     x = RMSNorm(c.rms_norm_eps, param_dtype=module.dtype, name="norm")(x)
     if c.tie_word_embeddings:
-        return unembed(x, embedding, **matmul_options(module.kernels)).astype(jnp.float32)
+        return unembed(x, embedding, **matmul_options(module.kernels))
     return Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", param_dtype=module.dtype,
-                  kernels=module.kernels, plan=module.plan)(x).astype(jnp.float32)
+                  kernels=module.kernels, plan=module.plan, out_dtype=jnp.float32)(x)
 
 
 class LMHead(nn.Module):

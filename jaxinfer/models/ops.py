@@ -17,7 +17,7 @@ _PALLAS = ("pallas_tpu", "pallas_gpu")
 
 def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *, impl: str | None = None,
            interpret: bool | None = None, plan: ShardingPlan | None = None, axes: tuple[str, str] | None = None,
-           int8_activations: bool = False):
+           int8_activations: bool = False, out_dtype=None):
     """``x @ w (+ bias)``, dispatching on the weight's type.
 
     Args:
@@ -31,15 +31,19 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
         (:func:`sharded_quantized_matmul`).
       int8_activations: QArray weights on the C++ CPU kernel (``impl="cpu"``) run its int8 dot path with
         activations quantized per 32-block (:func:`pallas_kernels.quantized_matmul.api.quantized_matmul`).
+      out_dtype: result dtype (default ``x.dtype``); float32 with 16-bit ``x`` keeps the float32
+        accumulation unrounded (the LM head's logits).
 
     Returns:
-      ``[..., N]`` in ``x.dtype``.
+      ``[..., N]`` in ``out_dtype``.
     """
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
     if isinstance(w, QArray):
         if plan is not None and axes is not None and plan.tp > 1 and impl in _PALLAS and not interpret:
-            y = sharded_quantized_matmul(x, w, plan, axes, impl=impl)
+            y = sharded_quantized_matmul(x, w, plan, axes, impl=impl, out_dtype=out_dtype)
         else:
-            y = quantized_matmul(x, w, impl=impl, interpret=interpret, int8_activations=int8_activations)
+            y = quantized_matmul(x, w, impl=impl, interpret=interpret, int8_activations=int8_activations,
+                                 out_dtype=out_dtype)
     else:
         if w.ndim != 2 or x.shape[-1] != w.shape[0]:
             raise ValueError(f"linear: x {x.shape} and w {w.shape} do not match as [..., K] @ [K, N]")
@@ -47,24 +51,24 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
         # the CPU this is the form XLA lowers to its bf16 matrix units (AMX / AVX512-BF16); a
         # bf16 -> bf16 dot there runs several times slower.
         acc = jnp.float32 if jnp.dtype(x.dtype).itemsize < 4 else None
-        y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=acc).astype(x.dtype)
+        y = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=acc).astype(out_dtype)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
 
 
 def sharded_quantized_matmul(x: jax.Array, w: QArray, plan: ShardingPlan, axes: tuple[str, str], *,
-                             impl: str, interpret: bool | None = None) -> jax.Array:
+                             impl: str, interpret: bool | None = None, out_dtype=None) -> jax.Array:
     """``x[..., K] @ w`` with the quantized-matmul kernel run once per shard of ``plan``'s mesh
     (:func:`pallas_kernels.quantized_matmul.sharded.quantized_matmul_sharded`): the weight's logical
     ``axes`` ``(K-name, N-name)`` say, through the plan's rules, whether it is split along N (column
     parallel) or K (row parallel, partial products summed); unsplit weights run unsharded."""
     k_axis, n_axis = logical_to_mesh_spec(axes, plan.rules)
     if k_axis is None and n_axis is None:
-        return quantized_matmul(x, w, impl=impl, interpret=interpret)
+        return quantized_matmul(x, w, impl=impl, interpret=interpret, out_dtype=out_dtype)
     split, axis = ("k", k_axis) if k_axis is not None else ("n", n_axis)
     y = quantized_matmul_sharded(x.reshape(-1, x.shape[-1]), w, plan.mesh, split=split, axis=axis, impl=impl,
-                                 interpret=interpret)
+                                 interpret=interpret, out_dtype=out_dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -129,8 +133,8 @@ def unembed(x: jax.Array, table: jax.Array | QEmbedding, *, impl: str | None = N
     XLA:CPU convert the whole table to float32 every step.
     """
     if isinstance(table, QEmbedding):
-        return linear(x, table.table, impl=impl, interpret=interpret,
-                      int8_activations=int8_activations).astype(jnp.float32)
+        return linear(x, table.table, impl=impl, interpret=interpret, int8_activations=int8_activations,
+                      out_dtype=jnp.float32)
     if table.ndim != 2 or x.shape[-1] != table.shape[1]:
         raise ValueError(f"unembed: x {x.shape} and table {table.shape} do not match as [..., E] @ [V, E].T")
     return jax.lax.dot_general(x, table.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),

@@ -60,3 +60,34 @@ def test_tpu_vocab_minor_follows_the_tile_padding():
     assert tpu_vocab_minor((49152, 576))  # SmolLM2: 576 is 4.5 lanes tiles, the vocabulary pads nothing
     assert tpu_vocab_minor((49152, 960))
     assert not tpu_vocab_minor((49152, 512)) and not tpu_vocab_minor((128256, 4096))
+
+
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_unembed_quantized_table_gives_unrounded_float32_logits(impl):
+    # A quantized tied table with bf16 activations: the logits come out of the matmul's float32
+    # accumulator, not rounded to bf16 first (a logit of ~10 rounded to bf16 moves by up to 1/32, enough to
+    # reorder near-tied tokens).
+    from jaxinfer.models.qembedding import QEmbedding
+
+    rng = np.random.default_rng(3)
+    table = QEmbedding.quantize(jnp.asarray(rng.standard_normal((512, 64)), jnp.float32), "int8-g32")
+    x = _bf16_round(rng.standard_normal((4, 64)) * 2)
+    logits = unembed(jnp.asarray(x, jnp.bfloat16), table, impl=impl)
+    assert logits.dtype == jnp.float32 and logits.shape == (4, 512)
+    w = np.asarray(table.dequantize(jnp.float32), np.float64).T
+    # the XLA path rounds the dequantized weights to the activations' dtype; the C++ kernel's decode path
+    # (M <= 8) multiplies them in float32
+    ref = x @ (w if impl == "cpu" else _bf16_round(w))
+    err = np.abs(np.asarray(logits, np.float64) - ref).max()
+    assert err < 1e-4 * np.abs(ref).max()
+    # the bound is tight enough to catch a bf16-rounded result
+    assert np.abs(_bf16_round(ref) - ref).max() > 10 * 1e-4 * np.abs(ref).max()
+
+
+def test_linear_out_dtype_keeps_float32_accumulation():
+    rng = np.random.default_rng(4)
+    x = _bf16_round(rng.standard_normal((8, 512)))
+    w = _bf16_round(rng.standard_normal((512, 16)))
+    y = linear(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), out_dtype=jnp.float32)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y, np.float64), x @ w, rtol=0, atol=1e-5 * np.abs(x @ w).max())
