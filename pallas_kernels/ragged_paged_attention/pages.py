@@ -303,9 +303,10 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
         ``slot % page_size``. A negative slot marks a padding token: nothing is written for it.
         Slots must be unique among non-negative entries.
       impl: the attention implementation that reads the cache (``None``: the backend's default). With
-        ``"pallas_tpu"`` the scale rows of a quantized head-major / fused cache are written by a Pallas
-        kernel in place in HBM (:mod:`.tpu_scales`: an XLA scatter lets the TPU compiler stage the whole
-        scale arrays in VMEM); everything else is an XLA scatter.
+        ``"pallas_tpu"`` the scale rows of a quantized head-major / fused cache, when a multiple of 128
+        lanes (see ``scale_pages_per_row``), are written by a Pallas kernel in place in HBM
+        (:mod:`.tpu_scales`: an XLA scatter lets the TPU compiler stage the whole scale arrays in VMEM);
+        everything else is an XLA scatter.
       interpret: Pallas interpret mode for that kernel (``None``: interpret off a TPU).
 
     Returns:
