@@ -60,6 +60,7 @@ def main() -> int:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--page-size", type=int, default=None, help="KV page size (default: EngineConfig's)")
     p.add_argument("--buckets", default="smallest", choices=("all", "decode", "smallest"))
     p.add_argument("--traffic", action="store_true", help="only the decode-traffic cases (SmolLM2 on tpu-v5e-1; "
                    "Llama-3-8B-shaped on tpu-v6e-1 / v5e-8, bf16 and int8 weights + int8 KV) with --buckets decode")
@@ -78,9 +79,11 @@ def main() -> int:
     rows = json.loads(Path(args.out).read_text())["rows"] if args.cases is not None and Path(args.out).exists() else []
     for label, model, target, quant, kv in cases:
         start = time.perf_counter()
-        cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, kv_cache_dtype=kv)
+        cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, kv_cache_dtype=kv,
+                           **({} if args.page_size is None else {"page_size": args.page_size}))
         report = compile_for_target(model, target, cfg, quantization=quant, buckets=args.buckets)
         row = {"label": label, "target": target, "quantization": quant, "kv_cache_dtype": kv,
+               "page_size": cfg.page_size,
                "seconds": round(time.perf_counter() - start, 1), **report.to_json()}
         rows.append(row)
         r1 = report.rooflines[0]

@@ -359,7 +359,8 @@ def _decode_traffic(
     Estimated: the compiled program's XLA-op bytes (:func:`jaxinfer.hlo_traffic.op_traffic`, attention
     kernels left out, since their operand is the whole cache and what they read depends on the step's
     lengths) plus the kernels' page reads for ``S x context`` tokens at the cache's physical bytes per
-    token (lane padding included).
+    token (lane padding included), and per page read the whole int8 / fp8 scale row of ``G`` pages
+    holding its scales.
     """
     if not b.ok:
         return
@@ -372,6 +373,12 @@ def _decode_traffic(
         weights += b.tokens * embed_bytes // c.vocab_size - embed_bytes
     b.minimum_bytes = weights + (b.seqs * context + b.tokens) * logical // kv_shards
     pages = b.seqs * context * spec.bytes_per_token // kv_shards
+    if spec.quant_dtype is not None and spec.scale_pages_per_row > 1:
+        # the kernel DMAs the whole scale row of G pages holding each page's scales (K and V): G - 1 pages'
+        # scales more per page read
+        pages_read = b.seqs * -(-context // spec.page_size)
+        row_extra = (spec.scale_pages_per_row - 1) * spec.page_size * spec.num_kv_heads * 4 // kv_shards
+        pages += c.num_layers * pages_read * 2 * row_extra
     b.estimated_bytes, b.estimated_bytes_max = b.hlo_bytes + pages, b.hlo_bytes_max + pages
 
 

@@ -107,7 +107,7 @@ def dense_attention(q: jax.Array, cache: DenseKVCache, md: AttentionMetadata, *,
 
 
 def _paged(q, k, v, cache: KVPages, md: AttentionMetadata, *, sm_scale, sliding_window):
-    cache = write_kv(cache, k, v, md.slot_mapping)
+    cache = write_kv(cache, k, v, md.slot_mapping, impl=md.impl, interpret=md.interpret)
     out = ragged_paged_attention(q, cache, md.kv_lens, md.page_indices, md.cu_q_lens, md.num_seqs,
                                  sm_scale=sm_scale, sliding_window=sliding_window, impl=md.impl,
                                  interpret=md.interpret)

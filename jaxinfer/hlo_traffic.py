@@ -17,7 +17,10 @@ every top-level instruction with the bytes of its operands and results that live
 * while loops count their body once (the trip count is not in the text); custom calls (Pallas kernels)
   are charged their operands and results as the program passes them (right for a quantized-matmul kernel,
   which reads its whole weight); a paged-attention kernel's whole cache operand is *not* what it reads,
-  so :class:`OpBytes` marks it ``kernel=True`` and callers account for its page reads separately.
+  so :class:`OpBytes` marks it ``kernel=True`` and callers account for its page reads separately; a
+  row-update kernel (the TPU KV scale-row write, ``row_updates``) whose result aliases its operand is
+  charged its other operands plus, per row of its update operand (same dtype and row width as the aliased
+  one), one row read and written, not the whole aliased array.
 
 The figures are an estimate in the compiler's own terms (the same buffers it places), meant to find where
 traffic goes; ``bytes accessed`` stays the headline number.
@@ -184,12 +187,31 @@ def _op_name(attrs: str) -> str:
     return m.group(1) if m else ""
 
 
+def _row_update_bytes(ins: _Instr, operand_shapes: list[str]) -> int | None:
+    """Bytes of an in-place row-update custom call (see the module docstring), or None when its result
+    aliases no operand."""
+    m = re.search(r"output_to_operand_aliasing=\{\{\}: \((\d+), \{\}\)\}", ins.attrs)
+    if not m:
+        return None
+    aliased = int(m.group(1))
+    dtype, dims, _ = _ARRAY.findall(ins.shape)[0]
+    total = 0
+    for idx, shape in enumerate(operand_shapes):
+        if idx == aliased:
+            continue
+        found = _ARRAY.findall(shape)
+        rows = found and found[0][0] == dtype and found[0][1].split(",")[-1:] == dims.split(",")[-1:]
+        total += (3 if rows else 1) * _array_bytes(shape)  # update rows: read, plus a row read and written each
+    return total
+
+
 def op_traffic(hlo_text: str, data_dependent: tuple[str, ...] = ("paged_attention",),
-               branches: str = "max") -> list[OpBytes]:
+               branches: str = "max", row_updates: tuple[str, ...] = ("kv_scale_rows_write",)) -> list[OpBytes]:
     """HBM bytes of every top-level instruction of a compiled module (``compiled.as_text()``), biggest
     first; while / call bodies are walked (once each). Instructions whose source op name contains one of
     ``data_dependent`` (the paged-attention kernels, which read only the pages a step needs) are marked
-    ``kernel=True``.
+    ``kernel=True``. Custom calls whose source op name contains one of ``row_updates`` and whose result
+    aliases an operand are charged as in-place row updates (:func:`_row_update_bytes`).
 
     ``branches``: which branch of each ``conditional`` is charged (one runs per execution): ``"max"`` the
     one moving the most bytes (an upper bound of the step), ``"min"`` the one moving the fewest (the plain
@@ -239,7 +261,11 @@ def op_traffic(hlo_text: str, data_dependent: tuple[str, ...] = ("paged_attentio
                 else:  # (operand, update, start indices...)
                     b = 2 * _array_bytes(operand_shapes[1])
             else:
-                b = sum(_array_bytes(s) for s in operand_shapes) + _array_bytes(ins.shape)
+                b = None
+                if ins.opcode == "custom-call" and any(k in _op_name(ins.attrs) for k in row_updates):
+                    b = _row_update_bytes(ins, operand_shapes)
+                if b is None:
+                    b = sum(_array_bytes(s) for s in operand_shapes) + _array_bytes(ins.shape)
             if b:
                 out.append(OpBytes(ins.name, ins.opcode, _op_name(ins.attrs), b, kernel))
         return out

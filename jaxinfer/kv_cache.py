@@ -26,6 +26,7 @@ from pallas_kernels.ragged_paged_attention.pages import (
     default_layout,
     init_kv_pages,
     page_bytes_per_token,
+    scale_pages_per_row,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class KVCacheSpec:
       dtype: storage dtype of a float cache; quant_dtype: int8 / fp8 storage (then dtype is unused).
       layout: physical page layout (token-major on CPU/GPU, head-major or, for head_dim <= 64, fused
         K|V rows for the TPU kernel).
+      scale_pages_per_row: pages per int8 / fp8 scale row of a head-major / fused cache (``num_pages`` is a
+        multiple of it): enough that one device's heads fill a multiple of 128 lanes (see
+        :mod:`pallas_kernels.ragged_paged_attention.pages`).
     """
 
     num_layers: int
@@ -66,6 +70,7 @@ class KVCacheSpec:
     dtype: jnp.dtype
     quant_dtype: jnp.dtype | None
     layout: KVLayout
+    scale_pages_per_row: int = 1
 
     def __post_init__(self):
         # Fused K|V rows hold head_dim <= 64; a cache sharing a fused cache's pages with wider heads (a
@@ -135,6 +140,11 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
     num_pages = budget // per_page
     if max_useful_tokens is not None:
         num_pages = min(num_pages, -(-max_useful_tokens // page_size))
+    group = 1
+    if probe.quant_dtype is not None and probe.layout.head_major:
+        # one device's scale rows of a multiple of 128 lanes: written in place and read without a relayout
+        group = scale_pages_per_row(max(config.num_kv_heads // max(kv_shards, 1), 1), page_size)
+        num_pages -= num_pages % group
     if num_pages * page_size < max(min_tokens, page_size):
         need = -(-max(min_tokens, page_size) // page_size) * per_page
         raise ValueError(
@@ -143,7 +153,7 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
             "lower max_model_len"
         )
     spec = KVCacheSpec(config.num_layers, int(num_pages), page_size, config.num_kv_heads, config.head_dim,
-                       jnp.dtype(dtype), probe.quant_dtype, layout)
+                       jnp.dtype(dtype), probe.quant_dtype, layout, group)
     logger.info("KV cache: %d pages x %d tokens = %d tokens (%.1f MiB, %s)", spec.num_pages, page_size,
                 spec.capacity_tokens, spec.total_bytes / 2**20, kv_cache_dtype)
     return spec
@@ -152,7 +162,8 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype, kv_cache_dtype:
 def _one_layer(spec: KVCacheSpec):
     """A zero-filled ``KVPages`` of one layer (unplaced)."""
     return init_kv_pages(spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim, spec.dtype,
-                         layout=spec.layout, quant_dtype=spec.quant_dtype)
+                         layout=spec.layout, quant_dtype=spec.quant_dtype,
+                         scale_pages_per_row=spec.scale_pages_per_row)
 
 
 def _layer_shardings(spec: KVCacheSpec, plan: ShardingPlan):

@@ -113,24 +113,50 @@ def test_llama8b_shaped_quantized(llama8b, target, quantization, kv, monkeypatch
         # a scale array out (a [pages, 8, 16] array was laid out pages-minor and copied around every layer). The
         # compiler may still stage a row-major array in VMEM (a copy-start with the same layout).
         scales = f"f32[{report.kv_capacity_tokens // 16},128]"
-        assert texts[0].count(scales) >= 4, "the scale rows are the step's arguments"
-        layouts = set(re.findall(re.escape(scales) + r"\{([0-9,]+)", texts[0]))
-        assert layouts == {"1,0"}, layouts
+        _check_scale_rows(texts[0], scales)
     if target.startswith("tpu"):
-        # the attention kernel's K and V pages are pinned to HBM (the compiler may not stage a whole cache in VMEM)
-        calls = [line for line in texts[0].splitlines() if "= " in line and "ragged_paged_attention_tpu/pallas_call" in
-                 line and "custom-call(" in line]
-        assert len(calls) >= 2, len(calls)  # one per layer
-        for line in calls:
-            hbm = re.findall(r'\{"operand_index":"(\d+)","color":"0"', line)  # memory space color 0: HBM
-            assert len(hbm) == 2, hbm
+        # the attention kernel's K and V pages (and an int8 cache's scale rows) are pinned to HBM (the compiler
+        # may not stage a whole cache in VMEM)
+        _check_pinned_cache(texts[0], 4 if kv == "int8" else 2)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_llama8b_shaped_quantized_under_tensor_parallelism(llama8b, quantization):
-    report = compile_for_target(llama8b, "tpu-v5e-4", EngineConfig(**SMALL), quantization=quantization,
-                                buckets="smallest")
+def _check_pinned_cache(text: str, operands: int):
+    calls = [line for line in text.splitlines() if "= " in line and "ragged_paged_attention_tpu/pallas_call" in
+             line and "custom-call(" in line]
+    assert len(calls) >= 2, len(calls)  # one per layer
+    for line in calls:
+        hbm = re.findall(r'\{"operand_index":"(\d+)","color":"0"', line)  # memory space color 0: HBM
+        assert len(hbm) == operands, hbm
+
+
+def _check_scale_rows(text: str, scales: str):
+    """The int8 cache's scale rows (``scales``, one device's shape) in a compiled TPU step: row-major (a
+    ``[pages, 8, 16]`` array was laid out pages-minor and copied around every layer), written in place by the
+    scale-row kernel, and never staged in VMEM (an XLA scatter into them had the compiler prefetch each
+    array whole, scatter there and write it back every step)."""
+    assert text.count(scales) >= 4, "the scale rows are the step's arguments"
+    layouts = set(re.findall(re.escape(scales) + r"\{([0-9,]+)", text))
+    assert layouts == {"1,0"}, layouts
+    writes = [line for line in text.splitlines()
+              if re.match(r"\s*%kv_scale_rows_write\S* = " + re.escape(scales), line)]
+    assert len(writes) >= 4, len(writes)  # K and V of each layer
+    staged = [line.split("metadata")[0][:200] for line in text.splitlines()
+              if re.search(r"= \(*" + re.escape(scales) + r"\S*S\(1\)", line)  # a scale array in VMEM
+              or (re.search(r"(copy|slice)-start\(", line) and scales in line)]
+    assert not staged, staged
+
+
+@pytest.mark.parametrize("quantization,kv", [("int8", "int8"), ("int4", "auto")])
+def test_llama8b_shaped_quantized_under_tensor_parallelism(llama8b, quantization, kv, monkeypatch):
+    texts = []
+    monkeypatch.setattr(aot, "op_traffic", lambda text, **kw: texts.append(text) or op_traffic(text, **kw))
+    report = compile_for_target(llama8b, "tpu-v5e-4", EngineConfig(**SMALL, kv_cache_dtype=kv),
+                                quantization=quantization, buckets="smallest")
     _check(report, chips=4, quantized=True)
+    if kv == "int8":
+        # 2 KV heads x 16 tokens per chip: scale rows of 4 pages, 128 lanes per chip, pinned, written in place
+        _check_scale_rows(texts[0], f"f32[{report.kv_capacity_tokens // 16 // 4},128]")
+        _check_pinned_cache(texts[0], 4)
 
 
 def test_a_model_that_does_not_fit_is_reported(tmp_path):

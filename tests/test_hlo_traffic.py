@@ -130,3 +130,29 @@ def test_async_copies_charge_their_hbm_ends():
     # the prefetch reads the array from HBM, the write-back writes it (its source is in VMEM), a copy within HBM
     # does both; the update between them runs in VMEM and moves no HBM bytes
     assert ops == {"in": size, "out": size, "re": 2 * size}
+
+
+_ROW_UPDATE = """HloModule m, is_scheduled=true
+
+ENTRY %main (r: s32[32], l: s32[32], u: f32[32,128], m: s32[32,128], s: f32[2048,128]) -> f32[2048,128] {
+  %r = s32[32]{0:T(128)} parameter(0)
+  %l = s32[32]{0:T(128)} parameter(1)
+  %u = f32[32,128]{1,0:T(8,128)} parameter(2)
+  %m = s32[32,128]{1,0:T(8,128)} parameter(3)
+  %s = f32[2048,128]{1,0:T(8,128)} parameter(4)
+  %w = f32[2048,128]{1,0:T(8,128)} custom-call(%r, %l, %u, %m, %s), custom_call_target="tpu_custom_call", \
+output_to_operand_aliasing={{}: (4, {})}, metadata={op_name="jit(f)/kv_scale_rows_write/pallas_call"}
+  ROOT %x = f32[2048,128]{1,0:T(8,128)} custom-call(%r, %l, %u, %m, %w), custom_call_target="tpu_custom_call", \
+metadata={op_name="jit(f)/qmm/pallas_call"}
+}
+"""
+
+
+def test_in_place_row_update_kernel_charges_its_rows():
+    """The TPU scale-row write (its result aliases the scale array) moves the rows it updates, not the array;
+    any other custom call is charged its operands and result whole."""
+    ops = {o.name: o.bytes for o in op_traffic(_ROW_UPDATE)}
+    small = 2 * 32 * 4 + 32 * 128 * 4  # row ids, leader flags, lane mask
+    rows = 32 * 128 * 4  # the update rows: read, plus one array row read and written per update row
+    assert ops["w"] == small + 3 * rows
+    assert ops["x"] == small + rows + 2 * 2048 * 128 * 4

@@ -191,7 +191,7 @@ def test_tpu_int8_kv_cache_splits_over_kv_heads(head_dim):
     from jaxinfer.kv_cache import init_kv_cache, plan_kv_cache
     from jaxinfer.model_config import ModelConfig
     from jaxinfer.sharding import ShardingPlan
-    from pallas_kernels.ragged_paged_attention.pages import KVLayout, write_kv
+    from pallas_kernels.ragged_paged_attention.pages import KVLayout, page_scales, write_kv
 
     mc = ModelConfig(architecture="llama", vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=1,
                      num_heads=8, num_kv_heads=4, head_dim=head_dim)
@@ -204,14 +204,20 @@ def test_tpu_int8_kv_cache_splits_over_kv_heads(head_dim):
     slots = jnp.arange(40, dtype=jnp.int32)
     out = jax.jit(write_kv, donate_argnums=0)(kv, k, v, slots)
     whole = jax.tree.map(np.asarray, out)
-    assert whole.k_scale.shape == (spec.num_pages, 4 * 16)
+    # 2 heads x 16 tokens per device: rows of 4 pages (128 lanes per device)
+    g = spec.scale_pages_per_row
+    assert g == 4 and spec.num_pages % g == 0 and whole.k_scale.shape == (spec.num_pages // g, 4 * g * 16)
     for shard_k, shard_s in zip(out.k.addressable_shards, out.k_scale.addressable_shards):
         heads = shard_k.index[1]  # KV heads held by this device
         assert (heads.start, heads.stop) in ((0, 2), (2, 4))
         np.testing.assert_array_equal(np.asarray(shard_k.data), whole.k[:, heads])
-        assert shard_s.index[1] == slice(heads.start * 16, heads.stop * 16)
-        np.testing.assert_array_equal(np.asarray(shard_s.data), whole.k_scale[:, heads.start * 16:heads.stop * 16])
-    # the scale rows hold each head's 16 token scales in order: head h, token t at lane h * 16 + t
+        lanes = slice(heads.start * g * 16, heads.stop * g * 16)
+        assert shard_s.index[1] == lanes and shard_s.data.shape[1] == 128
+        np.testing.assert_array_equal(np.asarray(shard_s.data), whole.k_scale[:, lanes])
+    # the scale rows hold each head's token scales in order: page p, head h, token t at row p // 4, lane
+    # h * 64 + (p % 4) * 16 + t
     absmax = np.abs(np.asarray(k)).max(-1) / 127  # [40 tokens, 4 heads]
-    rows = whole.k_scale.reshape(spec.num_pages, 4, 16).transpose(0, 2, 1).reshape(-1, 4)
+    manual = whole.k_scale.reshape(-1, 4, g, 16).transpose(0, 2, 3, 1).reshape(-1, 4)
+    np.testing.assert_allclose(manual[:40], absmax, rtol=1e-6)
+    rows = np.swapaxes(np.asarray(page_scales(out, jnp.asarray(whole.k_scale))), 1, 2).reshape(-1, 4)
     np.testing.assert_allclose(rows[:40], absmax, rtol=1e-6)

@@ -37,27 +37,31 @@ the two head-major ones.
 
 Quantized KV (``init_kv_pages(..., quant_dtype=jnp.int8 | jnp.float8_e4m3fn | jnp.float8_e5m2)``):
 ``k`` / ``v`` hold the quantized values and ``k_scale`` / ``v_scale`` one float32 absmax scale per
-(token, KV head): token-major ``[num_pages, page_size, num_kv_heads]``; head-major and fused one
-row per page, ``[num_pages, num_kv_heads * page_size]`` (head ``h``'s scales at lanes
-``h * page_size ...``). A TPU lays a 2-D f32 array out row-major in (8, 128) tiles when its rows are
-a multiple of 128 lanes, which is then the layout the kernel DMAs a page's row from; a 3-D
-``[pages, heads, page_size]`` array (16 lanes) was instead laid out pages-minor by the compiler and
-relaid out around every layer's kernel and write. Under tensor parallelism the row splits into
-contiguous per-device head groups; rows of fewer than 128 lanes per device (e.g. one KV head of 16
-tokens) still get relaid out.
+(token, KV head): token-major ``[num_pages, page_size, num_kv_heads]``; head-major and fused rows
+of ``G`` pages (``scale_pages_per_row``, default 1), ``[num_pages / G, num_kv_heads * G * page_size]``:
+page ``p``, head ``h``, token ``t`` at row ``p // G``, lane ``h * G * page_size + (p % G) * page_size + t``
+(:func:`scale_lanes`; :func:`page_scales` gives the ``[num_pages, num_kv_heads, page_size]`` view).
+A TPU lays a 2-D f32 array out row-major in (8, 128) tiles when its rows are a multiple of 128 lanes,
+which is then the layout the kernel DMAs a page's row from; a 3-D ``[pages, heads, page_size]`` array
+(16 lanes) was instead laid out pages-minor by the compiler and relaid out around every layer's kernel
+and write. Under tensor parallelism the row splits into contiguous per-device head groups, each a
+multiple of 128 lanes when ``G`` is :func:`scale_pages_per_row` of the heads one device holds (e.g. 8
+pages per row at one KV head of 16 tokens per device).
 :func:`write_kv` quantizes; every implementation applies the scales inside (see :mod:`.kv_quant`).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.backend import ATTENTION_IMPLS, check_impl, default_impl
+from pallas_kernels.backend import ATTENTION_IMPLS, check_impl, default_impl, needs_interpret
 from pallas_kernels.ragged_paged_attention import kv_quant
 
 TPU_LANES = 128
@@ -111,6 +115,14 @@ class KVPages(NamedTuple):
     def quantized(self) -> bool:
         return self.k_scale is not None
 
+    @property
+    def scale_pages_per_row(self) -> int:
+        """Pages per scale row ``G`` of a quantized head-major / fused cache (see the module docstring); 1
+        otherwise. Read from the shapes, so it holds for a device's shard too."""
+        if not self.quantized or not self.layout.head_major:
+            return 1
+        return max(self.k_scale.shape[1] // (self.num_kv_heads * self.page_size), 1)
+
 
 def default_layout(impl: str | None = None, head_dim: int | None = None) -> KVLayout:
     """The layout for ``impl``'s kernel: for ``"pallas_tpu"`` fused when ``head_dim <= 64`` (given),
@@ -134,11 +146,34 @@ def _as_layout(layout: KVLayout | str | None) -> KVLayout:
         ) from None
 
 
-def scale_shape(layout: KVLayout, num_pages: int, page_size: int, num_kv_heads: int) -> tuple[int, ...]:
-    """Shape of ``k_scale`` / ``v_scale``: ``[P, ps, Hkv]`` token-major, ``[P, Hkv * ps]`` otherwise."""
+def scale_pages_per_row(num_kv_heads: int, page_size: int) -> int:
+    """Pages per head-major scale row so that ``num_kv_heads`` heads' row is a multiple of 128 lanes
+    (pass the heads one device holds): ``128 / gcd(num_kv_heads * page_size, 128)``, a power of two."""
+    return TPU_LANES // math.gcd(num_kv_heads * page_size, TPU_LANES)
+
+
+def scale_shape(layout: KVLayout, num_pages: int, page_size: int, num_kv_heads: int,
+                pages_per_row: int = 1) -> tuple[int, ...]:
+    """Shape of ``k_scale`` / ``v_scale``: ``[P, ps, Hkv]`` token-major, ``[P / G, Hkv * G * ps]`` otherwise
+    (``G = pages_per_row``, which must divide ``P``)."""
     if layout.head_major:
-        return (num_pages, num_kv_heads * page_size)
+        if pages_per_row < 1 or num_pages % pages_per_row:
+            raise ValueError(f"pages_per_row must be a positive divisor of num_pages={num_pages}, got {pages_per_row}")
+        return (num_pages // pages_per_row, num_kv_heads * pages_per_row * page_size)
     return (num_pages, page_size, num_kv_heads)
+
+
+def scale_lanes(page: jax.Array, offset: jax.Array, num_kv_heads: int, page_size: int, pages_per_row: int):
+    """Row ``i32[T]`` and lanes ``i32[T, Hkv]`` of token ``offset`` of ``page`` in head-major scale rows."""
+    g, ps = pages_per_row, page_size
+    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)[None, :] * (g * ps)
+    return page // g, heads + ((page % g) * ps + offset)[:, None]
+
+
+def page_scales(kv: KVPages, scales: jax.Array) -> jax.Array:
+    """``scales`` (``kv.k_scale`` / ``kv.v_scale`` of a head-major or fused cache) as ``[P, Hkv, ps]``."""
+    g, hkv, ps = kv.scale_pages_per_row, kv.num_kv_heads, kv.page_size
+    return scales.reshape(-1, hkv, g, ps).transpose(0, 2, 1, 3).reshape(-1, hkv, ps)
 
 
 def padded_head_dim(head_dim: int, layout: KVLayout) -> int:
@@ -185,6 +220,7 @@ def init_kv_pages(
     *,
     layout: KVLayout | str | None = None,
     quant_dtype=None,
+    scale_pages_per_row: int = 1,
 ) -> KVPages:
     """A zero-filled cache.
 
@@ -194,6 +230,8 @@ def init_kv_pages(
       layout: a :class:`KVLayout` or its value; ``None`` means :func:`default_layout`.
       quant_dtype: ``jnp.int8``, ``jnp.float8_e4m3fn`` or ``jnp.float8_e5m2`` for a quantized cache
         (K / V stored in it, with f32 scales); ``dtype`` is then unused.
+      scale_pages_per_row: pages per scale row of a quantized head-major / fused cache (must divide
+        ``num_pages``; :func:`scale_pages_per_row` of the heads per device makes rows of 128+ lanes).
 
     Returns:
       ``KVPages`` with ``k, v`` of shape ``[num_pages, page_size, num_kv_heads, head_dim]``
@@ -215,7 +253,8 @@ def init_kv_pages(
     fused = layout is KVLayout.HEAD_MAJOR_FUSED
     if quant_dtype is not None:
         qdt = kv_quant.check_quant_dtype(quant_dtype)
-        sshape = scale_shape(layout, num_pages, page_size, num_kv_heads)
+        sshape = scale_shape(layout, num_pages, page_size, num_kv_heads,
+                             scale_pages_per_row if layout.head_major else 1)
         return KVPages(jnp.zeros(shape, qdt), None if fused else jnp.zeros(shape, qdt),
                        jnp.zeros(sshape, jnp.float32), jnp.zeros(sshape, jnp.float32), layout=layout)
     return KVPages(k=jnp.zeros(shape, dtype), v=None if fused else jnp.zeros(shape, dtype), layout=layout)
@@ -238,7 +277,12 @@ def check_cache(kv: KVPages) -> None:
         raise ValueError("k_scale and v_scale must both be set or both be None")
     if kv.k_scale is not None:
         kv_quant.check_quant_dtype(kv.k.dtype)
-        want = scale_shape(kv.layout, kv.num_pages, kv.page_size, kv.num_kv_heads)
+        g = kv.scale_pages_per_row
+        if kv.layout.head_major and (kv.k_scale.ndim != 2 or kv.num_pages % g
+                                     or kv.k_scale.shape[1] != kv.num_kv_heads * g * kv.page_size):
+            raise ValueError(f"head-major scale rows must be [num_pages / G, num_kv_heads * G * page_size] for a "
+                             f"G dividing num_pages={kv.num_pages}, got {list(kv.k_scale.shape)}")
+        want = scale_shape(kv.layout, kv.num_pages, kv.page_size, kv.num_kv_heads, g)
         for name, sc in (("k_scale", kv.k_scale), ("v_scale", kv.v_scale)):
             if sc.shape != want or sc.dtype != jnp.float32:
                 raise ValueError(f"{name} must be float32 of shape {want}, got {sc.dtype}{list(sc.shape)}")
@@ -246,8 +290,9 @@ def check_cache(kv: KVPages) -> None:
         raise ValueError(f"page_size must be a power of two, got {kv.page_size}")
 
 
-@jax.jit
-def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.Array) -> KVPages:
+@functools.partial(jax.jit, static_argnames=("impl", "interpret"))
+def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.Array, *,
+             impl: str | None = None, interpret: bool | None = None) -> KVPages:
     """Scatter this step's keys and values into the cache.
 
     Args:
@@ -257,6 +302,12 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
       slot_mapping: ``i32[T]``; token ``t`` goes to page ``slot // page_size``, offset
         ``slot % page_size``. A negative slot marks a padding token: nothing is written for it.
         Slots must be unique among non-negative entries.
+      impl: the attention implementation that reads the cache (``None``: the backend's default). With
+        ``"pallas_tpu"`` the scale rows of a quantized head-major / fused cache, when a multiple of 128
+        lanes (see ``scale_pages_per_row``), are written by a Pallas kernel in place in HBM
+        (:mod:`.tpu_scales`: an XLA scatter lets the TPU compiler stage the whole scale arrays in VMEM);
+        everything else is an XLA scatter.
+      interpret: Pallas interpret mode for that kernel (``None``: interpret off a TPU).
 
     Returns:
       The updated ``KVPages`` (same layout).
@@ -302,10 +353,21 @@ def write_kv(kv: KVPages, k_new: jax.Array, v_new: jax.Array, slot_mapping: jax.
     else:
         out = kv._replace(k=scatter(kv.k, k_new), v=scatter(kv.v, v_new))
     if scales is not None:
+        kernel = None
+        if kv.layout.head_major:
+            impl = check_impl(impl, ATTENTION_IMPLS) if impl is not None else default_impl(attention=True)
+            from pallas_kernels.ragged_paged_attention import tpu_scales
+
+            if impl == "pallas_tpu" and tpu_scales.supported(kv.k_scale.shape[1]):
+                kernel = functools.partial(tpu_scales.write_scale_rows,
+                                           interpret=needs_interpret("pallas_tpu", interpret))
+
         def scatter_scales(cache, new):  # new [T, Hkv]
-            if kv.layout.head_major:  # [P, Hkv * ps] rows: token t of head h at lane h * ps + t
-                lanes = jnp.arange(hkv, dtype=jnp.int32)[None, :] * ps + offset[:, None]
-                return cache.at[page[:, None], lanes].set(new, mode="drop", unique_indices=True)
+            if kv.layout.head_major:  # rows of G pages (scale_lanes); padding tokens' row is out of range
+                row, lanes = scale_lanes(page, offset, hkv, ps, kv.scale_pages_per_row)
+                if kernel is not None:
+                    return kernel(cache, row, lanes, new)
+                return cache.at[row[:, None], lanes].set(new, mode="drop", unique_indices=True)
             return cache.at[page, offset].set(new, mode="drop", unique_indices=True)
 
         out = out._replace(k_scale=scatter_scales(kv.k_scale, scales[0]),

@@ -47,9 +47,12 @@ def gather_kv_block(kv: KVPages, which: str, pages: jax.Array, head_dim: int) ->
     else:
         blk = getattr(kv, which)[pages]
     scale = getattr(kv, which + "_scale")
-    scale = None if scale is None else scale[pages]
-    if scale is not None and kv.layout.head_major:  # [N, nb, Hkv * ps] -> [N, nb, Hkv, ps]
-        scale = scale.reshape(n, nb, kv.num_kv_heads, kv.page_size)
+    if scale is not None and kv.layout.head_major:  # rows of G pages [P / G, Hkv * G * ps] -> [N, nb, Hkv, ps]
+        g, hkv, ps = kv.scale_pages_per_row, kv.num_kv_heads, kv.page_size
+        rows = scale[pages // g].reshape(n, nb, hkv, g, ps)
+        scale = jnp.take_along_axis(rows, (pages % g)[:, :, None, None, None], axis=3)[:, :, :, 0]
+    elif scale is not None:
+        scale = scale[pages]
     if kv.layout.head_major:
         # [N, nb, Hkv, ps, Dp] -> [N, nb, ps, Hkv, D]; scales [N, nb, Hkv, ps] -> [N, nb, ps, Hkv].
         blk = jnp.swapaxes(blk, 2, 3)[..., :head_dim]

@@ -25,9 +25,11 @@ past a sequence's ``kv_len`` are not fetched (their slots are masked). Online-so
 is written once per grid step. Grid steps are independent (all DMAs are waited within a step), so the
 grid dimension is ``PARALLEL`` (megacore-shardable).
 
-Quantized caches (int8 / fp8 with f32 scale rows ``[P, Hkv * ps]``): a page's scale row is DMA'd
-next to its value pages; tiles go to the MXU in the query dtype and the scales multiply score /
-probability columns.
+Quantized caches (int8 / fp8 with f32 scale rows ``[P / G, Hkv * G * ps]`` of ``G`` pages, see
+:mod:`.pages`): the row holding a page's scales is DMA'd next to its value pages (whole: a DMA moves
+512-byte words) and, when ``G > 1``, rotated in VMEM so that the page's scales of head ``h`` start at lane
+``h * G * ps``; tiles go to the MXU in the query dtype and the scales multiply score / probability
+columns.
 
 Mosaic constraints as far as they can be checked off-TPU (the jax-side lowering to the Mosaic dialect
 is tested; Mosaic's own layout passes only run on a TPU): ``block_q * G`` rows are a multiple of 16
@@ -50,7 +52,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged_paged_attention import tuning
+from pallas_kernels.ragged_paged_attention import tpu_scales, tuning
 from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages
 
 LANES = 128
@@ -71,10 +73,11 @@ def _precision(dtype) -> lax.Precision:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _scale_row(buf, slot, h, ps):
-    """Scales of head ``h`` for the KV block in ``slot``: ``[nb, Hkv * ps]`` -> ``[1, nb * ps]``."""
+def _scale_row(buf, slot, h, ps, group):
+    """Scales of head ``h`` for the KV block in ``slot``: ``[nb, Hkv * G * ps]`` -> ``[1, nb * ps]`` (each
+    page's row already rotated so that its page's scales start at lane ``h * G * ps``)."""
     nb = buf.shape[1]
-    return buf[slot, :, pl.ds(h * ps, ps)].reshape(1, nb * ps)
+    return buf[slot, :, pl.ds(h * group * ps, ps)].reshape(1, nb * ps)
 
 
 def _kernel(
@@ -89,6 +92,7 @@ def _kernel(
     *refs,
     quantized: bool,
     fused: bool,
+    scale_group: int,
     block_q: int,
     group: int,
     pages_per_block: int,
@@ -99,9 +103,9 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
 ):
-    # refs: k_hbm, v_hbm [P, Hkv, ps, Dp] (HBM; no v_hbm when fused); (ks_hbm, vs_hbm f32[P, Hkv * ps]
-    # if quantized); o_ref [Hkv, R, Dp]; scratch: k_buf, v_buf [2, Hkv, bkv, Dp] (no v_buf when fused);
-    # (ks_buf, vs_buf f32[2, nb, Hkv * ps]);
+    # refs: k_hbm, v_hbm [P, Hkv, ps, Dp] (HBM; no v_hbm when fused); (ks_hbm, vs_hbm f32[P / G, Hkv * G * ps]
+    # if quantized, G = scale_group pages per row); o_ref [Hkv, R, Dp]; scratch: k_buf, v_buf [2, Hkv, bkv, Dp]
+    # (no v_buf when fused); (ks_buf, vs_buf f32[2, nb, Hkv * G * ps]);
     # sems DMA[2 or 4, 2 slots]; m_ref, l_ref f32[Hkv, R, 128]; acc_ref f32[Hkv, R, Dp].
     # A fused cache has no separate V array: V is read from the K tile (its upper lanes).
     refs = list(refs)
@@ -143,19 +147,23 @@ def _kernel(
         end = jnp.where(hi_tok > lo_tok, lax.div(key_hi + bkv - 1, bkv), first)
         return first, end
 
+    def page_id(s, j, i):
+        return pages_ref[s * pages_per_seq + jnp.minimum(j * nb + i, pages_per_seq - 1)]
+
     def page_copies(s, j, slot):
         kv_len = kv_lens_ref[s]
         n_pages = lax.div(kv_len + ps - 1, ps)
         out = []
         for i in range(nb):
             p = j * nb + i
-            page = pages_ref[s * pages_per_seq + jnp.minimum(p, pages_per_seq - 1)]
+            page = page_id(s, j, i)
             dst = pl.ds(i * ps, ps)
             copies = [pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, :, dst, :], sems.at[0, slot])]
             if not fused:
                 copies.append(pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, :, dst, :], sems.at[1, slot]))
             if quantized:
-                row, brow = pl.ds(page, 1), pl.ds(i, 1)  # one [1, Hkv * ps] scale row per page
+                # the [1, Hkv * G * ps] scale row holding the page (a whole row: a DMA moves 512-byte words)
+                row, brow = pl.ds(lax.div(page, scale_group), 1), pl.ds(i, 1)
                 copies += [
                     pltpu.make_async_copy(ks_hbm.at[row], ks_buf.at[slot, brow], sems.at[2, slot]),
                     pltpu.make_async_copy(vs_hbm.at[row], vs_buf.at[slot, brow], sems.at[3, slot]),
@@ -177,8 +185,18 @@ def _kernel(
                 for c in copies:
                     c.wait()
 
+    def align_scales(s, j, slot):
+        """Rotate each fetched row so that its page's scales of head h start at lane h * G * ps."""
+        width = ks_buf.shape[2]
+        for i in range(nb):
+            shift = lax.rem(width - lax.rem(page_id(s, j, i), scale_group) * ps, width)
+            for buf in (ks_buf, vs_buf):
+                buf[slot, pl.ds(i, 1), :] = pltpu.roll(buf[slot, pl.ds(i, 1), :], shift, 1)
+
     def compute(s, j, slot):
         q_start, q_end, kv_len, off = seq_info(s)
+        if quantized and scale_group > 1:
+            align_scales(s, j, slot)
         tok = blk_start + lax.div(lax.broadcasted_iota(jnp.int32, (rows, bkv), 0), group)
         in_seq = (tok >= q_start) & (tok < q_end)
         row_pos = jnp.where(in_seq, tok + off, -1)
@@ -198,7 +216,7 @@ def _kernel(
             sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                                  precision=_precision(q.dtype))
             if quantized:
-                sc = sc * _scale_row(ks_buf, slot, h, ps)
+                sc = sc * _scale_row(ks_buf, slot, h, ps, scale_group)
             sc = sc * sm_scale
             if soft_cap is not None:
                 sc = soft_cap * jnp.tanh(sc / soft_cap)
@@ -211,7 +229,7 @@ def _kernel(
             l_ref[h] = alpha * l_ref[h] + jnp.sum(p, axis=1, keepdims=True)
             m_ref[h] = m_new
             if quantized:
-                p = p * jnp.where(key_ok_row, _scale_row(vs_buf, slot, h, ps), 0.0)
+                p = p * jnp.where(key_ok_row, _scale_row(vs_buf, slot, h, ps, scale_group), 0.0)
             pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_precision(v.dtype))
             acc_ref[h] = _lanes(alpha, dp) * acc_ref[h] + pv
 
@@ -311,12 +329,12 @@ def ragged_paged_attention_tpu(
 
     quantized = kv.quantized
     kernel = functools.partial(
-        _kernel, quantized=quantized, fused=fused, block_q=bq, group=group, pages_per_block=nb, page_size=ps,
-        pages_per_seq=pps, max_seqs=s_max, sm_scale=sm_scale, sliding_window=sliding_window,
-        soft_cap=soft_cap)
+        _kernel, quantized=quantized, fused=fused, scale_group=kv.scale_pages_per_row, block_q=bq, group=group,
+        pages_per_block=nb, page_size=ps, pages_per_seq=pps, max_seqs=s_max, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap)
     q_spec = pl.BlockSpec((hkv, rows, dp), lambda b, *_: (0, b, 0))
     kv_buf = pltpu.VMEM((2, hkv, nb * ps, dp), kv.k.dtype)
-    scale_buf = [pltpu.VMEM((2, nb, hkv * ps), jnp.float32)] * 2 if quantized else []
+    scale_buf = [pltpu.VMEM((2, nb, kv.k_scale.shape[1]), jnp.float32)] * 2 if quantized else []
     scratch = [
         kv_buf,
         *([] if fused else [kv_buf]),
@@ -330,10 +348,16 @@ def ragged_paged_attention_tpu(
     if not interpret:
         # The pages stay in HBM: left to the compiler, it may stage a layer's whole cache in VMEM around the
         # cache write when it fits (an int8 layer's 32 MiB per v5e chip under TP 8), i.e. read and write all
-        # of it every step for the few pages the kernel reads. (Not the scale rows: a row narrower than 128
-        # lanes is laid out pages-minor, and pinning it to HBM turns the kernel's relayout into an HBM copy.)
+        # of it every step for the few pages the kernel reads.
         caches = tuple(pltpu.with_memory_space_constraint(c, pltpu.HBM) for c in caches)
-    caches += (kv.k_scale, kv.v_scale) if quantized else ()
+    scales = (kv.k_scale, kv.v_scale) if quantized else ()
+    if not interpret and quantized and tpu_scales.supported(kv.k_scale.shape[1]):
+        # Rows of a multiple of 128 lanes are laid out row-major; pinned like the pages, and written in place
+        # by tpu_scales (an XLA scatter into them had the compiler stage the whole arrays in VMEM). A narrower
+        # row (scale_pages_per_row 1 with fewer than 128 lanes per device) stays unpinned: it is laid out
+        # pages-minor, and pinning it turns the kernel's relayout into an HBM copy.
+        scales = tuple(pltpu.with_memory_space_constraint(c, pltpu.HBM) for c in scales)
+    caches += scales
     itemsize = jnp.dtype(kv.k.dtype).itemsize
     vmem_bytes = ((2 if fused else 4) * hkv * nb * ps * dp * itemsize  # K/V double buffers
                   + 4 * hkv * rows * dp * q.dtype.itemsize  # q / out blocks, double-buffered

@@ -180,13 +180,14 @@ def token_major_pages(kv, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     import jax.numpy as jnp
 
     from pallas_kernels.ragged_paged_attention import kv_quant
+    from pallas_kernels.ragged_paged_attention.pages import page_scales
 
     def deq(x, scale):
         return np.asarray((x.astype(jnp.float32) if scale is None else kv_quant.dequantize(x, scale)), np.float64)
 
     ks, vs = kv.k_scale, kv.v_scale
-    if ks is not None and kv.layout.value != "token_major":  # [P, Hkv * ps] rows -> [P, Hkv, ps]
-        ks, vs = (x.reshape(kv.num_pages, kv.num_kv_heads, kv.page_size) for x in (ks, vs))
+    if ks is not None and kv.layout.value != "token_major":  # rows of G pages -> [P, Hkv, ps]
+        ks, vs = (page_scales(kv, x) for x in (ks, vs))
     if kv.layout.value == "head_major_fused":
         both = deq(kv.k, None)
         k, v = both[..., :64], both[..., 64:]
@@ -257,8 +258,10 @@ def with_garbage_metadata(seed: int, geo: Geometry, lengths: list[tuple[int, int
     return a, b
 
 
-def quantized_cache(batch: Batch, geo: Geometry, quant_dtype, layout: str = "token_major"):
-    """The batch's real keys / values written with ``write_kv`` into a fresh quantized cache.
+def quantized_cache(batch: Batch, geo: Geometry, quant_dtype, layout: str = "token_major", scale_pages_per_row: int = 1,
+                    impl: str | None = None):
+    """The batch's real keys / values written with ``write_kv`` (for ``impl``) into a fresh quantized cache
+    (head-major scale rows of ``scale_pages_per_row`` pages).
 
     Returns ``(kv, k_tok, v_tok)``: the cache and the float64 ``[N, Hkv, D]`` rows written into it.
     """
@@ -270,8 +273,9 @@ def quantized_cache(batch: Batch, geo: Geometry, quant_dtype, layout: str = "tok
     slots = np.asarray([batch.page_indices[s, j // ps] * ps + j % ps
                         for s in range(n) for j in range(batch.kv_lens[s])], np.int32)
     kv = init_kv_pages(geo.num_pages, ps, geo.num_kv_heads, geo.head_dim, layout=layout,
-                       quant_dtype=quant_dtype)
+                       quant_dtype=quant_dtype, scale_pages_per_row=scale_pages_per_row)
     k_tok = batch.k_pages.reshape(-1, geo.num_kv_heads, geo.head_dim)[slots]
     v_tok = batch.v_pages.reshape(-1, geo.num_kv_heads, geo.head_dim)[slots]
-    kv = write_kv(kv, jnp.asarray(k_tok, jnp.float32), jnp.asarray(v_tok, jnp.float32), jnp.asarray(slots))
+    kv = write_kv(kv, jnp.asarray(k_tok, jnp.float32), jnp.asarray(v_tok, jnp.float32), jnp.asarray(slots),
+                  impl=impl)
     return kv, k_tok, v_tok

@@ -56,17 +56,49 @@ def test_write_kv_quantizes_per_token_and_head(layout, qdtype):
                                absmax[keep, :, 0] / kv_quant.qmax(qdtype), rtol=1e-6)
 
 
+@pytest.mark.parametrize("layout,ps,hkv", [("head_major", 16, 8), ("head_major_fused", 32, 4),
+                                            ("head_major", 8, 2)])  # 16-lane rows: the XLA scatter
+def test_tpu_scale_row_write_equals_the_scatter(layout, ps, hkv):
+    """With impl="pallas_tpu" the scale rows of a head-major / fused cache are written in place by the
+    tpu_scales kernel (interpret mode here): tokens sharing a page (adjacent or not), padding tokens and
+    untouched rows give exactly the numpy scatter's rows, and the values exactly the XLA path's."""
+    rng = np.random.default_rng(3)
+    num_pages, d = 12, 64
+    kv = init_kv_pages(num_pages, ps, hkv, d, layout=layout, quant_dtype=jnp.int8)
+    old = rng.uniform(0.5, 2.0, size=kv.k_scale.shape).astype(np.float32)  # rows already holding scales
+    kv = kv._replace(k_scale=jnp.asarray(old), v_scale=jnp.asarray(2 * old))
+    slots = np.array([5 * ps + 1, 5 * ps + 2, 2 * ps, 9 * ps + ps - 1, -1, 5 * ps + 7, 2 * ps + 3, -1, 0, 11 * ps],
+                     np.int32)  # page 5 three times (split by page 2), pages 2, 9, 0, 11, two padding tokens
+    x = rng.standard_normal((len(slots), hkv, d)).astype(np.float32) * rng.uniform(0.1, 10, (len(slots), hkv, 1))
+    args = (kv, jnp.asarray(x), jnp.asarray(-2 * x), jnp.asarray(slots))
+    got = write_kv(*args, impl="pallas_tpu", interpret=True)
+    ref = write_kv(*args, impl="xla")
+    want = old.copy()
+    keep = slots >= 0
+    for s, row in zip(slots[keep], np.abs(x[keep]).max(-1) / 127):
+        want[s // ps, np.arange(hkv) * ps + s % ps] = row
+    np.testing.assert_allclose(np.asarray(got.k_scale), want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.v_scale), np.where(want == old, 2 * old, 2 * want), rtol=1e-6)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        if getattr(ref, name) is not None:
+            np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)))
+
+
 @pytest.mark.parametrize("qdtype", [jnp.int8, jnp.float8_e4m3fn])
-@pytest.mark.parametrize("impl,layout", [
-    ("xla", "token_major"), ("xla", "head_major_fused"), ("pallas_tpu", "head_major"),
-    ("pallas_tpu", "head_major_fused"), ("pallas_gpu", "token_major"),
-    pytest.param("cpu", "token_major", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("impl,layout,group", [
+    ("xla", "token_major", 1), ("xla", "head_major_fused", 1), ("xla", "head_major_fused", 8),
+    ("pallas_tpu", "head_major", 1), ("pallas_tpu", "head_major_fused", 1), ("pallas_tpu", "head_major", 8),
+    ("pallas_tpu", "head_major_fused", 8), ("pallas_gpu", "token_major", 1),
+    pytest.param("cpu", "token_major", 1, marks=pytest.mark.skipif(
         not cpu.available(), reason="no C++ compiler: the CPU kernel cannot be built"))])
-def test_attention_on_quantized_cache(impl, layout, qdtype):
+def test_attention_on_quantized_cache(impl, layout, group, qdtype):
+    """``group``: pages per head-major scale row (8: 3 heads x 16 tokens x 8 = 384 lanes, written by the
+    TPU scale-row kernel when ``impl="pallas_tpu"``, and each page's scales picked out of its row)."""
     geo = GEO_A
     rng = np.random.default_rng(9)
     batch = make_batch(rng, geo, draw_lengths(rng, geo, "mixed"))
-    kv, k_tok, v_tok = quantized_cache(batch, geo, qdtype, layout)
+    kv, k_tok, v_tok = quantized_cache(batch, geo, qdtype, layout, group, impl=impl if impl == "pallas_tpu" else None)
+    assert kv.scale_pages_per_row == group
     out = ragged_paged_attention(jnp.asarray(batch.q, jnp.float32), kv, jnp.asarray(batch.kv_lens),
                                  jnp.asarray(batch.page_indices), jnp.asarray(batch.cu_q_lens),
                                  jnp.asarray(batch.num_seqs), sm_scale=SM_SCALE, impl=impl)
