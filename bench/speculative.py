@@ -25,7 +25,8 @@ training prompts, rendered with the chat template); ``--temperatures 0 0.7`` add
 
 Usage: ``python bench/speculative.py [--batches 1 4 16] [--new-tokens 64] [--k 3] [--ngram-min 1 2]
 [--draft-layers 12] [--draft-self] [--reps 3] [--methods off ngram draft eagle ngram+eagle]
-[--workload repetitive|chat] [--temperatures 0 0.7] [--eagle-head FILE] [--eagle-thresholds 0 0.3]``
+[--workload repetitive|chat] [--temperatures 0 0.7] [--eagle-head FILE] [--eagle-thresholds 0 0.3]
+[--settings float32|default]`` (``default``: the target as `LLM()` runs it on this machine)
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ def main() -> None:
     ap.add_argument("--eagle-thresholds", type=float, nargs="+", default=[0.0],
                     help="one EAGLE configuration per early-stop threshold (eagle_draft_threshold)")
     ap.add_argument("--max-model-len", type=int, default=256)
+    ap.add_argument("--tag", default="", help="suffix of the result file name (keeps runs apart)")
+    ap.add_argument("--settings", choices=["float32", "default"], default="float32",
+                    help="target model settings: float32 weights and cache, or LLM()'s defaults on this machine")
     args = ap.parse_args()
     if args.draft_self and "draft_self" not in args.methods:
         args.methods.append("draft_self")
@@ -163,11 +167,18 @@ def main() -> None:
     from jaxinfer.loader import load_model
 
     enable_compilation_cache()
-    target = load_model(None)
-    texts, prompts_all = load_prompts(args.workload, target.tokenizer)
     max_b = max(args.batches)
     base = dict(max_model_len=args.max_model_len, max_num_seqs=max_b, max_num_batched_tokens=max(128, 8 * max_b),
                 page_size=16)
+    if args.settings == "default":  # what LLM() runs on this machine (dtype "auto": e.g. GGUF weights, bf16, int8 KV)
+        from jaxinfer.config import resolve_auto_settings, resolve_dtype
+
+        auto = resolve_auto_settings(EngineConfig(**base), gguf_model=True)
+        base.update(dtype=auto.dtype, kv_cache_dtype=auto.kv_cache_dtype, quantization=auto.quantization)
+        target = load_model(None, dtype=resolve_dtype(auto.dtype), quantization=auto.quantization)
+    else:
+        target = load_model(None)
+    texts, prompts_all = load_prompts(args.workload, target.tokenizer)
     engines, results = {}, {}
     for name, (method, draft, extra) in engine_configs(args, target).items():
         cfg = EngineConfig(**base, speculative_method=method, num_speculative_tokens=args.k, **extra)
@@ -204,9 +215,11 @@ def main() -> None:
                            "temperatures": args.temperatures, "ignore_eos": True, "num_speculative_tokens": args.k,
                            "ngram_min": args.ngram_min, "methods": args.methods, "eagle_head": args.eagle_head,
                            "eagle_thresholds": args.eagle_thresholds,
-                           "reps": args.reps, "reps_interleaved": True, "engine": base},
+                           "reps": args.reps, "reps_interleaved": True, "settings": args.settings,
+                           "engine": base},
               "results": results}
-    path = result_path("speculative" if args.workload == "repetitive" else "speculative-chat")
+    name = "speculative" if args.workload == "repetitive" else "speculative-chat"
+    path = result_path(f"{name}-{args.tag}" if args.tag else name)
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
 
