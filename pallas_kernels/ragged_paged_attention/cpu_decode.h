@@ -47,18 +47,6 @@ inline VF TransposeSum(const VF* p) {
          SHUFFLE(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-inline float MaxLanes(VF x) {  // a reduction tree
-  x = x > SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7) ? x
-      : SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  VF y = SHUFFLE(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  x = x > y ? x : y;
-  y = SHUFFLE(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  x = x > y ? x : y;
-  y = SHUFFLE(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  x = x > y ? x : y;
-  return x[0];
-}
-
 // One KV head's state in a decode item: its kNQ query vectors (float32 scaled, and bf16 pairs for
 // kDot), unnormalized outputs, running denominators (lane-wise) and maxima.
 template <int kNV, int kNQ>
@@ -144,7 +132,7 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
     VI ok = (kpos <= pos[m]) & (kpos < static_cast<float>(kb + nk));
     if (p.window > 0) ok &= kpos > pos[m] - static_cast<float>(p.window);
     s = ok ? s : Splat(kNegInf);
-    const float mx = MaxLanes(s);
+    const float mx = HorizontalMax(s);
     if (mx == kNegInf) {  // no key of this block is visible to this query
       alpha[m] = 1.0f;
       StoreF(w[m], VF{});

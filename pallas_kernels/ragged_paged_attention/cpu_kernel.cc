@@ -56,18 +56,6 @@ inline VF SHUFFLE_VAR(VF a, VI idx) {
 #define SHUFFLE_VAR(a, idx) __builtin_shuffle(a, idx)
 #endif
 
-inline float HorizontalMax(VF x) {
-  x = x > SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7) ? x
-      : SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  VF y = SHUFFLE(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  x = x > y ? x : y;
-  y = SHUFFLE(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  x = x > y ? x : y;
-  y = SHUFFLE(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  x = x > y ? x : y;
-  return x[0];
-}
-
 inline float HorizontalSum(VF x) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += x[i];

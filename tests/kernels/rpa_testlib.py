@@ -279,3 +279,31 @@ def quantized_cache(batch: Batch, geo: Geometry, quant_dtype, layout: str = "tok
     kv = write_kv(kv, jnp.asarray(k_tok, jnp.float32), jnp.asarray(v_tok, jnp.float32), jnp.asarray(slots),
                   impl=impl)
     return kv, k_tok, v_tok
+
+
+def run_cpu_on_cache(batch: Batch, geo: Geometry, qdtype, quant_dtype=None, **opts):
+    """The C++ CPU kernel on ``batch`` with ``qdtype`` queries over float pages of ``qdtype`` or, with
+    ``quant_dtype`` (int8 / fp8), a quantized cache written by ``write_kv``.
+
+    Returns ``(oracle batch, float64 output, tolerance)``: the oracle batch sees the queries rounded to
+    ``qdtype`` and the pages as the kernel reads them (rounded, or dequantized); the tolerance is
+    ``F32_TOL`` for float32 queries, ``BF16_TOL`` for bfloat16 outputs.
+    """
+    import jax.numpy as jnp
+
+    from pallas_kernels.ragged_paged_attention import kv_quant
+    from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
+
+    base = batch if qdtype == jnp.float32 else rounded(batch, qdtype)
+    if quant_dtype is not None:
+        kv, _, _ = quantized_cache(batch, geo, quant_dtype)
+        ref = dataclasses.replace(base, k_pages=np.asarray(kv_quant.dequantize(kv.k, kv.k_scale), np.float64),
+                                  v_pages=np.asarray(kv_quant.dequantize(kv.v, kv.v_scale), np.float64))
+        out = ragged_paged_attention(jnp.asarray(batch.q, qdtype), kv, jnp.asarray(batch.kv_lens),
+                                     jnp.asarray(batch.page_indices), jnp.asarray(batch.cu_q_lens),
+                                     jnp.asarray(batch.num_seqs), sm_scale=SM_SCALE, impl="cpu", **opts)
+    else:
+        ref = base
+        out = ragged_paged_attention(*device_args(batch, qdtype), sm_scale=SM_SCALE, impl="cpu", **opts)
+    assert out.dtype == qdtype
+    return ref, np.asarray(out.astype(jnp.float32), np.float64), F32_TOL if qdtype == jnp.float32 else BF16_TOL

@@ -9,25 +9,19 @@ vectors). Tolerances are ``rpa_testlib``'s: ``F32_TOL`` for float32 math, ``BF16
 outputs (which also covers the bf16 rounding of the softmax weights, <= 2^-9 relative, before P V).
 """
 
-import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from rpa_testlib import (
-    BF16_TOL,
-    F32_TOL,
-    SM_SCALE,
     Geometry,
     check_against_oracle,
     make_batch,
-    quantized_cache,
-    rounded,
+    run_cpu_on_cache,
     with_garbage_metadata,
 )
 
-from pallas_kernels.ragged_paged_attention import cpu, kv_quant
-from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import cpu
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel cannot be built")
 
@@ -44,21 +38,7 @@ GEOS = {
 def _run(batch, geo, cache, **opts):
     """The kernel on ``batch`` with ``cache`` in f32 / bf16 / int8; returns (oracle batch, output, tol)."""
     qdtype = jnp.float32 if cache == "f32" else jnp.bfloat16
-    if cache == "int8":
-        kv, _, _ = quantized_cache(batch, geo, jnp.int8)
-        ref = dataclasses.replace(rounded(batch, jnp.bfloat16),
-                                  k_pages=np.asarray(kv_quant.dequantize(kv.k, kv.k_scale), np.float64),
-                                  v_pages=np.asarray(kv_quant.dequantize(kv.v, kv.v_scale), np.float64))
-        out = ragged_paged_attention(jnp.asarray(batch.q, qdtype), kv, jnp.asarray(batch.kv_lens),
-                                     jnp.asarray(batch.page_indices), jnp.asarray(batch.cu_q_lens),
-                                     jnp.asarray(batch.num_seqs), sm_scale=SM_SCALE, impl="cpu", **opts)
-    else:
-        from rpa_testlib import device_args
-
-        ref = batch if cache == "f32" else rounded(batch, jnp.bfloat16)
-        out = ragged_paged_attention(*device_args(batch, qdtype), sm_scale=SM_SCALE, impl="cpu", **opts)
-    assert out.dtype == qdtype
-    return ref, np.asarray(out.astype(jnp.float32), np.float64), F32_TOL if cache == "f32" else BF16_TOL
+    return run_cpu_on_cache(batch, geo, qdtype, jnp.int8 if cache == "int8" else None, **opts)
 
 
 @pytest.mark.parametrize("cache", ["f32", "bf16", "int8"])

@@ -9,24 +9,20 @@ has AVX512-BF16. Tolerances are ``rpa_testlib``'s: ``F32_TOL`` for float32 queri
 for bfloat16 outputs.
 """
 
-import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from rpa_testlib import (
-    BF16_TOL,
-    F32_TOL,
     SM_SCALE,
     Geometry,
     check_against_oracle,
-    device_args,
     make_batch,
     quantized_cache,
-    rounded,
+    run_cpu_on_cache,
 )
 
-from pallas_kernels.ragged_paged_attention import cpu, kv_quant
+from pallas_kernels.ragged_paged_attention import cpu
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the CPU kernel cannot be built")
@@ -54,22 +50,13 @@ def _lengths(geo: Geometry, n: int, seed: int) -> list[tuple[int, int]]:
     return out
 
 
+QUANT = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+
+
 def _run(batch, geo, cache, **opts):
     """The kernel on ``batch`` with the given cache; returns (oracle batch, float64 output, tolerance)."""
     qdtype = jnp.float32 if cache in ("f32", "int8") else jnp.bfloat16
-    if cache in ("int8", "fp8"):
-        kv, _, _ = quantized_cache(batch, geo, jnp.int8 if cache == "int8" else jnp.float8_e4m3fn)
-        ref = dataclasses.replace(rounded(batch, qdtype) if qdtype == jnp.bfloat16 else batch,
-                                  k_pages=np.asarray(kv_quant.dequantize(kv.k, kv.k_scale), np.float64),
-                                  v_pages=np.asarray(kv_quant.dequantize(kv.v, kv.v_scale), np.float64))
-        out = ragged_paged_attention(jnp.asarray(batch.q, qdtype), kv, jnp.asarray(batch.kv_lens),
-                                     jnp.asarray(batch.page_indices), jnp.asarray(batch.cu_q_lens),
-                                     jnp.asarray(batch.num_seqs), sm_scale=SM_SCALE, impl="cpu", **opts)
-    else:
-        ref = batch if cache == "f32" else rounded(batch, jnp.bfloat16)
-        out = ragged_paged_attention(*device_args(batch, qdtype), sm_scale=SM_SCALE, impl="cpu", **opts)
-    assert out.dtype == qdtype
-    return ref, np.asarray(out.astype(jnp.float32), np.float64), F32_TOL if qdtype == jnp.float32 else BF16_TOL
+    return run_cpu_on_cache(batch, geo, qdtype, QUANT.get(cache), **opts)
 
 
 @pytest.mark.parametrize("cache", CACHES)
