@@ -118,6 +118,18 @@ def test_llama8b_shaped_quantized(llama8b, target, quantization, kv, monkeypatch
         # the attention kernel's K and V pages (and an int8 cache's scale rows) are pinned to HBM (the compiler
         # may not stage a whole cache in VMEM)
         _check_pinned_cache(texts[0], 4 if kv == "int8" else 2)
+        if quantization is not None:
+            _check_compiled_matmuls(texts[0])
+
+
+def _check_compiled_matmuls(text: str, layers: int = 2):
+    """Every quantized projection of the compiled TPU step is the Mosaic kernel (a ``tpu_custom_call``), none
+    its interpret-mode grid loop (XLA while loops of dynamic slices: under tensor parallelism the per-shard
+    call once fell back on the runtime backend, the CPU, and was interpreted)."""
+    calls = re.findall(r'custom_call_target="tpu_custom_call".*op_name="[^"]*/(qmm_\w+)/pallas_call"', text)
+    assert len(calls) >= 7 * layers, calls  # q, k, v, o, gate, up, down of each layer
+    interpreted = set(re.findall(r'op_name="[^"]*/(qmm_\w+)/while', text))
+    assert not interpreted, interpreted
 
 
 def _check_pinned_cache(text: str, operands: int):
@@ -153,6 +165,7 @@ def test_llama8b_shaped_quantized_under_tensor_parallelism(llama8b, quantization
     report = compile_for_target(llama8b, "tpu-v5e-4", EngineConfig(**SMALL, kv_cache_dtype=kv),
                                 quantization=quantization, buckets="smallest")
     _check(report, chips=4, quantized=True)
+    _check_compiled_matmuls(texts[0])
     if kv == "int8":
         # 2 KV heads x 16 tokens per chip: scale rows of 4 pages, 128 lanes per chip, pinned, written in place
         _check_scale_rows(texts[0], f"f32[{report.kv_capacity_tokens // 16 // 4},128]")

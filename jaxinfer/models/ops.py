@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jaxinfer.models.qembedding import QEmbedding
 from jaxinfer.sharding import ShardingPlan, logical_to_mesh_spec
+from pallas_kernels.backend import needs_interpret
 from pallas_kernels.quantized_matmul.api import quantized_matmul
 from pallas_kernels.quantized_matmul.qarray import QArray
 from pallas_kernels.quantized_matmul.sharded import quantized_matmul_sharded
@@ -39,8 +40,10 @@ def linear(x: jax.Array, w: jax.Array | QArray, bias: jax.Array | None = None, *
     """
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if isinstance(w, QArray):
+        if impl in _PALLAS:  # decided here: the shard_map below must not fall back on the runtime backend
+            interpret = needs_interpret(impl, interpret)
         if plan is not None and axes is not None and plan.tp > 1 and impl in _PALLAS and not interpret:
-            y = sharded_quantized_matmul(x, w, plan, axes, impl=impl, out_dtype=out_dtype)
+            y = sharded_quantized_matmul(x, w, plan, axes, impl=impl, interpret=False, out_dtype=out_dtype)
         else:
             y = quantized_matmul(x, w, impl=impl, interpret=interpret, int8_activations=int8_activations,
                                  out_dtype=out_dtype)
