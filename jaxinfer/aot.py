@@ -42,6 +42,12 @@ from pallas_kernels.targets import Target, get_target, target_devices
 AUTO_DTYPE_ON_ACCELERATORS = jnp.bfloat16
 TOP_OPS = 8  # largest XLA ops kept per bucket in the report
 
+# Compiler options of a compile-only build, per platform. XLA's GPU compiler rewrites large sorts (the
+# sampler's top-k / top-p over the vocabulary at batch >= ~16) to CUB's radix sort and asks the CUDA runtime
+# for its scratch size, which fails without a GPU ("invalid device ordinal"); a deviceless compile keeps
+# XLA's own sort instead. A real GPU compiles with the default (CUB).
+DEVICELESS_COMPILER_OPTIONS = {"cuda": {"xla_gpu_enable_cub_radix_sort": False}}
+
 
 def parse_target(text: str) -> tuple[Target, int]:
     """``"tpu-v5e-8"`` -> (the tpu-v5e target, 8 chips); ``"h100"`` -> (h100, 1)."""
@@ -315,7 +321,7 @@ def compile_for_target(
     embed_bytes = bytes_per_device(params["embed_tokens"])
     with _without_persistent_cache():
         for t, s in _pick(buckets_all, buckets, config.max_num_seqs):
-            report.buckets.append(_compile_one(runner, t, s))
+            report.buckets.append(_compile_one(runner, t, s, DEVICELESS_COMPILER_OPTIONS.get(tgt.platform)))
             _decode_traffic(
                 report.buckets[-1], lm, spec, weight_bytes, embed_bytes, expert_bytes_per_device(params), kv_shards, ctx
             )
@@ -382,10 +388,10 @@ def _decode_traffic(
     b.estimated_bytes, b.estimated_bytes_max = b.hlo_bytes + pages, b.hlo_bytes_max + pages
 
 
-def _compile_one(runner: ModelRunner, t: int, s: int) -> BucketResult:
+def _compile_one(runner: ModelRunner, t: int, s: int, options: dict | None = None) -> BucketResult:
     start = time.perf_counter()
     try:
-        compiled = runner.lower(t, s).compile()
+        compiled = runner.lower(t, s).compile(compiler_options=options)
     except Exception as e:  # the compiler's refusal is the answer: report it per bucket
         return BucketResult(t, s, False, time.perf_counter() - start, error=f"{type(e).__name__}: {e}"[:2000])
     seconds = time.perf_counter() - start

@@ -82,6 +82,15 @@ def test_default_model_on_one_v5e_chip(monkeypatch):
         assert b.traffic_ratio < 1.10, b.traffic_ratio
 
 
+def test_default_model_full_batch_decode_on_h100():
+    """The full-batch decode bucket compiles for H100 without a GPU: its sampler sorts ``[64, 49152]``
+    logits, which XLA's GPU compiler hands to CUB's radix sort, whose scratch-size query needs a device
+    (``cudaErrorInvalidDevice`` before the deviceless compile kept XLA's own sort)."""
+    report = compile_for_target(None, "h100", EngineConfig(**{**SMALL, "max_num_seqs": 64}), buckets="decode")
+    assert [(b.tokens, b.seqs) for b in report.buckets] == [(2, 2), (64, 64)]
+    _check(report, chips=1)
+
+
 @pytest.mark.parametrize("target,chips", [("tpu-v6e-1", 1), ("tpu-v5e-4", 4), ("tpu-v5e-8", 8), ("h100", 1)])
 def test_llama8b_shaped_bf16(llama8b, target, chips, monkeypatch):
     texts = []
