@@ -44,6 +44,8 @@ TRAFFIC_CASES = [
     ("Llama-3-8B-shaped", LLAMA8B, "tpu-v6e-1", "int8", "int8"),
     ("Llama-3-8B-shaped", LLAMA8B, "tpu-v5e-8", None, "auto"),
     ("Llama-3-8B-shaped", LLAMA8B, "tpu-v5e-8", "int8", "int8"),
+    ("Llama-3-8B-shaped", LLAMA8B, "h100", None, "auto"),
+    ("Llama-3-8B-shaped", LLAMA8B, "h100", "int8", "int8"),
 ]
 
 
@@ -63,7 +65,8 @@ def main() -> int:
     p.add_argument("--page-size", type=int, default=None, help="KV page size (default: EngineConfig's)")
     p.add_argument("--buckets", default="smallest", choices=("all", "decode", "smallest"))
     p.add_argument("--traffic", action="store_true", help="only the decode-traffic cases (SmolLM2 on tpu-v5e-1; "
-                   "Llama-3-8B-shaped on tpu-v6e-1 / v5e-8, bf16 and int8 weights + int8 KV) with --buckets decode")
+                   "Llama-3-8B-shaped on tpu-v6e-1 / v5e-8 / h100, bf16 and int8 weights + int8 KV) with "
+                   "--buckets decode")
     p.add_argument("--cases", default=None, help="comma-separated indices into the case list (default: all); "
                    "rows are appended to --out when it exists")
     args = p.parse_args()
