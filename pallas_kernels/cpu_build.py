@@ -108,6 +108,7 @@ class CpuKernel:
     def __init__(self, source: Path, *, prefix: str, symbol: str, target: str, what: str):
         self.source, self.prefix, self.symbol, self.target, self.what = source, prefix, symbol, target, what
         self.state: dict[str, object] = {}
+        self.lib: ctypes.CDLL | None = None  # the loaded library, once available()
         self._lock = threading.Lock()
 
     def buildable(self) -> bool:
@@ -129,7 +130,7 @@ class CpuKernel:
                     cxx = compiler()
                     if cxx is None:
                         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
-                    lib = ctypes.cdll.LoadLibrary(str(build(self.source, self.prefix, cxx)))
+                    lib = self.lib = ctypes.cdll.LoadLibrary(str(build(self.source, self.prefix, cxx)))
                     jax.ffi.register_ffi_target(self.target, jax.ffi.pycapsule(getattr(lib, self.symbol)),
                                                 platform="cpu")
                     self.state["ok"] = True

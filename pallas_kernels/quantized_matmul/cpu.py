@@ -4,8 +4,8 @@ XLA:CPU runs the pure-jnp path (:mod:`.reference`) by converting the whole int8 
 activations' dtype in every call and then running a float dot, so a decode step reads (and writes) far
 more than the packed weight. The C++ kernel streams the packed weight once and dequantizes it in
 registers for small M (decode), and for larger M (prefill) dequantizes one block of columns at a time
-into a cache-resident panel multiplied with bfloat16 dot instructions (AVX512-BF16) or float32 FMAs
-(see the comment at the top of ``cpu_kernel.cc``). Work is spread over XLA's intra-op thread pool.
+into a cache-resident panel multiplied with AMX tiles (AMX-BF16), bfloat16 dot instructions (AVX512-BF16)
+or float32 FMAs (see the comment at the top of ``cpu_kernel.cc``). Work is spread over XLA's intra-op thread pool.
 With ``int8_activations`` on a CPU with AVX512-VNNI the prefill path instead quantizes the activations to
 int8 per 32-block and runs an integer dot (``vpdpbusd``, ``cpu_vnni.h``): W8A8-style numerics, opt-in.
 
@@ -61,6 +61,13 @@ def unsupported_reason(x: jax.Array, w: QArray) -> str | None:
     if w.ndim != 2:
         return "impl='cpu' takes a 2-D weight"
     return None
+
+
+def amx_enabled() -> bool:
+    """Whether the kernel's bfloat16 panel path (M > :data:`GEMV_MAX_M`, K a multiple of 32) multiplies on
+    AMX tiles: built for a CPU with AMX-BF16 (``-march=native``), the tile state granted by the OS, and
+    ``JAXINFER_CPU_AMX`` not ``0`` (read once per process; ``0`` keeps the AVX512-BF16 dot)."""
+    return available() and bool(KERNEL.lib.JaxinferQuantizedMatmulAmx())
 
 
 def has_vnni() -> bool:

@@ -21,7 +21,8 @@
 //    then multiplied with blocks of 6 activation rows. With bfloat16 activations on a CPU with
 //    AVX512-BF16 the panel is stored as bfloat16 pairs of adjacent K rows (the reference also rounds the
 //    dequantized weight to the activations' dtype) and the product uses vdpbf16ps (float32
-//    accumulation); otherwise it is a float32 panel with float32 FMAs.
+//    accumulation), or AMX tiles (TDPBF16PS, 32 x 32 register blocks, cpu_amx.h) on a CPU with
+//    AMX-BF16 when K is a multiple of 32; otherwise it is a float32 panel with float32 FMAs.
 //  * int8_activations (attribute), AVX512-VNNI, M > gemv_max_m, K and the group size multiples of 32:
 //    instead of the panel above, each row of x is quantized to int8 per block of 32 (once per call) and
 //    the column block's weight levels go into a vpdpbusd panel (cpu_vnni.h, which states the numerics),
@@ -34,6 +35,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_amx.h"
 #include "cpu_parallel.h"
 #include "cpu_simd.h"
 #include "cpu_vnni.h"
@@ -434,6 +436,36 @@ void PanelDotBf16(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t n
 constexpr bool kHaveBf16Dot = false;
 #endif
 
+#if defined(JAXINFER_HAVE_AMX)
+// Rows [m0, m1) of the column block at n0 with AMX tiles (cpu_amx.h); K a multiple of 32.
+void AmxRows(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t m1, int64_t n0) {
+  namespace amx = jaxinfer_amx;
+  thread_local std::vector<uint16_t> pad;
+  alignas(64) float y[amx::kBlockRows * 32];
+  const int nvec = static_cast<int>(std::min<int64_t>((p.n - n0 + kLanes - 1) / kLanes, kNV));
+  amx::Configure();
+  for (int64_t m = m0; m < m1; m += amx::kBlockRows) {
+    const int64_t rows = std::min<int64_t>(amx::kBlockRows, m1 - m);
+    const uint16_t* a = p.xb + m * p.k;
+    if (rows < amx::kBlockRows) {  // a row tail: zero rows below it, so the tiles never read past x
+      pad.assign(static_cast<size_t>(amx::kBlockRows * p.k), 0);
+      std::memcpy(pad.data(), a, static_cast<size_t>(rows * p.k) * sizeof(uint16_t));
+      a = pad.data();
+    }
+    for (int v0 = 0; v0 < nvec; v0 += 2) {
+      amx::Block(a, p.k, pairs, kNB, v0, p.k, y);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int v = v0; v < std::min(v0 + 2, nvec); ++v) {
+          const int64_t c = n0 + v * kLanes;
+          StoreOut(p, m + i, c, LoadF(y + i * 32 + (v - v0) * kLanes),
+                   static_cast<int>(std::min<int64_t>(p.n - c, kLanes)));
+        }
+    }
+  }
+  amx::Release();
+}
+#endif
+
 template <int MB>
 void PanelRows(const Problem& p, const void* panel, bool bf16, int64_t m0, int64_t n0) {
 #if defined(__AVX512BF16__)
@@ -532,6 +564,9 @@ void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
     pairs.resize(static_cast<size_t>(p.k / 2 * kNB));
     PairPanel(f32.data(), p.k, pairs.data());
     panel = pairs.data();
+#if defined(JAXINFER_HAVE_AMX)
+    if (p.k % jaxinfer_amx::kKStep == 0 && jaxinfer_amx::Enabled()) return AmxRows(p, pairs.data(), m0, m1, n0);
+#endif
   }
 #endif
   int64_t m = m0;
@@ -710,6 +745,15 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
 }
 
 }  // namespace
+
+// Whether the bfloat16 panel path multiplies on AMX tiles in this process (cpu.py: amx_enabled()).
+extern "C" int JaxinferQuantizedMatmulAmx() {
+#if defined(JAXINFER_HAVE_AMX)
+  return jaxinfer_amx::Enabled() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQuantizedMatmulCpu, QuantizedMatmulCpu,
                               ffi::Ffi::Bind()

@@ -118,3 +118,47 @@ def test_build_failure_falls_back_to_xla(monkeypatch):
     _check(quantized_matmul(x, w), _oracle(x, w), F32_TOL)
     with pytest.raises(KernelUnavailableError, match="no C\\+\\+ compiler"):
         quantized_matmul(x, w, impl="cpu")
+
+
+_AMX_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from pallas_kernels.quantized_matmul import cpu
+from pallas_kernels.quantized_matmul.qarray import QArray
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((45, 384)).astype(np.float32), jnp.bfloat16)
+w = QArray.quantize(jnp.asarray(rng.standard_normal((384, 200)).astype(np.float32) / np.sqrt(384)), "int4-g32")
+np.save(sys.argv[1], np.asarray(cpu.quantized_matmul_cpu(x, w, jnp.float32)))
+print(int(cpu.amx_enabled()))
+"""
+
+
+def test_amx_tiles_on_amx_cpus_and_same_numbers_as_the_bf16_dot(tmp_path):
+    """The bfloat16 panel path multiplies on AMX tiles exactly where the CPU has AMX-BF16 (not on other
+    CPUs), and with ``JAXINFER_CPU_AMX=0`` runs the vdpbf16ps dot: both against the float64 oracle of the
+    bf16-rounded weights (a 45-row tail of a 32-row block, 200 columns: a 64-column block's tail), and
+    within float32 summation order of each other."""
+    import os
+    import subprocess
+    import sys
+
+    flags = cpu.cpu_build.cpu_flags().split()
+    if cpu.buildable():
+        assert cpu.amx_enabled() == ("amx_bf16" in flags and "avx512_bf16" in flags)
+    runs = {}
+    for amx in ("1", "0"):
+        env = {**os.environ, "JAXINFER_CPU_AMX": amx, "JAX_PLATFORMS": "cpu"}
+        out = tmp_path / f"y{amx}.npy"
+        proc = subprocess.run([sys.executable, "-c", _AMX_SCRIPT, str(out)], env=env, capture_output=True,
+                              text=True, timeout=300, check=True)
+        runs[amx] = (proc.stdout.strip().splitlines()[-1] == "1", np.load(out).astype(np.float64))
+    assert runs["0"][0] is False and runs["1"][0] == cpu.amx_enabled()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((45, 384)).astype(np.float32), jnp.bfloat16)
+    w = QArray.quantize(jnp.asarray(rng.standard_normal((384, 200)).astype(np.float32) / np.sqrt(384)), "int4-g32")
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(
+        w.dequantize(jnp.bfloat16).astype(jnp.float32), np.float64)
+    scale = np.abs(ref).max()
+    for _, y in runs.values():
+        assert np.abs(y - ref).max() <= 1e-5 * scale
+    assert np.abs(runs["1"][1] - runs["0"][1]).max() <= 1e-5 * scale
