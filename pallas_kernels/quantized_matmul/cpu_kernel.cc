@@ -51,6 +51,7 @@ constexpr int kNV = 4;       // vectors per column block
 constexpr int kNB = kNV * kLanes;  // 64 output columns per block
 constexpr int kMB = 4;       // activation rows per decode-path block
 constexpr int kPanelMB = 6;  // activation rows per prefill-path block
+constexpr int kPrefetchRows = 16;  // packed weight rows fetched ahead while a panel is built
 
 enum class WKind { kI8, kI4S, kI4A };  // int8, signed int4, unsigned int4 (+ offset)
 enum class SKind { kF32, kF16, kBf16 };
@@ -356,9 +357,33 @@ inline void DequantGroupRows(const Problem& p, int64_t j, int64_t c, int valid, 
   }
 }
 
+// Float32 panel [K, 64] of a whole column block at n0 (n0 + 64 <= N): row by row, each packed row's 64
+// bytes (a cache line for int8) consumed at once and the row kPrefetchRows ahead fetched meanwhile.
+template <WKind W, SKind S>
+void BuildPanelF32Full(const Problem& p, int64_t n0, float* panel) {
+  constexpr bool kI4 = W != WKind::kI8;
+  const int64_t prow = kI4 ? p.g / 2 : p.g, rows = p.groups * prow;
+  for (int64_t j = 0; j < p.groups; ++j) {
+    VF sc[kNV], off[kNV];
+    for (int v = 0; v < kNV; ++v) GroupScale<W, S>(p, j, n0 + v * kLanes, &sc[v], &off[v]);
+    float* dst = panel + j * p.g * kNB;
+    for (int64_t r = 0; r < prow; ++r) {
+      const int64_t row = j * prow + r;
+      if (row + kPrefetchRows < rows) __builtin_prefetch(p.value + (row + kPrefetchRows) * p.n + n0);
+      for (int v = 0; v < kNV; ++v) {
+        VF lo, hi;
+        Levels<W>(p.value + row * p.n + n0 + v * kLanes, &lo, &hi);
+        StoreF(dst + r * kNB + v * kLanes, sc[v] * lo + off[v]);
+        if constexpr (kI4) StoreF(dst + (r + p.g / 2) * kNB + v * kLanes, sc[v] * hi + off[v]);
+      }
+    }
+  }
+}
+
 // Float32 panel [K, 64] of the column block at n0.
 template <WKind W, SKind S>
 void BuildPanelF32(const Problem& p, int64_t n0, float* panel) {
+  if (n0 + kNB <= p.n) return BuildPanelF32Full<W, S>(p, n0, panel);
   for (int v = 0; v < kNV; ++v) {
     const int64_t c = n0 + v * kLanes;
     const int valid = static_cast<int>(std::clamp<int64_t>(p.n - c, 0, kLanes));
