@@ -432,6 +432,51 @@ void PairPanel(const float* f32, int64_t k, uint32_t* pairs) {
   }
 }
 
+// bfloat16 pairs of two float32 vectors (K rows 2q and 2q + 1), rounded to nearest even as PairPanel.
+inline VU PackPair(VF a, VF b) {
+  VU ua, ub;
+  std::memcpy(&ua, &a, sizeof(ua));
+  std::memcpy(&ub, &b, sizeof(ub));
+  ua = (ua + 0x7fffu + ((ua >> 16) & 1u)) >> 16;
+  ub = (ub + 0x7fffu + ((ub >> 16) & 1u)) & 0xffff0000u;
+  return ua | ub;
+}
+
+// bfloat16 pair panel [K/2, 64] of a whole column block at n0 (n0 + 64 <= N) straight from the packed
+// weight: the same numbers as BuildPanelF32 then PairPanel (each weight scale * level (+ offset) in
+// float32, then rounded), without the float32 panel in between. Two packed rows at a time, each row's
+// 64 bytes consumed at once, kPrefetchRows rows fetched ahead.
+template <WKind W, SKind S>
+void BuildPairPanelFull(const Problem& p, int64_t n0, uint32_t* pairs) {
+  constexpr bool kI4 = W != WKind::kI8;
+  const int64_t prow = kI4 ? p.g / 2 : p.g, rows = p.groups * prow;
+  for (int64_t j = 0; j < p.groups; ++j) {
+    VF sc[kNV], off[kNV];
+    for (int v = 0; v < kNV; ++v) GroupScale<W, S>(p, j, n0 + v * kLanes, &sc[v], &off[v]);
+    for (int64_t r = 0; r < prow; r += 2) {
+      const int64_t row = j * prow + r;
+      if (row + kPrefetchRows + 1 < rows) {
+        __builtin_prefetch(p.value + (row + kPrefetchRows) * p.n + n0);
+        __builtin_prefetch(p.value + (row + kPrefetchRows + 1) * p.n + n0);
+      }
+      // K rows j*g + r, r + 1 (int4: the low nibbles; the high ones are K rows j*g + g/2 + r, r + 1)
+      uint32_t* lo_dst = pairs + ((j * p.g + r) / 2) * kNB;
+      uint32_t* hi_dst = pairs + ((j * p.g + p.g / 2 + r) / 2) * kNB;
+      for (int v = 0; v < kNV; ++v) {
+        VF lo0, hi0, lo1, hi1;
+        Levels<W>(p.value + row * p.n + n0 + v * kLanes, &lo0, &hi0);
+        Levels<W>(p.value + (row + 1) * p.n + n0 + v * kLanes, &lo1, &hi1);
+        const VU a = PackPair(sc[v] * lo0 + off[v], sc[v] * lo1 + off[v]);
+        std::memcpy(lo_dst + v * kLanes, &a, sizeof(a));
+        if constexpr (kI4) {
+          const VU b = PackPair(sc[v] * hi0 + off[v], sc[v] * hi1 + off[v]);
+          std::memcpy(hi_dst + v * kLanes, &b, sizeof(b));
+        }
+      }
+    }
+  }
+}
+
 template <int MB>
 void PanelDotBf16(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t n0) {
   __m512 acc[MB][kNV];
@@ -580,9 +625,23 @@ void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
 #endif
   thread_local std::vector<float> f32;
   thread_local std::vector<uint32_t> pairs;
+  const bool bf16 = kHaveBf16Dot && p.xb != nullptr;
+#if defined(__AVX512BF16__)
+  // a whole block, pairs of rows within each group (an even group size): the pair panel directly
+  if (bf16 && n0 + kNB <= p.n && p.g % 2 == 0 && (W == WKind::kI8 || (p.g / 2) % 2 == 0)) {
+    pairs.resize(static_cast<size_t>(p.k / 2 * kNB));
+    BuildPairPanelFull<W, S>(p, n0, pairs.data());
+#if defined(JAXINFER_HAVE_AMX)
+    if (p.k % jaxinfer_amx::kKStep == 0 && jaxinfer_amx::Enabled()) return AmxRows(p, pairs.data(), m0, m1, n0);
+#endif
+    int64_t m = m0;
+    for (; m + kPanelMB <= m1; m += kPanelMB) PanelRows<kPanelMB>(p, pairs.data(), true, m, n0);
+    for (; m < m1; ++m) PanelRows<1>(p, pairs.data(), true, m, n0);
+    return;
+  }
+#endif
   f32.resize(static_cast<size_t>(p.k * kNB));
   BuildPanelF32<W, S>(p, n0, f32.data());
-  const bool bf16 = kHaveBf16Dot && p.xb != nullptr;
   const void* panel = f32.data();
 #if defined(__AVX512BF16__)
   if (bf16) {
