@@ -357,27 +357,40 @@ inline void DequantGroupRows(const Problem& p, int64_t j, int64_t c, int valid, 
   }
 }
 
-// Float32 panel [K, 64] of a whole column block at n0 (n0 + 64 <= N): row by row, each packed row's 64
-// bytes (a cache line for int8) consumed at once and the row kPrefetchRows ahead fetched meanwhile.
-template <WKind W, SKind S>
-void BuildPanelF32Full(const Problem& p, int64_t n0, float* panel) {
-  constexpr bool kI4 = W != WKind::kI8;
-  const int64_t prow = kI4 ? p.g / 2 : p.g, rows = p.groups * prow;
+// Walks a whole column block at n0 (n0 + 64 <= N) of the packed weight row by row, kStep packed rows at a
+// time: each packed row's 64 bytes (a cache line for int8) consumed at once, the rows kPrefetchRows ahead
+// fetched meanwhile (rows N bytes apart, e.g. the LM head's 49152, fall into few cache sets and defeat the
+// hardware prefetcher). Calls fn(j, r, sc, off) for packed rows r .. r + kStep - 1 of group j, with the
+// group's scales and offsets of the block's kNV vectors.
+template <WKind W, SKind S, int kStep, typename Fn>
+inline void WalkBlockRows(const Problem& p, int64_t n0, Fn fn) {
+  const int64_t prow = W != WKind::kI8 ? p.g / 2 : p.g, rows = p.groups * prow;
   for (int64_t j = 0; j < p.groups; ++j) {
     VF sc[kNV], off[kNV];
     for (int v = 0; v < kNV; ++v) GroupScale<W, S>(p, j, n0 + v * kLanes, &sc[v], &off[v]);
-    float* dst = panel + j * p.g * kNB;
-    for (int64_t r = 0; r < prow; ++r) {
+    for (int64_t r = 0; r < prow; r += kStep) {
       const int64_t row = j * prow + r;
-      if (row + kPrefetchRows < rows) __builtin_prefetch(p.value + (row + kPrefetchRows) * p.n + n0);
-      for (int v = 0; v < kNV; ++v) {
-        VF lo, hi;
-        Levels<W>(p.value + row * p.n + n0 + v * kLanes, &lo, &hi);
-        StoreF(dst + r * kNB + v * kLanes, sc[v] * lo + off[v]);
-        if constexpr (kI4) StoreF(dst + (r + p.g / 2) * kNB + v * kLanes, sc[v] * hi + off[v]);
-      }
+      for (int i = 0; i < kStep; ++i)
+        if (row + kPrefetchRows + i < rows) __builtin_prefetch(p.value + (row + kPrefetchRows + i) * p.n + n0);
+      fn(j, r, sc, off);
     }
   }
+}
+
+// Float32 panel [K, 64] of a whole column block at n0 (n0 + 64 <= N).
+template <WKind W, SKind S>
+void BuildPanelF32Full(const Problem& p, int64_t n0, float* panel) {
+  constexpr bool kI4 = W != WKind::kI8;
+  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  WalkBlockRows<W, S, 1>(p, n0, [&](int64_t j, int64_t r, const VF* sc, const VF* off) {
+    float* dst = panel + j * p.g * kNB;
+    for (int v = 0; v < kNV; ++v) {
+      VF lo, hi;
+      Levels<W>(p.value + (j * prow + r) * p.n + n0 + v * kLanes, &lo, &hi);
+      StoreF(dst + r * kNB + v * kLanes, sc[v] * lo + off[v]);
+      if constexpr (kI4) StoreF(dst + (r + p.g / 2) * kNB + v * kLanes, sc[v] * hi + off[v]);
+    }
+  });
 }
 
 // Float32 panel [K, 64] of the column block at n0.
@@ -444,37 +457,28 @@ inline VU PackPair(VF a, VF b) {
 
 // bfloat16 pair panel [K/2, 64] of a whole column block at n0 (n0 + 64 <= N) straight from the packed
 // weight: the same numbers as BuildPanelF32 then PairPanel (each weight scale * level (+ offset) in
-// float32, then rounded), without the float32 panel in between. Two packed rows at a time, each row's
-// 64 bytes consumed at once, kPrefetchRows rows fetched ahead.
+// float32, then rounded), without the float32 panel in between; two packed rows at a time.
 template <WKind W, SKind S>
 void BuildPairPanelFull(const Problem& p, int64_t n0, uint32_t* pairs) {
   constexpr bool kI4 = W != WKind::kI8;
-  const int64_t prow = kI4 ? p.g / 2 : p.g, rows = p.groups * prow;
-  for (int64_t j = 0; j < p.groups; ++j) {
-    VF sc[kNV], off[kNV];
-    for (int v = 0; v < kNV; ++v) GroupScale<W, S>(p, j, n0 + v * kLanes, &sc[v], &off[v]);
-    for (int64_t r = 0; r < prow; r += 2) {
-      const int64_t row = j * prow + r;
-      if (row + kPrefetchRows + 1 < rows) {
-        __builtin_prefetch(p.value + (row + kPrefetchRows) * p.n + n0);
-        __builtin_prefetch(p.value + (row + kPrefetchRows + 1) * p.n + n0);
-      }
-      // K rows j*g + r, r + 1 (int4: the low nibbles; the high ones are K rows j*g + g/2 + r, r + 1)
-      uint32_t* lo_dst = pairs + ((j * p.g + r) / 2) * kNB;
-      uint32_t* hi_dst = pairs + ((j * p.g + p.g / 2 + r) / 2) * kNB;
-      for (int v = 0; v < kNV; ++v) {
-        VF lo0, hi0, lo1, hi1;
-        Levels<W>(p.value + row * p.n + n0 + v * kLanes, &lo0, &hi0);
-        Levels<W>(p.value + (row + 1) * p.n + n0 + v * kLanes, &lo1, &hi1);
-        const VU a = PackPair(sc[v] * lo0 + off[v], sc[v] * lo1 + off[v]);
-        std::memcpy(lo_dst + v * kLanes, &a, sizeof(a));
-        if constexpr (kI4) {
-          const VU b = PackPair(sc[v] * hi0 + off[v], sc[v] * hi1 + off[v]);
-          std::memcpy(hi_dst + v * kLanes, &b, sizeof(b));
-        }
+  const int64_t prow = kI4 ? p.g / 2 : p.g;
+  WalkBlockRows<W, S, 2>(p, n0, [&](int64_t j, int64_t r, const VF* sc, const VF* off) {
+    const int8_t* row = p.value + (j * prow + r) * p.n + n0;
+    // K rows j*g + r, r + 1 (int4: the low nibbles; the high ones are K rows j*g + g/2 + r, r + 1)
+    uint32_t* lo_dst = pairs + ((j * p.g + r) / 2) * kNB;
+    uint32_t* hi_dst = pairs + ((j * p.g + p.g / 2 + r) / 2) * kNB;
+    for (int v = 0; v < kNV; ++v) {
+      VF lo0, hi0, lo1, hi1;
+      Levels<W>(row + v * kLanes, &lo0, &hi0);
+      Levels<W>(row + p.n + v * kLanes, &lo1, &hi1);
+      const VU a = PackPair(sc[v] * lo0 + off[v], sc[v] * lo1 + off[v]);
+      std::memcpy(lo_dst + v * kLanes, &a, sizeof(a));
+      if constexpr (kI4) {
+        const VU b = PackPair(sc[v] * hi0 + off[v], sc[v] * hi1 + off[v]);
+        std::memcpy(hi_dst + v * kLanes, &b, sizeof(b));
       }
     }
-  }
+  });
 }
 
 template <int MB>
