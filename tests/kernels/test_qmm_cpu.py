@@ -122,12 +122,12 @@ def test_build_failure_falls_back_to_xla(monkeypatch):
 
 _AMX_SCRIPT = """
 import sys
-import jax, jax.numpy as jnp, numpy as np
+import jax.numpy as jnp, numpy as np
 from pallas_kernels.quantized_matmul import cpu
 from pallas_kernels.quantized_matmul.qarray import QArray
-rng = np.random.default_rng(0)
-x = jnp.asarray(rng.standard_normal((45, 384)).astype(np.float32), jnp.bfloat16)
-w = QArray.quantize(jnp.asarray(rng.standard_normal((384, 200)).astype(np.float32) / np.sqrt(384)), "int4-g32")
+inputs = np.load(sys.argv[2])
+x = jnp.asarray(inputs["x"], jnp.bfloat16)
+w = QArray.quantize(jnp.asarray(inputs["w"]), "int4-g32")
 np.save(sys.argv[1], np.asarray(cpu.quantized_matmul_cpu(x, w, jnp.float32)))
 print(int(cpu.amx_enabled()))
 """
@@ -145,18 +145,21 @@ def test_amx_tiles_on_amx_cpus_and_same_numbers_as_the_bf16_dot(tmp_path):
     flags = cpu.cpu_build.cpu_flags().split()
     if cpu.buildable():
         assert cpu.amx_enabled() == ("amx_bf16" in flags and "avx512_bf16" in flags)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((45, 384)).astype(np.float32)
+    w_float = rng.standard_normal((384, 200)).astype(np.float32) / np.sqrt(384)
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=x, w=w_float)
     runs = {}
     for amx in ("1", "0"):
         env = {**os.environ, "JAXINFER_CPU_AMX": amx, "JAX_PLATFORMS": "cpu"}
         out = tmp_path / f"y{amx}.npy"
-        proc = subprocess.run([sys.executable, "-c", _AMX_SCRIPT, str(out)], env=env, capture_output=True,
-                              text=True, timeout=300, check=True)
+        proc = subprocess.run([sys.executable, "-c", _AMX_SCRIPT, str(out), str(inputs)], env=env,
+                              capture_output=True, text=True, timeout=300, check=True)
         runs[amx] = (proc.stdout.strip().splitlines()[-1] == "1", np.load(out).astype(np.float64))
     assert runs["0"][0] is False and runs["1"][0] == cpu.amx_enabled()
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((45, 384)).astype(np.float32), jnp.bfloat16)
-    w = QArray.quantize(jnp.asarray(rng.standard_normal((384, 200)).astype(np.float32) / np.sqrt(384)), "int4-g32")
-    ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(
+    w = QArray.quantize(jnp.asarray(w_float), "int4-g32")
+    ref = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64) @ np.asarray(
         w.dequantize(jnp.bfloat16).astype(jnp.float32), np.float64)
     scale = np.abs(ref).max()
     for _, y in runs.values():
