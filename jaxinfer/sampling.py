@@ -6,7 +6,7 @@ prompt + output tokens; presence / frequency over output tokens) -> the structur
 (a packed bitmask per row, all ones for unconstrained rows) -> temperature -> min-p -> top-k ->
 top-p (each filter on the distribution the previous one left) -> a Gumbel-max draw keyed only by the
 row's ``(seed, step)``, so a request samples the same tokens whatever batch it runs in. Temperature 0
-takes the argmax. The expensive parts (sorting for the filters, gathering penalty counts, top-n
+takes the argmax. The expensive parts (the filters' threshold searches, gathering penalty counts, top-n
 log-probabilities) run only when some row in the batch needs them.
 
 Penalty counts live on the device in :class:`PenaltyState`, one row per engine *slot* (a running
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.sampling_filter import filter_logits
 from jaxinfer.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 MAX_SUPPRESSED_IDS = 8  # EOS + stop token ids held back until min_tokens (per row)
@@ -172,29 +173,6 @@ def _apply_penalties(logits: jax.Array, st: SamplingTensors, state: PenaltyState
     return logits - st.presence_penalty[:, None] * (counts > 0)
 
 
-def _filter(x: jax.Array, st: SamplingTensors) -> jax.Array:
-    """Apply min-p, top-k and top-p to temperature-scaled logits ``x[S, V]`` (masked -> -inf)."""
-    v = x.shape[-1]
-    x_max = jnp.max(x, axis=-1, keepdims=True)
-    # min-p: p >= min_p * p_max  <=>  x >= x_max + log(min_p)
-    min_p_thresh = jnp.where(st.min_p[:, None] > 0, x_max + jnp.log(jnp.maximum(st.min_p[:, None], 1e-30)),
-                             -jnp.inf)
-    x = jnp.where(x < min_p_thresh, -jnp.inf, x)
-    sorted_x = -jnp.sort(-x, axis=-1)  # descending
-    k = jnp.where(st.top_k > 0, jnp.minimum(st.top_k, v), v)
-    kth = jnp.take_along_axis(sorted_x, (k - 1)[:, None], axis=-1)
-    rank = jnp.arange(v)[None, :]
-    sorted_x = jnp.where(rank < k[:, None], sorted_x, -jnp.inf)
-    probs = jax.nn.softmax(sorted_x, axis=-1)
-    cum_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (cum_before < st.top_p[:, None]) & (rank < k[:, None])
-    keep = keep.at[:, 0].set(True)
-    last_kept = jnp.sum(keep, axis=-1) - 1
-    p_thresh = jnp.take_along_axis(sorted_x, last_kept[:, None], axis=-1)
-    thresh = jnp.maximum(kth, p_thresh)
-    return jnp.where(x < thresh, -jnp.inf, x)
-
-
 def _row_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
     key = jax.random.fold_in(jax.random.key(seed), step)
     return jax.random.gumbel(key, (vocab,), jnp.float32)
@@ -267,7 +245,7 @@ def warp_logits(x: jax.Array, st: SamplingTensors) -> jax.Array:
     temp = jnp.where(is_greedy, 1.0, st.temperature)
     y = x / temp[:, None]
     needs_filter = jnp.any(((st.top_k > 0) | (st.top_p < 1) | (st.min_p > 0)) & ~is_greedy)
-    return jax.lax.cond(needs_filter, lambda z: _filter(z, st), lambda z: z, y)
+    return jax.lax.cond(needs_filter, lambda z: filter_logits(z, st.top_k, st.top_p, st.min_p), lambda z: z, y)
 
 
 def top_logprobs(raw_logprobs: jax.Array, num_logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxinfer.sampling import SamplingTensors, sample
+from jaxinfer.sampling import SamplingTensors, sample, warp_logits
 from jaxinfer.sampling_params import SamplingParams
 
 sample_jit = jax.jit(sample)
@@ -133,3 +133,22 @@ def test_argmax_last_matches_jnp_argmax():
     np.testing.assert_array_equal(np.asarray(argmax_last(jnp.asarray(y))), np.argmax(y, axis=-1))
     big = jnp.zeros((1, (1 << 24) + 8), jnp.bfloat16).at[0, (1 << 24) + 5].set(1.0)
     assert int(argmax_last(big)[0]) == (1 << 24) + 5
+
+
+@pytest.mark.parametrize("vocab", [40, 49152])
+def test_filter_support_equals_the_float64_reference(vocab):
+    """The sort-free threshold search keeps exactly the reference support (continuous random logits: no
+    ties, no mass within float32 rounding of a top-p boundary), row by row, with mixed filters."""
+    rng = np.random.default_rng(5)
+    rows = 12
+    logits = rng.normal(size=(rows, vocab)) * rng.uniform(0.5, 4.0, size=(rows, 1))
+    params = [SamplingParams(temperature=float(t), top_k=int(k), top_p=float(p), min_p=float(m))
+              for t, k, p, m in zip(rng.uniform(0.5, 1.5, rows), rng.choice([0, 1, 7, 50, 3000], rows),
+                                    rng.choice([1.0, 0.3, 0.8, 0.95, 0.999], rows),
+                                    rng.choice([0.0, 0.0, 0.01, 0.2], rows))]
+    st = SamplingTensors.from_params(params, [0] * rows, [0] * rows)
+    x = jax.jit(warp_logits)(np.asarray(logits, np.float32), st)
+    got = np.isfinite(np.asarray(x))
+    for i, sp in enumerate(params):
+        ref = _allowed(logits[i], sp)
+        assert (got[i] == ref).all(), (i, sp, got[i].sum(), ref.sum())
