@@ -1,5 +1,6 @@
-"""A varied chat prompt set for draft-head training: instruction templates x topics, plus arithmetic and
-rewriting tasks with generated content (pure Python, deterministic for a seed).
+"""A varied chat prompt set for draft-head training: instruction templates x topics, everyday requests
+(:mod:`jaxinfer.train.everyday`), plus arithmetic and rewriting tasks with generated content (pure Python,
+deterministic for a seed).
 
 These templates and topics are for training only; an acceptance benchmark must use prompts written
 separately (other templates and topics), never these.
@@ -85,29 +86,40 @@ def _rewrite(rng: random.Random) -> str:
     ])
 
 
-def prompt_set(n: int, seed: int = 0, topics: list[str] | None = None) -> list[str]:
-    """``n`` distinct user prompts: about 85% template x topic, the rest arithmetic and rewriting tasks.
+def prompt_set(n: int, seed: int = 0, topics: list[str] | None = None,
+               everyday: list[str] | None = None) -> list[str]:
+    """``n`` distinct user prompts: about 6% arithmetic, 6% rewriting, 40% everyday requests (while the pool
+    lasts) and the rest template x topic.
 
     Args:
       n: how many (at most the number of distinct prompts the pools allow).
       seed: selection seed.
       topics: the topic pool (default :data:`TOPICS`); split it to hold out whole topics.
+      everyday: the everyday request pool (default none; see :mod:`jaxinfer.train.everyday`).
     """
     topics = TOPICS if topics is None else topics
     rng = random.Random(seed)
-    limit = len(TEMPLATES) * len(topics)
+    topical = [t.format(t=topic) for t in TEMPLATES for topic in topics]
+    pools = [list(topical), list(everyday or [])]
+    for pool in pools:
+        rng.shuffle(pool)
+    limit = len(topical) + len(pools[1])
     if n > limit:
-        raise ValueError(f"asked for {n} prompts; the templates and topics give {limit} at most")
+        raise ValueError(f"asked for {n} prompts; the templates, topics and everyday requests give {limit} at most")
     out: list[str] = []
     seen: set[str] = set()
     while len(out) < n:
         u = rng.random()
-        if u < 0.08:
+        if u < 0.06:
             p = _arithmetic(rng)
-        elif u < 0.15:
+        elif u < 0.12:
             p = _rewrite(rng)
+        elif u < 0.52 and pools[1]:
+            p = pools[1].pop()
+        elif pools[0]:
+            p = pools[0].pop()
         else:
-            p = rng.choice(TEMPLATES).format(t=rng.choice(topics))
+            p = pools[1].pop()
         if p not in seen:
             seen.add(p)
             out.append(p)

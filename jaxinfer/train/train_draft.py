@@ -72,14 +72,15 @@ def _data(args, out: Path, log):
     the same for every larger ``n``). Returns ``(llm, train, held, timing)``.
     """
     from jaxinfer.llm import LLM
-    from jaxinfer.train import data, prompts
+    from jaxinfer.train import data, everyday, prompts
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, seed=args.seed)
     files = out / "data.npz", out / "held_out.npz"
     timing_path = out / "data_timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     train_topics, held_topics = prompts.split_topics(max(4, len(prompts.TOPICS) // 10), args.seed)
-    train_p = prompts.prompt_set(args.num_prompts, args.seed, train_topics)
+    train_everyday, held_everyday = everyday.split_everyday(0.1, held_topics, args.seed)
+    train_p = prompts.prompt_set(args.num_prompts, args.seed, train_topics, train_everyday)
     train = data.load_dataset(files[0]) if files[0].is_file() else []
     if train:
         log(f"read {len(train)} recorded training replies from {files[0]}")
@@ -101,8 +102,8 @@ def _data(args, out: Path, log):
     if files[1].is_file():
         held = data.load_dataset(files[1])
     else:
-        held_p = [q for q in prompts.prompt_set(args.held_out_prompts * 3, args.seed + 7, held_topics)
-                  if q not in set(train_p)][:args.held_out_prompts]
+        candidates = prompts.prompt_set(args.held_out_prompts * 3, args.seed + 7, held_topics, held_everyday)
+        held_p = [q for q in candidates if q not in set(train_p)][:args.held_out_prompts]
         log(f"generating {len(held_p)} held-out replies (max {args.max_tokens} tokens each)")
         held = make(held_p, greedy_fraction=1.0, seed=args.seed + 1, start=0)
         data.save_dataset(files[1], held)

@@ -4,13 +4,14 @@ prompt set and draft-vocabulary helpers."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jaxinfer.cli import main
 from jaxinfer.speculative.eagle_head import load_eagle_head, read_eagle_metadata
-from jaxinfer.train import data, prompts
+from jaxinfer.train import data, everyday, prompts
 
 
 def _args(model, out, steps, *extra):
@@ -71,13 +72,33 @@ def test_train_draft_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
 def test_prompt_sets_are_varied_and_held_out_topics_disjoint():
     train_topics, held_topics = prompts.split_topics(7)
     assert not set(train_topics) & set(held_topics) and len(held_topics) == 7
-    train = prompts.prompt_set(300, 0, train_topics)
-    assert len(set(train)) == 300
-    assert not any(t in p for p in train for t in held_topics)
-    assert len({p.split()[0] for p in train}) >= 15  # many instruction styles
+    train_everyday, held_everyday = everyday.split_everyday(0.1, held_topics)
+    assert not set(train_everyday) & set(held_everyday) and len(held_everyday) >= 0.08 * len(train_everyday)
+    train = prompts.prompt_set(600, 0, train_topics, train_everyday)
+    held = prompts.prompt_set(60, 7, held_topics, held_everyday)
+    assert len(set(train)) == 600
+    assert not any(t.lower() in p.lower() for p in train for t in held_topics)
+    assert not set(held) & set(train_everyday) and set(held) & set(held_everyday)
+    # whole subjects held out: no held-out everyday prompt shares its subject with a training prompt
+    subjects = [s for _, subs in everyday.FAMILIES.values() for s in subs]
+    held_subjects = {s for s in subjects for p in held_everyday if s in p}
+    assert held_subjects and not any(s in p for p in train for s in held_subjects)
+    assert len({p.split()[0] for p in train}) >= 25  # many instruction styles
+    assert 0.3 < sum(p in set(train_everyday) for p in train) / len(train) < 0.5
     assert prompts.prompt_set(50, 3) == prompts.prompt_set(50, 3)
+    assert prompts.prompt_set(80, 3, everyday=train_everyday)[:50] == prompts.prompt_set(50, 3, everyday=train_everyday)
     with pytest.raises(ValueError, match="at most"):
         prompts.prompt_set(10_000, 0, ["one topic"])
+
+
+def test_everyday_prompts_avoid_the_benchmark_prompts():
+    """Training prompts must not be the acceptance benchmark's prompts (nor share a subject's key words)."""
+    bench = json.loads((Path(__file__).parents[2] / "bench" / "chat_eval_prompts.json").read_text())["prompts"]
+    pool = set(everyday.everyday_pool()) | set(prompts.prompt_set(1000, 0))
+    assert not pool & set(bench)
+    for word in ("faucet", "hiking", "grandmother", "sky", "bacteri", "procrastinat", "compound interest",
+                 "bakery", "sofa", "airplanes stay", "refrigerator", "cover letter", "Canberra", "basketball"):
+        assert not any(word.lower() in p.lower() for p in pool), word
 
 
 def test_draft_vocabulary_and_coverage():
