@@ -30,9 +30,10 @@ import jax.numpy as jnp
 from jaxinfer.sampling import (
     PenaltyState,
     SamplingTensors,
+    argmax_last,
     gumbel_draw,
     process_logits,
-    top_logprobs,
+    token_logprobs,
     warp_logits,
 )
 
@@ -107,9 +108,8 @@ def rejection_sample(logits: jax.Array, st: SamplingTensors, penalty_state: Pena
     """
     logits = jnp.asarray(logits, jnp.float32)
     v = logits.shape[-1]
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = process_logits(logits, st, penalty_state)
-    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy = argmax_last(x)
     is_greedy = st.temperature <= 0
     d = vin.draft_tokens
 
@@ -142,6 +142,5 @@ def rejection_sample(logits: jax.Array, st: SamplingTensors, penalty_state: Pena
     kmax = vin.row_map.shape[1]
     ok = accept[vin.row_map] & (jnp.arange(kmax)[None, :] < vin.num_drafts[:, None])
     num_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_ids, top_lps = top_logprobs(raw_logprobs, st.num_logprobs)
+    chosen, top_ids, top_lps = token_logprobs(logits, tokens, st.num_logprobs)
     return VerifyOutput(tokens, num_accepted, chosen, top_ids, top_lps)
