@@ -31,7 +31,6 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from bench.machine import call_times  # noqa: E402
 from pallas_kernels.ragged_paged_attention import kv_quant  # noqa: E402
 from pallas_kernels.ragged_paged_attention.api import ragged_paged_attention  # noqa: E402
 from pallas_kernels.ragged_paged_attention.pages import KVLayout, KVPages, default_layout  # noqa: E402
@@ -52,13 +52,7 @@ PAGE_SIZE = 16
 
 def time_fn(fn, *args, iters: int) -> float:
     """Median wall time of ``fn(*args)`` in seconds after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, *args, iters=iters))
 
 
 def copy_bandwidth(nbytes: int, iters: int) -> float:

@@ -47,3 +47,20 @@ def result_path(name: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     return RESULTS / f"{name}-{info['date']}-{machine_label(info)}.json"
+
+
+def call_times(fn, *args, iters: int, warmups: int = 1) -> list[float]:
+    """Wall seconds of ``iters`` calls of the jitted ``fn(*args)`` (each blocked on), after ``warmups``
+    untimed calls (the first compiles)."""
+    import time
+
+    import jax
+
+    for _ in range(warmups):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times

@@ -31,7 +31,6 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine_info, result_path  # noqa: E402
+from bench.machine import call_times, machine_info, result_path  # noqa: E402
 from pallas_kernels.backend import default_impl  # noqa: E402
 from pallas_kernels.grouped_matmul import grouped_matmul  # noqa: E402
 from pallas_kernels.grouped_matmul.reference import grouped_matmul_ragged_dot  # noqa: E402
@@ -68,13 +67,7 @@ def route(tokens: int, experts: int, top_k: int, rng) -> np.ndarray:
 
 
 def timeit(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, *args, iters=reps))
 
 
 def main() -> int:

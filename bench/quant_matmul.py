@@ -31,7 +31,6 @@ import pathlib
 import re
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from bench.machine import call_times  # noqa: E402
 from pallas_kernels.backend import default_impl  # noqa: E402
 from pallas_kernels.quantized_matmul import cpu as cpu_kernel  # noqa: E402
 from pallas_kernels.quantized_matmul.api import quantized_matmul  # noqa: E402
@@ -78,14 +78,7 @@ def peak_gbps(device_kind: str) -> float | None:
 
 def time_fn(fn, *args, reps: int) -> float:
     """Median wall time in seconds of ``fn(*args)`` (compiled and warmed up first)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, *args, iters=reps, warmups=2))
 
 
 def nbytes(*arrays) -> int:

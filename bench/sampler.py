@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
-from machine import machine_info, result_path
+from machine import call_times, machine_info, result_path
 
 SETTINGS = {
     "greedy": {"temperature": 0.0},
@@ -28,15 +27,7 @@ SETTINGS = {
 
 
 def _best(fn, args, iters: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+    return min(call_times(fn, *args, iters=iters)) * 1e3
 
 
 def main() -> None:

@@ -100,10 +100,10 @@ def prompt_set(n: int, seed: int = 0, topics: list[str] | None = None,
     topics = TOPICS if topics is None else topics
     rng = random.Random(seed)
     topical = [t.format(t=topic) for t in TEMPLATES for topic in topics]
-    pools = [list(topical), list(everyday or [])]
-    for pool in pools:
-        rng.shuffle(pool)
-    limit = len(topical) + len(pools[1])
+    daily = list(everyday or [])
+    rng.shuffle(topical)
+    rng.shuffle(daily)
+    limit = len(topical) + len(daily)
     if n > limit:
         raise ValueError(f"asked for {n} prompts; the templates, topics and everyday requests give {limit} at most")
     out: list[str] = []
@@ -114,12 +114,10 @@ def prompt_set(n: int, seed: int = 0, topics: list[str] | None = None,
             p = _arithmetic(rng)
         elif u < 0.12:
             p = _rewrite(rng)
-        elif u < 0.52 and pools[1]:
-            p = pools[1].pop()
-        elif pools[0]:
-            p = pools[0].pop()
+        elif u < 0.52 and daily or not topical:
+            p = daily.pop()
         else:
-            p = pools[1].pop()
+            p = topical.pop()
         if p not in seen:
             seen.add(p)
             out.append(p)
