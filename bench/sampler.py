@@ -2,11 +2,12 @@
 
 Times the jitted :func:`jaxinfer.sampling.sample` on random ``f32[S, V]`` logits (default V = 49,152,
 the default model's vocabulary) for greedy rows, temperature only, top-p, top-k and top-k + top-p + min-p,
-at each ``--rows``. The peer is the one operation any sort-based filter needs: a full descending
-``jnp.sort`` of the same logits (what the sampler ran before its threshold searches). Best of ``--iters``
-calls; writes JSON to ``bench/results/``.
+at each ``--rows``, for each ``--impls`` of the row argmax and log-normaliser (``xla``: jnp; ``cpu``: the
+C++ row kernel, :mod:`pallas_kernels.logits_rows`, the engine's choice on a CPU). The peer is the one
+operation any sort-based filter needs: a full descending ``jnp.sort`` of the same logits (what the sampler
+ran before its threshold searches). Best of ``--iters`` calls; writes JSON to ``bench/results/``.
 
-Usage: ``python bench/sampler.py [--rows 1 64 256] [--vocab 49152]``
+Usage: ``python bench/sampler.py [--rows 1 64 256] [--vocab 49152] [--impls xla cpu]``
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--impls", nargs="+", default=["xla", "cpu"], choices=["xla", "cpu"])
     args = ap.parse_args()
 
     import jax
@@ -43,7 +45,7 @@ def main() -> None:
     from jaxinfer.sampling import SamplingTensors, sample
     from jaxinfer.sampling_params import SamplingParams
 
-    run = jax.jit(sample)
+    runs = {impl: jax.jit(lambda x, st, impl=impl: sample(x, st, impl=impl)) for impl in args.impls}
     sort = jax.jit(lambda x: -jnp.sort(-x, axis=-1))
     rows_out = []
     for s in args.rows:
@@ -51,10 +53,12 @@ def main() -> None:
         row = {"rows": s, "full_sort_ms": round(_best(sort, (logits,), args.iters), 2)}
         for name, kw in SETTINGS.items():
             st = SamplingTensors.from_params([SamplingParams(**kw)] * s, list(range(s)), [0] * s)
-            row[name + "_ms"] = round(_best(run, (logits, st), args.iters), 2)
+            for impl, run in runs.items():
+                row[f"{name}_{impl}_ms"] = round(_best(run, (logits, st), args.iters), 2)
         rows_out.append(row)
         print(json.dumps(row), flush=True)
-    out = {"benchmark": "sampler", "vocab": args.vocab, "iters": args.iters, "machine": machine_info(),
+    out = {"benchmark": "sampler", "vocab": args.vocab, "iters": args.iters, "impls": args.impls,
+           "machine": machine_info(),
            "rows": rows_out}
     path = result_path("sampler")
     path.write_text(json.dumps(out, indent=1))

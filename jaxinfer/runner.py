@@ -146,7 +146,7 @@ class ModelRunner:
         logits, kv_cache, prompt, hidden = self._forward(params, kv_cache, batch)
         penalty_state = update_penalty_state(penalty_state, batch.sampling, batch.tokens, batch.token_slot,
                                              batch.token_kind)
-        out = sample(logits, batch.sampling, penalty_state).replace(prompt=prompt)
+        out = sample(logits, batch.sampling, penalty_state, self.kernels.sampler).replace(prompt=prompt)
         return self._with_hidden((out, kv_cache, penalty_state), hidden)
 
     def _run_target(self, fn, *args):
@@ -189,7 +189,8 @@ class ModelRunner:
         logits, kv_cache, prompt, hidden = self._forward(params, kv_cache, batch)
         penalty_state = update_penalty_state(penalty_state, batch.sampling, batch.tokens, batch.token_slot,
                                              batch.token_kind)
-        out = rejection_sample(logits, batch.sampling, penalty_state, vin, draft_probs).replace(prompt=prompt)
+        out = rejection_sample(logits, batch.sampling, penalty_state, vin, draft_probs,
+                               self.kernels.sampler).replace(prompt=prompt)
         return self._with_hidden((out, kv_cache, penalty_state), hidden)
 
     def dispatch_verify(self, vb: VerifyBatch) -> VerifyOutput:

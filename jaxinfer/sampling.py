@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxinfer.sampling_filter import filter_logits
 from jaxinfer.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+from pallas_kernels.logits_rows import row_argmax, row_logsumexp
 
 MAX_SUPPRESSED_IDS = 8  # EOS + stop token ids held back until min_tokens (per row)
 TOKEN_PAD, TOKEN_PROMPT, TOKEN_OUTPUT = 0, 1, 2
@@ -178,29 +179,21 @@ def _row_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
     return jax.random.gumbel(key, (vocab,), jnp.float32)
 
 
-def argmax_last(x: jax.Array) -> jax.Array:
+def argmax_last(x: jax.Array, impl: str = "xla") -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` as ``i32[...]`` (first index on ties; a NaN counts as the largest, as in
-    ``jnp.argmax``), computed as a max, then the smallest index holding it: XLA:CPU runs ``jnp.argmax``'s
-    (value, index) reduction about 4x slower (f32[64, 49152]: 14 vs 3-4 ms on a 2-core AMD EPYC, a tenth
-    of a batch-64 decode step of the default model)."""
-    v = x.shape[-1]
-    m = jnp.max(x, axis=-1, keepdims=True)
-    hit = (x == m) | jnp.isnan(x)
-    if v <= 1 << 24:  # float32 holds every index exactly
-        iota = jax.lax.broadcasted_iota(jnp.float32, x.shape, x.ndim - 1)
-        return jnp.min(jnp.where(hit, iota, jnp.inf), axis=-1).astype(jnp.int32)
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(hit, iota, v), axis=-1)
+    ``jnp.argmax``); ``impl``: the sampler implementation (``Kernels.sampler``: ``"cpu"`` runs the C++ row
+    kernel, :mod:`pallas_kernels.logits_rows`)."""
+    return row_argmax(x, impl)
 
 
-def gumbel_draw(y: jax.Array, st: SamplingTensors) -> jax.Array:
+def gumbel_draw(y: jax.Array, st: SamplingTensors, impl: str = "xla") -> jax.Array:
     """``i32[S]``: one draw per row from ``softmax(y[S, V])`` (Gumbel-max keyed by ``(seed, step)`` only).
 
     The plain sampler and the speculative verifier both draw through here, so a point-mass draft is
     accepted exactly when the plain sampler would have drawn it.
     """
     noise = jax.vmap(_row_noise, in_axes=(0, 0, None))(st.seed, st.step, y.shape[-1])
-    return argmax_last(y + noise)
+    return argmax_last(y + noise, impl)
 
 
 def _apply_logit_bias(x: jax.Array, st: SamplingTensors) -> jax.Array:
@@ -248,8 +241,8 @@ def warp_logits(x: jax.Array, st: SamplingTensors) -> jax.Array:
     return jax.lax.cond(needs_filter, lambda z: filter_logits(z, st.top_k, st.top_p, st.min_p), lambda z: z, y)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array,
-                   num_logprobs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def token_logprobs(logits: jax.Array, tokens: jax.Array, num_logprobs: jax.Array,
+                   impl: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Raw-distribution log-probabilities of ``tokens i32[S]`` under ``logits f32[S, V]``, and the
     top-``MAX_LOGPROBS`` ``(top_ids i32[S, K], top_logprobs f32[S, K])`` when some row wants them
     (``num_logprobs i32[S] > 0``; zeros otherwise): ``(chosen f32[S], top_ids, top_logprobs)``.
@@ -259,7 +252,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array,
     """
     s, v = logits.shape
     k = min(MAX_LOGPROBS, v)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    lse = row_logsumexp(logits, impl)
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
 
     def top():
@@ -296,7 +289,8 @@ def logprob_entry(out, row: int, k: int) -> dict[int, float]:
     return entry
 
 
-def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None = None) -> SamplerOutput:
+def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None = None,
+           impl: str = "xla") -> SamplerOutput:
     """Sample one token per row.
 
     Args:
@@ -304,17 +298,18 @@ def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState |
       st: per-row :class:`SamplingTensors`.
       penalty_state: token statistics (already updated with this step's inputs); ``None`` disables
         penalties.
+      impl: how the row argmax and log-normaliser run (``Kernels.sampler``: ``"xla"`` or ``"cpu"``).
     Returns:
       :class:`SamplerOutput`. Log-probabilities are those of the raw model distribution.
     """
     logits = jnp.asarray(logits, jnp.float32)
     x = process_logits(logits, st, penalty_state)
-    greedy_tokens = argmax_last(x)
+    greedy_tokens = argmax_last(x, impl)
     is_greedy = st.temperature <= 0
 
     def random_path():
-        return jnp.where(is_greedy, greedy_tokens, gumbel_draw(warp_logits(x, st), st))
+        return jnp.where(is_greedy, greedy_tokens, gumbel_draw(warp_logits(x, st), st, impl))
 
     tokens = jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, random_path)
-    chosen, top_ids, top_lps = token_logprobs(logits, tokens, st.num_logprobs)
+    chosen, top_ids, top_lps = token_logprobs(logits, tokens, st.num_logprobs, impl)
     return SamplerOutput(tokens, chosen, top_ids, top_lps)

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from jax.sharding import Mesh
 
 from pallas_kernels.backend import ATTENTION_IMPLS, IMPLS, check_impl, default_impl
+from pallas_kernels.logits_rows import cpu as logits_rows_cpu
+
+#: Sampler row-reduction implementations (:class:`Kernels`' ``sampler``).
+SAMPLER_IMPLS = ("xla", "cpu")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class Kernels:
         platform other than the one the model is placed on, e.g. a TPU kernel tested on the CPU).
       matmul_int8_activations: the C++ CPU quantized matmul runs its int8 dot path (activations quantized
         per 32-block, AVX512-VNNI; ``jaxinfer.config.resolve_int8_activations``); only with ``matmul="cpu"``.
+      sampler: the sampler's row argmax and log-normaliser: ``"xla"`` (jnp) or ``"cpu"`` (the C++ row kernel,
+        :mod:`pallas_kernels.logits_rows`).
     """
 
     attention: str
@@ -33,22 +39,27 @@ class Kernels:
     attention_interpret: bool = False
     matmul_interpret: bool = False
     matmul_int8_activations: bool = False
+    sampler: str = "xla"
 
     def __post_init__(self):
         check_impl(self.attention, ATTENTION_IMPLS)
         check_impl(self.matmul, IMPLS)
         if self.matmul_int8_activations and self.matmul != "cpu":
             raise ValueError(f"int8 activations need the C++ CPU quantized matmul (matmul='cpu'), not {self.matmul!r}")
+        check_impl(self.sampler, SAMPLER_IMPLS)
 
     @classmethod
     def for_mesh(cls, mesh: Mesh, attention: str | None = None, matmul: str | None = None) -> Kernels:
         """The defaults for ``mesh``'s device platform (``JAXINFER_KERNEL_IMPL`` still overrides them);
         ``attention`` / ``matmul`` name an implementation explicitly. A mesh of compile-only devices (a TPU
-        or GPU topology, see :mod:`pallas_kernels.targets`) gives that platform's compiled kernels."""
+        or GPU topology, see :mod:`pallas_kernels.targets`) gives that platform's compiled kernels. The
+        sampler runs the C++ row kernel on the CPU when attention does (same compiler, same fallback)."""
         platform = mesh.devices.flat[0].platform
         attention = attention or default_impl(platform, attention=True)
         matmul = matmul or default_impl(platform)
-        return cls(attention, matmul, _interpreted(attention, platform), _interpreted(matmul, platform))
+        sampler = "cpu" if platform == "cpu" and attention == "cpu" and logits_rows_cpu.buildable() else "xla"
+        return cls(attention, matmul, _interpreted(attention, platform), _interpreted(matmul, platform),
+                   sampler=sampler)
 
     @property
     def compiled_for_tpu(self) -> bool:

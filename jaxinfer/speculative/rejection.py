@@ -95,7 +95,7 @@ class VerifyOutput:
 
 
 def rejection_sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState | None,
-                     vin: VerifyInputs, draft_probs: jax.Array | None = None) -> VerifyOutput:
+                     vin: VerifyInputs, draft_probs: jax.Array | None = None, impl: str = "xla") -> VerifyOutput:
     """Verify drafts against the target (see the module docstring).
 
     Args:
@@ -105,22 +105,23 @@ def rejection_sample(logits: jax.Array, st: SamplingTensors, penalty_state: Pena
       vin: :class:`VerifyInputs`.
       draft_probs: ``f32[N, V]`` warped draft probabilities (``q``) indexed by ``vin.q_index``; ``None``
         for point-mass drafts (n-gram).
+      impl: how the row argmax and log-normaliser run (``Kernels.sampler``: ``"xla"`` or ``"cpu"``).
     """
     logits = jnp.asarray(logits, jnp.float32)
     v = logits.shape[-1]
     x = process_logits(logits, st, penalty_state)
-    greedy = argmax_last(x)
+    greedy = argmax_last(x, impl)
     is_greedy = st.temperature <= 0
     d = vin.draft_tokens
 
     if draft_probs is None:
         def sampled():
-            t = jnp.where(is_greedy, greedy, gumbel_draw(warp_logits(x, st), st))
+            t = jnp.where(is_greedy, greedy, gumbel_draw(warp_logits(x, st), st, impl))
             return t, t == d
     else:
         def sampled():
             y = warp_logits(x, st)
-            t = gumbel_draw(y, st)
+            t = gumbel_draw(y, st, impl)
             p = jax.nn.softmax(y, axis=-1)
             n_q = draft_probs.shape[0]
             q = jnp.where((vin.q_index >= n_q)[:, None], jax.nn.one_hot(d, v, dtype=jnp.float32),
@@ -142,5 +143,5 @@ def rejection_sample(logits: jax.Array, st: SamplingTensors, penalty_state: Pena
     kmax = vin.row_map.shape[1]
     ok = accept[vin.row_map] & (jnp.arange(kmax)[None, :] < vin.num_drafts[:, None])
     num_accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
-    chosen, top_ids, top_lps = token_logprobs(logits, tokens, st.num_logprobs)
+    chosen, top_ids, top_lps = token_logprobs(logits, tokens, st.num_logprobs, impl)
     return VerifyOutput(tokens, num_accepted, chosen, top_ids, top_lps)

@@ -59,26 +59,6 @@ inline const Fp8Tables& Fp8() {
   return tables;
 }
 
-// exp(x) lane-wise for x <= 0 (-inf -> ~0): Cody-Waite range reduction and a degree-6 polynomial,
-// relative error ~2e-7. Lanes above 0 are clamped to 0 (they are masked by the caller).
-inline VF Exp(VF x) {
-  x = x < -87.0f ? Splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38, the smallest value produced
-  x = x > 0.0f ? Splat(0.0f) : x;
-  const VF magic = Splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  VF n = (x * 1.44269504088896341f + magic) - magic;
-  VF r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  VF p = Splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  return p * (VF)bits;  // a cast between same-size vector types reinterprets the bits
-}
-
 enum class KvType { kF32, kBf16, kI8, kE4M3, kE5M2 };
 
 struct Params {
