@@ -7,7 +7,7 @@ C++ row kernel, :mod:`pallas_kernels.logits_rows`, the engine's choice on a CPU)
 operation any sort-based filter needs: a full descending ``jnp.sort`` of the same logits (what the sampler
 ran before its threshold searches). Best of ``--iters`` calls; writes JSON to ``bench/results/``.
 
-Usage: ``python bench/sampler.py [--rows 1 64 256] [--vocab 49152] [--impls xla cpu]``
+Usage: ``python bench/sampler.py [--rows 1 64 256] [--vocab 49152] [--impls xla cpu] [--tag NAME]``
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--impls", nargs="+", default=["xla", "cpu"], choices=["xla", "cpu"])
+    ap.add_argument("--tag", default="", help="suffix of the result file name (keeps runs apart)")
     args = ap.parse_args()
 
     import jax
@@ -60,7 +61,7 @@ def main() -> None:
     out = {"benchmark": "sampler", "vocab": args.vocab, "iters": args.iters, "impls": args.impls,
            "machine": machine_info(),
            "rows": rows_out}
-    path = result_path("sampler")
+    path = result_path("sampler" + (f"-{args.tag}" if args.tag else ""))
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 
