@@ -135,6 +135,40 @@ def test_argmax_last_matches_jnp_argmax():
     assert int(argmax_last(big)[0]) == (1 << 24) + 5
 
 
+def test_cpu_row_kernel_sampler_equals_the_jnp_sampler():
+    """Kernels.sampler = "cpu" (the C++ argmax / log-sum-exp) draws the same tokens as the jnp path for greedy,
+    seeded temperature and top-p rows, with log-probabilities within float32 summation-order error."""
+    from pallas_kernels.logits_rows import cpu
+
+    if not cpu.available():
+        pytest.skip("no C++ compiler")
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(8, 49152)) * 4).astype(np.float32)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=5),
+              SamplingParams(temperature=1.0, top_p=0.9, seed=6), SamplingParams(temperature=0, logprobs=3)] * 2
+    st = SamplingTensors.from_params(params, list(range(8)), [2] * 8)
+    outs = {impl: jax.jit(lambda x, st, impl=impl: sample(x, st, impl=impl))(logits, st) for impl in ("xla", "cpu")}
+    np.testing.assert_array_equal(np.asarray(outs["cpu"].tokens), np.asarray(outs["xla"].tokens))
+    np.testing.assert_array_equal(np.asarray(outs["cpu"].top_ids), np.asarray(outs["xla"].top_ids))
+    for field in ("logprobs", "top_logprobs"):
+        np.testing.assert_allclose(np.asarray(getattr(outs["cpu"], field)), np.asarray(getattr(outs["xla"], field)),
+                                   rtol=0, atol=2e-5)
+
+
+def test_kernels_pick_the_cpu_sampler_where_the_cpu_attention_kernel_runs(monkeypatch):
+    from jax.sharding import Mesh
+
+    from jaxinfer.target import Kernels
+    from pallas_kernels.logits_rows import cpu
+
+    mesh = Mesh(np.asarray(jax.devices("cpu")[:1]), ("model",))
+    monkeypatch.delenv("JAXINFER_KERNEL_IMPL", raising=False)
+    assert Kernels.for_mesh(mesh, attention="cpu").sampler == ("cpu" if cpu.buildable() else "xla")
+    assert Kernels.for_mesh(mesh, attention="xla").sampler == "xla"
+    with pytest.raises(ValueError, match="unknown kernel impl"):
+        Kernels("xla", "xla", sampler="pallas_tpu")
+
+
 @pytest.mark.parametrize("vocab", [40, 49152])
 def test_filter_support_equals_the_float64_reference(vocab):
     """The sort-free threshold search keeps exactly the reference support (continuous random logits: no

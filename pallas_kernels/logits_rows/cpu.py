@@ -1,9 +1,10 @@
 """The sampler's row reductions on the CPU: a C++ kernel (``cpu_kernel.cc``) called through ``jax.ffi``.
 
 On XLA:CPU the jnp argmax (a max, then the smallest index holding it) and log-sum-exp of ``f32[S, V]``
-logits take several passes over the matrix and write a broadcast of the row maxima back to memory; a
-batch-64 greedy sampler step of the default model spent about 15 ms there. The kernel reads each row once
-for the argmax and twice (the second time from the cache) for the log-sum-exp. Two FFI targets from one
+logits take several passes over the matrix and write a broadcast of the row maxima back to memory: the
+whole greedy sampler at 64 rows of the default model's 49,152 logits took 22 ms on a 2-core Xeon, 7 ms with
+this kernel (``bench/sampler.py``). It reads each row once for the argmax and twice (the second time from
+the cache) for the log-sum-exp. Two FFI targets from one
 source, built and registered like the other CPU kernels (:mod:`pallas_kernels.cpu_build`).
 """
 
