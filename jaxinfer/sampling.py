@@ -179,13 +179,6 @@ def _row_noise(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
     return jax.random.gumbel(key, (vocab,), jnp.float32)
 
 
-def argmax_last(x: jax.Array, impl: str = "xla") -> jax.Array:
-    """``jnp.argmax(x, axis=-1)`` as ``i32[...]`` (first index on ties; a NaN counts as the largest, as in
-    ``jnp.argmax``); ``impl``: the sampler implementation (``Kernels.sampler``: ``"cpu"`` runs the C++ row
-    kernel, :mod:`pallas_kernels.logits_rows`)."""
-    return row_argmax(x, impl)
-
-
 def gumbel_draw(y: jax.Array, st: SamplingTensors, impl: str = "xla") -> jax.Array:
     """``i32[S]``: one draw per row from ``softmax(y[S, V])`` (Gumbel-max keyed by ``(seed, step)`` only).
 
@@ -193,7 +186,7 @@ def gumbel_draw(y: jax.Array, st: SamplingTensors, impl: str = "xla") -> jax.Arr
     accepted exactly when the plain sampler would have drawn it.
     """
     noise = jax.vmap(_row_noise, in_axes=(0, 0, None))(st.seed, st.step, y.shape[-1])
-    return argmax_last(y + noise, impl)
+    return row_argmax(y + noise, impl)
 
 
 def _apply_logit_bias(x: jax.Array, st: SamplingTensors) -> jax.Array:
@@ -306,7 +299,7 @@ def sample(logits: jax.Array, st: SamplingTensors, penalty_state: PenaltyState |
     """
     logits = jnp.asarray(logits, jnp.float32)
     x = process_logits(logits, st, penalty_state)
-    greedy_tokens = argmax_last(x, impl)
+    greedy_tokens = row_argmax(x, impl)
     is_greedy = st.temperature <= 0
 
     def random_path():

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 from jaxinfer.sampling import (
     PenaltyState,
     SamplingTensors,
-    argmax_last,
     gumbel_draw,
     process_logits,
     token_logprobs,
     warp_logits,
 )
+from pallas_kernels.logits_rows import row_argmax
 
 DRAFT_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM = 1, 2, 3
 POINT_MASS = 2**30  # a q_index past every draft-probability buffer: the row's draft is a point mass
@@ -110,7 +110,7 @@ def rejection_sample(logits: jax.Array, st: SamplingTensors, penalty_state: Pena
     logits = jnp.asarray(logits, jnp.float32)
     v = logits.shape[-1]
     x = process_logits(logits, st, penalty_state)
-    greedy = argmax_last(x, impl)
+    greedy = row_argmax(x, impl)
     is_greedy = st.temperature <= 0
     d = vin.draft_tokens
 

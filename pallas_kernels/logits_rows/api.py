@@ -8,13 +8,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.logits_rows import cpu
+
 
 def _cpu(impl: str, x: jax.Array) -> bool:
-    if impl != "cpu" or x.ndim != 2 or x.shape[-1] == 0:
-        return False
-    from pallas_kernels.logits_rows import cpu
-
-    return cpu.available()
+    return impl == "cpu" and x.ndim == 2 and x.shape[-1] > 0 and cpu.available()
 
 
 def row_argmax(x: jax.Array, impl: str = "xla") -> jax.Array:
@@ -24,8 +22,6 @@ def row_argmax(x: jax.Array, impl: str = "xla") -> jax.Array:
     index) reduction about 4x slower.
     """
     if _cpu(impl, x):
-        from pallas_kernels.logits_rows import cpu
-
         return cpu.row_argmax_cpu(x)
     v = x.shape[-1]
     m = jnp.max(x, axis=-1, keepdims=True)
@@ -42,7 +38,5 @@ def row_argmax(x: jax.Array, impl: str = "xla") -> jax.Array:
 def row_logsumexp(x: jax.Array, impl: str = "xla") -> jax.Array:
     """``jax.nn.logsumexp(x, axis=-1)``."""
     if _cpu(impl, x):
-        from pallas_kernels.logits_rows import cpu
-
         return cpu.row_logsumexp_cpu(x)
     return jax.nn.logsumexp(x, axis=-1)
