@@ -4,7 +4,8 @@ checkout's kernel), on the default model's shapes.
 Each variant runs in its own process (the kernel reads ``JAXINFER_CPU_AMX`` once per process): ``amx``
 (this checkout, AMX tiles where the CPU has AMX-BF16), ``vdpbf16ps`` (this checkout, ``JAXINFER_CPU_AMX=0``)
 and, with ``--baseline-tree DIR``, ``baseline`` (the kernel of the checkout at DIR, e.g. a ``git worktree``
-of an older commit). Variants alternate for ``--rounds`` rounds; each times ``x[M, K] @ w`` (bfloat16
+of an older commit, run with AMX unless ``--baseline-amx 0``; ``--skip-vdpbf16ps`` leaves that variant out).
+Variants alternate for ``--rounds`` rounds; each times ``x[M, K] @ w`` (bfloat16
 activations, jitted, 3 warm-up calls, best of ``--iters``) for SmolLM2-135M's projections in its GGUF
 formats (Q4_1 = int4 g32 asymmetric, Q8_0 = int8 g32 for the tied LM head, float16 scales) at
 M = 16, 32, 64, 512. Prints ms per call and writes JSON to ``bench/results/``.
@@ -69,11 +70,16 @@ def main() -> None:
     p.add_argument("--baseline-tree", type=Path, default=None, help="another checkout whose kernel to time")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--baseline-amx", choices=["0", "1"], default="1",
+                   help="JAXINFER_CPU_AMX for the baseline tree's kernel (1: AMX tiles where it has them)")
+    p.add_argument("--skip-vdpbf16ps", action="store_true", help="time only amx (and the baseline)")
     p.add_argument("--tag", default="qmm-cpu-amx-ab")
     args = p.parse_args()
-    variants = {"amx": (ROOT, "1"), "vdpbf16ps": (ROOT, "0")}
+    variants = {"amx": (ROOT, "1")}
+    if not args.skip_vdpbf16ps:
+        variants["vdpbf16ps"] = (ROOT, "0")
     if args.baseline_tree is not None:
-        variants["baseline"] = (args.baseline_tree.resolve(), "0")
+        variants["baseline"] = (args.baseline_tree.resolve(), args.baseline_amx)
     runs: dict[str, list] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, (tree, amx) in variants.items():

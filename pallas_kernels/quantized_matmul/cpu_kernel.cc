@@ -430,29 +430,32 @@ void PanelDotF32(const Problem& p, const float* panel, int64_t m0, int64_t n0) {
 #if defined(__AVX512BF16__)
 constexpr bool kHaveBf16Dot = true;
 
-// bfloat16 pair panel [K/2, 64] from a float32 panel (round to nearest even; weights are finite).
+// bfloat16 pairs of two float32 vectors (K rows 2q and 2q + 1): 32-bit lane c = bf16(a[c]) | bf16(b[c]) << 16,
+// rounded to nearest even by vcvtne2ps2bf16. That instruction flushes float32 denormals to zero, as the
+// dot products that read the panel (vdpbf16ps, TDPBF16PS) do with bfloat16 denormals anyway, so the
+// products equal those of a software rounding that keeps them.
+inline VU PackPair(VF a, VF b) {
+  __m512 fa, fb;
+  std::memcpy(&fa, &a, sizeof(fa));
+  std::memcpy(&fb, &b, sizeof(fb));
+  // words 0-15: a, words 16-31: b; then interleaved so that word 2c = a[c], word 2c + 1 = b[c]
+  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(fb, fa);
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i r = _mm512_permutexvar_epi16(idx, both);
+  VU out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
+
+// bfloat16 pair panel [K/2, 64] from a float32 panel (weights are finite).
 void PairPanel(const float* f32, int64_t k, uint32_t* pairs) {
   for (int64_t q = 0; q < k / 2; ++q) {
     for (int v = 0; v < kNV; ++v) {
-      VU a, b;
-      std::memcpy(&a, f32 + (2 * q) * kNB + v * kLanes, sizeof(a));
-      std::memcpy(&b, f32 + (2 * q + 1) * kNB + v * kLanes, sizeof(b));
-      a = (a + 0x7fffu + ((a >> 16) & 1u)) >> 16;
-      b = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
-      const VU pair = a | b;
+      const VU pair = PackPair(LoadF(f32 + (2 * q) * kNB + v * kLanes), LoadF(f32 + (2 * q + 1) * kNB + v * kLanes));
       std::memcpy(pairs + q * kNB + v * kLanes, &pair, sizeof(pair));
     }
   }
-}
-
-// bfloat16 pairs of two float32 vectors (K rows 2q and 2q + 1), rounded to nearest even as PairPanel.
-inline VU PackPair(VF a, VF b) {
-  VU ua, ub;
-  std::memcpy(&ua, &a, sizeof(ua));
-  std::memcpy(&ub, &b, sizeof(ub));
-  ua = (ua + 0x7fffu + ((ua >> 16) & 1u)) >> 16;
-  ub = (ub + 0x7fffu + ((ub >> 16) & 1u)) & 0xffff0000u;
-  return ua | ub;
 }
 
 // bfloat16 pair panel [K/2, 64] of a whole column block at n0 (n0 + 64 <= N) straight from the packed
