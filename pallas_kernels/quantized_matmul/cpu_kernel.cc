@@ -18,7 +18,9 @@
 //    the weight is written anywhere.
 //  * larger M (prefill): per block of 64 output columns the weight is dequantized once into a panel
 //    (scale * q (+ offset), exactly the reference's float32 dequantization) that stays in the L2 cache,
-//    then multiplied with blocks of 6 activation rows. With bfloat16 activations on a CPU with
+//    then multiplied with blocks of 6 activation rows. Where there are many blocks (the LM head) a work
+//    item takes up to 8 neighbouring blocks and builds their panels in one pass over the packed rows (each
+//    row's bytes for all of them read together: one visit of its page instead of one per block). With bfloat16 activations on a CPU with
 //    AVX512-BF16 the panel is stored as bfloat16 pairs of adjacent K rows (the reference also rounds the
 //    dequantized weight to the activations' dtype) and the product uses vdpbf16ps (float32
 //    accumulation), or AMX tiles (TDPBF16PS, 32 x 32 register blocks, cpu_amx.h) on a CPU with
@@ -357,22 +359,27 @@ inline void DequantGroupRows(const Problem& p, int64_t j, int64_t c, int valid, 
   }
 }
 
-// Walks a whole column block at n0 (n0 + 64 <= N) of the packed weight row by row, kStep packed rows at a
-// time: each packed row's 64 bytes (a cache line for int8) consumed at once, the rows kPrefetchRows ahead
-// fetched meanwhile (rows N bytes apart, e.g. the LM head's 49152, fall into few cache sets and defeat the
-// hardware prefetcher). Calls fn(j, r, sc, off) for packed rows r .. r + kStep - 1 of group j, with the
-// group's scales and offsets of the block's kNV vectors.
+// Walks nblk whole column blocks from n0 (n0 + 64 nblk <= N, nblk <= kMaxPanelBlocks) of the packed weight
+// row by row, kStep packed rows at a time: each packed row's 64 nblk contiguous bytes consumed at once (one
+// visit of its page for all the blocks), the rows kPrefetchRows ahead fetched meanwhile (rows N bytes
+// apart, e.g. the LM head's 49152, fall into few cache sets and defeat the hardware prefetcher). Calls
+// fn(b, j, r, sc, off) for block b, packed rows r .. r + kStep - 1 of group j, with the group's scales and
+// offsets of that block's kNV vectors.
+constexpr int kMaxPanelBlocks = 8;
+
 template <WKind W, SKind S, int kStep, typename Fn>
-inline void WalkBlockRows(const Problem& p, int64_t n0, Fn fn) {
+inline void WalkBlockRows(const Problem& p, int64_t n0, int nblk, Fn fn) {
   const int64_t prow = W != WKind::kI8 ? p.g / 2 : p.g, rows = p.groups * prow;
   for (int64_t j = 0; j < p.groups; ++j) {
-    VF sc[kNV], off[kNV];
-    for (int v = 0; v < kNV; ++v) GroupScale<W, S>(p, j, n0 + v * kLanes, &sc[v], &off[v]);
+    VF sc[kMaxPanelBlocks * kNV], off[kMaxPanelBlocks * kNV];
+    for (int v = 0; v < nblk * kNV; ++v) GroupScale<W, S>(p, j, n0 + v * kLanes, &sc[v], &off[v]);
     for (int64_t r = 0; r < prow; r += kStep) {
       const int64_t row = j * prow + r;
-      for (int i = 0; i < kStep; ++i)
-        if (row + kPrefetchRows + i < rows) __builtin_prefetch(p.value + (row + kPrefetchRows + i) * p.n + n0);
-      fn(j, r, sc, off);
+      for (int i = 0; i < kStep; ++i) {
+        if (row + kPrefetchRows + i >= rows) continue;
+        for (int b = 0; b < nblk; ++b) __builtin_prefetch(p.value + (row + kPrefetchRows + i) * p.n + n0 + b * kNB);
+      }
+      for (int b = 0; b < nblk; ++b) fn(b, j, r, sc + b * kNV, off + b * kNV);
     }
   }
 }
@@ -382,7 +389,7 @@ template <WKind W, SKind S>
 void BuildPanelF32Full(const Problem& p, int64_t n0, float* panel) {
   constexpr bool kI4 = W != WKind::kI8;
   const int64_t prow = kI4 ? p.g / 2 : p.g;
-  WalkBlockRows<W, S, 1>(p, n0, [&](int64_t j, int64_t r, const VF* sc, const VF* off) {
+  WalkBlockRows<W, S, 1>(p, n0, 1, [&](int, int64_t j, int64_t r, const VF* sc, const VF* off) {
     float* dst = panel + j * p.g * kNB;
     for (int v = 0; v < kNV; ++v) {
       VF lo, hi;
@@ -458,18 +465,20 @@ void PairPanel(const float* f32, int64_t k, uint32_t* pairs) {
   }
 }
 
-// bfloat16 pair panel [K/2, 64] of a whole column block at n0 (n0 + 64 <= N) straight from the packed
-// weight: the same numbers as BuildPanelF32 then PairPanel (each weight scale * level (+ offset) in
-// float32, then rounded), without the float32 panel in between; two packed rows at a time.
+// bfloat16 pair panels [K/2, 64] of nblk whole column blocks from n0 (n0 + 64 nblk <= N; block b's panel at
+// pairs + b K/2 64) straight from the packed weight: the same numbers as BuildPanelF32 then PairPanel (each
+// weight scale * level (+ offset) in float32, then rounded), without the float32 panel in between; two
+// packed rows at a time.
 template <WKind W, SKind S>
-void BuildPairPanelFull(const Problem& p, int64_t n0, uint32_t* pairs) {
+void BuildPairPanelFull(const Problem& p, int64_t n0, int nblk, uint32_t* pairs) {
   constexpr bool kI4 = W != WKind::kI8;
   const int64_t prow = kI4 ? p.g / 2 : p.g;
-  WalkBlockRows<W, S, 2>(p, n0, [&](int64_t j, int64_t r, const VF* sc, const VF* off) {
-    const int8_t* row = p.value + (j * prow + r) * p.n + n0;
+  WalkBlockRows<W, S, 2>(p, n0, nblk, [&](int b, int64_t j, int64_t r, const VF* sc, const VF* off) {
+    const int8_t* row = p.value + (j * prow + r) * p.n + n0 + b * kNB;
+    uint32_t* panel = pairs + b * (p.k / 2) * kNB;
     // K rows j*g + r, r + 1 (int4: the low nibbles; the high ones are K rows j*g + g/2 + r, r + 1)
-    uint32_t* lo_dst = pairs + ((j * p.g + r) / 2) * kNB;
-    uint32_t* hi_dst = pairs + ((j * p.g + p.g / 2 + r) / 2) * kNB;
+    uint32_t* lo_dst = panel + ((j * p.g + r) / 2) * kNB;
+    uint32_t* hi_dst = panel + ((j * p.g + p.g / 2 + r) / 2) * kNB;
     for (int v = 0; v < kNV; ++v) {
       VF lo0, hi0, lo1, hi1;
       Levels<W>(row + v * kLanes, &lo0, &hi0);
@@ -624,29 +633,13 @@ void VnniPanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
 }
 #endif
 
-// One prefill item: rows [m0, m1), the column block at n0.
+// Rows [m0, m1) of the column block at n0 (a block's tail, an odd group size, no bfloat16 dot): a float32
+// panel, then (bfloat16 activations) its pairs.
 template <WKind W, SKind S>
-void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
-#if defined(JAXINFER_HAVE_VNNI)
-  if (p.acts != nullptr) return VnniPanelItem<W, S>(p, m0, m1, n0);
-#endif
+void PanelBlock(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
   thread_local std::vector<float> f32;
   thread_local std::vector<uint32_t> pairs;
   const bool bf16 = kHaveBf16Dot && p.xb != nullptr;
-#if defined(__AVX512BF16__)
-  // a whole block, pairs of rows within each group (an even group size): the pair panel directly
-  if (bf16 && n0 + kNB <= p.n && p.g % 2 == 0 && (W == WKind::kI8 || (p.g / 2) % 2 == 0)) {
-    pairs.resize(static_cast<size_t>(p.k / 2 * kNB));
-    BuildPairPanelFull<W, S>(p, n0, pairs.data());
-#if defined(JAXINFER_HAVE_AMX)
-    if (p.k % jaxinfer_amx::kKStep == 0 && jaxinfer_amx::Enabled()) return AmxRows(p, pairs.data(), m0, m1, n0);
-#endif
-    int64_t m = m0;
-    for (; m + kPanelMB <= m1; m += kPanelMB) PanelRows<kPanelMB>(p, pairs.data(), true, m, n0);
-    for (; m < m1; ++m) PanelRows<1>(p, pairs.data(), true, m, n0);
-    return;
-  }
-#endif
   f32.resize(static_cast<size_t>(p.k * kNB));
   BuildPanelF32<W, S>(p, n0, f32.data());
   const void* panel = f32.data();
@@ -665,6 +658,46 @@ void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
   for (; m < m1; ++m) PanelRows<1>(p, panel, bf16, m, n0);
 }
 
+#if defined(__AVX512BF16__)
+// Rows [m0, m1) of the column block at n0 times its bfloat16 pair panel.
+inline void PairPanelRows(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t m1, int64_t n0) {
+#if defined(JAXINFER_HAVE_AMX)
+  if (p.k % jaxinfer_amx::kKStep == 0 && jaxinfer_amx::Enabled()) return AmxRows(p, pairs, m0, m1, n0);
+#endif
+  int64_t m = m0;
+  for (; m + kPanelMB <= m1; m += kPanelMB) PanelRows<kPanelMB>(p, pairs, true, m, n0);
+  for (; m < m1; ++m) PanelRows<1>(p, pairs, true, m, n0);
+}
+#endif
+
+// One prefill item: rows [m0, m1), the column blocks from n0 to n1 (at most kMaxPanelBlocks).
+template <WKind W, SKind S>
+void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#if defined(JAXINFER_HAVE_VNNI)
+  if (p.acts != nullptr) {
+    for (int64_t nb = n0; nb < n1; nb += kNB) VnniPanelItem<W, S>(p, m0, m1, nb);
+    return;
+  }
+#endif
+#if defined(__AVX512BF16__)
+  thread_local std::vector<uint32_t> pairs;
+  const bool bf16 = p.xb != nullptr;
+  // whole blocks, pairs of rows within each group (an even group size): the pair panels directly, the
+  // packed rows of all the item's whole blocks read in one pass
+  if (bf16 && p.g % 2 == 0 && (W == WKind::kI8 || (p.g / 2) % 2 == 0)) {
+    const int nfull = static_cast<int>((std::min(n1, p.n) - n0) / kNB);
+    if (nfull > 0) {
+      const int64_t panel = p.k / 2 * kNB;
+      pairs.resize(static_cast<size_t>(nfull * panel));
+      BuildPairPanelFull<W, S>(p, n0, nfull, pairs.data());
+      for (int b = 0; b < nfull; ++b) PairPanelRows(p, pairs.data() + b * panel, m0, m1, n0 + b * kNB);
+      n0 += nfull * kNB;
+    }
+  }
+#endif
+  for (; n0 < n1; n0 += kNB) PanelBlock<W, S>(p, m0, m1, n0);
+}
+
 // ---------------------------------------------------------------------------------------------------
 struct Item {
   int64_t m0, m1, n0, n1;
@@ -675,7 +708,7 @@ void RunItem(const Problem& p, const Item& it, bool gemv) {
   if (gemv) {
     GemvItem<W, S>(p, it.m0, it.m1, it.n0, it.n1);
   } else {
-    PanelItem<W, S>(p, it.m0, it.m1, it.n0);
+    PanelItem<W, S>(p, it.m0, it.m1, it.n0, it.n1);
   }
 }
 
@@ -821,13 +854,20 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
       for (int64_t c = 0; c < p.n; c += width)
         items.push_back(Item{m0, std::min(m0 + kMB, p.m), c, std::min(c + width, p.n)});
   } else {
-    // Split rows only when there are too few column blocks to keep the pool busy (each row split
-    // dequantizes the panel again).
+    // Several column blocks per item where there are many (the LM head): their panels are built in one
+    // pass over the packed rows (WalkBlockRows), as long as the panels stay well inside L2 and there are
+    // >= 8 items per thread. Split rows only when there are too few items to keep the pool busy (each row
+    // split dequantizes the panels again).
+    const int64_t panel_bytes = p.k * kNB * 2;  // bfloat16 pairs
+    const int64_t per = std::clamp<int64_t>(std::min<int64_t>(nblocks / (8 * threads), (512 << 10) / panel_bytes), 1,
+                                            kMaxPanelBlocks);
+    const int64_t nitems = (nblocks + per - 1) / per;
     int64_t splits = 1;
-    while (nblocks * splits < 4 * threads && p.m / (splits * 2) >= 4 * kPanelMB) splits *= 2;
+    while (nitems * splits < 4 * threads && p.m / (splits * 2) >= 4 * kPanelMB) splits *= 2;
     const int64_t rows = (p.m + splits - 1) / splits;
-    for (int64_t b = 0; b < nblocks; ++b)
-      for (int64_t m0 = 0; m0 < p.m; m0 += rows) items.push_back(Item{m0, std::min(m0 + rows, p.m), b * kNB, std::min((b + 1) * kNB, p.n)});
+    for (int64_t b = 0; b < nblocks; b += per)
+      for (int64_t m0 = 0; m0 < p.m; m0 += rows)
+        items.push_back(Item{m0, std::min(m0 + rows, p.m), b * kNB, std::min((b + per) * kNB, p.n)});
   }
 
   ParallelFor(pool, static_cast<int64_t>(items.size()), helpers,

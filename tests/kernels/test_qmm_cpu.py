@@ -36,9 +36,11 @@ FORMATS = [
 IDS = [as_config(f).name + "-" + as_config(f).scale_dtype for f in FORMATS]
 # (M, K, N): decode path with M tails (1, 3, 5 = 4 + 1) and column ranges wider than one block (N = 2128:
 # 33 blocks + 16 columns), panel path with row-block tails (9, 37) and rows split across items (50 rows,
-# one column block), N tails (40: 2 vectors + 8 columns; 200: 3 blocks + 8 columns), K of one group or several.
+# one column block), N tails (40: 2 vectors + 8 columns; 200: 3 blocks + 8 columns), K of one group or several;
+# and a wide panel case (N = 19224: 300 blocks + 24 columns) whose items take several column blocks each on
+# a pool of up to 18 threads (their panels built in one pass over the packed rows), the last with the tail.
 SHAPES = [(1, 256, 64), (3, 128, 40), (5, 256, 200), (2, 128, 2128), (9, 256, 144), (37, 384, 100),
-          (50, 128, 40)]
+          (50, 128, 40), (20, 128, 19224)]
 F32_TOL = 1e-5  # accumulation order only
 BF16_TOL = 2.0**-7  # bf16 output rounding and (reference and kernel alike) bf16-rounded weights
 
