@@ -20,7 +20,17 @@ typedef int32_t VI __attribute__((vector_size(64)));
 typedef uint32_t VU __attribute__((vector_size(64)));
 typedef uint16_t VH __attribute__((vector_size(32)));
 
-inline VF Splat(float x) { return VF{} + x; }
+// x in every lane (a plain broadcast; `VF{} + x` would add 0.0f first, an extra scalar op per call).
+inline VF Splat(float x) {
+  VF v;
+#if defined(__AVX512F__)
+  const __m512 b = _mm512_set1_ps(x);
+  std::memcpy(&v, &b, sizeof(v));
+#else
+  for (int l = 0; l < kLanes; ++l) v[l] = x;
+#endif
+  return v;
+}
 
 inline VF LoadF(const float* p) {
   VF v;

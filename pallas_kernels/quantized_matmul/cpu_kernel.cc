@@ -11,11 +11,15 @@
 //
 // Two paths, chosen by M (attribute gemv_max_m):
 //  * M <= gemv_max_m (decode): the packed weights are streamed once (a row of K is N contiguous bytes)
-//    in chunks of rows across ranges of up to 512 output columns. Each 16-byte piece is sign-extended /
-//    unpacked to int32 and converted to float32 in registers and multiplied into per-group float32
-//    accumulators for up to 4 activation rows at a time; at the end of a group the accumulators are
-//    scaled (and the asymmetric offset added as offset * sum(x over the group)). Nothing the size of
-//    the weight is written anywhere.
+//    in chunks of 4 rows across ranges of up to 2048 output columns (long sequential runs: runs of one
+//    or a few cache lines per row left the memory at a third of its streaming rate); where that gives
+//    too few items for the threads, K is split too, into slices of whole groups whose float32 partial
+//    sums are added after the parallel loop. Each 16-byte piece is sign-extended / unpacked to int32 and
+//    converted to float32 in registers and multiplied into per-group float32 accumulators for up to 8
+//    activation rows at a time (int4 with bfloat16 activations on AVX512-BF16: the two nibbles of a byte
+//    become one exact bfloat16 pair by a table lookup, multiplied by vdpbf16ps); at the end of a group
+//    the accumulators are scaled (and the asymmetric offset added as offset * sum(x over the group)).
+//    Nothing the size of the weight is written anywhere.
 //  * larger M (prefill): per block of 64 output columns the weight is dequantized once into a panel
 //    (scale * q (+ offset), exactly the reference's float32 dequantization) that stays in the L2 cache,
 //    then multiplied with blocks of 6 activation rows. Where there are many blocks (the LM head) a work
@@ -51,7 +55,7 @@ using namespace jaxinfer_cpu;  // NOLINT: the shared vector types and helpers
 
 constexpr int kNV = 4;       // vectors per column block
 constexpr int kNB = kNV * kLanes;  // 64 output columns per block
-constexpr int kMB = 4;       // activation rows per decode-path block
+constexpr int kMB = 8;       // activation rows per decode-path block
 constexpr int kPanelMB = 6;  // activation rows per prefill-path block
 constexpr int kPrefetchRows = 16;  // packed weight rows fetched ahead while a panel is built
 
@@ -118,6 +122,7 @@ struct Problem {
   const void* offset;  // asymmetric int4 only
   const float* x;      // float32 [M, K] (a converted copy when the input is bfloat16)
   const uint16_t* xb;  // bfloat16 [M, K] input (prefill bf16 path), else null
+  const uint32_t* xpair;  // bfloat16 x pairs [M, K/2] (int4 decode path with bfloat16 x, see PairRows), else null
   const float* xsum;   // [M, groups] sums of x over each group (asymmetric only)
   void* out;
   bool out_bf16;
@@ -177,14 +182,74 @@ inline float ScalarLevel(const Problem& p, int64_t k, int64_t col) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Decode path. An item is rows [m0, m0 + MB) and a range of up to kItemCols columns. It sweeps the
-// packed weight in chunks of kRowChunk packed rows across the whole column range (runs of contiguous
-// bytes, friendly to the prefetcher and the TLB even when a row of N is many pages long), keeping the
-// float32 partial sums of the current group and the scaled totals in two small L1-resident buffers.
-// Groups of at most kRowChunk packed rows are instead swept a few whole groups at a time, each group's
-// partial sums staying in registers.
-constexpr int kItemCols = 512;
-constexpr int kRowChunk = 32;
+// Decode path. An item is rows [m0, m0 + MB), a range of up to kItemCols columns and a range of groups.
+// It sweeps the packed weight in chunks of kRowChunk packed rows across the whole column range (runs of
+// contiguous bytes, friendly to the prefetcher and the TLB even when a row of N is many pages long),
+// keeping the float32 partial sums of the current group and the scaled totals in two small buffers (in
+// L1 for up to 2 rows). Groups of at most kRowChunk packed rows are instead swept a few whole groups at a time, each
+// group's partial sums staying in registers.
+constexpr int kItemCols = 2048;
+constexpr int kRowChunk = 4;
+constexpr int kGemvPrefetchRows = 16;
+
+#if defined(__AVX512BF16__)
+// bfloat16 bits of a small integer (exact: |v| < 256).
+constexpr uint16_t SmallIntBf16(int v) {
+  if (v == 0) return 0;
+  const uint16_t sign = v < 0 ? 0x8000 : 0;
+  const int a = v < 0 ? -v : v;
+  int e = 0;
+  while ((a >> (e + 1)) != 0) ++e;
+  return static_cast<uint16_t>(sign | ((127 + e) << 7) | ((a << (7 - e)) & 0x7F));
+}
+
+// The 16 int4 levels as bfloat16, indexed by the stored nibble (vpermw reads the first 16 words).
+template <WKind W>
+struct LevelTable {
+  static constexpr uint16_t Entry(int i) {
+    return i >= 16 ? 0 : SmallIntBf16(W == WKind::kI4S && i >= 8 ? i - 16 : i);
+  }
+  alignas(64) static constexpr uint16_t kWords[32] = {
+      Entry(0),  Entry(1),  Entry(2),  Entry(3),  Entry(4),  Entry(5),  Entry(6),  Entry(7),
+      Entry(8),  Entry(9),  Entry(10), Entry(11), Entry(12), Entry(13), Entry(14), Entry(15),
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+};
+
+// AccumulateRows for int4 with bfloat16 x: a packed byte holds the levels of K rows r and g/2 + r of one
+// column, so its two nibbles become one bfloat16 pair (a table lookup: exact, the levels are small
+// integers) and one vdpbf16ps multiplies the 16 columns' pairs with x's pair (x[k(r)], x[k(r) + g/2]) from
+// PairRows: both products exact in float32, added to the float32 sums (as the float path, in another order).
+template <WKind W, int MB, int NV>
+inline __attribute__((always_inline)) void AccumulatePairs(const Problem& p, int64_t m0, int64_t n0, int64_t j,
+                                                           int64_t r0, int64_t r1, VF (&a)[MB][NV]) {
+  const int64_t prow = p.g / 2;
+  const __m512i table = _mm512_load_si512(LevelTable<W>::kWords);
+  const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
+  const uint32_t* xr[MB];
+  for (int i = 0; i < MB; ++i) xr[i] = p.xpair + (m0 + i) * (p.k / 2) + j * prow;
+  const int8_t* base = p.value + j * prow * p.n + n0;
+  __m512 acc[MB][NV];
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NV; ++v) std::memcpy(&acc[i][v], &a[i][v], sizeof(VF));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = base + r * p.n;
+    __builtin_prefetch(row + kGemvPrefetchRows * p.n);
+    __m512bh w[NV];
+    for (int v = 0; v < NV; ++v) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + v * kLanes)));
+      // 32-bit lane = low nibble | high nibble << 16 (0xA8: C & (A | B))
+      const __m512i idx = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), nibbles, 0xA8);
+      w[v] = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xr[i][r]));
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], xv, w[v]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NV; ++v) std::memcpy(&a[i][v], &acc[i][v], sizeof(VF));
+}
+#endif
 
 // a[i][v] += sum over packed rows r in [r0, r1) of group j of x[m0 + i, k(r)] * level(r, n0 + 16 v + lane)
 // (int4: both halves of the group, rows r and g/2 + r of x).
@@ -192,12 +257,18 @@ template <WKind W, int MB, int NV>
 inline __attribute__((always_inline)) void AccumulateRows(const Problem& p, int64_t m0, int64_t n0, int64_t j,
                                                           int64_t r0, int64_t r1, VF (&a)[MB][NV]) {
   constexpr bool kI4 = W != WKind::kI8;
+#if defined(__AVX512BF16__)
+  if constexpr (kI4) {
+    if (p.xpair != nullptr) return AccumulatePairs<W, MB, NV>(p, m0, n0, j, r0, r1, a);
+  }
+#endif
   const int64_t prow = kI4 ? p.g / 2 : p.g;
   const float* xr[MB];
   for (int i = 0; i < MB; ++i) xr[i] = p.x + (m0 + i) * p.k + j * p.g;
   const int8_t* base = p.value + j * prow * p.n + n0;
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* row = base + r * p.n;
+    __builtin_prefetch(row + kGemvPrefetchRows * p.n);
     VF lo[NV], hi[NV];
     for (int v = 0; v < NV; ++v) Levels<W>(row + v * kLanes, &lo[v], &hi[v]);
     for (int i = 0; i < MB; ++i) {
@@ -256,14 +327,27 @@ inline void GemvGroups(const Problem& p, int64_t m0, int64_t n0, int64_t j0, int
   }
 }
 
-// Columns [n0, n1) (fewer than 16) for rows [m0, m1), scalar.
+// Where a decode item's results go: out (part == nullptr), or the float32 partial sums [M, N] of its
+// slice of K (several slices are added up after the parallel loop).
+inline void StoreGemv(const Problem& p, float* part, int64_t row, int64_t col, VF y, int valid) {
+  if (part == nullptr) return StoreOut(p, row, col, y, valid);
+  float* o = part + row * p.n + col;
+  if (valid == kLanes) {
+    StoreF(o, y);
+  } else {
+    for (int l = 0; l < valid; ++l) o[l] = y[l];
+  }
+}
+
+// Columns [n0, n1) (fewer than 16) for rows [m0, m1), groups [j0, j1), scalar.
 template <WKind W, SKind S>
-void ScalarColumns(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+void ScalarColumns(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t j0, int64_t j1,
+                   float* part) {
   for (int64_t m = m0; m < m1; ++m) {
     VF y = VF{};
     for (int64_t c = n0; c < n1; ++c) {
       float acc = 0.0f;
-      for (int64_t j = 0; j < p.groups; ++j) {
+      for (int64_t j = j0; j < j1; ++j) {
         float part = 0.0f;
         for (int64_t k = j * p.g; k < (j + 1) * p.g; ++k) part += p.x[m * p.k + k] * ScalarLevel<W>(p, k, c);
         acc += part * ScalarScale<S>(p.scale, j * p.n + c);
@@ -271,34 +355,44 @@ void ScalarColumns(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t
       }
       y[c - n0] = acc;
     }
-    StoreOut(p, m, n0, y, static_cast<int>(n1 - n0));
+    StoreGemv(p, part, m, n0, y, static_cast<int>(n1 - n0));
   }
 }
 
+// Rows [m0, m0 + MB), columns [n0, n1) (whole vectors), groups [jb, je).
 template <WKind W, SKind S, int MB>
-void GemvRows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+void GemvRows(const Problem& p, int64_t m0, int64_t n0, int64_t n1, int64_t jb, int64_t je, float* part) {
   constexpr bool kI4 = W != WKind::kI8;
+  // Vectors per register block: MB x NV accumulators plus the levels stay within the 32 vector registers.
+  constexpr int NV = MB <= 4 ? kNV : 2;
+  constexpr int kBlockCols = NV * kLanes;
   const int64_t prow = kI4 ? p.g / 2 : p.g;
   const int64_t nvec = (n1 - n0) / kLanes;  // whole vectors; the rest is ScalarColumns' job
-  const int64_t nfull = nvec / kNV;         // whole blocks of kNV vectors
+  const int64_t nfull = nvec / NV;          // whole blocks of NV vectors
   alignas(64) float acc[MB * kItemCols];
   alignas(64) float y[MB * kItemCols];
-  std::memset(y, 0, sizeof(float) * MB * kItemCols);
+  // rows of acc and y are kItemCols apart; only the item's nvec vectors of each are used
+  const auto zero_rows = [nvec](float* buf) {
+    for (int i = 0; i < MB; ++i) std::memset(buf + i * kItemCols, 0, sizeof(float) * nvec * kLanes);
+  };
+  zero_rows(y);
   if (prow <= kRowChunk) {
     const int64_t per = std::max<int64_t>(kRowChunk / prow, 1);
-    for (int64_t j0 = 0; j0 < p.groups; j0 += per) {
-      const int64_t j1 = std::min<int64_t>(j0 + per, p.groups);
-      for (int64_t b = 0; b < nfull; ++b) GemvGroups<W, S, MB, kNV>(p, m0, n0 + b * kNB, j0, j1, y + b * kNB);
-      for (int64_t v = nfull * kNV; v < nvec; ++v)
+    for (int64_t j0 = jb; j0 < je; j0 += per) {
+      const int64_t j1 = std::min<int64_t>(j0 + per, je);
+      for (int64_t b = 0; b < nfull; ++b)
+        GemvGroups<W, S, MB, NV>(p, m0, n0 + b * kBlockCols, j0, j1, y + b * kBlockCols);
+      for (int64_t v = nfull * NV; v < nvec; ++v)
         GemvGroups<W, S, MB, 1>(p, m0, n0 + v * kLanes, j0, j1, y + v * kLanes);
     }
   }
-  for (int64_t j = 0; j < p.groups && prow > kRowChunk; ++j) {
-    std::memset(acc, 0, sizeof(float) * MB * kItemCols);
+  for (int64_t j = jb; j < je && prow > kRowChunk; ++j) {
+    zero_rows(acc);
     for (int64_t r0 = 0; r0 < prow; r0 += kRowChunk) {
       const int64_t r1 = std::min<int64_t>(r0 + kRowChunk, prow);
-      for (int64_t b = 0; b < nfull; ++b) GemvChunk<W, MB, kNV>(p, m0, n0 + b * kNB, j, r0, r1, acc + b * kNB);
-      for (int64_t v = nfull * kNV; v < nvec; ++v)
+      for (int64_t b = 0; b < nfull; ++b)
+        GemvChunk<W, MB, NV>(p, m0, n0 + b * kBlockCols, j, r0, r1, acc + b * kBlockCols);
+      for (int64_t v = nfull * NV; v < nvec; ++v)
         GemvChunk<W, MB, 1>(p, m0, n0 + v * kLanes, j, r0, r1, acc + v * kLanes);
     }
     for (int64_t v = 0; v < nvec; ++v) {
@@ -308,22 +402,28 @@ void GemvRows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int64_t v = 0; v < nvec; ++v) StoreOut(p, m0 + i, n0 + v * kLanes, LoadF(y + i * kItemCols + v * kLanes), kLanes);
+    for (int64_t v = 0; v < nvec; ++v)
+      StoreGemv(p, part, m0 + i, n0 + v * kLanes, LoadF(y + i * kItemCols + v * kLanes), kLanes);
 }
 
-// One decode item: rows [m0, m1) (at most kMB), columns [n0, n1) (at most kItemCols).
+// One decode item: rows [m0, m1) (at most kMB), columns [n0, n1) (at most kItemCols), groups [j0, j1).
 template <WKind W, SKind S>
-void GemvItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+void GemvItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t j0, int64_t j1,
+              float* part) {
   const int64_t nv_end = n0 + (n1 - n0) / kLanes * kLanes;
   if (nv_end > n0) {
     switch (m1 - m0) {
-      case 1: GemvRows<W, S, 1>(p, m0, n0, nv_end); break;
-      case 2: GemvRows<W, S, 2>(p, m0, n0, nv_end); break;
-      case 3: GemvRows<W, S, 3>(p, m0, n0, nv_end); break;
-      default: GemvRows<W, S, 4>(p, m0, n0, nv_end); break;
+      case 1: GemvRows<W, S, 1>(p, m0, n0, nv_end, j0, j1, part); break;
+      case 2: GemvRows<W, S, 2>(p, m0, n0, nv_end, j0, j1, part); break;
+      case 3: GemvRows<W, S, 3>(p, m0, n0, nv_end, j0, j1, part); break;
+      case 4: GemvRows<W, S, 4>(p, m0, n0, nv_end, j0, j1, part); break;
+      case 5: GemvRows<W, S, 5>(p, m0, n0, nv_end, j0, j1, part); break;
+      case 6: GemvRows<W, S, 6>(p, m0, n0, nv_end, j0, j1, part); break;
+      case 7: GemvRows<W, S, 7>(p, m0, n0, nv_end, j0, j1, part); break;
+      default: GemvRows<W, S, 8>(p, m0, n0, nv_end, j0, j1, part); break;
     }
   }
-  if (nv_end < n1) ScalarColumns<W, S>(p, m0, m1, nv_end, n1);
+  if (nv_end < n1) ScalarColumns<W, S>(p, m0, m1, nv_end, n1, j0, j1, part);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -701,12 +801,14 @@ void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
 // ---------------------------------------------------------------------------------------------------
 struct Item {
   int64_t m0, m1, n0, n1;
+  int64_t j0 = 0, j1 = 0;  // decode path: groups of K
+  float* part = nullptr;   // decode path: float32 partial sums of this slice of K, or nullptr (out)
 };
 
 template <WKind W, SKind S>
 void RunItem(const Problem& p, const Item& it, bool gemv) {
   if (gemv) {
-    GemvItem<W, S>(p, it.m0, it.m1, it.n0, it.n1);
+    GemvItem<W, S>(p, it.m0, it.m1, it.n0, it.n1, it.j0, it.j1, it.part);
   } else {
     PanelItem<W, S>(p, it.m0, it.m1, it.n0, it.n1);
   }
@@ -832,6 +934,21 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
   } else {
     p.x = static_cast<const float*>(x.untyped_data());
   }
+#if defined(__AVX512BF16__)
+  // int4 decode path with bfloat16 x: x[m, k(r)] | x[m, k(r) + g/2] << 16 per packed row r (AccumulatePairs)
+  std::vector<uint32_t> xpair;
+  if (gemv && x_bf16 && w != WKind::kI8) {
+    const uint16_t* xh = static_cast<const uint16_t*>(x.untyped_data());
+    const int64_t kp = p.k / 2, prow = p.g / 2;
+    xpair.resize(static_cast<size_t>(p.m * kp));
+    for (int64_t m = 0; m < p.m; ++m)
+      for (int64_t q = 0; q < kp; ++q) {
+        const int64_t k = q / prow * p.g + q % prow;
+        xpair[m * kp + q] = xh[m * p.k + k] | static_cast<uint32_t>(xh[m * p.k + k + prow]) << 16;
+      }
+    p.xpair = xpair.data();
+  }
+#endif
   std::vector<float> xsum;
   if (w == WKind::kI4A && gemv) {  // the panel path adds the offset into the dequantized weight
     xsum.resize(static_cast<size_t>(p.m * p.groups));
@@ -846,13 +963,25 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
 
   const int64_t nblocks = (p.n + kNB - 1) / kNB;
   std::vector<Item> items;
+  std::vector<float> parts;  // decode path split over K: [slices, M, N] float32 partial sums
+  int64_t slices = 1;
   if (gemv) {
-    // Column ranges of whole blocks, wide enough for long sequential runs, narrow enough for ~8 items
-    // per thread.
-    const int64_t width = std::clamp<int64_t>(nblocks / (8 * threads), 1, kItemCols / kNB) * kNB;
-    for (int64_t m0 = 0; m0 < p.m; m0 += kMB)
-      for (int64_t c = 0; c < p.n; c += width)
-        items.push_back(Item{m0, std::min(m0 + kMB, p.m), c, std::min(c + width, p.n)});
+    // Column ranges as wide as kItemCols (each packed row's bytes of an item are one sequential run: the
+    // memory streams them at full speed, where runs of a few cache lines leave it at a third of that),
+    // balanced; where that gives fewer than 2 items per thread, K is split into slices of whole groups
+    // too, each slice adding into its own float32 partial sums.
+    const int64_t ncol = (nblocks + kItemCols / kNB - 1) / (kItemCols / kNB);
+    const int64_t width = (nblocks + ncol - 1) / ncol * kNB;
+    slices = std::clamp<int64_t>((2 * threads + ncol - 1) / ncol, 1, p.groups);
+    if (helpers == 0) slices = 1;
+    if (slices > 1) parts.assign(static_cast<size_t>(slices * p.m * p.n), 0.0f);
+    for (int64_t sl = 0; sl < slices; ++sl) {
+      const int64_t j0 = p.groups * sl / slices, j1 = p.groups * (sl + 1) / slices;
+      float* part = slices > 1 ? parts.data() + sl * p.m * p.n : nullptr;
+      for (int64_t m0 = 0; m0 < p.m; m0 += kMB)
+        for (int64_t c = 0; c < p.n; c += width)
+          items.push_back(Item{m0, std::min(m0 + kMB, p.m), c, std::min(c + width, p.n), j0, j1, part});
+    }
   } else {
     // Several column blocks per item where there are many (the LM head): their panels are built in one
     // pass over the packed rows (WalkBlockRows), as long as the panels stay well inside L2 and there are
@@ -872,6 +1001,22 @@ ffi::Error QuantizedMatmulCpu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
 
   ParallelFor(pool, static_cast<int64_t>(items.size()), helpers,
               [&p, &items, gemv, w, s](int64_t i) { RunItemAny(p, items[i], gemv, w, s); });
+  if (slices > 1) {  // out = the slices' partial sums added in slice order
+    for (int64_t m = 0; m < p.m; ++m)
+      for (int64_t c = 0; c < p.n; c += kLanes) {
+        const int valid = static_cast<int>(std::min<int64_t>(kLanes, p.n - c));
+        VF y = VF{};
+        for (int64_t sl = 0; sl < slices; ++sl) {
+          const float* src = parts.data() + (sl * p.m + m) * p.n + c;
+          if (valid == kLanes) {
+            y += LoadF(src);
+          } else {
+            for (int l = 0; l < valid; ++l) y[l] += src[l];
+          }
+        }
+        StoreOut(p, m, c, y, valid);
+      }
+  }
   return ffi::Error::Success();
 }
 

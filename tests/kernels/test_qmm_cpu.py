@@ -38,9 +38,11 @@ IDS = [as_config(f).name + "-" + as_config(f).scale_dtype for f in FORMATS]
 # 33 blocks + 16 columns), panel path with row-block tails (9, 37) and rows split across items (50 rows,
 # one column block), N tails (40: 2 vectors + 8 columns; 200: 3 blocks + 8 columns), K of one group or several;
 # and a wide panel case (N = 19224: 300 blocks + 24 columns) whose items take several column blocks each on
-# a pool of up to 18 threads (their panels built in one pass over the packed rows), the last with the tail.
+# a pool of up to 18 threads (their panels built in one pass over the packed rows), the last with the tail;
+# and a decode case of 6 rows over two column ranges (N = 2056 > the 2048-column item) whose K is split
+# into slices of groups added up after the parallel loop, the last range ending in an 8-column tail.
 SHAPES = [(1, 256, 64), (3, 128, 40), (5, 256, 200), (2, 128, 2128), (9, 256, 144), (37, 384, 100),
-          (50, 128, 40), (20, 128, 19224)]
+          (50, 128, 40), (20, 128, 19224), (6, 512, 2056)]
 F32_TOL = 1e-5  # accumulation order only
 BF16_TOL = 2.0**-7  # bf16 output rounding and (reference and kernel alike) bf16-rounded weights
 
@@ -81,6 +83,17 @@ def test_both_paths_agree_at_every_m(fmt):
         expected = _oracle(x, w)
         _check(gemv, expected, F32_TOL)
         _check(panel, expected, F32_TOL)
+
+
+@pytest.mark.parametrize("fmt", ["int8-g32", "int4-g64", QuantConfig("int4", group_size=32, symmetric=False,
+                                                                     scale_dtype="float16")], ids=["i8", "i4", "q4_1"])
+def test_decode_path_split_over_k(fmt):
+    """The streaming path with every product on the pool (K split into slices of groups when there are few
+    column ranges) at each register-block height 1-8, against the float64 oracle."""
+    for m in range(1, 9):
+        x, w = _case(m, 1024, 600 + 16 * m + m % 3, fmt, jnp.float32, seed=40 + m)
+        y = cpu.quantized_matmul_cpu(x, w, jnp.float32, parallel_min_bytes=0)
+        _check(y, _oracle(x, w), F32_TOL)
 
 
 def test_batched_leading_dims_out_dtype_and_jit():
