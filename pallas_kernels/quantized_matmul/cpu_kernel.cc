@@ -24,11 +24,12 @@
 //    (scale * q (+ offset), exactly the reference's float32 dequantization) that stays in the L2 cache,
 //    then multiplied with blocks of 6 activation rows. Where there are many blocks (the LM head) a work
 //    item takes up to 8 neighbouring blocks and builds their panels in one pass over the packed rows (each
-//    row's bytes for all of them read together: one visit of its page instead of one per block). With bfloat16 activations on a CPU with
-//    AVX512-BF16 the panel is stored as bfloat16 pairs of adjacent K rows (the reference also rounds the
-//    dequantized weight to the activations' dtype) and the product uses vdpbf16ps (float32
-//    accumulation), or AMX tiles (TDPBF16PS, 32 x 32 register blocks, cpu_amx.h) on a CPU with
-//    AMX-BF16 when K is a multiple of 32; otherwise it is a float32 panel with float32 FMAs.
+//    row's bytes for all of them read together: one visit of its page instead of one per block). With
+//    bfloat16 activations on a CPU with AVX512-BF16 the panel is stored as bfloat16 pairs of adjacent K
+//    rows (the reference also rounds the dequantized weight to the activations' dtype) and the product
+//    uses vdpbf16ps (float32 accumulation), or AMX tiles (TDPBF16PS, 32 x 32 register blocks,
+//    cpu_amx.h) on a CPU with AMX-BF16 when K is a multiple of 32; otherwise it is a float32 panel with
+//    float32 FMAs.
 //  * int8_activations (attribute), AVX512-VNNI, M > gemv_max_m, K and the group size multiples of 32:
 //    instead of the panel above, each row of x is quantized to int8 per block of 32 (once per call) and
 //    the column block's weight levels go into a vpdpbusd panel (cpu_vnni.h, which states the numerics),
@@ -122,7 +123,7 @@ struct Problem {
   const void* offset;  // asymmetric int4 only
   const float* x;      // float32 [M, K] (a converted copy when the input is bfloat16)
   const uint16_t* xb;  // bfloat16 [M, K] input (prefill bf16 path), else null
-  const uint32_t* xpair;  // bfloat16 x pairs [M, K/2] (int4 decode path with bfloat16 x, see PairRows), else null
+  const uint32_t* xpair;  // bfloat16 x pairs [M, K/2] (int4 decode path, bfloat16 x: AccumulatePairs), else null
   const float* xsum;   // [M, groups] sums of x over each group (asymmetric only)
   void* out;
   bool out_bf16;
@@ -186,8 +187,8 @@ inline float ScalarLevel(const Problem& p, int64_t k, int64_t col) {
 // It sweeps the packed weight in chunks of kRowChunk packed rows across the whole column range (runs of
 // contiguous bytes, friendly to the prefetcher and the TLB even when a row of N is many pages long),
 // keeping the float32 partial sums of the current group and the scaled totals in two small buffers (in
-// L1 for up to 2 rows). Groups of at most kRowChunk packed rows are instead swept a few whole groups at a time, each
-// group's partial sums staying in registers.
+// L1 for up to 2 rows). Groups of at most kRowChunk packed rows are instead swept a few whole groups at a
+// time, each group's partial sums staying in registers.
 constexpr int kItemCols = 2048;
 constexpr int kRowChunk = 4;
 constexpr int kGemvPrefetchRows = 16;
@@ -217,8 +218,9 @@ struct LevelTable {
 
 // AccumulateRows for int4 with bfloat16 x: a packed byte holds the levels of K rows r and g/2 + r of one
 // column, so its two nibbles become one bfloat16 pair (a table lookup: exact, the levels are small
-// integers) and one vdpbf16ps multiplies the 16 columns' pairs with x's pair (x[k(r)], x[k(r) + g/2]) from
-// PairRows: both products exact in float32, added to the float32 sums (as the float path, in another order).
+// integers) and one vdpbf16ps multiplies the 16 columns' pairs with x's pair (x[k(r)], x[k(r) + g/2], built
+// once per call in QuantizedMatmulCpu): both products exact in float32, added to the float32 sums (as the
+// float path, in another order). Prefetches past the weight's end are harmless (no fault).
 template <WKind W, int MB, int NV>
 inline __attribute__((always_inline)) void AccumulatePairs(const Problem& p, int64_t m0, int64_t n0, int64_t j,
                                                            int64_t r0, int64_t r1, VF (&a)[MB][NV]) {
