@@ -13,9 +13,12 @@ from jax.sharding import Mesh
 
 from pallas_kernels.backend import ATTENTION_IMPLS, IMPLS, check_impl, default_impl
 from pallas_kernels.logits_rows import cpu as logits_rows_cpu
+from pallas_kernels.norm_act import cpu as norm_act_cpu
 
 #: Sampler row-reduction implementations (:class:`Kernels`' ``sampler``).
 SAMPLER_IMPLS = ("xla", "cpu")
+#: Layer row-kernel implementations (:class:`Kernels`' ``norm``: RMSNorm, residual add + RMSNorm, SwiGLU).
+NORM_IMPLS = ("xla", "cpu")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class Kernels:
         per 32-block, AVX512-VNNI; ``jaxinfer.config.resolve_int8_activations``); only with ``matmul="cpu"``.
       sampler: the sampler's row argmax and log-normaliser: ``"xla"`` (jnp) or ``"cpu"`` (the C++ row kernel,
         :mod:`pallas_kernels.logits_rows`).
+      norm: the layers' RMSNorm, residual add + RMSNorm and SwiGLU: ``"xla"`` (jnp) or ``"cpu"`` (the C++ row
+        kernel, :mod:`pallas_kernels.norm_act`; single-device placements only).
     """
 
     attention: str
@@ -40,6 +45,7 @@ class Kernels:
     matmul_interpret: bool = False
     matmul_int8_activations: bool = False
     sampler: str = "xla"
+    norm: str = "xla"
 
     def __post_init__(self):
         check_impl(self.attention, ATTENTION_IMPLS)
@@ -47,19 +53,23 @@ class Kernels:
         if self.matmul_int8_activations and self.matmul != "cpu":
             raise ValueError(f"int8 activations need the C++ CPU quantized matmul (matmul='cpu'), not {self.matmul!r}")
         check_impl(self.sampler, SAMPLER_IMPLS)
+        check_impl(self.norm, NORM_IMPLS)
 
     @classmethod
     def for_mesh(cls, mesh: Mesh, attention: str | None = None, matmul: str | None = None) -> Kernels:
         """The defaults for ``mesh``'s device platform (``JAXINFER_KERNEL_IMPL`` still overrides them);
         ``attention`` / ``matmul`` name an implementation explicitly. A mesh of compile-only devices (a TPU
         or GPU topology, see :mod:`pallas_kernels.targets`) gives that platform's compiled kernels. The
-        sampler runs the C++ row kernel on the CPU when attention does (same compiler, same fallback)."""
+        sampler runs the C++ row kernel on the CPU when attention does (same compiler, same fallback), and so
+        do the layers' norms and SwiGLU on a single CPU device."""
         platform = mesh.devices.flat[0].platform
         attention = attention or default_impl(platform, attention=True)
         matmul = matmul or default_impl(platform)
         sampler = "cpu" if platform == "cpu" and attention == "cpu" and logits_rows_cpu.buildable() else "xla"
+        single = platform == "cpu" and attention == "cpu" and mesh.devices.size == 1
+        norm = "cpu" if single and norm_act_cpu.buildable() else "xla"
         return cls(attention, matmul, _interpreted(attention, platform), _interpreted(matmul, platform),
-                   sampler=sampler)
+                   sampler=sampler, norm=norm)
 
     @property
     def compiled_for_tpu(self) -> bool:

@@ -5,8 +5,8 @@ Shapes: ``T`` tokens (flattened over sequences), ``E`` hidden size, ``H`` heads,
 
 from __future__ import annotations
 
-__all__ = ["Linear", "RMSNorm", "Rotary", "apply_rope", "embed", "weight_param", "linear", "rms_norm", "rope", "swiglu",
-           "unembed"]
+__all__ = ["Linear", "RMSNorm", "Rotary", "apply_rope", "embed", "weight_param", "linear", "norm_impl", "rms_norm",
+           "rope", "swiglu", "unembed"]
 
 from typing import NamedTuple
 
@@ -21,13 +21,13 @@ import numpy as np
 from jaxinfer.models.ops import embed, linear, unembed
 from jaxinfer.sharding import ShardingPlan
 from jaxinfer.target import Kernels
+from pallas_kernels import norm_act
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in float32. ``x[..., E]``, ``scale[E]``."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, impl: str = "xla") -> jax.Array:
+    """RMSNorm over the last axis, computed in float32. ``x[..., E]``, ``scale[E]``; ``impl`` ``"cpu"`` runs
+    the C++ row kernel (:mod:`pallas_kernels.norm_act`)."""
+    return norm_act.rms_norm(x, scale, eps, impl)
 
 
 class Rotary(NamedTuple):
@@ -75,14 +75,9 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     return apply_rope(x, Rotary.at(positions, inv_freq))
 
 
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """``silu(gate) * up`` with PyTorch's roundings: ``silu`` evaluated in float32 and rounded once to the
-    inputs' dtype, then the product rounded (16-bit inputs; ``jax.nn.silu`` on bf16 would round after each
-    of its negate / exp / add / divide / multiply)."""
-    if jnp.dtype(gate.dtype).itemsize >= 4:
-        return jax.nn.silu(gate) * up
-    g = gate.astype(jnp.float32)
-    return (g * jax.nn.sigmoid(g)).astype(gate.dtype) * up
+def swiglu(gate: jax.Array, up: jax.Array, impl: str = "xla") -> jax.Array:
+    """``silu(gate) * up`` with PyTorch's roundings (:func:`pallas_kernels.norm_act.swiglu`)."""
+    return norm_act.swiglu(gate, up, impl)
 
 
 def weight_param(module: nn.Module, name: str, init, shape: tuple[int, ...], dtype):
@@ -111,6 +106,11 @@ def matmul_options(kernels: Kernels | None) -> dict:
             "int8_activations": kernels.matmul_int8_activations}
 
 
+def norm_impl(kernels: Kernels | None) -> str:
+    """The ``impl`` of :func:`rms_norm` / :func:`swiglu` / :class:`RMSNorm` for a kernel choice."""
+    return "xla" if kernels is None else kernels.norm
+
+
 class Linear(nn.Module):
     """``y = x @ kernel (+ bias)``; ``kernel[in, out]`` carries logical axis names ``axes``."""
 
@@ -135,14 +135,21 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned ``scale[E]`` (logical axis ``axis``)."""
+    """RMSNorm with a learned ``scale[E]`` (logical axis ``axis``); ``impl`` as :func:`rms_norm`.
+
+    ``__call__(x)`` returns the norm of ``x[..., E]``; ``__call__(x, add)`` returns ``(norm(x + add), x + add)``
+    (a residual sum and the norm that reads it, one pass with the C++ kernel).
+    """
 
     eps: float
     axis: str = "embed"
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, add: jax.Array | None = None):
         init = nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis,))
         scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
-        return rms_norm(x, scale, self.eps)
+        if add is None:
+            return rms_norm(x, scale, self.eps, self.impl)
+        return norm_act.add_rms_norm(x, add, scale, self.eps, self.impl)

@@ -25,6 +25,7 @@ from jaxinfer.models.layers import (
     apply_rope,
     embed,
     matmul_options,
+    norm_impl,
     swiglu,
     unembed,
     weight_param,
@@ -81,7 +82,8 @@ class LlamaMLP(nn.Module):
         kw = dict(use_bias=c.mlp_bias, param_dtype=self.dtype, kernels=self.kernels, plan=self.plan)
         gate = Linear(width, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Linear(width, ("embed", "mlp"), name="up_proj", **kw)(x)
-        return Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(swiglu(gate, up))
+        down = Linear(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)
+        return down(swiglu(gate, up, norm_impl(self.kernels)))
 
 
 class DecoderLayer(nn.Module):
@@ -92,18 +94,26 @@ class DecoderLayer(nn.Module):
     kernels: Kernels | None = None
     plan: ShardingPlan | None = None
     moe: bool = False  # the MLP is a sparse mixture-of-experts block (jaxinfer.models.moe)
+    defer_residual: bool = False  # return the MLP output unsummed, for the next layer's norm to add
 
     @nn.compact
-    def __call__(self, x, rotary: Rotary, cache, md):
-        """``x[T, E]``, ``rotary`` the step's RoPE tables (:class:`Rotary`) -> ``(x[T, E], cache)``."""
+    def __call__(self, x, rotary: Rotary, cache, md, add=None):
+        """``x[T, E]``, ``rotary`` the step's RoPE tables (:class:`Rotary`) -> ``(x[T, E], cache)``.
+
+        ``add[T, E]``: the previous layer's deferred MLP output; the layer's input is ``x + add``, summed in
+        the input norm's pass. With ``defer_residual`` the result is ``(x, m, cache)``, the layer's output
+        being ``x + m`` (the residual sums then run inside the norm kernel, not as separate XLA adds).
+        """
         c = self.config
-        h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="input_layernorm")(x)
+        impl = norm_impl(self.kernels)
+        norm1 = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, impl=impl, name="input_layernorm")
+        h, x = (norm1(x), x) if add is None else norm1(x, add)
         attn = self.attention_cls(c, self.dtype, self.mesh, kernels=self.kernels, plan=self.plan, name="self_attn")
         a, cache = attn(h, rotary, cache, md)
-        x = x + a
-        h = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, name="post_attention_layernorm")(x)
+        h, x = RMSNorm(c.rms_norm_eps, param_dtype=self.dtype, impl=impl, name="post_attention_layernorm")(x, a)
         mlp_cls = SparseMoeBlock if self.moe else LlamaMLP
-        return x + mlp_cls(c, self.dtype, self.kernels, self.plan, name="mlp")(h), cache
+        m = mlp_cls(c, self.dtype, self.kernels, self.plan, name="mlp")(h)
+        return (x, m, cache) if self.defer_residual else (x + m, cache)
 
 
 class CausalTransformer(nn.Module):
@@ -134,11 +144,13 @@ class CausalTransformer(nn.Module):
         x = embed(embedding, tokens, self.dtype, lane_strips=strips)
         rotary = Rotary.at(positions, c.inv_freq())  # once for all layers
         new_caches = []
+        m = None
         for i in range(c.num_layers):
             layer = DecoderLayer(c, self.attention_cls, self.dtype, self.mesh, self.kernels, self.plan,
-                                 moe=c.is_moe_layer(i), name=f"layers_{i}")
-            x, cache = layer(x, rotary, caches[i], md)
+                                 moe=c.is_moe_layer(i), defer_residual=True, name=f"layers_{i}")
+            x, m, cache = layer(x, rotary, caches[i], md, m)
             new_caches.append(cache)
+        x = x + m
         hidden = None if hidden_indices is None else jnp.take(x, hidden_indices, axis=0)
         if logits_indices is not None:
             x = jnp.take(x, logits_indices, axis=0)
@@ -152,7 +164,7 @@ def _lm_head(module: nn.Module, x: jax.Array, embedding) -> jax.Array:
     """Final norm and LM head as submodules ``norm`` / ``lm_head`` of ``module`` (call it from a compact
     method): ``x[N, hidden] -> f32[N, vocab]``."""
     c = module.config
-    x = RMSNorm(c.rms_norm_eps, param_dtype=module.dtype, name="norm")(x)
+    x = RMSNorm(c.rms_norm_eps, param_dtype=module.dtype, impl=norm_impl(module.kernels), name="norm")(x)
     if c.tie_word_embeddings:
         return unembed(x, embedding, **matmul_options(module.kernels))
     return Linear(c.vocab_size, ("embed", "vocab"), name="lm_head", param_dtype=module.dtype,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,15 +13,17 @@ from jaxinfer.attention import AttentionMetadata, init_dense_cache
 _JITTED = {}
 
 
-def jitted_forward(model):
-    """One ``jax.jit(model.forward)`` per model, so repeated steps reuse compiled executables."""
-    if id(model) not in _JITTED:
-        _JITTED[id(model)] = (model, jax.jit(model.forward))
-    return _JITTED[id(model)][1]
+def jitted_forward(model, kernels=None):
+    """One ``jax.jit(model.forward)`` per model and kernel choice, so repeated steps reuse compiled executables."""
+    key = (id(model), kernels)
+    if key not in _JITTED:
+        _JITTED[key] = (model, jax.jit(functools.partial(model.forward, kernels=kernels)))
+    return _JITTED[key][1]
 
 
-def ragged_prefill(model, params, seqs, max_len=64, caches=None):
-    """All ``seqs`` in one ragged step. Returns ``(per-sequence logits [len, V] list, caches)``."""
+def ragged_prefill(model, params, seqs, max_len=64, caches=None, kernels=None):
+    """All ``seqs`` in one ragged step (``kernels``: :class:`jaxinfer.target.Kernels`, ``None``: the
+    defaults of ``forward``). Returns ``(per-sequence logits [len, V] list, caches)``."""
     c = model.config
     s = len(seqs)
     if caches is None:
@@ -35,7 +39,7 @@ def ragged_prefill(model, params, seqs, max_len=64, caches=None):
         pos[cu[i]:cu[i + 1]] = np.arange(len(x))
         slots[cu[i]:cu[i + 1]] = i * max_len + np.arange(len(x))
     md = AttentionMetadata(cu, lens, np.array([s], np.int32), slots, max_q_len=int(lens.max()))
-    logits, caches = jitted_forward(model)(params, jnp.asarray(tokens), jnp.asarray(pos), caches, md)
+    logits, caches = jitted_forward(model, kernels)(params, jnp.asarray(tokens), jnp.asarray(pos), caches, md)
     logits = np.asarray(logits)
     return [logits[cu[i]:cu[i + 1]] for i in range(s)], caches
 

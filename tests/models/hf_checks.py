@@ -25,12 +25,12 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def check_ragged_prefill_vs_hf(m, hf, label: str) -> None:
+def check_ragged_prefill_vs_hf(m, hf, label: str, kernels=None) -> None:
     """One ragged prefill of three sequences (21 tokens: longer than the tiny models' sliding window of 8)
-    equals HF's per-sequence logits."""
+    equals HF's per-sequence logits (``kernels``: a :class:`jaxinfer.target.Kernels` to run the forward with)."""
     rng = np.random.default_rng(0)
     seqs = [rng.integers(3, 300, size=n).tolist() for n in (21, 7, 1)]
-    ours, _ = ragged_prefill(m.model, m.params, seqs)
+    ours, _ = ragged_prefill(m.model, m.params, seqs, kernels=kernels)
     for ids, got in zip(seqs, ours):
         ref = hf_logits(hf, ids)
         np.testing.assert_allclose(got, ref, atol=RTOL * np.abs(ref).max(), rtol=0, err_msg=label)

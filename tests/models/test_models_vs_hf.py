@@ -7,6 +7,9 @@ import pytest
 
 from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.target import Kernels
+from pallas_kernels import cpu_build
+from pallas_kernels.norm_act import cpu as norm_act_cpu
 from tests.models.hf_checks import check_incremental_decode_vs_full, check_ragged_prefill_vs_hf, hf_greedy
 from tests.tiny_models import ARCHS
 
@@ -20,6 +23,15 @@ def arch_model(request, tiny_model_dir):
 def test_logits_match_hf_on_ragged_batch(arch_model):
     arch, m, hf = arch_model
     check_ragged_prefill_vs_hf(m, hf, arch)
+
+
+@pytest.mark.skipif(cpu_build.compiler() is None, reason="no C++ compiler")
+def test_logits_match_hf_with_the_cpu_row_kernels(arch_model):
+    """The same with the layers' RMSNorm / residual add + RMSNorm / SwiGLU on the C++ row kernel (Qwen3: also
+    its per-head q / k norms), as the engine runs them on a CPU."""
+    assert norm_act_cpu.available(), norm_act_cpu.RMS_NORM.state
+    arch, m, hf = arch_model
+    check_ragged_prefill_vs_hf(m, hf, arch, kernels=Kernels("xla", "xla", norm="cpu"))
 
 
 def test_incremental_decode_equals_full_forward(arch_model):
