@@ -625,12 +625,15 @@ constexpr bool kHaveBf16Dot = false;
 #endif
 
 #if defined(JAXINFER_HAVE_AMX)
-// Rows [m0, m1) of the column block at n0 with AMX tiles (cpu_amx.h); K a multiple of 32.
-void AmxRows(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t m1, int64_t n0) {
+// Rows [m0, m1) of nblk neighbouring column blocks from n0 with AMX tiles (cpu_amx.h); K a multiple of 32.
+// Block b's pair panel is at pairs + b * panel. Rows go outermost: a 32-row block of x (32 x K bfloat16)
+// is read into the L1 cache once and used for every column block, where a block-outer order streamed all
+// of the item's rows from L2 again for each block (about 1.3x slower tile products in a probe).
+void AmxRows(const Problem& p, const uint32_t* pairs, int64_t panel, int nblk, int64_t m0, int64_t m1,
+             int64_t n0) {
   namespace amx = jaxinfer_amx;
   thread_local std::vector<uint16_t> pad;
   alignas(64) float y[amx::kBlockRows * 32];
-  const int nvec = static_cast<int>(std::min<int64_t>((p.n - n0 + kLanes - 1) / kLanes, kNV));
   amx::Configure();
   for (int64_t m = m0; m < m1; m += amx::kBlockRows) {
     const int64_t rows = std::min<int64_t>(amx::kBlockRows, m1 - m);
@@ -640,14 +643,18 @@ void AmxRows(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t m1, in
       std::memcpy(pad.data(), a, static_cast<size_t>(rows * p.k) * sizeof(uint16_t));
       a = pad.data();
     }
-    for (int v0 = 0; v0 < nvec; v0 += 2) {
-      amx::Block(a, p.k, pairs, kNB, v0, p.k, y);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int v = v0; v < std::min(v0 + 2, nvec); ++v) {
-          const int64_t c = n0 + v * kLanes;
-          StoreOut(p, m + i, c, LoadF(y + i * 32 + (v - v0) * kLanes),
-                   static_cast<int>(std::min<int64_t>(p.n - c, kLanes)));
-        }
+    for (int b = 0; b < nblk; ++b) {
+      const int64_t nb = n0 + b * kNB;
+      const int nvec = static_cast<int>(std::min<int64_t>((p.n - nb + kLanes - 1) / kLanes, kNV));
+      for (int v0 = 0; v0 < nvec; v0 += 2) {
+        amx::Block(a, p.k, pairs + b * panel, kNB, v0, p.k, y);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int v = v0; v < std::min(v0 + 2, nvec); ++v) {
+            const int64_t c = nb + v * kLanes;
+            StoreOut(p, m + i, c, LoadF(y + i * 32 + (v - v0) * kLanes),
+                     static_cast<int>(std::min<int64_t>(p.n - c, kLanes)));
+          }
+      }
     }
   }
   amx::Release();
@@ -751,7 +758,7 @@ void PanelBlock(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
     PairPanel(f32.data(), p.k, pairs.data());
     panel = pairs.data();
 #if defined(JAXINFER_HAVE_AMX)
-    if (p.k % jaxinfer_amx::kKStep == 0 && jaxinfer_amx::Enabled()) return AmxRows(p, pairs.data(), m0, m1, n0);
+    if (p.k % jaxinfer_amx::kKStep == 0 && jaxinfer_amx::Enabled()) return AmxRows(p, pairs.data(), 0, 1, m0, m1, n0);
 #endif
   }
 #endif
@@ -761,14 +768,17 @@ void PanelBlock(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
 }
 
 #if defined(__AVX512BF16__)
-// Rows [m0, m1) of the column block at n0 times its bfloat16 pair panel.
-inline void PairPanelRows(const Problem& p, const uint32_t* pairs, int64_t m0, int64_t m1, int64_t n0) {
+// Rows [m0, m1) of nblk column blocks from n0 times their bfloat16 pair panels (block b's at pairs + b * panel).
+inline void PairPanelRows(const Problem& p, const uint32_t* pairs, int64_t panel, int nblk, int64_t m0, int64_t m1,
+                          int64_t n0) {
 #if defined(JAXINFER_HAVE_AMX)
-  if (p.k % jaxinfer_amx::kKStep == 0 && jaxinfer_amx::Enabled()) return AmxRows(p, pairs, m0, m1, n0);
+  if (p.k % jaxinfer_amx::kKStep == 0 && jaxinfer_amx::Enabled()) return AmxRows(p, pairs, panel, nblk, m0, m1, n0);
 #endif
-  int64_t m = m0;
-  for (; m + kPanelMB <= m1; m += kPanelMB) PanelRows<kPanelMB>(p, pairs, true, m, n0);
-  for (; m < m1; ++m) PanelRows<1>(p, pairs, true, m, n0);
+  for (int b = 0; b < nblk; ++b) {
+    int64_t m = m0;
+    for (; m + kPanelMB <= m1; m += kPanelMB) PanelRows<kPanelMB>(p, pairs + b * panel, true, m, n0 + b * kNB);
+    for (; m < m1; ++m) PanelRows<1>(p, pairs + b * panel, true, m, n0 + b * kNB);
+  }
 }
 #endif
 
@@ -792,7 +802,7 @@ void PanelItem(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
       const int64_t panel = p.k / 2 * kNB;
       pairs.resize(static_cast<size_t>(nfull * panel));
       BuildPairPanelFull<W, S>(p, n0, nfull, pairs.data());
-      for (int b = 0; b < nfull; ++b) PairPanelRows(p, pairs.data() + b * panel, m0, m1, n0 + b * kNB);
+      PairPanelRows(p, pairs.data(), panel, nfull, m0, m1, n0);
       n0 += nfull * kNB;
     }
   }
