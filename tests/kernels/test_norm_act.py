@@ -41,7 +41,9 @@ def _f64(x) -> np.ndarray:
 
 
 def _rounded(x64: np.ndarray, dtype) -> np.ndarray:
-    """float64 values rounded once to ``dtype`` (round to nearest even), back as float64."""
+    """float64 values rounded to ``dtype`` (round to nearest even; bfloat16 through float32, which is exact
+    for the residual sums here, whose float32 sums are exact, and may double-round a silu value, inside
+    the SwiGLU tolerance), back as float64."""
     if dtype == jnp.bfloat16:
         return _f64(jnp.asarray(np.asarray(x64, np.float64), dtype))
     return x64.astype(np.float32).astype(np.float64)
