@@ -93,7 +93,8 @@ def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int 
       w: int8 / int4 weight-only :class:`QArray` of logical shape ``[K, N]``.
       out_dtype: any float dtype (float32 / bfloat16 are written by the kernel, others cast after).
       gemv_max_m: largest M run by the streaming path (a tuning knob; both float paths give the same math;
-        default :data:`GEMV_MAX_M`, with ``int8_activations`` :data:`INT8_GEMV_MAX_M`).
+        default :data:`GEMV_MAX_M`, or :data:`INT8_GEMV_MAX_M` where ``int8_activations`` runs the int8 dot,
+        :func:`int8_path_taken`).
       parallel_min_bytes: products with fewer weight bytes x M run on the calling thread alone (default
         :data:`PARALLEL_MIN_BYTES`).
       int8_activations: where :func:`int8_path_taken`, quantize each row of ``x`` to int8 per block of
@@ -113,12 +114,14 @@ def quantized_matmul_cpu(x: jax.Array, w: QArray, out_dtype, *, gemv_max_m: int 
     out_dtype = jnp.dtype(out_dtype)
     kernel_out = out_dtype if out_dtype in _X_DTYPES else jnp.dtype(jnp.float32)
     m, n = x.shape[0], w.shape[1]
+    if gemv_max_m is None:  # the int8 dot's own crossover only where it runs; elsewhere the float path's
+        int8 = int8_activations and int8_path_taken(x.shape[1], w, m)
+        gemv_max_m = INT8_GEMV_MAX_M if int8 else GEMV_MAX_M
     offset = w.offset if w.offset is not None else jnp.zeros((1,), w.scale.dtype)
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((m, n), kernel_out), vmap_method="sequential")
     y = call(x, w.value, w.scale, offset, group_size=np.int64(cfg.group_size or 0),
              int4=np.int64(cfg.weight == "int4"), asymmetric=np.int64(not cfg.symmetric),
-             gemv_max_m=np.int64(gemv_max_m if gemv_max_m is not None
-                                 else INT8_GEMV_MAX_M if int8_activations else GEMV_MAX_M),
+             gemv_max_m=np.int64(gemv_max_m),
              parallel_min_bytes=np.int64(PARALLEL_MIN_BYTES if parallel_min_bytes is None else parallel_min_bytes),
              int8_activations=np.int64(bool(int8_activations)))
     return y.astype(out_dtype)
