@@ -518,8 +518,8 @@ void BuildPanelF32(const Problem& p, int64_t n0, float* panel) {
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 // AVX2 (16 ymm registers): the generic loop below keeps MB x 64 columns of accumulators, 2 MB x kNV = 48
-// ymm registers at MB = 6, and spilled them on every FMA (the whole prefill path at ~1/10 of the FMA
-// rate). Here one 16-column vector (2 ymm) at a time: 2 MB accumulators + 2 weights + 1 broadcast <= 15
+// ymm registers at MB = 6, and spilled them on every FMA (the panel path ran at 5-11 GFLOP/s on a 2-core
+// Zen 3). Here one 16-column vector (2 ymm) at a time: 2 MB accumulators + 2 weights + 1 broadcast <= 15
 // registers. Same products, each (row, column) summed over K in the same order.
 template <int MB>
 void PanelDotF32(const Problem& p, const float* panel, int64_t m0, int64_t n0) {
