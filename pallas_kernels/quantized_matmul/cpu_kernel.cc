@@ -539,12 +539,13 @@ void PanelDotF32(const Problem& p, const float* panel, int64_t m0, int64_t n0) {
         hi[i] = _mm256_fmadd_ps(xv, w1, hi[i]);
       }
     }
+    alignas(64) float y[MB][kLanes];
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
-      alignas(64) float y[kLanes];
-      _mm256_store_ps(y, lo[i]);
-      _mm256_store_ps(y + 8, hi[i]);
-      StoreOut(p, m0 + i, c, LoadF(y), valid);
+      _mm256_store_ps(y[i], lo[i]);
+      _mm256_store_ps(y[i] + 8, hi[i]);
     }
+    for (int i = 0; i < MB; ++i) StoreOut(p, m0 + i, c, LoadF(y[i]), valid);
   }
 }
 #else
@@ -704,6 +705,23 @@ void PanelRows(const Problem& p, const void* panel, bool bf16, int64_t m0, int64
   PanelDotF32<MB>(p, static_cast<const float*>(panel), m0, n0);
 }
 
+// A row tail of r < kPanelMB rows in one register block (MB counts down to the one that matches): one row
+// at a time left its few accumulators waiting on the FMA latency, and read the panel once per row.
+template <int MB>
+void PanelTail(const Problem& p, const void* panel, bool bf16, int64_t m, int64_t r, int64_t n0) {
+  if constexpr (MB > 0) {
+    if (r == MB) return PanelRows<MB>(p, panel, bf16, m, n0);
+    PanelTail<MB - 1>(p, panel, bf16, m, r, n0);
+  }
+}
+
+// Rows [m0, m1) of the column block at n0 times its panel.
+inline void PanelRowRange(const Problem& p, const void* panel, bool bf16, int64_t m0, int64_t m1, int64_t n0) {
+  int64_t m = m0;
+  for (; m + kPanelMB <= m1; m += kPanelMB) PanelRows<kPanelMB>(p, panel, bf16, m, n0);
+  PanelTail<kPanelMB - 1>(p, panel, bf16, m, m1 - m, n0);
+}
+
 #if defined(JAXINFER_HAVE_VNNI)
 constexpr int kVnniMB = 3;  // activation rows per int8 register block
 constexpr int kVnniNV = 4;  // 16-column vectors per int8 register block
@@ -796,9 +814,7 @@ void PanelBlock(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
 #endif
   }
 #endif
-  int64_t m = m0;
-  for (; m + kPanelMB <= m1; m += kPanelMB) PanelRows<kPanelMB>(p, panel, bf16, m, n0);
-  for (; m < m1; ++m) PanelRows<1>(p, panel, bf16, m, n0);
+  PanelRowRange(p, panel, bf16, m0, m1, n0);
 }
 
 #if defined(__AVX512BF16__)
@@ -808,11 +824,7 @@ inline void PairPanelRows(const Problem& p, const uint32_t* pairs, int64_t panel
 #if defined(JAXINFER_HAVE_AMX)
   if (p.k % jaxinfer_amx::kKStep == 0 && jaxinfer_amx::Enabled()) return AmxRows(p, pairs, panel, nblk, m0, m1, n0);
 #endif
-  for (int b = 0; b < nblk; ++b) {
-    int64_t m = m0;
-    for (; m + kPanelMB <= m1; m += kPanelMB) PanelRows<kPanelMB>(p, pairs + b * panel, true, m, n0 + b * kNB);
-    for (; m < m1; ++m) PanelRows<1>(p, pairs + b * panel, true, m, n0 + b * kNB);
-  }
+  for (int b = 0; b < nblk; ++b) PanelRowRange(p, pairs + b * panel, true, m0, m1, n0 + b * kNB);
 }
 #endif
 
