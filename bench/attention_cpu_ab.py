@@ -8,7 +8,8 @@ of the minima, attention GFLOP/s (``4 * Hq * D * visible (query, key) pairs``) a
 difference between the two outputs. Shapes are the default engine's on a CPU (SmolLM2-135M heads:
 9 q, 3 KV, head_dim 64; pages of 16; bf16 queries): a 512-token prefill step as 1, 2 or 8
 sequences with 400-512 tokens of context, and decode steps of 64 or 32 rows with 64-512 or 64-640
-tokens of context; bf16 and int8 pages (``--pages``, ``--cases`` and ``--heads`` pick others).
+tokens of context; bf16 and int8 pages (``--pages``, ``--cases`` and ``--heads`` pick others; ``--dtype float32``:
+float32 queries, and float32 pages where ``--pages`` names float32, as on a CPU without bfloat16 instructions).
 ``--caches N`` calls N input sets in turn (the two kernels on different ones), so that the KV cache is
 read from DRAM rather than L3, as in a model with many layers.
 
@@ -92,7 +93,10 @@ def main(argv=None) -> int:
     p.add_argument("--caches", type=int, default=1,
                    help="inputs with this many caches called in turn, so that with several the cache is not "
                         "sitting in L3 (as in a model with many layers); the two kernels read different ones")
-    p.add_argument("--pages", default="bfloat16,int8", help="KV page dtypes (bfloat16, int8, float8_e4m3fn)")
+    p.add_argument("--pages", default="bfloat16,int8",
+                   help="KV page dtypes (bfloat16 or float32: unquantized, in --dtype; int8, float8_e4m3fn)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="queries and unquantized pages")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     heads = tuple(int(x) for x in a.heads.split(","))
@@ -106,11 +110,11 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     rows = []
     for pages in a.pages.split(","):
-        kv_quant = None if pages == "bfloat16" else pages
+        kv_quant = None if pages in ("bfloat16", "float32") else pages
         for name, lengths in cases(np.random.default_rng(0)).items():
             if a.cases not in name:
                 continue
-            inputs = [make_inputs(jax.random.key(i), lengths, heads, jnp.bfloat16,
+            inputs = [make_inputs(jax.random.key(i), lengths, heads, jnp.dtype(a.dtype),
                                   None if kv_quant is None else jnp.dtype(kv_quant)) for i in range(a.caches)]
             outs = [np.asarray(f(*inputs[0]).astype(jnp.float32)) for f in (base, new)]
             times: list[list[float]] = [[], []]
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
                     jax.block_until_ready(f(*args))
                     ts.append(time.perf_counter() - t0)
             flops = sum(4 * heads[0] * heads[2] * (ql * (2 * kv - ql + 1) // 2) for ql, kv in lengths)
-            row = dict(case=name, kv_pages=kv_quant or "bfloat16", tokens=sum(q for q, _ in lengths),
+            row = dict(case=name, kv_pages=kv_quant or a.dtype, tokens=sum(q for q, _ in lengths),
                        baseline_ms_min=min(times[0]) * 1e3, baseline_ms_median=statistics.median(times[0]) * 1e3,
                        new_ms_min=min(times[1]) * 1e3, new_ms_median=statistics.median(times[1]) * 1e3,
                        speedup_min=min(times[0]) / min(times[1]), baseline_gflops=flops / min(times[0]) / 1e9,
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(benchmark="attention_cpu_ab", baseline_rev=rev, **machine_info(),
                                    heads=dict(zip(("num_q_heads", "num_kv_heads", "head_dim"), heads, strict=True)),
-                                   page_size=16, q_dtype="bfloat16", iters=a.iters, caches=a.caches,
+                                   page_size=16, q_dtype=a.dtype, iters=a.iters, caches=a.caches,
                                    load_average_1_5_15={"before": load_before, "after": os.getloadavg()},
                                    note="shared 2-core machine: compare the two kernels within this run only",
                                    results=rows), indent=1))

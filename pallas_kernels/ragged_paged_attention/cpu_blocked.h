@@ -20,6 +20,71 @@ constexpr bool kHaveBf16Dot = false;
 inline VF DotBf16(VF acc, VU, VU) { return acc; }  // never called (kHaveBf16Dot is false)
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+constexpr bool kAvx2Blocks = true;
+// AVX2 (16 ymm registers, two per 16-lane vector): the generic float32 blocks below (4 keys or entries x
+// kQV vectors, up to 32 ymm accumulators) went through the stack on every step. These keep at most
+// 16 / kQV ymm accumulators (8 at kQV = 4) in registers, the query / weight vectors read as FMA operands.
+constexpr int Avx2Group(int qv) { return qv >= 3 ? 1 : qv == 2 ? 2 : 4; }  // divides kKeyBlock and 16
+
+// sc[jj][:] = ks[jj] * sum_dd k[jj][dd] * qt[dd][:] for kG keys (rows of kr, dp apart); qt and sc rows
+// hold kQV * 16 floats.
+template <int kQV, int kG>
+inline void ScoresAvx2(const float* kr, int64_t dp, int64_t d, const float* qt, const float* ks, float* sc) {
+  constexpr int kW = 2 * kQV;  // ymm vectors per row
+  __m256 acc[kG][kW];
+#pragma GCC unroll 8
+  for (int jj = 0; jj < kG; ++jj)
+#pragma GCC unroll 8
+    for (int c = 0; c < kW; ++c) acc[jj][c] = _mm256_setzero_ps();
+  for (int64_t dd = 0; dd < d; ++dd) {
+    const float* qd = qt + dd * kW * 8;
+#pragma GCC unroll 8
+    for (int jj = 0; jj < kG; ++jj) {
+      const __m256 b = _mm256_broadcast_ss(kr + jj * dp + dd);
+#pragma GCC unroll 8
+      for (int c = 0; c < kW; ++c) acc[jj][c] = _mm256_fmadd_ps(b, _mm256_loadu_ps(qd + c * 8), acc[jj][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < kG; ++jj) {
+    const __m256 s = _mm256_set1_ps(ks[jj]);
+#pragma GCC unroll 8
+    for (int c = 0; c < kW; ++c) _mm256_storeu_ps(sc + (jj * kW + c) * 8, _mm256_mul_ps(acc[jj][c], s));
+  }
+}
+
+// ot[d0 + i][:] = alpha * ot[d0 + i][:] + sum_j w[j][:] * v[j][d0 + i] for kG entries i (v rows dp apart);
+// ot and w rows hold kQV * 16 floats.
+template <int kQV, int kG>
+inline void WeightedSumAvx2(const float* vt, int64_t dp, int64_t d0, int64_t nk, const float* w, const float* alpha,
+                            float* ot) {
+  constexpr int kW = 2 * kQV;
+  __m256 acc[kG][kW];
+#pragma GCC unroll 8
+  for (int i = 0; i < kG; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < kW; ++c)
+      acc[i][c] = _mm256_mul_ps(_mm256_loadu_ps(ot + ((d0 + i) * kW + c) * 8), _mm256_loadu_ps(alpha + c * 8));
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* vr = vt + j * dp + d0;
+    const float* wj = w + j * kW * 8;
+#pragma GCC unroll 8
+    for (int i = 0; i < kG; ++i) {
+      const __m256 b = _mm256_broadcast_ss(vr + i);
+#pragma GCC unroll 8
+      for (int c = 0; c < kW; ++c) acc[i][c] = _mm256_fmadd_ps(b, _mm256_loadu_ps(wj + c * 8), acc[i][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < kG; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < kW; ++c) _mm256_storeu_ps(ot + ((d0 + i) * kW + c) * 8, acc[i][c]);
+}
+#else
+constexpr bool kAvx2Blocks = false;
+#endif
+
 // Round to the nearest bfloat16, kept in the top half of each lane (finite, non-negative x).
 inline VU RoundBf16High(VF x) {
   const VU u = (VU)x;
@@ -153,7 +218,16 @@ void RunBlockedItem(const Params& p, const Item& it) {
     }
 
     // Scores: sc[j][c] = sum_dd k[j][dd] * q[dd][c], kKeyGroup keys x kQV vectors per register block.
-    for (int64_t j0 = 0; j0 < nk; j0 += kKeyGroup) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    if constexpr (!kBf16) {
+      constexpr int kG = Avx2Group(kQV);
+      for (int64_t j0 = 0; j0 < nk; j0 += kG) {
+        ScoresAvx2<kQV, kG>(ktf + j0 * dp, dp, d, reinterpret_cast<const float*>(qt), ks + j0,
+                            reinterpret_cast<float*>(sc + j0 * kQV));
+      }
+    }
+#endif
+    for (int64_t j0 = 0; j0 < nk && !(kAvx2Blocks && !kBf16); j0 += kKeyGroup) {
       VF acc[kKeyGroup][kQV];
       for (int jj = 0; jj < kKeyGroup; ++jj) {
         for (int c = 0; c < kQV; ++c) acc[jj][c] = VF{};
@@ -243,6 +317,14 @@ void RunBlockedItem(const Params& p, const Item& it) {
           for (int c = 0; c < kQV; ++c) ot[(d0 + i) * kQV + c] = acc[i][c];
         }
       }
+    } else if constexpr (kAvx2Blocks) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+      constexpr int kG = Avx2Group(kQV);
+      for (int64_t d0 = 0; d0 < dp; d0 += kG) {
+        WeightedSumAvx2<kQV, kG>(vtf, dp, d0, nk, reinterpret_cast<const float*>(sc),
+                                 reinterpret_cast<const float*>(alpha), reinterpret_cast<float*>(ot));
+      }
+#endif
     } else {
       for (int64_t d0 = 0; d0 < dp; d0 += kDimGroup) {
         VF acc[kDimGroup][kQV];
