@@ -27,6 +27,30 @@ inline VF Widen(const void* base, int64_t off) {
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+constexpr bool kAvx2DecodePV = true;
+// Entries [off, off + 8) of a cache, unscaled, as float32 (Widen for one ymm register).
+template <KvType kT>
+inline __m256 Widen8(const void* base, int64_t off) {
+  if constexpr (kT == KvType::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + off);
+  } else if constexpr (kT == KvType::kBf16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + off));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (kT == KvType::kI8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + off));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  } else {
+    const float* table = kT == KvType::kE4M3 ? Fp8().e4m3fn : Fp8().e5m2;
+    const uint8_t* src = static_cast<const uint8_t*>(base) + off;
+    return _mm256_setr_ps(table[src[0]], table[src[1]], table[src[2]], table[src[3]], table[src[4]], table[src[5]],
+                          table[src[6]], table[src[7]]);
+  }
+}
+#else
+constexpr bool kAvx2DecodePV = false;
+#endif
+
 // Lane j of the result is the sum of the lanes of p[j] (16 vectors in, one out): a transposing
 // reduction tree, 15 pairs of shuffles instead of 16 separate horizontal sums.
 inline VF TransposeSum(const VF* p) {
@@ -104,6 +128,31 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
         }
         part[m][j] = a0 + a1;
       }
+    } else if constexpr (kAvx2DecodePV) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+      // The generic code below on AVX2 stored each part[m][j] through general registers. Same sums here
+      // on ymm halves: part = (q0 k0 + q2 k2 + ...) + (q1 k1 + q3 k3 + ...), lane-wise.
+      __m256 kr[2 * kNV];
+#pragma GCC unroll 32
+      for (int c = 0; c < 2 * kNV; ++c) kr[c] = Widen8<kT>(kbase, off + c * 8);
+#pragma GCC unroll 16
+      for (int m = 0; m < kNQ; ++m) {
+        const float* q = reinterpret_cast<const float*>(st.qf[m]);
+        __m256 a0l = _mm256_mul_ps(_mm256_loadu_ps(q), kr[0]), a0h = _mm256_mul_ps(_mm256_loadu_ps(q + 8), kr[1]);
+        __m256 a1l = _mm256_mul_ps(_mm256_loadu_ps(q + 16), kr[2]);
+        __m256 a1h = _mm256_mul_ps(_mm256_loadu_ps(q + 24), kr[3]);
+#pragma GCC unroll 16
+        for (int c = 2; c < kNV; c += 2) {
+          a0l = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * 16), kr[2 * c], a0l);
+          a0h = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * 16 + 8), kr[2 * c + 1], a0h);
+          a1l = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * 16 + 16), kr[2 * c + 2], a1l);
+          a1h = _mm256_fmadd_ps(_mm256_loadu_ps(q + c * 16 + 24), kr[2 * c + 3], a1h);
+        }
+        float* dst = reinterpret_cast<float*>(&part[m][j]);
+        _mm256_storeu_ps(dst, _mm256_add_ps(a0l, a1l));
+        _mm256_storeu_ps(dst + 8, _mm256_add_ps(a0h, a1h));
+      }
+#endif
     } else {
       VF kr[kNV];
       for (int c = 0; c < kNV; ++c) kr[c] = Widen<kT>(kbase, off + c * kLanes);
@@ -147,6 +196,42 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
     StoreF(w[m], e * vscale);
   }
   // P V: kC vectors of head_dim at a time, kNQ x kC accumulators in registers.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  // AVX2 (16 ymm registers, two per 16-lane vector): kNQ x kC vectors were up to 24 ymm accumulators,
+  // kept on the stack. Here kNQ x kCB ymm (at most 10 for kNQ <= 5; kNQ >= 6 takes one at a time).
+  if constexpr (kAvx2DecodePV) {
+    constexpr int kCh = 2 * kNV;  // ymm chunks of head_dim
+    constexpr int kCB = kNQ <= 1 ? 8 : kNQ <= 2 ? 4 : kNQ <= 5 ? 2 : 1;
+    for (int c0 = 0; c0 < kCh; c0 += kCB) {
+      __m256 o[kNQ][kCB];
+#pragma GCC unroll 16
+      for (int m = 0; m < kNQ; ++m) {
+        const __m256 a = _mm256_set1_ps(alpha[m]);
+        const float* acc = reinterpret_cast<const float*>(st.acc[m]);
+#pragma GCC unroll 8
+        for (int cc = 0; cc < kCB; ++cc) o[m][cc] = _mm256_mul_ps(_mm256_loadu_ps(acc + (c0 + cc) * 8), a);
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        __m256 vr[kCB];
+#pragma GCC unroll 8
+        for (int cc = 0; cc < kCB; ++cc) vr[cc] = Widen8<kT>(vbase, j * d + (c0 + cc) * 8);
+#pragma GCC unroll 16
+        for (int m = 0; m < kNQ; ++m) {
+          const __m256 wm = _mm256_broadcast_ss(&w[m][j]);
+#pragma GCC unroll 8
+          for (int cc = 0; cc < kCB; ++cc) o[m][cc] = _mm256_fmadd_ps(wm, vr[cc], o[m][cc]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int m = 0; m < kNQ; ++m) {
+        float* acc = reinterpret_cast<float*>(st.acc[m]);
+#pragma GCC unroll 8
+        for (int cc = 0; cc < kCB; ++cc) _mm256_storeu_ps(acc + (c0 + cc) * 8, o[m][cc]);
+      }
+    }
+    return;
+  }
+#endif
   for (int c0 = 0; c0 < kNV; c0 += kC) {
     VF o[kNQ][kC];
     for (int m = 0; m < kNQ; ++m) {
