@@ -11,6 +11,12 @@
 #include <immintrin.h>
 #endif
 
+// AVX2 + FMA without AVX-512 (16 ymm registers): the kernels' own register blocks for such CPUs, where the
+// generic 16-lane vector code keeps its accumulators in memory.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define JAXINFER_AVX2_ONLY 1
+#endif
+
 namespace jaxinfer_cpu {
 
 constexpr int kLanes = 16;  // floats per vector (512 bits; the compiler splits it where narrower)

@@ -516,7 +516,7 @@ void BuildPanelF32(const Problem& p, int64_t n0, float* panel) {
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(JAXINFER_AVX2_ONLY)
 // AVX2 (16 ymm registers): the generic loop below keeps MB x 64 columns of accumulators, 2 MB x kNV = 48
 // ymm registers at MB = 6, and spilled them on every FMA (the panel path ran at 5-11 GFLOP/s on a 2-core
 // Zen 3). Here one 16-column vector (2 ymm) at a time: 2 MB accumulators + 2 weights + 1 broadcast <= 15

@@ -20,7 +20,7 @@ constexpr bool kHaveBf16Dot = false;
 inline VF DotBf16(VF acc, VU, VU) { return acc; }  // never called (kHaveBf16Dot is false)
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(JAXINFER_AVX2_ONLY)
 constexpr bool kAvx2Blocks = true;
 // AVX2 (16 ymm registers, two per 16-lane vector): the generic float32 blocks below (4 keys or entries x
 // kQV vectors, up to 32 ymm accumulators) went through the stack on every step. These keep at most
@@ -83,6 +83,12 @@ inline void WeightedSumAvx2(const float* vt, int64_t dp, int64_t d0, int64_t nk,
 }
 #else
 constexpr bool kAvx2Blocks = false;
+template <int kQV, int kG>  // declared only: calls sit in branches discarded when kAvx2Blocks is false
+void ScoresAvx2(const float* kr, int64_t dp, int64_t d, const float* qt, const float* ks, float* sc);
+template <int kQV, int kG>
+void WeightedSumAvx2(const float* vt, int64_t dp, int64_t d0, int64_t nk, const float* w, const float* alpha,
+                     float* ot);
+constexpr int Avx2Group(int) { return 1; }
 #endif
 
 // Round to the nearest bfloat16, kept in the top half of each lane (finite, non-negative x).
@@ -218,41 +224,40 @@ void RunBlockedItem(const Params& p, const Item& it) {
     }
 
     // Scores: sc[j][c] = sum_dd k[j][dd] * q[dd][c], kKeyGroup keys x kQV vectors per register block.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-    if constexpr (!kBf16) {
+    if constexpr (kAvx2Blocks && !kBf16) {
       constexpr int kG = Avx2Group(kQV);
       for (int64_t j0 = 0; j0 < nk; j0 += kG) {
         ScoresAvx2<kQV, kG>(ktf + j0 * dp, dp, d, reinterpret_cast<const float*>(qt), ks + j0,
                             reinterpret_cast<float*>(sc + j0 * kQV));
       }
-    }
-#endif
-    for (int64_t j0 = 0; j0 < nk && !(kAvx2Blocks && !kBf16); j0 += kKeyGroup) {
-      VF acc[kKeyGroup][kQV];
-      for (int jj = 0; jj < kKeyGroup; ++jj) {
-        for (int c = 0; c < kQV; ++c) acc[jj][c] = VF{};
-      }
-      if constexpr (kBf16) {
-        const uint32_t* kr = kpw + j0 * kw;
-        for (int64_t i = 0; i < d / 2; ++i) {
-          const VU* qd = reinterpret_cast<const VU*>(qt) + i * kQV;
-          for (int jj = 0; jj < kKeyGroup; ++jj) {
-            const VU b = VU{} + kr[jj * kw + i];
-            for (int c = 0; c < kQV; ++c) acc[jj][c] = DotBf16(acc[jj][c], b, qd[c]);
+    } else {
+      for (int64_t j0 = 0; j0 < nk; j0 += kKeyGroup) {
+        VF acc[kKeyGroup][kQV];
+        for (int jj = 0; jj < kKeyGroup; ++jj) {
+          for (int c = 0; c < kQV; ++c) acc[jj][c] = VF{};
+        }
+        if constexpr (kBf16) {
+          const uint32_t* kr = kpw + j0 * kw;
+          for (int64_t i = 0; i < d / 2; ++i) {
+            const VU* qd = reinterpret_cast<const VU*>(qt) + i * kQV;
+            for (int jj = 0; jj < kKeyGroup; ++jj) {
+              const VU b = VU{} + kr[jj * kw + i];
+              for (int c = 0; c < kQV; ++c) acc[jj][c] = DotBf16(acc[jj][c], b, qd[c]);
+            }
+          }
+        } else {
+          const float* kr = ktf + j0 * dp;
+          for (int64_t dd = 0; dd < d; ++dd) {
+            const VF* qd = qt + dd * kQV;
+            for (int jj = 0; jj < kKeyGroup; ++jj) {
+              const VF b = Splat(kr[jj * dp + dd]);
+              for (int c = 0; c < kQV; ++c) acc[jj][c] += b * qd[c];
+            }
           }
         }
-      } else {
-        const float* kr = ktf + j0 * dp;
-        for (int64_t dd = 0; dd < d; ++dd) {
-          const VF* qd = qt + dd * kQV;
-          for (int jj = 0; jj < kKeyGroup; ++jj) {
-            const VF b = Splat(kr[jj * dp + dd]);
-            for (int c = 0; c < kQV; ++c) acc[jj][c] += b * qd[c];
-          }
+        for (int jj = 0; jj < kKeyGroup; ++jj) {
+          for (int c = 0; c < kQV; ++c) sc[(j0 + jj) * kQV + c] = acc[jj][c] * ks[j0 + jj];
         }
-      }
-      for (int jj = 0; jj < kKeyGroup; ++jj) {
-        for (int c = 0; c < kQV; ++c) sc[(j0 + jj) * kQV + c] = acc[jj][c] * ks[j0 + jj];
       }
     }
     if (p.soft_cap > 0) {
@@ -318,13 +323,11 @@ void RunBlockedItem(const Params& p, const Item& it) {
         }
       }
     } else if constexpr (kAvx2Blocks) {
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
       constexpr int kG = Avx2Group(kQV);
       for (int64_t d0 = 0; d0 < dp; d0 += kG) {
         WeightedSumAvx2<kQV, kG>(vtf, dp, d0, nk, reinterpret_cast<const float*>(sc),
                                  reinterpret_cast<const float*>(alpha), reinterpret_cast<float*>(ot));
       }
-#endif
     } else {
       for (int64_t d0 = 0; d0 < dp; d0 += kDimGroup) {
         VF acc[kDimGroup][kQV];

@@ -27,7 +27,7 @@ inline VF Widen(const void* base, int64_t off) {
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(JAXINFER_AVX2_ONLY)
 constexpr bool kAvx2DecodePV = true;
 // Entries [off, off + 8) of a cache, unscaled, as float32 (Widen for one ymm register).
 template <KvType kT>
@@ -129,7 +129,7 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
         part[m][j] = a0 + a1;
       }
     } else if constexpr (kAvx2DecodePV) {
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(JAXINFER_AVX2_ONLY)
       // The generic code below on AVX2 stored each part[m][j] through general registers. Same sums here
       // on ymm halves: part = (q0 k0 + q2 k2 + ...) + (q1 k1 + q3 k3 + ...), lane-wise.
       __m256 kr[2 * kNV];
@@ -196,7 +196,7 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
     StoreF(w[m], e * vscale);
   }
   // P V: kC vectors of head_dim at a time, kNQ x kC accumulators in registers.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(JAXINFER_AVX2_ONLY)
   // AVX2 (16 ymm registers, two per 16-lane vector): kNQ x kC vectors were up to 24 ymm accumulators,
   // kept on the stack. Here kNQ x kCB ymm (at most 10 for kNQ <= 5; kNQ >= 6 takes one at a time).
   if constexpr (kAvx2DecodePV) {
