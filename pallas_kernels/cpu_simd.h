@@ -26,6 +26,26 @@ typedef int32_t VI __attribute__((vector_size(64)));
 typedef uint32_t VU __attribute__((vector_size(64)));
 typedef uint16_t VH __attribute__((vector_size(32)));
 
+// A prefetch of the cache line at `addr` that the optimizer keeps. GCC (12, -O2 and up) treats
+// __builtin_prefetch as free of side effects and, under -ffinite-loops, deletes a loop whose body is only
+// prefetches: the decode attention's look-ahead loop had compiled to nothing.
+inline void Prefetch(const void* addr) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(addr)));
+#else
+  __builtin_prefetch(addr);
+#endif
+}
+
+// The same into L2 only (for streams larger than L1 that are read a block or more later).
+inline void PrefetchL2(const void* addr) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(addr)));
+#else
+  __builtin_prefetch(addr, 0, 2);
+#endif
+}
+
 // x in every lane (a plain broadcast; `VF{} + x` would add 0.0f first, an extra scalar op per call).
 inline VF Splat(float x) {
   VF v;

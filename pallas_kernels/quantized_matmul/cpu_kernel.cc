@@ -236,7 +236,7 @@ inline __attribute__((always_inline)) void AccumulatePairs(const Problem& p, int
     for (int v = 0; v < NV; ++v) std::memcpy(&acc[i][v], &a[i][v], sizeof(VF));
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* row = base + r * p.n;
-    __builtin_prefetch(row + kGemvPrefetchRows * p.n);
+    Prefetch(row + kGemvPrefetchRows * p.n);
     __m512bh w[NV];
     for (int v = 0; v < NV; ++v) {
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + v * kLanes)));
@@ -271,7 +271,7 @@ inline __attribute__((always_inline)) void AccumulateRows(const Problem& p, int6
   const int8_t* base = p.value + j * prow * p.n + n0;
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* row = base + r * p.n;
-    __builtin_prefetch(row + kGemvPrefetchRows * p.n);
+    Prefetch(row + kGemvPrefetchRows * p.n);
     VF lo[NV], hi[NV];
     for (int v = 0; v < NV; ++v) Levels<W>(row + v * kLanes, &lo[v], &hi[v]);
     for (int i = 0; i < MB; ++i) {
@@ -480,7 +480,7 @@ inline void WalkBlockRows(const Problem& p, int64_t n0, int nblk, Fn fn) {
       const int64_t row = j * prow + r;
       for (int i = 0; i < kStep; ++i) {
         if (row + kPrefetchRows + i >= rows) continue;
-        for (int b = 0; b < nblk; ++b) __builtin_prefetch(p.value + (row + kPrefetchRows + i) * p.n + n0 + b * kNB);
+        for (int b = 0; b < nblk; ++b) Prefetch(p.value + (row + kPrefetchRows + i) * p.n + n0 + b * kNB);
       }
       for (int b = 0; b < nblk; ++b) fn(b, j, r, sc + b * kNV, off + b * kNV);
     }

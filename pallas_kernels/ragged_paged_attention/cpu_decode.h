@@ -100,23 +100,21 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
     vs[j] = kScaled ? p.v_scale[rows[j] + hh] : 1.0f;
   }
   for (int64_t j = nk; j < kKeyBlock; ++j) ks[j] = vs[j] = 0.0f;
-  // The block's raw rows first, copied with independent loads so that their cache misses overlap
-  // (the products below would otherwise wait on one row at a time).
+  // Each key's rows are read where they lie in the pages (RunDecodeItem prefetches them a few blocks
+  // ahead).
   constexpr size_t kRowBytes = d * (kT == KvType::kF32 ? 4 : kT == KvType::kBf16 ? 2 : 1);
-  alignas(64) char kraw[kKeyBlock][kRowBytes], vraw[kKeyBlock][kRowBytes];
+  const char* krow[kKeyBlock];
+  const char* vrow[kKeyBlock];
   for (int64_t j = 0; j < nk; ++j) {
-    std::memcpy(kraw[j], static_cast<const char*>(p.k) + (rows[j] + hh) * kRowBytes, kRowBytes);
-    std::memcpy(vraw[j], static_cast<const char*>(p.v) + (rows[j] + hh) * kRowBytes, kRowBytes);
+    krow[j] = static_cast<const char*>(p.k) + (rows[j] + hh) * kRowBytes;
+    vrow[j] = static_cast<const char*>(p.v) + (rows[j] + hh) * kRowBytes;
   }
-  const void* kbase = kraw;
-  const void* vbase = vraw;
 
   // Q K^T: one key row in registers at a time, used by every query.
   for (int64_t j = 0; j < nk; ++j) {
-    const int64_t off = j * d;
     if constexpr (kDot) {
       VU kr[kW];
-      for (int c = 0; c < kW; ++c) std::memcpy(&kr[c], static_cast<const uint16_t*>(kbase) + off + c * 2 * kLanes, sizeof(VU));
+      for (int c = 0; c < kW; ++c) std::memcpy(&kr[c], reinterpret_cast<const uint16_t*>(krow[j]) + c * 2 * kLanes, sizeof(VU));
       for (int m = 0; m < kNQ; ++m) {
         VF a0 = DotBf16(VF{}, kr[0], st.qw[m][0]), a1{};
         for (int c = 1; c < kW; ++c) {
@@ -134,7 +132,7 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
       // on ymm halves: part = (q0 k0 + q2 k2 + ...) + (q1 k1 + q3 k3 + ...), lane-wise.
       __m256 kr[2 * kNV];
 #pragma GCC unroll 32
-      for (int c = 0; c < 2 * kNV; ++c) kr[c] = Widen8<kT>(kbase, off + c * 8);
+      for (int c = 0; c < 2 * kNV; ++c) kr[c] = Widen8<kT>(krow[j], c * 8);
 #pragma GCC unroll 16
       for (int m = 0; m < kNQ; ++m) {
         const float* q = reinterpret_cast<const float*>(st.qf[m]);
@@ -155,7 +153,7 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
 #endif
     } else {
       VF kr[kNV];
-      for (int c = 0; c < kNV; ++c) kr[c] = Widen<kT>(kbase, off + c * kLanes);
+      for (int c = 0; c < kNV; ++c) kr[c] = Widen<kT>(krow[j], c * kLanes);
       for (int m = 0; m < kNQ; ++m) {
         VF a0 = st.qf[m][0] * kr[0], a1 = st.qf[m][1] * kr[1];
         for (int c = 2; c < kNV; c += 2) {
@@ -214,7 +212,7 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
       for (int64_t j = 0; j < nk; ++j) {
         __m256 vr[kCB];
 #pragma GCC unroll 8
-        for (int cc = 0; cc < kCB; ++cc) vr[cc] = Widen8<kT>(vbase, j * d + (c0 + cc) * 8);
+        for (int cc = 0; cc < kCB; ++cc) vr[cc] = Widen8<kT>(vrow[j], (c0 + cc) * 8);
 #pragma GCC unroll 16
         for (int m = 0; m < kNQ; ++m) {
           const __m256 wm = _mm256_broadcast_ss(&w[m][j]);
@@ -238,9 +236,8 @@ inline void DecodeBlock(const Params& p, DecodeHead<kNV, kNQ>& st, const int64_t
       for (int cc = 0; cc < kC; ++cc) o[m][cc] = st.acc[m][c0 + cc] * alpha[m];
     }
     for (int64_t j = 0; j < nk; ++j) {
-      const int64_t off = j * d + c0 * kLanes;
       VF vr[kC];
-      for (int cc = 0; cc < kC; ++cc) vr[cc] = Widen<kT>(vbase, off + cc * kLanes);
+      for (int cc = 0; cc < kC; ++cc) vr[cc] = Widen<kT>(vrow[j], (c0 + cc) * kLanes);
       for (int m = 0; m < kNQ; ++m) {
         const VF wm = Splat(w[m][j]);
         for (int cc = 0; cc < kC; ++cc) o[m][cc] += wm * vr[cc];
@@ -339,12 +336,12 @@ void RunDecodeItem(const Params& p, const Item& it) {
     block_rows(k0, n, next);
     for (int64_t j = 0; j < n; ++j) {
       for (size_t b = 0; b < span; b += 64) {
-        __builtin_prefetch(static_cast<const char*>(p.k) + next[j] * d * kElem + b);
-        __builtin_prefetch(static_cast<const char*>(p.v) + next[j] * d * kElem + b);
+        Prefetch(static_cast<const char*>(p.k) + next[j] * d * kElem + b);
+        Prefetch(static_cast<const char*>(p.v) + next[j] * d * kElem + b);
       }
       if (kScaled) {
-        __builtin_prefetch(p.k_scale + next[j]);
-        __builtin_prefetch(p.v_scale + next[j]);
+        Prefetch(p.k_scale + next[j]);
+        Prefetch(p.v_scale + next[j]);
       }
     }
   };

@@ -131,12 +131,12 @@ void RunItem(const Params& p, const Item& it) {
     for (int64_t key = kb + kKeyBlock; key < std::min<int64_t>(kb + 2 * kKeyBlock, hi); ++key) {
       const int64_t row = cache_row(key);
       for (size_t b = 0; b < nh * row_bytes; b += 64) {
-        __builtin_prefetch(static_cast<const char*>(p.k) + row * row_bytes + b);
-        __builtin_prefetch(static_cast<const char*>(p.v) + row * row_bytes + b);
+        Prefetch(static_cast<const char*>(p.k) + row * row_bytes + b);
+        Prefetch(static_cast<const char*>(p.v) + row * row_bytes + b);
       }
       if (kScaled) {
-        __builtin_prefetch(p.k_scale + row);
-        __builtin_prefetch(p.v_scale + row);
+        Prefetch(p.k_scale + row);
+        Prefetch(p.v_scale + row);
       }
     }
     for (int64_t j = 0; j < nk; ++j) {
