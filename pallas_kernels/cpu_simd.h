@@ -17,6 +17,15 @@
 #define JAXINFER_AVX2_ONLY 1
 #endif
 
+// Forces inlining of small vector helpers that take or return 16-lane vectors: where GCC keeps one out of
+// line (it did for Exp and TransposeSum in the decode attention once that function shrank), an AVX2 build
+// passes each vector through memory.
+#if defined(__GNUC__) || defined(__clang__)
+#define JAXINFER_INLINE inline __attribute__((always_inline))
+#else
+#define JAXINFER_INLINE inline
+#endif
+
 namespace jaxinfer_cpu {
 
 constexpr int kLanes = 16;  // floats per vector (512 bits; the compiler splits it where narrower)
@@ -109,7 +118,7 @@ inline VF ToF(VI v) { return __builtin_convertvector(v, VF); }
 
 // exp(x) lane-wise for x <= 0 (-inf -> ~0): Cody-Waite range reduction and a degree-6 polynomial,
 // relative error ~2e-7. Lanes above 0 are clamped to 0 (they are masked by the caller).
-inline VF Exp(VF x) {
+JAXINFER_INLINE VF Exp(VF x) {
   x = x < -87.0f ? Splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38, the smallest value produced
   x = x > 0.0f ? Splat(0.0f) : x;
   const VF magic = Splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting rounds to an integer

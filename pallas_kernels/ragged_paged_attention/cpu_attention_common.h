@@ -145,7 +145,7 @@ void LoadRowsAny(KvType t, const void* base, const int64_t* rows, int64_t n, int
 }
 
 // Largest of the 16 lanes (a shuffle reduction tree).
-inline float HorizontalMax(VF x) {
+JAXINFER_INLINE float HorizontalMax(VF x) {
   x = x > SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7) ? x
       : SHUFFLE(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   VF y = SHUFFLE(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);

@@ -53,7 +53,7 @@ constexpr bool kAvx2DecodePV = false;
 
 // Lane j of the result is the sum of the lanes of p[j] (16 vectors in, one out): a transposing
 // reduction tree, 15 pairs of shuffles instead of 16 separate horizontal sums.
-inline VF TransposeSum(const VF* p) {
+JAXINFER_INLINE VF TransposeSum(const VF* p) {
   VF c[8], d[4], e[2];
   for (int i = 0; i < 8; ++i) {
     c[i] = SHUFFLE(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
