@@ -1,6 +1,9 @@
 """pallas_kernels.cpu_build: the shared headers are on the include path and in the cache key."""
 
 import ctypes
+import platform
+import shutil
+import subprocess
 
 import pytest
 
@@ -32,7 +35,6 @@ def test_a_header_edit_rebuilds(tmp_path, monkeypatch):
     assert second != first and value == 11
 
 
-
 def test_an_edit_of_a_header_next_to_the_source_rebuilds(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_build, "HEADER_DIR", tmp_path / "none")
     monkeypatch.setenv("JAXINFER_CACHE_DIR", str(tmp_path / "cache"))
@@ -60,3 +62,20 @@ def test_every_kernel_source_is_package_data():
     missing = [s for s in sources if not any(fnmatch.fnmatch(s, pat) and s.count("/") == pat.count("/")
                                              for pat in patterns)]
     assert not missing, f"not in [tool.setuptools.package-data] pallas_kernels: {missing}"
+
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() != "x86_64",
+                    reason="reads x86-64 machine code with objdump")
+def test_the_decode_attention_prefetches_reach_the_machine_code():
+    """GCC at -O2 and up deleted the decode attention's look-ahead loop (its body was only
+    __builtin_prefetch, which -ffinite-loops lets it drop): the shared Prefetch helper must survive."""
+    from pallas_kernels.ragged_paged_attention import cpu
+
+    lib = cpu_build.build(cpu.KERNEL.source, cpu.KERNEL.prefix, cpu_build.compiler())
+    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+    name = "RunDecodeItem<(jaxinfer_rpa_cpu::KvType)0, 4, 3, false>"  # float32 pages, head_dim 64, 3 queries
+    bodies = [b for b in dump.split("\n\n") if name in b.split("\n", 1)[0] and "@plt" not in b.split("\n", 1)[0]]
+    assert len(bodies) == 1
+    assert bodies[0].count("prefetcht0") >= 2, "the K / V look-ahead prefetches were compiled away"
