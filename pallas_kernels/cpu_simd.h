@@ -46,15 +46,6 @@ inline void Prefetch(const void* addr) {
 #endif
 }
 
-// The same into L2 only (for streams larger than L1 that are read a block or more later).
-inline void PrefetchL2(const void* addr) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(addr)));
-#else
-  __builtin_prefetch(addr, 0, 2);
-#endif
-}
-
 // x in every lane (a plain broadcast; `VF{} + x` would add 0.0f first, an extra scalar op per call).
 inline VF Splat(float x) {
   VF v;
