@@ -64,18 +64,18 @@ def test_every_kernel_source_is_package_data():
     assert not missing, f"not in [tool.setuptools.package-data] pallas_kernels: {missing}"
 
 
-
-@pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() != "x86_64",
-                    reason="reads x86-64 machine code with objdump")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="looks for the x86-64 prefetcht0 instruction")
 def test_the_decode_attention_prefetches_reach_the_machine_code():
     """GCC at -O2 and up deleted the decode attention's look-ahead loop (its body was only
     __builtin_prefetch, which -ffinite-loops lets it drop): the shared Prefetch helper must survive."""
     from pallas_kernels.ragged_paged_attention import cpu
 
+    assert shutil.which("objdump"), "objdump (binutils, which the C++ compiler needs too) is not on the path"
     lib = cpu_build.build(cpu.KERNEL.source, cpu.KERNEL.prefix, cpu_build.compiler())
     dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
                           check=True).stdout
     name = "RunDecodeItem<(jaxinfer_rpa_cpu::KvType)0, 4, 3, false>"  # float32 pages, head_dim 64, 3 queries
-    bodies = [b for b in dump.split("\n\n") if name in b.split("\n", 1)[0] and "@plt" not in b.split("\n", 1)[0]]
+    headers = [(b.split("\n", 1)[0], b) for b in dump.split("\n\n")]
+    bodies = [b for head, b in headers if name in head and "@plt" not in head]
     assert len(bodies) == 1
     assert bodies[0].count("prefetcht0") >= 2, "the K / V look-ahead prefetches were compiled away"
